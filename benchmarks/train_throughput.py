@@ -1,0 +1,130 @@
+"""Training throughput of Algorithm 1: images/s, model TFLOP/s and peak memory for one preset.
+
+Times the same step as `tdpm_dip.train` (draws, add_noise, eps-MSE, backward, clipping, AdamW, EMA)
+on synthetic data, without data loading, logging or checkpoints:
+
+    python benchmarks/train_throughput.py --preset small --batch-size 32 --steps 20 --warmup 3 --device auto
+
+FLOPs are counted once with torch.utils.flop_counter on a batch-1 forward+backward (convolutions, matmuls
+and attention; FLOPs are linear in the batch) and scaled, so TFLOP/s is the model's useful work only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import torch
+
+from tdpm_dip.config import PRESETS
+from tdpm_dip.models import build_unet, count_params
+from tdpm_dip.noise import make_scheduler
+from tdpm_dip.train import EMA, diffusion_loss, resolve_mixed_precision, step_draws
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_step_flops(unet: torch.nn.Module, scheduler, size: int, device: torch.device,  # noqa: ANN001
+                     amp: contextlib.AbstractContextManager) -> int:
+    """Model FLOPs of one forward+backward at batch 1 (the optimizer and EMA are negligible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, t, eps = step_draws(0, 1, size, 0, None, device)
+    x0 = torch.zeros(1, 3, size, size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with amp:
+            loss = diffusion_loss(unet, scheduler, x0, t, eps)
+        loss.backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotune)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    args = ap.parse_args()
+    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        ap.error("--batch-size and --steps must be > 0, --warmup >= 0")
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mixed = resolve_mixed_precision(args.mixed_precision) if device.type == "cuda" else (
+        "no" if args.mixed_precision == "auto" else args.mixed_precision)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
+        torch.backends.cudnn.allow_tf32 = True
+
+    def amp() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    scheduler = make_scheduler("linear")
+    unet = build_unet(args.preset, seed=0, sample_size=args.size).to(device).train()
+    ema = EMA(unet, 0.999)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed == "fp16")
+    images = torch.rand(max(args.batch_size, 64), 3, args.size, args.size, device=device) * 2 - 1
+    flops_per_image = count_step_flops(unet, scheduler, args.size, device, amp())
+
+    def step(i: int) -> None:
+        flips, t, eps = step_draws(i, args.batch_size, args.size, 0, None, device)
+        x0 = images[torch.arange(i, i + args.batch_size, device=device) % len(images)]
+        x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+        with amp():
+            loss = diffusion_loss(unet, scheduler, x0, t, eps)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ema.update(unet)
+
+    for i in range(args.warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    sync(device)
+    dt = time.perf_counter() - t0
+
+    img_s = args.steps * args.batch_size / dt
+    res = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (
+            f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"),
+        "preset": args.preset, "params_m": round(count_params(unet) / 1e6, 2), "batch_size": args.batch_size,
+        "size": args.size, "mixed_precision": mixed, "steps": args.steps, "s_per_step": round(dt / args.steps, 4),
+        "images_per_s": round(img_s, 2), "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
+        "tflop_s": round(img_s * flops_per_image / 1e12, 3),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>24}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,627 @@
+"""The report's Tables 1-4 as data -> run -> Markdown / CSV / JSON and figures.
+
+A table is a list of `RowSpec`s (method, protocol, model, parameters). Each row runs through
+`tasks.py` (nothing here fits a DIP or runs a chain itself), and its result -- metrics, timings and
+images -- is cached in RUN/cache/<key>.json + .pt, where the key hashes everything that determines
+the row: the spec, the model's weights, the images, n, the seeds, the DIP settings, the device and
+dtype. Re-running into the same RUN skips finished rows, so an interrupted run resumes, and tables
+that share a row (Table 2's rows are Table 4's linear rows) compute it once.
+
+Every table states its protocol and which of the report's settings were shrunk, and shows the
+report's own number next to each row ("report ..." columns, from anchors.md: paper protocol,
+Pokemon 64x64, n = 200, the 113.7M-parameter DDPM, one NVIDIA T4).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .dip import DIPConfig
+from .errors import UserError
+from .metrics import copy_rate, data_hash, device_name, fid, swd
+from .outputs import atomic_path, markdown_table, write_json, write_text
+from .reporting import comparison_figure, curves_figure, result_row
+from .tasks import Context, Result, add_gaussian_noise, denoise_blind, denoise_paper, generate
+
+CACHE_VERSION = 1
+TABLE_NAMES = ("table1", "table2", "table3", "table4")
+
+# The report's settings: the defaults, and what "shrunk" is measured against.
+REPORT_N = 200
+REPORT_T_NOISY = 600
+REPORT_T_TRUNC = 10
+REPORT_T_TRUNCS = (0, 5, 10, 50)
+REPORT_DDPM_STEPS = 1000
+REPORT_DIP = DIPConfig()  # paper-dip, 100 iterations, Adam lr 1e-4
+FIG3_T_TRUNCS = (10, 50, 100)
+
+# The report's numbers (anchors.md). Denoising: PSNR@200, SSIM@200, reverse steps, time on a T4.
+REPORT_DENOISE = {
+    "linear": {"ddpm": (13.40, 0.369, 600, "32 s"), "dip": (32.12, 0.948, 100, "7 s"),
+               "tdpm-dip": (32.63, 0.970, 110, "7 s")},
+    "cosine": {"ddpm": (18.68, 0.659, 600, "32 s"), "dip": (34.35, 0.962, 100, "7 s"),
+               "tdpm-dip": (34.76, 0.979, 110, "7 s")},
+}
+REPORT_T_TRUNC_ROWS = {0: (32.12, 0.948, 100, "7 s"), 5: (32.77, 0.970, 105, "7 s"),
+                       10: (32.63, 0.970, 110, "7 s"), 50: (28.70, 0.937, 150, "7 s")}
+# Generation: FID@1k, reverse steps, time per image on a T4, speed-ups (steps, time).
+REPORT_GENERATION = {"ddpm": (69.05, 1000, "38 s", "x1", "x1"), "tdpm-dip": (20.12, 110, "7 s", "x9.09", "x5")}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of a table: what to run. `report` holds the report's numbers for that row."""
+
+    label: str
+    task: str                    # "denoise" | "generate"
+    method: str                  # ddpm | dip | tdpm-dip | ddim
+    protocol: str                # paper | blind | noise (generation from pure noise)
+    model: str = "linear"        # which model slot: "linear" (--model) or "cosine" (--model-cosine)
+    t_trunc: int | None = None   # tdpm-dip: None = the default (paper: --t-trunc) / automatic (blind)
+    steps: int | None = None     # generation: DDPM / DDIM steps
+    eta: float = 0.0             # generation with ddim: 0 deterministic, 1 strided DDPM
+    n: int | None = None         # None: --n
+    report: tuple = ()           # ((column, value), ...)
+
+
+@dataclass
+class BenchSettings:
+    """The command line's choices (defaults: the report's settings)."""
+
+    protocol: str = "paper"
+    n: int = REPORT_N
+    seed: int = 0
+    sigma: float = 25.0
+    t_noisy: int = REPORT_T_NOISY
+    t_trunc: int | None = None          # None: 10 (paper) / automatic (blind)
+    t_truncs: tuple[int, ...] = REPORT_T_TRUNCS
+    samples: int = 4
+    ddpm_steps: int = REPORT_DDPM_STEPS
+    ddim_steps: int | None = None       # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
+    fid: bool = False
+    fid_weights: str | None = None
+    fig_images: int = 4
+    dip: dict[str, DIPConfig] = field(default_factory=lambda: {"paper": REPORT_DIP})
+
+    @property
+    def paper_t_trunc(self) -> int:
+        return REPORT_T_TRUNC if self.t_trunc is None else self.t_trunc
+
+
+def _report_denoise(v: tuple | None) -> tuple:
+    if v is None:
+        return ()
+    return (("report PSNR", v[0]), ("report SSIM", v[1]), ("report steps", v[2]), ("report time (T4)", v[3]))
+
+
+def _report_generation(v: tuple | None) -> tuple:
+    if v is None:
+        return ()
+    return (("report FID@1k", v[0]), ("report steps", v[1]), ("report time (T4)", v[2]),
+            ("report speed-up (steps)", v[3]), ("report speed-up (time)", v[4]))
+
+
+LABELS = {"ddpm": "DDPM", "dip": "DIP", "tdpm-dip": "TDPM-DIP"}
+
+
+def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
+    rows = []
+    for m in ("ddpm", "dip", "tdpm-dip"):
+        t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if m == "tdpm-dip" else None
+        rows.append(RowSpec(LABELS[m], "denoise", m, s.protocol, model, t_trunc=t,
+                            report=_report_denoise(REPORT_DENOISE[model][m])))
+    return rows
+
+
+def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
+    """The rows of one of the report's tables under the given settings."""
+    if name == "table1":
+        ddim = s.ddim_steps or s.dip["paper"].iters + s.paper_t_trunc
+        shrunk = s.ddpm_steps < REPORT_DDPM_STEPS
+        ddpm = (RowSpec(f"DDPM (strided, {s.ddpm_steps} steps)", "generate", "ddim", "noise", steps=s.ddpm_steps,
+                        eta=1.0, report=_report_generation(REPORT_GENERATION["ddpm"])) if shrunk else
+                RowSpec("DDPM", "generate", "ddpm", "noise", steps=REPORT_DDPM_STEPS,
+                        report=_report_generation(REPORT_GENERATION["ddpm"])))
+        return [ddpm,
+                RowSpec(f"DDIM ({ddim} steps, TDPM-DIP's NFE)", "generate", "ddim", "noise", steps=ddim, eta=0.0),
+                RowSpec("TDPM-DIP (reconstructs --data)", "generate", "tdpm-dip", "paper", t_trunc=s.paper_t_trunc,
+                        report=_report_generation(REPORT_GENERATION["tdpm-dip"]))]
+    if name == "table2":
+        return _denoise_rows(s, "linear")
+    if name == "table3":
+        rows = []
+        for t in s.t_truncs:
+            if t == 0:
+                rows.append(RowSpec("T_trunc = 0 (DIP)", "denoise", "dip", s.protocol,
+                                    report=_report_denoise(REPORT_T_TRUNC_ROWS[0])))
+            else:
+                rows.append(RowSpec(f"T_trunc = {t}", "denoise", "tdpm-dip", s.protocol, t_trunc=t,
+                                    report=_report_denoise(REPORT_T_TRUNC_ROWS.get(t))))
+        if s.protocol == "blind":
+            rows.append(RowSpec("T_trunc automatic", "denoise", "tdpm-dip", "blind", t_trunc=None))
+        return rows
+    if name == "table4":
+        return _denoise_rows(s, "linear") + _denoise_rows(s, "cosine")
+    raise UserError(f"unknown table {name!r}; choose {', '.join(TABLE_NAMES)} or all")
+
+
+def fig3_specs(s: BenchSettings) -> list[RowSpec]:
+    """Fig. 3: TDPM-DIP generation (paper protocol) at T_trunc 10 / 50 / 100, on the first images."""
+    k = min(s.fig_images, s.n)
+    return [RowSpec(f"Fig. 3 T_trunc = {t}", "generate", "tdpm-dip", "paper", t_trunc=t, n=k) for t in FIG3_T_TRUNCS]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def model_fingerprint(ctx: Context) -> str:
+    """Hash of the DDPM's weights and scheduler configuration."""
+    h = hashlib.sha1(json.dumps(dict(ctx.scheduler.config), sort_keys=True, default=str).encode())
+    for k, v in sorted(ctx.unet.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _json_safe(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            continue
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = str(v)
+        out[k] = v
+    return out
+
+
+class Bench:
+    """Runs row specs with caching. `load_context(slot)` returns the `Context` of a model slot."""
+
+    def __init__(self, settings: BenchSettings, load_context: Callable[[str], Context], data: str,
+                 load_data: Callable[[int, int], torch.Tensor], out: Path, models: dict[str, str | None],
+                 extractor: Callable | None = None, echo: Callable[[str], None] = print) -> None:
+        self.s, self._load_context, self.data, self.out = settings, load_context, data, Path(out)
+        self.models, self.echo, self.extractor = models, echo, extractor
+        self.cache = self.out / "cache"
+        self._ctx: dict[str, Context] = {}
+        self._fp: dict[str, str] = {}
+        ctx = self.context("linear")
+        s = ctx.unet.config.sample_size
+        self.size = int(s[0] if isinstance(s, (tuple, list)) else s)
+        self.images = load_data(self.size, settings.n)
+        if self.images.shape[0] < settings.n:
+            self.echo(f"{data}: only {self.images.shape[0]} images; using n = {self.images.shape[0]}")
+            settings.n = int(self.images.shape[0])
+        self.device_name = device_name(ctx.device)
+        self._data_hashes: dict[int, str] = {}
+        self.computed: list[str] = []   # keys of rows run (not read from the cache) by this object
+
+    def context(self, slot: str) -> Context:
+        if slot not in self._ctx:
+            if self.models.get(slot) is None:
+                raise UserError(f"this table needs --model-{slot}" if slot != "linear" else "--model is required")
+            self._ctx[slot] = self._load_context(slot)
+            self._fp[slot] = model_fingerprint(self._ctx[slot])
+        return self._ctx[slot]
+
+    def data_hash(self, n: int) -> str:
+        if n not in self._data_hashes:
+            self._data_hashes[n] = data_hash(self.images[:n])
+        return self._data_hashes[n]
+
+    def dip_cfg(self, spec: RowSpec) -> DIPConfig:
+        return self.s.dip["blind" if spec.protocol == "blind" else "paper"]
+
+    def row_n(self, spec: RowSpec) -> int:
+        return min(spec.n or self.s.n, self.s.n)
+
+    def key(self, spec: RowSpec) -> tuple[str, dict]:
+        """The cache key: a hash of everything that determines this row's numbers and images."""
+        ctx = self.context(spec.model)
+        n = self.row_n(spec)
+        d: dict = {"v": CACHE_VERSION, "task": spec.task, "method": spec.method, "protocol": spec.protocol,
+                   "model": self._fp[spec.model], "data": self.data_hash(n), "n": n, "seed": self.s.seed,
+                   "device": self.device_name, "amp": str(ctx.amp_dtype)}
+        if spec.task == "generate":
+            d.update(steps=spec.steps, eta=spec.eta)
+        if spec.protocol == "paper" and spec.task == "denoise":
+            d["t_noisy"] = self.s.t_noisy
+        if spec.protocol == "blind":
+            d["sigma"] = self.s.sigma
+        if spec.method in ("dip", "tdpm-dip"):
+            d["dip"] = dataclasses.asdict(self.dip_cfg(spec))
+        if spec.method == "tdpm-dip":
+            d["t_trunc"] = spec.t_trunc
+            if spec.protocol == "blind":
+                d["samples"] = self.s.samples
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20], d
+
+    def cached(self, key: str) -> bool:
+        return (self.cache / f"{key}.json").is_file() and (self.cache / f"{key}.pt").is_file()
+
+    def run_row(self, spec: RowSpec) -> Result:
+        """Run one row through tasks.py."""
+        ctx = dataclasses.replace(self.context(spec.model), dip=self.dip_cfg(spec))
+        n = self.row_n(spec)
+        clean = self.images[:n]
+        seeds = list(range(self.s.seed, self.s.seed + n))
+        if spec.task == "generate":
+            if spec.method == "tdpm-dip":
+                return generate(ctx, "tdpm-dip", seeds, t_trunc=spec.t_trunc, reference=clean)
+            if spec.method == "ddpm":
+                return generate(ctx, "ddpm", seeds)
+            return generate(ctx, "ddim", seeds, ddim_steps=spec.steps, ddim_eta=spec.eta)
+        if spec.protocol == "paper":
+            t = spec.t_trunc if spec.t_trunc is not None else self.s.paper_t_trunc
+            return denoise_paper(ctx, clean, spec.method, seeds, self.s.t_noisy, t)
+        noisy = add_gaussian_noise(clean, self.s.sigma, seeds)
+        return denoise_blind(ctx, noisy, spec.method, seeds, self.s.sigma, spec.t_trunc, self.s.samples, clean=clean)
+
+    def _save(self, key: str, keyinfo: dict, spec: RowSpec, res: Result) -> None:
+        n = res.images.shape[0]
+        clean = self.images[:n] if spec.task == "denoise" else None
+        tensors = {"images": res.images.float().cpu()}
+        if res.inputs is not None:
+            tensors["inputs"] = res.inputs.float().cpu()
+        if res.dip is not None:
+            tensors["dip_output"] = res.dip.output.float().cpu()
+        record = {"key": key, "keyed_on": keyinfo, "device": self.device_name,
+                  "metrics": _json_safe(result_row(res, clean)), "info": _json_safe(res.info),
+                  "seconds": res.seconds, "curves": res.dip.mean_curves() if res.dip is not None else None}
+        # Images first, then the JSON: a row counts as finished only when both exist.
+        with atomic_path(self.cache / f"{key}.pt") as tmp:
+            torch.save(tensors, tmp)
+        write_json(self.cache / f"{key}.json", record)
+
+    def load(self, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        record = json.loads((self.cache / f"{key}.json").read_text())
+        tensors = torch.load(self.cache / f"{key}.pt", map_location="cpu", weights_only=True)
+        return record, tensors
+
+    def run(self, specs: list[RowSpec]) -> None:
+        """Run every spec not yet cached (each distinct key once), with a progress bar."""
+        from tqdm.auto import tqdm
+
+        todo: dict[str, tuple[RowSpec, dict]] = {}
+        for spec in sorted(specs, key=lambda sp: sp.model):  # one model slot at a time
+            key, info = self.key(spec)
+            if key not in todo and not self.cached(key):
+                todo[key] = (spec, info)
+        done = len({self.key(sp)[0] for sp in specs}) - len(todo)
+        if done:
+            self.echo(f"{done} row(s) found in {self.cache}: not recomputed")
+        for key, (spec, info) in tqdm(todo.items(), desc="bench rows", unit="row", disable=not todo):
+            self.echo(f"running {spec.label} ({spec.task}, {spec.protocol}, model {spec.model}, n={self.row_n(spec)})")
+            res = self.run_row(spec)
+            self._save(key, info, spec, res)
+            self.computed.append(key)
+
+
+# ------------------------------------------------------------------------------------------ assembling
+
+def _denoise_row(spec: RowSpec, record: dict, sched_name: str) -> dict:
+    m = dict(record["metrics"])
+    n = m.pop("n")
+    row = {"row": spec.label, "schedule": sched_name, "protocol": m.pop("protocol"), "method": m.pop("method"), "n": n}
+    if "PSNR" in m:
+        row[f"PSNR@{n}"] = m.pop("PSNR")
+    rep = dict(spec.report)
+    row["report PSNR"] = rep.get("report PSNR")
+    if "SSIM" in m:
+        row[f"SSIM@{n}"] = m.pop("SSIM")
+    row["report SSIM"] = rep.get("report SSIM")
+    for k in ("input PSNR", "t_noisy", "sigma", "t_star", "t_trunc", "samples"):
+        if k in m:
+            row[k] = m.pop(k)
+    row["reverse steps"] = m.pop("reverse steps")
+    row["report steps"] = rep.get("report steps")
+    row["NFE"] = m.pop("NFE")
+    row["s/img"] = m.pop("s/img")
+    row["report time (T4)"] = rep.get("report time (T4)")
+    return row
+
+
+def _schedule_name(ctx: Context) -> str:
+    b = ctx.scheduler.config.beta_schedule
+    return {"squaredcos_cap_v2": "cosine"}.get(b, b)
+
+
+class _GenMetrics:
+    def __init__(self, bench: Bench) -> None:
+        self.b = bench
+        self.fid_note: str | None = None
+        self.extractor = bench.extractor
+        if bench.s.fid and self.extractor is None:
+            from .metrics import inception_extractor
+
+            try:
+                self.extractor = inception_extractor(bench.s.fid_weights, bench.context("linear").device)
+            except UserError as e:
+                self.fid_note = f"FID not computed: {e}"
+                bench.echo(self.fid_note)
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        ref = self.b.images
+        out: dict = {}
+        if self.extractor is not None:
+            try:
+                out[f"FID@{images.shape[0]}"] = fid(images, ref, self.extractor, self.b.cache)
+            except ValueError as e:
+                out[f"FID@{images.shape[0]}"] = None
+                self.fid_note = f"FID not computed for some rows ({e}); more images are needed"
+        s = swd(images, ref, seed=0)
+        out["SWD x1e3"] = 1e3 * s["swd_avg"]
+        cr = copy_rate(images, ref)
+        out["copy-rate"] = cr["rate"]
+        out["nearest PSNR"] = sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"])
+        return out
+
+
+def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> list[dict]:
+    rows = []
+    base: dict | None = None
+    for spec in specs:
+        record, tensors = bench.load(bench.key(spec)[0])
+        m = record["metrics"]
+        row = {"row": spec.label, "protocol": m["protocol"], "method": m["method"], "n": m["n"]}
+        row.update(gm(tensors["images"]))
+        rep = dict(spec.report)
+        if "report FID@1k" in rep or bench.s.fid:
+            row["report FID@1k"] = rep.get("report FID@1k")
+        if spec.method == "tdpm-dip":
+            row["t_trunc"] = m.get("t_trunc")
+        row.update({"reverse steps": m["reverse steps"], "report steps": rep.get("report steps"), "NFE": m["NFE"],
+                    "s/img": m["s/img"], "report time (T4)": rep.get("report time (T4)")})
+        if base is None:
+            base = row
+        row["speed-up (steps)"] = f"x{base['reverse steps'] / row['reverse steps']:.2f}"
+        row["speed-up (time)"] = f"x{base['s/img'] / max(row['s/img'], 1e-12):.2f}"
+        if bench.s.ddpm_steps < REPORT_DDPM_STEPS:
+            full = base["s/img"] * REPORT_DDPM_STEPS / bench.s.ddpm_steps
+            row["speed-up (time) vs 1000-step DDPM, extrapolated"] = f"x{full / max(row['s/img'], 1e-12):.2f}"
+        row["report speed-up (steps)"] = rep.get("report speed-up (steps)")
+        row["report speed-up (time)"] = rep.get("report speed-up (time)")
+        rows.append(row)
+    return rows
+
+
+COLUMN_ORDER = ("row", "schedule", "protocol", "method", "n", "PSNR@", "report PSNR", "SSIM@", "report SSIM", "FID@",
+                "report FID@1k", "SWD x1e3", "copy-rate", "nearest PSNR", "input PSNR", "t_noisy", "sigma", "t_star",
+                "t_trunc", "samples", "reverse steps", "report steps", "NFE", "s/img", "report time (T4)",
+                "speed-up (steps)", "report speed-up (steps)", "speed-up (time)", "report speed-up (time)")
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """Every column present in some row, in a fixed reading order (report numbers beside ours)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+
+    def rank(c: str) -> int:
+        for i, o in enumerate(COLUMN_ORDER):
+            if c == o or (o.endswith("@") and c.startswith(o)):
+                return i
+        return len(COLUMN_ORDER)
+
+    return sorted(cols, key=lambda c: (rank(c), cols.index(c)))
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[str]]:
+    """What a reader needs to judge a table: protocol, data, models, device, and what was shrunk."""
+    s = bench.s
+    from .models import count_params
+
+    slots = sorted({sp.model for sp in specs})
+    models = {}
+    for slot in slots:
+        ctx = bench.context(slot)
+        models[slot] = {"path": bench.models[slot], "schedule": _schedule_name(ctx),
+                        "params_M": round(count_params(ctx.unet) / 1e6, 2), "fingerprint": bench._fp[slot]}
+    ctx = bench.context("linear")
+    protos = sorted({sp.protocol for sp in specs})
+    proto = ", ".join(protos)
+    if name == "table1":
+        proto = "paper for TDPM-DIP (its DIP fits noised --data images); DDPM and DDIM sample from pure noise"
+    h: dict = {"table": name, "protocol": proto, "data": bench.data, "n": s.n,
+               "image size": bench.size, "seeds": f"{s.seed}..{s.seed + s.n - 1} (image i uses seed i)",
+               "models": models, "device": bench.device_name,
+               "dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "float32"}
+    uses_dip = [sp for sp in specs if sp.method in ("dip", "tdpm-dip")]
+    for proto in sorted({("blind" if sp.protocol == "blind" else "paper") for sp in uses_dip}):
+        cfg = s.dip[proto]
+        h[f"DIP ({proto})"] = {"preset": cfg.preset, "iters": cfg.iters, "lr": cfg.lr}
+        if proto == "blind":
+            h[f"DIP ({proto})"].update(input_noise=round(cfg.input_noise, 4), average=cfg.average)
+    if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs):
+        h["t_noisy"] = s.t_noisy
+    if any(sp.protocol == "blind" for sp in specs):
+        h["sigma (0..255)"] = s.sigma
+        h["blind tdpm-dip chains averaged"] = s.samples
+    notes: list[str] = []
+    if s.n < REPORT_N:
+        notes.append(f"n = {s.n} images (report: {REPORT_N})")
+    for proto in ("paper",):
+        cfg = s.dip.get(proto)
+        if cfg is not None and any(sp.protocol != "blind" for sp in uses_dip):
+            if cfg.preset != REPORT_DIP.preset:
+                notes.append(f"DIP network {cfg.preset} (report: paper-dip, 61.5M parameters)")
+            if cfg.iters != REPORT_DIP.iters:
+                notes.append(f"DIP iterations {cfg.iters} (report: {REPORT_DIP.iters})")
+            if cfg.lr != REPORT_DIP.lr:
+                notes.append(f"DIP learning rate {cfg.lr:g} (report: {REPORT_DIP.lr:g})")
+    if any(sp.protocol == "blind" for sp in specs):
+        cfg = s.dip["blind"]
+        notes.append(f"blind protocol: not the report's; DIP {cfg.preset}, {cfg.iters} it, lr {cfg.lr:g}, input noise "
+                     f"{cfg.input_noise:.3g}, output averaging {cfg.average}. The report columns are the report's "
+                     "paper-protocol (oracle) numbers, shown for orientation only")
+    if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs) and s.t_noisy != REPORT_T_NOISY:
+        notes.append(f"t_noisy = {s.t_noisy} (report: {REPORT_T_NOISY})")
+    if any(sp.method == "tdpm-dip" and sp.protocol == "paper" for sp in specs) and s.paper_t_trunc != REPORT_T_TRUNC:
+        notes.append(f"T_trunc = {s.paper_t_trunc} (report: {REPORT_T_TRUNC})")
+    if name == "table3" and tuple(s.t_truncs) != REPORT_T_TRUNCS:
+        notes.append(f"T_trunc values {list(s.t_truncs)} (report: {list(REPORT_T_TRUNCS)})")
+    if name == "table1" and s.ddpm_steps < REPORT_DDPM_STEPS:
+        notes.append(f"DDPM shrunk to {s.ddpm_steps} strided ancestral steps (DDIM eta = 1) instead of "
+                     f"{REPORT_DDPM_STEPS}; speed-ups are against that row as run, plus a column extrapolated to "
+                     f"{REPORT_DDPM_STEPS} steps")
+    if any(m["params_M"] < 100 for m in models.values()):
+        notes.append("DDPM: " + ", ".join(f"{m['params_M']}M parameters" for m in models.values())
+                     + " (report: 113.7M-parameter paper-ddpm)")
+    if "NVIDIA T4" not in bench.device_name:
+        notes.append(f"timings on {bench.device_name} (report: one NVIDIA T4); s/img excludes model loading")
+    return h, notes
+
+
+def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, RowSpec]) -> list[tuple[str, str]]:
+    """Write the table's figures; return (file, caption) pairs."""
+    figs: list[tuple[str, str]] = []
+    k = min(bench.s.fig_images, bench.s.n)
+    loaded = [(sp, *bench.load(bench.key(sp)[0])) for sp in specs]
+    if name == "table1":
+        rows = [bench.images[:k]] + [t["images"][:k] for _, _, t in loaded]
+        comparison_figure(bench.out / "table1_samples.png", rows, max_images=k)
+        figs.append(("table1_samples.png", "rows: --data images, " + ", ".join(sp.label for sp in specs)))
+        grid, caps = [], []
+        for sp in extra.values():
+            _, t = bench.load(bench.key(sp)[0])
+            grid += [t["images"][:k], t["dip_output"][:k]]
+            caps.append(f"TDPM-DIP T_trunc={sp.t_trunc}, its DIP output G_psi(z)")
+        comparison_figure(bench.out / "fig3.png", grid, max_images=k)
+        figs.append(("fig3.png", "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: "
+                     + "; ".join(caps)))
+    else:
+        rows, caps = [bench.images[:k]], ["clean"]
+        last_inputs = None
+        for sp, _, t in loaded:
+            if "inputs" in t and (last_inputs is None or not torch.equal(t["inputs"][:k], last_inputs)):
+                last_inputs = t["inputs"][:k]
+                rows.append(last_inputs)
+                caps.append(f"noisy ({sp.model})" if name == "table4" else "noisy")
+            rows.append(t["images"][:k])
+            caps.append(sp.label + (f" ({sp.model})" if name == "table4" else ""))
+        comparison_figure(bench.out / f"{name}_fig4.png", rows, max_images=k)
+        figs.append((f"{name}_fig4.png", "Fig. 4 layout; rows: " + ", ".join(caps)))
+    curves = {sp.label + (f" ({sp.model})" if name == "table4" else ""): rec["curves"]
+              for sp, rec, _ in loaded if rec.get("curves")}
+    if curves:
+        curves_figure(bench.out / f"{name}_dip_curves.png", curves)
+        figs.append((f"{name}_dip_curves.png", "DIP loss (MSE to its target) per iteration"
+                     + (", and PSNR of its output to the clean image" if name != "table1" else "")))
+    return figs
+
+
+TITLES = {
+    "table1": "Table 1: generation from pure noise",
+    "table2": "Table 2: denoising",
+    "table3": "Table 3: T_trunc ablation (denoising)",
+    "table4": "Table 4: linear vs cosine schedule (denoising)",
+}
+
+
+def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, RowSpec],
+                gm: _GenMetrics | None) -> list[dict]:
+    h, notes = header(bench, name, specs)
+    if name == "table1":
+        assert gm is not None
+        rows = _generation_rows(bench, specs, gm)
+        if gm.fid_note:
+            notes.append(gm.fid_note)
+        if bench.s.fid and gm.extractor is not None:
+            notes.append(f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
+                         "strongly biased upwards")
+        notes.append("SWD: ProGAN's sliced Wasserstein distance x1e3 on 7x7 Laplacian-pyramid patches (levels "
+                     "down to 16 px), against the --data images; copy-rate: share of images whose nearest --data "
+                     "image (L2) is >= 25 dB PSNR away; nearest PSNR: its mean")
+        notes.append("TDPM-DIP generation under the paper protocol fits G_psi to noised --data images: it "
+                     "reconstructs them (see copy-rate), it does not sample new images")
+        if bench.s.protocol == "blind":
+            notes.append("generation has no blind protocol: TDPM-DIP here is the paper protocol's")
+        title = TITLES[name]
+    else:
+        rows = []
+        for sp in specs:
+            rec, _ = bench.load(bench.key(sp)[0])
+            rows.append(_denoise_row(sp, rec, _schedule_name(bench.context(sp.model))))
+        sub = (f" at t={bench.s.t_noisy} (paper protocol)" if bench.s.protocol == "paper"
+               else f" of Gaussian noise, sigma={bench.s.sigma:g} (blind protocol)")
+        title = TITLES[name] + sub
+    figs = _figures(bench, name, specs, extra)
+    lines = [f"# {title}", ""]
+    for k, v in h.items():
+        if k == "table":
+            continue
+        if k == "models":
+            v = "; ".join(f"{slot}: {m['path']} ({m['schedule']} schedule, {m['params_M']}M parameters, "
+                          f"weights {m['fingerprint']})" for slot, m in v.items())
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items())
+        lines.append(f"- {k}: {v}")
+    lines.append("- shrunk or changed from the report's settings: " + ("none" if not notes else ""))
+    lines += [f"  - {x}" for x in notes]
+    lines += ["", markdown_table(rows, _columns(rows)), ""]
+    lines += [f"![{f}]({f}) {c}  " for f, c in figs]
+    write_text(bench.out / f"{name}.md", "\n".join(lines) + "\n")
+    write_text(bench.out / f"{name}.csv", _csv(rows))
+    write_json(bench.out / f"{name}.json", {"table": name, "title": title, "header": h, "notes": notes, "rows": rows,
+                                            "figures": dict(figs)})
+    return rows
+
+
+def run_bench(tables: list[str], bench: Bench) -> dict[str, list[dict]]:
+    """Run the rows of `tables` (cached rows are skipped), then write each table's files into bench.out."""
+    specs = {name: table_specs(name, bench.s) for name in tables}
+    extra = {f"fig3-{sp.t_trunc}": sp for sp in fig3_specs(bench.s)} if "table1" in tables else {}
+    for name in tables:
+        for sp in specs[name]:
+            if sp.model != "linear":
+                bench.context(sp.model)  # fail early when --model-cosine is missing
+    bench.run([sp for name in tables for sp in specs[name]] + list(extra.values()))
+    gm = _GenMetrics(bench) if "table1" in tables else None
+    return {name: write_table(bench, name, specs[name], extra, gm) for name in tables}
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """A new or empty folder, or an earlier bench run (it has cache/): bench resumes into it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (out / "cache").is_dir() and not overwrite:
+        raise UserError(f"{out}: exists, is not empty and is not a bench run (use --overwrite to write into it)")
+    try:
+        (out / "cache").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise UserError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise UserError(f"{name}: expected non-negative integers, got {text!r}")
+    return vals
+
+
+__all__ = ["Bench", "BenchSettings", "RowSpec", "TABLE_NAMES", "check_out_dir", "fig3_specs", "parse_ints",
+           "run_bench", "table_specs"]

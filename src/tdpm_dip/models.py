@@ -1,0 +1,100 @@
+"""Build UNets from presets and load / save DDPMs in diffusers layout (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .config import UNetPreset, get_preset
+from .errors import UserError
+
+
+def build_unet(preset: UNetPreset | str, seed: int | None = None, sample_size: int | None = None) -> UNet2DModel:
+    """A freshly initialised `UNet2DModel`; `seed` makes the initial weights reproducible."""
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    if seed is None:
+        return UNet2DModel(**preset.unet_kwargs(sample_size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**preset.unet_kwargs(sample_size))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _check_unet(unet: UNet2DModel, where: str) -> UNet2DModel:
+    if unet.config.in_channels != 3 or unet.config.out_channels != 3:
+        raise UserError(f"{where}: the UNet has {unet.config.in_channels} input / {unet.config.out_channels} "
+                        "output channels; tdpm-dip needs an RGB noise predictor (3 / 3)")
+    return unet
+
+
+def _check_scheduler_config(cfg: dict, where: str) -> None:
+    needed = ("num_train_timesteps", "beta_schedule")
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise UserError(f"{where}: scheduler config lacks {', '.join(missing)}: not a DDPM-compatible scheduler")
+    if cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise UserError(f"{where}: prediction_type {cfg['prediction_type']!r} is not supported (need 'epsilon')")
+    if cfg["beta_schedule"] not in ("linear", "squaredcos_cap_v2", "scaled_linear") and cfg.get("trained_betas") is None:
+        raise UserError(f"{where}: beta_schedule {cfg['beta_schedule']!r} is not DDPM-compatible")
+
+
+def load_ddpm(model: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load a noise predictor and its DDPM scheduler.
+
+    `model` is a local folder in diffusers layout (`unet/` + `scheduler/`, e.g. a `DDPMPipeline`
+    export) or a hub id (needs the network unless cached). Weights are read from safetensors only.
+    """
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path}: a model must be a folder in diffusers layout (unet/ + scheduler/)")
+        unet_dir, sched_dir = path / "unet", path / "scheduler"
+        if not (unet_dir / "config.json").is_file():
+            raise UserError(f"{path}: no unet/config.json: not a diffusers DDPM folder")
+        ucfg = _read_json(unet_dir / "config.json")
+        if ucfg.get("_class_name") != "UNet2DModel":
+            raise UserError(f"{path}: unet/ holds a {ucfg.get('_class_name')!r}, not a UNet2DModel")
+        if not (sched_dir / "scheduler_config.json").is_file():
+            raise UserError(f"{path}: no scheduler/scheduler_config.json")
+        _check_scheduler_config(_read_json(sched_dir / "scheduler_config.json"), str(path))
+        try:
+            unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: cannot load the UNet weights ({str(e).splitlines()[0]})") from None
+        scheduler = DDPMScheduler.from_pretrained(sched_dir)
+    else:
+        if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+            raise UserError(f"{model}: no such model folder (and not a hub id of the form owner/name)")
+        try:
+            unet = UNet2DModel.from_pretrained(str(model), subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+            scheduler = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
+        except Exception as e:  # hub errors come in many types (offline, 404, no safetensors)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{model}: cannot load from the hub ({msg}); are you online? "
+                            "A local diffusers folder works offline") from None
+        _check_scheduler_config(dict(scheduler.config), str(model))
+    _check_unet(unet, str(model))
+    return unet.to(device).eval(), scheduler
+
+
+def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, out: str | os.PathLike) -> None:
+    """Write a `DDPMPipeline` folder (model_index.json, unet/, scheduler/) that diffusers loads."""
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,88 @@
+"""Noise schedules and the report's noise-level convention.
+
+Convention (the report's Eq. 3 with 1-based t): a *noise level* t in {0, ..., T} means
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with abar_0 = 1 and abar_t = prod_{s<=t} alpha_s, which
+is `scheduler.alphas_cumprod[t - 1]` in diffusers' 0-based indexing. A reverse chain from level t runs
+exactly t posterior steps, over diffusers timesteps t-1, ..., 0, so the step counts match the report
+(DDPM 1000, denoising from 600, TDPM-DIP T_trunc=10) and T_trunc = 0 means "no chain".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDPMScheduler
+
+from .errors import UserError
+
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "squaredcos_cap_v2": "squaredcos_cap_v2"}
+
+
+def make_scheduler(schedule: str = "linear", num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """The DDPM scheduler of Algorithm 1 (linear betas 1e-4..0.02, or the cosine schedule)."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose linear or cosine")
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=SCHEDULES[schedule],
+                         clip_sample=True, prediction_type="epsilon", variance_type="fixed_small")
+
+
+def num_levels(scheduler: DDPMScheduler) -> int:
+    return int(scheduler.config.num_train_timesteps)
+
+
+def check_level(scheduler: DDPMScheduler, t: int, name: str = "t") -> int:
+    """Validate a noise level: 0 <= t <= T (T = number of training timesteps)."""
+    T = num_levels(scheduler)
+    if not isinstance(t, int) or t < 0 or t > T:
+        raise UserError(f"{name} must be an integer in [0, {T}], got {t}")
+    return t
+
+
+def abar(scheduler: DDPMScheduler, t: int) -> float:
+    """abar_t in the report's 1-based convention (abar_0 = 1)."""
+    check_level(scheduler, t)
+    return 1.0 if t == 0 else float(scheduler.alphas_cumprod[t - 1])
+
+
+def q_sample(scheduler: DDPMScheduler, x0: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    a = abar(scheduler, t)
+    return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
+
+
+def chain_timesteps(t: int) -> list[int]:
+    """Diffusers timesteps of the reverse chain from level t to 0: [t-1, ..., 0] (t steps)."""
+    return list(range(t - 1, -1, -1))
+
+
+def sigma_to_level(scheduler: DDPMScheduler, sigma255: float) -> int:
+    """Level t* whose noise-to-signal ratio matches Gaussian noise of std sigma (0..255 scale).
+
+    y = x + n, n ~ N(0, s^2) with s = 2 sigma / 255 on [-1, 1]; scaled by sqrt(abar), it has the
+    statistics of x_t when (1 - abar_t) / abar_t = s^2.
+    """
+    if not (sigma255 > 0):
+        raise UserError(f"sigma must be > 0 (0..255 scale), got {sigma255}")
+    if sigma255 > 255:
+        raise UserError(f"sigma {sigma255} is absurd on the 0..255 scale (max 255)")
+    ac = scheduler.alphas_cumprod.double()
+    ratio = (1 - ac) / ac
+    target = (2.0 * sigma255 / 255.0) ** 2
+    return int((ratio - target).abs().argmin()) + 1
+
+
+# ---------------------------------------------------------------- per-image randomness
+
+def image_generators(seeds: list[int] | range, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, on the device where the noise is drawn (never drawn then moved).
+
+    Image i depends only on seed i, whatever the batch size (as NVlabs/edm's StackedRandomGenerator).
+    """
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[len(generators), *shape] standard normal noise, row i drawn from generators[i]."""
+    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])

@@ -1,0 +1,294 @@
+"""Generation and denoising under the two protocols. Every `Result` records which protocol made it.
+
+paper  The report's protocol. The DIP target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z is built from
+       the *clean* image x0 and the same z that is the DIP input (Eq. 7, Alg. 2). It is an oracle: its
+       "denoising" never looks at the noisy image, and its "generation" reconstructs the given images.
+blind  Only the noisy observation y = x0 + n, n ~ N(0, s^2), s = 2 sigma / 255, is known.
+       ddpm      scale y to the level t* with the same noise-to-signal ratio and run t* reverse steps;
+       dip       fit G_psi(z) to y, stop early, return an exponential average of its outputs;
+       tdpm-dip  the DIP estimate x_dip, noised to the level T whose noise covers the DIP's own error,
+                 then T reverse steps; K such chains are averaged (see `denoise_blind`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .dip import DIPConfig, DIPResult, fit_dip
+from .errors import UserError
+from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
+from .sampling import ddim_chain, reverse_chain, tdpm_sample
+
+PROTOCOLS = ("paper", "blind")
+DENOISE_METHODS = ("ddpm", "dip", "tdpm-dip")
+GENERATE_METHODS = ("ddpm", "ddim", "tdpm-dip")
+
+
+@dataclass
+class Context:
+    """What every task needs: the DDPM, its scheduler, where and how to compute."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    dip: DIPConfig = field(default_factory=DIPConfig)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None
+    batch_size: int = 16
+    progress: bool = False
+
+
+@dataclass
+class Result:
+    """Images of one method on a set of images, with cost accounting.
+
+    steps: reverse steps as the report counts them (DIP iterations + chain steps); nfe: network
+    evaluations per image (a DIP iteration is one forward + one backward of G_psi, counted as 1).
+    """
+
+    method: str
+    protocol: str
+    images: torch.Tensor
+    seconds: float
+    steps: int
+    nfe: int
+    inputs: torch.Tensor | None = None
+    dip: DIPResult | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, self.images.shape[0])
+
+
+@contextlib.contextmanager
+def _timer(device: torch.device) -> Iterator[list[float]]:
+    """Wall time of the block with device synchronisation (CUDA work is asynchronous)."""
+    box = [0.0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    yield box
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    box[0] = time.perf_counter() - t0
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for lo in range(0, n, size):
+        yield slice(lo, min(n, lo + size))
+
+
+def _bar(ctx: Context, total: int, desc: str):  # noqa: ANN202 - tqdm or a no-op
+    if not ctx.progress:
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+def _chain(ctx: Context, x_t: torch.Tensor, t: int, gens: list[torch.Generator], desc: str) -> torch.Tensor:
+    """Reverse chain from level t, in batches of ctx.batch_size."""
+    out = []
+    with _bar(ctx, t * math.ceil(x_t.shape[0] / ctx.batch_size), desc) as bar:
+        for sl in _chunks(x_t.shape[0], ctx.batch_size):
+            out.append(reverse_chain(ctx.unet, ctx.scheduler, x_t[sl], t, gens[sl], ctx.amp_dtype,
+                                     callback=(lambda _: bar.update()) if bar is not None else None))
+    return torch.cat(out)
+
+
+def _dip(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], reference: torch.Tensor | None,
+         cfg: DIPConfig | None = None) -> DIPResult:
+    return fit_dip(target, z, seeds, cfg or ctx.dip, reference=reference, batch_size=ctx.batch_size,
+                   amp_dtype=ctx.amp_dtype, progress=ctx.progress)
+
+
+def _image_shape(ctx: Context) -> tuple[int, int, int]:
+    s = ctx.unet.config.sample_size
+    s = s[0] if isinstance(s, (tuple, list)) else s
+    return (3, int(s), int(s))
+
+
+def validate_t_trunc(scheduler: DDPMScheduler, t_trunc: int) -> int:
+    T = num_levels(scheduler)
+    if not isinstance(t_trunc, int) or not 0 <= t_trunc <= T - 1:
+        raise UserError(f"T_trunc must be an integer in [0, {T - 1}], got {t_trunc}")
+    return t_trunc
+
+
+# ---------------------------------------------------------------------------------------- paper
+
+def paper_dip_target(scheduler: DDPMScheduler, x0: torch.Tensor, t_trunc: int, z: torch.Tensor) -> torch.Tensor:
+    """Alg. 2 line 3 (oracle): x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z, with the DIP input's z."""
+    return q_sample(scheduler, x0, t_trunc, z)
+
+
+def denoise_paper(ctx: Context, clean: torch.Tensor, method: str, seeds: list[int], t_noisy: int = 600,
+                  t_trunc: int = 10) -> Result:
+    """Table 2 under the report's protocol.
+
+    ddpm: noise x0 to level t_noisy and run t_noisy reverse steps. dip: fit G_psi(z) to x0 itself
+    (T_trunc = 0, Table 3 row 1). tdpm-dip: fit G_psi(z) to x_T built from x0 and z, then Alg. 3.
+    """
+    check_level(ctx.scheduler, t_noisy, "t_noisy")
+    clean = clean.to(ctx.device)
+    gens = image_generators(seeds, ctx.device)
+    z = randn(_image_shape(ctx), gens, ctx.device)  # one draw per image: DIP input / forward noise
+    x_noisy = q_sample(ctx.scheduler, clean, t_noisy, z)
+    info = {"t_noisy": t_noisy}
+    if method == "ddpm":
+        with _timer(ctx.device) as tm:
+            out = _chain(ctx, x_noisy, t_noisy, gens, "DDPM reverse")
+        return Result(method, "paper", out.cpu(), tm[0], t_noisy, t_noisy, x_noisy.cpu(), info=info)
+    if method not in ("dip", "tdpm-dip"):
+        raise UserError(f"unknown denoising method {method!r}; choose {', '.join(DENOISE_METHODS)}")
+    t = 0 if method == "dip" else validate_t_trunc(ctx.scheduler, t_trunc)
+    info["t_trunc"] = t
+    with _timer(ctx.device) as tm:
+        res = _dip(ctx, paper_dip_target(ctx.scheduler, clean, t, z), z, seeds, clean)
+        out = _chain(ctx, res.output, t, gens, "TDPM reverse") if t else res.output
+    iters = ctx.dip.iters
+    return Result(method, "paper", out.cpu(), tm[0], iters + t, iters + t, x_noisy.cpu(), res, info)
+
+
+# ---------------------------------------------------------------------------------------- blind
+
+def add_gaussian_noise(clean: torch.Tensor, sigma255: float, seeds: list[int]) -> torch.Tensor:
+    """y = x0 + (2 sigma / 255) n on [-1, 1] images; noise of image i from seed i (not clipped)."""
+    if not sigma255 > 0:
+        raise UserError(f"sigma must be > 0, got {sigma255}")
+    gens = image_generators([s + 104729 for s in seeds], clean.device)
+    return clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
+
+
+def estimate_sigma(noisy: torch.Tensor) -> list[float]:
+    """Per-image noise std on the 0..255 scale (wavelet MAD estimator, skimage.restoration.estimate_sigma)."""
+    from skimage.restoration import estimate_sigma as _est
+
+    out = []
+    for img in noisy.detach().float().cpu():
+        a = ((img.permute(1, 2, 0).numpy() + 1.0) / 2.0)
+        out.append(float(_est(a, channel_axis=-1, average_sigmas=True)) * 255.0)
+    return out
+
+
+BLIND_DIP = DIPConfig(preset="paper-dip", iters=300, lr=1e-3, input_noise=1 / 30, average=0.9)
+
+
+def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
+    """Smallest level t >= 1 whose (1 - abar_t) / abar_t reaches `ratio` (a noise-to-signal variance)."""
+    ac = scheduler.alphas_cumprod.double()
+    r = (1 - ac) / ac
+    idx = int(torch.searchsorted(r, torch.tensor([ratio], dtype=torch.float64)).item())
+    return min(idx + 1, num_levels(scheduler) - 1)
+
+
+def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[int], sigma255: float | list[float],
+                  t_trunc: int | None = None, samples: int = 4, clean: torch.Tensor | None = None) -> Result:
+    """Blind denoising of y (only y and sigma are used; `clean`, if given, only feeds the curves).
+
+    tdpm-dip design: the DIP estimate x_dip carries an error e of its own. y - x_dip = n - e, so
+    E|e|^2 ~ mean((y - x_dip)^2) - s^2 (n is independent of x_dip when the DIP stopped before
+    fitting the noise). We noise x_dip to the level T whose noise-to-signal ratio covers that error
+    (the chain then treats e as part of the noise it removes), run T < t* reverse steps, and average
+    `samples` chains: each chain is a posterior sample, and their mean approaches the posterior mean
+    (which minimises the MSE). `t_trunc` overrides the automatic T.
+    """
+    noisy = noisy.to(ctx.device)
+    n = noisy.shape[0]
+    sig = [float(sigma255)] * n if isinstance(sigma255, (int, float)) else [float(s) for s in sigma255]
+    if len(sig) != n:
+        raise ValueError("one sigma per image")
+    t_star = [sigma_to_level(ctx.scheduler, s) for s in sig]
+    gens = image_generators(seeds, ctx.device)
+    ref = clean.to(ctx.device) if clean is not None else None
+    info: dict = {"sigma": sig[0] if len(set(sig)) == 1 else sig, "t_star": t_star[0] if len(set(t_star)) == 1 else t_star}
+    if method == "ddpm":
+        with _timer(ctx.device) as tm:
+            outs = []
+            for t in sorted(set(t_star)):  # images sharing a level share a chain
+                idx = [i for i in range(n) if t_star[i] == t]
+                x_t = math.sqrt(abar(ctx.scheduler, t)) * noisy[idx]
+                outs.append((idx, _chain(ctx, x_t, t, [gens[i] for i in idx], "DDPM reverse")))
+            out = torch.empty_like(noisy)
+            for idx, o in outs:
+                out[idx] = o
+        steps = max(t_star)
+        return Result(method, "blind", out.cpu(), tm[0], steps, steps, noisy.cpu(), info=info)
+    if method not in ("dip", "tdpm-dip"):
+        raise UserError(f"unknown denoising method {method!r}; choose {', '.join(DENOISE_METHODS)}")
+    z = randn(_image_shape(ctx), gens, ctx.device)
+    with _timer(ctx.device) as tm:
+        res = _dip(ctx, noisy, z, seeds, ref)
+        x_dip = res.output
+        if method == "dip":
+            out = x_dip
+            t_used: int | list[int] = 0
+        else:
+            if t_trunc is None:
+                s2 = torch.tensor([(2 * s / 255) ** 2 for s in sig], device=ctx.device)
+                resid = ((noisy - x_dip) ** 2).flatten(1).mean(1)
+                err = (resid - s2).clamp_min(1e-4)  # estimated squared DIP error per pixel
+                levels = [min(level_for_ratio(ctx.scheduler, float(e)), t) for e, t in zip(err.tolist(), t_star)]
+            else:
+                levels = [validate_t_trunc(ctx.scheduler, t_trunc)] * n
+            acc = torch.zeros_like(x_dip)
+            for k in range(samples):
+                for t in sorted(set(levels)):
+                    idx = [i for i in range(n) if levels[i] == t]
+                    g = [gens[i] for i in idx]
+                    x_t = q_sample(ctx.scheduler, x_dip[idx], t, randn(tuple(x_dip.shape[1:]), g, ctx.device))
+                    acc[idx] += tdpm_sample(ctx.unet, ctx.scheduler, x_t, t, g, ctx.amp_dtype)
+            out = acc / samples
+            t_used = levels[0] if len(set(levels)) == 1 else levels
+            info["samples"] = samples
+    info["t_trunc"] = t_used
+    chain = max(t_used) if isinstance(t_used, list) else t_used
+    iters = ctx.dip.iters
+    return Result(method, "blind", out.cpu(), tm[0], iters + chain, iters + chain * (samples if chain else 1),
+                  noisy.cpu(), res, info)
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int = 10, ddim_steps: int = 110,
+             reference: torch.Tensor | None = None, ddim_eta: float = 0.0) -> Result:
+    """Table 1. ddpm: 1000 ancestral steps from N(0, I). ddim: `ddim_steps` deterministic steps
+    (`ddim_eta` = 1: stochastic, a strided DDPM ancestral sampler).
+    tdpm-dip (paper protocol only): G_psi(z) fitted to x_T built from reference image i and z_i,
+    then T_trunc reverse steps, so image i is a reconstruction of reference image i."""
+    shape = _image_shape(ctx)
+    gens = image_generators(seeds, ctx.device)
+    T = num_levels(ctx.scheduler)
+    if method in ("ddpm", "ddim"):
+        x_T = randn(shape, gens, ctx.device)
+        with _timer(ctx.device) as tm:
+            if method == "ddpm":
+                out = _chain(ctx, x_T, T, gens, "DDPM 1000 steps")
+                steps = T
+            else:
+                outs = [ddim_chain(ctx.unet, ctx.scheduler, x_T[sl], ddim_steps, gens[sl], eta=ddim_eta,
+                                   amp_dtype=ctx.amp_dtype)
+                        for sl in _chunks(len(seeds), ctx.batch_size)]
+                out, steps = torch.cat(outs), ddim_steps
+        return Result(method, "noise", out.cpu(), tm[0], steps, steps, info={"ddim_steps": ddim_steps})
+    if method != "tdpm-dip":
+        raise UserError(f"unknown generation method {method!r}; choose {', '.join(GENERATE_METHODS)}")
+    if reference is None or reference.shape[0] < len(seeds):
+        raise UserError("TDPM-DIP generation follows the paper protocol: it needs --reference-data with at least "
+                        f"--n images (each output reconstructs one of them)")
+    t_trunc = validate_t_trunc(ctx.scheduler, t_trunc)
+    x0 = reference[: len(seeds)].to(ctx.device)
+    z = randn(shape, gens, ctx.device)
+    with _timer(ctx.device) as tm:
+        res = _dip(ctx, paper_dip_target(ctx.scheduler, x0, t_trunc, z), z, seeds, None)
+        out = _chain(ctx, res.output, t_trunc, gens, "TDPM reverse") if t_trunc else res.output
+    iters = ctx.dip.iters
+    return Result(method, "paper", out.cpu(), tm[0], iters + t_trunc, iters + t_trunc, dip=res,
+                  info={"t_trunc": t_trunc, "dip_output": res.output.cpu()})

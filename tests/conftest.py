@@ -1,0 +1,40 @@
+"""Shared test fixtures: small, generic, CPU-only. Tests never touch the network."""
+
+from __future__ import annotations
+
+import os
+
+# Before diffusers / huggingface_hub are imported anywhere: hub look-ups fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tdpm_dip.data import make_sprites  # noqa: E402
+from tdpm_dip.outputs import save_png  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sprite_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`make(n=8, size=16, seed=0)` -> a folder of n procedural sprite PNGs (cached per session: read only)."""
+    cache: dict[tuple[int, int, int], Path] = {}
+
+    def make(n: int = 8, size: int = 16, seed: int = 0) -> Path:
+        key = (n, size, seed)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"sprites_{n}x{size}_s{seed}")
+            sprites = make_sprites(n, size, seed)
+            for x, name in zip(sprites.images, sprites.names):
+                save_png(x, folder / f"{name}.png")
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sprite_dir(sprite_dir_factory: Callable[..., Path]) -> Path:
+    """8 sprites of 16x16 px (shared across tests: do not write into it)."""
+    return sprite_dir_factory(8, 16)

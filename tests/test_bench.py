@@ -1,0 +1,181 @@
+"""`tdpm-dip bench` end to end on a tiny DDPM and 16x16 sprites: outputs, labels, cache, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdpm_dip import bench as bench_mod
+from tdpm_dip.cli import main
+from tdpm_dip.models import build_unet, save_ddpm
+from tdpm_dip.noise import make_scheduler, sigma_to_level
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Tiny networks on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_ddpm")
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), out)
+    return out
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Labels of the rows actually run (not read from the cache)."""
+    seen: list[str] = []
+    original = bench_mod.Bench.run_row
+
+    def spy(self, spec):  # noqa: ANN001, ANN202
+        seen.append(spec.label)
+        return original(self, spec)
+
+    monkeypatch.setattr(bench_mod.Bench, "run_row", spy)
+    return seen
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", *extra, "--model", str(model), "--data", str(data), "--n", "2", "--dip-preset", "dip-tiny",
+            "--dip-iters", "3", "--fig-images", "2", "--device", "cpu", "--batch-size", "4", "--out", str(out)]
+
+
+def test_table2_table3_paper_and_cache(tiny_model: Path, sprite_dir_factory, tmp_path: Path, calls: list[str]) -> None:
+    data = sprite_dir_factory(4, 16)
+    run = tmp_path / "run"
+    main(_args(tiny_model, data, run, "table2", "--t-noisy", "8"))
+    assert calls == ["DDPM", "DIP", "TDPM-DIP"]
+    for ext in ("md", "csv", "json"):
+        assert (run / f"table2.{ext}").is_file()
+    assert (run / "table2_fig4.png").is_file() and (run / "table2_dip_curves.png").is_file()
+    res = json.loads((run / "table2.json").read_text())
+    rows = res["rows"]
+    assert [r["method"] for r in rows] == ["ddpm", "dip", "tdpm-dip"]
+    assert all(r["protocol"] == "paper" for r in rows)
+    assert all(math.isfinite(r["PSNR@2"]) and 0 <= r["SSIM@2"] <= 1 for r in rows)
+    assert [r["report PSNR"] for r in rows] == [13.40, 32.12, 32.63]
+    assert [r["reverse steps"] for r in rows] == [8, 3, 13]  # t_noisy; DIP iterations; + T_trunc 10
+    assert res["header"]["protocol"] == "paper" and "device" in res["header"]
+    assert any("n = 2" in x for x in res["notes"]) and any("t_noisy = 8" in x for x in res["notes"])
+    assert any("dip-tiny" in x for x in res["notes"])
+    md = (run / "table2.md").read_text()
+    assert "paper protocol" in md and "report PSNR" in md and "| DDPM | linear | paper |" in md
+    with open(run / "table2.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+    # table3 shares T_trunc = 0 (the DIP row) and T_trunc = 10 (table2's TDPM-DIP row): only T_trunc = 2 runs.
+    calls.clear()
+    main(_args(tiny_model, data, run, "table3", "--t-noisy", "8", "--t-truncs", "0,2,10"))
+    assert calls == ["T_trunc = 2"]
+    rows3 = json.loads((run / "table3.json").read_text())["rows"]
+    assert [r["t_trunc"] for r in rows3] == [0, 2, 10]
+    assert rows3[0]["PSNR@2"] == rows[1]["PSNR@2"] and rows3[2]["PSNR@2"] == rows[2]["PSNR@2"]
+    assert rows3[1]["report PSNR"] is None and rows3[2]["report PSNR"] == 32.63
+
+    # Re-running both: everything comes from the cache, the tables are rewritten identically.
+    calls.clear()
+    before = (run / "table2.json").read_text()
+    main(_args(tiny_model, data, run, "table2", "table3", "--t-noisy", "8", "--t-truncs", "0,2,10"))
+    assert calls == []
+    assert (run / "table2.json").read_text() == before
+
+    # A changed setting (another DIP iteration count) is another key: the DIP rows run again.
+    calls.clear()
+    args = _args(tiny_model, data, run, "table2", "--t-noisy", "8")
+    args[args.index("--dip-iters") + 1] = "2"
+    main(args)
+    assert calls == ["DIP", "TDPM-DIP"]
+
+
+def test_table2_blind(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> None:
+    run = tmp_path / "blind"
+    main(_args(tiny_model, sprite_dir_factory(4, 16), run, "table2", "--protocol", "blind", "--sigma", "25",
+               "--samples", "1"))
+    res = json.loads((run / "table2.json").read_text())
+    assert all(r["protocol"] == "blind" for r in res["rows"])
+    assert all(math.isfinite(r["PSNR@2"]) and math.isfinite(r["input PSNR"]) for r in res["rows"])
+    t_star = sigma_to_level(make_scheduler("linear"), 25)  # ~56-57 (anchors.md)
+    assert res["rows"][0]["t_star"] == res["rows"][0]["reverse steps"] == t_star
+    assert any("blind protocol" in x for x in res["notes"])
+    assert "sigma=25 (blind protocol)" in (run / "table2.md").read_text()
+
+
+def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # the extra is not installed here
+    data = sprite_dir_factory(4, 16)
+    run = tmp_path / "gen"
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--fid"))
+    assert "pip install 'tdpm-dip[fid]'" in capsys.readouterr().err
+    res = json.loads((run / "table1.json").read_text())
+    rows = res["rows"]
+    assert [r["method"] for r in rows] == ["ddim", "ddim", "tdpm-dip"]
+    assert [r["protocol"] for r in rows] == ["noise", "noise", "paper"]
+    assert [r["reverse steps"] for r in rows] == [4, 13, 13]   # shrunk DDPM; DDIM at TDPM-DIP's NFE
+    assert all(math.isfinite(r["SWD x1e3"]) and 0 <= r["copy-rate"] <= 1 for r in rows)
+    assert rows[0]["report FID@1k"] == 69.05 and rows[2]["report FID@1k"] == 20.12
+    assert any("DDPM shrunk to 4" in x for x in res["notes"]) and any("pip install" in x for x in res["notes"])
+    assert (run / "fig3.png").is_file() and (run / "table1_samples.png").is_file()
+
+    # FID through the Python API with an injected extractor: every row is cached, only metrics are computed.
+    from tdpm_dip.bench import Bench, BenchSettings, run_bench
+    from tdpm_dip.cli import dip_config, load_context
+    from tdpm_dip.data import load_images
+    from tdpm_dip.metrics import TorchExtractor
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    cfg = dip_config("paper", "dip-tiny", 3, None)
+    settings = BenchSettings(n=2, ddpm_steps=4, fig_images=2, fid=True, dip={"paper": cfg})
+    b = Bench(settings, lambda slot: load_context(str(tiny_model), "cpu", "fp32", 4, lambda d: cfg), str(data),
+              lambda size, n: load_images(data, size, limit=n).images, run, {"linear": str(tiny_model)},
+              extractor=TorchExtractor(net, "one-channel-conv"))
+    rows = run_bench(["table1"], b)["table1"]
+    assert b.computed == []
+    assert all(r["FID@2"] is not None and math.isfinite(r["FID@2"]) for r in rows)
+    assert list((run / "cache").glob("fid-ref-*.npz"))
+
+
+def test_bench_errors(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> None:
+    data = sprite_dir_factory(4, 16)
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, data, tmp_path / "r", "table4"))
+    assert e.value.code == 2
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("not a bench run")
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, data, busy, "table2"))
+    assert e.value.code == 2 and (busy / "keep.txt").read_text() == "not a bench run"
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, data, tmp_path / "r", "table3", "--t-truncs", "0,x"))
+    assert e.value.code == 2
+
+
+def test_table_specs_are_data() -> None:
+    s = bench_mod.BenchSettings()
+    t2 = bench_mod.table_specs("table2", s)
+    t4 = bench_mod.table_specs("table4", s)
+    assert t4[:3] == t2 and [sp.model for sp in t4[3:]] == ["cosine"] * 3
+    assert dict(t4[5].report)["report PSNR"] == 34.76
+    t3 = bench_mod.table_specs("table3", s)
+    assert [(sp.method, sp.t_trunc) for sp in t3] == [("dip", None), ("tdpm-dip", 5), ("tdpm-dip", 10),
+                                                      ("tdpm-dip", 50)]
+    t1 = bench_mod.table_specs("table1", s)
+    assert [(sp.method, sp.steps) for sp in t1] == [("ddpm", 1000), ("ddim", 110), ("tdpm-dip", None)]
+    blind = bench_mod.table_specs("table3", bench_mod.BenchSettings(protocol="blind"))
+    assert blind[-1].label == "T_trunc automatic" and all(sp.protocol == "blind" for sp in blind)

@@ -1,0 +1,191 @@
+"""Metrics: PSNR/SSIM pinned to scikit-image, FID's Frechet distance and cache, SWD, copy-rate."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from tdpm_dip import metrics as M
+from tdpm_dip.data import make_sprites
+from tdpm_dip.errors import UserError
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] -> float64 HWC in [0, 1], what scikit-image gets."""
+    return M.to_unit(x).permute(1, 2, 0).double().numpy()
+
+
+def _pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    rand_a = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    rand_b = (rand_a + 0.3 * torch.randn(3, 3, 32, 32, generator=g)).clamp(-1, 1)
+    sprites = make_sprites(3, 64).images
+    noisy = (sprites + 0.1 * torch.randn(sprites.shape, generator=g)).clamp(-1, 1)
+    odd = torch.rand(2, 3, 29, 41, generator=g) * 2 - 1  # non-square, odd sides
+    return [("random", rand_b, rand_a), ("sprites", noisy, sprites),
+            ("odd", odd, (odd * 0.8 + 0.05).clamp(-1, 1))]
+
+
+@pytest.mark.parametrize("name,x,ref", _pairs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_psnr_ssim_match_skimage(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+    # Tolerances: our PSNR takes the MSE in float32 (skimage: float64), about 1e-6 relative, i.e. < 1e-4 dB.
+    # SSIM is computed in float64 with the same 11x11 Gaussian window (sigma 1.5, truncate 3.5) over the
+    # same valid region, then returned as float32: agreement to ~1e-6, pinned at 1e-5.
+    ours_p, ours_s = M.psnr(x, ref), M.ssim(x, ref)
+    for i in range(x.shape[0]):
+        a, b = _hwc(x[i]), _hwc(ref[i])
+        sk_p = peak_signal_noise_ratio(b, a, data_range=1)
+        sk_s = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=1, channel_axis=-1)
+        assert float(ours_p[i]) == pytest.approx(sk_p, abs=1e-4)
+        assert float(ours_s[i]) == pytest.approx(sk_s, abs=1e-5)
+
+
+def test_uint8_and_unit_inputs() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, size=(2, 24, 24, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, size=a.shape), 0, 255).astype(np.uint8)
+    xa, xb = M.from_uint8(a), M.from_uint8(b)
+    assert xa.shape == (2, 3, 24, 24) and xa.min() >= -1 and xa.max() <= 1
+    # Layouts agree: NHWC numpy, HWC, NCHW torch.
+    assert torch.equal(M.from_uint8(a[0]), xa[:1])
+    assert torch.equal(M.from_uint8(torch.from_numpy(a).permute(0, 3, 1, 2)), xa)
+    for i in range(2):
+        # uint8 -> [-1, 1] -> [0, 1] is exact up to float32 rounding: same PSNR/SSIM as on the uint8 data.
+        assert float(M.psnr(xb[i:i + 1], xa[i:i + 1])) == pytest.approx(peak_signal_noise_ratio(a[i], b[i]), abs=1e-3)
+        sk = structural_similarity(a[i], b[i], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                   data_range=255, channel_axis=-1)
+        assert float(M.ssim(xb[i:i + 1], xa[i:i + 1])) == pytest.approx(sk, abs=1e-5)
+    u = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(M.to_unit(M.from_unit(u)), u, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ FID
+
+def _stats(rng: np.random.Generator, n: int, d: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    mix = rng.normal(size=(d, d)) / math.sqrt(d)
+    return M.feature_stats(rng.normal(size=(n, d)) @ mix + shift)
+
+
+def test_frechet_distance_matches_direct_sqrtm() -> None:
+    rng = np.random.default_rng(0)
+    m1, s1 = _stats(rng, 300, 12)
+    m2, s2 = _stats(rng, 250, 12, shift=0.3)
+    direct = float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(direct, rel=1e-9, abs=1e-9)
+    assert M.frechet_distance(m1, s1, m1, s1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_closed_form_and_singular() -> None:
+    # Diagonal covariances: FID = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2, no sqrtm needed.
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    want = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
+    # Fewer samples than dimensions: rank-deficient covariances still give a finite, non-negative value.
+    rng = np.random.default_rng(3)
+    m1, s1 = M.feature_stats(rng.normal(size=(5, 16)))
+    m2, s2 = M.feature_stats(rng.normal(size=(6, 16)) + 0.5)
+    d = M.frechet_distance(m1, s1, m2, s2)
+    assert math.isfinite(d) and d > 0
+    # An exactly singular product (zero covariances) is fine too.
+    z = np.zeros((4, 4))
+    assert M.frechet_distance(np.zeros(4), z, np.ones(4), z) == pytest.approx(4.0, abs=1e-4)
+    with pytest.raises(ValueError):
+        M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+class _Counting:
+    """A small random conv network as the feature extractor, counting its calls."""
+
+    def __init__(self, name: str = "tiny-conv-seed0") -> None:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.inner = M.TorchExtractor(net, name, batch_size=5)
+        self.name = name
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(images)
+
+
+def test_fid_path_with_a_small_extractor_and_cached_reference(tmp_path) -> None:
+    ref = make_sprites(24, 16, seed=0).images
+    other = make_sprites(24, 16, seed=7).images
+    ext = _Counting()
+    mu, sigma = M.fid_reference_stats(ref, ext, tmp_path)
+    assert mu.shape == (6,) and sigma.shape == (6, 6) and ext.calls == 1
+    files = list(tmp_path.glob("fid-ref-*.npz"))
+    assert len(files) == 1
+    mu2, sigma2 = M.fid_reference_stats(ref, ext, tmp_path)  # from the cache: no feature extraction
+    assert ext.calls == 1 and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    # Other data or another extractor name: another key, another file.
+    M.fid_reference_stats(ref[:20], ext, tmp_path)
+    M.fid_reference_stats(ref, _Counting("another-net"), tmp_path)
+    assert len(list(tmp_path.glob("fid-ref-*.npz"))) == 3
+    same = M.fid(ref, ref, ext, tmp_path)
+    far = M.fid(other, ref, ext, tmp_path)
+    noisy = M.fid((ref + 0.5 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1),
+                  ref, ext, tmp_path)
+    assert abs(same) < 1e-6 and far > 0 and noisy > 0
+    with pytest.raises(ValueError):
+        M.extract_features(ref, lambda x: torch.zeros(3))
+
+
+def test_inception_extractor_without_the_extra_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # import fails as when not installed
+    with pytest.raises(UserError, match=r"pip install 'tdpm-dip\[fid\]'"):
+        M.inception_extractor()
+
+
+# ------------------------------------------------------------------------------------------ SWD
+
+def test_swd_levels_and_values() -> None:
+    assert M.swd_levels(64) == [64, 32, 16] and M.swd_levels(16) == [16]
+    with pytest.raises(ValueError):
+        M.swd_levels(8)
+    ref = make_sprites(6, 64, seed=0).images
+    same = M.swd(ref, ref.clone())
+    assert set(same) == {"swd_64", "swd_32", "swd_16", "swd_avg"}
+    assert same["swd_avg"] == pytest.approx(0.0, abs=1e-9)
+    g = torch.Generator().manual_seed(1)
+    noisy = (ref + 0.2 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
+    blurred = torch.nn.functional.avg_pool2d(ref, 3, stride=1, padding=1, count_include_pad=False)
+    others = make_sprites(6, 64, seed=9).images
+    d_noisy, d_blur, d_other = M.swd(noisy, ref), M.swd(blurred, ref), M.swd(others, ref)
+    for d in (d_noisy, d_blur, d_other):
+        assert d["swd_avg"] > 10 * max(same["swd_avg"], 1e-6) and d["swd_avg"] > 1e-3
+    # Noise lives in the finest band: that level moves most.
+    assert d_noisy["swd_64"] > d_noisy["swd_16"]
+    assert M.swd(noisy, ref, seed=0) == d_noisy            # seeded: reproducible
+    assert M.swd(noisy[:4], ref)["swd_avg"] > 0             # sets of different sizes are fine
+
+
+# ------------------------------------------------------------------------------------------ copy-rate
+
+def test_copy_rate() -> None:
+    train = make_sprites(10, 32, seed=0).images
+    perm = torch.tensor([3, 7, 0, 9])
+    g = torch.Generator().manual_seed(0)
+    copies = (train[perm] + 0.01 * torch.randn(4, 3, 32, 32, generator=g)).clamp(-1, 1)  # ~46 dB away
+    res = M.copy_rate(copies, train)
+    assert res["rate"] == 1.0 and res["copies"] == 4 and res["nearest"] == perm.tolist()
+    assert min(res["nearest_psnr"]) > M.COPY_PSNR_DB
+    fresh = make_sprites(5, 32, seed=123).images
+    res = M.copy_rate(fresh, train)
+    assert res["rate"] == 0.0 and max(res["nearest_psnr"]) < M.COPY_PSNR_DB
+    mixed = M.copy_rate(torch.cat([copies[:2], fresh[:2]]), train)
+    assert mixed["rate"] == 0.5
+
+
+def test_device_name() -> None:
+    name = M.device_name("cpu")
+    assert isinstance(name, str) and "CPU" in name and len(name) > 5
