@@ -750,9 +750,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def vmap_conv_autocast_dtype(dev: torch.device) -> str:
+    """Dtype of a conv2d run under vmap inside bf16 autocast (torch 2.13 CPU: float32, i.e. not autocast)."""
+    try:
+        from torch.func import vmap
+        w, x = torch.randn(2, 4, 4, 3, 3, device=dev), torch.randn(2, 1, 4, 8, 8, device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            return str(vmap(lambda w_, x_: torch.nn.functional.conv2d(x_, w_, padding=1))(w, x).dtype)
+    except Exception as e:  # noqa: BLE001
+        return f"probe failed: {type(e).__name__}"
+
+
 def environment(dev: torch.device) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(dev),
-           "platform": platform.platform(), "threads": torch.get_num_threads()}
+           "platform": platform.platform(), "threads": torch.get_num_threads(),
+           "vmap_conv_dtype_under_bf16_autocast": vmap_conv_autocast_dtype(dev)}
     try:
         import diffusers
         env["diffusers"] = diffusers.__version__
@@ -777,6 +789,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.model or args.ddpm_preset}, {args.size}x{args.size}", flush=True)
     t0 = time.perf_counter()
     bench = Bench(args)
+    print(f"  conv2d under vmap inside bf16 autocast runs in {env['vmap_conv_dtype_under_bf16_autocast']} "
+          "(float32: fit_dip's vmap bf16 rows run their convolutions in fp32, as on the CPU, whose autocast "
+          "list lacks aten::convolution, which vmap's conv batch rule calls)", flush=True)
     print("  forward GFLOP at batch 1: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in bench.flops.items()), flush=True)
     if "dip" not in args.skip:
         bench.run_dip()

@@ -76,7 +76,7 @@ def dip_options(f):  # noqa: ANN001, ANN201
                      help="DIP network G_psi: paper-dip (the report's, 61.5M), paper-dip-noattn, dip-small, "
                           "dip-tiny; auto = paper-dip on GPU, dip-small on CPU.")(f)
     f = click.option("--dip-iters", type=int, default=None,
-                     help="DIP iterations i_max. Default: 100 (report) for the paper protocol, 300 for blind.")(f)
+                     help="DIP iterations i_max. Default: 100 (report) for the paper protocol, 400 for blind.")(f)
     f = click.option("--dip-lr", type=float, default=None,
                      help="DIP Adam learning rate. Default: 1e-4 (report) for paper, 1e-3 for blind.")(f)
     return f
@@ -246,8 +246,9 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
               help="CLEAN images that are noised here first, so PSNR/SSIM can be measured.")
 @click.option("--protocol", type=click.Choice(["paper", "blind"]), default="blind",
               help="paper: the report's oracle protocol (needs --clean); blind: uses the noisy image only.")
-@click.option("--method", "methods", multiple=True, type=click.Choice(["ddpm", "dip", "tdpm-dip"]),
-              default=("ddpm", "dip", "tdpm-dip"), help="Methods to run (repeat the option).")
+@click.option("--method", "methods", multiple=True, type=click.Choice(["ddpm", "dip", "tdpm-dip", "bm3d"]),
+              default=("ddpm", "dip", "tdpm-dip"),
+              help="Methods to run (repeat the option). bm3d: blind only, needs the `bm3d` extra.")
 @click.option("--sigma", type=float, default=None,
               help="Noise std on the 0..255 scale. blind: given, or estimated from --input when omitted; "
                    "with --clean it is the noise added (default 25).")
@@ -278,6 +279,8 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
 
     if (input_ is None) == (clean is None):
         raise UserError("give exactly one of --input (noisy images) or --clean (images to noise first)")
+    if protocol == "paper" and "bm3d" in methods:
+        raise UserError("bm3d is a blind baseline: use it with --protocol blind")
     if protocol == "paper" and clean is None:
         raise UserError("the paper protocol builds its DIP target from the clean image: it needs --clean")
     positive("--samples", samples)
@@ -436,6 +439,67 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
 
 
 # ------------------------------------------------------------------------------------------ demo
+
+@cli.command("demo", context_settings=CONTEXT)
+@click.option("--out", default="runs/demo", type=click.Path(file_okay=False),
+              help="Run folder: report.md, figures, metrics.json, data/, train/.")
+@click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty run folder.")
+@click.option("--data", default=None,
+              help="Images instead of the procedural sprites (folder or hub id): the first --n are the test "
+                   "images, the rest the training set (or, with --model, the generation reference).")
+@click.option("--model", default=None,
+              help="A trained DDPM (diffusers folder or hub id): skip training; its size sets --size.")
+@click.option("--n", "n", type=int, default=8, help="Test images to denoise, and images to generate.")
+@click.option("--steps", type=int, default=300, help="Training steps (batch 16, preset 'demo').")
+@click.option("--train-images", type=int, default=256, help="Procedural sprites in the training set.")
+@click.option("--size", type=int, default=None, help="Image side in pixels. Default: 32, or the --model's size.")
+@click.option("--sigma", type=float, default=25.0, help="Blind protocol: noise std on the 0..255 scale.")
+@click.option("--ddpm-steps", type=int, default=1000,
+              help="Generation DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1).")
+@click.option("--t-noisy", type=int, default=600, help="Paper protocol: noise level of the images to denoise.")
+@click.option("--dip-preset", type=click.Choice(["dip-tiny", "dip-small", "paper-dip-noattn", "paper-dip"]),
+              default="dip-tiny", help="DIP network G_psi (paper-dip: the report's 61.5M, for GPUs).")
+@click.option("--dip-iters", type=int, default=100, help="DIP iterations, paper protocol and generation.")
+@click.option("--blind-dip-iters", type=int, default=200, help="DIP iterations, blind protocol.")
+@click.option("--seed", type=int, default=0, help="Seed of the sprites, the training run and image i's draws (SEED+i).")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")
+@click.option("--threads", type=int, default=0,
+              help="CPU threads; 0 = auto: 1 for the demo's tiny networks or on a busy machine, else all cores.")
+def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: int, steps: int, train_images: int,
+             size: int | None, sigma: float, ddpm_steps: int, t_noisy: int, dip_preset: str, dip_iters: int,
+             blind_dip_iters: int, seed: int, device: str, threads: int) -> None:
+    """Run the method end to end, offline, and write a report (about 3 minutes on 2 CPU cores).
+
+    \b
+    Makes procedural sprites, trains a small DDPM on them (Algorithm 1), generates with DDPM
+    (1000 steps) and TDPM-DIP, denoises with DDPM, DIP and TDPM-DIP under both protocols
+    (paper: the report's oracle, t=600; blind: sigma 25), and writes RUN/report.md with the
+    figures, the metric tables and the time of each phase.
+    \b
+    Examples:
+      tdpm-dip demo --out runs/demo
+      tdpm-dip demo --model ../shared/models/ddpm-pokemon64-linear --data ../shared/data/pokemon/test \\
+          --n 4 --ddpm-steps 100 --out runs/demo-pokemon
+    """
+    import torch
+
+    from .demo import DemoConfig, pick_threads, run_demo
+
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    positive("--size", size)
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0, got {threads}")
+    cfg = DemoConfig(out=out, data=data, model=model, n=n, steps=steps, size=size or 32, seed=seed,
+                     train_images=train_images, sigma=sigma, ddpm_steps=ddpm_steps, t_noisy=t_noisy,
+                     dip_preset=dip_preset, dip_iters=dip_iters, blind_dip_iters=blind_dip_iters,
+                     overwrite=overwrite)
+    cfg.validate()
+    dev = pick_device(device)
+    nthreads = pick_threads(threads, tiny_networks=model is None and dev.type == "cpu")
+    torch.set_num_threads(nthreads)
+    report = run_demo(cfg, dev, pick_amp("auto", dev), nthreads, echo)
+    click.echo(str(report))
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -9,9 +9,7 @@ is the report's loop (a fresh network and optimiser per image, batch 1) and give
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from .config import UNetPreset, get_preset
+from .devices import autocast, timer
 from .errors import UserError
 from .metrics import mse_per_image, psnr, ssim
 from .models import build_unet
@@ -70,12 +69,6 @@ class DIPResult:
         return out
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 class _Tracker:
     """Collects loss / PSNR / SSIM on the device; converted once at the end (no per-step host sync)."""
 
@@ -110,7 +103,6 @@ def _fit_group(target: torch.Tensor, net_input: torch.Tensor, preset: UNetPreset
     """Fit len(seeds) networks jointly (vmapped) or a single one (plain module)."""
     device = target.device
     models = [build_unet(preset, seed=s, sample_size=target.shape[-1]).to(device) for s in seeds]
-    gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
     if vmapped:
         params, buffers = stack_module_state(models)
         base = copy.deepcopy(models[0]).to("meta")
@@ -132,13 +124,23 @@ def _fit_group(target: torch.Tensor, net_input: torch.Tensor, preset: UNetPreset
         def forward(x: torch.Tensor) -> torch.Tensor:
             return model(x, 0).sample
 
-    opt = torch.optim.Adam(opt_params, lr=cfg.lr)
+    return optimise(forward, opt_params, net_input, target, seeds, cfg, track, amp_dtype, step_cb)
+
+
+def optimise(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor], net_input: torch.Tensor,
+             target: torch.Tensor, seeds: list[int], cfg: DIPConfig, track: _Tracker,
+             amp_dtype: torch.dtype | None, step_cb: Callable[[int], None] | None = None,
+             fused: bool = False) -> torch.Tensor:
+    """Alg. 2 lines 4-9 for B networks at once: i_max Adam steps on sum_b MSE(G_b(z_b), x_b)."""
+    device = target.device
+    gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
+    opt = torch.optim.Adam(params, lr=cfg.lr, **({"fused": True} if fused else {}))
     avg: torch.Tensor | None = None
     for i in range(cfg.iters):
         x = net_input
         if gens is not None:
             x = x + cfg.input_noise * randn(tuple(x.shape[1:]), gens, device, x.dtype)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = forward(x)
         per_image = mse_per_image(out, target)
         track(i, out, per_image)
@@ -153,8 +155,35 @@ def _fit_group(target: torch.Tensor, net_input: torch.Tensor, preset: UNetPreset
             step_cb(len(seeds))
     if avg is not None:
         return avg
-    with torch.no_grad(), _autocast(device, amp_dtype):
+    with torch.no_grad(), autocast(device, amp_dtype):
         return forward(net_input).float()  # G_psi^{(i_max)}(z): the fitted network's output
+
+
+FitGroup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int], _Tracker], torch.Tensor]
+
+
+def fit_in_groups(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig,
+                  reference: torch.Tensor | None, group: int, fit_group: FitGroup) -> DIPResult:
+    """Run `fit_group(target, input, reference, seeds, tracker)` on consecutive groups of images."""
+    if target.shape[0] != len(seeds) or net_input.shape[0] != len(seeds):
+        raise ValueError("target, net_input and seeds must have the same length")
+    if group < 1:
+        raise UserError(f"batch size must be >= 1, got {group}")
+    outputs, results = [], []
+    with timer(target.device) as tm:
+        for lo in range(0, len(seeds), group):
+            hi = min(lo + group, len(seeds))
+            ref = reference[lo:hi] if reference is not None else None
+            track = _Tracker(ref, cfg.ssim_every, cfg.iters)
+            out = fit_group(target[lo:hi], net_input[lo:hi], ref, list(seeds[lo:hi]), track)
+            outputs.append(out)
+            results.append(track.result(out, 0.0))
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(r, name) for r in results]
+        return None if parts[0] is None else torch.cat(parts, dim=1)
+
+    return DIPResult(torch.cat(outputs), cat("loss"), cat("psnr"), cat("ssim"), results[0].ssim_iters, tm[0])
 
 
 def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig = DIPConfig(),
@@ -166,44 +195,29 @@ def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg
     image b's result does not depend on `batch_size` or `batched`. `reference` (the clean images,
     when known) adds PSNR/SSIM curves. Returns the fitted outputs and curves (`DIPResult`).
     """
-    if target.shape[0] != len(seeds) or net_input.shape[0] != len(seeds):
-        raise ValueError("target, net_input and seeds must have the same length")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     preset = get_preset(cfg.preset)
-    group = batch_size if batched else 1
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.iters * len(seeds), desc=f"DIP fit ({cfg.preset})", unit="img-it", leave=False)
-    outputs, results = [], []
-    t0 = time.perf_counter()
-    for lo in range(0, len(seeds), group):
-        hi = min(lo + group, len(seeds))
-        ref = reference[lo:hi] if reference is not None else None
-        track = _Tracker(ref, cfg.ssim_every, cfg.iters)
-        vmapped = hi - lo > 1
-        args = (target[lo:hi], net_input[lo:hi], preset, list(seeds[lo:hi]), cfg, track, amp_dtype)
-        try:
-            out = _fit_group(*args, vmapped=vmapped, step_cb=bar.update if bar else None)
-        except (RuntimeError, NotImplementedError) as e:
-            if not vmapped or "vmap" not in str(e).lower():
-                raise
-            # Some layers (older torch's attention kernels) have no batching rule: fit one by one.
-            warnings.warn(f"vmap failed for preset {cfg.preset} ({str(e).splitlines()[0]}); "
-                          "fitting one image at a time", stacklevel=2)
-            return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress)
-        outputs.append(out)
-        results.append(track.result(out, 0.0))
-    if target.is_cuda:
-        torch.cuda.synchronize(target.device)
-    seconds = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
 
-    def cat(name: str) -> torch.Tensor | None:
-        parts = [getattr(r, name) for r in results]
-        return None if parts[0] is None else torch.cat(parts, dim=1)
+    def fit_group(tgt: torch.Tensor, inp: torch.Tensor, ref: torch.Tensor | None, sds: list[int],
+                  track: _Tracker) -> torch.Tensor:
+        return _fit_group(tgt, inp, preset, sds, cfg, track, amp_dtype, vmapped=len(sds) > 1,
+                          step_cb=bar.update if bar else None)
 
-    return DIPResult(torch.cat(outputs), cat("loss"), cat("psnr"), cat("ssim"), results[0].ssim_iters, seconds)
+    try:
+        return fit_in_groups(target, net_input, seeds, cfg, reference, batch_size if batched else 1, fit_group)
+    except (RuntimeError, NotImplementedError) as e:
+        if not batched or "vmap" not in str(e).lower():
+            raise
+        # Some layers (older torch's attention kernels) have no batching rule: fit one by one.
+        warnings.warn(f"vmap failed for preset {cfg.preset} ({str(e).splitlines()[0]}); "
+                      "fitting one image at a time", stacklevel=2)
+        return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress)
+    finally:
+        if bar is not None:
+            bar.close()

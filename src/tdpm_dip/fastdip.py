@@ -25,9 +25,7 @@ numbers as `build_unet(seed)`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -36,11 +34,10 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from .config import UNetPreset, get_preset
-from .dip import DIPConfig, DIPResult, _Tracker
+from .dip import DIPConfig, DIPResult, _Tracker, fit_in_groups, optimise
 from .errors import UserError
-from .metrics import mse_per_image
 from .models import build_unet
-from .noise import image_generators, randn
+from .noise import image_generators
 
 IMPLS = ("taps", "unfold")
 
@@ -265,12 +262,6 @@ def unstack(net: UNet2DModel, b: int, grad: bool = False) -> dict[str, torch.Ten
     return out
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _fit_group_fast(target: torch.Tensor, net_input: torch.Tensor, preset: UNetPreset, seeds: list[int],
                     cfg: DIPConfig, track: _Tracker, amp_dtype: torch.dtype | None, impl: str, init: str,
                     compile: bool | str, channels_last: bool) -> torch.Tensor:
@@ -287,30 +278,10 @@ def _fit_group_fast(target: torch.Tensor, net_input: torch.Tensor, preset: UNetP
     fwd: Callable = net
     if compile:
         fwd = torch.compile(net, mode=None if compile is True else compile, dynamic=False)
-    gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
-    fused = device.type == "cuda"
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **({"fused": True} if fused else {}))
     if channels_last:
         net_input = net_input.contiguous(memory_format=torch.channels_last)
-    avg: torch.Tensor | None = None
-    for i in range(cfg.iters):
-        x = net_input
-        if gens is not None:
-            x = x + cfg.input_noise * randn(tuple(x.shape[1:]), gens, device, x.dtype)
-        with _autocast(device, amp_dtype):
-            out = fwd(x, t0).sample
-        per_image = mse_per_image(out, target)
-        track(i, out, per_image)
-        if cfg.average is not None:
-            o = out.detach().float()
-            avg = o if avg is None else cfg.average * avg + (1 - cfg.average) * o
-        opt.zero_grad(set_to_none=True)
-        per_image.sum().backward()  # sum: each network gets the gradient of its own MSE
-        opt.step()
-    if avg is not None:
-        return avg
-    with torch.no_grad(), _autocast(device, amp_dtype):
-        return fwd(net_input, t0).sample.float()
+    return optimise(lambda x: fwd(x, t0).sample, list(net.parameters()), net_input, target, seeds, cfg, track,
+                    amp_dtype, fused=device.type == "cuda")
 
 
 def fit_dip_fast(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig = DIPConfig(),
@@ -323,29 +294,12 @@ def fit_dip_fast(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int]
     (`build_unet(preset, seed)`, identical to fit_dip) or "device" (same law, drawn on the device);
     compile: False, True or a `torch.compile` mode.
     """
-    if target.shape[0] != len(seeds) or net_input.shape[0] != len(seeds):
-        raise ValueError("target, net_input and seeds must have the same length")
-    if batch_size < 1:
-        raise UserError(f"batch size must be >= 1, got {batch_size}")
     if impl not in IMPLS:
         raise UserError(f"unknown conv implementation {impl!r}; choose {' or '.join(IMPLS)}")
     preset = get_preset(cfg.preset)
-    outputs, results = [], []
-    t_start = time.perf_counter()
-    for lo in range(0, len(seeds), batch_size):
-        hi = min(lo + batch_size, len(seeds))
-        ref = reference[lo:hi] if reference is not None else None
-        track = _Tracker(ref, cfg.ssim_every, cfg.iters)
-        out = _fit_group_fast(target[lo:hi], net_input[lo:hi], preset, list(seeds[lo:hi]), cfg, track, amp_dtype,
-                              impl, init, compile, channels_last)
-        outputs.append(out)
-        results.append(track.result(out, 0.0))
-    if target.is_cuda:
-        torch.cuda.synchronize(target.device)
-    seconds = time.perf_counter() - t_start
 
-    def cat(name: str) -> torch.Tensor | None:
-        parts = [getattr(r, name) for r in results]
-        return None if parts[0] is None else torch.cat(parts, dim=1)
+    def fit_group(tgt: torch.Tensor, inp: torch.Tensor, ref: torch.Tensor | None, sds: list[int],
+                  track: _Tracker) -> torch.Tensor:
+        return _fit_group_fast(tgt, inp, preset, sds, cfg, track, amp_dtype, impl, init, compile, channels_last)
 
-    return DIPResult(torch.cat(outputs), cat("loss"), cat("psnr"), cat("ssim"), results[0].ssim_iters, seconds)
+    return fit_in_groups(target, net_input, seeds, cfg, reference, batch_size, fit_group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,8 +83,11 @@ def load_ddpm(model: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
             raise UserError(f"{model}: no such model folder (and not a hub id of the form owner/name)")
         try:
-            unet = UNet2DModel.from_pretrained(str(model), subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-            scheduler = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                unet = UNet2DModel.from_pretrained(str(model), subfolder="unet", torch_dtype=dtype,
+                                                   use_safetensors=True)
+                scheduler = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
         except Exception as e:  # hub errors come in many types (offline, 404, no safetensors)
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"{model}: cannot load from the hub ({msg}); are you online? "

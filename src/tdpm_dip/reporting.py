@@ -51,10 +51,11 @@ def curves_figure(path: Path, curves: dict[str, dict[str, list[float]]]) -> None
     has_psnr = any("psnr" in c for c in curves.values())
     fig, axes = plt.subplots(1, 2 if has_psnr else 1, figsize=(9 if has_psnr else 4.5, 3.2))
     axes = list(axes) if has_psnr else [axes]
-    for label, c in curves.items():
-        axes[0].semilogy(c["loss"], label=label)
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"  # one colour per label in both panels (the legend is on the first only)
+        axes[0].semilogy(c["loss"], label=label, color=color)
         if has_psnr and "psnr" in c:
-            axes[1].plot(c["psnr"], label=label)
+            axes[1].plot(c["psnr"], label=label, color=color)
     axes[0].set(xlabel="DIP iteration", ylabel="MSE to target", title="DIP loss")
     if has_psnr:
         axes[1].set(xlabel="DIP iteration", ylabel="PSNR to clean (dB)", title="DIP output quality")

@@ -8,21 +8,15 @@ written through the predicted x0 with clipping.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from .devices import autocast
 from .noise import chain_timesteps, check_level, num_levels
 
 Callback = Callable[[int], None]
-
-
-def _amp(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=x.device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -39,7 +33,7 @@ def reverse_chain(unet: UNet2DModel, scheduler: DDPMScheduler, x_t: torch.Tensor
     sched = DDPMScheduler.from_config(scheduler.config)
     x = x_t.float()
     for ts in chain_timesteps(t):
-        with _amp(x, amp_dtype):
+        with autocast(x.device, amp_dtype):
             eps = unet(x.to(unet.dtype), ts).sample
         x = sched.step(eps.float(), ts, x, generator=generators).prev_sample
         if callback is not None:
@@ -59,7 +53,7 @@ def ddim_chain(unet: UNet2DModel, scheduler: DDPMScheduler, x_T: torch.Tensor, s
     ddim.set_timesteps(steps, device=x_T.device)
     x = x_T.float()
     for ts in ddim.timesteps:
-        with _amp(x, amp_dtype):
+        with autocast(x.device, amp_dtype):
             eps = unet(x.to(unet.dtype), ts).sample
         x = ddim.step(eps.float(), ts, x, eta=eta, generator=generators).prev_sample
         if callback is not None:

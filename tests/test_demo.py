@@ -1,0 +1,88 @@
+"""`tdpm-dip demo`, shrunk to seconds: the report, its figures and both protocols' rows."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdpm_dip.cli import main
+from tdpm_dip.models import build_unet, save_ddpm
+from tdpm_dip.noise import make_scheduler
+
+# Every phase of the real demo, at toy sizes: 16 px, a few training steps, short chains and DIP fits.
+SHRUNK = ["--size", "16", "--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
+          "--t-noisy", "3", "--dip-iters", "2", "--blind-dip-iters", "2", "--sigma", "10", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_report(run_dir: Path, stdout: str) -> str:
+    report = run_dir / "report.md"
+    assert stdout.strip().splitlines()[-1] == str(report)
+    text = report.read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert {"generation.png", "denoise_paper.png", "denoise_blind.png"} <= set(figures)
+    for f in figures:
+        assert (run_dir / f).is_file() and (run_dir / f).stat().st_size > 0, f
+    rows = [ln for ln in text.splitlines() if ln.startswith("| denoising |")]
+    assert sum("| paper |" in r for r in rows) == 3 and sum("| blind |" in r for r in rows) == 3
+    assert [m for r in rows for m in ("ddpm", "dip", "tdpm-dip") if f"| {m} |" in r] == ["ddpm", "dip", "tdpm-dip"] * 2
+    assert any(ln.startswith("| generation | noise | ddpm") for ln in text.splitlines())
+    assert any(ln.startswith("| generation | paper | tdpm-dip") for ln in text.splitlines())
+    assert "oracle" in text and "blind" in text  # the protocols are explained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {r["protocol"] for r in metrics["denoising"]} == {"paper", "blind"}
+    assert all(r["PSNR"] > 0 for r in metrics["denoising"])
+    assert [p["phase"] for p in metrics["phases"]][-1].startswith("denoising, blind")
+    assert not [p for p in run_dir.parent.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+    return text
+
+
+def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", *SHRUNK, "--out", out], capsys)
+    assert code == 0, err
+    text = check_report(out, stdout)
+    assert "## Training" in text and (out / "train" / "model" / "unet" / "config.json").is_file()
+    assert len(list((out / "data" / "test").glob("*.png"))) == 2
+    assert len(list((out / "data" / "train").glob("*.png"))) == 16
+    for phase in ("data", "train", "generation: DDPM", "report"):
+        assert f"] {phase}" in err  # each phase announces itself and its time on stderr
+
+    # An existing run folder is refused, then replaced with --overwrite (same data files, no strays).
+    code, _, err = run(["demo", *SHRUNK, "--out", out], capsys)
+    assert code == 2 and "--overwrite" in err
+    code, stdout, err = run(["demo", *SHRUNK, "--train-images", "17", "--out", out, "--overwrite"], capsys)
+    assert code == 0, err
+    assert len(list((out / "data" / "train").glob("*.png"))) == 17
+
+
+def test_demo_with_a_given_model_and_data(sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "model"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", *SHRUNK, "--model", model, "--data", sprite_dir, "--out", out], capsys)
+    assert code == 0, err
+    text = check_report(out, stdout)
+    assert "## Training" not in text and not (out / "train").exists()
+    assert str(model) in text
