@@ -194,6 +194,7 @@ class Bench:
         self.models, self.echo, self.extractor = models, echo, extractor
         self.cache = self.out / "cache"
         self._ctx: dict[str, Context] = {}
+        self._dip_memo: dict = {}
         self._fp: dict[str, str] = {}
         ctx = self.context("linear")
         s = ctx.unet.config.sample_size
@@ -211,6 +212,7 @@ class Bench:
             if self.models.get(slot) is None:
                 raise UserError(f"this table needs --model-{slot}" if slot != "linear" else "--model is required")
             self._ctx[slot] = self._load_context(slot)
+            self._ctx[slot].dip_memo = self._dip_memo  # one blind DIP fit serves every model's rows
             self._fp[slot] = model_fingerprint(self._ctx[slot])
         return self._ctx[slot]
 

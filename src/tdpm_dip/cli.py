@@ -213,7 +213,6 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
     positive("--ddim-steps", ddim_steps)
     if method == "tdpm-dip" and reference_data is None:
         raise UserError("--method tdpm-dip needs --reference-data (paper protocol: the DIP fits noised reference images)")
-    out_dir = prepare_out_dir(out, overwrite)
     ctx = load_context(model, device, dtype, batch_size,
                        lambda dev: dip_config("paper", pick_dip_preset(dip_preset, dev), dip_iters, dip_lr))
     from .tasks import validate_t_trunc
@@ -222,6 +221,7 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
     ref = load_images(reference_data, model_size(ctx), limit=n).images if reference_data else None
     if ref is not None and ref.shape[0] < n:
         raise UserError(f"--reference-data has {ref.shape[0]} images, fewer than --n {n}")
+    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
     res = run_generate(ctx, method, list(range(seed, seed + n)), t_trunc, ddim_steps, ref)
     with staged_dir(out_dir) as tmp:
         names = [f"{seed + i:05d}" for i in range(n)]
@@ -287,7 +287,6 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
     positive("--n", n)
     if sigma is not None and (sigma <= 0 or sigma > 255):
         raise UserError(f"--sigma must be in (0, 255], got {sigma}")
-    out_dir = prepare_out_dir(out, overwrite)
     ctx = load_context(model, device, dtype, batch_size,
                        lambda dev: dip_config(protocol, pick_dip_preset(dip_preset, dev), dip_iters, dip_lr))
     if t_trunc is not None:
@@ -296,6 +295,7 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
     src = input_ or clean
     images = load_images(src, size, limit=n, progress=True)
     echo(f"{len(images)} images from {src}, padded to square and resized to {size}x{size} (the model's size)")
+    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
     seeds = list(range(seed, seed + len(images)))
     x0 = images.images if clean else None
     results, rows = [], []

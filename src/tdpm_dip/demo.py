@@ -359,13 +359,9 @@ def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | Non
     noisy = add_gaussian_noise(data.test, cfg.sigma, seeds)
     with phases(f"denoising, blind protocol (sigma={cfg.sigma:g})") as note:
         r_ddpm = denoise_blind(ctx, noisy, "ddpm", seeds, cfg.sigma, clean=data.test)
+        ctx.dip_memo = {}  # the dip and tdpm-dip rows fit the very same DIPs: fit them once
+        r_dip = denoise_blind(ctx, noisy, "dip", seeds, cfg.sigma, clean=data.test)
         r_tdpm = denoise_blind(ctx, noisy, "tdpm-dip", seeds, cfg.sigma, samples=cfg.samples, clean=data.test)
-        # The DIP row is the DIP stage of the TDPM-DIP run: denoise_blind(..., "dip") would repeat the very
-        # same fit (same seeds, same z, same config), so it is computed once.
-        assert r_tdpm.dip is not None
-        r_dip = Result("dip", "blind", r_tdpm.dip.output.cpu(), r_tdpm.dip.seconds, blind_dip.iters,
-                       blind_dip.iters, r_tdpm.inputs, r_tdpm.dip,
-                       {k: r_tdpm.info[k] for k in ("sigma", "t_star")} | {"t_trunc": 0})
         blind = [r_ddpm, r_dip, r_tdpm]
         note["note"] = ", ".join(f"{r.method} {r.seconds_per_image:.2f} s/img" for r in blind)
     den_rows = [result_row(r, data.test, task="denoising") for r in paper + blind]
@@ -393,7 +389,7 @@ def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | Non
         ], size, upscale)
         curves = {"generation TDPM-DIP": gen[1].dip.mean_curves()} if gen[1].dip is not None else {}
         curves.update({f"paper {r.method}": r.dip.mean_curves() for r in paper if r.dip is not None})
-        curves["blind DIP (= TDPM-DIP's DIP stage)"] = r_tdpm.dip.mean_curves()
+        curves["blind DIP"] = r_dip.dip.mean_curves()
         curves_figure(tmp / "dip_curves.png", curves)
         if (tmp / "dip_curves.png").exists():
             figs["curves"] = "dip_curves.png"
@@ -494,11 +490,10 @@ def _report_md(cfg: DemoConfig, data: DemoData, size: int, model_label: str, gen
         f"Settings: DIP `{paper_dip.preset}`; paper protocol {paper_dip.iters} iterations at lr {paper_dip.lr:g}; "
         f"blind {blind_dip.iters} iterations at lr {blind_dip.lr:g} with input noise {blind_dip.input_noise:g} and "
         f"an output average ({blind_dip.average}). Blind DDPM: y scaled to the level t* whose noise-to-signal ratio "
-        f"matches sigma, then t* reverse steps. Blind TDPM-DIP: the DIP estimate, noised to the level that "
-        f"covers its own estimated error (here T = {t_used_s}), then that many reverse steps, {cfg.samples} "
-        "chains averaged. The blind DIP row is the DIP stage of the TDPM-DIP run (the identical fit, computed "
-        "once; its time is that stage's time). PSNR/SSIM on [0, 1] images; s/img is wall time per image for "
-        f"{cfg.n} images processed together.",
+        f"matches sigma, then t* reverse steps. Blind TDPM-DIP: the DIP estimate, noised to a level T below t* "
+        f"(here T = {t_used_s}), then T reverse steps, {cfg.samples} chains averaged. The blind DIP row and "
+        "TDPM-DIP's DIP stage are the identical fit, computed once; both times include it. "
+        f"PSNR/SSIM on [0, 1] images; s/img is wall time per image for {cfg.n} images processed together.",
         "",
     ]
     if "curves" in figs:
