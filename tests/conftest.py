@@ -7,13 +7,24 @@ import os
 # Before diffusers / huggingface_hub are imported anywhere: hub look-ups fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tdpm_dip.data import make_sprites  # noqa: E402
 from tdpm_dip.outputs import save_png  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the whole suite: the networks here are tiny, and on a busy 2-core machine
+    OpenMP barriers between two threads made steps up to 100x slower than the work itself."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

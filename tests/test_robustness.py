@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tdpm_dip.cli import main
@@ -28,13 +27,6 @@ FAST_TRAIN = ["--preset", "tiny", "--size", str(SIZE), "--steps", "2", "--batch-
               "--checkpoint-every", "0", "--sample-every", "0", "--n-samples", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    """Tiny models on a shared 2-core machine: one intra-op thread is fastest (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

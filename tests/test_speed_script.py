@@ -27,15 +27,6 @@ def _load_script():  # noqa: ANN202
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    """One intra-op thread: at these sizes OpenMP barriers on a busy 2-core machine cost 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_speed_script_tiny_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     speed = _load_script()
     out = tmp_path / "speed.json"

@@ -18,14 +18,6 @@ from tdpm_dip.train import (TrainConfig, TrainingDiverged, batch_indices, derive
                             sample_timesteps, step_draws, train)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads that
-    wait for each other make each step ~50x slower. Restored afterwards (the setting is process-wide)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:

@@ -368,7 +368,7 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
               help="Run folder. Re-running into it skips rows already computed (RUN/cache).")
 @click.option("--dip-preset", default="paper-dip",
               help="DIP network G_psi: paper-dip (report), paper-dip-noattn, dip-small (CPU), dip-tiny, auto.")
-@click.option("--dip-iters", type=int, default=None, help="DIP iterations. Default: 100 (paper), 300 (blind).")
+@click.option("--dip-iters", type=int, default=None, help="DIP iterations. Default: 100 (paper), 400 (blind).")
 @click.option("--dip-lr", type=float, default=None, help="DIP learning rate. Default: 1e-4 (paper), 1e-3 (blind).")
 @common_options
 def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, data: str, n: int, protocol: str,

@@ -118,14 +118,11 @@ class StackedConv2d(nn.Module):
         return out.view(n, self.cout, ho, wo)
 
 
-class StackedLinear(nn.Module):
-    """B independent `Linear`s: x[b] (any leading token axes) goes through network b's weights."""
+class _SameLayout(nn.Module):
+    """Stacked modules whose per-image slice has the diffusers layout already (Linear, GroupNorm)."""
 
-    def __init__(self, n: int, cin: int, cout: int, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.n, self.cin, self.cout = n, cin, cout
-        self.weight = nn.Parameter(torch.empty(n, cout, cin, device=device))
-        self.bias = nn.Parameter(torch.empty(n, cout, device=device))
+    weight: nn.Parameter
+    bias: nn.Parameter
 
     def set_image(self, b: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
         self.weight.data[b].copy_(weight)
@@ -134,6 +131,16 @@ class StackedLinear(nn.Module):
     def get_image(self, b: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w, bias = _pick(self, b, grad)
         return w.clone(), bias.clone()
+
+
+class StackedLinear(_SameLayout):
+    """B independent `Linear`s: x[b] (any leading token axes) goes through network b's weights."""
+
+    def __init__(self, n: int, cin: int, cout: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.n, self.cin, self.cout = n, cin, cout
+        self.weight = nn.Parameter(torch.empty(n, cout, cin, device=device))
+        self.bias = nn.Parameter(torch.empty(n, cout, device=device))
 
     @property
     def fan_in(self) -> int:
@@ -146,7 +153,7 @@ class StackedLinear(nn.Module):
         return out.reshape(x.shape[0], *lead, self.cout)
 
 
-class StackedGroupNorm(nn.Module):
+class StackedGroupNorm(_SameLayout):
     """B `GroupNorm`s: per-image normalisation (as usual), then image b's own scale and shift."""
 
     def __init__(self, n: int, groups: int, channels: int, eps: float,
@@ -155,14 +162,6 @@ class StackedGroupNorm(nn.Module):
         self.n, self.groups, self.channels, self.eps = n, groups, channels, eps
         self.weight = nn.Parameter(torch.empty(n, channels, device=device))
         self.bias = nn.Parameter(torch.empty(n, channels, device=device))
-
-    def set_image(self, b: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        self.weight.data[b].copy_(weight)
-        self.bias.data[b].copy_(bias)
-
-    def get_image(self, b: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        w, bias = _pick(self, b, grad)
-        return w.clone(), bias.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.group_norm(x, self.groups, None, None, self.eps)
