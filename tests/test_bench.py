@@ -16,8 +16,6 @@ from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler, sigma_to_level
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_ddpm")

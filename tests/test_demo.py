@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from cli_helpers import run
 
-from tdpm_dip.cli import main
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
@@ -18,15 +18,6 @@ SHRUNK = ["--size", "16", "--steps", "3", "--train-images", "16", "--n", "2", "-
 
 
 
-
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def check_report(run_dir: Path, stdout: str) -> str:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run
 from PIL import Image
 
-from tdpm_dip.cli import main
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 from tdpm_dip.train import list_checkpoints
@@ -35,16 +35,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), path)
     return path
 
-
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_user_error(code: int, err: str, *fragments: str) -> None:

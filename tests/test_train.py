@@ -14,10 +14,16 @@ from safetensors.torch import load_file
 
 import tdpm_dip.train as train_mod
 from tdpm_dip.errors import UserError
-from tdpm_dip.train import (TrainConfig, TrainingDiverged, batch_indices, derive_seed, list_checkpoints,
-                            sample_timesteps, step_draws, train)
-
-
+from tdpm_dip.train import (
+    TrainConfig,
+    TrainingDiverged,
+    batch_indices,
+    derive_seed,
+    list_checkpoints,
+    sample_timesteps,
+    step_draws,
+    train,
+)
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
