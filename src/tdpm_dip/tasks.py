@@ -228,7 +228,9 @@ def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[in
     noise.) Measured on 4 Pokemon test images at sigma 25 (small linear DDPM, t* = 57, dip-small):
     noisy 21.9 dB, DIP 26.4, DDPM 28.4; TDPM-DIP with 4 chains from T = 5 / 10 / 20 / 32: 28.2 / 29.1 /
     29.8 / 29.8 dB. A fixed T = 18 (1/8 of the noise variance) fails at sigma 50, where the DIP removes
-    little noise (17.2 dB from 16.1): TDPM-DIP 23.9 dB < DDPM 24.5. `t_trunc` overrides the automatic T.
+    little noise (17.2 dB from 16.1): TDPM-DIP 23.9 dB < DDPM 24.5. With this rule, 8 test images:
+    sigma 25: DDPM 28.36, DIP 26.48, TDPM-DIP 29.06 dB; sigma 50: 24.45, 17.22, 25.43 dB.
+    `t_trunc` overrides the automatic T.
     """
     noisy = noisy.to(ctx.device)
     n = noisy.shape[0]
