@@ -165,7 +165,7 @@ def _train_command() -> click.Command:
 
         \b
         Example:
-          tdpm-dip train --preset tiny --data ../shared/data/pokemon/train --steps 50 --out runs/tiny
+          tdpm-dip train --preset tiny --data my_images/ --steps 50 --out runs/tiny
         Multi-GPU:
           accelerate launch -m tdpm_dip.cli train --preset paper-ddpm --data huggan/pokemon --out runs/paper
         """
@@ -478,7 +478,7 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
     \b
     Examples:
       tdpm-dip demo --out runs/demo
-      tdpm-dip demo --model ../shared/models/ddpm-pokemon64-linear --data ../shared/data/pokemon/test \\
+      tdpm-dip demo --model path/to/ddpm-folder --data my_images/ \\
           --n 4 --ddpm-steps 100 --out runs/demo-pokemon
     """
     import torch
