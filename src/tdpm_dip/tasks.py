@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,11 +25,10 @@ from .devices import timer
 from .dip import DIPConfig, DIPResult, fit_dip
 from .errors import UserError
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
-from .sampling import ddim_chain, reverse_chain, tdpm_sample
+from .sampling import ddim_chain, reverse_chain
 
 PROTOCOLS = ("paper", "blind")
 DENOISE_METHODS = ("ddpm", "dip", "tdpm-dip")
-BLIND_EXTRA_METHODS = ("bm3d",)  # optional classical baseline: pip install 'tdpm-dip[bm3d]'
 GENERATE_METHODS = ("ddpm", "ddim", "tdpm-dip")
 
 
@@ -91,6 +90,21 @@ def _chain(ctx: Context, x_t: torch.Tensor, t: int, gens: list[torch.Generator],
             out.append(reverse_chain(ctx.unet, ctx.scheduler, x_t[sl], t, gens[sl], ctx.amp_dtype,
                                      callback=(lambda _: bar.update()) if bar is not None else None))
     return torch.cat(out)
+
+
+def _chains_by_level(ctx: Context, levels: list[int], gens: list[torch.Generator],
+                     start: Callable[[list[int], int], torch.Tensor], desc: str) -> torch.Tensor:
+    """Reverse chains for images whose start levels differ: images sharing level t share one chain,
+    started from start(indices, t), and the outputs return in the images' order."""
+    out: torch.Tensor | None = None
+    for t in sorted(set(levels)):
+        idx = [i for i, lv in enumerate(levels) if lv == t]
+        o = _chain(ctx, start(idx, t), t, [gens[i] for i in idx], desc)
+        if out is None:
+            out = o.new_empty((len(levels), *o.shape[1:]))
+        out[idx] = o
+    assert out is not None
+    return out
 
 
 def _dip(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], reference: torch.Tensor | None,
@@ -243,14 +257,8 @@ def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[in
     info: dict = {"sigma": sig[0] if len(set(sig)) == 1 else sig, "t_star": t_star[0] if len(set(t_star)) == 1 else t_star}
     if method == "ddpm":
         with timer(ctx.device) as tm:
-            outs = []
-            for t in sorted(set(t_star)):  # images sharing a level share a chain
-                idx = [i for i in range(n) if t_star[i] == t]
-                x_t = math.sqrt(abar(ctx.scheduler, t)) * noisy[idx]
-                outs.append((idx, _chain(ctx, x_t, t, [gens[i] for i in idx], "DDPM reverse")))
-            out = torch.empty_like(noisy)
-            for idx, o in outs:
-                out[idx] = o
+            out = _chains_by_level(ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * noisy[idx],
+                                   "DDPM reverse")
         steps = max(t_star)
         return Result(method, "blind", out.cpu(), tm[0], steps, steps, noisy.cpu(), info=info)
     if method == "bm3d":
@@ -274,14 +282,11 @@ def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[in
                 info["dip_sigma_left"] = [round(e, 2) for e in left]
             else:
                 levels = [validate_t_trunc(ctx.scheduler, t_trunc)] * n
-            acc = torch.zeros_like(x_dip)
-            for k in range(samples):
-                for t in sorted(set(levels)):
-                    idx = [i for i in range(n) if levels[i] == t]
-                    g = [gens[i] for i in idx]
-                    x_t = q_sample(ctx.scheduler, x_dip[idx], t, randn(tuple(x_dip.shape[1:]), g, ctx.device))
-                    acc[idx] += tdpm_sample(ctx.unet, ctx.scheduler, x_t, t, g, ctx.amp_dtype)
-            out = acc / samples
+            def start(idx: list[int], t: int) -> torch.Tensor:
+                eps = randn(tuple(x_dip.shape[1:]), [gens[i] for i in idx], ctx.device)
+                return q_sample(ctx.scheduler, x_dip[idx], t, eps)
+
+            out = sum(_chains_by_level(ctx, levels, gens, start, "TDPM reverse") for _ in range(samples)) / samples
             t_used = levels[0] if len(set(levels)) == 1 else levels
             info["samples"] = samples
     info["t_trunc"] = t_used
