@@ -1,71 +1,11 @@
 #!/usr/bin/env python
 """Speed of TDPM-DIP denoising, DDPM generation and DDPM training, in one process, on one device.
 
+    python benchmarks/speed.py --preset tiny                       # CPU smoke run
     python benchmarks/speed.py --preset paper --out speed.json     # GPU: the report's networks at 64x64
-    python benchmarks/speed.py --preset tiny                       # CPU smoke run (a minute or so)
 
-Sections (each row prints s/img, speed-up over the section's baseline, achieved TFLOP/s, peak memory and,
-for DIP rows, PSNR / SSIM deltas against the fp32 batched result on the same seeds):
-
-  dip    TDPM-DIP denoising = Algorithm 2 (DIP, --iters Adam steps, lr 1e-4) + the truncated DDPM chain
-         (--t-trunc steps). Protocol: the DIP is fitted to x_{T_trunc} = q(x_0, T_trunc) (the oracle target
-         of anchors.md), the chain runs from G_psi(z); PSNR / SSIM are against the clean x_0.
-         * baseline: the report's loop (fp32, batch 1, a fresh network + Adam per image, then the chain at
-           batch 1), on --baseline-images images, extrapolated per image;
-         * fit_dip vmap fp32 / bf16: `tdpm_dip.dip.fit_dip` (stacked weights, vmap(functional_call)) on
-           --slow-images images with the attention-light preset (paper: paper-dip-noattn);
-         * fastdip: `tdpm_dip.fastdip.fit_dip_fast`: every conv / linear of the B networks as one batched
-           matmul (im2col "taps" channels-last, or F.unfold), bf16 autocast, optional torch.compile;
-           the fp32 "taps" row is its reference. On CUDA its networks are drawn on the device
-           (--fast-init device: same distribution as build_unet, other numbers).
-  ddpm   DDPM generation, --ddpm-steps ancestral steps (`tdpm_dip.sampling.reverse_chain`): fp32 batch 1
-         baseline (few steps, extrapolated), bf16 autocast at several batches, bf16 weights + channels-last
-         (+ torch.compile) at the best batch. DDPM weights are randomly initialised unless --model PATH:
-         speed does not depend on them, sample quality is not measured.
-  train  DDPM training throughput (forward + backward + AdamW) at --train-batch: fp32, bf16 autocast,
-         bf16 + channels-last + torch.compile.
-
-Timing: torch.cuda.synchronize around every timer; warm-up (and compile) runs are separate, reported in
-`warmup_s` and never in s/img. FLOPs: torch.utils.flop_counter on one batch-1 forward of each network
-(meta tensors), x3 per training / DIP step. Batch sizes: on CUDA the largest batch that fits (a short
-probe at two sizes, extrapolated to 85% of free memory, halved on OOM), --batch to override; on the
-CPU a small fixed batch.
-
-Running on a GPU machine whose Python has torch but not diffusers
------------------------------------------------------------------
-This script puts ../src on sys.path, so tdpm_dip needs no installation; diffusers must be importable.
-Measured for diffusers 0.42.1 (huggingface_hub 2.4): `from diffusers import UNet2DModel, DDPMScheduler`
-needs, besides torch and torch's own requirements (filelock, fsspec, jinja2, networkx, sympy,
-typing-extensions):
-  pure Python (py3-none-any): diffusers, huggingface_hub, packaging, tqdm, requests, urllib3, idna, certifi
-                              and huggingface_hub's HTTP stack (httpx / httpcore / h11 / truststore, or
-                              httpx2 / httpcore2 depending on the hub version);
-  compiled (per CPython version / platform): numpy, pillow, safetensors (abi3: one wheel for every cp3.x).
-  Not needed to import: regex, pyyaml, hf-xet, importlib_metadata, charset_normalizer.
-On a machine with internet, matching the GPU machine's Python (here 3.11, x86_64):
-
-    pip download --no-deps -d .whl diffusers==0.42.1 huggingface_hub packaging tqdm requests urllib3 \\
-        idna certifi httpx httpcore h11 truststore        # (httpx2 httpcore2 for huggingface_hub>=2)
-    pip download --no-deps -d .whl --only-binary=:all: --platform manylinux2014_x86_64 \\
-        --python-version 3.11 numpy pillow safetensors     # skip those the GPU machine already has
-
-then on the GPU machine (the .whl folder travels with the working tree):
-
-    pip install --no-index --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
-    python benchmarks/speed.py --preset paper --out speed.json
-
-Cost with --preset paper on one H100 (an estimate from anchors.md; not measured): about 10 minutes, mostly
-the fit_dip vmap rows (which also build every network on the host, ~0.8 s each for paper-dip), the
-1000-step DDPM rows and torch.compile; --ddpm-steps 100 extrapolates linearly to 1000 steps and
---skip vmap,compile shortens it.
-
-Floors printed at the end: per image, the FLOPs (3 x forward x iterations + chain) and the traffic of fp32
-Adam over each image's own weights (>= 32 bytes per parameter per iteration: fused Adam reads p, g, m, v and
-writes p, m, v, and the gradient is written once). For paper-dip (61.5M parameters, 100 iterations) that
-is 197 GB per image, i.e. >= 59 ms/img at 3.35 TB/s (H100 SXM) before any convolution runs: a 45 ms/img
-end-to-end target on an H100 needs smaller optimizer state (bf16 moments, fewer parameters), not only
-faster convolutions.
+benchmarks/README.md says what each section and row measures, how the timing is done, and how to run this
+on a GPU machine whose Python lacks diffusers.
 """
 
 from __future__ import annotations
@@ -81,20 +21,23 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
-if _SRC.is_dir() and str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
+# tdpm_dip from ../src needs no installation; fastdip sits next to this script (benchmarks/ is no package).
+_HERE = Path(__file__).resolve().parent
+for _p in (_HERE.parent / "src", _HERE):
+    if _p.is_dir() and str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from fastdip import IMPLS, fit_dip_fast  # noqa: E402
 from tdpm_dip.config import get_preset  # noqa: E402
+from tdpm_dip.devices import synchronize, timer  # noqa: E402
 from tdpm_dip.dip import DIPConfig, fit_dip  # noqa: E402
-from tdpm_dip.fastdip import IMPLS, fit_dip_fast  # noqa: E402
 from tdpm_dip.metrics import psnr, ssim  # noqa: E402
 from tdpm_dip.models import build_unet, count_params, load_ddpm  # noqa: E402
 from tdpm_dip.noise import image_generators, make_scheduler, q_sample, randn  # noqa: E402
@@ -103,7 +46,7 @@ from tdpm_dip.sampling import reverse_chain  # noqa: E402
 SECTIONS = ("baseline", "vmap", "fast", "compile", "ddpm", "train")
 
 PRESET_SETS = {
-    # CPU smoke: seconds per row.
+    # CPU smoke run: tiny networks.
     "tiny": dict(dip="dip-tiny", vmap="dip-tiny", ddpm="tiny", size=32, n_images=4, baseline_images=2,
                  slow_images=4, ddpm_batches="1,4", train_batch=16, baseline_ddpm_steps=10),
     # The report's networks at 64x64.
@@ -140,25 +83,10 @@ class Row:
     error: str | None = None
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def cleanup(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def timer(dev: torch.device) -> Iterator[dict]:
-    box: dict = {}
-    sync(dev)
-    t0 = time.perf_counter()
-    yield box
-    sync(dev)
-    box["s"] = time.perf_counter() - t0
 
 
 def reset_peak(dev: torch.device) -> None:
@@ -219,7 +147,7 @@ def probe_batch(dev: torch.device, fn: Callable[[int], None], cap: int, label: s
         base = torch.cuda.memory_allocated(dev)
         reset_peak(dev)
         fn(b)
-        sync(dev)
+        synchronize(dev)
         peaks.append(torch.cuda.max_memory_allocated(dev) - base)
     per = max((peaks[1] - peaks[0]) / (sizes[1] - sizes[0]), 1.0)
     fixed = max(peaks[0] - per * sizes[0], 0.0)
@@ -267,9 +195,11 @@ def make_test_images(n: int, size: int) -> tuple[torch.Tensor, str]:
         return torch.stack(imgs), "torch discs (PIL unavailable)"
 
 
-# ---------------------------------------------------------------------------------------- the bench
+# ------------------------------------------------------------------------------------ the speed run
 
-class Bench:
+class SpeedRun:
+    """The rows of one speed.py run: test data, networks' FLOPs, and one method per section."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dev = torch.device(args.device)
@@ -340,7 +270,7 @@ class Bench:
         with timer(dev) as tw:
             w = fit(self.target[:wb], self.z[:wb], self.seeds[:wb], DIPConfig(preset=preset, iters=min(2, a.iters)), wb)
             self.chain(w.output, self.seeds[:wb], min(chain_batch or batch, wb), amp)
-        warm_s = tw["s"]
+        warm_s = tw[0]
         del w
         graphs0 = dynamo_graphs()
         cleanup(dev)
@@ -350,13 +280,13 @@ class Bench:
         with timer(dev) as t_chain:
             out = self.chain(res.output, self.seeds[:n], chain_batch or batch, amp)
         row = Row("dip", method, preset, batch, amp_name(amp), n=n, warmup_s=warm_s)
-        total = t_dip["s"] + t_chain["s"]
+        total = t_dip[0] + t_chain[0]
         row.s_per_img = total / n
         row.tflops = self.dip_flops(flops_key, n) / total / 1e12
         row.peak_mem_gib = peak_gib(dev)
         p, s_ = psnr(out, self.clean[:n]).cpu(), ssim(out, self.clean[:n]).cpu()
         row.psnr, row.ssim = float(p.mean()), float(s_.mean())
-        row.extra = {"dip_s_per_img": t_dip["s"] / n, "chain_s_per_img": t_chain["s"] / n,
+        row.extra = {"dip_s_per_img": t_dip[0] / n, "chain_s_per_img": t_chain[0] / n,
                      "psnr_dip_output": float(psnr(res.output, self.clean[:n]).mean()), "ref_key": list(ref_key)}
         g1 = dynamo_graphs()
         if graphs0 is not None and g1 is not None and g1 != graphs0:
@@ -476,9 +406,9 @@ class Bench:
         reset_peak(dev)
         with timer(dev) as t:
             reverse_chain(net, self.sched, x_T, steps, gens, amp)
-        row = Row("ddpm", method, self.ddpm_name, batch, dtype, n=batch, warmup_s=tw["s"])
-        row.s_per_img = t["s"] / batch * a.ddpm_steps / steps
-        row.tflops = self.flops["ddpm"] * steps * batch / t["s"] / 1e12
+        row = Row("ddpm", method, self.ddpm_name, batch, dtype, n=batch, warmup_s=tw[0])
+        row.s_per_img = t[0] / batch * a.ddpm_steps / steps
+        row.tflops = self.flops["ddpm"] * steps * batch / t[0] / 1e12
         row.peak_mem_gib = peak_gib(dev)
         row.extra = {"steps_timed": steps, "steps_reported": a.ddpm_steps}
         if steps != a.ddpm_steps:
@@ -580,9 +510,9 @@ class Bench:
             for _ in range(a.train_steps):
                 step()
         row = Row("train", method, self.ddpm_name.replace(" (random init)", ""), b, amp_name(amp), n=b * a.train_steps,
-                  warmup_s=tw["s"])
-        row.s_per_img = t["s"] / (b * a.train_steps)
-        row.tflops = 3 * self.flops["ddpm"] * b * a.train_steps / t["s"] / 1e12
+                  warmup_s=tw[0])
+        row.s_per_img = t[0] / (b * a.train_steps)
+        row.tflops = 3 * self.flops["ddpm"] * b * a.train_steps / t[0] / 1e12
         row.peak_mem_gib = peak_gib(dev)
         row.extra = {"images_per_s": 1 / row.s_per_img, "steps_timed": a.train_steps,
                      "params_m": count_params(net) / 1e6}
@@ -751,7 +681,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def vmap_conv_autocast_dtype(dev: torch.device) -> str:
-    """Dtype of a conv2d run under vmap inside bf16 autocast (torch 2.13 CPU: float32, i.e. not autocast)."""
+    """Dtype of a conv2d run under vmap inside bf16 autocast (float32 where vmap escapes autocast)."""
     try:
         from torch.func import vmap
         w, x = torch.randn(2, 4, 4, 3, 3, device=dev), torch.randn(2, 1, 4, 8, 8, device=dev)
@@ -788,19 +718,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"diffusers {env.get('diffusers')}); DIP {args.dip_preset} / vmap {args.vmap_preset}, DDPM "
           f"{args.model or args.ddpm_preset}, {args.size}x{args.size}", flush=True)
     t0 = time.perf_counter()
-    bench = Bench(args)
+    speed = SpeedRun(args)
     print(f"  conv2d under vmap inside bf16 autocast runs in {env['vmap_conv_dtype_under_bf16_autocast']} "
           "(float32: fit_dip's vmap bf16 rows run their convolutions in fp32, as on the CPU, whose autocast "
           "list lacks aten::convolution, which vmap's conv batch rule calls)", flush=True)
-    print("  forward GFLOP at batch 1: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in bench.flops.items()), flush=True)
+    print("  forward GFLOP at batch 1: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in speed.flops.items()), flush=True)
     if "dip" not in args.skip:
-        bench.run_dip()
+        speed.run_dip()
     if "ddpm" not in args.skip:
-        bench.run_ddpm()
+        speed.run_ddpm()
     if "train" not in args.skip:
-        bench.run_train()
-    floors = bench.floors()
-    table = markdown(bench.rows)
+        speed.run_train()
+    floors = speed.floors()
+    table = markdown(speed.rows)
     print()
     print(table)
     print()
@@ -811,9 +741,9 @@ def main(argv: list[str] | None = None) -> dict:
         msg += f" = {fmt(floors['adam_traffic_floor_ms_per_img'])} ms at {floors['hbm_tb_per_s']} TB/s"
     print(msg)
     print(f"total wall time {time.perf_counter() - t0:.1f} s")
-    result = {"env": env, "args": {k: v for k, v in vars(args).items()}, "flops_per_forward": bench.flops,
-              "floors": floors, "batch_probes": bench.log["batch_probes"], "images": bench.image_source,
-              "rows": [asdict(r) for r in bench.rows], "markdown": table}
+    result = {"env": env, "args": {k: v for k, v in vars(args).items()}, "flops_per_forward": speed.flops,
+              "floors": floors, "batch_probes": speed.log["batch_probes"], "images": speed.image_source,
+              "rows": [asdict(r) for r in speed.rows], "markdown": table}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
         print(f"wrote {args.out}")

@@ -15,19 +15,14 @@ import argparse
 import contextlib
 import json
 import platform
-import time
 
 import torch
 
 from tdpm_dip.config import PRESETS
+from tdpm_dip.devices import synchronize, timer
 from tdpm_dip.models import build_unet, count_params
 from tdpm_dip.noise import make_scheduler
 from tdpm_dip.train import EMA, diffusion_loss, resolve_mixed_precision, step_draws
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def count_step_flops(unet: torch.nn.Module, scheduler, size: int, device: torch.device,  # noqa: ANN001
@@ -98,14 +93,13 @@ def main() -> None:
 
     for i in range(args.warmup):
         step(i)
-    sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        step(args.warmup + i)
-    sync(device)
-    dt = time.perf_counter() - t0
+    with timer(device) as tm:
+        for i in range(args.steps):
+            step(args.warmup + i)
+    dt = tm[0]
 
     img_s = args.steps * args.batch_size / dt
     res = {

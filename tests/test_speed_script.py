@@ -1,4 +1,4 @@
-"""benchmarks/speed.py runs end to end on the CPU; fastdip's batched-matmul DIP equals fit_dip."""
+"""benchmarks/speed.py runs end to end on the CPU; benchmarks/fastdip.py's batched-matmul DIP equals fit_dip."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdpm_dip import fastdip
 from tdpm_dip.dip import DIPConfig, fit_dip
 from tdpm_dip.errors import UserError
 from tdpm_dip.models import build_unet
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "speed.py"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is not a package: its modules import as top-level names
+
+import fastdip  # noqa: E402
 
 
 def _load_script():  # noqa: ANN202

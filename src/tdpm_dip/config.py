@@ -72,18 +72,18 @@ PRESETS: dict[str, UNetPreset] = {
         (64, 128, 128, 192), (D, D, AD, D), (U, AU, U, U),
         description="layout of the small reference DDPMs (12.5M parameters)", params_m=12.47,
     ),
-    # A DIP that fits 100 iterations at 64x64 in a few seconds on 2 CPU cores.
+    # A DIP small enough to fit the report's 100 iterations at 64x64 on a laptop CPU.
     "dip-small": UNetPreset(
         (32, 64, 128), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
         description="CPU-sized DIP (2.5M parameters)",
     ),
-    # Tiny presets for tests and the demo: seconds on a CPU.
+    # Tiny presets for tests and the demo, sized for a CPU.
     "tiny": UNetPreset(
         (32, 64), (D, AD), (AU, U), layers_per_block=1, norm_num_groups=8,
         description="tiny DDPM for tests and the CPU demo",
     ),
     # The demo's DDPM: as many parameters as "tiny" (0.69M) but a third level, so its widest layers and
-    # its attention run at 8x8 on 32 px images: ~3.5x fewer FLOPs than "tiny" (tdpm-dip demo).
+    # its attention run at 8x8 on 32 px images: far fewer FLOPs than "tiny" (tdpm-dip demo).
     "demo": UNetPreset(
         (16, 32, 64), (D, D, AD), (AU, U, U), layers_per_block=1, norm_num_groups=8,
         description="CPU demo DDPM for 32 px images (0.69M parameters)",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from .config import UNetPreset, get_preset
+from .config import get_preset
 from .devices import autocast, timer
 from .errors import UserError
 from .metrics import mse_per_image, psnr, ssim
@@ -69,123 +69,6 @@ class DIPResult:
         return out
 
 
-class _Tracker:
-    """Collects loss / PSNR / SSIM on the device; converted once at the end (no per-step host sync)."""
-
-    def __init__(self, reference: torch.Tensor | None, ssim_every: int, iters: int) -> None:
-        self.reference, self.ssim_every, self.iters = reference, ssim_every, iters
-        self.loss: list[torch.Tensor] = []
-        self.psnr: list[torch.Tensor] = []
-        self.ssim: list[torch.Tensor] = []
-        self.ssim_iters: list[int] = []
-
-    def __call__(self, i: int, out: torch.Tensor, loss: torch.Tensor) -> None:
-        self.loss.append(loss.detach().float())
-        if self.reference is not None:
-            out = out.detach().float()
-            self.psnr.append(psnr(out, self.reference))
-            if self.ssim_every > 0 and (i % self.ssim_every == 0 or i == self.iters - 1):
-                self.ssim.append(ssim(out, self.reference))
-                self.ssim_iters.append(i)
-
-    def result(self, output: torch.Tensor, seconds: float) -> DIPResult:
-        def stack(xs: list[torch.Tensor]) -> torch.Tensor | None:
-            return torch.stack(xs).cpu() if xs else None
-
-        loss = stack(self.loss)
-        return DIPResult(output, loss if loss is not None else torch.zeros(0, output.shape[0]),
-                         stack(self.psnr), stack(self.ssim), self.ssim_iters, seconds)
-
-
-def _fit_group(target: torch.Tensor, net_input: torch.Tensor, preset: UNetPreset, seeds: list[int],
-               cfg: DIPConfig, track: _Tracker, amp_dtype: torch.dtype | None, vmapped: bool,
-               step_cb: Callable[[int], None] | None) -> torch.Tensor:
-    """Fit len(seeds) networks jointly (vmapped) or a single one (plain module)."""
-    device = target.device
-    models = [build_unet(preset, seed=s, sample_size=target.shape[-1]).to(device) for s in seeds]
-    if vmapped:
-        params, buffers = stack_module_state(models)
-        base = copy.deepcopy(models[0]).to("meta")
-        del models
-
-        def one(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
-            return functional_call(base, (p, b), (x.unsqueeze(0), 0)).sample.squeeze(0)
-
-        batched = vmap(one)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return batched(params, buffers, x)
-
-        opt_params = list(params.values())
-    else:
-        (model,) = models
-        opt_params = list(model.parameters())
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return model(x, 0).sample
-
-    return optimise(forward, opt_params, net_input, target, seeds, cfg, track, amp_dtype, step_cb)
-
-
-def optimise(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor], net_input: torch.Tensor,
-             target: torch.Tensor, seeds: list[int], cfg: DIPConfig, track: _Tracker,
-             amp_dtype: torch.dtype | None, step_cb: Callable[[int], None] | None = None,
-             fused: bool = False) -> torch.Tensor:
-    """Alg. 2 lines 4-9 for B networks at once: i_max Adam steps on sum_b MSE(G_b(z_b), x_b)."""
-    device = target.device
-    gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
-    opt = torch.optim.Adam(params, lr=cfg.lr, **({"fused": True} if fused else {}))
-    avg: torch.Tensor | None = None
-    for i in range(cfg.iters):
-        x = net_input
-        if gens is not None:
-            x = x + cfg.input_noise * randn(tuple(x.shape[1:]), gens, device, x.dtype)
-        with autocast(device, amp_dtype):
-            out = forward(x)
-        per_image = mse_per_image(out, target)
-        track(i, out, per_image)
-        if cfg.average is not None:
-            o = out.detach().float()
-            avg = o if avg is None else cfg.average * avg + (1 - cfg.average) * o
-        opt.zero_grad(set_to_none=True)
-        # Sum, not mean: each network must get the gradient of its own MSE, as if fitted alone.
-        per_image.sum().backward()
-        opt.step()
-        if step_cb is not None:
-            step_cb(len(seeds))
-    if avg is not None:
-        return avg
-    with torch.no_grad(), autocast(device, amp_dtype):
-        return forward(net_input).float()  # G_psi^{(i_max)}(z): the fitted network's output
-
-
-FitGroup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int], _Tracker], torch.Tensor]
-
-
-def fit_in_groups(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig,
-                  reference: torch.Tensor | None, group: int, fit_group: FitGroup) -> DIPResult:
-    """Run `fit_group(target, input, reference, seeds, tracker)` on consecutive groups of images."""
-    if target.shape[0] != len(seeds) or net_input.shape[0] != len(seeds):
-        raise ValueError("target, net_input and seeds must have the same length")
-    if group < 1:
-        raise UserError(f"batch size must be >= 1, got {group}")
-    outputs, results = [], []
-    with timer(target.device) as tm:
-        for lo in range(0, len(seeds), group):
-            hi = min(lo + group, len(seeds))
-            ref = reference[lo:hi] if reference is not None else None
-            track = _Tracker(ref, cfg.ssim_every, cfg.iters)
-            out = fit_group(target[lo:hi], net_input[lo:hi], ref, list(seeds[lo:hi]), track)
-            outputs.append(out)
-            results.append(track.result(out, 0.0))
-
-    def cat(name: str) -> torch.Tensor | None:
-        parts = [getattr(r, name) for r in results]
-        return None if parts[0] is None else torch.cat(parts, dim=1)
-
-    return DIPResult(torch.cat(outputs), cat("loss"), cat("psnr"), cat("ssim"), results[0].ssim_iters, tm[0])
-
-
 def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig = DIPConfig(),
             reference: torch.Tensor | None = None, batch_size: int = 16, batched: bool = True,
             amp_dtype: torch.dtype | None = None, progress: bool = False) -> DIPResult:
@@ -197,27 +80,100 @@ def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg
     """
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    preset = get_preset(cfg.preset)
+    if target.shape[0] != len(seeds) or net_input.shape[0] != len(seeds):
+        raise ValueError("target, net_input and seeds must have the same length")
+    group = batch_size if batched else 1
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.iters * len(seeds), desc=f"DIP fit ({cfg.preset})", unit="img-it", leave=False)
-
-    def fit_group(tgt: torch.Tensor, inp: torch.Tensor, ref: torch.Tensor | None, sds: list[int],
-                  track: _Tracker) -> torch.Tensor:
-        return _fit_group(tgt, inp, preset, sds, cfg, track, amp_dtype, vmapped=len(sds) > 1,
-                          step_cb=bar.update if bar else None)
-
     try:
-        return fit_in_groups(target, net_input, seeds, cfg, reference, batch_size if batched else 1, fit_group)
+        parts = []
+        with timer(target.device) as tm:
+            for lo in range(0, len(seeds), group):
+                hi = min(lo + group, len(seeds))
+                ref = reference[lo:hi] if reference is not None else None
+                parts.append(_fit_group(target[lo:hi], net_input[lo:hi], list(seeds[lo:hi]), cfg, ref,
+                                        amp_dtype, bar.update if bar is not None else None))
+        return _concat(parts, tm[0])
     except (RuntimeError, NotImplementedError) as e:
         if not batched or "vmap" not in str(e).lower():
             raise
         # Some layers (older torch's attention kernels) have no batching rule: fit one by one.
         warnings.warn(f"vmap failed for preset {cfg.preset} ({str(e).splitlines()[0]}); "
                       "fitting one image at a time", stacklevel=2)
-        return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress)
     finally:
         if bar is not None:
             bar.close()
+    return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress)
+
+
+def _fit_group(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig,
+               reference: torch.Tensor | None, amp_dtype: torch.dtype | None,
+               on_step: Callable[[int], None] | None) -> DIPResult:
+    """Alg. 2 lines 4-9 for len(seeds) networks at once: cfg.iters Adam steps on sum_b MSE(G_b(z_b), x_b)."""
+    device = target.device
+    forward, params = _networks(cfg.preset, seeds, target.shape[-1], device)
+    gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    # The curves stay on the device and are copied to the host once, at the end: no sync per step.
+    losses, psnrs, ssims, ssim_iters = [], [], [], []
+    avg: torch.Tensor | None = None
+    for i in range(cfg.iters):
+        x = net_input
+        if gens is not None:
+            x = x + cfg.input_noise * randn(tuple(x.shape[1:]), gens, device, x.dtype)
+        with autocast(device, amp_dtype):
+            out = forward(x)
+        per_image = mse_per_image(out, target)
+        losses.append(per_image.detach().float())
+        o = out.detach().float()
+        if reference is not None:
+            psnrs.append(psnr(o, reference))
+            if cfg.ssim_every > 0 and (i % cfg.ssim_every == 0 or i == cfg.iters - 1):
+                ssims.append(ssim(o, reference))
+                ssim_iters.append(i)
+        if cfg.average is not None:
+            avg = o if avg is None else cfg.average * avg + (1 - cfg.average) * o
+        opt.zero_grad(set_to_none=True)
+        # Sum, not mean: each network must get the gradient of its own MSE, as if fitted alone.
+        per_image.sum().backward()
+        opt.step()
+        if on_step is not None:
+            on_step(len(seeds))
+    output = avg
+    if output is None:
+        with torch.no_grad(), autocast(device, amp_dtype):
+            output = forward(net_input).float()  # G_psi^{(i_max)}(z): the fitted network's output
+    loss = torch.stack(losses).cpu() if losses else torch.zeros(0, len(seeds))
+    return DIPResult(output, loss, torch.stack(psnrs).cpu() if psnrs else None,
+                     torch.stack(ssims).cpu() if ssims else None, ssim_iters)
+
+
+def _networks(preset: str, seeds: list[int], size: int, device: torch.device
+              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
+    """The networks G_b (network b initialised from seeds[b]) as one function of a [B, C, H, W] input,
+    and the tensors Adam updates: a plain module for one image, stacked weights under vmap for several."""
+    models = [build_unet(preset, seed=s, sample_size=size).to(device) for s in seeds]
+    if len(models) == 1:
+        (model,) = models
+        return (lambda x: model(x, 0).sample), list(model.parameters())
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def one(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, (p, b), (x.unsqueeze(0), 0)).sample.squeeze(0)
+
+    batched = vmap(one)
+    return (lambda x: batched(params, buffers, x)), list(params.values())
+
+
+def _concat(parts: list[DIPResult], seconds: float) -> DIPResult:
+    """One result for consecutive groups of images (curves are [iters, B]: joined along the image axis)."""
+    def cat(name: str) -> torch.Tensor | None:
+        xs = [getattr(p, name) for p in parts]
+        return None if xs[0] is None else torch.cat(xs, dim=1)
+
+    return DIPResult(torch.cat([p.output for p in parts]), cat("loss"), cat("psnr"), cat("ssim"),
+                     parts[0].ssim_iters, seconds)

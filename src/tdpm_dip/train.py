@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from .errors import UserError
 from .models import build_unet, count_params, save_ddpm
 from .noise import image_generators, make_scheduler, randn
 from .outputs import prepare_out_dir, save_grid, staged_dir, write_json, write_text
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 NUM_TRAIN_TIMESTEPS = 1000  # T of every scheduler this project trains (the report's, and diffusers' default)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -409,21 +413,100 @@ def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int,
     return ddim_chain(unet, scheduler, x_T, steps, gens, amp_dtype=amp_dtype)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What a run fixes once set up: options, data, the networks and their optimizer (built by `_setup`)."""
+
+    cfg: TrainConfig                  # with --epochs resolved into steps
+    out: Path
+    accelerator: Accelerator
+    mixed: str                        # the resolved mixed precision: no, bf16 or fp16
+    images: torch.Tensor              # the whole preloaded dataset (see _place)
+    n_images: int
+    scheduler: DDPMScheduler
+    unet: UNet2DModel                 # the bare network: the EMA, checkpoints and export read it
+    model: torch.nn.Module            # the same network as accelerator.prepare wraps it: trained through this
+    ema: EMA
+    optimizer: torch.optim.Optimizer  # prepared by accelerate
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    run_config: dict                  # the options, as config.json and every checkpoint record them
+    start: int                        # the step the run starts after (the checkpoint's, when resuming)
+    resumed_from: Path | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class _RunLog:
+    """What the loop carries from step to step: the last checkpoint written and the current metrics window.
+
+    Losses and gradient norms stay on the device and are read once per window (every log_every steps): a
+    .item() per step would stall the GPU queue. The NaN check runs at those reads, always before a
+    checkpoint is written.
+    """
+
+    last_ckpt: Path | None
+    step_last: int                    # the last step of the previous window
+    t_last: float = field(default_factory=time.perf_counter)  # when this window's training began
+    t0: float = field(default_factory=time.perf_counter)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    norms: list[torch.Tensor] = field(default_factory=list)
+
+
 def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], None] | None = None) -> Path:
     """Algorithm 1: train eps_theta on `cfg.data`; returns the exported `DDPMPipeline` folder `out/model`.
 
     `callback(step)` is called after every optimizer step (1-based) on every process.
     """
-    from accelerate import Accelerator
-    from diffusers.optimization import get_cosine_schedule_with_warmup
     from tqdm.auto import tqdm
 
     cfg.validate()
+    run = _setup(cfg, progress)
+    cfg = run.cfg
+    log = _RunLog(last_ckpt=run.resumed_from, step_last=run.start)
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", disable=not (progress and run.main),
+               dynamic_ncols=True)
+    try:
+        for step in range(run.start + 1, cfg.steps + 1):
+            loss, grad_norm = _train_step(run, step)
+            log.losses.append(loss)
+            log.norms.append(grad_norm)
+            bar.update(1)
+            if callback is not None:
+                callback(step)
+
+            do_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
+            do_grid = (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps
+            if step % cfg.log_every == 0 or do_ckpt or do_grid:
+                rec = _log_metrics(run, log, step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.1f}")
+            if do_ckpt:
+                _checkpoint(run, log, step)
+            if do_grid:
+                _save_samples(run, step)
+            if do_ckpt or do_grid:
+                log.t_last = time.perf_counter()  # it/s measures training, not saving or sampling
+    finally:
+        bar.close()
+    return _export(run)
+
+
+def _setup(cfg: TrainConfig, progress: bool) -> _Run:
+    """Accelerator, data, networks and optimizer; restores the latest checkpoint when resuming and
+    (main process) starts the run folder."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
     out = Path(cfg.out)
     mixed = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed)
-    device, main = accelerator.device, accelerator.is_main_process
-    nproc, rank = accelerator.num_processes, accelerator.process_index
+    device, main, nproc = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
     _check_out_dir(out, allow_existing=cfg.resume or cfg.overwrite)
     data = load_images(cfg.data, cfg.size, cfg.fill, cfg.skip_bad, cfg.limit, progress=progress and main)
@@ -434,10 +517,9 @@ def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], Non
         raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {nproc} processes")
     if cfg.epochs is not None:
         cfg = replace(cfg, steps=cfg.epochs * (n // cfg.batch_size))
-    local_bs = cfg.batch_size // nproc
 
     if device.type == "cuda":
-        # TF32 for whatever autocast leaves in fp32: ~free on Ampere+, and this loop is not precision-bound.
+        # TF32 for whatever autocast leaves in fp32: nearly free on Ampere+, and this loop is not precision-bound.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -449,21 +531,8 @@ def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], Non
     # process (accelerate's convention), shortening the schedule under `accelerate launch`.
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     images = _place(data, device)
-
     run_config = {**asdict(cfg), "n_images": n}
-    start, last_ckpt = 0, None
-    ckpts = list_checkpoints(out) if cfg.resume else []
-    if ckpts:
-        last_ckpt = ckpts[-1]
-        saved = json.loads((last_ckpt / "training_state.json").read_text()).get("config", {})
-        diffs = _resume_mismatch(saved, cfg, n)
-        if diffs:
-            raise UserError(f"{last_ckpt}: cannot resume with different options ({'; '.join(diffs)}); "
-                            "use the same options or another --out")
-        meta = load_checkpoint(last_ckpt, unet, ema, optimizer, lr_scheduler)
-        start = int(meta["step"])
-        if start > cfg.steps:
-            raise UserError(f"{last_ckpt}: the checkpoint is at step {start}, past --steps {cfg.steps}")
+    start, resumed_from = _resume(cfg, out, n, unet, ema, optimizer, lr_scheduler)
 
     if main:
         prepare_out_dir(out, overwrite=cfg.resume or cfg.overwrite)
@@ -472,8 +541,8 @@ def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], Non
         if cfg.resume:
             _truncate_metrics(out / "metrics.jsonl", start)
         write_json(out / "config.json", {
-            "config": run_config, "algorithm": "Algorithm 1 (DDPM training)", "resumed_from": str(last_ckpt)
-            if last_ckpt else None, "device": str(device), "device_name": _device_name(device),
+            "config": run_config, "algorithm": "Algorithm 1 (DDPM training)", "resumed_from": str(resumed_from)
+            if resumed_from else None, "device": str(device), "device_name": _device_name(device),
             "num_processes": nproc, "mixed_precision": mixed, "params": count_params(unet),
             "unet": get_preset(cfg.preset).unet_kwargs(cfg.size), "scheduler": dict(scheduler.config),
             "versions": _versions(),
@@ -481,118 +550,123 @@ def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], Non
     accelerator.wait_for_everyone()
 
     model, optimizer = accelerator.prepare(unet, optimizer)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
-
-    def scaler_state() -> dict | None:
-        return accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-
-    if ckpts and accelerator.scaler is not None:
-        saved_scaler = json.loads((last_ckpt / "training_state.json").read_text()).get("grad_scaler")
+    if resumed_from is not None and accelerator.scaler is not None:
+        saved_scaler = json.loads((resumed_from / "training_state.json").read_text()).get("grad_scaler")
         if saved_scaler:
             accelerator.scaler.load_state_dict(saved_scaler)
+    return _Run(cfg, out, accelerator, mixed, images, n, scheduler, unet, model, ema, optimizer, lr_scheduler,
+                run_config, start, resumed_from)
 
-    def checkpoint(step: int) -> None:
-        nonlocal last_ckpt
-        if main:
-            last_ckpt = save_checkpoint(out, step, unet, ema, optimizer, lr_scheduler, scaler_state(), run_config)
-            for old in list_checkpoints(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
 
-    def grid(step: int) -> None:
-        if main and cfg.n_samples > 0:
-            x = sample_grid(ema.model, scheduler, cfg.n_samples, cfg.sample_steps, cfg.seed, device, amp_dtype)
-            save_grid(x, out / "samples" / f"step_{step:06d}.png", upscale=max(1, 64 // cfg.size))
+def _resume(cfg: TrainConfig, out: Path, n_images: int, unet: UNet2DModel, ema: EMA,
+            optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+            ) -> tuple[int, Path | None]:
+    """--resume: restore the latest checkpoint in place; returns (its step, its folder), or (0, None)."""
+    ckpts = list_checkpoints(out) if cfg.resume else []
+    if not ckpts:
+        return 0, None
+    last = ckpts[-1]
+    saved = json.loads((last / "training_state.json").read_text()).get("config", {})
+    diffs = _resume_mismatch(saved, cfg, n_images)
+    if diffs:
+        raise UserError(f"{last}: cannot resume with different options ({'; '.join(diffs)}); "
+                        "use the same options or another --out")
+    start = int(load_checkpoint(last, unet, ema, optimizer, lr_scheduler)["step"])
+    if start > cfg.steps:
+        raise UserError(f"{last}: the checkpoint is at step {start}, past --steps {cfg.steps}")
+    return start, last
 
-    # Losses and gradient norms stay on the device and are read every log_every steps: a .item() per step
-    # would stall the GPU queue. The NaN check runs at those reads, always before a checkpoint is written.
-    losses: list[torch.Tensor] = []
-    norms: list[torch.Tensor] = []
-    first_pending = start + 1
-    t_last, step_last, t0 = time.perf_counter(), start, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and main),
-               dynamic_ncols=True)
 
-    def flush(step: int) -> None:
-        nonlocal first_pending, t_last, step_last
-        if not losses:
-            return
-        vals = torch.stack(losses)
-        if nproc > 1:
-            vals = accelerator.reduce(vals, reduction="mean")
-        vals_l = vals.float().cpu().tolist()
-        # Gradient norms are identical on every process (DDP averages gradients before clipping). A finite
-        # loss with a non-finite gradient would still poison the weights the next checkpoint saves; under
-        # fp16 the grad scaler skips such steps by design, so they are not an error there.
-        norms_l = torch.stack(norms).float().cpu().tolist()
-        if mixed == "fp16":
-            norms_l = [g if math.isfinite(g) else 0.0 for g in norms_l]
-        bad = next((i for i, (v, g) in enumerate(zip(vals_l, norms_l))
-                    if not (math.isfinite(v) and math.isfinite(g))), None)
-        if bad is not None:
-            bar.close()
-            what = ("loss", vals_l[bad]) if not math.isfinite(vals_l[bad]) else ("gradient norm", norms_l[bad])
-            raise TrainingDiverged(
-                f"{what[0]} became {what[1]} at step {first_pending + bad}; last good checkpoint: "
-                f"{last_ckpt if last_ckpt else 'none (none written yet)'}. Lower --lr or raise "
-                "--warmup-steps, then --resume")
-        now = time.perf_counter()
-        its = (step - step_last) / max(now - t_last, 1e-9)
-        rec = {"step": step, "epoch": round(step * cfg.batch_size / n, 4), "loss": sum(vals_l) / len(vals_l),
-               "loss_last": vals_l[-1], "lr": lr_scheduler.get_last_lr()[0], "it_s": round(its, 4),
-               "img_s": round(its * cfg.batch_size, 2), "elapsed_s": round(now - t0, 2)}
-        rec["grad_norm"] = sum(norms_l) / len(norms_l)
-        if device.type == "cuda":
-            rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.1f}")
-        losses.clear()
-        norms.clear()
-        first_pending, t_last, step_last = step + 1, now, step
+def _train_step(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step (1-based `step`) of Algorithm 1 and the EMA; returns the loss and the gradient norm,
+    left on the device."""
+    cfg, acc = run.cfg, run.accelerator
+    i = step - 1  # 0-based index of this step's random draws
+    idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
+    flips, t, eps = step_draws(i, cfg.batch_size, cfg.size, cfg.seed, cfg.t_max, run.device)
+    local_bs = cfg.batch_size // acc.num_processes
+    mine = slice(acc.process_index * local_bs, (acc.process_index + 1) * local_bs)  # this process's share
+    x0 = run.images[idx[mine].to(run.images.device)].to(run.device, non_blocking=True)
+    x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)  # random horizontal flips
+    with acc.autocast():
+        loss = diffusion_loss(run.model, run.scheduler, x0, t[mine], eps[mine])
+    acc.backward(loss)
+    # max_norm=inf (--grad-clip 0) measures the norm without clipping: it is logged and NaN-checked.
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm).detach()
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.unet)
+    return loss.detach(), grad_norm
 
-    try:
-        for step in range(start + 1, cfg.steps + 1):
-            i = step - 1  # 0-based index of this step's random draws
-            idx = batch_indices(i, n, cfg.batch_size, cfg.seed)
-            flips, t, eps = step_draws(i, cfg.batch_size, cfg.size, cfg.seed, cfg.t_max, device)
-            mine = slice(rank * local_bs, (rank + 1) * local_bs)  # this process's share of the global batch
-            x0 = images[idx[mine].to(images.device)].to(device, non_blocking=True)
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)  # random horizontal flips
-            with accelerator.autocast():
-                loss = diffusion_loss(model, scheduler, x0, t[mine], eps[mine])
-            accelerator.backward(loss)
-            # max_norm=inf (--grad-clip 0) measures the norm without clipping: it is logged and NaN-checked.
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            norms.append(accelerator.clip_grad_norm_(model.parameters(), max_norm).detach())
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(unet)
-            losses.append(loss.detach())
-            bar.update(1)
-            if callback is not None:
-                callback(step)
 
-            do_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
-            do_grid = (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps
-            if step % cfg.log_every == 0 or do_ckpt or do_grid:
-                flush(step)
-            if do_ckpt:
-                checkpoint(step)
-            if do_grid:
-                grid(step)
-            if do_ckpt or do_grid:
-                t_last = time.perf_counter()  # it/s measures training, not saving or sampling
-    finally:
-        bar.close()
+def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
+    """Read the window's losses and gradient norms (the host sync), stop on NaN / inf, append a line to
+    metrics.jsonl (main process) and start the next window; returns the line."""
+    cfg = run.cfg
+    vals = torch.stack(log.losses)
+    if run.accelerator.num_processes > 1:
+        vals = run.accelerator.reduce(vals, reduction="mean")
+    vals_l = vals.float().cpu().tolist()
+    # Gradient norms are identical on every process (DDP averages gradients before clipping). A finite
+    # loss with a non-finite gradient would still poison the weights the next checkpoint saves; under
+    # fp16 the grad scaler skips such steps by design, so they are not an error there.
+    norms_l = torch.stack(log.norms).float().cpu().tolist()
+    if run.mixed == "fp16":
+        norms_l = [g if math.isfinite(g) else 0.0 for g in norms_l]
+    bad = next((i for i, (v, g) in enumerate(zip(vals_l, norms_l))
+                if not (math.isfinite(v) and math.isfinite(g))), None)
+    if bad is not None:
+        what = ("loss", vals_l[bad]) if not math.isfinite(vals_l[bad]) else ("gradient norm", norms_l[bad])
+        raise TrainingDiverged(
+            f"{what[0]} became {what[1]} at step {log.step_last + 1 + bad}; last good checkpoint: "
+            f"{log.last_ckpt if log.last_ckpt else 'none (none written yet)'}. Lower --lr or raise "
+            "--warmup-steps, then --resume")
+    now = time.perf_counter()
+    its = (step - log.step_last) / max(now - log.t_last, 1e-9)
+    rec = {"step": step, "epoch": round(step * cfg.batch_size / run.n_images, 4),
+           "loss": sum(vals_l) / len(vals_l), "loss_last": vals_l[-1], "lr": run.lr_scheduler.get_last_lr()[0],
+           "it_s": round(its, 4), "img_s": round(its * cfg.batch_size, 2), "elapsed_s": round(now - log.t0, 2)}
+    rec["grad_norm"] = sum(norms_l) / len(norms_l)
+    if run.device.type == "cuda":
+        rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+    if run.main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    log.losses.clear()
+    log.norms.clear()
+    log.t_last, log.step_last = now, step
+    return rec
 
-    export = out / "model"
-    if main:
+
+def _checkpoint(run: _Run, log: _RunLog, step: int) -> None:
+    """Write checkpoint `step` (main process), recorded in `log`; drop those beyond --keep-checkpoints."""
+    if run.main:
+        scaler = run.accelerator.scaler
+        log.last_ckpt = save_checkpoint(run.out, step, run.unet, run.ema, run.optimizer, run.lr_scheduler,
+                                        scaler.state_dict() if scaler is not None else None, run.run_config)
+        for old in list_checkpoints(run.out)[:-run.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    run.accelerator.wait_for_everyone()
+
+
+def _save_samples(run: _Run, step: int) -> None:
+    cfg = run.cfg
+    if run.main and cfg.n_samples > 0:
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed)
+        x = sample_grid(run.ema.model, run.scheduler, cfg.n_samples, cfg.sample_steps, cfg.seed, run.device,
+                        amp_dtype)
+        save_grid(x, run.out / "samples" / f"step_{step:06d}.png", upscale=max(1, 64 // cfg.size))
+
+
+def _export(run: _Run) -> Path:
+    """The EMA weights as a `DDPMPipeline` folder, out/model (written atomically)."""
+    export = run.out / "model"
+    if run.main:
         with staged_dir(export) as tmp:
-            save_ddpm(ema.model, scheduler, tmp)
-    accelerator.wait_for_everyone()
+            save_ddpm(run.ema.model, run.scheduler, tmp)
+    run.accelerator.wait_for_everyone()
     return export
 
 

@@ -1,6 +1,6 @@
 """Algorithm 2 for B images with every convolution run as one batched matmul (tensor-core friendly).
 
-`dip.fit_dip` stacks the B networks and calls them through `vmap(functional_call)`; vmap turns each
+`tdpm_dip.dip.fit_dip` stacks the B networks and calls them through `vmap(functional_call)`; vmap turns each
 convolution into a grouped one (groups = B), which runs far below the tensor cores' rate. Here the
 network is the same diffusers `UNet2DModel` code, but every `Conv2d`, `Linear` and `GroupNorm` is
 swapped for a module holding the B networks' parameters stacked on a leading axis:
@@ -18,26 +18,32 @@ per-image MSEs, so image b's network follows exactly the trajectory it would alo
 weights start from `build_unet(preset, seed)`, as in `fit_dip`, and the outputs match `fit_dip` up to
 float rounding (tests/test_speed_script.py). `init="device"` draws the same distribution (PyTorch's
 default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for conv / linear weights and biases, GroupNorm 1 / 0)
-directly on the device from per-image generators, which avoids building B networks on the host
-(0.8 s per `paper-dip` on 2 CPU cores); image b still depends only on seed b, but not the same
-numbers as `build_unet(seed)`.
+directly on the device from per-image generators, which avoids building B networks on the host (slow
+for the paper's networks); image b still depends only on seed b, but not the same numbers as
+`build_unet(seed)`.
+
+A benchmark, not part of the package: `benchmarks/speed.py` times it against `tdpm_dip.dip.fit_dip`.
+Its fitting loop is its own copy of fit_dip's (fused Adam on CUDA, a device timestep, optional
+torch.compile); tests/test_speed_script.py checks that both give the same result.
 """
+
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 from torch import nn
 
-from .config import UNetPreset, get_preset
-from .dip import DIPConfig, DIPResult, _Tracker, fit_in_groups, optimise
-from .errors import UserError
-from .models import build_unet
-from .noise import image_generators
+from tdpm_dip.config import UNetPreset, get_preset
+from tdpm_dip.devices import autocast, timer
+from tdpm_dip.dip import DIPConfig, DIPResult
+from tdpm_dip.errors import UserError
+from tdpm_dip.metrics import mse_per_image, psnr, ssim
+from tdpm_dip.models import build_unet
+from tdpm_dip.noise import image_generators, randn
 
 IMPLS = ("taps", "unfold")
 
@@ -261,33 +267,62 @@ def unstack(net: UNet2DModel, b: int, grad: bool = False) -> dict[str, torch.Ten
     return out
 
 
-def _fit_group_fast(target: torch.Tensor, net_input: torch.Tensor, preset: UNetPreset, seeds: list[int],
-                    cfg: DIPConfig, track: _Tracker, amp_dtype: torch.dtype | None, impl: str, init: str,
-                    compile: bool | str, channels_last: bool) -> torch.Tensor:
-    device = target.device
-    size = target.shape[-1]
+
+
+def _stacked_net(preset: UNetPreset, seeds: list[int], device: torch.device, size: int, impl: str,
+                 init: str) -> UNet2DModel:
     if init == "cpu":
-        net = stack_unets([build_unet(preset, seed=s, sample_size=size).to(device) for s in seeds], impl)
-    elif init == "device":
-        net = init_stacked(preset, seeds, device, impl, sample_size=size)
-    else:
-        raise UserError(f"unknown init {init!r}; choose cpu or device")
+        return stack_unets([build_unet(preset, seed=s, sample_size=size).to(device) for s in seeds], impl)
+    return init_stacked(preset, seeds, device, impl, sample_size=size)
+
+
+def _fit_stacked(net: UNet2DModel, target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig,
+                 reference: torch.Tensor | None, amp_dtype: torch.dtype | None, compile: bool | str,
+                 channels_last: bool) -> DIPResult:
+    """fit_dip's loop (Alg. 2 lines 4-9) on one stacked network; fused Adam on CUDA."""
+    device = target.device
     # Timestep 0 as a device tensor: an int would be copied host->device (a sync) at every call.
     t0 = torch.zeros(len(seeds), dtype=torch.long, device=device)
-    fwd: Callable = net
-    if compile:
-        fwd = torch.compile(net, mode=None if compile is True else compile, dynamic=False)
+    fwd = torch.compile(net, mode=None if compile is True else compile, dynamic=False) if compile else net
     if channels_last:
         net_input = net_input.contiguous(memory_format=torch.channels_last)
-    return optimise(lambda x: fwd(x, t0).sample, list(net.parameters()), net_input, target, seeds, cfg, track,
-                    amp_dtype, fused=device.type == "cuda")
+    gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    curves: dict[str, list] = {"loss": [], "psnr": [], "ssim": []}
+    ssim_at = [i for i in range(cfg.iters) if reference is not None and cfg.ssim_every > 0
+               and (i % cfg.ssim_every == 0 or i == cfg.iters - 1)]
+    avg = None
+    for i in range(cfg.iters):
+        x = net_input
+        if gens is not None:  # blind-protocol input perturbation, drawn as in fit_dip
+            x = x + cfg.input_noise * randn(tuple(x.shape[1:]), gens, device, x.dtype)
+        with autocast(device, amp_dtype):
+            out = fwd(x, t0).sample
+        per_image = mse_per_image(out, target)
+        curves["loss"].append(per_image.detach().float())
+        snapshot = out.detach().float()
+        if reference is not None:
+            curves["psnr"].append(psnr(snapshot, reference))
+        if i in ssim_at:
+            curves["ssim"].append(ssim(snapshot, reference))
+        if cfg.average is not None:
+            avg = snapshot if avg is None else cfg.average * avg + (1 - cfg.average) * snapshot
+        opt.zero_grad(set_to_none=True)
+        per_image.sum().backward()  # the sum: each network gets the gradient of its own MSE
+        opt.step()
+    if avg is None:
+        with torch.no_grad(), autocast(device, amp_dtype):
+            avg = fwd(net_input, t0).sample.float()
+    stacked = {k: torch.stack(v).cpu() if v else None for k, v in curves.items()}
+    loss = stacked["loss"] if stacked["loss"] is not None else torch.zeros(0, len(seeds))
+    return DIPResult(avg, loss, stacked["psnr"], stacked["ssim"], ssim_at)
 
 
 def fit_dip_fast(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig = DIPConfig(),
                  reference: torch.Tensor | None = None, batch_size: int = 16, amp_dtype: torch.dtype | None = None,
                  impl: str = "taps", init: str = "cpu", compile: bool | str = False,
                  channels_last: bool = True) -> DIPResult:
-    """`dip.fit_dip` (Algorithm 2 for B images) with batched-matmul convolutions; same arguments and result.
+    """`tdpm_dip.dip.fit_dip` (Algorithm 2 for B images) with batched-matmul convolutions; same result.
 
     impl: "taps" (channels-last im2col from shifted views) or "unfold" (F.unfold); init: "cpu"
     (`build_unet(preset, seed)`, identical to fit_dip) or "device" (same law, drawn on the device);
@@ -295,10 +330,22 @@ def fit_dip_fast(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int]
     """
     if impl not in IMPLS:
         raise UserError(f"unknown conv implementation {impl!r}; choose {' or '.join(IMPLS)}")
+    if init not in ("cpu", "device"):
+        raise UserError(f"unknown init {init!r}; choose cpu or device")
+    if target.shape[0] != len(seeds) or net_input.shape[0] != len(seeds):
+        raise ValueError("target, net_input and seeds must have the same length")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
     preset = get_preset(cfg.preset)
-
-    def fit_group(tgt: torch.Tensor, inp: torch.Tensor, ref: torch.Tensor | None, sds: list[int],
-                  track: _Tracker) -> torch.Tensor:
-        return _fit_group_fast(tgt, inp, preset, sds, cfg, track, amp_dtype, impl, init, compile, channels_last)
-
-    return fit_in_groups(target, net_input, seeds, cfg, reference, batch_size, fit_group)
+    parts = []
+    with timer(target.device) as tm:
+        for lo in range(0, len(seeds), batch_size):
+            part = slice(lo, lo + batch_size)
+            net = _stacked_net(preset, list(seeds[part]), target.device, target.shape[-1], impl, init)
+            parts.append(_fit_stacked(net, target[part], net_input[part], list(seeds[part]), cfg,
+                                      reference[part] if reference is not None else None, amp_dtype, compile,
+                                      channels_last))
+    curves = {k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts], dim=1)
+              for k in ("loss", "psnr", "ssim")}
+    return DIPResult(torch.cat([p.output for p in parts]), curves["loss"], curves["psnr"], curves["ssim"],
+                     parts[0].ssim_iters, tm[0])
