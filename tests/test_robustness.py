@@ -306,7 +306,7 @@ def _interrupt(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> None:
     monkeypatch.setattr(importlib.import_module(module), name, boom)
 
 
-@pytest.mark.parametrize("where", [("tdpm_dip.tasks", "denoise_blind"), ("tdpm_dip.reporting", "comparison_figure")])
+@pytest.mark.parametrize("where", [("tdpm_dip.tasks", "run"), ("tdpm_dip.reporting", "comparison_figure")])
 def test_interrupted_denoise_keeps_earlier_outputs(where: tuple[str, str], model: Path, sprite_dir: Path,
                                                    tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

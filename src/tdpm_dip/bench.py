@@ -14,6 +14,7 @@ Pokemon 64x64, n = 200, the 113.7M-parameter DDPM, one NVIDIA T4).
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -25,14 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .dip import DIPConfig
+from .dip import DIPConfig, dip_defaults
 from .errors import UserError
 from .metrics import copy_rate, data_hash, device_name, fid, swd
-from .outputs import atomic_path, markdown_table, write_json, write_text
-from .reporting import comparison_figure, curves_figure, result_row
-from .tasks import Context, Result, add_gaussian_noise, denoise_blind, denoise_paper, generate
+from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
+from .reporting import comparison_figure, cost_figure, curves_figure, result_row
+from .registry import Job, methods
+from .tasks import Context, Result, add_noise, denoise_paper, generate, run
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: blind rows keyed on the noise model and the clipping-aware observation
 TABLE_NAMES = ("table1", "table2", "table3", "table4")
 
 # The report's settings: the defaults, and what "shrunk" is measured against.
@@ -41,7 +43,7 @@ REPORT_T_NOISY = 600
 REPORT_T_TRUNC = 10
 REPORT_T_TRUNCS = (0, 5, 10, 50)
 REPORT_DDPM_STEPS = 1000
-REPORT_DIP = DIPConfig()  # paper-dip, 100 iterations, Adam lr 1e-4
+REPORT_DIP = dip_defaults("paper", "paper-dip")  # 100 iterations, Adam lr 1e-4
 FIG3_T_TRUNCS = (10, 50, 100)
 
 # The report's numbers (anchors.md). Denoising: PSNR@200, SSIM@200, reverse steps, time on a T4.
@@ -85,6 +87,9 @@ class BenchSettings:
     t_trunc: int | None = None          # None: 10 (paper) / automatic (blind)
     t_truncs: tuple[int, ...] = REPORT_T_TRUNCS
     samples: int = 4
+    noise: str = "clipped"              # blind: observation model of tasks.add_noise
+    declip: bool = True                 # blind: the clipping-aware observation (tasks.declip)
+    blind_ddim_steps: int = 10          # blind ddim: steps from t*
     ddpm_steps: int = REPORT_DDPM_STEPS
     ddim_steps: int | None = None       # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
     fid: bool = False
@@ -113,12 +118,19 @@ def _report_generation(v: tuple | None) -> tuple:
 LABELS = {"ddpm": "DDPM", "dip": "DIP", "tdpm-dip": "TDPM-DIP"}
 
 
+def _blind_method_names() -> list[str]:
+    """The registry's blind denoisers, best first; those whose optional extra is missing are left out."""
+    import importlib.util
+
+    return [m.name for m in methods("denoise", "blind") if m.extra is None or importlib.util.find_spec(m.extra)]
+
+
 def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
     rows = []
-    for m in ("ddpm", "dip", "tdpm-dip"):
+    for m in (("ddpm", "dip", "tdpm-dip") if s.protocol == "paper" else _blind_method_names()):
         t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if m == "tdpm-dip" else None
-        rows.append(RowSpec(LABELS[m], "denoise", m, s.protocol, model, t_trunc=t,
-                            report=_report_denoise(REPORT_DENOISE[model][m])))
+        rows.append(RowSpec(LABELS.get(m, m), "denoise", m, s.protocol, model, t_trunc=t,
+                            report=_report_denoise(REPORT_DENOISE[model].get(m))))
     return rows
 
 
@@ -221,8 +233,15 @@ class Bench:
             self._data_hashes[n] = data_hash(self.images[:n])
         return self._data_hashes[n]
 
+    @staticmethod
+    def dip_use(spec: RowSpec) -> str:
+        """Which DIP settings a row fits with: paper, blind (the dip row) or plugin (the blind tdpm-dip row)."""
+        if spec.protocol != "blind":
+            return "paper"
+        return "plugin" if spec.method == "tdpm-dip" else "blind"
+
     def dip_cfg(self, spec: RowSpec) -> DIPConfig:
-        return self.s.dip["blind" if spec.protocol == "blind" else "paper"]
+        return self.s.dip[self.dip_use(spec)]
 
     def row_n(self, spec: RowSpec) -> int:
         return min(spec.n or self.s.n, self.s.n)
@@ -239,7 +258,11 @@ class Bench:
         if spec.protocol == "paper" and spec.task == "denoise":
             d["t_noisy"] = self.s.t_noisy
         if spec.protocol == "blind":
-            d["sigma"] = self.s.sigma
+            d.update(sigma=self.s.sigma, noise=self.s.noise, declip=self.s.declip)
+            if spec.method == "ddim":
+                d["ddim_steps"] = self.s.blind_ddim_steps
+            if spec.method == "ddpm":
+                d["samples"] = self.s.samples
         if spec.method in ("dip", "tdpm-dip"):
             d["dip"] = dataclasses.asdict(self.dip_cfg(spec))
         if spec.method == "tdpm-dip":
@@ -253,7 +276,7 @@ class Bench:
 
     def run_row(self, spec: RowSpec) -> Result:
         """Run one row through tasks.py."""
-        ctx = dataclasses.replace(self.context(spec.model), dip=self.dip_cfg(spec))
+        ctx = dataclasses.replace(self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"))
         n = self.row_n(spec)
         clean = self.images[:n]
         seeds = list(range(self.s.seed, self.s.seed + n))
@@ -266,8 +289,10 @@ class Bench:
         if spec.protocol == "paper":
             t = spec.t_trunc if spec.t_trunc is not None else self.s.paper_t_trunc
             return denoise_paper(ctx, clean, spec.method, seeds, self.s.t_noisy, t)
-        noisy = add_gaussian_noise(clean, self.s.sigma, seeds)
-        return denoise_blind(ctx, noisy, spec.method, seeds, self.s.sigma, spec.t_trunc, self.s.samples, clean=clean)
+        noisy = add_noise(clean, self.s.sigma, seeds, self.s.noise)
+        job = Job(tuple(seeds), noisy=noisy, sigma=(self.s.sigma,), clean=clean, t_trunc=spec.t_trunc,
+                  samples=self.s.samples, steps=self.s.blind_ddim_steps, declip=self.s.declip)
+        return run(ctx, "denoise", "blind", spec.method, job)
 
     def _save(self, key: str, keyinfo: dict, spec: RowSpec, res: Result) -> None:
         n = res.images.shape[0]
@@ -448,15 +473,18 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
                "models": models, "device": bench.device_name,
                "dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "float32"}
     uses_dip = [sp for sp in specs if sp.method in ("dip", "tdpm-dip")]
-    for proto in sorted({("blind" if sp.protocol == "blind" else "paper") for sp in uses_dip}):
-        cfg = s.dip[proto]
-        h[f"DIP ({proto})"] = {"preset": cfg.preset, "iters": cfg.iters, "lr": cfg.lr}
-        if proto == "blind":
-            h[f"DIP ({proto})"].update(input_noise=round(cfg.input_noise, 4), average=cfg.average)
+    for use in sorted({bench.dip_use(sp) for sp in uses_dip}):
+        cfg = s.dip[use]
+        h[f"DIP ({use})"] = {"preset": cfg.preset, "iters": cfg.iters, "lr": cfg.lr}
+        if use == "blind":
+            h[f"DIP ({use})"].update(input_noise=round(cfg.input_noise, 4), average=cfg.average)
     if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs):
         h["t_noisy"] = s.t_noisy
     if any(sp.protocol == "blind" for sp in specs):
         h["sigma (0..255)"] = s.sigma
+        h["noise"] = ("clipped: rounded and clipped to 8 bits, as a saved noisy file" if s.noise == "clipped"
+                      else "float: unclipped x + n, as in denoising papers")
+        h["clipping-aware observation (declip)"] = "on" if s.declip else "off"
         h["blind tdpm-dip chains averaged"] = s.samples
     notes: list[str] = []
     if s.n < REPORT_N:
@@ -473,7 +501,8 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
     if any(sp.protocol == "blind" for sp in specs):
         cfg = s.dip["blind"]
         notes.append(f"blind protocol: not the report's; DIP {cfg.preset}, {cfg.iters} it, lr {cfg.lr:g}, input noise "
-                     f"{cfg.input_noise:.3g}, output averaging {cfg.average}. The report columns are the report's "
+                     f"{cfg.input_noise:.3g}, output averaging {cfg.average}; blind TDPM-DIP: its DIP fits x_T built "
+                     "from the ensemble estimate (DIP (plugin) above). The report columns are the report's "
                      "paper-protocol (oracle) numbers, shown for orientation only")
     if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs) and s.t_noisy != REPORT_T_NOISY:
         notes.append(f"t_noisy = {s.t_noisy} (report: {REPORT_T_NOISY})")
@@ -526,6 +555,12 @@ def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, Row
             caps.append(sp.label + (f" ({sp.model})" if name == "table4" else ""))
         comparison_figure(bench.out / f"{name}_fig4.png", rows, max_images=k)
         figs.append((f"{name}_fig4.png", "Fig. 4 layout; rows: " + ", ".join(caps)))
+    if bench.s.protocol == "blind" and name == "table2":
+        pts = [{"label": sp.label, "PSNR": rec["metrics"]["PSNR"], "SSIM": rec["metrics"]["SSIM"],
+                "NFE": rec["metrics"]["NFE"], "s/img": rec["metrics"]["s/img"]} for sp, rec, _ in loaded]
+        title = f"blind denoising, sigma {bench.s.sigma:g}, {bench.s.noise} noise, n = {bench.s.n}"
+        if cost_figure(bench.out / "table2_cost.png", pts, title):
+            figs.append(("table2_cost.png", "quality against cost: PSNR and SSIM against NFE and s/img"))
     curves = {sp.label + (f" ({sp.model})" if name == "table4" else ""): rec["curves"]
               for sp, rec, _ in loaded if rec.get("curves")}
     if curves:
@@ -568,7 +603,7 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
             rec, _ = bench.load(bench.key(sp)[0])
             rows.append(_denoise_row(sp, rec, _schedule_name(bench.context(sp.model))))
         sub = (f" at t={bench.s.t_noisy} (paper protocol)" if bench.s.protocol == "paper"
-               else f" of Gaussian noise, sigma={bench.s.sigma:g} (blind protocol)")
+               else f" of Gaussian noise, sigma={bench.s.sigma:g}, {bench.s.noise} (blind protocol)")
         title = TITLES[name] + sub
     figs = _figures(bench, name, specs, extra)
     lines = [f"# {title}", ""]
@@ -602,7 +637,11 @@ def run_bench(tables: list[str], bench: Bench) -> dict[str, list[dict]]:
                 bench.context(sp.model)  # fail early when --model-cosine is missing
     bench.run([sp for name in tables for sp in specs[name]] + list(extra.values()))
     gm = _GenMetrics(bench) if "table1" in tables else None
-    return {name: write_table(bench, name, specs[name], extra, gm) for name in tables}
+    # The tables' files are written beside RUN and moved in together (RUN/cache stays where it is).
+    with staged_dir(bench.out, in_place=True) as tmp:
+        staged = copy.copy(bench)
+        staged.out = tmp
+        return {name: write_table(staged, name, specs[name], extra, gm) for name in tables}
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:

@@ -1,7 +1,7 @@
 """The `tdpm-dip` command. Devices and dtypes are chosen here, at the edge, and nowhere else.
 
 Every problem the user can fix (paths, images, models, numbers) is one line on stderr and exit
-code 2; Ctrl-C is exit code 130 with earlier outputs intact (results are staged, then moved in).
+code 2; Ctrl-C is exit code 130, SIGTERM 143, with earlier outputs intact (results are staged, then moved in).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import UserError, check_positive, check_sigma
+from .registry import help_text, names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -52,9 +53,7 @@ def pick_dip_preset(name: str, device) -> str:  # noqa: ANN001
     return "paper-dip" if device.type == "cuda" else "dip-small"
 
 
-def positive(name: str, value: float | int | None) -> None:
-    if value is not None and value <= 0:
-        raise UserError(f"{name} must be > 0, got {value}")
+positive = check_positive  # (name, value): value > 0 when given
 
 
 def echo(msg: str) -> None:
@@ -75,23 +74,28 @@ def dip_options(f):  # noqa: ANN001, ANN201
     f = click.option("--dip-preset", default="auto",
                      help="DIP network G_psi: paper-dip (the report's, 61.5M), paper-dip-noattn, dip-small, "
                           "dip-tiny; auto = paper-dip on GPU, dip-small on CPU.")(f)
-    f = click.option("--dip-iters", type=int, default=None,
-                     help="DIP iterations i_max. Default: 100 (report) for the paper protocol, 400 for blind.")(f)
-    f = click.option("--dip-lr", type=float, default=None,
-                     help="DIP Adam learning rate. Default: 1e-4 (report) for paper, 1e-3 for blind.")(f)
+    f = click.option("--dip-iters", type=int, default=None, help=f"DIP iterations i_max. Default: {_dip_default_text('iters')}.")(f)
+    f = click.option("--dip-lr", type=float, default=None, help=f"DIP Adam learning rate. Default: {_dip_default_text('lr')}.")(f)
     return f
 
 
-def dip_config(protocol: str, preset: str, iters: int | None, lr: float | None):  # noqa: ANN201
-    from .dip import DIPConfig
-    from .tasks import BLIND_DIP
+def _dip_default_text(field: str) -> str:
+    """The defaults of dip.DIP_DEFAULTS, rendered for --help (the table is their only home)."""
+    from .dip import DIP_DEFAULTS, DIP_PRESET_OVERRIDES
+
+    text = ", ".join(f"{getattr(cfg, field):g} ({use})" for use, cfg in DIP_DEFAULTS.items())
+    over = [f"{v[field]:g} ({use}, {preset})" for (use, preset), v in DIP_PRESET_OVERRIDES.items() if field in v]
+    return text + (f"; {', '.join(over)}" if over else "")
+
+
+def dip_config(use: str, preset: str, iters: int | None, lr: float | None):  # noqa: ANN201
+    """The DIP settings of a protocol (paper | blind | plugin) from dip.DIP_DEFAULTS, with the user's overrides."""
+    from .dip import dip_defaults
 
     if iters is not None and iters < 1:
         raise UserError(f"--dip-iters must be >= 1, got {iters}")
     positive("--dip-lr", lr)
-    if protocol == "blind":
-        return dataclasses.replace(BLIND_DIP, preset=preset, iters=iters or BLIND_DIP.iters, lr=lr or BLIND_DIP.lr)
-    return DIPConfig(preset=preset, iters=iters or 100, lr=lr or 1e-4)
+    return dip_defaults(use, preset, iters, lr)
 
 
 def load_context(model: str, device_name: str, dtype: str, batch_size: int, dip_cfg_fn):  # noqa: ANN001, ANN201
@@ -179,7 +183,7 @@ def _train_command() -> click.Command:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="DDPM: a diffusers folder (unet/ + scheduler/) or a hub id.")
-@click.option("--method", type=click.Choice(["ddpm", "ddim", "tdpm-dip"]), default="tdpm-dip",
+@click.option("--method", type=click.Choice(names("generate")), default="tdpm-dip",
               help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm-dip: DIP + T_trunc steps "
                    "(paper protocol: reconstructs --reference-data images).")
 @click.option("--n", "n", type=int, default=16, help="Number of images.")
@@ -239,6 +243,10 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
 
 # ------------------------------------------------------------------------------------------ denoise
 
+def _denoise_choices() -> list[str]:
+    return list(dict.fromkeys(names("denoise", "blind") + names("denoise", "paper")))
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="DDPM: a diffusers folder (unet/ + scheduler/) or a hub id.")
 @click.option("--input", "input_", default=None, help="Your NOISY images (folder or file): blind denoising.")
@@ -246,95 +254,169 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
               help="CLEAN images that are noised here first, so PSNR/SSIM can be measured.")
 @click.option("--protocol", type=click.Choice(["paper", "blind"]), default="blind",
               help="paper: the report's oracle protocol (needs --clean); blind: uses the noisy image only.")
-@click.option("--method", "methods", multiple=True, type=click.Choice(["ddpm", "dip", "tdpm-dip", "bm3d"]),
-              default=("ddpm", "dip", "tdpm-dip"),
-              help="Methods to run (repeat the option). bm3d: blind only, needs the `bm3d` extra.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(_denoise_choices()), default=(),
+              help="Methods to run (repeat the option). Default: the recommended 'ensemble' (blind), or ddpm, dip "
+                   "and tdpm-dip (paper). Blind, best first: " + help_text("denoise", "blind")
+                   + ". Paper: " + help_text("denoise", "paper") + ".")
 @click.option("--sigma", type=float, default=None,
               help="Noise std on the 0..255 scale. blind: given, or estimated from --input when omitted; "
                    "with --clean it is the noise added (default 25).")
+@click.option("--noise", "noise_model", type=click.Choice(["clipped", "float"]), default="clipped",
+              help="With --clean: clipped = what a saved noisy file holds (noise on 0..255, rounded, clipped to "
+                   "8 bits); float = the unclipped x + n of denoising papers.")
+@click.option("--declip/--no-declip", default=True,
+              help="blind: give pixels clipped at 0 or 255 back the noise that clipping removed before the "
+                   "diffusion methods see them (no effect on unclipped inputs).")
 @click.option("--t-noisy", type=int, default=600, help="paper protocol: noise level of the noisy images.")
 @click.option("--t-trunc", type=int, default=None,
-              help="T_trunc. Default: 10 (paper); automatic for blind (the level that covers the DIP's error).")
-@click.option("--samples", type=int, default=4, help="blind tdpm-dip: reverse chains averaged per image.")
+              help="T_trunc. Default: 10 (paper); automatic for blind (the level of the noise left in the "
+                   "estimate).")
+@click.option("--samples", type=int, default=4, help="blind ddpm and tdpm-dip: reverse chains averaged per image.")
+@click.option("--ddim-steps", type=int, default=10, help="blind ddim: network evaluations from t*.")
 @click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @common_options
 def denoise(model: str, input_: str | None, clean: str | None, protocol: str, methods: tuple[str, ...],
-            sigma: float | None, t_noisy: int, t_trunc: int | None, samples: int, n: int | None, out: str,
-            dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str,
-            batch_size: int, seed: int, overwrite: bool) -> None:
-    """Denoise images with DDPM, DIP and TDPM-DIP (Tables 2-4's methods).
+            sigma: float | None, noise_model: str, declip: bool, t_noisy: int, t_trunc: int | None, samples: int,
+            ddim_steps: int, n: int | None, out: str, dip_preset: str, dip_iters: int | None, dip_lr: float | None,
+            device: str, dtype: str, batch_size: int, seed: int, overwrite: bool) -> None:
+    """Denoise images (blind: only the noisy image is used; paper: the report's oracle protocol).
 
     \b
     Examples:
-      tdpm-dip denoise --model M --input my_noisy_photos/ --sigma 25 --out den      (blind)
-      tdpm-dip denoise --model M --clean test/ --sigma 50 --n 8 --out den50          (blind, measured)
+      tdpm-dip denoise --model M --input my_noisy_photos/ --sigma 25 --out den      (blind, recommended method)
+      tdpm-dip denoise --model M --clean test/ --sigma 50 --n 8 --method tweedie --method tdpm-dip --out den50
       tdpm-dip denoise --model M --clean test/ --protocol paper --n 8 --out den_p    (the report's)
     """
     from .data import load_images
     from .outputs import prepare_out_dir, staged_dir, write_json, write_text
-    from .reporting import comparison_figure, curves_figure, result_row, save_images, table
-    from .tasks import add_gaussian_noise, denoise_blind, denoise_paper, estimate_sigma, validate_t_trunc
+    from .registry import Job, get
+    from .reporting import curves_figure, labelled_comparison, result_row, save_images, table
+    from .tasks import add_noise, run, validate_t_trunc
 
     if (input_ is None) == (clean is None):
         raise UserError("give exactly one of --input (noisy images) or --clean (images to noise first)")
-    if protocol == "paper" and "bm3d" in methods:
-        raise UserError("bm3d is a blind baseline: use it with --protocol blind")
     if protocol == "paper" and clean is None:
         raise UserError("the paper protocol builds its DIP target from the clean image: it needs --clean")
+    methods = methods or (("ddpm", "dip", "tdpm-dip") if protocol == "paper" else ("ensemble",))
+    for m in methods:
+        get("denoise", protocol, m)  # an unknown or other-protocol method fails here, before any work
     positive("--samples", samples)
+    positive("--ddim-steps", ddim_steps)
     positive("--n", n)
-    if sigma is not None and (sigma <= 0 or sigma > 255):
-        raise UserError(f"--sigma must be in (0, 255], got {sigma}")
-    ctx = load_context(model, device, dtype, batch_size,
-                       lambda dev: dip_config(protocol, pick_dip_preset(dip_preset, dev), dip_iters, dip_lr))
+    check_sigma(sigma)
+    preset_for = lambda dev: pick_dip_preset(dip_preset, dev)  # noqa: E731
+    ctx = load_context(model, device, dtype, batch_size, lambda dev: dip_config(protocol, preset_for(dev), dip_iters,
+                                                                                   dip_lr))
+    if protocol == "blind":
+        ctx.dip_plugin = dip_config("plugin", ctx.dip.preset, dip_iters, dip_lr)
     if t_trunc is not None:
         validate_t_trunc(ctx.scheduler, t_trunc)
+    if input_ is not None:
+        _denoise_files(ctx, input_, methods, sigma, declip, t_trunc, samples, ddim_steps, n, out, overwrite, seed,
+                       model)
+        return
     size = model_size(ctx)
-    src = input_ or clean
+    src = clean
     images = load_images(src, size, limit=n, progress=True)
     echo(f"{len(images)} images from {src}, padded to square and resized to {size}x{size} (the model's size)")
-    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
     seeds = list(range(seed, seed + len(images)))
     x0 = images.images if clean else None
-    results, rows = [], []
     labels = {"data": Path(src).name or src, "model": Path(model).name or model, "device": str(ctx.device)}
     if protocol == "paper":
-        for m in methods:
-            results.append(denoise_paper(ctx, x0, m, seeds, t_noisy, 10 if t_trunc is None else t_trunc))
+        job = Job(tuple(seeds), clean=x0, t_noisy=t_noisy, t_trunc=10 if t_trunc is None else t_trunc)
+        noise_label = f"paper (x_{t_noisy} from the clean image)"
     else:
-        if clean:
-            sig = 25.0 if sigma is None else sigma
-            noisy = add_gaussian_noise(x0, sig, seeds)
-        else:
-            noisy = images.images
-            if sigma is None:
-                est = estimate_sigma(noisy)
-                echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in est))
-                if min(est) < 0.5:
-                    raise UserError("the estimated noise level is ~0: these images look clean; give --sigma")
-                sig = est
-            else:
-                sig = sigma
-        for m in methods:
-            results.append(denoise_blind(ctx, noisy, m, seeds, sig, t_trunc, samples, clean=x0))
-    for r in results:
-        rows.append(result_row(r, x0, **labels))
+        sig = [25.0 if sigma is None else sigma]
+        noisy = add_noise(x0, sig[0], seeds, noise_model)
+        noise_label = f"{noise_model}, sigma {sig[0]:g}"
+        job = Job(tuple(seeds), noisy=noisy, sigma=tuple(sig), clean=x0, t_trunc=t_trunc, samples=samples,
+                  steps=ddim_steps, declip=declip)
+    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
+    results = [run(ctx, "denoise", protocol, m, job) for m in methods]
+    rows = [result_row(r, x0, noise=noise_label, **labels) for r in results]
     with staged_dir(out_dir) as tmp:
         save_images(results[0].inputs, images.names, tmp / "noisy")
         for r in results:
             save_images(r.images, images.names, tmp / r.method)
-        fig_rows = ([x0] if x0 is not None else []) + [results[0].inputs] + [r.images for r in results]
-        comparison_figure(tmp / "comparison.png", fig_rows)
+        fig_rows = ([("clean", x0)] if x0 is not None else []) + [("noisy", results[0].inputs)]
+        fig_rows += [(r.method, r.images) for r in results]
+        labelled_comparison(tmp / "comparison.png", fig_rows)
         curves = {r.method: r.dip.mean_curves() for r in results if r.dip is not None}
         if curves:
             curves_figure(tmp / "dip_curves.png", curves)
-        md = (f"# Denoising ({protocol} protocol)\n\nRows of comparison.png: "
-              + ("clean, " if x0 is not None else "") + "noisy, " + ", ".join(r.method for r in results) + "\n\n"
-              + table(rows))
+        md = (f"# Denoising ({protocol} protocol; noise: {noise_label})\n\nRows of comparison.png: "
+              + ", ".join(label for label, _ in fig_rows) + "\n\n" + table(rows))
         write_text(tmp / "metrics.md", md)
-        write_json(tmp / "metrics.json", {"rows": rows, "dip": dataclasses.asdict(ctx.dip), "curves": curves})
+        dips = {"dip": dataclasses.asdict(ctx.dip)}
+        if ctx.dip_plugin is not None:
+            dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
+        write_json(tmp / "metrics.json", {"rows": rows, "noise": noise_label, "dip": dips, "curves": curves})
+    click.echo(table(rows))
+    click.echo(str(out_dir / "comparison.png"))
+
+
+def _sigmas(noisy: list, sigma: float | None) -> list[float]:  # noqa: ANN001 - tensors
+    """The given sigma for every image, or each image's own estimate (one line of what was estimated)."""
+    from .tasks import estimate_sigma
+
+    if sigma is not None:
+        return [sigma] * len(noisy)
+    est = [estimate_sigma(x[None])[0] for x in noisy]
+    echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in est))
+    if min(est) < 0.5:
+        raise UserError("the estimated noise level is ~0: these images look clean; give --sigma")
+    return est
+
+
+def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None, declip: bool,  # noqa: ANN001
+                   t_trunc: int | None, samples: int, ddim_steps: int, n: int | None, out: str, overwrite: bool,
+                   seed: int, model: str) -> None:
+    """Blind denoising of a user's noisy files, each at its own size and aspect (`tasks.run_native`):
+    images of one size are processed together; image i uses seed SEED+i."""
+    import torch
+
+    from .data import load_native
+    from .outputs import prepare_out_dir, save_png, staged_dir, write_json, write_text
+    from .registry import Job
+    from .reporting import labelled_comparison, table, thumbnails
+    from .tasks import run_native
+
+    files = load_native(src, limit=n, progress=True)
+    names = [name for name, _ in files]
+    sig = _sigmas([x for _, x in files], sigma)
+    echo(f"{len(files)} images from {src}, each denoised at its own size")
+    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (_, x) in enumerate(files):
+        groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+    outputs: dict[str, list] = {m: [None] * len(files) for m in methods}
+    cost: dict[str, list[float]] = {m: [0.0, 0.0] for m in methods}  # seconds, NFE x images
+    for idx in groups.values():
+        job = Job(tuple(seed + i for i in idx), noisy=torch.stack([files[i][1] for i in idx]),
+                  sigma=tuple(sig[i] for i in idx), t_trunc=t_trunc, samples=samples, steps=ddim_steps, declip=declip)
+        for m in methods:
+            r = run_native(ctx, m, job)
+            for k, i in enumerate(idx):
+                outputs[m][i] = r.images[k]
+            cost[m][0] += r.seconds
+            cost[m][1] += r.nfe * len(idx)
+    rows = [{"method": m, "protocol": "blind", "n": len(files), "noise": "your files",
+             "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)",
+             "NFE": round(cost[m][1] / len(files), 1), "s/img": cost[m][0] / len(files), "device": str(ctx.device),
+             "model": Path(model).name or model} for m in methods]
+    with staged_dir(out_dir) as tmp:
+        for i, name in enumerate(names):
+            save_png(files[i][1], tmp / "noisy" / f"{name}.png")
+            for m in methods:
+                save_png(outputs[m][i], tmp / m / f"{name}.png")
+        fig = [("noisy", thumbnails([x for _, x in files]))] + [(m, thumbnails(outputs[m])) for m in methods]
+        labelled_comparison(tmp / "comparison.png", fig)
+        write_text(tmp / "metrics.md", "# Denoising (blind protocol; your files, each at its own size)\n\n"
+                   "Rows of comparison.png: noisy, " + ", ".join(methods) + "\n\n" + table(rows))
+        write_json(tmp / "metrics.json", {"rows": rows, "sizes": {name: list(x.shape[-2:]) for name, x in files},
+                                          "sigma": sig})
     click.echo(table(rows))
     click.echo(str(out_dir / "comparison.png"))
 
@@ -351,6 +433,11 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
 @click.option("--protocol", type=click.Choice(["paper", "blind"]), default="paper",
               help="paper: the report's oracle protocol; blind: only the noisy image is used (tables 2-4).")
 @click.option("--sigma", type=float, default=25.0, help="blind: noise std on the 0..255 scale.")
+@click.option("--noise", "noise_model", type=click.Choice(["clipped", "float"]), default="clipped",
+              help="blind: clipped = noise on 0..255, rounded and clipped to 8 bits (a saved noisy file); "
+                   "float = unclipped x + n (denoising papers).")
+@click.option("--declip/--no-declip", default=True,
+              help="blind: the clipping-aware observation model for the diffusion methods (tasks.declip).")
 @click.option("--t-noisy", type=int, default=600, help="paper: noise level of the noisy images (report: 600).")
 @click.option("--t-trunc", type=int, default=None,
               help="TDPM-DIP T_trunc. Default: 10 (paper, report); automatic per image (blind).")
@@ -368,11 +455,11 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
               help="Run folder. Re-running into it skips rows already computed (RUN/cache).")
 @click.option("--dip-preset", default="paper-dip",
               help="DIP network G_psi: paper-dip (report), paper-dip-noattn, dip-small (CPU), dip-tiny, auto.")
-@click.option("--dip-iters", type=int, default=None, help="DIP iterations. Default: 100 (paper), 400 (blind).")
-@click.option("--dip-lr", type=float, default=None, help="DIP learning rate. Default: 1e-4 (paper), 1e-3 (blind).")
+@click.option("--dip-iters", type=int, default=None, help=f"DIP iterations. Default: {_dip_default_text('iters')}.")
+@click.option("--dip-lr", type=float, default=None, help=f"DIP learning rate. Default: {_dip_default_text('lr')}.")
 @common_options
 def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, data: str, n: int, protocol: str,
-              sigma: float, t_noisy: int, t_trunc: int | None, t_truncs: str, samples: int, ddpm_steps: int,
+              sigma: float, noise_model: str, declip: bool, t_noisy: int, t_trunc: int | None, t_truncs: str, samples: int, ddpm_steps: int,
               ddim_steps: int | None, fid: bool, fid_weights: str | None, fig_images: int, out: str,
               dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str,
               batch_size: int, seed: int, overwrite: bool) -> None:
@@ -381,7 +468,8 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     \b
     table1  generation: DDPM (1000 steps), DDIM at TDPM-DIP's NFE, TDPM-DIP (paper protocol:
             it reconstructs the --data images); FID (optional extra), SWD, copy-rate, s/img
-    table2  denoising: DDPM, DIP, TDPM-DIP (paper: t=600; blind: --sigma)
+    table2  denoising (paper: DDPM, DIP, TDPM-DIP at t=600; blind: every blind method
+            of the registry at --sigma, with its NFE and s/img)
     table3  T_trunc ablation of TDPM-DIP on denoising
     table4  linear vs cosine schedule (needs --model-cosine)
     \b
@@ -402,15 +490,15 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     positive("--fig-images", fig_images)
     positive("--ddpm-steps", ddpm_steps)
     positive("--ddim-steps", ddim_steps)
-    if not 0 < sigma <= 255:
-        raise UserError(f"--sigma must be in (0, 255], got {sigma}")
+    check_sigma(sigma)
     if "table4" in names and model_cosine is None:
         raise UserError("table4 compares schedules: it needs --model-cosine")
     truncs = parse_ints(t_truncs, "--t-truncs")
     dev = pick_device(device)
     preset = pick_dip_preset(dip_preset, dev)
-    cfgs = {"paper": dip_config("paper", preset, dip_iters, dip_lr), "blind": dip_config("blind", preset, dip_iters, dip_lr)}
-    settings = BenchSettings(protocol=protocol, n=n, seed=seed, sigma=sigma, t_noisy=t_noisy, t_trunc=t_trunc,
+    cfgs = {use: dip_config(use, preset, dip_iters, dip_lr) for use in ("paper", "blind", "plugin")}
+    settings = BenchSettings(protocol=protocol, n=n, seed=seed, sigma=sigma, noise=noise_model, declip=declip,
+                             t_noisy=t_noisy, t_trunc=t_trunc,
                              t_truncs=truncs, samples=samples, ddpm_steps=ddpm_steps, ddim_steps=ddim_steps, fid=fid,
                              fid_weights=fid_weights, fig_images=fig_images, dip=cfgs)
     out_dir = check_out_dir(out, overwrite)
@@ -505,19 +593,19 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
 # ------------------------------------------------------------------------------------------ entry point
 
 def main(argv: list[str] | None = None) -> None:
+    from .outputs import Terminated, sigterm_as_interrupt
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _train_command()
     try:
-        cli.main(args=argv, prog_name="tdpm-dip", standalone_mode=False)
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (exit code 143 instead of 130)
+            cli.main(args=argv, prog_name="tdpm-dip", standalone_mode=False)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
         click.echo("interrupted: earlier outputs are intact", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: earlier outputs are intact", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated) else 130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

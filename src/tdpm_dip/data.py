@@ -87,12 +87,13 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return a / 127.5 - 1.0
 
 
-def load_image(path: str | os.PathLike, size: int, fill: tuple[int, int, int] = WHITE) -> torch.Tensor:
-    """Read one image file as [3, size, size] in [-1, 1]; raises BadImage naming the path."""
+def load_image(path: str | os.PathLike, size: int | None, fill: tuple[int, int, int] = WHITE) -> torch.Tensor:
+    """Read one image file as [3, size, size] in [-1, 1] (size None: as it is, [3, H, W]); raises
+    BadImage naming the path."""
     path = Path(path)
     try:
         with Image.open(path) as im:
-            if im.format == "JPEG" and max(im.size) > 4 * size:
+            if size is not None and im.format == "JPEG" and max(im.size) > 4 * size:
                 im.draft("RGB", (2 * size, 2 * size))  # decode huge JPEGs at reduced scale
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -106,7 +107,7 @@ def load_image(path: str | os.PathLike, size: int, fill: tuple[int, int, int] = 
         if path.stat().st_size == 0 if path.exists() else False:
             reason = "empty file"
         raise BadImage(f"{path}: {reason}") from None
-    return pil_to_tensor(square_resize(rgb, size, fill))
+    return pil_to_tensor(rgb if size is None else square_resize(rgb, size, fill))
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -189,6 +190,25 @@ def load_images(source: str | os.PathLike, size: int = 64, fill: str = "white", 
     if Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         return load_folder(source, size, fill, skip_bad, limit, progress)
     return load_hub(str(source), size, fill, limit=limit)
+
+
+def load_native(source: str | os.PathLike, limit: int | None = None,
+                progress: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """Image files at their own size and aspect: (name, [3, H, W] in [-1, 1]) pairs (blind denoising
+    of a user's files returns images of exactly their size)."""
+    files = list_images(source)[:limit]
+    it = files
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(files, desc="loading images", unit="img", leave=False)
+    out = []
+    for f in it:
+        try:
+            out.append((f.stem, load_image(f, None)))
+        except BadImage as e:
+            raise UserError(str(e)) from None
+    return out
 
 
 def hash_split(names: list[str], holdout: float, salt: str = "tdpm-dip") -> tuple[list[int], list[int]]:

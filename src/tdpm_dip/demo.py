@@ -10,8 +10,9 @@ Phases (each timed, each with a progress bar where it takes a while):
 
 Everything the report shows is computed by the library's task functions (`tasks.generate`,
 `tasks.denoise_paper`, `tasks.denoise_blind`) and rendered by `reporting`; this module only wires
-them together and writes the page. The report and its figures are staged and moved in at the end,
-so an interrupted demo leaves no half-written report.
+them together and writes the page. The whole run folder (data/, train/, figures, report) is built
+beside RUN and replaces an earlier run only when complete, so an interrupted demo leaves the earlier
+run as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,15 +31,14 @@ from pathlib import Path
 import torch
 
 from .config import get_preset
-from .dip import DIPConfig
+from .dip import DIPConfig, dip_defaults
 from .errors import UserError
 
-# DIP learning rates for the demo's protocols, per DIP preset: (paper, blind). The report's 1e-4 is for its
-# 61.5M-parameter G_psi; the small CPU networks need a larger step to fit anything in 100 iterations
-# (dip-tiny on 32 px sprites, measured: paper lr 1e-3 -> 29.3 dB after 100 iterations, 3e-3 -> 27.9 dB).
-DIP_LR = {"dip-tiny": (1e-3, 3e-3), "dip-small": (1e-3, 3e-3), "paper-dip-noattn": (1e-4, 3e-3),
-          "paper-dip": (1e-4, 3e-3)}
-DATA_FILE = re.compile(r"\d{5}_.*\.png")
+# The DIP presets the demo offers; their settings come from dip.DIP_DEFAULTS (paper and blind rows).
+DIP_PRESETS = ("dip-tiny", "dip-small", "paper-dip-noattn", "paper-dip")
+# What a demo writes in RUN: with --overwrite, a new run replaces these whole (other files stay).
+DEMO_FILES = ("data", "train", "report.md", "metrics.json", "test_images.png", "train_loss.png", "generation.png",
+              "denoise_paper.png", "denoise_blind.png", "dip_curves.png")
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,8 @@ class DemoConfig:
             raise UserError(f"--t-noisy must be in [1, 1000], got {self.t_noisy}")
         if not 0 <= self.t_trunc < 1000:
             raise UserError(f"--t-trunc must be in [0, 999], got {self.t_trunc}")
-        if self.dip_preset not in DIP_LR:
-            raise UserError(f"--dip-preset must be one of {', '.join(DIP_LR)}, got {self.dip_preset!r}")
+        if self.dip_preset not in DIP_PRESETS:
+            raise UserError(f"--dip-preset must be one of {', '.join(DIP_PRESETS)}, got {self.dip_preset!r}")
         if self.model is None:
             factor = 2 ** (len(get_preset(self.preset).block_out_channels) - 1)
             if self.size < 8 or self.size % factor:
@@ -93,10 +92,6 @@ class DemoConfig:
             if self.data is None and self.train_batch > self.train_images:
                 raise UserError(f"--train-batch {self.train_batch} is larger than the training set "
                                 f"({self.train_images} sprites)")
-
-    @property
-    def dip_lrs(self) -> tuple[float, float]:
-        return DIP_LR[self.dip_preset]
 
 
 def pick_threads(threads: int, tiny_networks: bool) -> int:
@@ -145,14 +140,10 @@ class Phases:
 # ---------------------------------------------------------------------------------------------- data
 
 def _write_set(images: torch.Tensor, names: list[str], folder: Path) -> None:
-    """Write a preprocessed image set as PNGs (lossless: the tensors come from 8-bit images), replacing
-    the files an earlier demo wrote there (only our own NNNNN_name.png files are removed)."""
+    """Write a preprocessed image set as PNGs (lossless: the tensors come from 8-bit images) into a new
+    folder of the staged run."""
     from .outputs import save_png
 
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_file() and DATA_FILE.fullmatch(p.name):
-                p.unlink()
     for i, (x, name) in enumerate(zip(images, names)):
         save_png(x, folder / f"{i:05d}_{name}.png")
 
@@ -198,36 +189,6 @@ def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
 
 # ---------------------------------------------------------------------------------------------- figures
 
-def _label_rows(path: Path, labels: list[str], cell: int, pad: int = 2) -> None:
-    """Prepend a column of row labels to a grid written by `reporting.comparison_figure`."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from .outputs import atomic_path
-
-    try:
-        font = ImageFont.load_default(size=max(11, min(16, cell // 6)))
-    except TypeError:  # Pillow < 10.1 has only the bitmap font
-        font = ImageFont.load_default()
-    with Image.open(path) as im:
-        grid = im.convert("RGB")
-    probe = ImageDraw.Draw(grid)
-    width = max(int(probe.textlength(s, font=font)) for s in labels) + 10
-    canvas = Image.new("RGB", (grid.width + width, grid.height), "white")
-    canvas.paste(grid, (width, 0))
-    d = ImageDraw.Draw(canvas)
-    for r, s in enumerate(labels):
-        d.text((4, pad + r * (cell + pad) + cell // 2), s, fill=(0, 0, 0), font=font, anchor="lm")
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
-
-
-def labelled_rows(path: Path, rows: list[tuple[str, torch.Tensor]], size: int, upscale: int) -> None:
-    from .reporting import comparison_figure
-
-    comparison_figure(path, [x for _, x in rows], max_images=8, upscale=upscale)
-    _label_rows(path, [s for s, _ in rows], size * upscale)
-
-
 def loss_figure(path: Path, metrics_jsonl: Path) -> bool:
     try:
         import matplotlib
@@ -252,22 +213,48 @@ def loss_figure(path: Path, metrics_jsonl: Path) -> bool:
 
 def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | None, threads: int,
              echo: Callable[[str], None]) -> Path:
-    """Run every phase into `cfg.out`; returns the path of report.md."""
+    """Run every phase into `cfg.out`; returns the path of report.md.
+
+    The run is built in a folder beside `cfg.out` and replaces an earlier run there only once complete
+    (`outputs.staged_dir`): interrupted, it is removed and the earlier run stays as it was."""
+    from .outputs import prepare_out_dir, staged_dir
+
+    cfg.validate()
+    final = prepare_out_dir(cfg.out, cfg.overwrite)
+    with staged_dir(final, owned=DEMO_FILES) as run:
+        _run_phases(cfg, run, final, device, amp_dtype, threads, echo)
+        _relocate(run / "train", run, final)
+    return final / "report.md"
+
+
+def _relocate(folder: Path, stage: Path, final: Path) -> None:
+    """The training run's records name the staging folder it ran in: name the run folder instead."""
+    from .outputs import write_text
+
+    old, new = json.dumps(str(stage))[1:-1], json.dumps(str(final))[1:-1]
+    for p in [folder / "config.json", *folder.glob("checkpoints/*/training_state.json")]:
+        if p.is_file():
+            write_text(p, p.read_text().replace(old, new))
+
+
+def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, amp_dtype: torch.dtype | None,
+                threads: int, echo: Callable[[str], None]) -> None:
+    """Every phase, written into `run`: the staging folder of the run folder `final`."""
     from .metrics import copy_rate
     from .models import load_ddpm
     from .noise import check_level, num_levels
-    from .outputs import prepare_out_dir, save_grid, staged_dir, write_json, write_text
+    from .outputs import save_grid, write_json, write_text
     from .reporting import curves_figure, result_row, table
-    from .tasks import BLIND_DIP, Context, Result, add_gaussian_noise, denoise_blind, denoise_paper, generate
+    from .registry import methods
+    from .reporting import labelled_comparison
+    from .tasks import Context, Result, add_noise, denoise_blind, denoise_paper, generate
     from .tasks import validate_t_trunc
 
-    cfg.validate()
-    run = prepare_out_dir(cfg.out, cfg.overwrite)
     # vmap over the DIPs' attention falls back to a per-image loop on the CPU; correct, only slower.
     warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
     load_start = _loadavg()
     phases = Phases(echo)
-    echo(f"tdpm-dip demo -> {run}  (device {device}, {threads} CPU thread(s), load average {load_start})")
+    echo(f"tdpm-dip demo -> {final}  (device {device}, {threads} CPU thread(s), load average {load_start})")
 
     # The model decides the image size; load it first when one is given.
     unet = scheduler = None
@@ -307,7 +294,7 @@ def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | Non
             note["note"] = (f"{cfg.steps} steps x batch {cfg.train_batch}, preset {cfg.preset}, "
                             f"median {train_info['img_s']} img/s")
         unet, scheduler = load_ddpm(model_dir, device=device)
-        model_label = str(model_dir)
+        model_label = str(final / model_dir.relative_to(run))
     else:
         model_label = cfg.model
 
@@ -317,10 +304,10 @@ def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | Non
     validate_t_trunc(scheduler, cfg.t_trunc)
     if cfg.ddpm_steps > T:
         raise UserError(f"--ddpm-steps must be <= {T}")
-    lr_paper, lr_blind = cfg.dip_lrs
-    paper_dip = DIPConfig(preset=cfg.dip_preset, iters=cfg.dip_iters, lr=lr_paper)
-    blind_dip = dataclasses.replace(BLIND_DIP, preset=cfg.dip_preset, iters=cfg.blind_dip_iters, lr=lr_blind)
-    ctx = Context(unet, scheduler, paper_dip, device, amp_dtype, cfg.batch_size, progress=True)
+    paper_dip = dip_defaults("paper", cfg.dip_preset, cfg.dip_iters)
+    blind_dip = dip_defaults("blind", cfg.dip_preset, cfg.blind_dip_iters)
+    ctx = Context(unet, scheduler, paper_dip, device, amp_dtype, cfg.batch_size, progress=True,
+                  dip_plugin=dip_defaults("plugin", cfg.dip_preset, cfg.blind_dip_iters))
     seeds = list(range(cfg.seed, cfg.seed + cfg.n))
     upscale = max(1, round(128 / size))
 
@@ -356,37 +343,37 @@ def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | Non
 
     # -------------------------------------------------------------- denoising, blind protocol
     ctx.dip = blind_dip
-    noisy = add_gaussian_noise(data.test, cfg.sigma, seeds)
-    with phases(f"denoising, blind protocol (sigma={cfg.sigma:g})") as note:
-        r_ddpm = denoise_blind(ctx, noisy, "ddpm", seeds, cfg.sigma, clean=data.test)
-        ctx.dip_memo = {}  # the dip and tdpm-dip rows fit the very same DIPs: fit them once
-        r_dip = denoise_blind(ctx, noisy, "dip", seeds, cfg.sigma, clean=data.test)
-        r_tdpm = denoise_blind(ctx, noisy, "tdpm-dip", seeds, cfg.sigma, samples=cfg.samples, clean=data.test)
-        blind = [r_ddpm, r_dip, r_tdpm]
+    noisy = add_noise(data.test, cfg.sigma, seeds, "clipped")  # what a saved 8-bit noisy file holds
+    with phases(f"denoising, blind protocol (sigma={cfg.sigma:g}, clipped 8-bit)") as note:
+        # Every blind method of the registry that needs no optional extra, best first.
+        blind = [denoise_blind(ctx, noisy, m.name, seeds, cfg.sigma, samples=cfg.samples, clean=data.test)
+                 for m in methods("denoise", "blind") if m.extra is None]
+        by_name = {r.method: r for r in blind}
+        r_dip, r_tdpm = by_name["dip"], by_name["tdpm-dip"]
         note["note"] = ", ".join(f"{r.method} {r.seconds_per_image:.2f} s/img" for r in blind)
     den_rows = [result_row(r, data.test, task="denoising") for r in paper + blind]
 
     # -------------------------------------------------------------- report
-    with phases("report"), staged_dir(run) as tmp:
+    with phases("report"):
+        tmp = run  # the report and its figures: straight into the staged run folder
         figs: dict[str, str] = {}
         ref_label = "training images" if data.train is not None else "reference images"
         save_grid(data.test[:16], tmp / "test_images.png", nrow=8, upscale=upscale)
         figs["test"] = "test_images.png"
         if cfg.model is None and loss_figure(tmp / "train_loss.png", run / "train" / "metrics.jsonl"):
             figs["loss"] = "train_loss.png"
-        labelled_rows(tmp / "generation.png", [
+        labelled_comparison(tmp / "generation.png", [
             (ref_label, data.reference), ("G_psi(z): DIP output", gen[1].info["dip_output"]),
             (f"TDPM-DIP (T_trunc={cfg.t_trunc})", gen[1].images), (f"DDPM ({gen[0].steps} steps)", gen[0].images),
-        ], size, upscale)
-        labelled_rows(tmp / "denoise_paper.png", [
+        ], upscale=upscale)
+        labelled_comparison(tmp / "denoise_paper.png", [
             ("clean", data.test), (f"x_{cfg.t_noisy} (noisy)", paper[0].inputs), (f"DDPM ({cfg.t_noisy} steps)",
                                                                                 paper[0].images),
             ("DIP (oracle target)", paper[1].images), ("TDPM-DIP (oracle)", paper[2].images),
-        ], size, upscale)
-        labelled_rows(tmp / "denoise_blind.png", [
-            ("clean", data.test), (f"noisy (sigma {cfg.sigma:g})", noisy), ("DDPM", r_ddpm.images),
-            ("DIP", r_dip.images), ("TDPM-DIP", r_tdpm.images),
-        ], size, upscale)
+        ], upscale=upscale)
+        labelled_comparison(tmp / "denoise_blind.png", [
+            ("clean", data.test), (f"noisy (sigma {cfg.sigma:g})", noisy), *[(r.method, r.images) for r in blind],
+        ], upscale=upscale)
         curves = {"generation TDPM-DIP": gen[1].dip.mean_curves()} if gen[1].dip is not None else {}
         curves.update({f"paper {r.method}": r.dip.mean_curves() for r in paper if r.dip is not None})
         curves["blind DIP"] = r_dip.dip.mean_curves()
@@ -405,7 +392,6 @@ def run_demo(cfg: DemoConfig, device: torch.device, amp_dtype: torch.dtype | Non
         write_text(tmp / "report.md", _report_md(cfg, data, size, model_label, gen, gen_rows, den_rows, paper_dip,
                                                  blind_dip, r_tdpm, phases, figs, env, train_info, table))
     echo(f"demo finished in {phases.total:.0f} s")
-    return run / "report.md"
 
 
 def _loadavg() -> str:
@@ -482,17 +468,19 @@ def _report_md(cfg: DemoConfig, data: DemoData, size: int, model_label: str, gen
         "",
         "![denoising, paper protocol](denoise_paper.png)",
         "",
-        f"Blind protocol (Gaussian noise of sigma {cfg.sigma:g} on 0..255):",
+        f"Blind protocol (Gaussian noise of sigma {cfg.sigma:g} on 0..255, rounded and clipped to 8 bits as in a "
+        "saved noisy file; rows: the registry's blind methods, best first):",
         "",
         "![denoising, blind protocol](denoise_blind.png)",
         "",
         table(den_rows),
         f"Settings: DIP `{paper_dip.preset}`; paper protocol {paper_dip.iters} iterations at lr {paper_dip.lr:g}; "
         f"blind {blind_dip.iters} iterations at lr {blind_dip.lr:g} with input noise {blind_dip.input_noise:g} and "
-        f"an output average ({blind_dip.average}). Blind DDPM: y scaled to the level t* whose noise-to-signal ratio "
-        f"matches sigma, then t* reverse steps. Blind TDPM-DIP: the DIP estimate, noised to a level T below t* "
-        f"(here T = {t_used_s}), then T reverse steps, {cfg.samples} chains averaged. The blind DIP row and "
-        "TDPM-DIP's DIP stage are the identical fit, computed once; both times include it. "
+        f"an output average ({blind_dip.average}). Every blind diffusion method first gives clipped pixels back the "
+        "noise that clipping removed (declip), then scales y to the level t* whose noise-to-signal ratio matches "
+        f"sigma. ensemble: one Tweedie call at t* per flip/transpose, averaged (8 calls); tweedie: one call; ddpm: "
+        f"the mean of {cfg.samples} chains of t* steps. Blind TDPM-DIP: Algorithm 2 with the ensemble estimate in "
+        f"place of the clean image, then T reverse steps (here T = {t_used_s}), {cfg.samples} chains averaged. "
         f"PSNR/SSIM on [0, 1] images; s/img is wall time per image for {cfg.n} images processed together.",
         "",
     ]
@@ -519,7 +507,7 @@ def _report_md(cfg: DemoConfig, data: DemoData, size: int, model_label: str, gen
         f"--dip-lr {paper_dip.lr:g} --seed {cfg.seed} "
         "--out den_paper",
         f"tdpm-dip denoise --model {model_label} --clean {Path(cfg.out) / 'data' / 'test'} --sigma {cfg.sigma:g} "
-        f"--dip-preset {blind_dip.preset} --dip-iters {blind_dip.iters} --dip-lr {blind_dip.lr:g} "
+        f"--method ensemble --method tdpm-dip --dip-preset {blind_dip.preset} --dip-iters {blind_dip.iters} "
         f"--seed {cfg.seed} --out den_blind",
         "```",
         "",

@@ -10,6 +10,7 @@ is the report's loop (a fresh network and optimiser per image, batch 1) and give
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,38 @@ class DIPConfig:
         if self.average is not None and not 0 <= self.average < 1:
             raise UserError(f"DIP output averaging must be in [0, 1), got {self.average}")
         get_preset(self.preset)
+
+
+# The one home of DIP settings: per use (protocol) and, where a preset needs its own, per preset.
+#   paper   the report's Algorithm 2: Adam lr 1e-4, 100 iterations, the last output.
+#   blind   G_psi(z) fitted to the noisy y: a larger step, input noise as strong as the input itself
+#           (Ulyanov et al. perturb theirs by a third) and an exponential average of the outputs, which
+#           keep the full-resolution skip connections of a UNet from fitting the noise.
+#   plugin  the blind TDPM-DIP: G_psi(z) fitted to x_T built from the blind estimate and z (Alg. 2 with
+#           the oracle replaced); the target is almost noise-free, so no input noise and no averaging.
+# The tiny presets move too little at the report's lr in 100 iterations and fit noise at 1e-3 less
+# than the larger ones, so they get their own rates.
+DIP_DEFAULTS: dict[str, DIPConfig] = {
+    "paper": DIPConfig(iters=100, lr=1e-4),
+    "blind": DIPConfig(iters=400, lr=1e-3, input_noise=1.0, average=0.95),
+    "plugin": DIPConfig(iters=200, lr=1e-3),
+}
+DIP_PRESET_OVERRIDES: dict[tuple[str, str], dict] = {
+    ("paper", "dip-tiny"): {"lr": 1e-3},
+    ("blind", "dip-tiny"): {"lr": 3e-3},
+}
+
+
+def dip_defaults(use: str, preset: str, iters: int | None = None, lr: float | None = None) -> DIPConfig:
+    """The DIP settings of `use` (paper | blind | plugin) for `preset`; `iters` / `lr` override them."""
+    if use not in DIP_DEFAULTS:
+        raise ValueError(f"unknown DIP use {use!r}")
+    over = dict(DIP_PRESET_OVERRIDES.get((use, preset), {}))
+    if iters is not None:
+        over["iters"] = iters
+    if lr is not None:
+        over["lr"] = lr
+    return dataclasses.replace(DIP_DEFAULTS[use], preset=preset, **over)
 
 
 @dataclass

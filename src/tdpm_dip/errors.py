@@ -5,3 +5,17 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input (path, image, model, number): reported as a one-line message, exit code 2."""
+
+
+# One validator per user-facing number: the CLI, the demo and the library raise the same message.
+
+def check_positive(name: str, value: float | None) -> None:
+    """value > 0 (None: not given, nothing to check)."""
+    if value is not None and not value > 0:
+        raise UserError(f"{name} must be > 0, got {value}")
+
+
+def check_sigma(value: float | None, name: str = "--sigma") -> None:
+    """A noise std on the 0..255 scale: in (0, 255]."""
+    if value is not None and not 0 < value <= 255:
+        raise UserError(f"{name} must be in (0, 255] (noise std on the 0..255 scale), got {value}")

@@ -14,7 +14,7 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
-from .errors import UserError
+from .errors import UserError, check_sigma
 
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 
@@ -62,10 +62,7 @@ def sigma_to_level(scheduler: DDPMScheduler, sigma255: float) -> int:
     y = x + n, n ~ N(0, s^2) with s = 2 sigma / 255 on [-1, 1]; scaled by sqrt(abar), it has the
     statistics of x_t when (1 - abar_t) / abar_t = s^2.
     """
-    if not (sigma255 > 0):
-        raise UserError(f"sigma must be > 0 (0..255 scale), got {sigma255}")
-    if sigma255 > 255:
-        raise UserError(f"sigma {sigma255} is absurd on the 0..255 scale (max 255)")
+    check_sigma(sigma255, "sigma")
     ac = scheduler.alphas_cumprod.double()
     ratio = (1 - ac) / ac
     target = (2.0 * sigma255 / 255.0) ** 2

@@ -39,6 +39,47 @@ def comparison_figure(path: Path, rows: list[torch.Tensor], max_images: int = 8,
     save_grid(stacked, path, nrow=k, upscale=upscale)
 
 
+def thumbnails(images: list[torch.Tensor], size: int = 96) -> torch.Tensor:
+    """Images of any sizes -> [N, 3, size, size] for a figure: padded to a square with white, resized."""
+    out = []
+    for x in images:
+        h, w = x.shape[-2:]
+        side = max(h, w)
+        sq = torch.ones(3, side, side)
+        sq[:, (side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = x.float().cpu()
+        out.append(torch.nn.functional.interpolate(sq[None], size=(size, size), mode="bilinear", antialias=True,
+                                                   align_corners=False)[0])
+    return torch.stack(out)
+
+
+def labelled_comparison(path: Path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8,
+                        upscale: int | None = None) -> None:
+    """`comparison_figure` with a column of row labels on the left ("clean", "noisy", each method)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .outputs import atomic_path
+
+    size = int(rows[0][1].shape[-1])
+    upscale = upscale or max(1, round(128 / size))
+    comparison_figure(path, [x for _, x in rows], max_images=max_images, upscale=upscale)
+    cell, pad = size * upscale, 2
+    labels = [s for s, _ in rows]
+    try:
+        font = ImageFont.load_default(size=max(11, min(16, cell // 6)))
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        font = ImageFont.load_default()
+    with Image.open(path) as im:
+        grid = im.convert("RGB")
+    width = max(int(ImageDraw.Draw(grid).textlength(s, font=font)) for s in labels) + 10
+    canvas = Image.new("RGB", (grid.width + width, grid.height), "white")
+    canvas.paste(grid, (width, 0))
+    d = ImageDraw.Draw(canvas)
+    for r, s in enumerate(labels):
+        d.text((4, pad + r * (cell + pad) + cell // 2), s, fill=(0, 0, 0), font=font, anchor="lm")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
 def curves_figure(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
     """DIP loss and PSNR per iteration (matplotlib if installed, else skipped)."""
     try:
@@ -63,6 +104,40 @@ def curves_figure(path: Path, curves: dict[str, dict[str, list[float]]]) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cost_figure(path: Path, points: list[dict], title: str = "") -> bool:
+    """Quality against cost: PSNR and SSIM against NFE and s/img, one marker per method (and setting).
+
+    points: dicts with "label", "PSNR", "SSIM", "NFE", "s/img" (a "group" key, if present, picks the colour).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = list(dict.fromkeys(p.get("group", "") for p in points))
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharey="row")
+    for (r, metric), (c, cost) in [((r, m), (c, x)) for r, m in enumerate(("PSNR", "SSIM"))
+                                   for c, x in enumerate(("NFE", "s/img"))]:
+        ax = axes[r][c]
+        for p in points:
+            x = max(float(p[cost]), 0.5 if cost == "NFE" else 1e-3)  # a log axis: classical methods at the floor
+            ax.scatter(x, p[metric], color=f"C{groups.index(p.get('group', '')) % 10}", s=18)
+            ax.annotate(p["label"], (x, p[metric]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(xlabel=cost + (" (log)" if cost else ""), ylabel=metric + (" (dB)" if metric == "PSNR" else ""))
+    if len(groups) > 1:
+        for i, g in enumerate(groups):
+            axes[0][0].scatter([], [], color=f"C{i % 10}", label=g)
+        axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def table(rows: list[dict]) -> str:

@@ -1,18 +1,26 @@
-"""Generation and denoising under the two protocols. Every `Result` records which protocol made it.
+"""The methods of the registry (`registry.py`) and what they share. Every `Result` names its protocol.
 
 paper  The report's protocol. The DIP target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z is built from
        the *clean* image x0 and the same z that is the DIP input (Eq. 7, Alg. 2). It is an oracle: its
        "denoising" never looks at the noisy image, and its "generation" reconstructs the given images.
-blind  Only the noisy observation y = x0 + n, n ~ N(0, s^2), s = 2 sigma / 255, is known.
-       ddpm      scale y to the level t* with the same noise-to-signal ratio and run t* reverse steps;
-       dip       fit G_psi(z) to y, stop early, return an exponential average of its outputs;
-       tdpm-dip  the DIP estimate x_dip, noised to a level T < t* whose noise covers the DIP's own
-                 error, then T reverse steps; K such chains are averaged (see `denoise_blind`).
+blind  Only the noisy observation y and its noise level sigma are known. y is what a saved noisy file
+       holds: x0 + n on 0..255, rounded and clipped to 8 bits (`add_noise`, model "clipped"), or the
+       unclipped x0 + n of denoising papers (model "float"). Every blind diffusion method first undoes
+       what clipping did to the noise statistics (`declip`), then scales y to the level t* whose
+       noise-to-signal ratio matches sigma (`noise.sigma_to_level`): sqrt(abar_t*) y is then x_t*.
+       tweedie   one network call at t*: E[x0 | x_t*] (Tweedie's formula);
+       ensemble  the same over the 8 flips / transposes of the image (a geometric self-ensemble);
+       ddpm      the mean of K ancestral chains from t* (posterior samples; DMID, Li et al. 2024);
+       ddim      a deterministic DDIM chain from t* in a few steps;
+       dip       G_psi(z) fitted to y, with input noise and output averaging (Ulyanov et al.);
+       tdpm-dip  Algorithm 2 and 3 with the oracle x0 replaced by the blind estimate (`blind_tdpm_dip`);
+       bm3d      CBM3D, the classical baseline (optional extra).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterator
@@ -21,15 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from .devices import timer
-from .dip import DIPConfig, DIPResult, fit_dip
-from .errors import UserError
+from .devices import autocast, timer
+from .dip import DIPConfig, DIPResult, dip_defaults, fit_dip
+from .errors import UserError, check_sigma
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
+from .registry import Job, get, register
 from .sampling import ddim_chain, reverse_chain
 
 PROTOCOLS = ("paper", "blind")
-DENOISE_METHODS = ("ddpm", "dip", "tdpm-dip")
-GENERATE_METHODS = ("ddpm", "ddim", "tdpm-dip")
+NOISE_MODELS = ("clipped", "float")
+RECOMMENDED_DENOISER = "ensemble"  # the default of `denoise` (README: "Which method to use")
 
 
 @dataclass
@@ -43,7 +52,12 @@ class Context:
     amp_dtype: torch.dtype | None = None
     batch_size: int = 16
     progress: bool = False
-    dip_memo: dict | None = None  # share one dict between contexts to fit each DIP once
+    # One DIP fit per image per command: contexts made with dataclasses.replace share this dict, so
+    # rows that fit the same DIP (dip and tdpm-dip, two schedules) fit it once.
+    dip_memo: dict | None = field(default_factory=dict)
+    # The blind TDPM-DIP's DIP (target built from the blind estimate); None: the "plugin" defaults
+    # of ctx.dip's preset (dip.DIP_DEFAULTS).
+    dip_plugin: DIPConfig | None = None
 
 
 @dataclass
@@ -143,6 +157,16 @@ def validate_t_trunc(scheduler: DDPMScheduler, t_trunc: int) -> int:
     return t_trunc
 
 
+def _fixed_t_trunc(ctx: Context, job: Job, default: int) -> int:
+    return validate_t_trunc(ctx.scheduler, default if job.t_trunc is None else job.t_trunc)
+
+
+def _need(value: torch.Tensor | None, what: str, method: str) -> torch.Tensor:
+    if value is None:
+        raise UserError(f"method {method} needs {what}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------- paper
 
 def paper_dip_target(scheduler: DDPMScheduler, x0: torch.Tensor, t_trunc: int, z: torch.Tensor) -> torch.Tensor:
@@ -150,42 +174,89 @@ def paper_dip_target(scheduler: DDPMScheduler, x0: torch.Tensor, t_trunc: int, z
     return q_sample(scheduler, x0, t_trunc, z)
 
 
-def denoise_paper(ctx: Context, clean: torch.Tensor, method: str, seeds: list[int], t_noisy: int = 600,
-                  t_trunc: int = 10) -> Result:
-    """Table 2 under the report's protocol.
+def _paper_draws(ctx: Context, job: Job) -> tuple[torch.Tensor, list[torch.Generator], torch.Tensor, torch.Tensor]:
+    """clean, generators, z (one draw per image: DIP input and forward noise), x_{t_noisy}."""
+    check_level(ctx.scheduler, job.t_noisy, "t_noisy")
+    clean = _need(job.clean, "the clean images", "paper denoising").to(ctx.device)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(_image_shape(ctx), gens, ctx.device)
+    return clean, gens, z, q_sample(ctx.scheduler, clean, job.t_noisy, z)
 
-    ddpm: noise x0 to level t_noisy and run t_noisy reverse steps. dip: fit G_psi(z) to x0 itself
-    (T_trunc = 0, Table 3 row 1). tdpm-dip: fit G_psi(z) to x_T built from x0 and z, then Alg. 3.
-    """
-    check_level(ctx.scheduler, t_noisy, "t_noisy")
-    clean = clean.to(ctx.device)
-    gens = image_generators(seeds, ctx.device)
-    z = randn(_image_shape(ctx), gens, ctx.device)  # one draw per image: DIP input / forward noise
-    x_noisy = q_sample(ctx.scheduler, clean, t_noisy, z)
-    info = {"t_noisy": t_noisy}
-    if method == "ddpm":
-        with timer(ctx.device) as tm:
-            out = _chain(ctx, x_noisy, t_noisy, gens, "DDPM reverse")
-        return Result(method, "paper", out.cpu(), tm[0], t_noisy, t_noisy, x_noisy.cpu(), info=info)
-    if method not in ("dip", "tdpm-dip"):
-        raise UserError(f"unknown denoising method {method!r}; choose {', '.join(DENOISE_METHODS)}")
-    t = 0 if method == "dip" else validate_t_trunc(ctx.scheduler, t_trunc)
-    info["t_trunc"] = t
-    res = _dip(ctx, paper_dip_target(ctx.scheduler, clean, t, z), z, seeds, clean)
+
+@register("ddpm", "denoise", ("paper",), nfe="t_noisy", help="the full reverse chain from x_{t_noisy}")
+def paper_ddpm(ctx: Context, job: Job) -> Result:
+    """Table 2, DDPM row: noise x0 to level t_noisy and run t_noisy reverse steps."""
+    _, gens, _, x_noisy = _paper_draws(ctx, job)
+    with timer(ctx.device) as tm:
+        out = _chain(ctx, x_noisy, job.t_noisy, gens, "DDPM reverse")
+    return Result("ddpm", "paper", out.cpu(), tm[0], job.t_noisy, job.t_noisy, x_noisy.cpu(),
+                  info={"t_noisy": job.t_noisy})
+
+
+def _paper_tdpm(ctx: Context, job: Job, method: str, t: int) -> Result:
+    """Alg. 2 on the oracle target x_T (built from x0 and the DIP input z), then Alg. 3 (T steps)."""
+    clean, gens, z, x_noisy = _paper_draws(ctx, job)
+    res = _dip(ctx, paper_dip_target(ctx.scheduler, clean, t, z), z, list(job.seeds), clean)
     with timer(ctx.device) as tm:
         out = _chain(ctx, res.output, t, gens, "TDPM reverse") if t else res.output
     iters = ctx.dip.iters
-    return Result(method, "paper", out.cpu(), res.seconds + tm[0], iters + t, iters + t, x_noisy.cpu(), res, info)
+    return Result(method, "paper", out.cpu(), res.seconds + tm[0], iters + t, iters + t, x_noisy.cpu(), res,
+                  {"t_noisy": job.t_noisy, "t_trunc": t})
 
 
-# ---------------------------------------------------------------------------------------- blind
+@register("dip", "denoise", ("paper",), nfe="DIP iterations", uses_dip=True,
+          help="G_psi(z) fitted to the clean image itself (oracle; T_trunc = 0)")
+def paper_dip(ctx: Context, job: Job) -> Result:
+    """Table 3 row 1: the DIP fitted to x0 (T_trunc = 0)."""
+    return _paper_tdpm(ctx, job, "dip", 0)
+
+
+@register("tdpm-dip", "denoise", ("paper",), nfe="DIP iterations + T_trunc", uses_dip=True,
+          help="the report's TDPM-DIP: G_psi(z) fitted to x_T built from the clean image (oracle), then T_trunc "
+               "reverse steps")
+def paper_tdpm_dip(ctx: Context, job: Job) -> Result:
+    """Table 2, TDPM-DIP row: Alg. 2 on the oracle x_T, then Alg. 3."""
+    return _paper_tdpm(ctx, job, "tdpm-dip", _fixed_t_trunc(ctx, job, 10))
+
+
+# ---------------------------------------------------------------------------------------- observations
+
+def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str = "clipped") -> torch.Tensor:
+    """The observation y of clean images in [-1, 1]: Gaussian noise of std sigma on the 0..255 scale.
+
+    clipped: what a saved noisy file holds, round(clip(255 x + n)) / 255 in 8 bits (the default);
+    float: the unclipped y = x0 + n of denoising papers. The noise of image i comes from seed i.
+    """
+    if model not in NOISE_MODELS:
+        raise UserError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {model!r}")
+    check_sigma(sigma255, "sigma")
+    gens = image_generators([s + 104729 for s in seeds], clean.device)
+    y = clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
+    if model == "clipped":
+        y = torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0
+    return y
+
 
 def add_gaussian_noise(clean: torch.Tensor, sigma255: float, seeds: list[int]) -> torch.Tensor:
-    """y = x0 + (2 sigma / 255) n on [-1, 1] images; noise of image i from seed i (not clipped)."""
-    if not sigma255 > 0:
-        raise UserError(f"sigma must be > 0, got {sigma255}")
-    gens = image_generators([s + 104729 for s in seeds], clean.device)
-    return clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
+    """y = x0 + (2 sigma / 255) n, not clipped (`add_noise` with model "float")."""
+    return add_noise(clean, sigma255, seeds, "float")
+
+
+def declip(noisy: torch.Tensor, sigma255: list[float], seeds: list[int]) -> torch.Tensor:
+    """Clipping-aware observation model: give clipped pixels back the noise that clipping removed.
+
+    A pixel stored at 255 only says x + n >= 255. Where the clean value sits on the bound (white
+    backgrounds, highlights), x + n given that is 255 + |n|: we draw that half-normal excess, so the
+    clipped pixels carry the Gaussian noise of std sigma that t* assumes, instead of a one-sided,
+    biased remnant of it (likewise below 0). Pixels inside the range are untouched, so unclipped
+    (float) observations pass through unchanged. Draws of image i come from seed i.
+    """
+    s = torch.tensor([2.0 * v / 255.0 for v in sigma255], device=noisy.device, dtype=noisy.dtype).view(-1, 1, 1, 1)
+    gens = image_generators([sd + 15485863 for sd in seeds], noisy.device)
+    excess = randn(tuple(noisy.shape[1:]), gens, noisy.device, noisy.dtype).abs() * s
+    # Exactly on the bound, not beyond it: unclipped observations go past +-1 and must stay as they are.
+    hi, lo = (noisy - 1.0).abs() < 1e-6, (noisy + 1.0).abs() < 1e-6
+    return torch.where(hi, 1.0 + excess, torch.where(lo, -1.0 - excess, noisy))
 
 
 def estimate_sigma(noisy: torch.Tensor) -> list[float]:
@@ -197,6 +268,145 @@ def estimate_sigma(noisy: torch.Tensor) -> list[float]:
         a = ((img.permute(1, 2, 0).numpy() + 1.0) / 2.0)
         out.append(float(_est(a, channel_axis=-1, average_sigmas=True)) * 255.0)
     return out
+
+
+def _observation(ctx: Context, job: Job) -> tuple[torch.Tensor, list[float], list[int]]:
+    """(y as the diffusion methods see it, sigma per image, t* per image)."""
+    noisy = _need(job.noisy, "the noisy images", "blind denoising").to(ctx.device)
+    n = noisy.shape[0]
+    sig = list(job.sigma) if len(job.sigma) == n else [float(job.sigma[0])] * n if len(job.sigma) == 1 else None
+    if sig is None:
+        raise ValueError("one sigma, or one per image")
+    y = declip(noisy, sig, list(job.seeds)) if job.declip else noisy
+    return y, sig, [sigma_to_level(ctx.scheduler, s) for s in sig]
+
+
+def _blind_info(sig: list[float], t_star: list[int], job: Job) -> dict:
+    def one(v: list) -> object:
+        return v[0] if len(set(v)) == 1 else v
+
+    return {"sigma": one(sig), "t_star": one(t_star), "declip": job.declip}
+
+
+# ---------------------------------------------------------------------------------------- blind estimators
+
+def tweedie(ctx: Context, y: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """E[x0 | x_t] in one call (Tweedie's formula, Efron 2011): with x_t = sqrt(abar_t) y,
+    x0 = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t) = y - sqrt((1 - abar_t) / abar_t) eps."""
+    out = torch.empty_like(y)
+    for t in sorted(set(levels)):
+        idx = [i for i, lv in enumerate(levels) if lv == t]
+        a = abar(ctx.scheduler, t)
+        for sl in _chunks(len(idx), ctx.batch_size):
+            yy = y[idx[sl]]
+            with torch.no_grad(), autocast(y.device, ctx.amp_dtype):
+                eps = ctx.unet((math.sqrt(a) * yy).to(ctx.unet.dtype), t - 1).sample.float()
+            out[idx[sl]] = yy - math.sqrt((1 - a) / a) * eps
+    return out
+
+
+def _d4_apply(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """Symmetry k of the square (bit 0: flip width, bit 1: flip height, bit 2: transpose first)."""
+    ops: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if k & 4:
+        ops.append(lambda t: t.transpose(-1, -2))
+    if k & 1:
+        ops.append(lambda t: t.flip(-1))
+    if k & 2:
+        ops.append(lambda t: t.flip(-2))
+    for op in (reversed(ops) if inverse else ops):
+        x = op(x)
+    return x
+
+
+def ensemble_tweedie(ctx: Context, y: torch.Tensor, levels: list[int], k: int = 8) -> torch.Tensor:
+    """Geometric self-ensemble (Timofte et al. 2016) of `tweedie`: the mean of T_k^-1 D(T_k y) over
+    the first k symmetries of the square. The network's errors differ between orientations; the
+    image's posterior mean does not."""
+    return sum(_d4_apply(tweedie(ctx, _d4_apply(y, j), levels), j, inverse=True) for j in range(k)) / k
+
+
+def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
+    """Smallest level t >= 1 whose (1 - abar_t) / abar_t reaches `ratio` (a noise-to-signal variance)."""
+    ac = scheduler.alphas_cumprod.double()
+    r = (1 - ac) / ac
+    idx = int(torch.searchsorted(r, torch.tensor([ratio], dtype=torch.float64)).item())
+    return min(idx + 1, num_levels(scheduler) - 1)
+
+
+def level_for_noise_left(scheduler: DDPMScheduler, sigma_left255: float, cap: int) -> int:
+    """The blind truncation rule: the level whose noise matches the noise an estimate still carries.
+
+    An estimate with residual noise of std e (0..255 scale, measured by `estimate_sigma`) is noised to
+    the level T with (1 - abar_T) / abar_T = (2 e / 255)^2, so the T reverse steps remove that residual
+    together with the noise they add; T never exceeds `cap` (t*, where the observation itself sits),
+    and e is floored at 0.5 (below one 8-bit step, nothing is left to remove).
+    """
+    return min(level_for_ratio(scheduler, (2 * max(sigma_left255, 0.5) / 255) ** 2), cap)
+
+
+@register("tweedie", "denoise", ("blind",), nfe="1", rank=30,
+          help="one network call at t*: Tweedie's posterior mean E[x0 | x_t*]")
+def blind_tweedie(ctx: Context, job: Job) -> Result:
+    y, sig, t_star = _observation(ctx, job)
+    with timer(ctx.device) as tm:
+        out = tweedie(ctx, y, t_star).clamp(-1, 1)
+    return Result("tweedie", "blind", out.cpu(), tm[0], 1, 1, job.noisy.cpu(), info=_blind_info(sig, t_star, job))
+
+
+@register("ensemble", "denoise", ("blind",), nfe="8", rank=10,
+          help="the recommended denoiser: Tweedie's posterior mean at t*, averaged over the 8 flips and "
+               "transposes of the image")
+def blind_ensemble(ctx: Context, job: Job) -> Result:
+    y, sig, t_star = _observation(ctx, job)
+    with timer(ctx.device) as tm:
+        out = ensemble_tweedie(ctx, y, t_star).clamp(-1, 1)
+    return Result("ensemble", "blind", out.cpu(), tm[0], 8, 8, job.noisy.cpu(), info=_blind_info(sig, t_star, job))
+
+
+@register("ddpm", "denoise", ("blind",), nfe="K t* (--samples K)", rank=40, options=("samples",),
+          help="the mean of K ancestral DDPM chains from t* (K = 1: one posterior sample)")
+def blind_ddpm(ctx: Context, job: Job) -> Result:
+    """Scale y to x_t* and run t* reverse steps, K times; the mean of the K posterior samples
+    approaches the posterior mean (DMID, Li et al. 2024, averages its runs the same way)."""
+    y, sig, t_star = _observation(ctx, job)
+    gens = image_generators(job.seeds, ctx.device)
+    with timer(ctx.device) as tm:
+        out = sum(_chains_by_level(ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * y[idx],
+                                   "DDPM reverse") for _ in range(job.samples)) / job.samples
+    info = _blind_info(sig, t_star, job) | {"samples": job.samples}
+    return Result("ddpm", "blind", out.cpu(), tm[0], max(t_star), max(t_star) * job.samples, job.noisy.cpu(),
+                  info=info)
+
+
+def ddim_from(ctx: Context, x_t: torch.Tensor, t: int, steps: int) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t to 0 in `steps` calls,
+    on the levels round(linspace(t, 0)). The last step returns the predicted x0."""
+    levels = sorted({round(t * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
+    x = x_t
+    for hi, lo in zip(levels[:-1], levels[1:]):
+        a_hi, a_lo = abar(ctx.scheduler, hi), abar(ctx.scheduler, lo)
+        with torch.no_grad(), autocast(x.device, ctx.amp_dtype):
+            eps = ctx.unet(x.to(ctx.unet.dtype), hi - 1).sample.float()
+        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
+        x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
+    return x
+
+
+@register("ddim", "denoise", ("blind",), nfe="n (--ddim-steps, default 10)", rank=50, options=("steps",),
+          help="a deterministic DDIM chain from t* in n steps")
+def blind_ddim(ctx: Context, job: Job) -> Result:
+    y, sig, t_star = _observation(ctx, job)
+    steps = job.steps or 10
+    out = torch.empty_like(y)
+    with timer(ctx.device) as tm:
+        for t in sorted(set(t_star)):
+            idx = [i for i, lv in enumerate(t_star) if lv == t]
+            n = min(steps, t)
+            for sl in _chunks(len(idx), ctx.batch_size):
+                out[idx[sl]] = ddim_from(ctx, math.sqrt(abar(ctx.scheduler, t)) * y[idx[sl]], t, n)
+    info = _blind_info(sig, t_star, job) | {"ddim_steps": steps}
+    return Result("ddim", "blind", out.clamp(-1, 1).cpu(), tm[0], steps, steps, job.noisy.cpu(), info=info)
 
 
 def bm3d_denoise(noisy: torch.Tensor, sigma255: list[float]) -> torch.Tensor:
@@ -213,123 +423,175 @@ def bm3d_denoise(noisy: torch.Tensor, sigma255: list[float]) -> torch.Tensor:
     return torch.stack(out).clamp(-1, 1)
 
 
-# Blind DIP: UNet2DModel has full-resolution skip connections and fits noise within a few dozen steps.
-# Perturbing its input with noise as strong as the input itself (Ulyanov et al. use 1/30 of a 0.1-scale
-# input, i.e. a third) and averaging the outputs is what keeps it below the noise. Measured at sigma 25
-# on 4 Pokemon test images, dip-small, 400 iterations: noisy 21.9 dB -> 26.4 dB with lr 1e-3
-# (21.9 dB with lr 3e-3: too fast, it fits the noise); on 32 px sprites +4 dB vs +1 dB without it.
-BLIND_DIP = DIPConfig(preset="paper-dip", iters=400, lr=1e-3, input_noise=1.0, average=0.95)
-
-
-def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
-    """Smallest level t >= 1 whose (1 - abar_t) / abar_t reaches `ratio` (a noise-to-signal variance)."""
-    ac = scheduler.alphas_cumprod.double()
-    r = (1 - ac) / ac
-    idx = int(torch.searchsorted(r, torch.tensor([ratio], dtype=torch.float64)).item())
-    return min(idx + 1, num_levels(scheduler) - 1)
-
-
-def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[int], sigma255: float | list[float],
-                  t_trunc: int | None = None, samples: int = 4, clean: torch.Tensor | None = None) -> Result:
-    """Blind denoising of y (only y and sigma are used; `clean`, if given, only feeds the curves).
-
-    tdpm-dip design: the DIP estimate x_dip still carries an error e, mostly noise it did not remove.
-    We estimate its std with the same wavelet estimator that estimates sigma from y (`estimate_sigma`,
-    applied to x_dip), noise x_dip to the level T whose noise-to-signal ratio matches it (never above t*),
-    so the chain removes e together with the noise it adds, run T reverse steps, and average `samples`
-    chains: each chain is a posterior sample, and their mean approaches the posterior mean, which
-    minimises the MSE. (y - x_dip does not estimate e: the averaged DIP output correlates with the
-    noise.) Measured on 4 Pokemon test images at sigma 25 (small linear DDPM, t* = 57, dip-small):
-    noisy 21.9 dB, DIP 26.4, DDPM 28.4; TDPM-DIP with 4 chains from T = 5 / 10 / 20 / 32: 28.2 / 29.1 /
-    29.8 / 29.8 dB. A fixed T = 18 (1/8 of the noise variance) fails at sigma 50, where the DIP removes
-    little noise (17.2 dB from 16.1): TDPM-DIP 23.9 dB < DDPM 24.5. With this rule, 8 test images:
-    sigma 25: DDPM 28.36, DIP 26.48, TDPM-DIP 29.06 dB; sigma 50: 24.45, 17.22, 25.43 dB.
-    `t_trunc` overrides the automatic T.
-    """
-    noisy = noisy.to(ctx.device)
-    n = noisy.shape[0]
-    sig = [float(sigma255)] * n if isinstance(sigma255, (int, float)) else [float(s) for s in sigma255]
-    if len(sig) != n:
-        raise ValueError("one sigma per image")
-    t_star = [sigma_to_level(ctx.scheduler, s) for s in sig]
-    gens = image_generators(seeds, ctx.device)
-    ref = clean.to(ctx.device) if clean is not None else None
-    info: dict = {"sigma": sig[0] if len(set(sig)) == 1 else sig, "t_star": t_star[0] if len(set(t_star)) == 1 else t_star}
-    if method == "ddpm":
-        with timer(ctx.device) as tm:
-            out = _chains_by_level(ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * noisy[idx],
-                                   "DDPM reverse")
-        steps = max(t_star)
-        return Result(method, "blind", out.cpu(), tm[0], steps, steps, noisy.cpu(), info=info)
-    if method == "bm3d":
-        with timer(ctx.device) as tm:
-            out = bm3d_denoise(noisy, sig)
-        return Result(method, "blind", out, tm[0], 0, 0, noisy.cpu(), info=info)
-    if method not in ("dip", "tdpm-dip"):
-        raise UserError(f"unknown denoising method {method!r}; choose {', '.join(DENOISE_METHODS)}")
-    z = randn(_image_shape(ctx), gens, ctx.device)
-    res = _dip(ctx, noisy, z, seeds, ref)
+@register("bm3d", "denoise", ("blind",), nfe="0 (no network)", rank=60, extra="bm3d",
+          help="CBM3D, the classical baseline, on the observation as it is")
+def blind_bm3d(ctx: Context, job: Job) -> Result:
+    noisy = _need(job.noisy, "the noisy images", "bm3d")
+    sig = list(job.sigma) if len(job.sigma) == noisy.shape[0] else [float(job.sigma[0])] * noisy.shape[0]
     with timer(ctx.device) as tm:
-        x_dip = res.output
-        if method == "dip":
-            out = x_dip
-            t_used: int | list[int] = 0
-        else:
-            if t_trunc is None:
-                left = estimate_sigma(x_dip)  # noise the DIP left, 0..255 scale
-                levels = [min(level_for_ratio(ctx.scheduler, (2 * max(e, 0.5) / 255) ** 2), t)
-                          for e, t in zip(left, t_star)]
-                info["dip_sigma_left"] = [round(e, 2) for e in left]
-            else:
-                levels = [validate_t_trunc(ctx.scheduler, t_trunc)] * n
-            def start(idx: list[int], t: int) -> torch.Tensor:
-                eps = randn(tuple(x_dip.shape[1:]), [gens[i] for i in idx], ctx.device)
-                return q_sample(ctx.scheduler, x_dip[idx], t, eps)
+        out = bm3d_denoise(noisy, sig)
+    return Result("bm3d", "blind", out, tm[0], 0, 0, noisy.cpu(), info={"sigma": sig[0] if len(set(sig)) == 1 else sig})
 
-            out = sum(_chains_by_level(ctx, levels, gens, start, "TDPM reverse") for _ in range(samples)) / samples
-            t_used = levels[0] if len(set(levels)) == 1 else levels
-            info["samples"] = samples
-    info["t_trunc"] = t_used
-    chain = max(t_used) if isinstance(t_used, list) else t_used
-    iters = ctx.dip.iters
-    return Result(method, "blind", out.cpu(), res.seconds + tm[0], iters + chain, iters + chain * (samples if chain else 1),
-                  noisy.cpu(), res, info)
+
+@register("dip", "denoise", ("blind",), nfe="DIP iterations", rank=70, uses_dip=True,
+          help="G_psi(z) fitted to y with input noise and output averaging (Ulyanov et al.)")
+def blind_dip(ctx: Context, job: Job) -> Result:
+    y, sig, t_star = _observation(ctx, job)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(tuple(y.shape[1:]), gens, ctx.device)  # the image's own size (any size the UNets accept)
+    res = _dip(ctx, y, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None)
+    info = _blind_info(sig, t_star, job) | {"t_trunc": 0}
+    return Result("dip", "blind", res.output.cpu(), res.seconds, ctx.dip.iters, ctx.dip.iters,
+                  job.noisy.cpu(), res, info)
+
+
+@register("tdpm-dip", "denoise", ("blind",), nfe="8 + DIP iterations + K T", rank=20, uses_dip=True,
+          options=("t_trunc", "samples"),
+          help="TDPM-DIP made blind: Algorithm 2's target x_T built from the ensemble estimate instead of the "
+               "clean image, then K chains of T steps from G_psi(z), averaged")
+def blind_tdpm_dip(ctx: Context, job: Job) -> Result:
+    """Algorithms 2 and 3 with the oracle replaced by the blind estimate (the "plugin" DIP settings).
+
+    The report builds the DIP target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z from the clean x0.
+    Blind, the best one-network estimate of x0 is the posterior mean x_hat = `ensemble_tweedie`(y):
+    it takes x0's place in Alg. 2, unchanged otherwise. Alg. 3 then runs T reverse steps from
+    G_psi(z), K times, and the K chains are averaged: each is a sample of x0 given x_T, their mean
+    approaches the posterior mean. T is `job.t_trunc`, or per image the level whose noise matches the
+    noise left in x_hat (`level_for_noise_left`, at most t*).
+    """
+    y, sig, t_star = _observation(ctx, job)
+    cfg = ctx.dip_plugin or dip_defaults("plugin", ctx.dip.preset)
+    with timer(ctx.device) as tm0:
+        x_hat = ensemble_tweedie(ctx, y, t_star)
+    info = _blind_info(sig, t_star, job) | {"samples": job.samples}
+    if job.t_trunc is None:
+        left = estimate_sigma(x_hat)
+        levels = [level_for_noise_left(ctx.scheduler, e, t) for e, t in zip(left, t_star)]
+        info["estimate_sigma_left"] = [round(e, 2) for e in left]
+    else:
+        levels = [validate_t_trunc(ctx.scheduler, job.t_trunc)] * len(t_star)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(tuple(y.shape[1:]), gens, ctx.device)
+    target = torch.empty_like(x_hat)
+    for t in set(levels):
+        idx = [i for i, lv in enumerate(levels) if lv == t]
+        target[idx] = paper_dip_target(ctx.scheduler, x_hat[idx], t, z[idx])
+    res = _dip(ctx, target, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None, cfg)
+    with timer(ctx.device) as tm:
+        out = sum(_chains_by_level(ctx, levels, gens, lambda idx, t: res.output[idx], "TDPM reverse")
+                  for _ in range(job.samples)) / job.samples
+    T = max(levels)
+    info["t_trunc"] = levels[0] if len(set(levels)) == 1 else levels
+    return Result("tdpm-dip", "blind", out.clamp(-1, 1).cpu(), tm0[0] + res.seconds + tm[0], cfg.iters + T,
+                  8 + cfg.iters + T * job.samples, job.noisy.cpu(), res, info)
 
 
 # ---------------------------------------------------------------------------------------- generation
 
-def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int = 10, ddim_steps: int = 110,
-             reference: torch.Tensor | None = None, ddim_eta: float = 0.0) -> Result:
-    """Table 1. ddpm: 1000 ancestral steps from N(0, I). ddim: `ddim_steps` deterministic steps
-    (`ddim_eta` = 1: stochastic, a strided DDPM ancestral sampler).
-    tdpm-dip (paper protocol only): G_psi(z) fitted to x_T built from reference image i and z_i,
-    then T_trunc reverse steps, so image i is a reconstruction of reference image i."""
-    shape = _image_shape(ctx)
-    gens = image_generators(seeds, ctx.device)
+@register("ddpm", "generate", ("noise",), nfe="1000 (T)", help="ancestral sampling from pure noise, all T steps")
+def generate_ddpm(ctx: Context, job: Job) -> Result:
+    """Table 1, DDPM row: T ancestral steps from N(0, I)."""
+    gens = image_generators(job.seeds, ctx.device)
+    x_T = randn(_image_shape(ctx), gens, ctx.device)
     T = num_levels(ctx.scheduler)
-    if method in ("ddpm", "ddim"):
-        x_T = randn(shape, gens, ctx.device)
-        with timer(ctx.device) as tm:
-            if method == "ddpm":
-                out = _chain(ctx, x_T, T, gens, "DDPM 1000 steps")
-                steps = T
-            else:
-                outs = [ddim_chain(ctx.unet, ctx.scheduler, x_T[sl], ddim_steps, gens[sl], eta=ddim_eta,
-                                   amp_dtype=ctx.amp_dtype)
-                        for sl in _chunks(len(seeds), ctx.batch_size)]
-                out, steps = torch.cat(outs), ddim_steps
-        return Result(method, "noise", out.cpu(), tm[0], steps, steps, info={"ddim_steps": ddim_steps})
-    if method != "tdpm-dip":
-        raise UserError(f"unknown generation method {method!r}; choose {', '.join(GENERATE_METHODS)}")
-    if reference is None or reference.shape[0] < len(seeds):
+    with timer(ctx.device) as tm:
+        out = _chain(ctx, x_T, T, gens, f"DDPM {T} steps")
+    return Result("ddpm", "noise", out.cpu(), tm[0], T, T, info={"ddim_steps": job.steps})
+
+
+@register("ddim", "generate", ("noise",), nfe="--ddim-steps", options=("steps", "eta"),
+          help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)")
+def generate_ddim(ctx: Context, job: Job) -> Result:
+    """DDIM (Song et al. 2021) from N(0, I) in `steps` network evaluations."""
+    steps = job.steps or 110
+    gens = image_generators(job.seeds, ctx.device)
+    x_T = randn(_image_shape(ctx), gens, ctx.device)
+    with timer(ctx.device) as tm:
+        out = torch.cat([ddim_chain(ctx.unet, ctx.scheduler, x_T[sl], steps, gens[sl], eta=job.eta,
+                                    amp_dtype=ctx.amp_dtype) for sl in _chunks(len(job.seeds), ctx.batch_size)])
+    return Result("ddim", "noise", out.cpu(), tm[0], steps, steps, info={"ddim_steps": steps})
+
+
+@register("tdpm-dip", "generate", ("paper",), nfe="DIP iterations + T_trunc", uses_dip=True,
+          help="the report's TDPM-DIP (paper protocol): G_psi(z) fitted to reference image i noised to T_trunc, "
+               "then T_trunc steps, so output i reconstructs reference image i")
+def generate_tdpm_dip(ctx: Context, job: Job) -> Result:
+    """Table 1, TDPM-DIP row: Alg. 2 on x_T built from reference image i and z_i, then Alg. 3."""
+    n = len(job.seeds)
+    if job.reference is None or job.reference.shape[0] < n:
         raise UserError("TDPM-DIP generation follows the paper protocol: it needs --reference-data with at least "
                         "--n images (each output reconstructs one of them)")
-    t_trunc = validate_t_trunc(ctx.scheduler, t_trunc)
-    x0 = reference[: len(seeds)].to(ctx.device)
-    z = randn(shape, gens, ctx.device)
-    res = _dip(ctx, paper_dip_target(ctx.scheduler, x0, t_trunc, z), z, seeds, None)
+    t_trunc = _fixed_t_trunc(ctx, job, 10)
+    gens = image_generators(job.seeds, ctx.device)
+    x0 = job.reference[:n].to(ctx.device)
+    z = randn(_image_shape(ctx), gens, ctx.device)
+    res = _dip(ctx, paper_dip_target(ctx.scheduler, x0, t_trunc, z), z, list(job.seeds), None)
     with timer(ctx.device) as tm:
         out = _chain(ctx, res.output, t_trunc, gens, "TDPM reverse") if t_trunc else res.output
     iters = ctx.dip.iters
-    return Result(method, "paper", out.cpu(), res.seconds + tm[0], iters + t_trunc, iters + t_trunc, dip=res,
+    return Result("tdpm-dip", "paper", out.cpu(), res.seconds + tm[0], iters + t_trunc, iters + t_trunc, dip=res,
                   info={"t_trunc": t_trunc, "dip_output": res.output.cpu()})
+
+
+# ---------------------------------------------------------------------------------------- entry points
+
+def run(ctx: Context, task: str, protocol: str, method: str, job: Job) -> Result:
+    """Look `method` up in the registry and run it (the one dispatch; the CLI, bench and demo call it)."""
+    return get(task, protocol, method).run(ctx, job)
+
+
+def size_multiple(ctx: Context) -> int:
+    """Sides the networks accept: each UNet halves the image once per block but the last."""
+    from .config import get_preset
+
+    blocks = [len(ctx.unet.config.block_out_channels)]
+    blocks += [len(get_preset(c.preset).block_out_channels) for c in (ctx.dip, ctx.dip_plugin) if c is not None]
+    return 2 ** (max(blocks) - 1)
+
+
+def run_native(ctx: Context, method: str, job: Job) -> Result:
+    """Blind denoising at the images' own size: y is reflect-padded to a side the UNets accept (the
+    networks are convolutional; reflection keeps the noise statistics at the border) and the
+    outputs are cropped back, so the result has exactly the input's size and aspect."""
+    noisy = _need(job.noisy, "the noisy images", method)
+    h, w = noisy.shape[-2:]
+    m = size_multiple(ctx)
+    ph, pw = -h % m, -w % m
+    if ph == 0 and pw == 0:
+        return run(ctx, "denoise", "blind", method, job)
+
+    def pad(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
+
+    res = run(ctx, "denoise", "blind", method, dataclasses.replace(job, noisy=pad(noisy), clean=pad(job.clean)))
+    res.images = res.images[..., :h, :w]
+    res.inputs = noisy.cpu()
+    if res.dip is not None:  # a copy: the memoised fit stays as it was
+        res.dip = dataclasses.replace(res.dip, output=res.dip.output[..., :h, :w])
+    return res
+
+
+def denoise_paper(ctx: Context, clean: torch.Tensor, method: str, seeds: list[int], t_noisy: int = 600,
+                  t_trunc: int = 10) -> Result:
+    """Table 2 under the report's protocol (`run` with a paper-protocol job)."""
+    return run(ctx, "denoise", "paper", method, Job(tuple(seeds), clean=clean, t_noisy=t_noisy, t_trunc=t_trunc))
+
+
+def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[int], sigma255: float | list[float],
+                  t_trunc: int | None = None, samples: int = 4, clean: torch.Tensor | None = None,
+                  steps: int | None = None, declip: bool = True) -> Result:
+    """Blind denoising of y: only y and sigma are used (`clean`, if given, only feeds the DIP curves)."""
+    sig = (float(sigma255),) if isinstance(sigma255, (int, float)) else tuple(float(s) for s in sigma255)
+    if len(sig) not in (1, noisy.shape[0]):
+        raise ValueError("one sigma, or one per image")
+    job = Job(tuple(seeds), noisy=noisy, sigma=sig, clean=clean, t_trunc=t_trunc, samples=samples, steps=steps,
+              declip=declip)
+    return run(ctx, "denoise", "blind", method, job)
+
+
+def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int = 10, ddim_steps: int = 110,
+             reference: torch.Tensor | None = None, ddim_eta: float = 0.0) -> Result:
+    """Table 1's methods (`run` with a generation job)."""
+    protocol = "paper" if method == "tdpm-dip" else "noise"
+    job = Job(tuple(seeds), reference=reference, t_trunc=t_trunc, steps=ddim_steps, eta=ddim_eta)
+    return run(ctx, "generate", protocol, method, job)

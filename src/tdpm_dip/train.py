@@ -15,10 +15,12 @@ and the global batch does not depend on the number of processes.
 
 Run folder: config.json, metrics.jsonl, samples/step_XXXXXX.png (EMA, DDIM), checkpoints/step_XXXXXX/
 (safetensors + JSON, written atomically) and model/ (a `DDPMPipeline` folder with the EMA weights).
+--overwrite of an earlier run builds the new one beside it and swaps it in only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -27,7 +29,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +56,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 RESUME_MUST_MATCH = ("preset", "size", "schedule", "t_max", "fill", "batch_size", "lr", "warmup_steps",
                      "ema_decay", "seed")
 CKPT_RE = re.compile(r"step_(\d+)")
+RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "model")  # what a run writes in --out
 
 
 def _help(text: str) -> dict:
@@ -369,14 +372,37 @@ def _check_out_dir(out: Path, allow_existing: bool) -> None:
         raise UserError(f"{out}: exists and is not empty (use --resume to continue its run, or --overwrite)")
 
 
-def _clear_previous_run(out: Path) -> None:
-    """--overwrite: remove the checkpoints and grids of an earlier run (only our own file patterns), so a
-    later --resume cannot pick up a checkpoint of that other run."""
-    for p in list_checkpoints(out):
-        shutil.rmtree(p)
-    for p in (out / "samples").glob("step_*.png") if (out / "samples").is_dir() else []:
-        p.unlink()
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+@contextlib.contextmanager
+def _run_folder(cfg: TrainConfig, out: Path) -> Iterator[Path]:
+    """Where the main process writes the run: `out` itself, except for --overwrite of an earlier run.
+
+    That one is built beside it and replaces the earlier run's files (RUN_FILES, whole) only when it is
+    complete (`staged_dir`): interrupted or failed, it is discarded and the earlier run, checkpoints
+    included, stays as it was; a later --resume continues that one. Other files in `out` are kept. A new
+    run or --resume writes in `out`, where every checkpoint is complete once written (--resume restarts
+    from the latest)."""
+    if not (cfg.overwrite and out.is_dir() and any(out.iterdir())):
+        yield out
+        return
+    with staged_dir(out, owned=RUN_FILES) as work:
+        try:
+            yield work
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e} (that checkpoint was in the discarded --overwrite run: {out} still "
+                                   "holds the earlier run)") from None
+
+
+def _remove_cut_writes(out: Path) -> None:
+    """--resume after a kill -9: delete what that process was writing (staged checkpoints or export,
+    temporary files); complete files are never named like these."""
+    for folder in (out, out / "checkpoints", out / "samples"):
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if not (p.name.startswith(".") and (".partial." in p.name or p.name.endswith(".tmp"))):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -467,39 +493,42 @@ def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], Non
     from tqdm.auto import tqdm
 
     cfg.validate()
-    run = _setup(cfg, progress)
-    cfg = run.cfg
-    log = _RunLog(last_ckpt=run.resumed_from, step_last=run.start)
-    bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", disable=not (progress and run.main),
-               dynamic_ncols=True)
-    try:
-        for step in range(run.start + 1, cfg.steps + 1):
-            loss, grad_norm = _train_step(run, step)
-            log.losses.append(loss)
-            log.norms.append(grad_norm)
-            bar.update(1)
-            if callback is not None:
-                callback(step)
+    with contextlib.ExitStack() as folder:  # holds the staging of an --overwrite run (_run_folder)
+        run = _setup(cfg, progress, folder)
+        cfg = run.cfg
+        log = _RunLog(last_ckpt=run.resumed_from, step_last=run.start)
+        bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step",
+                   disable=not (progress and run.main), dynamic_ncols=True)
+        try:
+            for step in range(run.start + 1, cfg.steps + 1):
+                loss, grad_norm = _train_step(run, step)
+                log.losses.append(loss)
+                log.norms.append(grad_norm)
+                bar.update(1)
+                if callback is not None:
+                    callback(step)
 
-            do_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
-            do_grid = (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps
-            if step % cfg.log_every == 0 or do_ckpt or do_grid:
-                rec = _log_metrics(run, log, step)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.1f}")
-            if do_ckpt:
-                _checkpoint(run, log, step)
-            if do_grid:
-                _save_samples(run, step)
-            if do_ckpt or do_grid:
-                log.t_last = time.perf_counter()  # it/s measures training, not saving or sampling
-    finally:
-        bar.close()
-    return _export(run)
+                do_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
+                do_grid = (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps
+                if step % cfg.log_every == 0 or do_ckpt or do_grid:
+                    rec = _log_metrics(run, log, step)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.1f}")
+                if do_ckpt:
+                    _checkpoint(run, log, step)
+                if do_grid:
+                    _save_samples(run, step)
+                if do_ckpt or do_grid:
+                    log.t_last = time.perf_counter()  # it/s measures training, not saving or sampling
+        finally:
+            bar.close()
+        _export(run)
+    run.accelerator.wait_for_everyone()  # the main process has put the run in place
+    return Path(cfg.out) / "model"
 
 
-def _setup(cfg: TrainConfig, progress: bool) -> _Run:
+def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> _Run:
     """Accelerator, data, networks and optimizer; restores the latest checkpoint when resuming and
-    (main process) starts the run folder."""
+    (main process) starts the run folder (`_run_folder`, entered into `folder`)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -535,10 +564,10 @@ def _setup(cfg: TrainConfig, progress: bool) -> _Run:
     start, resumed_from = _resume(cfg, out, n, unet, ema, optimizer, lr_scheduler)
 
     if main:
+        out = folder.enter_context(_run_folder(cfg, out))
         prepare_out_dir(out, overwrite=cfg.resume or cfg.overwrite)
-        if cfg.overwrite:
-            _clear_previous_run(out)
         if cfg.resume:
+            _remove_cut_writes(out)
             _truncate_metrics(out / "metrics.jsonl", start)
         write_json(out / "config.json", {
             "config": run_config, "algorithm": "Algorithm 1 (DDPM training)", "resumed_from": str(resumed_from)

@@ -1,0 +1,227 @@
+"""Blind denoising (issue 9) and the method registry (issue 13), on tiny networks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run
+from PIL import Image
+
+from tdpm_dip import registry
+from tdpm_dip.data import make_sprites
+from tdpm_dip.dip import DIPConfig, dip_defaults
+from tdpm_dip.errors import UserError
+from tdpm_dip.models import build_unet, save_ddpm
+from tdpm_dip.noise import abar, make_scheduler, sigma_to_level
+from tdpm_dip.registry import Job
+from tdpm_dip.tasks import (Context, add_noise, declip, denoise_blind, ensemble_tweedie, estimate_sigma,
+                            level_for_noise_left, run_native, tweedie)
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Context:
+    cfg = DIPConfig(preset="dip-tiny", iters=3, lr=1e-3, input_noise=1.0, average=0.9)
+    return Context(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), cfg, batch_size=4,
+                   dip_plugin=DIPConfig(preset="dip-tiny", iters=3, lr=1e-3))
+
+
+@pytest.fixture(scope="module")
+def sprites() -> torch.Tensor:
+    return make_sprites(4, SIZE, seed=5).images
+
+
+# ------------------------------------------------------------------------------ observation model
+
+def test_clipped_noise_is_what_an_8bit_file_holds(sprites: torch.Tensor) -> None:
+    y = add_noise(sprites, 25, [0, 1, 2, 3], "clipped")
+    levels = (y + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)  # integer 8-bit levels
+    assert levels.min() >= 0 and levels.max() <= 255
+    assert (levels == 255).float().mean() > 0.05  # the sprites' white background clips
+    f = add_noise(sprites, 25, [0, 1, 2, 3], "float")
+    assert f.max() > 1.0  # the float model is not clipped
+    # Same draws: where the float observation stays inside the range, the clipped one is its rounding.
+    inside = (f > -1) & (f < 1)
+    assert torch.allclose(y[inside], (torch.round((f[inside] + 1) * 127.5)) / 127.5 - 1, atol=1e-5)
+
+
+def test_declip_restores_the_noise_std_on_a_white_background() -> None:
+    white = torch.ones(2, 3, 64, 64)
+    y = add_noise(white, 25, [0, 1], "clipped")
+    s = 2 * 25 / 255
+    assert (y - 1).std() < 0.7 * s  # clipping removed most of the noise
+    d = declip(y, [25.0, 25.0], [0, 1])
+    assert abs(float((d - 1).std()) - s) < 0.1 * s and abs(float((d - 1).mean())) < 0.1 * s
+    inside = (y > -1) & (y < 1)
+    assert torch.equal(d[inside], y[inside])  # pixels inside the range are untouched
+    f = add_noise(white, 25, [0, 1], "float")
+    assert torch.equal(declip(f, [25.0, 25.0], [0, 1]), f)  # unclipped inputs pass through
+
+
+def test_bad_noise_model_is_a_user_error(sprites: torch.Tensor) -> None:
+    with pytest.raises(UserError):
+        add_noise(sprites, 25, [0, 1, 2, 3], "poisson")
+    with pytest.raises(UserError):
+        add_noise(sprites, 300, [0, 1, 2, 3])
+
+
+# ------------------------------------------------------------------------------ estimators
+
+def test_tweedie_equals_its_closed_form(ctx: Context, sprites: torch.Tensor) -> None:
+    y = add_noise(sprites, 25, [0, 1, 2, 3], "float")
+    t = sigma_to_level(ctx.scheduler, 25)
+    a = abar(ctx.scheduler, t)
+    with torch.no_grad():
+        eps = ctx.unet(math.sqrt(a) * y, t - 1).sample
+    expected = (math.sqrt(a) * y - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    assert torch.allclose(tweedie(ctx, y, [t] * 4), expected, atol=1e-5)
+    res = denoise_blind(ctx, y, "tweedie", [0, 1, 2, 3], 25)
+    assert res.nfe == 1 and torch.allclose(res.images, expected.clamp(-1, 1), atol=1e-5)
+
+
+def test_ensemble_is_the_mean_over_the_symmetries_and_equivariant(ctx: Context, sprites: torch.Tensor) -> None:
+    y = add_noise(sprites, 25, [0, 1, 2, 3], "float")
+    t = [sigma_to_level(ctx.scheduler, 25)] * 4
+    e = ensemble_tweedie(ctx, y, t)
+    assert torch.allclose(ensemble_tweedie(ctx, y, t, k=1), tweedie(ctx, y, t), atol=1e-6)
+    # Averaging over the whole group makes the estimator equivariant: flipping y flips the output.
+    assert torch.allclose(ensemble_tweedie(ctx, y.flip(-1), t), e.flip(-1), atol=1e-5)
+    assert torch.allclose(ensemble_tweedie(ctx, y.transpose(-1, -2), t), e.transpose(-1, -2), atol=1e-5)
+
+
+def test_mean_of_k_chains_has_lower_variance_than_one(ctx: Context, sprites: torch.Tensor) -> None:
+    y = add_noise(sprites[:1].repeat(6, 1, 1, 1), 25, [0] * 6, "float")  # one observation, six seeds
+    seeds = list(range(10, 16))
+    one = denoise_blind(ctx, y, "ddpm", seeds, 25, samples=1).images
+    four = denoise_blind(ctx, y, "ddpm", seeds, 25, samples=4).images
+    assert four.var(0).mean() < 0.5 * one.var(0).mean()
+    assert denoise_blind(ctx, y[:1], "ddpm", [0], 25, samples=4).nfe == 4 * sigma_to_level(ctx.scheduler, 25)
+
+
+def test_noise_left_rule_gives_the_level_of_a_known_residual() -> None:
+    sched = make_scheduler("linear")
+    rng = torch.Generator().manual_seed(0)
+    flat = torch.zeros(1, 3, 64, 64)
+    for e in (4.0, 10.0):
+        residual = flat + (2 * e / 255) * torch.randn(flat.shape, generator=rng)
+        est = estimate_sigma(residual)[0]
+        assert abs(est - e) < 0.1 * e  # the estimator, on noise of known std
+        t = level_for_noise_left(sched, est, cap=1000)
+        ratio = (1 - abar(sched, t)) / abar(sched, t)
+        assert abs(math.sqrt(ratio) * 255 / 2 - e) < 0.15 * e  # the level's noise matches the residual
+    assert level_for_noise_left(sched, 40.0, cap=7) == 7  # never above t*
+    assert level_for_noise_left(sched, 0.0, cap=100) == level_for_noise_left(sched, 0.5, cap=100)
+
+
+def test_native_size_keeps_the_exact_size_and_aspect(ctx: Context) -> None:
+    y = add_noise(make_sprites(1, 20, seed=1).images[:, :, :, :13].contiguous(), 25, [0], "clipped")
+    for method in ("ensemble", "tdpm-dip"):
+        res = run_native(ctx, method, Job((0,), noisy=y, sigma=(25.0,)))
+        assert res.images.shape == y.shape == (1, 3, 20, 13)
+        assert torch.isfinite(res.images).all()
+
+
+# ------------------------------------------------------------------------------ the registry
+
+def test_every_blind_method_depends_only_on_its_own_seed(ctx: Context, sprites: torch.Tensor) -> None:
+    """Image i's output is the same alone, in a batch, with another batch size (issue 15)."""
+    y = add_noise(sprites, 25, [7, 8, 9, 10], "clipped")
+    import dataclasses
+
+    for m in registry.methods("denoise", "blind"):
+        if m.extra:
+            continue
+        full = denoise_blind(ctx, y, m.name, [7, 8, 9, 10], 25, samples=2).images
+        small = denoise_blind(dataclasses.replace(ctx, batch_size=1, dip_memo={}), y[2:3], m.name, [9], 25,
+                              samples=2).images
+        assert torch.allclose(full[2], small[0], atol=1e-5), m.name
+
+
+def test_cli_choices_are_the_registry() -> None:
+    from tdpm_dip.cli import cli
+
+    den = {p.name: p for p in cli.commands["denoise"].params}
+    assert set(den["methods"].type.choices) == set(registry.names("denoise"))
+    gen = {p.name: p for p in cli.commands["generate"].params}
+    assert set(gen["method"].type.choices) == set(registry.names("generate"))
+    assert registry.names("denoise", "blind")[0] == "ensemble"  # the recommended method comes first
+    with pytest.raises(UserError, match="paper protocol"):
+        registry.get("generate", "blind", "tdpm-dip")  # it exists, under another protocol: the error says which
+
+
+def test_dip_defaults_have_one_home() -> None:
+    assert dip_defaults("paper", "paper-dip") == DIPConfig(preset="paper-dip", iters=100, lr=1e-4)
+    blind = dip_defaults("blind", "dip-small")
+    assert blind.iters == 400 and blind.input_noise > 0 and blind.average is not None
+    assert dip_defaults("blind", "dip-small", iters=7, lr=2e-3).iters == 7
+    assert dip_defaults("plugin", "dip-small").input_noise == 0  # its target holds z: it must fit it exactly
+
+
+# ------------------------------------------------------------------------------ the user's path (CLI)
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "ddpm"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def noisy_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8-bit noisy PNGs of two sizes, one of them not square, as a user's files."""
+    folder = tmp_path_factory.mktemp("noisy")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(24, 24), (20, 30), (24, 24)]):
+        x = (make_sprites(1, max(h, w), seed=i).images[0, :, :h, :w].permute(1, 2, 0).numpy() + 1) * 127.5
+        y = np.clip(np.round(x + rng.normal(0, 25, x.shape)), 0, 255).astype(np.uint8)
+        Image.fromarray(y).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("sigma", [["--sigma", "25"], []])
+def test_denoise_input_keeps_each_files_size(model: Path, noisy_files: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture, sigma: list[str]) -> None:
+    out = tmp_path / "den"
+    code, stdout, err = run(["denoise", "--model", model, "--input", noisy_files, *sigma, "--method", "tweedie",
+                             "--method", "ensemble", "--out", out], capsys)
+    assert code == 0, err
+    for name in ("img0", "img1", "img2"):
+        size = Image.open(noisy_files / f"{name}.png").size
+        for m in ("noisy", "tweedie", "ensemble"):
+            assert Image.open(out / m / f"{name}.png").size == size
+    assert (out / "comparison.png").is_file() and "ensemble" in (out / "metrics.md").read_text()
+    if not sigma:
+        assert "estimated sigma" in err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--samples", "0"], "--samples"),
+    (["--noise", "poisson"], "--noise"),
+    (["--sigma", "0"], "--sigma"),
+    (["--method", "tweedie", "--protocol", "paper"], "paper protocol"),
+])
+def test_bad_denoise_options_are_one_line_errors(model: Path, sprite_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture, args: list[str],
+                                                  fragment: str) -> None:
+    code, _, err = run(["denoise", "--model", model, "--clean", sprite_dir, *args, "--out", tmp_path / "x"], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_denoise_clean_reports_the_noise_model(model: Path, sprite_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    for noise in ("clipped", "float"):
+        out = tmp_path / noise
+        code, _, err = run(["denoise", "--model", model, "--clean", sprite_dir, "--n", "2", "--noise", noise,
+                            "--method", "tweedie", "--out", out], capsys)
+        assert code == 0, err
+        rows = json.loads((out / "metrics.json").read_text())["rows"]
+        assert rows[0]["noise"].startswith(noise) and rows[0]["NFE"] == 1
