@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tdpm_dip import bench as bench_mod
+from tdpm_dip import registry
 from tdpm_dip.cli import main
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler, sigma_to_level
@@ -97,9 +98,15 @@ def test_table2_blind(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> N
     assert all(r["protocol"] == "blind" for r in res["rows"])
     assert all(math.isfinite(r["PSNR@2"]) and math.isfinite(r["input PSNR"]) for r in res["rows"])
     t_star = sigma_to_level(make_scheduler("linear"), 25)  # ~56-57 (anchors.md)
-    assert res["rows"][0]["t_star"] == res["rows"][0]["reverse steps"] == t_star
+    ddpm = next(r for r in res["rows"] if r["method"] == "ddpm")
+    assert ddpm["t_star"] == ddpm["reverse steps"] == t_star
+    # One row per blind method of the registry (optional extras only where installed), best first.
+    names = [r["method"] for r in res["rows"]]
+    assert names == [m for m in registry.names("denoise", "blind") if m != "bm3d" or "bm3d" in names]
+    assert {r["method"]: r["NFE"] for r in res["rows"]}["tweedie"] == 1
     assert any("blind protocol" in x for x in res["notes"])
-    assert "sigma=25 (blind protocol)" in (run / "table2.md").read_text()
+    assert "sigma=25, clipped (blind protocol)" in (run / "table2.md").read_text()
+    assert res["header"]["noise"].startswith("clipped") and (run / "table2_cost.png").is_file()
 
 
 def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_path: Path,

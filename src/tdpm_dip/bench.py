@@ -90,6 +90,7 @@ class BenchSettings:
     noise: str = "clipped"              # blind: observation model of tasks.add_noise
     declip: bool = True                 # blind: the clipping-aware observation (tasks.declip)
     blind_ddim_steps: int = 10          # blind ddim: steps from t*
+    methods: tuple[str, ...] = ()       # blind denoising rows to run (empty: every blind method of the registry)
     ddpm_steps: int = REPORT_DDPM_STEPS
     ddim_steps: int | None = None       # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
     fid: bool = False
@@ -127,7 +128,8 @@ def _blind_method_names() -> list[str]:
 
 def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
     rows = []
-    for m in (("ddpm", "dip", "tdpm-dip") if s.protocol == "paper" else _blind_method_names()):
+    blind = [m for m in _blind_method_names() if not s.methods or m in s.methods]
+    for m in (("ddpm", "dip", "tdpm-dip") if s.protocol == "paper" else blind):
         t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if m == "tdpm-dip" else None
         rows.append(RowSpec(LABELS.get(m, m), "denoise", m, s.protocol, model, t_trunc=t,
                             report=_report_denoise(REPORT_DENOISE[model].get(m))))

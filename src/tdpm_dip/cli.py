@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 
 from .errors import UserError, check_positive, check_sigma
-from .registry import help_text, names
+from .registry import help_text
+from .registry import names as method_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -183,7 +184,7 @@ def _train_command() -> click.Command:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="DDPM: a diffusers folder (unet/ + scheduler/) or a hub id.")
-@click.option("--method", type=click.Choice(names("generate")), default="tdpm-dip",
+@click.option("--method", type=click.Choice(method_names("generate")), default="tdpm-dip",
               help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm-dip: DIP + T_trunc steps "
                    "(paper protocol: reconstructs --reference-data images).")
 @click.option("--n", "n", type=int, default=16, help="Number of images.")
@@ -244,7 +245,7 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
 # ------------------------------------------------------------------------------------------ denoise
 
 def _denoise_choices() -> list[str]:
-    return list(dict.fromkeys(names("denoise", "blind") + names("denoise", "paper")))
+    return list(dict.fromkeys(method_names("denoise", "blind") + method_names("denoise", "paper")))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -252,6 +253,8 @@ def _denoise_choices() -> list[str]:
 @click.option("--input", "input_", default=None, help="Your NOISY images (folder or file): blind denoising.")
 @click.option("--clean", default=None,
               help="CLEAN images that are noised here first, so PSNR/SSIM can be measured.")
+@click.option("--reference", default=None,
+              help="With --input: the clean originals (same file names), only to score PSNR/SSIM.")
 @click.option("--protocol", type=click.Choice(["paper", "blind"]), default="blind",
               help="paper: the report's oracle protocol (needs --clean); blind: uses the noisy image only.")
 @click.option("--method", "methods", multiple=True, type=click.Choice(_denoise_choices()), default=(),
@@ -277,7 +280,7 @@ def _denoise_choices() -> list[str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @common_options
-def denoise(model: str, input_: str | None, clean: str | None, protocol: str, methods: tuple[str, ...],
+def denoise(model: str, input_: str | None, clean: str | None, reference: str | None, protocol: str, methods: tuple[str, ...],
             sigma: float | None, noise_model: str, declip: bool, t_noisy: int, t_trunc: int | None, samples: int,
             ddim_steps: int, n: int | None, out: str, dip_preset: str, dip_iters: int | None, dip_lr: float | None,
             device: str, dtype: str, batch_size: int, seed: int, overwrite: bool) -> None:
@@ -297,6 +300,8 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
 
     if (input_ is None) == (clean is None):
         raise UserError("give exactly one of --input (noisy images) or --clean (images to noise first)")
+    if reference is not None and input_ is None:
+        raise UserError("--reference scores --input files: give it with --input")
     if protocol == "paper" and clean is None:
         raise UserError("the paper protocol builds its DIP target from the clean image: it needs --clean")
     methods = methods or (("ddpm", "dip", "tdpm-dip") if protocol == "paper" else ("ensemble",))
@@ -315,7 +320,7 @@ def denoise(model: str, input_: str | None, clean: str | None, protocol: str, me
         validate_t_trunc(ctx.scheduler, t_trunc)
     if input_ is not None:
         _denoise_files(ctx, input_, methods, sigma, declip, t_trunc, samples, ddim_steps, n, out, overwrite, seed,
-                       model)
+                       model, reference)
         return
     size = model_size(ctx)
     src = clean
@@ -372,12 +377,13 @@ def _sigmas(noisy: list, sigma: float | None) -> list[float]:  # noqa: ANN001 - 
 
 def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None, declip: bool,  # noqa: ANN001
                    t_trunc: int | None, samples: int, ddim_steps: int, n: int | None, out: str, overwrite: bool,
-                   seed: int, model: str) -> None:
+                   seed: int, model: str, reference: str | None = None) -> None:
     """Blind denoising of a user's noisy files, each at its own size and aspect (`tasks.run_native`):
     images of one size are processed together; image i uses seed SEED+i."""
     import torch
 
     from .data import load_native
+    from .metrics import psnr, ssim
     from .outputs import prepare_out_dir, save_png, staged_dir, write_json, write_text
     from .registry import Job
     from .reporting import labelled_comparison, table, thumbnails
@@ -385,6 +391,14 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
 
     files = load_native(src, limit=n, progress=True)
     names = [name for name, _ in files]
+    clean = None
+    if reference is not None:
+        refs = dict(load_native(reference))
+        missing = [nm for nm in names if nm not in refs or refs[nm].shape != dict(files)[nm].shape]
+        if missing:
+            raise UserError(f"--reference {reference}: no clean image of the same name and size for "
+                            + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+        clean = [refs[nm] for nm in names]
     sig = _sigmas([x for _, x in files], sigma)
     echo(f"{len(files)} images from {src}, each denoised at its own size")
     out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
@@ -403,9 +417,14 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
             cost[m][0] += r.seconds
             cost[m][1] += r.nfe * len(idx)
     rows = [{"method": m, "protocol": "blind", "n": len(files), "noise": "your files",
-             "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)",
-             "NFE": round(cost[m][1] / len(files), 1), "s/img": cost[m][0] / len(files), "device": str(ctx.device),
-             "model": Path(model).name or model} for m in methods]
+             "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)"} for m in methods]
+    for row, m in zip(rows, methods):
+        if clean is not None:  # per image (sizes differ), then the mean
+            row["PSNR"] = sum(float(psnr(o[None], c[None])) for o, c in zip(outputs[m], clean)) / len(clean)
+            row["SSIM"] = sum(float(ssim(o[None], c[None])) for o, c in zip(outputs[m], clean)) / len(clean)
+            row["input PSNR"] = sum(float(psnr(x[None], c[None])) for (_, x), c in zip(files, clean)) / len(clean)
+        row.update({"NFE": round(cost[m][1] / len(files), 1), "s/img": cost[m][0] / len(files),
+                    "device": str(ctx.device), "model": Path(model).name or model})
     with staged_dir(out_dir) as tmp:
         for i, name in enumerate(names):
             save_png(files[i][1], tmp / "noisy" / f"{name}.png")
@@ -438,6 +457,9 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
                    "float = unclipped x + n (denoising papers).")
 @click.option("--declip/--no-declip", default=True,
               help="blind: the clipping-aware observation model for the diffusion methods (tasks.declip).")
+@click.option("--methods", "methods_csv", default="",
+              help="blind table2/table4: comma-separated methods to run (default: every blind method of the "
+                   "registry whose extra is installed: " + ", ".join(method_names("denoise", "blind")) + ").")
 @click.option("--t-noisy", type=int, default=600, help="paper: noise level of the noisy images (report: 600).")
 @click.option("--t-trunc", type=int, default=None,
               help="TDPM-DIP T_trunc. Default: 10 (paper, report); automatic per image (blind).")
@@ -459,7 +481,7 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
 @click.option("--dip-lr", type=float, default=None, help=f"DIP learning rate. Default: {_dip_default_text('lr')}.")
 @common_options
 def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, data: str, n: int, protocol: str,
-              sigma: float, noise_model: str, declip: bool, t_noisy: int, t_trunc: int | None, t_truncs: str, samples: int, ddpm_steps: int,
+              sigma: float, noise_model: str, declip: bool, methods_csv: str, t_noisy: int, t_trunc: int | None, t_truncs: str, samples: int, ddpm_steps: int,
               ddim_steps: int | None, fid: bool, fid_weights: str | None, fig_images: int, out: str,
               dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str,
               batch_size: int, seed: int, overwrite: bool) -> None:
@@ -491,6 +513,11 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     positive("--ddpm-steps", ddpm_steps)
     positive("--ddim-steps", ddim_steps)
     check_sigma(sigma)
+    chosen = tuple(m for m in methods_csv.replace(" ", "").split(",") if m)
+    unknown = [m for m in chosen if m not in method_names("denoise", "blind")]
+    if unknown:
+        raise UserError(f"--methods: unknown blind method(s) {', '.join(unknown)}; choose from "
+                        + ", ".join(method_names("denoise", "blind")))
     if "table4" in names and model_cosine is None:
         raise UserError("table4 compares schedules: it needs --model-cosine")
     truncs = parse_ints(t_truncs, "--t-truncs")
@@ -498,6 +525,7 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     preset = pick_dip_preset(dip_preset, dev)
     cfgs = {use: dip_config(use, preset, dip_iters, dip_lr) for use in ("paper", "blind", "plugin")}
     settings = BenchSettings(protocol=protocol, n=n, seed=seed, sigma=sigma, noise=noise_model, declip=declip,
+                             methods=chosen,
                              t_noisy=t_noisy, t_trunc=t_trunc,
                              t_truncs=truncs, samples=samples, ddpm_steps=ddpm_steps, ddim_steps=ddim_steps, fid=fid,
                              fid_weights=fid_weights, fig_images=fig_images, dip=cfgs)

@@ -389,8 +389,9 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         write_json(tmp / "metrics.json", {"generation": gen_rows, "denoising": den_rows, "train": train_info,
                                           "phases": [{"phase": p, "seconds": s, "note": nt} for p, s, nt in
                                                      phases.times], "config": config, "environment": env})
-        write_text(tmp / "report.md", _report_md(cfg, data, size, model_label, gen, gen_rows, den_rows, paper_dip,
-                                                 blind_dip, r_tdpm, phases, figs, env, train_info, table))
+        outcome = DemoOutcome(cfg, data, size, model_label, gen, gen_rows, den_rows, paper_dip, blind_dip, r_tdpm,
+                              phases, figs, env, train_info)
+        write_text(tmp / "report.md", _report_md(outcome, table))
     echo(f"demo finished in {phases.total:.0f} s")
 
 
@@ -401,9 +402,31 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _report_md(cfg: DemoConfig, data: DemoData, size: int, model_label: str, gen: list, gen_rows: list[dict],
-               den_rows: list[dict], paper_dip: DIPConfig, blind_dip: DIPConfig, r_tdpm, phases: Phases,  # noqa: ANN001
-               figs: dict[str, str], env: dict, train_info: dict, table: Callable[[list[dict]], str]) -> str:
+@dataclass
+class DemoOutcome:
+    """Everything a finished demo hands to its report page."""
+
+    cfg: DemoConfig
+    data: DemoData
+    size: int
+    model_label: str
+    gen: list                      # generation Results: DDPM, TDPM-DIP
+    gen_rows: list[dict]
+    den_rows: list[dict]
+    paper_dip: DIPConfig
+    blind_dip: DIPConfig
+    r_tdpm: object                 # the blind TDPM-DIP Result
+    phases: Phases
+    figs: dict[str, str]
+    env: dict
+    train_info: dict
+
+
+def _report_md(o: DemoOutcome, table: Callable[[list[dict]], str]) -> str:
+    cfg, data, size, model_label, gen, gen_rows, den_rows = o.cfg, o.data, o.size, o.model_label, o.gen, o.gen_rows, \
+        o.den_rows
+    paper_dip, blind_dip, r_tdpm, phases, figs, env, train_info = o.paper_dip, o.blind_dip, o.r_tdpm, o.phases, \
+        o.figs, o.env, o.train_info
     trained = cfg.model is None
     t_used = r_tdpm.info.get("t_trunc")
     t_used_s = t_used if not isinstance(t_used, list) else f"{min(t_used)}-{max(t_used)} (per image)"

@@ -334,15 +334,17 @@ def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
     return min(idx + 1, num_levels(scheduler) - 1)
 
 
-def level_for_noise_left(scheduler: DDPMScheduler, sigma_left255: float, cap: int) -> int:
-    """The blind truncation rule: the level whose noise matches the noise an estimate still carries.
+def start_level(scheduler: DDPMScheduler, t_target: int, fit_mse: float, cap: int) -> int:
+    """The blind truncation rule: the level at which Algorithm 3 starts from the fitted DIP.
 
-    An estimate with residual noise of std e (0..255 scale, measured by `estimate_sigma`) is noised to
-    the level T with (1 - abar_T) / abar_T = (2 e / 255)^2, so the T reverse steps remove that residual
-    together with the noise they add; T never exceeds `cap` (t*, where the observation itself sits),
-    and e is floored at 0.5 (below one 8-bit step, nothing is left to remove).
+    G_psi(z) was fitted to x_T0 = sqrt(abar_T0) x_hat + sqrt(1 - abar_T0) z (T0 = t_target) and misses
+    it by a mean square error `fit_mse` (known after Alg. 2; no clean image involved). Read as a noisy
+    x_hat, G_psi(z) has the noise-to-signal variance ((1 - abar_T0) + fit_mse) / abar_T0; the chain
+    starts at the level with that ratio, so its steps remove the DIP's error with the noise. A perfect
+    fit starts at T0 itself (the report's Alg. 3); the level never exceeds `cap` (t*).
     """
-    return min(level_for_ratio(scheduler, (2 * max(sigma_left255, 0.5) / 255) ** 2), cap)
+    a0 = abar(scheduler, t_target)
+    return max(t_target, min(level_for_ratio(scheduler, ((1 - a0) + fit_mse) / a0), cap))
 
 
 @register("tweedie", "denoise", ("blind",), nfe="1", rank=30,
@@ -454,34 +456,36 @@ def blind_tdpm_dip(ctx: Context, job: Job) -> Result:
 
     The report builds the DIP target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z from the clean x0.
     Blind, the best one-network estimate of x0 is the posterior mean x_hat = `ensemble_tweedie`(y):
-    it takes x0's place in Alg. 2, unchanged otherwise. Alg. 3 then runs T reverse steps from
-    G_psi(z), K times, and the K chains are averaged: each is a sample of x0 given x_T, their mean
-    approaches the posterior mean. T is `job.t_trunc`, or per image the level whose noise matches the
-    noise left in x_hat (`level_for_noise_left`, at most t*).
+    it takes x0's place in Alg. 2 (T = 10, the report's T_trunc), unchanged otherwise. Alg. 3 then
+    runs reverse steps from G_psi(z), K times, and the K chains are averaged: each is a sample of x0,
+    their mean approaches the posterior mean. The chain starts where the noise covers what the DIP
+    missed (`start_level`); `job.t_trunc` fixes both levels instead (the report's Alg. 3 exactly).
     """
     y, sig, t_star = _observation(ctx, job)
     cfg = ctx.dip_plugin or dip_defaults("plugin", ctx.dip.preset)
     with timer(ctx.device) as tm0:
         x_hat = ensemble_tweedie(ctx, y, t_star)
-    info = _blind_info(sig, t_star, job) | {"samples": job.samples}
-    if job.t_trunc is None:
-        left = estimate_sigma(x_hat)
-        levels = [level_for_noise_left(ctx.scheduler, e, t) for e, t in zip(left, t_star)]
-        info["estimate_sigma_left"] = [round(e, 2) for e in left]
-    else:
-        levels = [validate_t_trunc(ctx.scheduler, job.t_trunc)] * len(t_star)
+    t0 = validate_t_trunc(ctx.scheduler, 10 if job.t_trunc is None else job.t_trunc)
     gens = image_generators(job.seeds, ctx.device)
     z = randn(tuple(y.shape[1:]), gens, ctx.device)
-    target = torch.empty_like(x_hat)
-    for t in set(levels):
-        idx = [i for i, lv in enumerate(levels) if lv == t]
-        target[idx] = paper_dip_target(ctx.scheduler, x_hat[idx], t, z[idx])
+    target = paper_dip_target(ctx.scheduler, x_hat, t0, z)
     res = _dip(ctx, target, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None, cfg)
+    fit_mse = ((res.output - target) ** 2).mean(dim=(1, 2, 3)).tolist()
+    if job.t_trunc is None:
+        levels = [start_level(ctx.scheduler, t0, e, t) for e, t in zip(fit_mse, t_star)]
+    else:
+        levels = [t0] * len(t_star)
+    a0 = abar(ctx.scheduler, t0)
+
+    def start(idx: list[int], t: int) -> torch.Tensor:  # G_psi(z) read as x_t: rescaled from level T0's signal
+        return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]
+
     with timer(ctx.device) as tm:
-        out = sum(_chains_by_level(ctx, levels, gens, lambda idx, t: res.output[idx], "TDPM reverse")
-                  for _ in range(job.samples)) / job.samples
+        out = sum(_chains_by_level(ctx, levels, gens, start, "TDPM reverse") for _ in range(job.samples)) / job.samples
     T = max(levels)
-    info["t_trunc"] = levels[0] if len(set(levels)) == 1 else levels
+    info = _blind_info(sig, t_star, job) | {"samples": job.samples, "dip_target_level": t0,
+                                            "t_trunc": levels[0] if len(set(levels)) == 1 else levels,
+                                            "dip_fit_mse": [round(e, 6) for e in fit_mse]}
     return Result("tdpm-dip", "blind", out.clamp(-1, 1).cpu(), tm0[0] + res.seconds + tm[0], cfg.iters + T,
                   8 + cfg.iters + T * job.samples, job.noisy.cpu(), res, info)
 
