@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from tdpm_dip import bench as bench_mod
 from tdpm_dip import registry
+from tdpm_dip.dip import DIPConfig
 from tdpm_dip.cli import main
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler, sigma_to_level
@@ -163,16 +165,23 @@ def test_bench_errors(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> N
     assert e.value.code == 2
 
 
-def test_table_specs_are_data() -> None:
-    s = bench_mod.BenchSettings()
+def test_table_specs_follow_the_settings_and_the_registry() -> None:
+    """Tables are derived from the settings and the registry, not listed by hand: table4's linear rows are
+    table2's (so they share cached rows), table3 follows --t-truncs, blind tables follow the registry and
+    --methods, and table1's DDIM row runs at TDPM-DIP's NFE."""
+    s = bench_mod.BenchSettings(t_truncs=(0, 3, 7))
     t2 = bench_mod.table_specs("table2", s)
     t4 = bench_mod.table_specs("table4", s)
-    assert t4[:3] == t2 and [sp.model for sp in t4[3:]] == ["cosine"] * 3
-    assert dict(t4[5].report)["report PSNR"] == 34.76
-    t3 = bench_mod.table_specs("table3", s)
-    assert [(sp.method, sp.t_trunc) for sp in t3] == [("dip", None), ("tdpm-dip", 5), ("tdpm-dip", 10),
-                                                      ("tdpm-dip", 50)]
-    t1 = bench_mod.table_specs("table1", s)
-    assert [(sp.method, sp.steps) for sp in t1] == [("ddpm", 1000), ("ddim", 110), ("tdpm-dip", None)]
-    blind = bench_mod.table_specs("table3", bench_mod.BenchSettings(protocol="blind"))
-    assert blind[-1].label == "T_trunc automatic" and all(sp.protocol == "blind" for sp in blind)
+    assert t4[:len(t2)] == t2 and {sp.model for sp in t4[len(t2):]} == {"cosine"}
+    assert [(sp.method, sp.t_trunc) for sp in bench_mod.table_specs("table3", s)] == [("dip", None), ("tdpm-dip", 3),
+                                                                                    ("tdpm-dip", 7)]
+    t1 = bench_mod.table_specs("table1", dataclasses.replace(s, dip={"paper": DIPConfig(iters=40)}, t_trunc=6))
+    assert t1[1].method == "ddim" and t1[1].steps == 40 + 6
+    blind = bench_mod.BenchSettings(protocol="blind")
+    installed = bench_mod._blind_method_names()
+    assert [sp.method for sp in bench_mod.table_specs("table2", blind)] == installed
+    assert set(installed) >= set(registry.names("denoise", "blind")) - {"bm3d"}
+    chosen = dataclasses.replace(blind, methods=("tweedie", "ddpm"))
+    assert [sp.method for sp in bench_mod.table_specs("table2", chosen)] == ["tweedie", "ddpm"]  # registry order
+    t3 = bench_mod.table_specs("table3", blind)
+    assert t3[-1].t_trunc is None and all(sp.protocol == "blind" for sp in t3)

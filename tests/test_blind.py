@@ -280,3 +280,29 @@ def test_paper_and_generation_methods_depend_only_on_their_own_seed(ctx: Context
         # noise (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), abar_T ~ 4e-5) amplify it. A seed mix-up is O(1).
         tol = 1e-3 if (m.name == "ddim" and task == "generate") else 1e-4 if m.uses_dip else 1e-5
         assert torch.allclose(full[2], alone[0], atol=tol), m.name
+
+
+def test_paper_dip_target_is_the_oracle_formula(ctx: Context, sprites: torch.Tensor,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paper protocol's DIP fits x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z with the clean x0 and the very
+    z that is the DIP's input; the blind tdpm-dip's target has the same form with the ensemble estimate."""
+    from tdpm_dip import tasks
+
+    seen = []
+    real = tasks._dip
+
+    def spy(c, target, z, seeds, reference, cfg=None):  # noqa: ANN001, ANN202
+        seen.append((target.clone(), z.clone()))
+        return real(c, target, z, seeds, reference, cfg)
+
+    monkeypatch.setattr(tasks, "_dip", spy)
+    tasks.denoise_paper(ctx, sprites[:2], "tdpm-dip", [0, 1], t_noisy=20, t_trunc=5)
+    target, z = seen[-1]
+    a = abar(ctx.scheduler, 5)
+    assert torch.allclose(target, math.sqrt(a) * sprites[:2] + math.sqrt(1 - a) * z, atol=1e-6)
+    y = add_noise(sprites[:2], 25, [0, 1], "clipped")
+    denoise_blind(ctx, y, "tdpm-dip", [0, 1], 25, samples=1)
+    target, z = seen[-1]
+    x_hat = ensemble_tweedie(ctx, declip(y, [25.0, 25.0], [0, 1]), [sigma_to_level(ctx.scheduler, 25)] * 2)
+    a = abar(ctx.scheduler, 10)
+    assert torch.allclose(target, math.sqrt(a) * x_hat + math.sqrt(1 - a) * z, atol=1e-5)

@@ -38,7 +38,9 @@ def check_report(run_dir: Path, stdout: str) -> str:
     assert "oracle" in text and "blind" in text  # the protocols are explained
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {r["protocol"] for r in metrics["denoising"]} == {"paper", "blind"}
-    assert all(r["PSNR"] > 0 for r in metrics["denoising"])
+    blind_rows = {r["method"]: r for r in metrics["denoising"] if r["protocol"] == "blind"}
+    assert len({round(r["input PSNR"], 6) for r in blind_rows.values()}) == 1  # every method saw the same noisy images
+    assert blind_rows["tweedie"]["NFE"] == 1 and blind_rows["ensemble"]["NFE"] == 8
     assert [p["phase"] for p in metrics["phases"]][-1].startswith("denoising, blind")
     assert not [p for p in run_dir.parent.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
     return text

@@ -131,8 +131,9 @@ def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
     blind = [m for m in _blind_method_names() if not s.methods or m in s.methods]
     for m in (("ddpm", "dip", "tdpm-dip") if s.protocol == "paper" else blind):
         t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if m == "tdpm-dip" else None
-        rows.append(RowSpec(LABELS.get(m, m), "denoise", m, s.protocol, model, t_trunc=t,
-                            report=_report_denoise(REPORT_DENOISE[model].get(m))))
+        # The report's numbers are the paper protocol's: beside a blind row they would mislead.
+        report = _report_denoise(REPORT_DENOISE[model].get(m)) if s.protocol == "paper" else ()
+        rows.append(RowSpec(LABELS.get(m, m), "denoise", m, s.protocol, model, t_trunc=t, report=report))
     return rows
 
 
@@ -504,8 +505,8 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
         cfg = s.dip["blind"]
         notes.append(f"blind protocol: not the report's; DIP {cfg.preset}, {cfg.iters} it, lr {cfg.lr:g}, input noise "
                      f"{cfg.input_noise:.3g}, output averaging {cfg.average}; blind TDPM-DIP: its DIP fits x_T built "
-                     "from the ensemble estimate (DIP (plugin) above). The report columns are the report's "
-                     "paper-protocol (oracle) numbers, shown for orientation only")
+                     "from the ensemble estimate (DIP (plugin) above). The report's numbers are the paper "
+                     "protocol's (oracle): blind rows have none beside them")
     if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs) and s.t_noisy != REPORT_T_NOISY:
         notes.append(f"t_noisy = {s.t_noisy} (report: {REPORT_T_NOISY})")
     if any(sp.method == "tdpm-dip" and sp.protocol == "paper" for sp in specs) and s.paper_t_trunc != REPORT_T_TRUNC:

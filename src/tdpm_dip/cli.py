@@ -584,12 +584,13 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
 def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: int, steps: int, train_images: int,
              size: int | None, sigma: float, ddpm_steps: int, t_noisy: int, dip_preset: str, dip_iters: int,
              blind_dip_iters: int, seed: int, device: str, threads: int) -> None:
-    """Run the method end to end, offline, and write a report (about 3 minutes on 2 CPU cores).
+    """Run the method end to end, offline, and write a report (minutes on 2 CPU cores).
 
     \b
     Makes procedural sprites, trains a small DDPM on them (Algorithm 1), generates with DDPM
-    (1000 steps) and TDPM-DIP, denoises with DDPM, DIP and TDPM-DIP under both protocols
-    (paper: the report's oracle, t=600; blind: sigma 25), and writes RUN/report.md with the
+    (1000 steps) and TDPM-DIP, denoises under both protocols (paper: DDPM, DIP and TDPM-DIP,
+    the report's oracle, t=600; blind: every blind method of the registry, sigma 25 on 8-bit
+    noise), and writes RUN/report.md with the
     figures, the metric tables and the time of each phase.
     \b
     Examples:

@@ -1,11 +1,12 @@
-"""`tdpm-dip demo`: the whole method end to end, offline, in about three minutes on two CPU cores.
+"""`tdpm-dip demo`: the whole method end to end, offline, in minutes on two CPU cores.
 
 Phases (each timed, each with a progress bar where it takes a while):
   data        procedural sprites made in code (`data.make_sprites`), or the images of `--data`;
               the first n are the test images, the rest the training set (written to RUN/data/)
   train       a small DDPM (Algorithm 1, `train.train`) on RUN/data/train; skipped with `--model`
   generation  DDPM from pure noise vs TDPM-DIP (paper protocol: it reconstructs training images)
-  denoising   DDPM, DIP, TDPM-DIP under the paper protocol (t = 600) and blind (sigma 25)
+  denoising   DDPM, DIP, TDPM-DIP under the paper protocol (t = 600); every blind method of the
+              registry on 8-bit noise (sigma 25)
   report      RUN/report.md with the figures, one metric table per task and the phase times
 
 Everything the report shows is computed by the library's task functions (`tasks.generate`,
@@ -99,8 +100,7 @@ def pick_threads(threads: int, tiny_networks: bool) -> int:
     all cores otherwise (a --model of real size on an idle machine).
 
     Tiny networks gain little from a second intra-op thread, and on cores that other processes keep
-    busy OpenMP threads that wait for each other are catastrophically slow: on 2 cores at load 2-3 a
-    training step of the `demo` preset took 0.16 s with one thread and 7-8 s with two (measured).
+    busy OpenMP threads that wait for each other are catastrophically slow (tens of times slower).
     """
     if threads > 0:
         return threads

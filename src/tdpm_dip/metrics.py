@@ -380,9 +380,8 @@ def copy_rate(images: torch.Tensor, training: torch.Tensor, threshold_db: float 
     """Share of images that copy a training image.
 
     Each image's nearest training image is found by L2 distance on [-1, 1] pixels; the image counts
-    as a copy when its PSNR to that neighbour is >= `threshold_db` (25 dB: an RMS error of 14/255;
-    unrelated Pokemon on a shared white background are ~10-17 dB apart, the paper protocol's
-    "generated" images are ~30 dB from the image they reconstruct).
+    as a copy when its PSNR to that neighbour is >= `threshold_db` (25 dB: an RMS error of 14/255,
+    far closer than two different images on a shared background, and what a reconstruction reaches).
     Returns {"rate", "copies", "nearest" (indices), "nearest_psnr" (dB per image), "threshold_db"}.
     """
     a = images.detach().float().cpu().flatten(1)

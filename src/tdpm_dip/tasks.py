@@ -270,13 +270,17 @@ def estimate_sigma(noisy: torch.Tensor) -> list[float]:
     return out
 
 
+def _sigmas(job: Job, n: int) -> list[float]:
+    """One noise std per image (a job may give one for all)."""
+    if len(job.sigma) not in (1, n):
+        raise ValueError("one sigma, or one per image")
+    return [float(v) for v in job.sigma] if len(job.sigma) == n else [float(job.sigma[0])] * n
+
+
 def _observation(ctx: Context, job: Job) -> tuple[torch.Tensor, list[float], list[int]]:
     """(y as the diffusion methods see it, sigma per image, t* per image)."""
     noisy = _need(job.noisy, "the noisy images", "blind denoising").to(ctx.device)
-    n = noisy.shape[0]
-    sig = list(job.sigma) if len(job.sigma) == n else [float(job.sigma[0])] * n if len(job.sigma) == 1 else None
-    if sig is None:
-        raise ValueError("one sigma, or one per image")
+    sig = _sigmas(job, noisy.shape[0])
     y = declip(noisy, sig, list(job.seeds)) if job.declip else noisy
     return y, sig, [sigma_to_level(ctx.scheduler, s) for s in sig]
 
@@ -429,7 +433,7 @@ def bm3d_denoise(noisy: torch.Tensor, sigma255: list[float]) -> torch.Tensor:
           help="CBM3D, the classical baseline, on the observation as it is")
 def blind_bm3d(ctx: Context, job: Job) -> Result:
     noisy = _need(job.noisy, "the noisy images", "bm3d")
-    sig = list(job.sigma) if len(job.sigma) == noisy.shape[0] else [float(job.sigma[0])] * noisy.shape[0]
+    sig = _sigmas(job, noisy.shape[0])
     with timer(ctx.device) as tm:
         out = bm3d_denoise(noisy, sig)
     return Result("bm3d", "blind", out, tm[0], 0, 0, noisy.cpu(), info={"sigma": sig[0] if len(set(sig)) == 1 else sig})
