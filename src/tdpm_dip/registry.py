@@ -11,7 +11,7 @@ method is one function plus one `register` call, and its callers never change.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
@@ -59,21 +59,19 @@ class Method:
     uses_dip: bool = False
     extra: str | None = None         # optional dependency group (pip install 'tdpm-dip[extra]')
     rank: int = 100                  # blind denoisers: best first (the app and --help list them so)
-    options: tuple[str, ...] = field(default=())  # Job fields it reads beyond images and seeds
 
 
 _REGISTRY: dict[tuple[str, str, str], Method] = {}
 
 
 def register(name: str, task: str, protocols: tuple[str, ...], help: str, nfe: str, uses_dip: bool = False,
-             extra: str | None = None, rank: int = 100, options: tuple[str, ...] = ()
-             ) -> Callable[[Callable[[Any, Job], Any]], Callable[[Any, Job], Any]]:
+             extra: str | None = None, rank: int = 100) -> Callable[[Callable[[Any, Job], Any]], Callable[[Any, Job], Any]]:
     """Decorator: add `run` under (task, protocol, name) for each protocol."""
     if task not in TASKS or not set(protocols) <= set(PROTOCOLS):
         raise ValueError(f"bad registry entry {name}: task {task}, protocols {protocols}")
 
     def deco(run: Callable[[Any, Job], Any]) -> Callable[[Any, Job], Any]:
-        m = Method(name, task, tuple(protocols), run, help, nfe, uses_dip, extra, rank, tuple(options))
+        m = Method(name, task, tuple(protocols), run, help, nfe, uses_dip, extra, rank)
         for p in protocols:
             key = (task, p, name)
             if key in _REGISTRY:

@@ -53,7 +53,7 @@ class Context:
     batch_size: int = 16
     progress: bool = False
     # One DIP fit per image per command: contexts made with dataclasses.replace share this dict, so
-    # rows that fit the same DIP (dip and tdpm-dip, two schedules) fit it once.
+    # rows that fit the same DIP (paper dip and T_trunc = 0, a blind dip row under two schedules) fit it once.
     dip_memo: dict | None = field(default_factory=dict)
     # The blind TDPM-DIP's DIP (target built from the blind estimate); None: the "plugin" defaults
     # of ctx.dip's preset (dip.DIP_DEFAULTS).
@@ -370,7 +370,7 @@ def blind_ensemble(ctx: Context, job: Job) -> Result:
     return Result("ensemble", "blind", out.cpu(), tm[0], 8, 8, job.noisy.cpu(), info=_blind_info(sig, t_star, job))
 
 
-@register("ddpm", "denoise", ("blind",), nfe="K t* (--samples K)", rank=40, options=("samples",),
+@register("ddpm", "denoise", ("blind",), nfe="K t* (--samples K)", rank=40,
           help="the mean of K ancestral DDPM chains from t* (K = 1: one posterior sample)")
 def blind_ddpm(ctx: Context, job: Job) -> Result:
     """Scale y to x_t* and run t* reverse steps, K times; the mean of the K posterior samples
@@ -399,7 +399,7 @@ def ddim_from(ctx: Context, x_t: torch.Tensor, t: int, steps: int) -> torch.Tens
     return x
 
 
-@register("ddim", "denoise", ("blind",), nfe="n (--ddim-steps, default 10)", rank=50, options=("steps",),
+@register("ddim", "denoise", ("blind",), nfe="n (--ddim-steps, default 10)", rank=50,
           help="a deterministic DDIM chain from t* in n steps")
 def blind_ddim(ctx: Context, job: Job) -> Result:
     y, sig, t_star = _observation(ctx, job)
@@ -452,7 +452,6 @@ def blind_dip(ctx: Context, job: Job) -> Result:
 
 
 @register("tdpm-dip", "denoise", ("blind",), nfe="8 + DIP iterations + K T", rank=20, uses_dip=True,
-          options=("t_trunc", "samples"),
           help="TDPM-DIP made blind: Algorithm 2's target x_T built from the ensemble estimate instead of the "
                "clean image, then K chains of T steps from G_psi(z), averaged")
 def blind_tdpm_dip(ctx: Context, job: Job) -> Result:
@@ -507,7 +506,7 @@ def generate_ddpm(ctx: Context, job: Job) -> Result:
     return Result("ddpm", "noise", out.cpu(), tm[0], T, T, info={"ddim_steps": job.steps})
 
 
-@register("ddim", "generate", ("noise",), nfe="--ddim-steps", options=("steps", "eta"),
+@register("ddim", "generate", ("noise",), nfe="--ddim-steps",
           help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)")
 def generate_ddim(ctx: Context, job: Job) -> Result:
     """DDIM (Song et al. 2021) from N(0, I) in `steps` network evaluations."""
