@@ -351,23 +351,25 @@ def start_level(scheduler: DDPMScheduler, t_target: int, fit_mse: float, cap: in
     return max(t_target, min(level_for_ratio(scheduler, ((1 - a0) + fit_mse) / a0), cap))
 
 
+def _posterior_mean(ctx: Context, job: Job, method: str, k: int) -> Result:
+    """Tweedie's estimate at t*, averaged over the first k symmetries of the square (k calls)."""
+    y, sig, t_star = _observation(ctx, job)
+    with timer(ctx.device) as tm:
+        out = ensemble_tweedie(ctx, y, t_star, k).clamp(-1, 1)
+    return Result(method, "blind", out.cpu(), tm[0], k, k, job.noisy.cpu(), info=_blind_info(sig, t_star, job))
+
+
 @register("tweedie", "denoise", ("blind",), nfe="1", rank=30,
           help="one network call at t*: Tweedie's posterior mean E[x0 | x_t*]")
 def blind_tweedie(ctx: Context, job: Job) -> Result:
-    y, sig, t_star = _observation(ctx, job)
-    with timer(ctx.device) as tm:
-        out = tweedie(ctx, y, t_star).clamp(-1, 1)
-    return Result("tweedie", "blind", out.cpu(), tm[0], 1, 1, job.noisy.cpu(), info=_blind_info(sig, t_star, job))
+    return _posterior_mean(ctx, job, "tweedie", 1)
 
 
 @register("ensemble", "denoise", ("blind",), nfe="8", rank=10,
           help="the recommended denoiser: Tweedie's posterior mean at t*, averaged over the 8 flips and "
                "transposes of the image")
 def blind_ensemble(ctx: Context, job: Job) -> Result:
-    y, sig, t_star = _observation(ctx, job)
-    with timer(ctx.device) as tm:
-        out = ensemble_tweedie(ctx, y, t_star).clamp(-1, 1)
-    return Result("ensemble", "blind", out.cpu(), tm[0], 8, 8, job.noisy.cpu(), info=_blind_info(sig, t_star, job))
+    return _posterior_mean(ctx, job, "ensemble", 8)
 
 
 @register("ddpm", "denoise", ("blind",), nfe="K t* (--samples K)", rank=40,
@@ -589,8 +591,6 @@ def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[in
                   steps: int | None = None, declip: bool = True) -> Result:
     """Blind denoising of y: only y and sigma are used (`clean`, if given, only feeds the DIP curves)."""
     sig = (float(sigma255),) if isinstance(sigma255, (int, float)) else tuple(float(s) for s in sigma255)
-    if len(sig) not in (1, noisy.shape[0]):
-        raise ValueError("one sigma, or one per image")
     job = Job(tuple(seeds), noisy=noisy, sigma=sig, clean=clean, t_trunc=t_trunc, samples=samples, steps=steps,
               declip=declip)
     return run(ctx, "denoise", "blind", method, job)
