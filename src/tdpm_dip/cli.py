@@ -17,6 +17,9 @@ import click
 
 from .errors import UserError, check_positive, check_sigma
 from .registry import help_text
+
+MODEL_HELP = ("DDPM: a diffusers folder (unet/ + scheduler/) or a hub id. Default: the embedded 32 px sprite DDPM "
+              "shipped in the package (no download); pass --model for real data.")
 from .registry import names as method_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
@@ -183,7 +186,7 @@ def _train_command() -> click.Command:
 # ------------------------------------------------------------------------------------------ generate
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="DDPM: a diffusers folder (unet/ + scheduler/) or a hub id.")
+@click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--method", type=click.Choice(method_names("generate")), default="tdpm-dip",
               help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm-dip: DIP + T_trunc steps "
                    "(paper protocol: reconstructs --reference-data images).")
@@ -195,7 +198,7 @@ def _train_command() -> click.Command:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @common_options
-def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, reference_data: str | None, out: str,
+def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: int, reference_data: str | None, out: str,
              dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str, batch_size: int,
              seed: int, overwrite: bool) -> None:
     """Generate images with DDPM, DDIM or TDPM-DIP (Table 1's methods).
@@ -214,8 +217,11 @@ def generate(model: str, method: str, n: int, t_trunc: int, ddim_steps: int, ref
     from .reporting import save_images
     from .tasks import generate as run_generate
 
+    from .embedded import resolve_model
+
     positive("--n", n)
     positive("--ddim-steps", ddim_steps)
+    model = resolve_model(model)
     if method == "tdpm-dip" and reference_data is None:
         raise UserError("--method tdpm-dip needs --reference-data (paper protocol: the DIP fits noised reference images)")
     ctx = load_context(model, device, dtype, batch_size,
@@ -249,7 +255,7 @@ def _denoise_choices() -> list[str]:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="DDPM: a diffusers folder (unet/ + scheduler/) or a hub id.")
+@click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--input", "input_", default=None, help="Your NOISY images (folder or file): blind denoising.")
 @click.option("--clean", default=None,
               help="CLEAN images that are noised here first, so PSNR/SSIM can be measured.")
@@ -280,7 +286,7 @@ def _denoise_choices() -> list[str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @common_options
-def denoise(model: str, input_: str | None, clean: str | None, reference: str | None, protocol: str, methods: tuple[str, ...],
+def denoise(model: str | None, input_: str | None, clean: str | None, reference: str | None, protocol: str, methods: tuple[str, ...],
             sigma: float | None, noise_model: str, declip: bool, t_noisy: int, t_trunc: int | None, samples: int,
             ddim_steps: int, n: int | None, out: str, dip_preset: str, dip_iters: int | None, dip_lr: float | None,
             device: str, dtype: str, batch_size: int, seed: int, overwrite: bool) -> None:
@@ -293,6 +299,7 @@ def denoise(model: str, input_: str | None, clean: str | None, reference: str | 
       tdpm-dip denoise --model M --clean test/ --protocol paper --n 8 --out den_p    (the report's)
     """
     from .data import load_images
+    from .embedded import resolve_model
     from .outputs import prepare_out_dir, staged_dir, write_json, write_text
     from .registry import Job, get
     from .reporting import curves_figure, labelled_comparison, result_row, save_images, table
@@ -311,6 +318,7 @@ def denoise(model: str, input_: str | None, clean: str | None, reference: str | 
     positive("--ddim-steps", ddim_steps)
     positive("--n", n)
     check_sigma(sigma)
+    model = resolve_model(model)
     preset_for = lambda dev: pick_dip_preset(dip_preset, dev)  # noqa: E731
     ctx = load_context(model, device, dtype, batch_size, lambda dev: dip_config(protocol, preset_for(dev), dip_iters,
                                                                                    dip_lr))
