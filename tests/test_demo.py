@@ -13,8 +13,8 @@ from tdpm_dip import registry
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
-# Every phase of the real demo, at toy sizes: 16 px, a few training steps, short chains and DIP fits.
-SHRUNK = ["--size", "16", "--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
+# Every phase of the real demo, at toy sizes: a few training steps, short chains and DIP fits.
+SHRUNK = ["--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
           "--t-noisy", "3", "--dip-iters", "2", "--blind-dip-iters", "2", "--sigma", "10", "--threads", "1"]
 
 
@@ -47,20 +47,41 @@ def check_report(run_dir: Path, stdout: str) -> str:
 
 
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The default demo: a short training run (Algorithm 1) beside the embedded default DDPM, which makes
+    the generation and denoising figures; the report says which model made which."""
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", *SHRUNK, "--out", out], capsys)
     assert code == 0, err
     text = check_report(out, stdout)
     assert "## Training" in text and (out / "train" / "model" / "unet" / "config.json").is_file()
+    assert "embedded default DDPM" in text
+    assert any(ln.startswith("| generation | noise | ddim-50, 3-step model") for ln in text.splitlines())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["size_used"] == 32  # the embedded model's size, not a training choice
+    assert "embedded" in metrics["config"]["model_used"]
     assert len(list((out / "data" / "test").glob("*.png"))) == 2
     assert len(list((out / "data" / "train").glob("*.png"))) == 16
-    for phase in ("data", "train", "generation: DDPM", "report"):
+    for phase in ("data", "load model", "train", "generation: DDPM", "report"):
         assert f"] {phase}" in err  # each phase announces itself and its time on stderr
 
+    # The embedded model fixes the size: another one is refused in one line, before anything is written.
+    code, _, err = run(["demo", *SHRUNK, "--size", "16", "--out", tmp_path / "other"], capsys)
+    assert code == 2 and "--no-embedded" in err and not (tmp_path / "other").exists()
+
+
+def test_demo_trains_its_own_model_and_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    own = [*SHRUNK, "--no-embedded", "--size", "16"]
+    code, stdout, err = run(["demo", *own, "--out", out], capsys)
+    assert code == 0, err
+    text = check_report(out, stdout)
+    assert "embedded default DDPM" not in text and str(out / "train" / "model") in text
+    assert json.loads((out / "metrics.json").read_text())["config"]["size_used"] == 16
+
     # An existing run folder is refused, then replaced with --overwrite (same data files, no strays).
-    code, _, err = run(["demo", *SHRUNK, "--out", out], capsys)
+    code, _, err = run(["demo", *own, "--out", out], capsys)
     assert code == 2 and "--overwrite" in err
-    code, stdout, err = run(["demo", *SHRUNK, "--train-images", "17", "--out", out, "--overwrite"], capsys)
+    code, stdout, err = run(["demo", *own, "--train-images", "17", "--out", out, "--overwrite"], capsys)
     assert code == 0, err
     assert len(list((out / "data" / "train").glob("*.png"))) == 17
 
@@ -69,7 +90,8 @@ def test_demo_with_a_given_model_and_data(sprite_dir: Path, tmp_path: Path, caps
     model = tmp_path / "model"
     save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
     out = tmp_path / "demo"
-    code, stdout, err = run(["demo", *SHRUNK, "--model", model, "--data", sprite_dir, "--out", out], capsys)
+    code, stdout, err = run(["demo", *SHRUNK, "--size", "16", "--model", model, "--data", sprite_dir, "--out", out],
+                            capsys)
     assert code == 0, err
     text = check_report(out, stdout)
     assert "## Training" not in text and not (out / "train").exists()

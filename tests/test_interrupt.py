@@ -46,7 +46,7 @@ TINY_TRAIN = ["--preset", "tiny", "--size", str(SIZE), "--batch-size", "2", "--w
               "--sample-every", "0", "--n-samples", "0", "--log-every", "1"]
 TINY_DIP = ["--dip-preset", "dip-tiny", "--dip-iters", "2", "--n", "2"]
 # `demo` shrunk to seconds (as in test_demo.py)
-TINY_DEMO = ["--size", str(SIZE), "--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
+TINY_DEMO = ["--no-embedded", "--size", str(SIZE), "--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
              "--t-noisy", "3", "--dip-iters", "2", "--blind-dip-iters", "2", "--sigma", "10", "--threads", "1"]
 
 

@@ -67,6 +67,12 @@ class DemoConfig:
     samples: int = 4                 # blind TDPM-DIP chains averaged per image
     batch_size: int = 16             # images processed (DIPs fitted) at once
     overwrite: bool = False
+    embedded: bool = True            # sprites without --model: generate and denoise with the shipped DDPM
+
+    @property
+    def uses_embedded(self) -> bool:
+        """Generation and denoising use the embedded default DDPM; the run still trains (Algorithm 1)."""
+        return self.embedded and self.model is None and self.data is None
 
     def validate(self) -> None:
         for name in ("n", "steps", "train_images", "train_batch", "dip_iters", "blind_dip_iters", "samples",
@@ -86,6 +92,12 @@ class DemoConfig:
             raise UserError(f"--t-trunc must be in [0, 999], got {self.t_trunc}")
         if self.dip_preset not in DIP_PRESETS:
             raise UserError(f"--dip-preset must be one of {', '.join(DIP_PRESETS)}, got {self.dip_preset!r}")
+        if self.uses_embedded:
+            from .embedded import default_size
+
+            if self.size != default_size():
+                raise UserError(f"--size {self.size}: the embedded default model is {default_size()} px; pass "
+                                "--no-embedded to generate and denoise with the model trained here at another size")
         if self.model is None:
             factor = 2 ** (len(get_preset(self.preset).block_out_channels) - 1)
             if self.size < 8 or self.size % factor:
@@ -139,15 +151,6 @@ class Phases:
 
 # ---------------------------------------------------------------------------------------------- data
 
-def _write_set(images: torch.Tensor, names: list[str], folder: Path) -> None:
-    """Write a preprocessed image set as PNGs (lossless: the tensors come from 8-bit images) into a new
-    folder of the staged run."""
-    from .outputs import save_png
-
-    for i, (x, name) in enumerate(zip(images, names)):
-        save_png(x, folder / f"{i:05d}_{name}.png")
-
-
 @dataclass
 class DemoData:
     test: torch.Tensor            # [n, 3, S, S]: the images to denoise
@@ -158,6 +161,7 @@ class DemoData:
 
 def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
     from .data import load_images, make_sprites
+    from .outputs import save_set
 
     if cfg.data is None:
         test = make_sprites(cfg.n, size, seed=cfg.seed + 1)  # another seed: held out, never trained on
@@ -166,9 +170,9 @@ def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
             ref, src = train.images[: cfg.n], f"{cfg.train_images} procedural sprites (seed {cfg.seed})"
         else:
             train, ref, src = None, make_sprites(cfg.n, size, seed=cfg.seed).images, "procedural sprites"
-        _write_set(test.images, test.names, run / "data" / "test")
+        save_set(test.images, test.names, run / "data" / "test")
         if train is not None:
-            _write_set(train.images, train.names, run / "data" / "train")
+            save_set(train.images, train.names, run / "data" / "train")
         return DemoData(test.images, ref, train.images if train is not None else None, src)
 
     allset = load_images(cfg.data, size, progress=True)
@@ -177,12 +181,12 @@ def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
         raise UserError(f"{cfg.data}: {n_all} images; the demo needs more than --n {cfg.n} "
                         "(the first n are the test images, the rest the training / reference set)")
     test, rest = allset.images[: cfg.n], allset.images[cfg.n:]
-    _write_set(test, allset.names[: cfg.n], run / "data" / "test")
+    save_set(test, allset.names[: cfg.n], run / "data" / "test")
     if cfg.model is None:
         if rest.shape[0] < cfg.train_batch:
             raise UserError(f"{cfg.data}: {rest.shape[0]} training images (after {cfg.n} test images), fewer "
                             f"than --train-batch {cfg.train_batch}")
-        _write_set(rest, allset.names[cfg.n:], run / "data" / "train")
+        save_set(rest, allset.names[cfg.n:], run / "data" / "train")
     ref = rest[: cfg.n] if rest.shape[0] >= cfg.n else test
     return DemoData(test, ref, rest if cfg.model is None else None, f"{n_all} images from {cfg.data}")
 
@@ -256,16 +260,18 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
     phases = Phases(echo)
     echo(f"tdpm-dip demo -> {final}  (device {device}, {threads} CPU thread(s), load average {load_start})")
 
-    # The model decides the image size; load it first when one is given.
+    # The model decides the image size; load it first when one is given (or the embedded default is used).
     unet = scheduler = None
-    if cfg.model is not None:
+    size = cfg.size
+    if cfg.model is not None or cfg.uses_embedded:
+        from .embedded import default_ddpm
+
+        source = cfg.model if cfg.model is not None else default_ddpm()
         with phases("load model") as note:
-            unet, scheduler = load_ddpm(cfg.model, device=device)
+            unet, scheduler = load_ddpm(source, device=device)
             s = unet.config.sample_size
             size = int(s[0] if isinstance(s, (tuple, list)) else s)
-            note["note"] = f"{cfg.model}, {size}x{size}"
-    else:
-        size = cfg.size
+            note["note"] = f"{source}, {size}x{size}"
 
     with phases("data") as note:
         data = make_data(cfg, size, run)
@@ -273,6 +279,7 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
                         + (f", {data.train.shape[0]} training images" if data.train is not None else ""))
 
     train_info: dict = {}
+    short_unet = None  # the model trained here, when the embedded default does the generating and denoising
     if cfg.model is None:
         from .train import TrainConfig, train
 
@@ -293,8 +300,13 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
                           "img_s": sorted(img_s)[len(img_s) // 2] if img_s else None}
             note["note"] = (f"{cfg.steps} steps x batch {cfg.train_batch}, preset {cfg.preset}, "
                             f"median {train_info['img_s']} img/s")
-        unet, scheduler = load_ddpm(model_dir, device=device)
-        model_label = str(final / model_dir.relative_to(run))
+        trained_label = str(final / model_dir.relative_to(run))
+        if cfg.uses_embedded:
+            short_unet, _ = load_ddpm(model_dir, device=device)
+            model_label = "embedded default (tdpm_dip/weights/ddpm-sprites32)"
+        else:
+            unet, scheduler = load_ddpm(model_dir, device=device)
+            model_label = trained_label
     else:
         model_label = cfg.model
 
@@ -325,6 +337,12 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         r = generate(ctx, "tdpm-dip", seeds, t_trunc=cfg.t_trunc, reference=data.reference)
         gen.append(r)
         note["note"] = f"DIP {cfg.dip_iters} it + {cfg.t_trunc} steps, {r.seconds_per_image:.2f} s/img"
+    if short_unet is not None:
+        with phases("generation: the model trained here (DDIM 50)") as note:
+            r = generate(dataclasses.replace(ctx, unet=short_unet), "ddim", seeds, ddim_steps=50)
+            r.method = f"ddim-50, {cfg.steps}-step model"
+            gen.append(r)
+            note["note"] = f"{r.seconds_per_image:.2f} s/img"
     copy_ref = data.train if data.train is not None else data.reference
     gen_rows = []
     for r in gen:
@@ -365,6 +383,7 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         labelled_comparison(tmp / "generation.png", [
             (ref_label, data.reference), ("G_psi(z): DIP output", gen[1].info["dip_output"]),
             (f"TDPM-DIP (T_trunc={cfg.t_trunc})", gen[1].images), (f"DDPM ({gen[0].steps} steps)", gen[0].images),
+            *[(f"DDIM 50, the {cfg.steps}-step model", r.images) for r in gen[2:]],
         ], upscale=upscale)
         labelled_comparison(tmp / "denoise_paper.png", [
             ("clean", data.test), (f"x_{cfg.t_noisy} (noisy)", paper[0].inputs), (f"DDPM ({cfg.t_noisy} steps)",
@@ -434,7 +453,12 @@ def _report_md(o: DemoOutcome, table: Callable[[list[dict]], str]) -> str:
         "# TDPM-DIP demo",
         "",
         f"Data: {data.source}, {size}x{size} px. Model: "
-        + (f"a `{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`)." if trained
+        + (f"every figure and row below except the training section and the `ddim-50, {cfg.steps}-step model` row "
+           "comes from the **embedded default DDPM** shipped in the package (`tdpm_dip/weights/ddpm-sprites32`, "
+           "trained by `recipes/embedded_default.sh` on 4096 sprites); the "
+           f"`{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`) shows Algorithm 1."
+           if cfg.uses_embedded else
+           f"a `{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`)." if trained
            else f"`{model_label}`."),
         f"Device: {env['device']}, {env['threads']} CPU thread(s), torch {env['torch']}; "
         f"load average at start {env['load_average_start']} on {env['cpu_count']} cores (other work on the "
@@ -457,7 +481,9 @@ def _report_md(o: DemoOutcome, table: Callable[[list[dict]], str]) -> str:
                   f"`{cfg.preset}` UNet, {cfg.steps} AdamW steps at batch {cfg.train_batch}, lr {cfg.train_lr:g}, "
                   f"EMA weights exported; median throughput {train_info.get('img_s')} images/s, final loss "
                   f"{train_info.get('final_loss', float('nan')):.4f}. A few hundred steps give a usable denoiser "
-                  "at small noise levels; its samples from pure noise stay rough (see below).", ""]
+                  "at small noise levels; its samples from pure noise stay rough"
+                  + (" (its DDIM-50 row below, beside the embedded default's samples)." if cfg.uses_embedded
+                     else " (see below)."), ""]
         if "loss" in figs:
             lines += [f"![training loss]({figs['loss']})", ""]
     lines += [

@@ -2,11 +2,16 @@
 
 A new user runs `generate` and `denoise` without `--model`; these resolve to the folders below,
 read through the package's resources (never from ../shared). `recipes/embedded_default.sh`
-rebuilds them with the project's own commands.
+rebuilds them with the project's own commands, then `python -m tdpm_dip.embedded export-ddpm RUN/model`
+writes the fp16 copy shipped here and prints the hashes that `EXPECTED_SHA256` pins.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -14,26 +19,86 @@ from .errors import UserError
 
 DDPM_NAME = "ddpm-sprites32"
 GENERATOR_NAME = "tdpm-generator-sprites32"
+BUDGET_BYTES = 10 * 1024 * 1024  # everything under weights/ together (issue: <= 10 MB)
+
+# The shipped files and their SHA-256, so that weights changed by accident fail a test
+# (tests/test_embedded.py). A deliberate rebuild re-runs the export, which prints the new values.
+EXPECTED_SHA256: dict[str, str] = {}
 
 
-def _weights_dir() -> Path:
+def weights_dir() -> Path:
     return Path(str(resources.files("tdpm_dip") / "weights"))
 
 
 def default_ddpm() -> Path:
     """The shipped DDPM folder (diffusers layout: unet/ + scheduler/)."""
-    path = _weights_dir() / DDPM_NAME
+    path = weights_dir() / DDPM_NAME
     if not (path / "unet" / "config.json").is_file():
         raise UserError(f"the embedded default DDPM is missing from this installation ({path}); pass --model")
     return path
 
 
+def default_size() -> int:
+    """Image side of the embedded DDPM, read from its config (no weights loaded)."""
+    import json
+
+    s = json.loads((default_ddpm() / "unet" / "config.json").read_text())["sample_size"]
+    return int(s[0] if isinstance(s, (list, tuple)) else s)
+
+
 def default_generator() -> Path | None:
     """The shipped TDPM generator folder for `default_ddpm()`, or None when this build ships none."""
-    path = _weights_dir() / GENERATOR_NAME
+    path = weights_dir() / GENERATOR_NAME
     return path if (path / "generator.json").is_file() else None
 
 
 def resolve_model(model: str | None) -> str:
     """`--model` as given, or the embedded default DDPM when it is omitted."""
     return str(default_ddpm()) if model is None else model
+
+
+def shipped_files() -> dict[str, Path]:
+    """Every file under weights/, keyed by its path relative to it (POSIX separators)."""
+    root = weights_dir()
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_ddpm(src: str | Path, dest: Path | None = None) -> Path:
+    """Copy a trained DDPM (diffusers folder, e.g. `tdpm-dip train`'s RUN/model) into the package with
+    fp16 weights: half the bytes, and loading upcasts them to the dtype the caller asks for."""
+    from .models import load_ddpm, save_ddpm
+
+    dest = dest or weights_dir() / DDPM_NAME
+    unet, scheduler = load_ddpm(src)
+    with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+        save_ddpm(unet.half(), scheduler, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(tmp, dest)
+    for p in [dest, *dest.rglob("*")]:  # readable by everyone, not the temporary folder's 0700
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest
+
+
+def _main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tdpm_dip.embedded",
+                                 description="Maintainers: write the shipped default models into the package.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export-ddpm", help="copy RUN/model into the package as fp16 safetensors")
+    ex.add_argument("src", help="a trained DDPM folder (diffusers layout)")
+    sub.add_parser("hashes", help="print the EXPECTED_SHA256 entries of the files under weights/")
+    args = ap.parse_args(argv)
+    if args.cmd == "export-ddpm":
+        print(export_ddpm(args.src))
+    files = shipped_files()
+    for name, p in files.items():
+        print(f'    "{name}": "{sha256(p)}",')
+    print(f"# {sum(p.stat().st_size for p in files.values())} bytes in all (budget {BUDGET_BYTES})")
+
+
+if __name__ == "__main__":
+    _main()

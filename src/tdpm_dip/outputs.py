@@ -74,6 +74,13 @@ def save_png(x: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
         Image.fromarray(a).save(tmp, format="PNG")
 
 
+def save_set(images: torch.Tensor, names: list[str], folder: str | os.PathLike) -> None:
+    """Write an image set as PNGs named `{index:05d}_{name}.png` (lossless: the tensors come from 8-bit
+    images, so reading the folder back gives the same tensors)."""
+    for i, (x, name) in enumerate(zip(images, names)):
+        save_png(x, Path(folder) / f"{i:05d}_{name}.png")
+
+
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
     """[N, 3, H, W] in [-1, 1] -> one uint8 HWC grid with white padding."""
     n, _, h, w = images.shape

@@ -1,0 +1,71 @@
+"""The embedded default DDPM shipped in the package: its size, config, hashes, and a seeded generation."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run
+from PIL import Image
+
+from tdpm_dip import embedded
+from tdpm_dip.config import get_preset
+from tdpm_dip.models import load_ddpm
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    """Tensor dtypes from a safetensors header (8-byte length, then JSON), without loading the tensors."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_weights_are_within_budget_and_unchanged() -> None:
+    files = embedded.shipped_files()
+    assert sum(p.stat().st_size for p in files.values()) <= embedded.BUDGET_BYTES
+    # Exactly the pinned files, each with its pinned hash: a changed, added or lost file fails here.
+    assert set(files) == set(embedded.EXPECTED_SHA256)
+    for name, path in files.items():
+        assert embedded.sha256(path) == embedded.EXPECTED_SHA256[name], f"{name} changed"
+    weights = [p for name, p in files.items() if name.endswith(".safetensors")]
+    assert weights and all(_safetensors_dtypes(p) == {"F16"} for p in weights)
+
+
+def test_default_ddpm_config_and_loading() -> None:
+    path = embedded.default_ddpm()
+    assert embedded.resolve_model(None) == str(path) and embedded.resolve_model("some/model") == "some/model"
+    unet, scheduler = load_ddpm(path)
+    assert embedded.default_size() == unet.config.sample_size == 32
+    preset = get_preset("demo").unet_kwargs(32)
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
+        assert tuple(np.atleast_1d(unet.config[key])) == tuple(np.atleast_1d(preset[key])), key
+    assert next(unet.parameters()).dtype == torch.float32  # fp16 on disk, upcast on load
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_schedule == "linear"
+
+
+def test_generate_without_model_uses_the_embedded_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, _, err = run(["generate", "--method", "ddim", "--ddim-steps", "4", "--n", "2", "--seed", "5",
+                            "--device", "cpu", "--out", out], capsys)
+        assert code == 0, err
+        outs.append(sorted((out / "images").glob("*.png")))
+        assert json.loads((out / "result.json").read_text())["model"] == str(embedded.default_ddpm())
+    a, b = ([np.asarray(Image.open(p)) for p in ps] for ps in outs)
+    assert [x.shape for x in a] == [(32, 32, 3)] * 2
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded: the same images twice
+    assert not np.array_equal(a[0], a[1])  # and image i depends on seed i
+
+
+def test_missing_embedded_model_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(embedded, "weights_dir", lambda: tmp_path / "nothing")
+    code, _, err = run(["generate", "--method", "ddim", "--n", "1", "--out", tmp_path / "g"], capsys)
+    assert code == 2 and "pass --model" in err and "Traceback" not in err
+    assert not (tmp_path / "g").exists()
