@@ -1,10 +1,11 @@
 """Run by tests/test_shard.py in each of several launched processes (torchrun): CLI commands through
 `tdpm_dip.cli.main`, as `accelerate launch -m tdpm_dip.cli ...` runs them, one after the other.
 
-usage: shard_worker.py GUARDED_DIR COMMANDS_JSON
+usage: shard_worker.py GUARDED_DIR COMMANDS_JSON LOG_DIR
 
-- Every process prints one `SHARD {json}` line per method call it runs: its rank and the seeds of the
-  images it was given, so the test can check that each image ran exactly once.
+- Every process writes LOG_DIR/rank<R>.jsonl, one line per method call it runs: the command, the method
+  and the seeds of the images it was given, so the test can check that each image ran exactly once
+  (a file per process: lines printed by two processes to one pipe can interleave).
 - On every rank but 0, an audit hook makes any file write, folder creation, rename or removal under
   GUARDED_DIR raise: a process that is not the main one must write nothing.
 """
@@ -22,6 +23,8 @@ torch.set_num_threads(1)
 
 GUARDED = os.path.realpath(sys.argv[1])
 RANK = int(os.environ.get("RANK", "0"))
+LOG = open(os.path.join(sys.argv[3], f"rank{RANK}.jsonl"), "w")  # noqa: SIM115 - open for the whole run
+COMMAND = -1
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.link", "os.symlink",
                 "os.truncate", "shutil.rmtree", "shutil.copyfile", "os.chmod"}
@@ -62,14 +65,15 @@ def spy_get(task: str, protocol: str, name: str):  # noqa: ANN201 - registry.Met
     m = _get(task, protocol, name)
 
     def run(ctx, job):  # noqa: ANN001, ANN202
-        print("SHARD " + json.dumps({"rank": RANK, "method": f"{task}/{protocol}/{name}", "seeds": list(job.seeds)}),
-              flush=True)
+        LOG.write(json.dumps({"command": COMMAND, "method": f"{task}/{protocol}/{name}", "seeds": list(job.seeds)})
+                  + "\n")
+        LOG.flush()
         return m.run(ctx, job)
 
     return dataclasses.replace(m, run=run)
 
 
 tasks.get = spy_get
-for i, argv in enumerate(json.loads(sys.argv[2])):
-    print("SHARD " + json.dumps({"rank": RANK, "command": i}), flush=True)
+for COMMAND, argv in enumerate(json.loads(sys.argv[2])):
     main(argv)
+LOG.close()

@@ -67,23 +67,20 @@ def test_two_processes_equal_one(tmp_path: Path, sprite_dir_factory, capsys: pyt
         code, _, err = run(argv, capsys)
         assert code == 0, err
 
-    two = tmp_path / "two"
+    two, logs = tmp_path / "two", tmp_path / "logs"
+    logs.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(Path(__file__).with_name("shard_worker.py")), str(two),
-                           json.dumps(commands(two))], env=env, capture_output=True, text=True, timeout=300)
+                           json.dumps(commands(two)), str(logs)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Each image ran exactly once, on one process; both processes worked.
     calls: dict[tuple[int, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    command = {0: -1, 1: -1}
-    for line in proc.stdout.splitlines():
-        if line.startswith("SHARD "):
-            rec = json.loads(line[6:])
-            if "command" in rec:
-                command[rec["rank"]] = rec["command"]
-            else:
-                calls[(command[rec["rank"]], rec["method"])][rec["rank"]] += rec["seeds"]
+    for rank in (0, 1):
+        for line in (logs / f"rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            calls[(rec["command"], rec["method"])][rank] += rec["seeds"]
     assert sorted(calls) == [(0, "generate/paper/tdpm-dip"), (1, "denoise/blind/ensemble"),
                              (1, "denoise/blind/tdpm-dip"), (2, "denoise/blind/tweedie"),
                              (3, "denoise/blind/ddim")], sorted(calls)  # the re-run skipped the cached row

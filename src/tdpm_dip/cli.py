@@ -2,6 +2,8 @@
 
 Every problem the user can fix (paths, images, models, numbers) is one line on stderr and exit
 code 2; Ctrl-C is exit code 130, SIGTERM 143, with earlier outputs intact (results are staged, then moved in).
+Under `accelerate launch` / torchrun, generate, denoise and bench split their images over the processes
+(shard.py): `load_context` picks each process's device and its share; only rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def echo(msg: str) -> None:
 
 
 def common_options(f):  # noqa: ANN001, ANN201
-    f = click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")(f)
+    f = click.option("--device", default="auto",
+                     help="cpu, cuda, cuda:N, or auto (GPU if present). Under accelerate launch / torchrun: each "
+                          "process's own GPU (auto or cuda), or cpu.")(f)
     f = click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      help="Autocast dtype for networks: auto = bf16 on GPU, fp32 on CPU.")(f)
     f = click.option("--batch-size", type=int, default=16, help="Images processed (and DIPs fitted) at once.")(f)
@@ -220,6 +224,8 @@ def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: i
     Examples:
       tdpm-dip generate --model M --method ddim --n 16 --out gen_ddim
       tdpm-dip generate --model M --method tdpm-dip --n 8 --reference-data DIR --out gen_tdpm
+    Several processes / GPUs / machines (the images are split over them; rank 0 writes):
+      accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli generate ...
     """
     from .data import load_images
     from .outputs import prepare_out_dir, save_grid, staged_dir, write_json
@@ -310,6 +316,8 @@ def denoise(model: str | None, input_: str | None, clean: str | None, reference:
       tdpm-dip denoise --model M --input my_noisy_photos/ --sigma 25 --out den      (blind, recommended method)
       tdpm-dip denoise --model M --clean test/ --sigma 50 --n 8 --method tweedie --method tdpm-dip --out den50
       tdpm-dip denoise --model M --clean test/ --protocol paper --n 8 --out den_p    (the report's)
+    Several processes / GPUs / machines (the images are split over them; rank 0 writes):
+      accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli denoise ...
     """
     from .data import load_images
     from .embedded import resolve_model
@@ -529,6 +537,8 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     \b
     Example (CPU):
       tdpm-dip bench table2 --model M --data test/ --n 8 --dip-preset dip-small --out runs/bench
+    Several processes / GPUs / machines (each row's images are split; rank 0 keeps the cache):
+      accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli bench table2 ...
     """
     from .bench import Bench, BenchSettings, check_out_dir, parse_ints, run_bench
     from .data import load_images
@@ -645,6 +655,10 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
                      dip_preset=dip_preset, dip_iters=dip_iters, blind_dip_iters=blind_dip_iters,
                      overwrite=overwrite)
     cfg.validate()
+    from .shard import launched
+
+    if launched():  # its phases are not split over processes: each would write the same run folder
+        raise UserError("demo runs in one process: start it without accelerate launch / torchrun")
     dev = pick_device(device)
     nthreads = pick_threads(threads, tiny_networks=model is None and dev.type == "cpu")
     torch.set_num_threads(nthreads)
