@@ -112,9 +112,8 @@ def dip_config(use: str, preset: str, iters: int | None, lr: float | None):  # n
 
 def load_context(model: str, device_name: str, dtype: str, batch_size: int, dip_cfg_fn):  # noqa: ANN001, ANN201
     from .models import load_ddpm
-    from .tasks import Context
-
     from .shard import Shard, launched
+    from .tasks import Context
 
     positive("--batch-size", batch_size)
     device, shard = pick_device(device_name), None
