@@ -319,21 +319,30 @@ class Bench:
         return record, tensors
 
     def run(self, specs: list[RowSpec]) -> None:
-        """Run every spec not yet cached (each distinct key once), with a progress bar."""
+        """Run every spec not yet cached (each distinct key once), with a progress bar.
+
+        Under a launcher (the context's `shard`) every process runs every row on its share of the
+        images; the main process alone reads the cache, decides which rows are left, and saves them.
+        """
         from tqdm.auto import tqdm
 
+        shard = self.context("linear").shard
+        main = shard is None or shard.is_main
         todo: dict[str, tuple[RowSpec, dict]] = {}
         for spec in sorted(specs, key=lambda sp: sp.model):  # one model slot at a time
             key, info = self.key(spec)
-            if key not in todo and not self.cached(key):
+            if key not in todo and not (main and self.cached(key)):
                 todo[key] = (spec, info)
+        if shard is not None:
+            todo = shard.broadcast(todo)  # the cache is the main process's (other machines may not see it)
         done = len({self.key(sp)[0] for sp in specs}) - len(todo)
         if done:
             self.echo(f"{done} row(s) found in {self.cache}: not recomputed")
-        for key, (spec, info) in tqdm(todo.items(), desc="bench rows", unit="row", disable=not todo):
+        for key, (spec, info) in tqdm(todo.items(), desc="bench rows", unit="row", disable=not (todo and main)):
             self.echo(f"running {spec.label} ({spec.task}, {spec.protocol}, model {spec.model}, n={self.row_n(spec)})")
             res = self.run_row(spec)
-            self._save(key, info, spec, res)
+            if main:
+                self._save(key, info, spec, res)
             self.computed.append(key)
 
 
@@ -639,6 +648,9 @@ def run_bench(tables: list[str], bench: Bench) -> dict[str, list[dict]]:
             if sp.model != "linear":
                 bench.context(sp.model)  # fail early when --model-cosine is missing
     bench.run([sp for name in tables for sp in specs[name]] + list(extra.values()))
+    shard = bench.context("linear").shard
+    if shard is not None and not shard.is_main:
+        return {}  # under a launcher the main process writes the tables
     gm = _GenMetrics(bench) if "table1" in tables else None
     # The tables' files are written beside RUN and moved in together (RUN/cache stays where it is).
     with staged_dir(bench.out, in_place=True) as tmp:

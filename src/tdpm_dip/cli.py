@@ -2,6 +2,8 @@
 
 Every problem the user can fix (paths, images, models, numbers) is one line on stderr and exit
 code 2; Ctrl-C is exit code 130, SIGTERM 143, with earlier outputs intact (results are staged, then moved in).
+Under `accelerate launch` / torchrun, generate, denoise and bench split their images over the processes
+(shard.py): `load_context` picks each process's device and its share; only rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -61,11 +63,17 @@ positive = check_positive  # (name, value): value > 0 when given
 
 
 def echo(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A progress line on stderr; under a launcher only the main process speaks."""
+    from .shard import is_main_process
+
+    if is_main_process():
+        click.echo(msg, err=True)
 
 
 def common_options(f):  # noqa: ANN001, ANN201
-    f = click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")(f)
+    f = click.option("--device", default="auto",
+                     help="cpu, cuda, cuda:N, or auto (GPU if present). Under accelerate launch / torchrun: each "
+                          "process's own GPU (auto or cuda), or cpu.")(f)
     f = click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      help="Autocast dtype for networks: auto = bf16 on GPU, fp32 on CPU.")(f)
     f = click.option("--batch-size", type=int, default=16, help="Images processed (and DIPs fitted) at once.")(f)
@@ -104,12 +112,16 @@ def dip_config(use: str, preset: str, iters: int | None, lr: float | None):  # n
 
 def load_context(model: str, device_name: str, dtype: str, batch_size: int, dip_cfg_fn):  # noqa: ANN001, ANN201
     from .models import load_ddpm
+    from .shard import Shard, launched
     from .tasks import Context
 
     positive("--batch-size", batch_size)
-    device = pick_device(device_name)
+    device, shard = pick_device(device_name), None
+    if launched():  # accelerate launch / torchrun: this process's device, and its share of the images
+        shard, device = Shard.start(device)
     unet, scheduler = load_ddpm(model, device=device)
-    return Context(unet, scheduler, dip_cfg_fn(device), device, pick_amp(dtype, device), batch_size, progress=True)
+    return Context(unet, scheduler, dip_cfg_fn(device), device, pick_amp(dtype, device), batch_size, progress=True,
+                   shard=shard)
 
 
 def model_size(ctx) -> int:  # noqa: ANN001
@@ -211,10 +223,13 @@ def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: i
     Examples:
       tdpm-dip generate --model M --method ddim --n 16 --out gen_ddim
       tdpm-dip generate --model M --method tdpm-dip --n 8 --reference-data DIR --out gen_tdpm
+    Several processes / GPUs / machines (the images are split over them; rank 0 writes):
+      accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli generate ...
     """
     from .data import load_images
     from .outputs import prepare_out_dir, save_grid, staged_dir, write_json
     from .reporting import save_images
+    from .shard import is_main_process
     from .tasks import generate as run_generate
 
     from .embedded import resolve_model
@@ -232,8 +247,11 @@ def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: i
     ref = load_images(reference_data, model_size(ctx), limit=n).images if reference_data else None
     if ref is not None and ref.shape[0] < n:
         raise UserError(f"--reference-data has {ref.shape[0]} images, fewer than --n {n}")
-    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
+    main = is_main_process()  # under a launcher: the only process that writes
+    out_dir = prepare_out_dir(out, overwrite) if main else Path(out)  # after every input check
     res = run_generate(ctx, method, list(range(seed, seed + n)), t_trunc, ddim_steps, ref)
+    if not main:
+        return
     with staged_dir(out_dir) as tmp:
         names = [f"{seed + i:05d}" for i in range(n)]
         save_images(res.images, names, tmp / "images")
@@ -297,12 +315,15 @@ def denoise(model: str | None, input_: str | None, clean: str | None, reference:
       tdpm-dip denoise --model M --input my_noisy_photos/ --sigma 25 --out den      (blind, recommended method)
       tdpm-dip denoise --model M --clean test/ --sigma 50 --n 8 --method tweedie --method tdpm-dip --out den50
       tdpm-dip denoise --model M --clean test/ --protocol paper --n 8 --out den_p    (the report's)
+    Several processes / GPUs / machines (the images are split over them; rank 0 writes):
+      accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli denoise ...
     """
     from .data import load_images
     from .embedded import resolve_model
     from .outputs import prepare_out_dir, staged_dir, write_json, write_text
     from .registry import Job, get
     from .reporting import curves_figure, labelled_comparison, result_row, save_images, table
+    from .shard import is_main_process
     from .tasks import add_noise, run, validate_t_trunc
 
     if (input_ is None) == (clean is None):
@@ -332,7 +353,8 @@ def denoise(model: str | None, input_: str | None, clean: str | None, reference:
         return
     size = model_size(ctx)
     src = clean
-    images = load_images(src, size, limit=n, progress=True)
+    main = is_main_process()  # under a launcher: the only process that writes
+    images = load_images(src, size, limit=n, progress=main)
     echo(f"{len(images)} images from {src}, padded to square and resized to {size}x{size} (the model's size)")
     seeds = list(range(seed, seed + len(images)))
     x0 = images.images if clean else None
@@ -346,8 +368,10 @@ def denoise(model: str | None, input_: str | None, clean: str | None, reference:
         noise_label = f"{noise_model}, sigma {sig[0]:g}"
         job = Job(tuple(seeds), noisy=noisy, sigma=tuple(sig), clean=x0, t_trunc=t_trunc, samples=samples,
                   steps=ddim_steps, declip=declip)
-    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
+    out_dir = prepare_out_dir(out, overwrite) if main else Path(out)  # after every input check
     results = [run(ctx, "denoise", protocol, m, job) for m in methods]
+    if not main:
+        return
     rows = [result_row(r, x0, noise=noise_label, **labels) for r in results]
     with staged_dir(out_dir) as tmp:
         save_images(results[0].inputs, images.names, tmp / "noisy")
@@ -395,9 +419,11 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
     from .outputs import prepare_out_dir, save_png, staged_dir, write_json, write_text
     from .registry import Job
     from .reporting import labelled_comparison, table, thumbnails
+    from .shard import is_main_process
     from .tasks import run_native
 
-    files = load_native(src, limit=n, progress=True)
+    main = is_main_process()  # under a launcher: the only process that writes
+    files = load_native(src, limit=n, progress=main)
     names = [name for name, _ in files]
     clean = None
     if reference is not None:
@@ -409,7 +435,7 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
         clean = [refs[nm] for nm in names]
     sig = _sigmas([x for _, x in files], sigma)
     echo(f"{len(files)} images from {src}, each denoised at its own size")
-    out_dir = prepare_out_dir(out, overwrite)  # after every input check: a failed command creates nothing
+    out_dir = prepare_out_dir(out, overwrite) if main else Path(out)  # after every input check
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (_, x) in enumerate(files):
         groups.setdefault(tuple(x.shape[-2:]), []).append(i)
@@ -424,6 +450,8 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
                 outputs[m][i] = r.images[k]
             cost[m][0] += r.seconds
             cost[m][1] += r.nfe * len(idx)
+    if not main:
+        return
     rows = [{"method": m, "protocol": "blind", "n": len(files), "noise": "your files",
              "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)"} for m in methods]
     for row, m in zip(rows, methods):
@@ -508,10 +536,13 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     \b
     Example (CPU):
       tdpm-dip bench table2 --model M --data test/ --n 8 --dip-preset dip-small --out runs/bench
+    Several processes / GPUs / machines (each row's images are split; rank 0 keeps the cache):
+      accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli bench table2 ...
     """
     from .bench import Bench, BenchSettings, check_out_dir, parse_ints, run_bench
     from .data import load_images
     from .noise import check_level
+    from .shard import is_main_process
     from .tasks import validate_t_trunc
 
     names = ["table1", "table2", "table3", "table4"] if "all" in tables else list(dict.fromkeys(tables))
@@ -537,7 +568,8 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
                              t_noisy=t_noisy, t_trunc=t_trunc,
                              t_truncs=truncs, samples=samples, ddpm_steps=ddpm_steps, ddim_steps=ddim_steps, fid=fid,
                              fid_weights=fid_weights, fig_images=fig_images, dip=cfgs)
-    out_dir = check_out_dir(out, overwrite)
+    main = is_main_process()  # under a launcher: the only process that reads and writes RUN
+    out_dir = check_out_dir(out, overwrite) if main else Path(out)
     models = {"linear": model, "cosine": model_cosine}
 
     def load(slot: str):  # noqa: ANN202 - Context
@@ -545,7 +577,7 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
         return load_context(models[slot], device, dtype, batch_size, lambda d: cfgs["paper"])
 
     def load_data(size: int, limit: int):  # noqa: ANN202 - tensor
-        return load_images(data, size, limit=limit, progress=True).images
+        return load_images(data, size, limit=limit, progress=main).images
 
     b = Bench(settings, load, data, load_data, out_dir, models, echo=echo)
     sched = b.context("linear").scheduler
@@ -556,6 +588,8 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     if ddpm_steps > T or (ddim_steps or 0) > T:
         raise UserError(f"--ddpm-steps / --ddim-steps must be <= {T}")
     run_bench(names, b)
+    if not main:
+        return
     for name in names:
         click.echo((out_dir / f"{name}.md").read_text())
     echo(f"tables and figures in {out_dir}")
@@ -656,6 +690,10 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
                      dip_preset=dip_preset, dip_iters=dip_iters, blind_dip_iters=blind_dip_iters,
                      overwrite=overwrite, embedded=embedded)
     cfg.validate()
+    from .shard import launched
+
+    if launched():  # its phases are not split over processes: each would write the same run folder
+        raise UserError("demo runs in one process: start it without accelerate launch / torchrun")
     dev = pick_device(device)
     nthreads = pick_threads(threads, tiny_networks=model is None and dev.type == "cpu")
     torch.set_num_threads(nthreads)

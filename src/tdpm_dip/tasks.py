@@ -25,6 +25,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -35,6 +36,9 @@ from .errors import UserError, check_sigma
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
 from .registry import Job, get, register
 from .sampling import ddim_chain, reverse_chain
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 PROTOCOLS = ("paper", "blind")
 NOISE_MODELS = ("clipped", "float")
@@ -58,6 +62,9 @@ class Context:
     # The blind TDPM-DIP's DIP (target built from the blind estimate); None: the "plugin" defaults
     # of ctx.dip's preset (dip.DIP_DEFAULTS).
     dip_plugin: DIPConfig | None = None
+    # Set by the CLI under `accelerate launch` / torchrun: `run` splits each job's images over the
+    # processes (shard.py). None: this process does all the work.
+    shard: Shard | None = None
 
 
 @dataclass
@@ -545,8 +552,14 @@ def generate_tdpm_dip(ctx: Context, job: Job) -> Result:
 # ---------------------------------------------------------------------------------------- entry points
 
 def run(ctx: Context, task: str, protocol: str, method: str, job: Job) -> Result:
-    """Look `method` up in the registry and run it (the one dispatch; the CLI, bench and demo call it)."""
-    return get(task, protocol, method).run(ctx, job)
+    """Look `method` up in the registry and run it (the one dispatch; the CLI, bench and demo call it).
+
+    With `ctx.shard` (several launched processes) each process runs its own batches of the images and
+    every process gets the whole Result (`shard.Shard.run`)."""
+    fn = get(task, protocol, method).run
+    if ctx.shard is not None:
+        return ctx.shard.run(fn, ctx, job, f"{task} {method}")
+    return fn(ctx, job)
 
 
 def size_multiple(ctx: Context) -> int:

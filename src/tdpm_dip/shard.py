@@ -1,0 +1,207 @@
+"""Per-image work split over the processes of `accelerate launch` or `torchrun` (data parallel).
+
+Image i depends only on seed i (`noise.image_generators`; every method draws per image), so the
+images of one call can go to any process. A process owns whole batches of `--batch-size` images,
+the same batches a single process forms ([0, B), [B, 2B), ...), contiguous and balanced over the
+processes, and runs the method once per batch. A batch therefore sees the same operations as in a
+single-process run, and its outputs are the same bit for bit on the same device type (one
+exception: methods that regroup a batch by noise level -- per-image sigma, blind TDPM-DIP's
+automatic start level -- form their groups within the batch, so they agree to float rounding, as the
+batch-size tests in tests/test_blind.py allow). The batches' results are gathered on every process
+in index order (`accelerate.utils.gather_object`); only the main process (rank 0) writes files and
+draws the progress bar, which counts the images finished by all processes.
+
+Nothing here runs, or imports accelerate, unless a launcher started several processes: a plain
+`tdpm-dip` command is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .registry import Job
+    from .tasks import Context, Result
+
+_CALLS = itertools.count()  # every process makes the same calls in the same order: one progress key per call
+
+
+def launched() -> bool:
+    """Started by a launcher with several processes (torchrun and `accelerate launch` set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no launcher: the process that writes outputs and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def owned_batches(n: int, batch_size: int, rank: int, world: int) -> list[range]:
+    """The batches of images 0..n-1 that process `rank` of `world` runs: whole batches of `batch_size`
+    (as one process would form them), contiguous, the first n_batches % world processes one more."""
+    n_batches = -(-n // batch_size)
+    q, r = divmod(n_batches, world)
+    lo = rank * q + min(rank, r)
+    hi = lo + q + (1 if rank < r else 0)
+    return [range(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(lo, hi)]
+
+
+def job_part(job: Job, idx: range) -> Job:
+    """The images `idx` of a job, with their own seeds (and their own sigma when there is one per image)."""
+    n = len(job.seeds)
+    sl = slice(idx.start, idx.stop)
+
+    def part(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[sl]
+
+    sigma = job.sigma[sl] if len(job.sigma) == n and n > 1 else job.sigma
+    return dataclasses.replace(job, seeds=job.seeds[sl], noisy=part(job.noisy), clean=part(job.clean),
+                               reference=part(job.reference), sigma=sigma)
+
+
+def _cpu(x: Any) -> Any:  # noqa: ANN401 - tensors, dataclasses, containers
+    """A copy with every tensor on the CPU: gathered objects are pickled, and a CUDA tensor would be
+    unpickled on the sender's GPU index."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _cpu(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                         if f.init})
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
+def _merge_info(parts: list[tuple[int, dict]]) -> dict:
+    """One info dict for consecutive parts: tensors are joined; a value that is one per image (a list
+    as long as the part) or one per part becomes one per image, and one value again if all are equal
+    (the single-process convention of tasks._blind_info)."""
+    out: dict = {}
+    for key in parts[0][1]:
+        vals = [(n, d[key]) for n, d in parts]
+        if isinstance(vals[0][1], torch.Tensor):
+            out[key] = torch.cat([v for _, v in vals])
+            continue
+        per_image = [x for n, v in vals for x in (v if isinstance(v, list) and len(v) == n else [v] * n)]
+        all_scalar = not any(isinstance(v, list) for _, v in vals)
+        out[key] = per_image[0] if all_scalar and all(x == per_image[0] for x in per_image) else per_image
+    return out
+
+
+def merge(parts: list[Result]) -> Result:
+    """One Result for consecutive parts of a job, in their order.
+
+    images / inputs / the DIP's outputs and curves are joined along the image axis; `seconds` is the
+    sum of the parts' compute times (so s/img stays the cost of one image on one device, not the wall
+    time); `steps` and `nfe`, per image, are the largest of the parts (the single-process convention:
+    max over the images).
+    """
+    from .dip import DIPResult
+    from .tasks import Result
+
+    first = parts[0]
+    seconds = sum(p.seconds for p in parts)
+    dip = None
+    if first.dip is not None:
+        ds = [p.dip for p in parts]
+
+        def cat(name: str) -> torch.Tensor | None:
+            xs = [getattr(d, name) for d in ds]
+            return None if xs[0] is None else torch.cat(xs, dim=1)
+
+        dip = DIPResult(torch.cat([d.output for d in ds]), cat("loss"), cat("psnr"), cat("ssim"),
+                        list(ds[0].ssim_iters), sum(d.seconds for d in ds))
+    inputs = None if first.inputs is None else torch.cat([p.inputs for p in parts])
+    info = _merge_info([(int(p.images.shape[0]), p.info) for p in parts])
+    return Result(first.method, first.protocol, torch.cat([p.images for p in parts]), seconds,
+                  max(p.steps for p in parts), max(p.nfe for p in parts), inputs, dip, info)
+
+
+class _TotalBar:
+    """The main process's bar over the images of all processes: each process adds its finished images
+    to a counter in the process group's key-value store (no collective, so no process waits)."""
+
+    def __init__(self, total: int, desc: str, main: bool) -> None:
+        import torch.distributed as dist
+
+        self.key = f"tdpm_dip/progress/{next(_CALLS)}"
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, AttributeError, ValueError):  # no store: the bar counts this process only
+            self.store = None
+        self.bar = None
+        if main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+
+    def add(self, k: int) -> None:
+        done = self.store.add(self.key, k) if self.store is not None else None
+        if self.bar is not None:
+            self.bar.n = done if done is not None else self.bar.n + k
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total
+            self.bar.close()
+
+
+@dataclass
+class Shard:
+    """This process's place among the launched ones (accelerate's `PartialState`)."""
+
+    rank: int
+    world: int
+
+    @classmethod
+    def start(cls, device: torch.device) -> tuple[Shard, torch.device]:
+        """Join the launched processes; returns the shard and this process's device (accelerate's:
+        one GPU per process, or the CPU with the gloo backend when `device` is a CPU)."""
+        from accelerate import PartialState
+
+        if device.type == "cuda" and device.index is not None:
+            raise UserError("under a launcher each process uses its own GPU: give --device auto or cuda, "
+                            f"not {device}")
+        state = PartialState(cpu=device.type == "cpu")
+        world = int(os.environ["WORLD_SIZE"])
+        if state.num_processes != world:
+            raise UserError(f"the launcher started {world} processes but they did not join one process group "
+                            f"(accelerate: {state.distributed_type}); on CPUs use --device cpu")
+        dev = torch.device("cpu") if state.device.type == "cpu" else state.device
+        return cls(state.process_index, state.num_processes), dev
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def run(self, fn: Callable[[Context, Job], Result], ctx: Context, job: Job, desc: str) -> Result:
+        """`fn` on this process's batches of `job`; every process returns the whole job's Result."""
+        from accelerate.utils import gather_object
+
+        local = dataclasses.replace(ctx, shard=None, progress=False)
+        bar = _TotalBar(len(job.seeds), f"{desc} ({self.world} processes)", self.is_main and ctx.progress)
+        mine = []
+        for idx in owned_batches(len(job.seeds), ctx.batch_size, self.rank, self.world):
+            mine.append((idx.start, _cpu(fn(local, job_part(job, idx)))))
+            bar.add(len(idx))
+        parts = gather_object(mine)
+        bar.close()
+        return merge([r for _, r in sorted(parts, key=lambda p: p[0])])
+
+    def broadcast(self, obj: Any) -> Any:  # noqa: ANN401 - any picklable object
+        """The main process's `obj`, on every process (a decision that reads rank 0's files)."""
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]

@@ -1,0 +1,79 @@
+"""Run by tests/test_shard.py in each of several launched processes (torchrun): CLI commands through
+`tdpm_dip.cli.main`, as `accelerate launch -m tdpm_dip.cli ...` runs them, one after the other.
+
+usage: shard_worker.py GUARDED_DIR COMMANDS_JSON LOG_DIR
+
+- Every process writes LOG_DIR/rank<R>.jsonl, one line per method call it runs: the command, the method
+  and the seeds of the images it was given, so the test can check that each image ran exactly once
+  (a file per process: lines printed by two processes to one pipe can interleave).
+- On every rank but 0, an audit hook makes any file write, folder creation, rename or removal under
+  GUARDED_DIR raise: a process that is not the main one must write nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+GUARDED = os.path.realpath(sys.argv[1])
+RANK = int(os.environ.get("RANK", "0"))
+LOG = open(os.path.join(sys.argv[3], f"rank{RANK}.jsonl"), "w")  # noqa: SIM115 - open for the whole run
+COMMAND = -1
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.link", "os.symlink",
+                "os.truncate", "shutil.rmtree", "shutil.copyfile", "os.chmod"}
+
+
+def _guarded(path: object) -> bool:
+    if isinstance(path, int):
+        return False
+    try:
+        p = os.path.realpath(os.fsdecode(path))
+    except TypeError:
+        return False
+    return p == GUARDED or p.startswith(GUARDED + os.sep)
+
+
+def no_writes(event: str, args: tuple) -> None:
+    if event == "open":
+        path, mode, flags = args
+        writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE_FLAGS)
+        if writing and _guarded(path):
+            raise PermissionError(f"rank {RANK} wrote {path}")
+    elif event in WRITE_EVENTS and args and any(_guarded(a) for a in args[:2] if isinstance(a, (str, bytes,
+                                                                                                 os.PathLike))):
+        raise PermissionError(f"rank {RANK}: {event} {args[:2]}")
+
+
+if RANK != 0:
+    sys.addaudithook(no_writes)
+
+from tdpm_dip import tasks  # noqa: E402
+from tdpm_dip.cli import main  # noqa: E402
+
+_get = tasks.get
+
+
+def spy_get(task: str, protocol: str, name: str):  # noqa: ANN201 - registry.Method
+    """The registry entry, with its run logging which images this process was given."""
+    m = _get(task, protocol, name)
+
+    def run(ctx, job):  # noqa: ANN001, ANN202
+        LOG.write(json.dumps({"command": COMMAND, "method": f"{task}/{protocol}/{name}", "seeds": list(job.seeds)})
+                  + "\n")
+        LOG.flush()
+        return m.run(ctx, job)
+
+    return dataclasses.replace(m, run=run)
+
+
+tasks.get = spy_get
+for COMMAND, argv in enumerate(json.loads(sys.argv[2])):
+    main(argv)
+LOG.close()
