@@ -34,7 +34,7 @@ from .dip import DIPConfig, DIPResult, dip_defaults, fit_dip
 from .errors import UserError, check_sigma
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
 from .registry import Job, get, register
-from .sampling import ddim_chain, reverse_chain
+from .sampling import ddim_between, ddim_chain, reverse_chain
 
 PROTOCOLS = ("paper", "blind")
 NOISE_MODELS = ("clipped", "float")
@@ -390,15 +390,7 @@ def blind_ddpm(ctx: Context, job: Job) -> Result:
 def ddim_from(ctx: Context, x_t: torch.Tensor, t: int, steps: int) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t to 0 in `steps` calls,
     on the levels round(linspace(t, 0)). The last step returns the predicted x0."""
-    levels = sorted({round(t * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
-    x = x_t
-    for hi, lo in zip(levels[:-1], levels[1:]):
-        a_hi, a_lo = abar(ctx.scheduler, hi), abar(ctx.scheduler, lo)
-        with torch.no_grad(), autocast(x.device, ctx.amp_dtype):
-            eps = ctx.unet(x.to(ctx.unet.dtype), hi - 1).sample.float()
-        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
-        x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
-    return x
+    return ddim_between(ctx.unet, ctx.scheduler, x_t, t, 0, steps, ctx.amp_dtype)
 
 
 @register("ddim", "denoise", ("blind",), nfe="n (--ddim-steps, default 10)", rank=50,
