@@ -32,6 +32,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from .devices import autocast, timer
 from .dip import DIPConfig, DIPResult, dip_defaults, fit_dip
 from .errors import UserError, check_sigma
+from .generator import Generator
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
 from .registry import Job, get, register
 from .sampling import ddim_between, ddim_chain, reverse_chain
@@ -58,6 +59,8 @@ class Context:
     # The blind TDPM-DIP's DIP (target built from the blind estimate); None: the "plugin" defaults
     # of ctx.dip's preset (dip.DIP_DEFAULTS).
     dip_plugin: DIPConfig | None = None
+    # Amortized TDPM's generator G_psi (generator.load_generator), for the DDPM above; None: not loaded.
+    generator: Generator | None = None
 
 
 @dataclass
@@ -534,6 +537,31 @@ def generate_tdpm_dip(ctx: Context, job: Job) -> Result:
                   info={"t_trunc": t_trunc, "dip_output": res.output.cpu()})
 
 
+@register("tdpm", "generate", ("noise",), nfe="1 + T_trunc",
+          help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then T_trunc "
+               "posterior steps; new images, no reference data")
+def generate_tdpm(ctx: Context, job: Job) -> Result:
+    """TDPM sampling (Zheng et al. 2023): one call of the generator, then Algorithm 3's T_trunc steps.
+
+    z_i and the chain's step noise of image i come from seed i. T_trunc is the generator's (job.t_trunc,
+    when given, must equal it).
+    """
+    gen = ctx.generator
+    if gen is None:
+        raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
+    t = gen.t_trunc
+    if job.t_trunc is not None and job.t_trunc != t:
+        raise UserError(f"T_trunc {job.t_trunc} does not match the generator's {t} ({gen.path})")
+    validate_t_trunc(ctx.scheduler, t)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(gen.z_shape, gens, ctx.device)
+    with timer(ctx.device) as tm:
+        x_T = torch.cat([gen(z[sl]) for sl in _chunks(len(job.seeds), ctx.batch_size)])
+        out = _chain(ctx, x_T, t, gens, "TDPM reverse") if t else x_T
+    return Result("tdpm", "noise", out.clamp(-1, 1).cpu(), tm[0], 1 + t, 1 + t,
+                  info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")})
+
+
 # ---------------------------------------------------------------------------------------- entry points
 
 def run(ctx: Context, task: str, protocol: str, method: str, job: Job) -> Result:
@@ -588,7 +616,7 @@ def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[in
     return run(ctx, "denoise", "blind", method, job)
 
 
-def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int = 10, ddim_steps: int = 110,
+def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int | None = None, ddim_steps: int = 110,
              reference: torch.Tensor | None = None, ddim_eta: float = 0.0) -> Result:
     """Table 1's methods (`run` with a generation job)."""
     protocol = "paper" if method == "tdpm-dip" else "noise"
