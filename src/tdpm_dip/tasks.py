@@ -33,9 +33,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from .devices import autocast, timer
 from .dip import DIPConfig, DIPResult, dip_defaults, fit_dip
 from .errors import UserError, check_sigma
+from .generator import Generator
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
 from .registry import Job, get, register
-from .sampling import ddim_chain, reverse_chain
+from .sampling import ddim_between, ddim_chain, reverse_chain
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -65,6 +66,8 @@ class Context:
     # Set by the CLI under `accelerate launch` / torchrun: `run` splits each job's images over the
     # processes (shard.py). None: this process does all the work.
     shard: Shard | None = None
+    # Amortized TDPM's generator G_psi (generator.load_generator), for the DDPM above; None: not loaded.
+    generator: Generator | None = None
 
 
 @dataclass
@@ -397,15 +400,7 @@ def blind_ddpm(ctx: Context, job: Job) -> Result:
 def ddim_from(ctx: Context, x_t: torch.Tensor, t: int, steps: int) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t to 0 in `steps` calls,
     on the levels round(linspace(t, 0)). The last step returns the predicted x0."""
-    levels = sorted({round(t * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
-    x = x_t
-    for hi, lo in zip(levels[:-1], levels[1:]):
-        a_hi, a_lo = abar(ctx.scheduler, hi), abar(ctx.scheduler, lo)
-        with torch.no_grad(), autocast(x.device, ctx.amp_dtype):
-            eps = ctx.unet(x.to(ctx.unet.dtype), hi - 1).sample.float()
-        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
-        x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
-    return x
+    return ddim_between(ctx.unet, ctx.scheduler, x_t, t, 0, steps, ctx.amp_dtype)
 
 
 @register("ddim", "denoise", ("blind",), nfe="n (--ddim-steps, default 10)", rank=50,
@@ -549,6 +544,31 @@ def generate_tdpm_dip(ctx: Context, job: Job) -> Result:
                   info={"t_trunc": t_trunc, "dip_output": res.output.cpu()})
 
 
+@register("tdpm", "generate", ("noise",), nfe="1 + T_trunc",
+          help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then T_trunc "
+               "posterior steps; new images, no reference data")
+def generate_tdpm(ctx: Context, job: Job) -> Result:
+    """TDPM sampling (Zheng et al. 2023): one call of the generator, then Algorithm 3's T_trunc steps.
+
+    z_i and the chain's step noise of image i come from seed i. T_trunc is the generator's (job.t_trunc,
+    when given, must equal it).
+    """
+    gen = ctx.generator
+    if gen is None:
+        raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
+    t = gen.t_trunc
+    if job.t_trunc is not None and job.t_trunc != t:
+        raise UserError(f"T_trunc {job.t_trunc} does not match the generator's {t} ({gen.path})")
+    validate_t_trunc(ctx.scheduler, t)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(gen.z_shape, gens, ctx.device)
+    with timer(ctx.device) as tm:
+        x_T = torch.cat([gen(z[sl]) for sl in _chunks(len(job.seeds), ctx.batch_size)])
+        out = _chain(ctx, x_T, t, gens, "TDPM reverse") if t else x_T
+    return Result("tdpm", "noise", out.clamp(-1, 1).cpu(), tm[0], 1 + t, 1 + t,
+                  info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")})
+
+
 # ---------------------------------------------------------------------------------------- entry points
 
 def run(ctx: Context, task: str, protocol: str, method: str, job: Job) -> Result:
@@ -609,7 +629,7 @@ def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[in
     return run(ctx, "denoise", "blind", method, job)
 
 
-def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int = 10, ddim_steps: int = 110,
+def generate(ctx: Context, method: str, seeds: list[int], t_trunc: int | None = None, ddim_steps: int = 110,
              reference: torch.Tensor | None = None, ddim_eta: float = 0.0) -> Result:
     """Table 1's methods (`run` with a generation job)."""
     protocol = "paper" if method == "tdpm-dip" else "noise"

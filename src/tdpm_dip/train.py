@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -256,23 +256,23 @@ def _cpu_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest); no pickle involved."""
+def _flatten_optimizer(sd: dict, prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors for safetensors, keyed PREFIX.pid.name; JSON-able rest); no pickle."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optimizer.{pid}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{prefix}.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optimizer") -> dict:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(prefix + "."):
             _, pid, k = key.split(".", 2)
             state.setdefault(int(pid), {})[k] = v
     for pid, st in meta["scalars"].items():
@@ -293,12 +293,21 @@ def list_checkpoints(out: str | Path) -> list[Path]:
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
                     lr_scheduler: torch.optim.lr_scheduler.LRScheduler, scaler_state: dict | None,
-                    config: dict) -> Path:
-    """Write checkpoints/step_XXXXXX atomically (built under a temporary name, then renamed)."""
+                    config: dict, extra_modules: dict[str, torch.nn.Module] | None = None,
+                    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> Path:
+    """Write checkpoints/step_XXXXXX atomically (built under a temporary name, then renamed).
+
+    `extra_modules` (NAME.safetensors) and `extra_optimizers` are networks trained beside `model`, such
+    as a GAN's discriminator and its optimizer (generator.py).
+    """
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step_{step:06d}"
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    extra_meta = {}
+    for name, opt in (extra_optimizers or {}).items():
+        t, extra_meta[name] = _flatten_optimizer(opt.state_dict(), prefix=name)
+        opt_tensors.update(t)
     # Nothing in the loop uses the global RNGs (every draw has its own generator); they are saved anyway
     # so that code added later (dropout, say) still resumes exactly.
     opt_tensors["rng.cpu"] = torch.get_rng_state()
@@ -308,17 +317,22 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opti
     with staged_dir(final) as tmp:
         save_file(_cpu_tensors(model.state_dict()), str(tmp / "model.safetensors"))
         save_file(_cpu_tensors(ema.model.state_dict()), str(tmp / "ema.safetensors"))
+        for name, module in (extra_modules or {}).items():
+            save_file(_cpu_tensors(module.state_dict()), str(tmp / f"{name}.safetensors"))
         save_file(opt_tensors, str(tmp / "training_state.safetensors"))
         lr_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         write_json(tmp / "training_state.json", {
             "step": step, "optimizer": opt_meta, "lr_scheduler": lr_state, "grad_scaler": scaler_state,
             "ema": {"decay": ema.decay, "num_updates": ema.num_updates}, "config": config,
+            "extra_optimizers": extra_meta,
         })
     return final
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    extra_modules: dict[str, torch.nn.Module] | None = None,
+                    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict:
     """Restore a checkpoint written by `save_checkpoint` in place; returns its JSON part."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -328,11 +342,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: EMA, optimizer: tor
         device = next(model.parameters()).device
         model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
         ema.load_state_dict({"model": load_file(path / "ema.safetensors", device=str(device)), **meta["ema"]})
+        for name, module in (extra_modules or {}).items():
+            module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(device)))
         tensors = load_file(path / "training_state.safetensors")
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise UserError(f"{path}: damaged checkpoint ({str(e).splitlines()[0]}); delete it to resume "
                         "from the one before") from None
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    for name, opt in (extra_optimizers or {}).items():
+        opt.load_state_dict(_unflatten_optimizer(tensors, meta["extra_optimizers"][name], prefix=name))
     lr_scheduler.load_state_dict(dict(meta["lr_scheduler"], lr_lambdas=[None]))
     torch.set_rng_state(tensors["rng.cpu"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
@@ -373,10 +391,10 @@ def _check_out_dir(out: Path, allow_existing: bool) -> None:
 
 
 @contextlib.contextmanager
-def _run_folder(cfg: TrainConfig, out: Path) -> Iterator[Path]:
+def _run_folder(cfg: TrainConfig | LoopOptions, out: Path, owned: tuple[str, ...] = RUN_FILES) -> Iterator[Path]:
     """Where the main process writes the run: `out` itself, except for --overwrite of an earlier run.
 
-    That one is built beside it and replaces the earlier run's files (RUN_FILES, whole) only when it is
+    That one is built beside it and replaces the earlier run's files (`owned`, whole) only when it is
     complete (`staged_dir`): interrupted or failed, it is discarded and the earlier run, checkpoints
     included, stays as it was; a later --resume continues that one. Other files in `out` are kept. A new
     run or --resume writes in `out`, where every checkpoint is complete once written (--resume restarts
@@ -384,7 +402,7 @@ def _run_folder(cfg: TrainConfig, out: Path) -> Iterator[Path]:
     if not (cfg.overwrite and out.is_dir() and any(out.iterdir())):
         yield out
         return
-    with staged_dir(out, owned=RUN_FILES) as work:
+    with staged_dir(out, owned=owned) as work:
         try:
             yield work
         except TrainingDiverged as e:
@@ -419,9 +437,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _resume_mismatch(saved: dict, cfg: TrainConfig, n_images: int) -> list[str]:
+def _resume_mismatch(saved: dict, cfg: TrainConfig | LoopOptions, n_images: int,
+                     must_match: tuple[str, ...] = RESUME_MUST_MATCH) -> list[str]:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
-             for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+             for k in must_match if saved.get(k) != getattr(cfg, k)]
     if saved.get("n_images") not in (None, n_images):
         diffs.append(f"images: checkpoint {saved['n_images']}, now {n_images}")
     return diffs
@@ -439,11 +458,26 @@ def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int,
     return ddim_chain(unet, scheduler, x_T, steps, gens, amp_dtype=amp_dtype)
 
 
+class LoopOptions(Protocol):
+    """The options the shared loop reads (TrainConfig and generator.GeneratorConfig both have them)."""
+
+    steps: int
+    batch_size: int
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    sample_every: int
+    n_samples: int
+    resume: bool
+    overwrite: bool
+
+
 @dataclass(frozen=True)
 class _Run:
     """What a run fixes once set up: options, data, the networks and their optimizer (built by `_setup`)."""
 
-    cfg: TrainConfig                  # with --epochs resolved into steps
+    cfg: LoopOptions                  # with --epochs resolved into steps
     out: Path
     accelerator: Accelerator
     mixed: str                        # the resolved mixed precision: no, bf16 or fp16
@@ -458,6 +492,9 @@ class _Run:
     run_config: dict                  # the options, as config.json and every checkpoint record them
     start: int                        # the step the run starts after (the checkpoint's, when resuming)
     resumed_from: Path | None
+    # Networks trained beside `unet` and checkpointed with it (a GAN's discriminator), and their optimizers.
+    extra_modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    extra_optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -483,6 +520,11 @@ class _RunLog:
     t0: float = field(default_factory=time.perf_counter)
     losses: list[torch.Tensor] = field(default_factory=list)
     norms: list[torch.Tensor] = field(default_factory=list)
+    extra: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # further logged scalars, NaN-checked
+
+
+# A training step: (run, 1-based step) -> (loss, gradient norm, further scalars to log), left on the device.
+StepFn = Callable[[_Run, int], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], None] | None = None) -> Path:
@@ -490,40 +532,49 @@ def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], Non
 
     `callback(step)` is called after every optimizer step (1-based) on every process.
     """
-    from tqdm.auto import tqdm
-
     cfg.validate()
     with contextlib.ExitStack() as folder:  # holds the staging of an --overwrite run (_run_folder)
         run = _setup(cfg, progress, folder)
-        cfg = run.cfg
-        log = _RunLog(last_ckpt=run.resumed_from, step_last=run.start)
-        bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step",
-                   disable=not (progress and run.main), dynamic_ncols=True)
-        try:
-            for step in range(run.start + 1, cfg.steps + 1):
-                loss, grad_norm = _train_step(run, step)
-                log.losses.append(loss)
-                log.norms.append(grad_norm)
-                bar.update(1)
-                if callback is not None:
-                    callback(step)
-
-                do_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
-                do_grid = (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps
-                if step % cfg.log_every == 0 or do_ckpt or do_grid:
-                    rec = _log_metrics(run, log, step)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.1f}")
-                if do_ckpt:
-                    _checkpoint(run, log, step)
-                if do_grid:
-                    _save_samples(run, step)
-                if do_ckpt or do_grid:
-                    log.t_last = time.perf_counter()  # it/s measures training, not saving or sampling
-        finally:
-            bar.close()
+        run_loop(run, _train_step, _save_samples, progress, callback, "train")
         _export(run)
     run.accelerator.wait_for_everyone()  # the main process has put the run in place
     return Path(cfg.out) / "model"
+
+
+def run_loop(run: _Run, step_fn: StepFn, sample_fn: Callable[[_Run, int], None], progress: bool = True,
+             callback: Callable[[int], None] | None = None, desc: str = "train") -> None:
+    """The steps run.start+1 .. cfg.steps: metrics and the NaN stop every log_every steps, atomic
+    checkpoints every checkpoint_every, sample grids every sample_every, and at the last step."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    log = _RunLog(last_ckpt=run.resumed_from, step_last=run.start)
+    bar = tqdm(total=cfg.steps, initial=run.start, desc=desc, unit="step",
+               disable=not (progress and run.main), dynamic_ncols=True)
+    try:
+        for step in range(run.start + 1, cfg.steps + 1):
+            loss, grad_norm, extra = step_fn(run, step)
+            log.losses.append(loss)
+            log.norms.append(grad_norm)
+            for k, v in extra.items():
+                log.extra.setdefault(k, []).append(v)
+            bar.update(1)
+            if callback is not None:
+                callback(step)
+
+            do_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
+            do_grid = (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps
+            if step % cfg.log_every == 0 or do_ckpt or do_grid:
+                rec = _log_metrics(run, log, step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.1f}")
+            if do_ckpt:
+                _checkpoint(run, log, step)
+            if do_grid:
+                sample_fn(run, step)
+            if do_ckpt or do_grid:
+                log.t_last = time.perf_counter()  # it/s measures training, not saving or sampling
+    finally:
+        bar.close()
 
 
 def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> _Run:
@@ -561,22 +612,14 @@ def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> _R
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     images = _place(data, device)
     run_config = {**asdict(cfg), "n_images": n}
-    start, resumed_from = _resume(cfg, out, n, unet, ema, optimizer, lr_scheduler)
-
-    if main:
-        out = folder.enter_context(_run_folder(cfg, out))
-        prepare_out_dir(out, overwrite=cfg.resume or cfg.overwrite)
-        if cfg.resume:
-            _remove_cut_writes(out)
-            _truncate_metrics(out / "metrics.jsonl", start)
-        write_json(out / "config.json", {
-            "config": run_config, "algorithm": "Algorithm 1 (DDPM training)", "resumed_from": str(resumed_from)
-            if resumed_from else None, "device": str(device), "device_name": _device_name(device),
-            "num_processes": nproc, "mixed_precision": mixed, "params": count_params(unet),
-            "unet": get_preset(cfg.preset).unet_kwargs(cfg.size), "scheduler": dict(scheduler.config),
-            "versions": _versions(),
-        })
-    accelerator.wait_for_everyone()
+    start, resumed_from = resume_run(cfg, out, n, unet, ema, optimizer, lr_scheduler)
+    out = open_run_folder(cfg, out, folder, accelerator, start, RUN_FILES, {
+        "config": run_config, "algorithm": "Algorithm 1 (DDPM training)", "resumed_from": str(resumed_from)
+        if resumed_from else None, "device": str(device), "device_name": _device_name(device),
+        "num_processes": nproc, "mixed_precision": mixed, "params": count_params(unet),
+        "unet": get_preset(cfg.preset).unet_kwargs(cfg.size), "scheduler": dict(scheduler.config),
+        "versions": _versions(),
+    })
 
     model, optimizer = accelerator.prepare(unet, optimizer)
     if resumed_from is not None and accelerator.scaler is not None:
@@ -587,28 +630,45 @@ def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> _R
                 run_config, start, resumed_from)
 
 
-def _resume(cfg: TrainConfig, out: Path, n_images: int, unet: UNet2DModel, ema: EMA,
-            optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-            ) -> tuple[int, Path | None]:
+def open_run_folder(cfg: TrainConfig | LoopOptions, out: Path, folder: contextlib.ExitStack, accelerator: Accelerator,
+                    start: int, owned: tuple[str, ...], config_json: dict) -> Path:
+    """Where the main process writes the run (`_run_folder`, entered into `folder`): prepared, cleaned
+    after a cut --resume (partial writes removed, metrics after the checkpoint dropped), config.json written."""
+    if accelerator.is_main_process:
+        out = folder.enter_context(_run_folder(cfg, out, owned))
+        prepare_out_dir(out, overwrite=cfg.resume or cfg.overwrite)
+        if cfg.resume:
+            _remove_cut_writes(out)
+            _truncate_metrics(out / "metrics.jsonl", start)
+        write_json(out / "config.json", config_json)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def resume_run(cfg: TrainConfig | LoopOptions, out: Path, n_images: int, unet: UNet2DModel, ema: EMA,
+               optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+               must_match: tuple[str, ...] = RESUME_MUST_MATCH,
+               extra_modules: dict[str, torch.nn.Module] | None = None,
+               extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[int, Path | None]:
     """--resume: restore the latest checkpoint in place; returns (its step, its folder), or (0, None)."""
     ckpts = list_checkpoints(out) if cfg.resume else []
     if not ckpts:
         return 0, None
     last = ckpts[-1]
     saved = json.loads((last / "training_state.json").read_text()).get("config", {})
-    diffs = _resume_mismatch(saved, cfg, n_images)
+    diffs = _resume_mismatch(saved, cfg, n_images, must_match)
     if diffs:
         raise UserError(f"{last}: cannot resume with different options ({'; '.join(diffs)}); "
                         "use the same options or another --out")
-    start = int(load_checkpoint(last, unet, ema, optimizer, lr_scheduler)["step"])
+    start = int(load_checkpoint(last, unet, ema, optimizer, lr_scheduler, extra_modules, extra_optimizers)["step"])
     if start > cfg.steps:
         raise UserError(f"{last}: the checkpoint is at step {start}, past --steps {cfg.steps}")
     return start, last
 
 
-def _train_step(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_step(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step (1-based `step`) of Algorithm 1 and the EMA; returns the loss and the gradient norm,
-    left on the device."""
+    left on the device (and no further scalars)."""
     cfg, acc = run.cfg, run.accelerator
     i = step - 1  # 0-based index of this step's random draws
     idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
@@ -627,7 +687,7 @@ def _train_step(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.ema.update(run.unet)
-    return loss.detach(), grad_norm
+    return loss.detach(), grad_norm, {}
 
 
 def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
@@ -644,10 +704,11 @@ def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
     norms_l = torch.stack(log.norms).float().cpu().tolist()
     if run.mixed == "fp16":
         norms_l = [g if math.isfinite(g) else 0.0 for g in norms_l]
-    bad = next((i for i, (v, g) in enumerate(zip(vals_l, norms_l))
-                if not (math.isfinite(v) and math.isfinite(g))), None)
+    extra_l = {k: torch.stack(v).float().cpu().tolist() for k, v in log.extra.items()}
+    series = {"loss": vals_l, "gradient norm": norms_l, **extra_l}
+    bad = next((i for i in range(len(vals_l)) if not all(math.isfinite(v[i]) for v in series.values())), None)
     if bad is not None:
-        what = ("loss", vals_l[bad]) if not math.isfinite(vals_l[bad]) else ("gradient norm", norms_l[bad])
+        what = next((k, v[bad]) for k, v in series.items() if not math.isfinite(v[bad]))
         raise TrainingDiverged(
             f"{what[0]} became {what[1]} at step {log.step_last + 1 + bad}; last good checkpoint: "
             f"{log.last_ckpt if log.last_ckpt else 'none (none written yet)'}. Lower --lr or raise "
@@ -658,6 +719,7 @@ def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
            "loss": sum(vals_l) / len(vals_l), "loss_last": vals_l[-1], "lr": run.lr_scheduler.get_last_lr()[0],
            "it_s": round(its, 4), "img_s": round(its * cfg.batch_size, 2), "elapsed_s": round(now - log.t0, 2)}
     rec["grad_norm"] = sum(norms_l) / len(norms_l)
+    rec.update({k: sum(v) / len(v) for k, v in extra_l.items()})
     if run.device.type == "cuda":
         rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
     if run.main:
@@ -665,6 +727,7 @@ def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
             f.write(json.dumps(rec) + "\n")
     log.losses.clear()
     log.norms.clear()
+    log.extra.clear()
     log.t_last, log.step_last = now, step
     return rec
 
@@ -674,7 +737,8 @@ def _checkpoint(run: _Run, log: _RunLog, step: int) -> None:
     if run.main:
         scaler = run.accelerator.scaler
         log.last_ckpt = save_checkpoint(run.out, step, run.unet, run.ema, run.optimizer, run.lr_scheduler,
-                                        scaler.state_dict() if scaler is not None else None, run.run_config)
+                                        scaler.state_dict() if scaler is not None else None, run.run_config,
+                                        run.extra_modules, run.extra_optimizers)
         for old in list_checkpoints(run.out)[:-run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     run.accelerator.wait_for_everyone()

@@ -1,0 +1,135 @@
+"""Amortized TDPM against DDIM and DDPM-1000 on procedural sprites (issue: generation without copying).
+
+Trains G_psi at one T_trunc with each objective (`tdpm-dip train-generator`, gan and distill), then
+generates n images with DDPM-1000, DDIM-(1 + T_trunc), DDIM-50 and amortized TDPM for each generator,
+and scores them against n held-out sprites (a seed the DDPM never saw): FID and KID (with the `fid`
+extra), SWD, copy-rate and NN-PSNR to the training sprites, NFE and s/img. Writes OUT/results.json and
+OUT/results.md, and prints the table.
+
+    OMP_NUM_THREADS=1 python benchmarks/tdpm_generator.py --model /work/sprite-ddpm/final \\
+        --train-seed 0 --train-images 4096 --t-trunc 10 --steps 2000 --n 256 --out runs/tdpm-gen
+
+The sprites are made in code (data.make_sprites): training set seed --train-seed (what the DDPM was
+trained on), held-out seed --heldout-seed. Generators and generated rows are reused when OUT already
+holds them (delete OUT to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tdpm_dip import metrics as M
+from tdpm_dip.data import make_sprites
+from tdpm_dip.generator import GeneratorConfig, load_generator, train_generator
+from tdpm_dip.models import load_ddpm
+from tdpm_dip.outputs import markdown_table, save_grid, save_png, write_json, write_text
+from tdpm_dip.tasks import Context, generate
+
+
+def _train(args: argparse.Namespace, objective: str, data_dir: Path) -> tuple[Path, dict]:
+    out = args.out / f"gen-{objective}-t{args.t_trunc}"
+    export = out / "generator"
+    if (export / "generator.json").is_file():
+        return export, json.loads((out / "cost.json").read_text())
+    t0 = time.perf_counter()
+    cfg = GeneratorConfig(model=str(args.model), data=str(data_dir), t_trunc=args.t_trunc, out=str(out),
+                          objective=objective, steps=args.steps, batch_size=args.batch_size, pairs=args.pairs,
+                          ddim_steps=50, checkpoint_every=max(1, args.steps // 4), sample_every=0, n_samples=16,
+                          seed=args.seed, resume=out.exists())
+    train_generator(cfg)
+    cost = {"seconds": time.perf_counter() - t0, "steps": args.steps, "batch_size": args.batch_size,
+            "pairs": args.pairs if objective == "distill" else None}
+    write_json(out / "cost.json", cost)
+    return export, cost
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="the sprite DDPM (diffusers folder)")
+    p.add_argument("--train-seed", type=int, default=0, help="seed of the DDPM's training sprites")
+    p.add_argument("--train-images", type=int, default=4096, help="training sprites (copy-rate reference)")
+    p.add_argument("--heldout-seed", type=int, default=12345, help="seed of the held-out sprites (FID/KID/SWD)")
+    p.add_argument("--t-trunc", type=int, default=10)
+    p.add_argument("--objectives", default="gan,distill")
+    p.add_argument("--steps", type=int, default=2000, help="generator training steps per objective")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pairs", type=int, default=1024, help="distill: DDIM pairs")
+    p.add_argument("--n", type=int, default=256, help="generated and held-out images per row")
+    p.add_argument("--ddpm-steps", type=int, default=1000, help="0: skip the DDPM-1000 row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/tdpm-gen"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    unet, sched = load_ddpm(args.model)
+    size = int(unet.config.sample_size)
+    train = make_sprites(args.train_images, size, seed=args.train_seed).images
+    held = make_sprites(args.n, size, seed=args.heldout_seed).images
+    data_dir = args.out / "train-sprites"
+    if not data_dir.is_dir():
+        for i, x in enumerate(train):
+            save_png(x, data_dir / f"sprite{i:05d}.png")
+    try:
+        extractor = M.inception_extractor(batch_size=32)
+    except Exception as e:  # noqa: BLE001 - the extra is optional: FID/KID columns stay empty
+        print(f"FID/KID not computed: {e}", file=sys.stderr)
+        extractor = None
+
+    gens = {obj: _train(args, obj, data_dir) for obj in args.objectives.split(",") if obj}
+    seeds = list(range(args.seed, args.seed + args.n))
+    rows = []
+    specs = ([("DDPM-1000", "ddpm", {}, None)] if args.ddpm_steps else []) + [
+        (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None),
+        ("DDIM-50", "ddim", {"ddim_steps": 50}, None)]
+    specs += [(f"TDPM amortized ({obj}, T_trunc {args.t_trunc})", "tdpm", {}, path) for obj, (path, _) in gens.items()]
+    for label, method, kw, gen_path in specs:
+        cache = args.out / "rows" / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".pt")
+        if cache.is_file():
+            rec = torch.load(cache, weights_only=True)
+            images, seconds = rec["images"], float(rec["seconds"])
+        else:
+            gen = load_generator(gen_path, unet, sched) if gen_path else None
+            ctx = Context(unet, sched, batch_size=64, progress=True, generator=gen)
+            res = generate(ctx, method, seeds, **kw)
+            images, seconds = res.images, res.seconds
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": images, "seconds": torch.tensor(seconds)}, cache)
+        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + args.t_trunc}[method]
+        row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
+        if extractor is not None:
+            row["FID"] = M.fid(images, held, extractor, args.out)
+            row["KID"] = M.kid(images, held, extractor, args.out, subset_size=min(100, args.n), seed=0)["kid"]
+        row["SWD x1e3"] = 1e3 * M.swd(images, held)["swd_avg"]
+        cr = M.copy_rate(images, train)
+        row["copy-rate"], row["NN-PSNR"] = cr["rate"], sum(cr["nearest_psnr"]) / args.n
+        if gen_path is not None:
+            row["train s"] = round(gens[label.split("(")[1].split(",")[0]][1]["seconds"], 1)
+            row["train steps"] = args.steps
+        rows.append(row)
+        save_grid(images[:64], args.out / "grids" / f"{cache.stem}.png", upscale=2)
+        print(json.dumps(row), flush=True)
+    ref_row = {"row": "held-out sprites vs training sprites", "n": args.n}
+    ref_row["SWD x1e3"] = 1e3 * M.swd(held, train[: args.n])["swd_avg"]
+    if extractor is not None:
+        ref_row["FID"] = M.fid(train[: args.n], held, extractor, args.out)
+    rows.append(ref_row)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    write_json(args.out / "results.json", {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
+                                           "loadavg": load, "device": M.device_name("cpu")})
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    table = markdown_table(rows, columns)
+    write_text(args.out / "results.md", table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""TDPM's amortized generator (generator.py), the `tdpm` generation method and its CLI errors: tiny networks,
+16 px sprites, a few steps on the CPU. Quality targets live in benchmarks/, not here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import run as run_cli
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+
+from tdpm_dip.errors import UserError
+from tdpm_dip.generator import GeneratorConfig, load_generator, make_pairs, train_generator
+from tdpm_dip.models import build_unet, load_ddpm, save_ddpm
+from tdpm_dip.noise import make_scheduler
+from tdpm_dip.tasks import Context, generate
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def ddpm16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddpm16")
+    save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), out)
+    return out
+
+
+def _cfg(model: Path, data: Path | None, out: Path, objective: str, **kw) -> GeneratorConfig:
+    base = dict(model=str(model), data=str(data) if data else None, t_trunc=3, out=str(out), objective=objective, steps=4,
+                batch_size=4, pairs=8, ddim_steps=3, checkpoint_every=2, sample_every=0, n_samples=2, log_every=1)
+    return GeneratorConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def gan_run(ddpm16: Path, sprite_dir_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gan") / "run"
+    return train_generator(_cfg(ddpm16, sprite_dir_factory(8, SIZE), out, "gan"), progress=False)
+
+
+@pytest.mark.parametrize("objective", ["gan", "distill"])
+def test_a_few_steps_export_a_diffusers_generator(objective: str, ddpm16: Path, sprite_dir_factory,
+                                                  tmp_path: Path, gan_run: Path) -> None:
+    export = gan_run if objective == "gan" else train_generator(
+        _cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "run", objective), progress=False)
+    meta = json.loads((export / "generator.json").read_text())
+    assert meta["t_trunc"] == 3 and meta["z_shape"] == [3, SIZE, SIZE] and meta["objective"] == objective
+    assert meta["image_size"] == SIZE and meta["ddpm"] == ddpm16.name
+    unet = UNet2DModel.from_pretrained(export, use_safetensors=True)  # what diffusers loads
+    assert (export / "diffusion_pytorch_model.safetensors").is_file()
+    out = unet(torch.randn(2, 3, SIZE, SIZE), 0).sample
+    assert out.shape == (2, 3, SIZE, SIZE) and torch.isfinite(out).all()
+    lines = [json.loads(x) for x in (export.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    if objective == "gan":
+        assert all("loss_d" in r and "r1" in r for r in lines)
+        ckpt = sorted((export.parent / "checkpoints").iterdir())[-1]
+        assert (ckpt / "discriminator.safetensors").is_file()
+        assert any(k.startswith("disc_optimizer.") for k in load_file(ckpt / "training_state.safetensors"))
+    else:
+        assert (export.parent / "pairs.safetensors").is_file()
+
+
+def test_resume_equals_an_uninterrupted_run(ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path) -> None:
+    data = sprite_dir_factory(8, SIZE)
+    out = tmp_path / "cut"
+    train_generator(_cfg(ddpm16, data, out, "gan", steps=2), progress=False)
+    with pytest.raises(UserError, match="different options"):
+        train_generator(_cfg(ddpm16, data, out, "gan", steps=4, resume=True, r1_gamma=1.0), progress=False)
+    resumed = train_generator(_cfg(ddpm16, data, out, "gan", steps=4, resume=True), progress=False)
+    a = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    b = load_file(gan_run / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    da = load_file(out / "checkpoints" / "step_000004" / "discriminator.safetensors")
+    db = load_file(gan_run.parent / "checkpoints" / "step_000004" / "discriminator.safetensors")
+    assert all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_distill_pairs_are_seeded_ddim_to_t_trunc(ddpm16: Path) -> None:
+    unet, sched = load_ddpm(ddpm16)
+    z1, x1 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=2)
+    z2, x2 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=3)
+    # Pair j depends on (seed, j) only; batching changes x only by float rounding, amplified by 1/sqrt(abar_T).
+    assert torch.equal(z1, z2) and (x1 - x2).abs().max() < 1e-2
+    assert not torch.allclose(x1, z1)
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a UNet and counts its forward calls (one per batch of images)."""
+
+    def __init__(self, net: UNet2DModel) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+        self.dtype, self.config = net.dtype, net.config
+
+    def forward(self, *a, **k):  # noqa: ANN002, ANN003, ANN201
+        self.calls += 1
+        return self.net(*a, **k)
+
+
+def test_tdpm_sampler_makes_1_plus_t_trunc_network_calls(ddpm16: Path, gan_run: Path) -> None:
+    unet, sched = load_ddpm(ddpm16)
+    gen = load_generator(gan_run, unet, sched)
+    counted_ddpm, counted_gen = _Counting(unet), _Counting(gen.unet)
+    ctx = Context(counted_ddpm, sched, batch_size=8, generator=type(gen)(counted_gen, gen.t_trunc, gen.z_shape,
+                                                                           gen.info, gen.path))
+    res = generate(ctx, "tdpm", [0, 1, 2])
+    assert res.nfe == 1 + 3 and res.info["t_trunc"] == 3
+    assert (counted_gen.calls, counted_ddpm.calls) == (1, 3)   # one batch: 1 generator call, T_trunc chain steps
+    assert res.images.shape == (3, 3, SIZE, SIZE) and res.images.abs().max() <= 1
+    again = generate(Context(unet, sched, batch_size=1, generator=gen), "tdpm", [1])
+    assert torch.allclose(again.images[0], res.images[1], atol=1e-5)  # image i depends on seed i only
+
+
+def test_generate_tdpm_cli_and_its_one_line_errors(ddpm16: Path, gan_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--model", ddpm16, "--method", "tdpm", "--n", "2", "--device", "cpu"]
+    code, _, _ = run_cli(base + ["--generator", gan_run, "--out", tmp_path / "ok"], capsys)
+    res = json.loads((tmp_path / "ok" / "result.json").read_text())
+    assert code == 0 and res["method"] == "tdpm" and res["nfe"] == 4 and (tmp_path / "ok" / "grid.png").is_file()
+
+    other = tmp_path / "ddpm32"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=32), make_scheduler("linear"), other)
+    bad_json = tmp_path / "badgen"
+    bad_json.mkdir()
+    (bad_json / "generator.json").write_text("{not json")
+    cases = [
+        (base + ["--out", tmp_path / "e1"], "needs --generator"),
+        (base + ["--generator", ddpm16, "--out", tmp_path / "e2"], "not a generator folder"),
+        (base + ["--generator", tmp_path / "nowhere", "--out", tmp_path / "e3"], "no such folder"),
+        (base + ["--generator", bad_json, "--out", tmp_path / "e4"], "unreadable generator.json"),
+        (["generate", "--model", other, "--method", "tdpm", "--generator", gan_run, "--out", tmp_path / "e5"],
+         "makes 16 px images, but the DDPM makes 32 px"),
+        (base + ["--generator", gan_run, "--t-trunc", "5", "--out", tmp_path / "e6"], "does not match"),
+        (["generate", "--model", ddpm16, "--method", "ddim", "--generator", gan_run, "--out", tmp_path / "e7"],
+         "--generator is for --method tdpm"),
+    ]
+    for args, msg in cases:
+        code, out, err = run_cli(args, capsys)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (args, err)
+        assert not Path(args[-1]).exists()  # nothing half-written
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    for objective, bad in (("vae", {}), ("gan", dict(t_trunc=-1)),
+                           ("gan", dict(preset="nope")), ("gan", dict(r1_gamma=-1.0)),
+                           ("gan", dict(mixed_precision="fp16")), ("distill", dict(steps=0))):
+        with pytest.raises(UserError):
+            _cfg(tmp_path, tmp_path, tmp_path / "o", objective, **bad)
+    with pytest.raises(UserError, match="needs --data"):
+        _cfg(tmp_path, None, tmp_path / "o", "gan")
+    _cfg(tmp_path, None, tmp_path / "o", "distill")  # distill needs no images
