@@ -131,6 +131,22 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     assert any("DDPM shrunk to 4" in x for x in res["notes"]) and any("pip install" in x for x in res["notes"])
     assert (run / "fig3.png").is_file() and (run / "table1_samples.png").is_file()
 
+    # Each row's metrics are those of its own cached images against the data, recomputed here.
+    from tdpm_dip.data import load_images
+    from tdpm_dip.metrics import copy_rate, swd
+
+    ref = load_images(data, 16, limit=2).images  # the bench's reference: the first --n images
+    cached = [json.loads(p.read_text()) for p in (run / "cache").glob("*.json") if not p.name.startswith("fid")]
+    for row in rows:
+        rec = next(r for r in cached if r["metrics"]["method"] == row["method"]
+                   and r["metrics"]["reverse steps"] == row["reverse steps"])
+        images = torch.load(run / "cache" / f"{rec['key']}.pt", weights_only=True)["images"]
+        cr = copy_rate(images, ref)
+        assert row["copy-rate"] == pytest.approx(cr["rate"])
+        assert row["nearest PSNR"] == pytest.approx(sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"]), abs=1e-3)
+        assert row["SWD x1e3"] == pytest.approx(1e3 * swd(images, ref, seed=0)["swd_avg"], rel=1e-3, abs=1e-3)
+    assert len({round(r["SWD x1e3"], 6) for r in rows}) > 1  # rows differ: not one number copied across
+
     # FID through the Python API with an injected extractor: every row is cached, only metrics are computed.
     from tdpm_dip.bench import Bench, BenchSettings, run_bench
     from tdpm_dip.cli import dip_config, load_context
