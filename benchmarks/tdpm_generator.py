@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from tdpm_dip import metrics as M
 from tdpm_dip.data import make_sprites
 from tdpm_dip.generator import GeneratorConfig, load_generator, train_generator
 from tdpm_dip.models import load_ddpm
 from tdpm_dip.outputs import markdown_table, save_grid, save_png, write_json, write_text
+from tdpm_dip.reporting import labelled_comparison
 from tdpm_dip.tasks import Context, generate
 
 
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=256, help="generated and held-out images per row")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="0: skip the DDPM-1000 row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra-model", action="append", default=[], metavar="LABEL=PATH",
+                   help="another DDPM of the same size (e.g. the demo's 300-step model): DDPM-1000 and DDIM-50 rows")
+    p.add_argument("--objectives-only", action="store_true", help="skip the DDPM/DDIM baseline rows")
     p.add_argument("--out", type=Path, default=Path("runs/tdpm-gen"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -85,22 +90,31 @@ def main(argv: list[str] | None = None) -> int:
     gens = {obj: _train(args, obj, data_dir) for obj in args.objectives.split(",") if obj}
     seeds = list(range(args.seed, args.seed + args.n))
     rows = []
-    specs = ([("DDPM-1000", "ddpm", {}, None)] if args.ddpm_steps else []) + [
-        (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None),
-        ("DDIM-50", "ddim", {"ddim_steps": 50}, None)]
-    specs += [(f"TDPM amortized ({obj}, T_trunc {args.t_trunc})", "tdpm", {}, path) for obj, (path, _) in gens.items()]
-    for label, method, kw, gen_path in specs:
-        cache = args.out / "rows" / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".pt")
+    extra = dict(e.split("=", 1) for e in args.extra_model)
+    specs = [] if args.objectives_only else ([("DDPM-1000", "ddpm", {}, None, None)] if args.ddpm_steps else []) + [
+        (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
+        ("DDIM-50", "ddim", {"ddim_steps": 50}, None, None)]
+    specs += [(f"TDPM amortized ({obj}, T_trunc {args.t_trunc})", "tdpm", {}, path, None)
+              for obj, (path, _) in gens.items()]
+    for name, path in extra.items():
+        specs += [(f"DDPM-1000 ({name})", "ddpm", {}, None, path), (f"DDIM-50 ({name})", "ddim", {"ddim_steps": 50},
+                                                                      None, path)]
+    shown: list[tuple[str, torch.Tensor]] = [("held-out sprites", held)]
+    for label, method, kw, gen_path, model_path in specs:
+        cache = args.out / "rows" / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+                                     + ".safetensors")
         if cache.is_file():
-            rec = torch.load(cache, weights_only=True)
+            rec = load_file(cache)
             images, seconds = rec["images"], float(rec["seconds"])
         else:
-            gen = load_generator(gen_path, unet, sched) if gen_path else None
-            ctx = Context(unet, sched, batch_size=64, progress=True, generator=gen)
+            net, sch = load_ddpm(model_path) if model_path else (unet, sched)
+            gen = load_generator(gen_path, net, sch) if gen_path else None
+            ctx = Context(net, sch, batch_size=64, progress=True, generator=gen)
             res = generate(ctx, method, seeds, **kw)
             images, seconds = res.images, res.seconds
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"images": images, "seconds": torch.tensor(seconds)}, cache)
+            save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
+        shown.append((label, images))
         nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + args.t_trunc}[method]
         row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
         if extractor is not None:
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         save_grid(images[:64], args.out / "grids" / f"{cache.stem}.png", upscale=2)
         print(json.dumps(row), flush=True)
+    labelled_comparison(args.out / "comparison.png", shown, max_images=8, upscale=2)
     ref_row = {"row": "held-out sprites vs training sprites", "n": args.n}
     ref_row["SWD x1e3"] = 1e3 * M.swd(held, train[: args.n])["swd_avg"]
     if extractor is not None:

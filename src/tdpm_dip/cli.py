@@ -222,10 +222,11 @@ def _train_generator_command() -> click.Command:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--method", type=click.Choice(method_names("generate")), default="tdpm-dip",
+@click.option("--method", type=click.Choice(method_names("generate")), default=None,
               help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm: G_psi(z) + T_trunc steps (new "
                    "images; needs --generator); tdpm-dip: DIP + T_trunc steps (paper protocol: reconstructs "
-                   "--reference-data images).")
+                   "--reference-data images). Default: tdpm when a generator is given (or shipped with the "
+                   "embedded default model), else ddim.")
 @click.option("--generator", default=None,
               help="tdpm: a generator folder made by `tdpm-dip train-generator` (RUN/generator) for this DDPM. "
                    "Default with --model omitted: the embedded default generator, when this build ships one.")
@@ -238,7 +239,7 @@ def _train_generator_command() -> click.Command:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @common_options
-def generate(model: str | None, method: str, generator: str | None, n: int, t_trunc: int | None, ddim_steps: int, reference_data: str | None, out: str,
+def generate(model: str | None, method: str | None, generator: str | None, n: int, t_trunc: int | None, ddim_steps: int, reference_data: str | None, out: str,
              dip_preset: str, dip_iters: int | None, dip_lr: float | None, device: str, dtype: str, batch_size: int,
              seed: int, overwrite: bool) -> None:
     """Generate images with DDPM, DDIM, amortized TDPM or TDPM-DIP (Table 1's methods).
@@ -268,6 +269,10 @@ def generate(model: str | None, method: str, generator: str | None, n: int, t_tr
 
     positive("--n", n)
     positive("--ddim-steps", ddim_steps)
+    if method is None:
+        from .embedded import default_generator
+
+        method = "tdpm" if generator is not None or (model is None and default_generator()) else "ddim"
     if generator is not None and method != "tdpm":
         raise UserError(f"--generator is for --method tdpm, not {method}")
     if method == "tdpm" and generator is None:

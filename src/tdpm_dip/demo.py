@@ -337,6 +337,19 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         r = generate(ctx, "tdpm-dip", seeds, t_trunc=cfg.t_trunc, reference=data.reference)
         gen.append(r)
         note["note"] = f"DIP {cfg.dip_iters} it + {cfg.t_trunc} steps, {r.seconds_per_image:.2f} s/img"
+    shipped_gen = None
+    if cfg.uses_embedded:
+        from .embedded import default_generator
+
+        shipped_gen = default_generator()
+    if shipped_gen is not None:
+        from .generator import load_generator
+
+        with phases("generation: amortized TDPM") as note:
+            ctx.generator = load_generator(shipped_gen, unet, scheduler, device)
+            r = generate(ctx, "tdpm", seeds)
+            gen.append(r)
+            note["note"] = f"G_psi(z) + {ctx.generator.t_trunc} steps, {r.seconds_per_image:.3f} s/img"
     if short_unet is not None:
         with phases("generation: the model trained here (DDIM 50)") as note:
             r = generate(dataclasses.replace(ctx, unet=short_unet), "ddim", seeds, ddim_steps=50)
@@ -383,7 +396,8 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         labelled_comparison(tmp / "generation.png", [
             (ref_label, data.reference), ("G_psi(z): DIP output", gen[1].info["dip_output"]),
             (f"TDPM-DIP (T_trunc={cfg.t_trunc})", gen[1].images), (f"DDPM ({gen[0].steps} steps)", gen[0].images),
-            *[(f"DDIM 50, the {cfg.steps}-step model", r.images) for r in gen[2:]],
+            *[(f"TDPM amortized (T_trunc={r.info['t_trunc']})" if r.method == "tdpm" else
+               f"DDIM 50, the {cfg.steps}-step model", r.images) for r in gen[2:]],
         ], upscale=upscale)
         labelled_comparison(tmp / "denoise_paper.png", [
             ("clean", data.test), (f"x_{cfg.t_noisy} (noisy)", paper[0].inputs), (f"DDPM ({cfg.t_noisy} steps)",
@@ -506,7 +520,12 @@ def _report_md(o: DemoOutcome, table: Callable[[list[dict]], str]) -> str:
         "",
         f"Rows: the {'training' if trained else 'reference'} images the DIPs were fitted to (paper protocol), "
         f"the fitted DIP outputs G_psi(z) (the truncated chain's start x_{cfg.t_trunc}), TDPM-DIP after "
-        f"{cfg.t_trunc} reverse steps, and DDPM samples from pure noise after {gen[0].steps} steps. "
+        f"{cfg.t_trunc} reverse steps, and DDPM samples from pure noise after {gen[0].steps} steps"
+        + ("; then amortized TDPM (new images: the shipped generator's G_psi(z), z ~ N(0, I), and "
+           f"{next((r.info['t_trunc'] for r in gen if r.method == 'tdpm'), 0)} reverse steps)"
+           if any(r.method == "tdpm" for r in gen) else "")
+        + (f"; then DDIM-50 samples of the {cfg.steps}-step model trained here" if cfg.uses_embedded else "")
+        + ". "
         f"copy-rate: share of images within 25 dB PSNR of a {'training' if trained else 'reference'} image "
         "(NN PSNR: mean PSNR to the nearest one). TDPM-DIP \"generates\" copies by construction.",
         "",
