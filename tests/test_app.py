@@ -13,7 +13,7 @@ from PIL import Image
 
 from tdpm_dip import registry
 from tdpm_dip.app import (AppModels, denoise_handler, denoise_methods, denoise_summary, generate_handler,
-                          generate_methods, load_models, write_examples)
+                          generate_methods, load_models, parse_sigma, write_examples)
 from tdpm_dip.data import make_sprites
 from tdpm_dip.errors import UserError
 from tdpm_dip.models import build_unet, save_ddpm
@@ -101,6 +101,14 @@ def test_denoise_refuses_what_it_cannot_do(models: AppModels, tmp_path: Path) ->
     flat = np.full((24, 24, 3), 128, np.uint8)  # a clean-looking image: nothing to estimate
     with pytest.raises(UserError, match="look clean"):
         denoise_handler(models, flat, "tweedie")
+
+
+def test_sigma_field() -> None:
+    assert parse_sigma("") is None and parse_sigma("  ") is None and parse_sigma(None) is None
+    assert parse_sigma(" 25 ") == 25.0
+    for bad, message in [("abc", "must be a number"), ("0", "in \\(0, 255\\]"), ("300", "in \\(0, 255\\]")]:
+        with pytest.raises(UserError, match=message):
+            parse_sigma(bad)
 
 
 def test_generate_grid_is_seeded(models: AppModels) -> None:

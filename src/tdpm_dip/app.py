@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError, check_positive
+from .errors import UserError, check_positive, check_sigma
 from .registry import Job, Method, installed, methods
 from .tasks import Context
 
@@ -88,7 +88,10 @@ def read_image(image: ImageInput, what: str = "image") -> torch.Tensor:
         try:
             return load_image(path, None)
         except BadImage as e:  # the message starts with the server-side temp path: show the file's name only
-            raise UserError(f"{what} {path.name}: {str(e).removeprefix(str(path) + ': ')}") from None
+            reason = str(e).removeprefix(f"{path}: ")
+            if reason not in ("not an image", "empty file") and "smaller than" not in reason:
+                reason = f"not a readable image ({reason})"
+            raise UserError(f"{what} {path.name}: {reason}") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise UserError(f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} "
@@ -119,6 +122,18 @@ def fit_side(x: torch.Tensor, max_side: int) -> tuple[torch.Tensor, str | None]:
 
 # ------------------------------------------------------------------------------------------ denoise
 
+def parse_sigma(text: str | float | None) -> float | None:
+    """The page's sigma field: blank = None (estimate it), else a noise std on the 0..255 scale."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"sigma must be a number (noise std on the 0..255 scale) or blank, got {text!r}") from None
+    check_sigma(value, "sigma")
+    return value
+
+
 @dataclass
 class Denoised:
     """A denoising result: both images as uint8 HWC arrays of the same size, and what it cost."""
@@ -148,6 +163,7 @@ def denoise_handler(models: AppModels, noisy: ImageInput | None, method: str | N
     if noisy is None:
         raise UserError("upload a noisy image first")
     check_positive("max side", max_side)
+    check_sigma(sigma, "sigma")
     report(0.0, "reading the image")
     x = read_image(noisy, "noisy image")
     x, notice = fit_side(x, max_side)

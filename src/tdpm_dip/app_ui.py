@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .app import (MAX_N, MAX_SIDE, AppModels, denoise_handler, denoise_methods, denoise_summary, generate_handler,
-                  generate_methods, generate_summary, method_label, write_examples)
+                  generate_methods, generate_summary, method_label, parse_sigma, write_examples)
 from .errors import UserError
 
 # Before gradio is imported: its usage analytics and version check stay off.
@@ -30,12 +30,12 @@ def _page_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        raise gr.Error(str(e), title="Cannot do that", print_exception=False) from None
+        raise gr.Error(str(e), title="Cannot do that", duration=None, print_exception=False) from None
     except gr.Error:
         raise
     except Exception as e:  # noqa: BLE001 - the page must get a message, whatever went wrong
         traceback.print_exc()
-        raise gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False) from None
+        raise gr.Error(f"internal error ({type(e).__name__}): {e}", duration=None, print_exception=False) from None
 
 
 def _gr_progress(progress: gr.Progress):  # noqa: ANN202 - app.Progress
@@ -50,10 +50,11 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
     examples = write_examples(examples_dir)
     model_name = Path(models.model).name or models.model
 
-    def run_denoise(noisy: str | None, clean: str | None, method: str, sigma: float | None, seed: float | None,
+    def run_denoise(noisy: str | None, clean: str | None, method: str, sigma: str | None, seed: float | None,
                     progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: ANN202, B008
         with _page_errors():
-            d = denoise_handler(models, noisy, method, sigma, clean, int(seed or 0), max_side, _gr_progress(progress))
+            d = denoise_handler(models, noisy, method, parse_sigma(sigma), clean, int(seed or 0), max_side,
+                                _gr_progress(progress))
             from .outputs import save_png
 
             stem = Path(noisy).stem if noisy else "image"
@@ -78,9 +79,11 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
                                          elem_id="clean-upload")
                     method = gr.Dropdown([(method_label(m), m.name) for m in den], value=den[0].name,
                                          label="method (best first)", elem_id="denoise-method",
-                                         info="; ".join(f"{m.name}: {m.help}" for m in den[:3]))
-                    sigma = gr.Number(value=None, label="sigma (noise std on 0..255; blank = estimated)",
-                                      minimum=0, maximum=255, elem_id="sigma")
+                                         info="NFE: network calls per image; the first is the recommended "
+                                              "default (see the README's 'Which blind method to use')")
+                    # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
+                    sigma = gr.Textbox(value="", label="sigma (noise std on 0..255; blank = estimated)",
+                                       placeholder="estimated", max_lines=1, elem_id="sigma")
                     seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="denoise-seed")
                     button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
                     gr.Examples(examples, inputs=[noisy_file, clean_file],
@@ -101,7 +104,7 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
                 with gr.Column(scale=1):
                     gmethod = gr.Dropdown([(method_label(m), m.name) for m in gen], value=gen[0].name,
                                           label="method", elem_id="generate-method",
-                                          info="; ".join(f"{m.name}: {m.help}" for m in gen))
+                                          info="NFE: network calls per image")
                     n = gr.Slider(1, MAX_N, value=4, step=1, label="n (images)", elem_id="generate-n")
                     gseed = gr.Number(value=0, precision=0, minimum=0, label="seed (image i uses seed + i)")
                     steps = gr.Number(value=50, precision=0, minimum=1, label="steps (ddim)")
