@@ -93,7 +93,7 @@ def browser() -> Iterator[object]:
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,860"):
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     # An explicit driver: Selenium Manager (which would look for and download one) never runs.
@@ -106,7 +106,9 @@ def browser() -> Iterator[object]:
 
 def _noisy_png(path: Path, h: int = 64, w: int = 96) -> Path:
     """A sprite with 8-bit noise (sigma 25) at `path`, its original beside it (clean_<name>)."""
-    x = (make_sprites(1, max(h, w), seed=3).images[0, :, :h, :w].permute(1, 2, 0).numpy() + 1) * 127.5
+    top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2  # the centre of a square sprite
+    sprite = make_sprites(1, max(h, w), seed=3).images[0, :, top:top + h, left:left + w]
+    x = (sprite.permute(1, 2, 0).numpy() + 1) * 127.5
     y = np.clip(np.round(x + np.random.default_rng(0).normal(0, 25, x.shape)), 0, 255).astype(np.uint8)
     Image.fromarray(y).save(path)
     Image.fromarray(np.round(x).astype(np.uint8)).save(path.with_name(f"clean_{path.name}"))
@@ -189,6 +191,7 @@ def test_denoise_in_the_browser(server: str, browser: object, tmp_path: Path) ->
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB")), np.asarray(out))
     browser.save_screenshot(str(shots / "1_denoised.png"))
     if os.environ.get("TDPM_APP_SCREENSHOT"):  # the README's screenshot, palette PNG to stay small
+        browser.execute_script("window.scrollTo(0, 0)")
         shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
         shot.quantize(64).save(os.environ["TDPM_APP_SCREENSHOT"], optimize=True)
 

@@ -22,6 +22,13 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 
+IMAGE_HEIGHT = 360  # px on the page (images are shown whole, scaled to fit)
+FILE_HEIGHT = 140
+BUTTONS = ["download", "fullscreen"]  # no "share": it would upload the image to a third party
+# Small images (a 32 px model's samples, a thumbnail) fill their box, pixels kept sharp to show the noise.
+CSS = ("#denoise-input img, #denoise-result img, #generate-grid img "
+       "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}")
+
 
 @contextlib.contextmanager
 def _page_errors() -> Iterator[None]:
@@ -74,9 +81,10 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
         with gr.Tab("Denoise"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    noisy_file = gr.File(label="noisy image", file_types=["image"], elem_id="noisy-upload")
+                    noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT,
+                                         elem_id="noisy-upload")
                     clean_file = gr.File(label="clean image (optional: PSNR/SSIM)", file_types=["image"],
-                                         elem_id="clean-upload")
+                                         height=FILE_HEIGHT, elem_id="clean-upload")
                     method = gr.Dropdown([(method_label(m), m.name) for m in den], value=den[0].name,
                                          label="method (best first)", elem_id="denoise-method",
                                          info="NFE: network calls per image; the first is the recommended "
@@ -91,9 +99,9 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
                 with gr.Column(scale=2):
                     with gr.Row():
                         shown_input = gr.Image(label="input", type="numpy", format="png", interactive=False,
-                                               elem_id="denoise-input")
+                                               height=IMAGE_HEIGHT, buttons=BUTTONS, elem_id="denoise-input")
                         result = gr.Image(label="result", type="numpy", format="png", interactive=False,
-                                          elem_id="denoise-result")
+                                          height=IMAGE_HEIGHT, buttons=BUTTONS, elem_id="denoise-result")
                     summary = gr.Markdown(elem_id="denoise-summary")
                     download = gr.File(label="download the result (PNG, the input's size)", interactive=False,
                                        elem_id="denoise-download")
@@ -112,7 +120,7 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
                     gbutton = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 with gr.Column(scale=2):
                     grid = gr.Image(label="samples", type="numpy", format="png", interactive=False,
-                                    elem_id="generate-grid")
+                                    height=2 * IMAGE_HEIGHT, buttons=BUTTONS, elem_id="generate-grid")
                     gsummary = gr.Markdown(elem_id="generate-summary")
             gbutton.click(run_generate, [gmethod, n, gseed, steps, t_trunc], [grid, gsummary])
     return page
@@ -125,6 +133,6 @@ def launch(models: AppModels, host: str = "127.0.0.1", port: int = 7860, max_sid
     page.queue(default_concurrency_limit=1)
     try:
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
-                    allowed_paths=[examples_dir], max_file_size="50mb", ssr_mode=False, mcp_server=False)
+                    allowed_paths=[examples_dir], max_file_size="50mb", css=CSS, ssr_mode=False, mcp_server=False)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {str(e).splitlines()[0]}") from None
