@@ -156,3 +156,12 @@ def test_app_command_without_gradio(capsys: pytest.CaptureFixture, monkeypatch: 
     code, out, err = run(["app", "--port", "0"], capsys)
     assert code == 2 and err.strip().splitlines() == ["error: the app needs Gradio, which is not installed: "
                                                      "pip install 'tdpm-dip[app]'"]
+
+
+def test_space_requirements_match_the_package() -> None:
+    """space/requirements.txt repeats the package's dependencies (a Space cannot pip-install the package)."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [ln.strip() for ln in (root / "space" / "requirements.txt").read_text().splitlines()]
+    assert [ln for ln in lines if ln and not ln.startswith("#")] == deps
