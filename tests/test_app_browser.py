@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import socket
 import subprocess
@@ -142,8 +143,11 @@ def _choose(driver: object, elem_id: str, value: str) -> None:
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(value)
-    option = _wait(driver, lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, f"#{elem_id} li[role=option]")
-                                           if o.get_attribute("aria-label").startswith(value)), False), f"option {value}", UI_WAIT)
+    def match(d: object) -> object:
+        options = d.find_elements(By.CSS_SELECTOR, f"#{elem_id} li[role=option]")
+        return next((o for o in options if o.get_attribute("aria-label").startswith(value)), False)
+
+    option = _wait(driver, match, f"option {value}", UI_WAIT)
     option.click()
     _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} input").get_attribute("value")
           .startswith(value), f"{value} chosen", UI_WAIT)
@@ -225,8 +229,6 @@ def test_denoise_in_the_browser(server: str, browser: object, tmp_path: Path) ->
     for entry in browser.get_log("performance"):
         msg = entry["message"]
         if '"Network.requestWillBeSent"' in msg:
-            import json
-
             url = json.loads(msg)["message"]["params"]["request"]["url"]
             if urlparse(url).scheme in ("http", "https", "ws", "wss"):
                 hosts.add(urlparse(url).netloc)
