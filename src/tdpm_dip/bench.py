@@ -31,7 +31,7 @@ from .errors import UserError
 from .metrics import copy_rate, data_hash, device_name, fid, kid, swd
 from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
 from .reporting import comparison_figure, cost_figure, curves_figure, result_row
-from .registry import Job, methods
+from .registry import Job, installed, methods
 from .tasks import Context, Result, add_noise, denoise_paper, generate, run
 
 CACHE_VERSION = 2  # 2: blind rows keyed on the noise model and the clipping-aware observation
@@ -124,9 +124,7 @@ TABLE1_DDIM_STEPS = 50          # table1's second DDIM row (the first runs at TD
 
 def _blind_method_names() -> list[str]:
     """The registry's blind denoisers, best first; those whose optional extra is missing are left out."""
-    import importlib.util
-
-    return [m.name for m in methods("denoise", "blind") if m.extra is None or importlib.util.find_spec(m.extra)]
+    return [m.name for m in methods("denoise", "blind") if installed(m)]
 
 
 def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:

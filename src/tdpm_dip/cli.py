@@ -452,15 +452,12 @@ def denoise(model: str | None, input_: str | None, clean: str | None, reference:
 
 def _sigmas(noisy: list, sigma: float | None) -> list[float]:  # noqa: ANN001 - tensors
     """The given sigma for every image, or each image's own estimate (one line of what was estimated)."""
-    from .tasks import estimate_sigma
+    from .tasks import blind_sigmas
 
-    if sigma is not None:
-        return [sigma] * len(noisy)
-    est = [estimate_sigma(x[None])[0] for x in noisy]
-    echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in est))
-    if min(est) < 0.5:
-        raise UserError("the estimated noise level is ~0: these images look clean; give --sigma")
-    return est
+    sig = blind_sigmas(noisy, sigma)
+    if sigma is None:
+        echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in sig))
+    return sig
 
 
 def _denoise_files(ctx, src: str, methods: tuple[str, ...], sigma: float | None, declip: bool,  # noqa: ANN001
@@ -770,6 +767,49 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
     torch.set_num_threads(nthreads)
     report = run_demo(cfg, dev, pick_amp("auto", dev), nthreads, echo)
     click.echo(str(report))
+
+
+# ------------------------------------------------------------------------------------------ app
+
+@cli.command("app", context_settings=CONTEXT)
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--generator", default=None,
+              help="TDPM generator folder for the amortized generation method (when registered). Default: the "
+                   "embedded generator, when the package ships one and --model is omitted.")
+@click.option("--host", default="127.0.0.1",
+              help="Address to listen on; 127.0.0.1 serves this machine only (0.0.0.0 opens it to your network).")
+@click.option("--port", type=int, default=7860, help="Port to listen on.")
+@click.option("--max-side", type=int, default=1024,
+              help="Uploads longer than this (px) on their long side are downscaled first, with a notice.")
+@click.option("--dip-preset", default="auto",
+              help="DIP network of the dip / tdpm-dip methods; auto = paper-dip on GPU, dip-small on CPU.")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")
+def app_cmd(model: str | None, generator: str | None, host: str, port: int, max_side: int, dip_preset: str,
+            device: str) -> None:
+    """Serve a browser app for denoising and generation (needs: pip install 'tdpm-dip[app]').
+
+    \b
+    Denoise: upload a noisy image (or pick an example), choose a blind method (best first),
+    leave sigma blank to estimate it; the result keeps the upload's size, with its time, NFE,
+    PSNR/SSIM against an optional clean image, and a PNG download. Generate: a seeded grid.
+    The server talks only to its browser page: no analytics, no share link.
+    \b
+    Example:
+      tdpm-dip app --model runs/demo/train/model --port 7860     (then open http://127.0.0.1:7860)
+    """
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("the app needs Gradio, which is not installed: pip install 'tdpm-dip[app]'") from None
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    positive("--max-side", max_side)
+    from .app import load_models
+    from .app_ui import launch
+
+    models = load_models(model, generator, device, dip_preset)
+    echo(f"serving on http://{host}:{port} (Ctrl-C stops it)")
+    launch(models, host, port, max_side)
 
 
 # ------------------------------------------------------------------------------------------ entry point

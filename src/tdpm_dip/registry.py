@@ -100,6 +100,13 @@ def names(task: str, protocol: str | None = None) -> list[str]:
     return [m.name for m in methods(task, protocol)]
 
 
+def installed(m: Method) -> bool:
+    """Whether a method's optional extra (if any) is importable here."""
+    import importlib.util
+
+    return m.extra is None or importlib.util.find_spec(m.extra) is not None
+
+
 def get(task: str, protocol: str, name: str) -> Method:
     _load()
     try:

@@ -280,6 +280,18 @@ def estimate_sigma(noisy: torch.Tensor) -> list[float]:
     return out
 
 
+def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None) -> list[float]:
+    """The given sigma for every image [3, H, W] (sizes may differ), or each image's own estimate
+    (`estimate_sigma`); an estimate of ~0 means a clean-looking image, which blind denoising refuses."""
+    check_sigma(sigma)
+    if sigma is not None:
+        return [float(sigma)] * len(noisy)
+    est = [estimate_sigma(x[None])[0] for x in noisy]
+    if est and min(est) < 0.5:
+        raise UserError("the estimated noise level is ~0: these images look clean; give --sigma")
+    return est
+
+
 def _sigmas(job: Job, n: int) -> list[float]:
     """One noise std per image (a job may give one for all)."""
     if len(job.sigma) not in (1, n):

@@ -1,0 +1,138 @@
+"""The Gradio page of `tdpm-dip app`: two tabs around the handlers of `app.py` (Gradio: the `app` extra).
+
+Gradio is imported here only, and lazily by the CLI, so the package and the handlers work without it.
+The page talks only to its own server: analytics off, no share link, localhost unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from .app import (MAX_N, MAX_SIDE, AppModels, denoise_handler, denoise_methods, denoise_summary, generate_handler,
+                  generate_methods, generate_summary, method_label, parse_sigma, write_examples)
+from .errors import UserError
+
+# Before gradio is imported: its usage analytics and version check stay off.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
+
+IMAGE_HEIGHT = 360  # px on the page (images are shown whole, scaled to fit)
+FILE_HEIGHT = 140
+BUTTONS = ["download", "fullscreen"]  # no "share": it would upload the image to a third party
+# Small images (a 32 px model's samples, a thumbnail) fill their box, pixels kept sharp to show the noise.
+CSS = ("#denoise-input img, #denoise-result img, #generate-grid img "
+       "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}")
+
+
+@contextlib.contextmanager
+def _page_errors() -> Iterator[None]:
+    """A problem the user can fix is shown in the page as its one line; anything else as one line too
+    (its traceback goes to the server's console, never to the page), and the server keeps serving."""
+    try:
+        yield
+    except UserError as e:
+        raise gr.Error(str(e), title="Cannot do that", duration=None, print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - the page must get a message, whatever went wrong
+        traceback.print_exc()
+        raise gr.Error(f"internal error ({type(e).__name__}): {e}", duration=None, print_exception=False) from None
+
+
+def _gr_progress(progress: gr.Progress):  # noqa: ANN202 - app.Progress
+    return lambda frac, desc: progress(frac, desc=desc)
+
+
+def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | None = None) -> gr.Blocks:
+    """The page: a Denoise tab and a Generate tab, their method lists read from the registry."""
+    den = denoise_methods()
+    gen = generate_methods()
+    examples_dir = examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-")
+    examples = write_examples(examples_dir)
+    model_name = Path(models.model).name or models.model
+
+    def run_denoise(noisy: str | None, clean: str | None, method: str, sigma: str | None, seed: float | None,
+                    progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: ANN202, B008
+        with _page_errors():
+            d = denoise_handler(models, noisy, method, parse_sigma(sigma), clean, int(seed or 0), max_side,
+                                _gr_progress(progress))
+            from .outputs import save_png
+
+            stem = Path(noisy).stem if noisy else "image"
+            png = Path(tempfile.mkdtemp(prefix="tdpm-dip-result-")) / f"{stem}_{d.info['method']}.png"
+            save_png(d.image, png)
+            return d.input, d.image, denoise_summary(d), str(png)
+
+    def run_generate(method: str, n: float, seed: float | None, steps: float | None, t_trunc: float | None,
+                     progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: ANN202, B008
+        with _page_errors():
+            g = generate_handler(models, method, int(n), int(seed or 0), steps, t_trunc, _gr_progress(progress))
+            return g.grid, generate_summary(g)
+
+    with gr.Blocks(title="tdpm-dip", analytics_enabled=False) as page:
+        gr.Markdown(f"# tdpm-dip\nDDPM **{model_name}** on {models.ctx.device}. Blind denoising uses the noisy "
+                    "image only. Everything runs on this machine; nothing is sent elsewhere.")
+        with gr.Tab("Denoise"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT,
+                                         elem_id="noisy-upload")
+                    clean_file = gr.File(label="clean image (optional: PSNR/SSIM)", file_types=["image"],
+                                         height=FILE_HEIGHT, elem_id="clean-upload")
+                    method = gr.Dropdown([(method_label(m), m.name) for m in den], value=den[0].name,
+                                         label="method (best first)", elem_id="denoise-method",
+                                         info="NFE: network calls per image; the first is the recommended "
+                                              "default (see the README's 'Which blind method to use')")
+                    # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
+                    sigma = gr.Textbox(value="", label="sigma (noise std on 0..255; blank = estimated)",
+                                       placeholder="estimated", max_lines=1, elem_id="sigma")
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="denoise-seed")
+                    button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
+                    gr.Examples(examples, inputs=[noisy_file, clean_file],
+                                label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        shown_input = gr.Image(label="input", type="numpy", format="png", interactive=False,
+                                               height=IMAGE_HEIGHT, buttons=BUTTONS, elem_id="denoise-input")
+                        result = gr.Image(label="result", type="numpy", format="png", interactive=False,
+                                          height=IMAGE_HEIGHT, buttons=BUTTONS, elem_id="denoise-result")
+                    summary = gr.Markdown(elem_id="denoise-summary")
+                    download = gr.File(label="download the result (PNG, the input's size)", interactive=False,
+                                       elem_id="denoise-download")
+            button.click(run_denoise, [noisy_file, clean_file, method, sigma, seed],
+                         [shown_input, result, summary, download])
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    gmethod = gr.Dropdown([(method_label(m), m.name) for m in gen], value=gen[0].name,
+                                          label="method", elem_id="generate-method",
+                                          info="NFE: network calls per image")
+                    n = gr.Slider(1, MAX_N, value=4, step=1, label="n (images)", elem_id="generate-n")
+                    gseed = gr.Number(value=0, precision=0, minimum=0, label="seed (image i uses seed + i)")
+                    steps = gr.Number(value=50, precision=0, minimum=1, label="steps (ddim)")
+                    t_trunc = gr.Number(value=10, precision=0, minimum=0, label="T_trunc (truncated methods)")
+                    gbutton = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                with gr.Column(scale=2):
+                    grid = gr.Image(label="samples", type="numpy", format="png", interactive=False,
+                                    height=2 * IMAGE_HEIGHT, buttons=BUTTONS, elem_id="generate-grid")
+                    gsummary = gr.Markdown(elem_id="generate-summary")
+            gbutton.click(run_generate, [gmethod, n, gseed, steps, t_trunc], [grid, gsummary])
+    return page
+
+
+def launch(models: AppModels, host: str = "127.0.0.1", port: int = 7860, max_side: int = MAX_SIDE) -> None:
+    """Serve the page until Ctrl-C: one request computes at a time, no share link, no analytics."""
+    examples_dir = tempfile.mkdtemp(prefix="tdpm-dip-examples-")
+    page = build_ui(models, max_side, examples_dir)
+    page.queue(default_concurrency_limit=1)
+    try:
+        page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
+                    allowed_paths=[examples_dir], max_file_size="50mb", css=CSS, ssr_mode=False, mcp_server=False)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,167 @@
+"""The browser app's handlers (issue 12), called directly with a tiny model: no Gradio needed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run
+from PIL import Image
+
+from tdpm_dip import registry
+from tdpm_dip.app import (AppModels, denoise_handler, denoise_methods, denoise_summary, generate_handler,
+                          generate_methods, load_models, parse_sigma, write_examples)
+from tdpm_dip.data import make_sprites
+from tdpm_dip.errors import UserError
+from tdpm_dip.models import build_unet, save_ddpm
+from tdpm_dip.noise import make_scheduler
+from tdpm_dip.outputs import make_grid
+from tdpm_dip.tasks import Result
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> AppModels:
+    path = tmp_path_factory.mktemp("model") / "ddpm"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), path)
+    return load_models(str(path), device="cpu", dip_preset="dip-tiny")
+
+
+def _noisy_png(folder: Path, h: int, w: int, sigma: float = 25.0, seed: int = 0) -> tuple[Path, Path]:
+    """An 8-bit noisy PNG of a sprite (not square, not a multiple of the UNet's factor) and its original."""
+    x = (make_sprites(1, max(h, w), seed=seed).images[0, :, :h, :w].permute(1, 2, 0).numpy() + 1) * 127.5
+    y = np.clip(np.round(x + np.random.default_rng(seed).normal(0, sigma, x.shape)), 0, 255).astype(np.uint8)
+    noisy, clean = folder / f"noisy{seed}.png", folder / f"clean{seed}.png"
+    Image.fromarray(y).save(noisy)
+    Image.fromarray(np.round(x).astype(np.uint8)).save(clean)
+    return noisy, clean
+
+
+def test_method_lists_come_from_the_registry() -> None:
+    den = [m.name for m in denoise_methods()]
+    assert den == [m for m in registry.names("denoise", "blind") if m != "bm3d" or "bm3d" in den]
+    assert den[0] == registry.names("denoise", "blind")[0]  # the default is the registry's best
+    assert {"ddpm", "ddim"} <= {m.name for m in generate_methods()}
+    assert "tdpm-dip" not in {m.name for m in generate_methods()}  # it needs reference data
+
+
+def test_denoise_keeps_the_uploads_size(models: AppModels, tmp_path: Path) -> None:
+    noisy, clean = _noisy_png(tmp_path, 21, 30)
+    d = denoise_handler(models, str(noisy), "tweedie", sigma=25.0, clean=str(clean))
+    assert d.image.shape == d.input.shape == (21, 30, 3) and d.image.dtype == np.uint8
+    assert np.array_equal(d.input, np.asarray(Image.open(noisy)))  # the input shown is the file, untouched
+    assert not np.array_equal(d.image, d.input)
+    i = d.info
+    assert i["method"] == "tweedie" and i["nfe"] == 1 and i["sigma"] == 25.0 and not i["sigma_estimated"]
+    assert np.isfinite([i["psnr"], i["ssim"], i["input_psnr"], i["seconds"]]).all()
+    assert "NFE 1" in denoise_summary(d) and "PSNR" in denoise_summary(d)
+    # the same image given as an array, and the default method (the registry's first)
+    d2 = denoise_handler(models, np.asarray(Image.open(noisy)), None, sigma=25.0)
+    assert d2.info["method"] == denoise_methods()[0].name and d2.image.shape == (21, 30, 3)
+
+
+def test_denoise_estimates_sigma(models: AppModels, tmp_path: Path) -> None:
+    noisy, _ = _noisy_png(tmp_path, 24, 24, sigma=30.0, seed=1)
+    d = denoise_handler(models, str(noisy), "tweedie")
+    assert d.info["sigma_estimated"] and 15 < d.info["sigma"] < 45
+    assert "(estimated)" in denoise_summary(d)
+
+
+def test_denoise_downscales_large_uploads_with_a_notice(models: AppModels, tmp_path: Path) -> None:
+    noisy, clean = _noisy_png(tmp_path, 40, 30, seed=2)
+    d = denoise_handler(models, str(noisy), "tweedie", sigma=25.0, clean=str(clean), max_side=20)
+    assert d.image.shape == (20, 15, 3) and d.notices and "40x30" in d.notices[0].replace("30x40", "40x30")
+    assert "Note:" in denoise_summary(d) and np.isfinite(d.info["psnr"])
+
+
+@pytest.mark.parametrize("content, message", [(b"\x89PNG\r\n\x1a\n garbage", "noisy image corrupt.png"),
+                                              (b"", "empty file"), (b"hello, I am text", "not an image")])
+def test_bad_uploads_give_one_clear_line(models: AppModels, tmp_path: Path, content: bytes, message: str) -> None:
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(content)
+    with pytest.raises(UserError, match=message) as e:
+        denoise_handler(models, str(bad), "tweedie")
+    assert "\n" not in str(e.value) and str(tmp_path) not in str(e.value)  # no server-side path in the page
+
+
+def test_denoise_refuses_what_it_cannot_do(models: AppModels, tmp_path: Path) -> None:
+    noisy, _ = _noisy_png(tmp_path, 24, 24, seed=3)
+    other, _ = _noisy_png(tmp_path, 20, 24, seed=4)
+    cases = [(dict(noisy=None), "upload a noisy image"), (dict(method="nope"), "unknown denoising method"),
+             (dict(sigma=300.0), "sigma"), (dict(clean=str(other)), "same size"),
+             (dict(noisy=np.zeros((4, 4), np.uint8)), "smaller than")]
+    for kwargs, message in cases:
+        args = {"noisy": str(noisy), "method": "tweedie", **kwargs}
+        with pytest.raises(UserError, match=message):
+            denoise_handler(models, **args)
+    flat = np.full((24, 24, 3), 128, np.uint8)  # a clean-looking image: nothing to estimate
+    with pytest.raises(UserError, match="look clean"):
+        denoise_handler(models, flat, "tweedie")
+
+
+def test_sigma_field() -> None:
+    assert parse_sigma("") is None and parse_sigma("  ") is None and parse_sigma(None) is None
+    assert parse_sigma(" 25 ") == 25.0
+    for bad, message in [("abc", "must be a number"), ("0", "in \\(0, 255\\]"), ("300", "in \\(0, 255\\]")]:
+        with pytest.raises(UserError, match=message):
+            parse_sigma(bad)
+
+
+def test_generate_grid_is_seeded(models: AppModels) -> None:
+    g = generate_handler(models, "ddim", n=3, seed=7, steps=3)
+    up = max(1, 96 // SIZE)
+    assert g.grid.shape == make_grid(torch.zeros(3, 3, SIZE, SIZE), upscale=up).shape and g.grid.dtype == np.uint8
+    assert g.images.shape == (3, 3, SIZE, SIZE) and torch.isfinite(g.images).all()
+    assert g.info["nfe"] == 3 and g.info["n"] == 3
+    again = generate_handler(models, "ddim", n=3, seed=7, steps=3)
+    assert np.array_equal(g.grid, again.grid)
+    other = generate_handler(models, "ddim", n=3, seed=8, steps=3)
+    assert torch.equal(other.images[:2], generate_handler(models, "ddim", n=2, seed=8, steps=3).images)
+    assert not np.array_equal(g.grid, other.grid)
+    with pytest.raises(UserError, match="n must be"):
+        generate_handler(models, "ddim", n=0)
+    with pytest.raises(UserError, match="unknown generation method"):
+        generate_handler(models, "tdpm-dip", n=1)
+
+
+def test_a_newly_registered_generator_appears(models: AppModels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Generate tab reads the registry: a 'noise' generator added elsewhere (the amortized `tdpm`
+    of issue 10) is listed and receives T_trunc, without a change to the app."""
+    seen = {}
+
+    def fake(ctx, job):  # noqa: ANN001, ANN202
+        seen["t_trunc"] = job.t_trunc
+        return Result("fake-tdpm", "noise", torch.zeros(len(job.seeds), 3, SIZE, SIZE), 0.0, 11, 11)
+
+    m = registry.Method("fake-tdpm", "generate", ("noise",), fake, "test entry", "1 + T_trunc")
+    monkeypatch.setitem(registry._REGISTRY, ("generate", "noise", "fake-tdpm"), m)
+    assert "fake-tdpm" in [x.name for x in generate_methods()]
+    g = generate_handler(models, "fake-tdpm", n=2, seed=0, t_trunc=10)
+    assert seen["t_trunc"] == 10 and g.info["nfe"] == 11
+
+
+def test_examples_are_noisy_sprites(tmp_path: Path) -> None:
+    rows = write_examples(tmp_path, n=2, size=32)
+    assert len(rows) == 2
+    noisy, clean = (np.asarray(Image.open(p), dtype=float) for p in rows[0])
+    assert noisy.shape == clean.shape == (32, 32, 3) and 10 < (noisy - clean).std() < 30
+
+
+def test_app_command_without_gradio(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    code, out, err = run(["app", "--port", "0"], capsys)
+    assert code == 2 and err.strip().splitlines() == ["error: the app needs Gradio, which is not installed: "
+                                                     "pip install 'tdpm-dip[app]'"]
+
+
+def test_space_requirements_match_the_package() -> None:
+    """space/requirements.txt repeats the package's dependencies (a Space cannot pip-install the package)."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [ln.strip() for ln in (root / "space" / "requirements.txt").read_text().splitlines()]
+    assert [ln for ln in lines if ln and not ln.startswith("#")] == deps
