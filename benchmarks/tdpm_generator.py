@@ -42,6 +42,7 @@ def _train(args: argparse.Namespace, objective: str, data_dir: Path) -> tuple[Pa
     t0 = time.perf_counter()
     cfg = GeneratorConfig(model=str(args.model), data=str(data_dir), t_trunc=args.t_trunc, out=str(out),
                           objective=objective, steps=args.steps, batch_size=args.batch_size, pairs=args.pairs,
+                          disc_channels=args.disc_channels,
                           ddim_steps=50, checkpoint_every=max(1, args.steps // 4), sample_every=0, n_samples=16,
                           seed=args.seed, resume=out.exists())
     train_generator(cfg)
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objectives", default="gan,distill")
     p.add_argument("--steps", type=int, default=2000, help="generator training steps per objective")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--disc-channels", type=int, default=16, help="gan: discriminator width")
     p.add_argument("--pairs", type=int, default=1024, help="distill: DDIM pairs")
     p.add_argument("--n", type=int, default=256, help="generated and held-out images per row")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="0: skip the DDPM-1000 row")

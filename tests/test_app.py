@@ -165,3 +165,20 @@ def test_space_requirements_match_the_package() -> None:
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     lines = [ln.strip() for ln in (root / "space" / "requirements.txt").read_text().splitlines()]
     assert [ln for ln in lines if ln and not ln.startswith("#")] == deps
+
+
+def test_a_generator_makes_tdpm_available(tmp_path: Path) -> None:
+    """`tdpm-dip app --generator G`: the Generate tab's tdpm runs G_psi(z) + T_trunc steps (1 + T_trunc NFE)."""
+    from tdpm_dip.generator import GeneratorConfig, train_generator
+
+    ddpm = tmp_path / "ddpm"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), ddpm)
+    gen = train_generator(GeneratorConfig(model=str(ddpm), t_trunc=3, out=str(tmp_path / "g"), objective="distill",
+                                          steps=2, batch_size=4, pairs=4, ddim_steps=2, checkpoint_every=0,
+                                          sample_every=0, n_samples=0), progress=False)
+    m = load_models(str(ddpm), str(gen), device="cpu", dip_preset="dip-tiny")
+    g = generate_handler(m, "tdpm", n=2, seed=3)
+    assert g.info["nfe"] == 4 and g.images.shape == (2, 3, SIZE, SIZE)
+    assert torch.equal(generate_handler(m, "tdpm", n=2, seed=3).images, g.images)
+    with pytest.raises(UserError, match="does not match"):
+        generate_handler(m, "tdpm", n=1, t_trunc=5)

@@ -56,6 +56,10 @@ def load_models(model: str | None = None, generator: str | None = None, device: 
     ctx = load_context(model, device, "auto", 16,
                        lambda dev: dip_config("blind", pick_dip_preset(dip_preset, dev), None, None))
     ctx.dip_plugin = dip_config("plugin", ctx.dip.preset, None, None)
+    if generator is not None:  # amortized TDPM (method tdpm) reads it from the context
+        from .generator import load_generator
+
+        ctx.generator = load_generator(generator, ctx.unet, ctx.scheduler, ctx.device)
     return AppModels(ctx, model, generator)
 
 

@@ -90,8 +90,8 @@ PRESETS: dict[str, UNetPreset] = {
     ),
     # TDPM's amortized generator G_psi(z) (generator.py): one call per image, so small; attention-free.
     "generator-small": UNetPreset(
-        (32, 64, 64), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
-        description="TDPM generator G_psi(z) for the truncated chain (CPU-sized)",
+        (16, 32, 64), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
+        description="TDPM generator G_psi(z) for the truncated chain (CPU-sized: the demo DDPM's widths)",
     ),
     "dip-tiny": UNetPreset(
         (16, 32), (D, D), (U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,

@@ -23,7 +23,12 @@ BUDGET_BYTES = 10 * 1024 * 1024  # everything under weights/ together (issue: <=
 
 # The shipped files and their SHA-256, so that weights changed by accident fail a test
 # (tests/test_embedded.py). A deliberate rebuild re-runs the export, which prints the new values.
-EXPECTED_SHA256: dict[str, str] = {}
+EXPECTED_SHA256: dict[str, str] = {
+    "ddpm-sprites32/model_index.json": "7e17ddab859d83b3fae2b4ee01b86cf154c2195d228c10b75a3b1eca0c6c0d47",
+    "ddpm-sprites32/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
+    "ddpm-sprites32/unet/config.json": "045565416c4af5a6aec5f154a5a275ad504bcf2ae89c67e004b9a13212edc399",
+    "ddpm-sprites32/unet/diffusion_pytorch_model.safetensors": "2de51973bbbd0ec76c6524d6a9ccf2cf1b5023acbb7aef1b2c390a4cc507323a",
+}
 
 
 def weights_dir() -> Path:
