@@ -708,7 +708,7 @@ def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None
 @click.option("--model", default=None,
               help="A trained DDPM (diffusers folder or hub id): skip training; its size sets --size.")
 @click.option("--n", "n", type=int, default=8, help="Test images to denoise, and images to generate.")
-@click.option("--steps", type=int, default=300, help="Training steps (batch 16, preset 'demo').")
+@click.option("--steps", type=int, default=200, help="Training steps (batch 16, preset 'demo').")
 @click.option("--train-images", type=int, default=256, help="Procedural sprites in the training set.")
 @click.option("--size", type=int, default=None, help="Image side in pixels. Default: 32, or the --model's size.")
 @click.option("--sigma", type=float, default=25.0, help="Blind protocol: noise std on the 0..255 scale.")
@@ -722,7 +722,7 @@ def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None
 @click.option("--seed", type=int, default=0, help="Seed of the sprites, the training run and image i's draws (SEED+i).")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")
 @click.option("--threads", type=int, default=0,
-              help="CPU threads; 0 = auto: 1 for the demo's tiny networks or on a busy machine, else all cores.")
+              help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, else 1.")
 @click.option("--embedded/--no-embedded", default=True,
               help="On the sprites (no --model, no --data): generate and denoise with the embedded default DDPM "
                    "(32 px) while the short training run shows Algorithm 1; --no-embedded uses the model trained "
@@ -763,7 +763,7 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
     if launched():  # its phases are not split over processes: each would write the same run folder
         raise UserError("demo runs in one process: start it without accelerate launch / torchrun")
     dev = pick_device(device)
-    nthreads = pick_threads(threads, tiny_networks=model is None and dev.type == "cpu")
+    nthreads = pick_threads(threads)
     torch.set_num_threads(nthreads)
     report = run_demo(cfg, dev, pick_amp("auto", dev), nthreads, echo)
     click.echo(str(report))
