@@ -27,8 +27,12 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def ctx() -> Context:
     cfg = DIPConfig(preset="dip-tiny", iters=3, lr=1e-3, input_noise=1.0, average=0.9)
+    from tdpm_dip.generator import Generator
+
+    # An untrained G_psi at T_trunc 2 (the T_trunc of _job_for), so amortized `tdpm` runs like every method.
+    gen = Generator(build_unet("generator-small", seed=1, sample_size=SIZE).eval(), 2, (3, SIZE, SIZE), {}, "random")
     return Context(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), cfg, batch_size=4,
-                   dip_plugin=DIPConfig(preset="dip-tiny", iters=3, lr=1e-3))
+                   dip_plugin=DIPConfig(preset="dip-tiny", iters=3, lr=1e-3), generator=gen)
 
 
 @pytest.fixture(scope="module")
