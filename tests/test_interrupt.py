@@ -358,11 +358,16 @@ def test_kill_9_mid_row_then_bench_rerun(sprite_dir: Path, model: Path, tmp_path
 
 def test_signals_are_held_during_the_swap() -> None:
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # a handler would have run by now
-            reached.append("end of block")
+    # Python's own SIGINT handler, whatever an earlier test or library left installed in this process.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # a handler would have run by now
+                reached.append("end of block")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert reached == ["end of block"]
 
 

@@ -372,7 +372,10 @@ def test_ctrl_c_on_a_real_process(sprite_dir: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "tdpm_dip.cli", "train", "--data", str(sprite_dir), *FAST_TRAIN, "--steps", "100000",
            "--checkpoint-every", "2", "--keep-checkpoints", "100", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    # The child starts with SIGINT's default disposition, as under a shell, so that Python installs its
+    # KeyboardInterrupt handler even if this process was left ignoring SIGINT (an ignored signal is inherited).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         while len(list_checkpoints(out)) < 2 and time.monotonic() < deadline and proc.poll() is None:
