@@ -69,3 +69,16 @@ def test_missing_embedded_model_is_one_clear_line(monkeypatch: pytest.MonkeyPatc
     code, _, err = run(["generate", "--method", "ddim", "--n", "1", "--out", tmp_path / "g"], capsys)
     assert code == 2 and "pass --model" in err and "Traceback" not in err
     assert not (tmp_path / "g").exists()
+
+
+def test_sprites_command_writes_the_recipe_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`tdpm-dip sprites` (the recipe's first step): the PNGs read back as make_sprites' images, losslessly."""
+    from tdpm_dip.data import load_images, make_sprites
+
+    out = tmp_path / "s"
+    code, _, err = run(["sprites", "--n", "3", "--size", "16", "--seed", "2", "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}_sprite{i:05d}.png" for i in range(3)]
+    assert torch.equal(load_images(out, 16).images, make_sprites(3, 16, seed=2).images)
+    code, _, err = run(["sprites", "--n", "3", "--size", "4", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "--size" in err and not (tmp_path / "bad").exists()

@@ -45,13 +45,11 @@ def load_models(model: str | None = None, generator: str | None = None, device: 
     """The DDPM (`--model`, or the embedded default) in the context `denoise --input` uses (blind DIP
     settings, plug-in DIP for blind TDPM-DIP); `generator` defaults to the embedded one, if shipped."""
     from .cli import dip_config, load_context, pick_dip_preset
-    from .embedded import default_generator, resolve_model
+    from .embedded import resolve_generator, resolve_model
 
     if generator is not None and not Path(generator).is_dir():
         raise UserError(f"--generator {generator}: no such folder")
-    if generator is None and model is None:  # the shipped generator belongs to the shipped DDPM only
-        gen = default_generator()
-        generator = str(gen) if gen is not None else None
+    generator = resolve_generator(model, generator)
     model = resolve_model(model)
     ctx = load_context(model, device, "auto", 16,
                        lambda dev: dip_config("blind", pick_dip_preset(dip_preset, dev), None, None))

@@ -29,6 +29,7 @@ import torch
 from .dip import DIPConfig, dip_defaults
 from .errors import UserError
 from .metrics import copy_rate, data_hash, device_name, fid, kid, swd
+from .models import unet_size
 from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
 from .reporting import comparison_figure, cost_figure, curves_figure, result_row
 from .registry import Job, installed, methods
@@ -218,8 +219,7 @@ class Bench:
         self._dip_memo: dict = {}
         self._fp: dict[str, str] = {}
         ctx = self.context("linear")
-        s = ctx.unet.config.sample_size
-        self.size = int(s[0] if isinstance(s, (tuple, list)) else s)
+        self.size = unet_size(ctx.unet.config)
         self.images = load_data(self.size, settings.n)
         if self.images.shape[0] < settings.n:
             self.echo(f"{data}: only {self.images.shape[0]} images; using n = {self.images.shape[0]}")

@@ -19,10 +19,10 @@ import click
 
 from .errors import UserError, check_positive, check_sigma
 from .registry import help_text
+from .registry import names as method_names
 
 MODEL_HELP = ("DDPM: a diffusers folder (unet/ + scheduler/) or a hub id. Default: the embedded 32 px sprite DDPM "
               "shipped in the package (no download); pass --model for real data.")
-from .registry import names as method_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -125,8 +125,9 @@ def load_context(model: str, device_name: str, dtype: str, batch_size: int, dip_
 
 
 def model_size(ctx) -> int:  # noqa: ANN001
-    s = ctx.unet.config.sample_size
-    return int(s[0] if isinstance(s, (tuple, list)) else s)
+    from .models import unet_size
+
+    return unet_size(ctx.unet.config)
 
 
 # ------------------------------------------------------------------------------------------ the group
@@ -261,7 +262,7 @@ def generate(model: str | None, method: str | None, generator: str | None, n: in
       accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli generate ...
     """
     from .data import load_images
-    from .embedded import resolve_model
+    from .embedded import resolve_generator, resolve_model
     from .outputs import prepare_out_dir, save_grid, staged_dir, write_json
     from .reporting import save_images
     from .shard import is_main_process
@@ -269,20 +270,15 @@ def generate(model: str | None, method: str | None, generator: str | None, n: in
 
     positive("--n", n)
     positive("--ddim-steps", ddim_steps)
-    if method is None:
-        from .embedded import default_generator
-
-        method = "tdpm" if generator is not None or (model is None and default_generator()) else "ddim"
+    available = resolve_generator(model, generator)  # --generator, or the shipped one for the shipped DDPM
+    method = method or ("tdpm" if available is not None else "ddim")
     if generator is not None and method != "tdpm":
         raise UserError(f"--generator is for --method tdpm, not {method}")
+    if method == "tdpm":
+        generator = available
     if method == "tdpm" and generator is None:
-        from .embedded import default_generator
-
-        shipped = default_generator() if model is None else None
-        if shipped is None:
-            raise UserError("--method tdpm needs --generator (a folder made by `tdpm-dip train-generator` for "
-                            + ("this --model)" if model is not None else "the DDPM; this build ships no default)"))
-        generator = str(shipped)
+        raise UserError("--method tdpm needs --generator (a folder made by `tdpm-dip train-generator` for "
+                        + ("this --model)" if model is not None else "the DDPM; this build ships no default)"))
     model = resolve_model(model)
     if method == "tdpm-dip" and reference_data is None:
         raise UserError("--method tdpm-dip needs --reference-data (paper protocol: the DIP fits noised reference images)")
@@ -774,8 +770,8 @@ def demo_cmd(out: str, overwrite: bool, data: str | None, model: str | None, n: 
 @cli.command("app", context_settings=CONTEXT)
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--generator", default=None,
-              help="TDPM generator folder for the amortized generation method (when registered). Default: the "
-                   "embedded generator, when the package ships one and --model is omitted.")
+              help="TDPM generator folder (tdpm-dip train-generator) for the Generate tab's amortized `tdpm`. "
+                   "Default: the embedded generator, when the package ships one and --model is omitted.")
 @click.option("--host", default="127.0.0.1",
               help="Address to listen on; 127.0.0.1 serves this machine only (0.0.0.0 opens it to your network).")
 @click.option("--port", type=int, default=7860, help="Port to listen on.")

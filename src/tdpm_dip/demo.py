@@ -244,7 +244,7 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
                 threads: int, echo: Callable[[str], None]) -> None:
     """Every phase, written into `run`: the staging folder of the run folder `final`."""
     from .metrics import copy_rate
-    from .models import load_ddpm
+    from .models import load_ddpm, unet_size
     from .noise import check_level, num_levels
     from .outputs import save_grid, write_json, write_text
     from .reporting import curves_figure, result_row, table
@@ -268,8 +268,7 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         source = cfg.model if cfg.model is not None else default_ddpm()
         with phases("load model") as note:
             unet, scheduler = load_ddpm(source, device=device)
-            s = unet.config.sample_size
-            size = int(s[0] if isinstance(s, (tuple, list)) else s)
+            size = unet_size(unet.config)
             note["note"] = f"{source}, {size}x{size}"
 
     with phases("data") as note:
@@ -336,11 +335,9 @@ def _run_phases(cfg: DemoConfig, run: Path, final: Path, device: torch.device, a
         r = generate(ctx, "tdpm-dip", seeds, t_trunc=cfg.t_trunc, reference=data.reference)
         gen.append(r)
         note["note"] = f"DIP {cfg.dip_iters} it + {cfg.t_trunc} steps, {r.seconds_per_image:.2f} s/img"
-    shipped_gen = None
-    if cfg.uses_embedded:
-        from .embedded import default_generator
+    from .embedded import resolve_generator
 
-        shipped_gen = default_generator()
+    shipped_gen = resolve_generator(None, None) if cfg.uses_embedded else None
     if shipped_gen is not None:
         from .generator import load_generator
 

@@ -47,8 +47,9 @@ def default_size() -> int:
     """Image side of the embedded DDPM, read from its config (no weights loaded)."""
     import json
 
-    s = json.loads((default_ddpm() / "unet" / "config.json").read_text())["sample_size"]
-    return int(s[0] if isinstance(s, (list, tuple)) else s)
+    from .models import unet_size
+
+    return unet_size(json.loads((default_ddpm() / "unet" / "config.json").read_text()))
 
 
 def default_generator() -> Path | None:
@@ -60,6 +61,15 @@ def default_generator() -> Path | None:
 def resolve_model(model: str | None) -> str:
     """`--model` as given, or the embedded default DDPM when it is omitted."""
     return str(default_ddpm()) if model is None else model
+
+
+def resolve_generator(model: str | None, generator: str | None) -> str | None:
+    """`--generator` as given; with neither `--model` nor `--generator`, the embedded generator when this
+    build ships one (it belongs to the embedded DDPM only, so a user's `--model` never gets it)."""
+    if generator is not None or model is not None:
+        return generator
+    shipped = default_generator()
+    return str(shipped) if shipped is not None else None
 
 
 def shipped_files() -> dict[str, Path]:

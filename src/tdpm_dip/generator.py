@@ -37,6 +37,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from .config import PRESETS, get_preset
 from .errors import UserError
+from .models import unet_size
 from .noise import image_generators, num_levels, q_sample, randn
 
 GENERATOR_JSON = "generator.json"
@@ -174,11 +175,6 @@ class Generator:
         return g_forward(self.unet, z.to(self.unet.dtype)).float()
 
 
-def _size(unet: UNet2DModel) -> int:
-    s = unet.config.sample_size
-    return int(s[0] if isinstance(s, (tuple, list)) else s)
-
-
 def read_generator_info(path: str | os.PathLike) -> dict:
     """generator.json of a generator folder (one-line UserError when it is not one)."""
     p = Path(path)
@@ -219,8 +215,8 @@ def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, sch
     p = Path(path)
     info = read_generator_info(p)
     t_trunc, z_shape, image_size = info["t_trunc"], tuple(info["z_shape"]), info["image_size"]
-    if ddpm is not None and image_size != _size(ddpm):
-        raise UserError(f"--generator {p} makes {image_size} px images, but the DDPM makes {_size(ddpm)} px: "
+    if ddpm is not None and image_size != unet_size(ddpm.config):
+        raise UserError(f"--generator {p} makes {image_size} px images, but the DDPM makes {unet_size(ddpm.config)} px: "
                         "train a generator for this DDPM")
     if scheduler is not None and not 0 <= t_trunc < num_levels(scheduler):
         raise UserError(f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}")
@@ -244,7 +240,7 @@ def make_pairs(ddpm: UNet2DModel, scheduler: DDPMScheduler, n: int, t_trunc: int
     from .sampling import ddim_between
     from .train import derive_seed
 
-    size = _size(ddpm)
+    size = unet_size(ddpm.config)
     T = num_levels(scheduler)
     zs, xs = [], []
     with tqdm(total=n, desc="DDIM pairs", unit="pair", disable=not progress, leave=False) as bar:
@@ -351,7 +347,7 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack): 
 
     ddpm, scheduler = load_ddpm(cfg.model, device=device)
     ddpm.requires_grad_(False)
-    size = _size(ddpm)
+    size = unet_size(ddpm.config)
     T = num_levels(scheduler)
     if not 0 <= cfg.t_trunc <= T - 1:
         raise UserError(f"--t-trunc must be in [0, {T - 1}] for this DDPM, got {cfg.t_trunc}")
@@ -482,7 +478,7 @@ def sample_tdpm(gen: torch.nn.Module, ddpm: UNet2DModel, scheduler: DDPMSchedule
     """Amortized TDPM: x_T = G_psi(z), z from seed i, then T_trunc posterior steps (`sampling.reverse_chain`)."""
     from .sampling import reverse_chain
 
-    size = _size(ddpm)
+    size = unet_size(ddpm.config)
     gens = image_generators(seeds, device)
     x_T = g_forward(gen, randn((3, size, size), gens, device)).float()
     return reverse_chain(ddpm, scheduler, x_T, t_trunc, gens, amp_dtype).clamp(-1, 1)
@@ -507,7 +503,7 @@ def _export(run, state: _GenState) -> Path:  # noqa: ANN001
 
     export = run.out / "generator"
     cfg = state.cfg
-    size = _size(state.ddpm)
+    size = unet_size(state.ddpm.config)
     if run.main:
         with staged_dir(export) as tmp:
             run.ema.model.save_pretrained(tmp, safe_serialization=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ def build_unet(preset: UNetPreset | str, seed: int | None = None, sample_size: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(**preset.unet_kwargs(sample_size))
+
+
+def unet_size(config: Mapping) -> int:
+    """Image side of a `UNet2DModel` from its config (`unet.config` or a parsed config.json). diffusers
+    allows an int or an (h, w) pair for `sample_size`; this project's models are square."""
+    s = config["sample_size"]
+    return int(s[0] if isinstance(s, (tuple, list)) else s)
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -8,12 +8,11 @@ written through the predicted x0 with clipping.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-
-import math
 
 from .devices import autocast
 from .noise import abar, chain_timesteps, check_level, num_levels

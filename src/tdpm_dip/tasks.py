@@ -34,6 +34,7 @@ from .devices import autocast, timer
 from .dip import DIPConfig, DIPResult, dip_defaults, fit_dip
 from .errors import UserError, check_sigma
 from .generator import Generator
+from .models import unet_size
 from .noise import abar, check_level, image_generators, num_levels, q_sample, randn, sigma_to_level
 from .registry import Job, get, register
 from .sampling import ddim_between, ddim_chain, reverse_chain
@@ -155,9 +156,8 @@ def _dip(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], 
 
 
 def _image_shape(ctx: Context) -> tuple[int, int, int]:
-    s = ctx.unet.config.sample_size
-    s = s[0] if isinstance(s, (tuple, list)) else s
-    return (3, int(s), int(s))
+    s = unet_size(ctx.unet.config)
+    return (3, s, s)
 
 
 def validate_t_trunc(scheduler: DDPMScheduler, t_trunc: int) -> int:
