@@ -3,11 +3,16 @@
 Trains G_psi at one T_trunc with each objective (`tdpm-dip train-generator`, gan and distill), then
 generates n images with DDPM-1000, DDIM-(1 + T_trunc), DDIM-50 and amortized TDPM for each generator,
 and scores them against n held-out sprites (a seed the DDPM never saw): FID and KID (with the `fid`
-extra), SWD, copy-rate and NN-PSNR to the training sprites, NFE and s/img. Writes OUT/results.json and
+extra), SWD, diversity (mean pairwise RMS distance: a collapsed generator scores ~0), copy-rate and
+NN-PSNR to the training sprites, NFE and s/img. Writes OUT/results.json and
 OUT/results.md, and prints the table.
 
     OMP_NUM_THREADS=1 python benchmarks/tdpm_generator.py --model /work/sprite-ddpm/final \\
         --train-seed 0 --train-images 4096 --t-trunc 10 --steps 2000 --n 256 --out runs/tdpm-gen
+
+Generators trained elsewhere (`tdpm-dip train-generator`) join with --generator RUN/generator (repeatable):
+one row each at its own T_trunc, with its training seconds read from RUN/metrics.jsonl (plus those of its
+--init generator, when it was fine-tuned from one).
 
 The sprites are made in code (data.make_sprites): training set seed --train-seed (what the DDPM was
 trained on), held-out seed --heldout-seed. Generators and generated rows are reused when OUT already
@@ -32,6 +37,20 @@ from tdpm_dip.models import load_ddpm
 from tdpm_dip.outputs import markdown_table, save_grid, save_png, write_json, write_text
 from tdpm_dip.reporting import labelled_comparison
 from tdpm_dip.tasks import Context, generate
+
+
+def _run_cost(export: Path) -> dict:
+    """Training cost of a generator trained by `tdpm-dip train-generator`: the last elapsed_s and step of
+    RUN/metrics.jsonl, plus its --init generator's cost (fine-tuning starts from that one's work)."""
+    lines = (export.parent / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    meta = json.loads((export / "generator.json").read_text())
+    cost = {"seconds": float(last["elapsed_s"]), "steps": int(last["step"]), "batch_size": meta["batch_size"]}
+    if meta.get("init"):
+        parent = _run_cost(Path(meta["init"]))
+        cost = {**cost, "seconds": cost["seconds"] + parent["seconds"], "steps": cost["steps"] + parent["steps"],
+                "fine_tuned_from": meta["init"]}
+    return cost
 
 
 def _train(args: argparse.Namespace, objective: str, data_dir: Path) -> tuple[Path, dict]:
@@ -59,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, default=4096, help="training sprites (copy-rate reference)")
     p.add_argument("--heldout-seed", type=int, default=12345, help="seed of the held-out sprites (FID/KID/SWD)")
     p.add_argument("--t-trunc", type=int, default=10)
-    p.add_argument("--objectives", default="gan,distill")
+    p.add_argument("--objectives", default="gan,distill", help="objectives to train here ('' for none)")
+    p.add_argument("--generator", action="append", default=[], type=Path, metavar="RUN/generator",
+                   help="a generator trained elsewhere: one TDPM row at its T_trunc (repeatable)")
     p.add_argument("--steps", type=int, default=2000, help="generator training steps per objective")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--disc-channels", type=int, default=16, help="gan: discriminator width")
@@ -89,15 +110,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FID/KID not computed: {e}", file=sys.stderr)
         extractor = None
 
-    gens = {obj: _train(args, obj, data_dir) for obj in args.objectives.split(",") if obj}
+    # label -> (generator folder, training cost, T_trunc)
+    gens = {}
+    for obj in (o for o in args.objectives.split(",") if o):
+        path, cost = _train(args, obj, data_dir)
+        gens[f"TDPM amortized ({obj}, T_trunc {args.t_trunc})"] = (path, cost, args.t_trunc)
+    for path in args.generator:
+        meta = json.loads((path / "generator.json").read_text())
+        how = meta["objective"] + (", fine-tuned" if meta.get("init") else "")
+        gens[f"TDPM amortized ({how}, T_trunc {meta['t_trunc']})"] = (path, _run_cost(path), int(meta["t_trunc"]))
     seeds = list(range(args.seed, args.seed + args.n))
     rows = []
     extra = dict(e.split("=", 1) for e in args.extra_model)
     specs = [] if args.objectives_only else ([("DDPM-1000", "ddpm", {}, None, None)] if args.ddpm_steps else []) + [
         (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
         ("DDIM-50", "ddim", {"ddim_steps": 50}, None, None)]
-    specs += [(f"TDPM amortized ({obj}, T_trunc {args.t_trunc})", "tdpm", {}, path, None)
-              for obj, (path, _) in gens.items()]
+    specs += [(label, "tdpm", {}, path, None) for label, (path, _, _) in gens.items()]
     for name, path in extra.items():
         specs += [(f"DDPM-1000 ({name})", "ddpm", {}, None, path), (f"DDIM-50 ({name})", "ddim", {"ddim_steps": 50},
                                                                       None, path)]
@@ -117,23 +145,25 @@ def main(argv: list[str] | None = None) -> int:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
         shown.append((label, images))
-        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + args.t_trunc}[method]
+        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + gens[label][2] if label in gens else None}[method]
         row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
         if extractor is not None:
             row["FID"] = M.fid(images, held, extractor, args.out)
             row["KID"] = M.kid(images, held, extractor, args.out, subset_size=min(100, args.n), seed=0)["kid"]
         row["SWD x1e3"] = 1e3 * M.swd(images, held)["swd_avg"]
+        row["diversity"] = M.diversity(images)  # the held-out row below gives real images' figure
         cr = M.copy_rate(images, train)
         row["copy-rate"], row["NN-PSNR"] = cr["rate"], sum(cr["nearest_psnr"]) / args.n
         if gen_path is not None:
-            row["train s"] = round(gens[label.split("(")[1].split(",")[0]][1]["seconds"], 1)
-            row["train steps"] = args.steps
+            row["train s"] = round(gens[label][1]["seconds"], 1)
+            row["train steps"] = gens[label][1]["steps"]
         rows.append(row)
         save_grid(images[:64], args.out / "grids" / f"{cache.stem}.png", upscale=2)
         print(json.dumps(row), flush=True)
     labelled_comparison(args.out / "comparison.png", shown, max_images=8, upscale=2)
     ref_row = {"row": "held-out sprites vs training sprites", "n": args.n}
     ref_row["SWD x1e3"] = 1e3 * M.swd(held, train[: args.n])["swd_avg"]
+    ref_row["diversity"] = M.diversity(held)
     if extractor is not None:
         ref_row["FID"] = M.fid(train[: args.n], held, extractor, args.out)
     rows.append(ref_row)

@@ -21,3 +21,10 @@ tdpm-dip train --data "$WORK/data/train" --out "$WORK/ddpm" --preset demo --size
 
 # 3. Ship it: fp16 safetensors into the package; prints the SHA-256 values for tdpm_dip/embedded.py.
 python -m tdpm_dip.embedded export-ddpm "$WORK/ddpm/model"
+
+# 4. Amortized TDPM's generator G_psi for the shipped (fp16) DDPM at T_trunc = 10 (preset generator-small,
+#    non-saturating GAN + R1 against the training sprites noised to level 10), then its fp16 copy.
+SHIPPED=$(python -c 'from tdpm_dip.embedded import default_ddpm; print(default_ddpm())')
+tdpm-dip train-generator --model "$SHIPPED" --data "$WORK/data/train" --t-trunc 10 --out "$WORK/gen-t10" \
+  --steps 1500 --batch-size 32 --disc-channels 32 --checkpoint-every 250 --sample-every 250 --seed 0 --overwrite
+python -m tdpm_dip.embedded export-generator "$WORK/gen-t10/generator"

@@ -13,7 +13,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from tdpm_dip.errors import UserError
-from tdpm_dip.generator import GeneratorConfig, load_generator, make_pairs, train_generator
+from tdpm_dip.generator import (Discriminator, GeneratorConfig, load_generator, make_pairs, minibatch_stddev,
+                                style_dim, train_generator)
 from tdpm_dip.models import build_unet, load_ddpm, save_ddpm
 from tdpm_dip.noise import make_scheduler
 from tdpm_dip.tasks import Context, generate
@@ -47,11 +48,14 @@ def test_a_few_steps_export_a_diffusers_generator(objective: str, ddpm16: Path, 
         _cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "run", objective), progress=False)
     meta = json.loads((export / "generator.json").read_text())
     assert meta["t_trunc"] == 3 and meta["z_shape"] == [3, SIZE, SIZE] and meta["objective"] == objective
-    assert meta["image_size"] == SIZE and meta["ddpm"] == ddpm16.name
+    assert meta["image_size"] == SIZE and meta["ddpm"] == ddpm16.name and meta["w_dim"] == 64
     unet = UNet2DModel.from_pretrained(export, use_safetensors=True)  # what diffusers loads
-    assert (export / "diffusion_pytorch_model.safetensors").is_file()
-    out = unet(torch.randn(2, 3, SIZE, SIZE), 0).sample
+    assert (export / "diffusion_pytorch_model.safetensors").is_file() and style_dim(unet.config) == 64
+    z = torch.randn(2, 3, SIZE, SIZE)
+    out = unet(z, 0, class_labels=torch.randn(2, 64)).sample
     assert out.shape == (2, 3, SIZE, SIZE) and torch.isfinite(out).all()
+    # The style vector is an input that matters: same z_img, another w, another image.
+    assert (unet(z, 0, class_labels=torch.randn(2, 64)).sample - out).abs().max() > 1e-4
     lines = [json.loads(x) for x in (export.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
     if objective == "gan":
@@ -60,7 +64,8 @@ def test_a_few_steps_export_a_diffusers_generator(objective: str, ddpm16: Path, 
         assert (ckpt / "discriminator.safetensors").is_file()
         assert any(k.startswith("disc_optimizer.") for k in load_file(ckpt / "training_state.safetensors"))
     else:
-        assert (export.parent / "pairs.safetensors").is_file()
+        pairs = load_file(export.parent / "pairs.safetensors")
+        assert pairs["z"].shape == (8, 3, SIZE, SIZE) and pairs["w"].shape == (8, 64)
 
 
 def test_resume_equals_an_uninterrupted_run(ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path) -> None:
@@ -80,11 +85,28 @@ def test_resume_equals_an_uninterrupted_run(ddpm16: Path, sprite_dir_factory, tm
 
 def test_distill_pairs_are_seeded_ddim_to_t_trunc(ddpm16: Path) -> None:
     unet, sched = load_ddpm(ddpm16)
-    z1, x1 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=2)
-    z2, x2 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=3)
+    z1, x1, w1 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=2, w_dim=6)
+    z2, x2, w2 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=3, w_dim=6)
     # Pair j depends on (seed, j) only; batching changes x only by float rounding, amplified by 1/sqrt(abar_T).
-    assert torch.equal(z1, z2) and (x1 - x2).abs().max() < 1e-2
-    assert not torch.allclose(x1, z1)
+    assert torch.equal(z1, z2) and torch.equal(w1, w2) and (x1 - x2).abs().max() < 1e-2
+    assert not torch.allclose(x1, z1) and w1.shape == (3, 6)
+    z3, x3, w3 = make_pairs(unet, sched, 3, 5, 4, seed=0, device=torch.device("cpu"), batch_size=3)
+    assert w3 is None and torch.equal(z3, z1)  # w is drawn after z_img: the same z_img without it
+
+
+def test_minibatch_stddev_sees_a_batch_without_variety() -> None:
+    torch.manual_seed(0)
+    varied = torch.randn(6, 5, 4, 4)
+    same = varied[:1].expand(6, -1, -1, -1)
+    for h in (varied, same):
+        out = minibatch_stddev(h)
+        assert out.shape == (6, 6, 4, 4) and torch.equal(out[:, :5], h)
+    assert minibatch_stddev(same)[:, 5].abs().max() < 1e-3 < minibatch_stddev(varied)[:, 5].min()
+    # Groups of 3 (the largest size <= 4 dividing 6): images 0, 2, 4 are one group, so their channel agrees.
+    s = minibatch_stddev(varied)[:, 5, 0, 0]
+    assert s[0] == s[2] == s[4] and s[0] != s[1]
+    for b in (1, 5, 8):  # any batch size runs (a prime one falls back to groups of 1 or itself)
+        assert Discriminator(16, 4)(torch.randn(b, 3, 16, 16)).shape == (b,)
 
 
 class _Counting(torch.nn.Module):
@@ -153,3 +175,21 @@ def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="needs --data"):
         _cfg(tmp_path, None, tmp_path / "o", "gan")
     _cfg(tmp_path, None, tmp_path / "o", "distill")  # distill needs no images
+
+
+def test_init_starts_from_another_generator(ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path) -> None:
+    data = sprite_dir_factory(8, SIZE)
+    # One step at a negligible learning rate: the export equals the --init weights, now for T_trunc 5.
+    export = train_generator(_cfg(ddpm16, data, tmp_path / "ft", "gan", t_trunc=5, steps=1, lr=1e-12,
+                                  init=str(gan_run)), progress=False)
+    a = load_file(export / "diffusion_pytorch_model.safetensors")
+    b = load_file(gan_run / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    meta = json.loads((export / "generator.json").read_text())
+    assert meta["t_trunc"] == 5 and meta["init"] == str(gan_run)
+    fresh = train_generator(_cfg(ddpm16, data, tmp_path / "fresh", "gan", steps=1, lr=1e-12), progress=False)
+    c = load_file(fresh / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.allclose(a[k], c[k], atol=1e-3) for k in a)  # without --init: another start
+    with pytest.raises(UserError, match="not a generator folder"):
+        train_generator(_cfg(ddpm16, data, tmp_path / "bad", "gan", init=str(ddpm16)), progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -247,3 +247,11 @@ def test_kid_matches_a_direct_computation_and_separates_distributions() -> None:
     assert M.kid_from_features(x, y, 5, 20, seed=3) == M.kid_from_features(x, y, 5, 20, seed=3)
     with pytest.raises(ValueError):
         M.polynomial_mmd2(x[:1], y)
+
+
+def test_diversity_is_zero_for_a_collapsed_set_and_the_rms_distance_for_two() -> None:
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert M.diversity(x.expand(5, -1, -1, -1)) == pytest.approx(0, abs=1e-9)
+    a, b = torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.5)
+    assert M.diversity(torch.cat([a, b])) == pytest.approx(0.5)
+    assert M.diversity(torch.rand(16, 3, 8, 8)) > 0.3

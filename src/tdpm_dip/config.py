@@ -28,6 +28,12 @@ class UNetPreset:
     # Self-attention in the mid block (diffusers' default). Off for the DIP presets meant to be
     # attention-free: attention has no vmap batching rule on some backends.
     add_attention: bool = True
+    # A global input vector beside the image (diffusers' class embedding): "identity" adds class_labels of the
+    # time-embedding width to the time embedding, which every ResNet block reads. With "scale_shift" a block
+    # applies it after its GroupNorm as norm(h) * (1 + scale) + shift (AdaIN, as StyleGAN's styles), so the
+    # vector is not normalised away. The generator presets use both; the DDPM/DIP presets neither.
+    class_embed_type: str | None = None
+    resnet_time_scale_shift: str = "default"
     sample_size: int = 64
     in_channels: int = 3
     out_channels: int = 3
@@ -89,9 +95,13 @@ PRESETS: dict[str, UNetPreset] = {
         description="CPU demo DDPM for 32 px images (0.69M parameters)",
     ),
     # TDPM's amortized generator G_psi(z) (generator.py): one call per image, so small; attention-free.
+    # A spatial z alone gives a UNet no per-image global variable (GroupNorm removes what i.i.d. noise
+    # has of one), and GANs on it collapse to one image; so G_psi also takes a style vector w (above).
     "generator-small": UNetPreset(
         (16, 32, 64), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
-        description="TDPM generator G_psi(z) for the truncated chain (CPU-sized: the demo DDPM's widths)",
+        class_embed_type="identity", resnet_time_scale_shift="scale_shift",
+        description="TDPM generator G_psi(z, w) for the truncated chain (CPU-sized: the demo DDPM's widths; "
+                    "style vector w of 64)",
     ),
     "dip-tiny": UNetPreset(
         (16, 32), (D, D), (U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,

@@ -3,7 +3,8 @@
 A new user runs `generate` and `denoise` without `--model`; these resolve to the folders below,
 read through the package's resources (never from ../shared). `recipes/embedded_default.sh`
 rebuilds them with the project's own commands, then `python -m tdpm_dip.embedded export-ddpm RUN/model`
-writes the fp16 copy shipped here and prints the hashes that `EXPECTED_SHA256` pins.
+and `export-generator RUN/generator` write the fp16 copies shipped here and print the hashes that
+`EXPECTED_SHA256` pins.
 """
 
 from __future__ import annotations
@@ -99,16 +100,42 @@ def export_ddpm(src: str | Path, dest: Path | None = None) -> Path:
     return dest
 
 
+def export_generator(src: str | Path, dest: Path | None = None) -> Path:
+    """Copy a trained TDPM generator (`tdpm-dip train-generator`'s RUN/generator) into the package with fp16
+    weights. Its generator.json keeps every field, but folders are reduced to their names: the paths of
+    the machine that trained it mean nothing on a user's."""
+    import json
+
+    from .generator import GENERATOR_JSON, load_generator
+
+    dest = dest or weights_dir() / GENERATOR_NAME
+    gen = load_generator(src)
+    info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
+    with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+        gen.unet.half().save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / GENERATOR_JSON).write_text(json.dumps(info, indent=1) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(tmp, dest)
+    for p in [dest, *dest.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest
+
+
 def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tdpm_dip.embedded",
                                  description="Maintainers: write the shipped default models into the package.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export-ddpm", help="copy RUN/model into the package as fp16 safetensors")
     ex.add_argument("src", help="a trained DDPM folder (diffusers layout)")
+    eg = sub.add_parser("export-generator", help="copy RUN/generator into the package as fp16 safetensors")
+    eg.add_argument("src", help="a trained generator folder (tdpm-dip train-generator's RUN/generator)")
     sub.add_parser("hashes", help="print the EXPECTED_SHA256 entries of the files under weights/")
     args = ap.parse_args(argv)
     if args.cmd == "export-ddpm":
         print(export_ddpm(args.src))
+    elif args.cmd == "export-generator":
+        print(export_generator(args.src))
     files = shipped_files()
     for name, p in files.items():
         print(f'    "{name}": "{sha256(p)}",')

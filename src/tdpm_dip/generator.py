@@ -3,11 +3,15 @@
 A truncated diffusion model starts its reverse chain at level T_trunc from a sample of q(x_T_trunc),
 the training images noised to T_trunc. TDPM draws that sample from an implicit generator
 x_T = G_psi(z), z ~ N(0, I), so a new image costs 1 + T_trunc network calls. G_psi here is a small
-`UNet2DModel` (preset `generator-small`) called at timestep 0 on z of the image's shape. Objectives:
+`UNet2DModel` (preset `generator-small`) called at timestep 0 on z = (z_img, w): z_img of the image's shape,
+and a style vector w ~ N(0, I) that the preset's class embedding feeds to every ResNet block (config.py).
+Both come from the image's seed, z_img first. Objectives:
 
 gan      Non-saturating GAN loss (Goodfellow et al. 2014) with the R1 penalty (Mescheder et al. 2018),
-         gamma/2 E||grad_x D(x)||^2 on real samples, against a compact conv discriminator; real samples
-         are training images noised to T_trunc, x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) eps (Eq. 3).
+         gamma/2 E||grad_x D(x)||^2 on real samples, against a compact conv discriminator with a
+         minibatch-stddev feature (Karras et al. 2018), which lets it see a batch without variety;
+         real samples are training images noised to T_trunc, x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) eps
+         (Eq. 3).
 distill  Luhman & Luhman (2021): regress G_psi(z) onto x_T = DDIM(z), the deterministic DDIM (eta 0) of
          the DDPM from level T down to T_trunc, on a fixed, seeded set of (z, x_T) pairs computed once
          (RUN/pairs.safetensors). Squared error, as LPIPS would need torchvision.
@@ -17,7 +21,7 @@ and its optimizer, --resume, metrics, sample grids, the NaN stop). Every draw of
 generator seeded by (seed, i), so a resumed run repeats an uninterrupted one exactly on the CPU.
 
 Export: RUN/generator/, the EMA generator's `UNet2DModel` (save_pretrained, safetensors, so diffusers
-loads it), plus generator.json {t_trunc, z_shape, objective, ddpm, image_size, ...}.
+loads it), plus generator.json {t_trunc, z_shape, w_dim, objective, ddpm, image_size, ...}.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,7 +48,7 @@ GENERATOR_JSON = "generator.json"
 FORMAT = "tdpm-dip generator"
 OBJECTIVES = ("gan", "distill")
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "generator", "pairs.safetensors")
-RESUME_MUST_MATCH = ("model", "t_trunc", "objective", "preset", "batch_size", "lr", "disc_lr", "r1_gamma",
+RESUME_MUST_MATCH = ("model", "t_trunc", "objective", "preset", "init", "batch_size", "lr", "disc_lr", "r1_gamma",
                      "disc_channels", "pairs", "ddim_steps", "warmup_steps", "ema_decay", "seed")
 
 
@@ -65,6 +69,9 @@ class GeneratorConfig:
         "gan: non-saturating GAN + R1 against noised training images; distill: regress DDIM(z -> x_T_trunc) "
         "pairs of the DDPM (Luhman & Luhman 2021)", OBJECTIVES))
     preset: str = field(default="generator-small", metadata=_help(f"G_psi's UNet preset: {', '.join(PRESETS)}"))
+    init: str | None = field(default=None, metadata=_help(
+        "start G_psi from this generator's weights (a RUN/generator folder of the same preset and DDPM), e.g. to "
+        "fine-tune one to another --t-trunc; the discriminator starts afresh"))
     fill: str = field(default="white", metadata=_help("padding / transparency colour: white, black, #rrggbb"))
     skip_bad: bool = field(default=False, metadata=_help("skip unreadable images instead of stopping"))
     limit: int | None = field(default=None, metadata=_help("use only the first N images"))
@@ -138,7 +145,9 @@ class GeneratorConfig:
 
 class Discriminator(torch.nn.Module):
     """A compact conv discriminator: a 3x3 stem, stride-2 4x4 convs with LeakyReLU(0.2) that double the width
-    (up to 4x the first) while halving the side down to 4 px, and a linear logit."""
+    (up to 4x the first) while halving the side down to 4 px, then StyleGAN2's epilogue: the minibatch
+    standard deviation as one more channel (Karras et al. 2018, groups of up to 4 images), a 3x3 conv and
+    a linear logit."""
 
     def __init__(self, size: int, channels: int = 64) -> None:
         super().__init__()
@@ -149,15 +158,43 @@ class Discriminator(torch.nn.Module):
             layers += [torch.nn.Conv2d(c, c2, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
             c, res = c2, res // 2
         self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(c * res * res, 1)
+        self.epilogue = torch.nn.Sequential(torch.nn.Conv2d(c + 1, c, 3, padding=1), torch.nn.LeakyReLU(0.2),
+                                            torch.nn.Flatten(), torch.nn.Linear(c * res * res, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1)).squeeze(1)
+        return self.epilogue(minibatch_stddev(self.features(x))).squeeze(1)
 
 
-def g_forward(net: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """x_T = G_psi(z): the generator UNet at timestep 0 (its time embedding is a constant)."""
-    return net(z, 0).sample
+def minibatch_stddev(h: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """h with one more channel: the standard deviation of the features over a group of images, averaged over
+    features and pixels (ProGAN / StyleGAN2). Groups are images i, i + B/g, ...; g is the largest size
+    <= `group` that divides the batch B, so any batch works."""
+    b = h.shape[0]
+    g = next(k for k in range(min(group, b), 0, -1) if b % k == 0)
+    std = (h.float().view(g, b // g, *h.shape[1:]).var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+    return torch.cat([h, std.repeat(g)[:, None, None, None].expand(b, 1, *h.shape[2:]).to(h.dtype)], 1)
+
+
+def style_dim(config: Mapping) -> int:
+    """Width of G_psi's style vector w: the time-embedding width when the UNet takes class_labels through an
+    identity class embedding (preset generator-small), else 0 (a generator of z_img alone)."""
+    if config.get("class_embed_type") != "identity":
+        return 0
+    return int(config.get("time_embedding_dim") or 4 * config["block_out_channels"][0])
+
+
+def draw_latents(z_shape: tuple[int, ...], w_dim: int, generators: list[torch.Generator],
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z_img [B, *z_shape], w [B, w_dim] or None): row i from generators[i], z_img first, then w."""
+    z = randn(tuple(z_shape), generators, device)
+    w = randn((w_dim,), generators, device) if w_dim else None
+    return z, w
+
+
+def g_forward(net: torch.nn.Module, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """x_T = G_psi(z, w): the generator UNet at timestep 0 (its time embedding is a constant, to which the
+    identity class embedding adds w)."""
+    return net(z, 0, class_labels=w).sample
 
 
 @dataclass(frozen=True)
@@ -170,9 +207,17 @@ class Generator:
     info: dict
     path: str
 
+    @property
+    def w_dim(self) -> int:
+        return style_dim(self.unet.config)
+
+    def draw(self, generators: list[torch.Generator], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This generator's (z_img, w) of each image (`draw_latents`)."""
+        return draw_latents(self.z_shape, self.w_dim, generators, device)
+
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return g_forward(self.unet, z.to(self.unet.dtype)).float()
+    def __call__(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        return g_forward(self.unet, z.to(self.unet.dtype), None if w is None else w.to(self.unet.dtype)).float()
 
 
 def read_generator_info(path: str | os.PathLike) -> dict:
@@ -221,9 +266,12 @@ def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, sch
     if scheduler is not None and not 0 <= t_trunc < num_levels(scheduler):
         raise UserError(f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}")
     try:
-        unet = UNet2DModel.from_pretrained(p, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(p, torch_dtype=torch.float32, use_safetensors=True)  # fp16 on disk: upcast
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         raise UserError(f"--generator {p}: cannot load the generator's UNet ({str(e).splitlines()[0]})") from None
+    if info.get("w_dim", style_dim(unet.config)) != style_dim(unet.config):
+        raise UserError(f"--generator {p}: {GENERATOR_JSON} says w_dim {info['w_dim']}, but its UNet takes "
+                        f"{style_dim(unet.config)}")
     return Generator(unet.to(device).eval().requires_grad_(False), t_trunc, z_shape, info, str(p))  # type: ignore[arg-type]
 
 
@@ -232,9 +280,11 @@ def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, sch
 @torch.no_grad()
 def make_pairs(ddpm: UNet2DModel, scheduler: DDPMScheduler, n: int, t_trunc: int, ddim_steps: int, seed: int,
                device: torch.device, batch_size: int = 64, amp_dtype: torch.dtype | None = None,
-               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """n pairs (z_j, DDIM(z_j) at level T_trunc): z_j from a generator seeded by (seed, j), the deterministic
-    DDIM of the DDPM from level T (x_T = z) down to T_trunc (Luhman & Luhman 2021's training set)."""
+               progress: bool = False, w_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """n pairs ((z_j, w_j), DDIM(z_j) at level T_trunc): (z_j, w_j) from a generator seeded by (seed, j)
+    (`draw_latents`), the deterministic DDIM of the DDPM from level T (x_T = z_j) down to T_trunc (Luhman &
+    Luhman 2021's training set). The teacher ignores w_j: drawn as at sampling, G_psi learns it carries
+    nothing."""
     from tqdm.auto import tqdm
 
     from .sampling import ddim_between
@@ -242,23 +292,26 @@ def make_pairs(ddpm: UNet2DModel, scheduler: DDPMScheduler, n: int, t_trunc: int
 
     size = unet_size(ddpm.config)
     T = num_levels(scheduler)
-    zs, xs = [], []
+    zs, ws, xs = [], [], []
     with tqdm(total=n, desc="DDIM pairs", unit="pair", disable=not progress, leave=False) as bar:
         for lo in range(0, n, batch_size):
             gens = image_generators([derive_seed(seed, "pairs", j) for j in range(lo, min(n, lo + batch_size))], device)
-            z = randn((3, size, size), gens, device)
+            z, w = draw_latents((3, size, size), w_dim, gens, device)
             x = ddim_between(ddpm, scheduler, z, T, t_trunc, ddim_steps, amp_dtype,
                              clip=bool(scheduler.config.clip_sample))
             zs.append(z.cpu())
             xs.append(x.cpu())
+            if w is not None:
+                ws.append(w.cpu())
             bar.update(z.shape[0])
-    return torch.cat(zs), torch.cat(xs)
+    return torch.cat(zs), torch.cat(xs), torch.cat(ws) if ws else None
 
 
-def _pairs_key(cfg: GeneratorConfig, ddpm_fp: str) -> str:
+def _pairs_key(cfg: GeneratorConfig, ddpm_fp: str, w_dim: int) -> str:
     import hashlib
 
-    return hashlib.sha1(json.dumps([ddpm_fp, cfg.t_trunc, cfg.pairs, cfg.ddim_steps, cfg.seed]).encode()).hexdigest()[:16]
+    key = [ddpm_fp, cfg.t_trunc, cfg.pairs, cfg.ddim_steps, cfg.seed, w_dim]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def _ddpm_fingerprint(unet: UNet2DModel, scheduler: DDPMScheduler) -> str:
@@ -272,14 +325,14 @@ def _ddpm_fingerprint(unet: UNet2DModel, scheduler: DDPMScheduler) -> str:
 
 
 def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2DModel, scheduler: DDPMScheduler,
-                        device: torch.device, amp_dtype: torch.dtype | None, progress: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair set, read from out/pairs.safetensors when it was made with the same DDPM and options."""
+                        device: torch.device, amp_dtype: torch.dtype | None, progress: bool, w_dim: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The pair set (z, x, w), read from out/pairs.safetensors when it was made with the same DDPM and options."""
     from safetensors.torch import load_file, save_file
 
     from .outputs import atomic_path
 
-    key = _pairs_key(cfg, _ddpm_fingerprint(ddpm, scheduler))
+    key = _pairs_key(cfg, _ddpm_fingerprint(ddpm, scheduler), w_dim)
     path = out / "pairs.safetensors"
     if path.is_file():
         try:
@@ -289,15 +342,16 @@ def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2
                 same = (f.metadata() or {}).get("key") == key
             if same:
                 t = load_file(path)
-                return t["z"], t["x"]
+                return t["z"], t["x"], t.get("w")
         except (OSError, ValueError, RuntimeError):
             pass  # damaged: made again below
-    z, x = make_pairs(ddpm, scheduler, cfg.pairs, cfg.t_trunc, cfg.ddim_steps, cfg.seed, device, amp_dtype=amp_dtype,
-                      progress=progress and main)
+    z, x, w = make_pairs(ddpm, scheduler, cfg.pairs, cfg.t_trunc, cfg.ddim_steps, cfg.seed, device,
+                         amp_dtype=amp_dtype, progress=progress and main, w_dim=w_dim)
     if main:
+        tensors = {"z": z.contiguous(), "x": x.contiguous(), **({"w": w.contiguous()} if w is not None else {})}
         with atomic_path(path) as tmp:
-            save_file({"z": z.contiguous(), "x": x.contiguous()}, str(tmp), metadata={"key": key})
-    return z, x
+            save_file(tensors, str(tmp), metadata={"key": key})
+    return z, x, w
 
 
 # ---------------------------------------------------------------- the run
@@ -311,6 +365,8 @@ class _GenState:
     disc: torch.nn.Module | None = None          # as accelerate prepared it
     disc_optimizer: torch.optim.Optimizer | None = None
     z: torch.Tensor | None = None                # distill: pair inputs (targets are run.images)
+    w: torch.Tensor | None = None                # distill: the pairs' style vectors (None: no style input)
+    w_dim: int = 0                               # G_psi's style width (style_dim)
 
 
 def train_generator(cfg: GeneratorConfig, progress: bool = True, callback: Callable[[int], None] | None = None) -> Path:
@@ -356,11 +412,13 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack): 
         raise UserError(f"the DDPM's {size} px images do not suit preset {cfg.preset!r} (sides must be multiples of {factor})")
 
     gen = build_unet(cfg.preset, seed=cfg.seed, sample_size=size).to(device).train()
+    if cfg.init:
+        _init_from(gen, cfg, ddpm, scheduler)
     ema = EMA(gen, cfg.ema_decay)
     betas = (0.0, 0.99) if cfg.objective == "gan" else (0.9, 0.999)  # StyleGAN2's Adam for the GAN
     optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=betas)
     lr_scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-    state = _GenState(cfg, ddpm)
+    state = _GenState(cfg, ddpm, w_dim=style_dim(gen.config))
     extra_modules: dict[str, torch.nn.Module] = {}
     extra_optimizers: dict[str, torch.optim.Optimizer] = {}
     if cfg.objective == "gan":
@@ -388,8 +446,9 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack): 
     })
     if cfg.objective == "distill":
         amp = {"bf16": torch.bfloat16}.get(mixed)
-        z, x = _load_or_make_pairs(cfg, out, main, ddpm, scheduler, device, amp, progress)
+        z, x, w = _load_or_make_pairs(cfg, out, main, ddpm, scheduler, device, amp, progress, state.w_dim)
         state.z, images = z.to(device), x.to(device)
+        state.w = None if w is None else w.to(device)
     if extra_modules:
         model, optimizer, state.disc, state.disc_optimizer = accelerator.prepare(
             gen, optimizer, extra_modules["discriminator"], extra_optimizers["disc_optimizer"])
@@ -400,16 +459,29 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack): 
     return run, state
 
 
-def _draws(cfg: GeneratorConfig, step: int, size: int, device: torch.device
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(flips [B], z [B, 3, S, S], eps [B, 3, S, S]) of 0-based step `step`, from one generator seeded by (seed, step)."""
+def _init_from(gen: UNet2DModel, cfg: GeneratorConfig, ddpm: UNet2DModel, scheduler: DDPMScheduler) -> None:
+    """Copy the weights of the generator folder --init into the freshly built G_psi (one-line errors)."""
+    start = load_generator(cfg.init, ddpm, scheduler)  # type: ignore[arg-type]
+    if start.info.get("ddpm_fingerprint") not in (None, _ddpm_fingerprint(ddpm, scheduler)):
+        raise UserError(f"--init {cfg.init}: that generator was trained for another DDPM")
+    try:
+        gen.load_state_dict(start.unet.state_dict())
+    except RuntimeError:
+        raise UserError(f"--init {cfg.init}: its UNet is not preset {cfg.preset!r}") from None
+
+
+def _draws(cfg: GeneratorConfig, step: int, size: int, w_dim: int, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(flips [B], z [B, 3, S, S], w [B, w_dim] or None, eps [B, 3, S, S]) of 0-based step `step`, from one
+    generator seeded by (seed, step)."""
     from .train import derive_seed
 
     g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "generator", step))
     flips = torch.rand(cfg.batch_size, generator=g, device=device) < 0.5
     z = torch.randn((cfg.batch_size, 3, size, size), generator=g, device=device)
+    w = torch.randn((cfg.batch_size, w_dim), generator=g, device=device) if w_dim else None
     eps = torch.randn((cfg.batch_size, 3, size, size), generator=g, device=device)
-    return flips, z, eps
+    return flips, z, w, eps
 
 
 def _gan_step(state: _GenState, run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
@@ -421,7 +493,7 @@ def _gan_step(state: _GenState, run, step: int) -> tuple[torch.Tensor, torch.Ten
     i = step - 1
     idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
     size = int(run.images.shape[-1])
-    flips, z, eps = _draws(cfg, i, size, run.device)
+    flips, z, w, eps = _draws(cfg, i, size, state.w_dim, run.device)
     x0 = run.images[idx.to(run.images.device)].to(run.device, non_blocking=True)
     x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
     real = q_sample(run.scheduler, x0, cfg.t_trunc, eps).requires_grad_(True)  # a sample of q(x_T_trunc)
@@ -429,7 +501,7 @@ def _gan_step(state: _GenState, run, step: int) -> tuple[torch.Tensor, torch.Ten
     # Discriminator: softplus(D(fake)) + softplus(-D(real)) + gamma/2 ||grad_real D||^2.
     state.disc.requires_grad_(True)
     with torch.no_grad(), acc.autocast():
-        fake = g_forward(run.model, z).float()
+        fake = g_forward(run.model, z, w).float()
     with acc.autocast():
         d_real = state.disc(real).float()
         d_fake = state.disc(fake).float()
@@ -443,7 +515,7 @@ def _gan_step(state: _GenState, run, step: int) -> tuple[torch.Tensor, torch.Ten
     # Generator: softplus(-D(G(z))), the non-saturating loss.
     state.disc.requires_grad_(False)
     with acc.autocast():
-        loss_g = F.softplus(-state.disc(g_forward(run.model, z)).float()).mean()
+        loss_g = F.softplus(-state.disc(g_forward(run.model, z, w)).float()).mean()
     acc.backward(loss_g)
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), math.inf).detach()
     run.optimizer.step()
@@ -461,7 +533,7 @@ def _distill_step(state: _GenState, run, step: int) -> tuple[torch.Tensor, torch
     assert state.z is not None
     idx = batch_indices(step - 1, run.n_images, cfg.batch_size, cfg.seed).to(run.device)
     with acc.autocast():
-        pred = g_forward(run.model, state.z[idx])
+        pred = g_forward(run.model, state.z[idx], None if state.w is None else state.w[idx])
     loss = F.mse_loss(pred.float(), run.images[idx].float())
     acc.backward(loss)
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), math.inf).detach()
@@ -480,7 +552,8 @@ def sample_tdpm(gen: torch.nn.Module, ddpm: UNet2DModel, scheduler: DDPMSchedule
 
     size = unet_size(ddpm.config)
     gens = image_generators(seeds, device)
-    x_T = g_forward(gen, randn((3, size, size), gens, device)).float()
+    z, w = draw_latents((3, size, size), style_dim(gen.config), gens, device)
+    x_T = g_forward(gen, z, w).float()
     return reverse_chain(ddpm, scheduler, x_T, t_trunc, gens, amp_dtype).clamp(-1, 1)
 
 
@@ -508,11 +581,13 @@ def _export(run, state: _GenState) -> Path:  # noqa: ANN001
         with staged_dir(export) as tmp:
             run.ema.model.save_pretrained(tmp, safe_serialization=True)
             write_json(tmp / GENERATOR_JSON, {
-                "format": FORMAT, "t_trunc": cfg.t_trunc, "z_shape": [3, size, size], "objective": cfg.objective,
+                "format": FORMAT, "t_trunc": cfg.t_trunc, "z_shape": [3, size, size], "w_dim": state.w_dim,
+                "objective": cfg.objective,
                 "ddpm": Path(cfg.model).name or str(cfg.model),
                 "ddpm_fingerprint": _ddpm_fingerprint(state.ddpm, run.scheduler), "image_size": size,
                 "schedule": run.scheduler.config.beta_schedule, "preset": cfg.preset, "steps": cfg.steps,
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "data": cfg.data if cfg.objective == "gan" else None,
+                "init": cfg.init,
                 "pairs": cfg.pairs if cfg.objective == "distill" else None,
                 "ddim_steps": cfg.ddim_steps if cfg.objective == "distill" else None,
             })

@@ -469,3 +469,14 @@ def copy_rate(images: torch.Tensor, training: torch.Tensor, threshold_db: float 
     copies = p >= threshold_db
     return {"rate": float(copies.float().mean()), "copies": int(copies.sum()), "nearest": idx.tolist(),
             "nearest_psnr": p.tolist(), "threshold_db": threshold_db}
+
+
+def diversity(images: torch.Tensor) -> float:
+    """Mean pairwise RMS distance between the images of one set, on their [-1, 1] pixels: 0 when every image
+    is the same (a generator collapsed to one mode). Compare it with the same figure of real images."""
+    x = images.detach().double().cpu().flatten(1)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("diversity needs at least 2 images")
+    d = torch.cdist(x, x) / x.shape[1] ** 0.5
+    return float(d.sum() / (n * (n - 1)))

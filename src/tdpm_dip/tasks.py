@@ -562,7 +562,7 @@ def generate_tdpm_dip(ctx: Context, job: Job) -> Result:
 def generate_tdpm(ctx: Context, job: Job) -> Result:
     """TDPM sampling (Zheng et al. 2023): one call of the generator, then Algorithm 3's T_trunc steps.
 
-    z_i and the chain's step noise of image i come from seed i. T_trunc is the generator's (job.t_trunc,
+    z_i = (z_img, w) and the chain's step noise of image i come from seed i. T_trunc is the generator's (job.t_trunc,
     when given, must equal it).
     """
     gen = ctx.generator
@@ -573,9 +573,9 @@ def generate_tdpm(ctx: Context, job: Job) -> Result:
         raise UserError(f"T_trunc {job.t_trunc} does not match the generator's {t} ({gen.path})")
     validate_t_trunc(ctx.scheduler, t)
     gens = image_generators(job.seeds, ctx.device)
-    z = randn(gen.z_shape, gens, ctx.device)
+    z, w = gen.draw(gens, ctx.device)
     with timer(ctx.device) as tm:
-        x_T = torch.cat([gen(z[sl]) for sl in _chunks(len(job.seeds), ctx.batch_size)])
+        x_T = torch.cat([gen(z[sl], None if w is None else w[sl]) for sl in _chunks(len(job.seeds), ctx.batch_size)])
         out = _chain(ctx, x_T, t, gens, "TDPM reverse") if t else x_T
     return Result("tdpm", "noise", out.clamp(-1, 1).cpu(), tm[0], 1 + t, 1 + t,
                   info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")})
