@@ -1,4 +1,5 @@
-"""The embedded default DDPM shipped in the package: its size, config, hashes, and a seeded generation."""
+"""The embedded default models shipped in the package (the sprite DDPM and its amortized TDPM generator):
+their size, config, hashes, and seeded generation without --model."""
 
 from __future__ import annotations
 
@@ -61,6 +62,29 @@ def test_generate_without_model_uses_the_embedded_default(tmp_path: Path, capsys
     assert [x.shape for x in a] == [(32, 32, 3)] * 2
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded: the same images twice
     assert not np.array_equal(a[0], a[1])  # and image i depends on seed i
+
+
+def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    from tdpm_dip.generator import _ddpm_fingerprint, load_generator
+
+    path = embedded.default_generator()
+    assert path is not None and embedded.resolve_generator(None, None) == str(path)
+    assert embedded.resolve_generator("some/model", None) is None  # a user's --model never gets it
+    unet, scheduler = load_ddpm(embedded.default_ddpm())
+    gen = load_generator(path, unet, scheduler)
+    assert gen.info["ddpm_fingerprint"] == _ddpm_fingerprint(unet, scheduler)  # trained on these very weights
+    assert (gen.t_trunc, gen.w_dim, gen.z_shape) == (10, 64, (3, 32, 32))
+    assert next(gen.unet.parameters()).dtype == torch.float32  # fp16 on disk, upcast on load
+    # No --model, --method or --generator: amortized TDPM with the shipped pair, 1 + 10 calls, seeded.
+    outs = []
+    for name in ("a", "b"):
+        code, _, err = run(["generate", "--n", "2", "--seed", "3", "--device", "cpu", "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        res = json.loads((tmp_path / name / "result.json").read_text())
+        assert (res["method"], res["nfe"], res["generator"]) == ("tdpm", 11, str(path)), res
+        outs.append([np.asarray(Image.open(p)) for p in sorted((tmp_path / name / "images").glob("*.png"))])
+    assert all(np.array_equal(x, y) for x, y in zip(*outs)) and not np.array_equal(outs[0][0], outs[0][1])
 
 
 def test_missing_embedded_model_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -193,3 +193,18 @@ def test_init_starts_from_another_generator(ddpm16: Path, sprite_dir_factory, tm
     with pytest.raises(UserError, match="not a generator folder"):
         train_generator(_cfg(ddpm16, data, tmp_path / "bad", "gan", init=str(ddpm16)), progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_generator_writes_an_fp16_copy_without_local_paths(ddpm16: Path, gan_run: Path, tmp_path: Path) -> None:
+    from tdpm_dip.embedded import export_generator
+
+    dest = export_generator(gan_run, tmp_path / "shipped")
+    header = load_file(dest / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in header.values()} == {torch.float16}
+    meta, src_meta = (json.loads((d / "generator.json").read_text()) for d in (dest, gan_run))
+    assert meta["data"] == Path(src_meta["data"]).name and "/" not in meta["data"]
+    assert {k: v for k, v in meta.items() if k != "data"} == {k: v for k, v in src_meta.items() if k != "data"}
+    unet, sched = load_ddpm(ddpm16)
+    a, b = load_generator(gan_run, unet, sched), load_generator(dest, unet, sched)
+    z, w = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, a.w_dim)
+    assert (a(z, w) - b(z, w)).abs().max() < 1e-2  # fp16 weights, same network

@@ -138,6 +138,12 @@ def test_fid_path_with_a_small_extractor_and_cached_reference(tmp_path) -> None:
     assert abs(same) < 1e-6 and far > 0 and noisy > 0
     with pytest.raises(ValueError):
         M.extract_features(ref, lambda x: torch.zeros(3))
+    # Features extracted once serve FID and KID alike, with the same values and no further extraction.
+    feats = M.extract_features(other, ext)
+    calls = ext.calls
+    assert M.fid(other, ref, ext, tmp_path, features=feats) == pytest.approx(far)
+    kid_once = M.kid(other, ref, ext, tmp_path, subset_size=10, features=feats)["kid"]
+    assert ext.calls == calls and kid_once == pytest.approx(M.kid(other, ref, ext, tmp_path, subset_size=10)["kid"])
 
 
 def test_inception_extractor_without_the_extra_says_what_to_install(monkeypatch) -> None:

@@ -110,7 +110,10 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    gmethod = gr.Dropdown([(method_label(m), m.name) for m in gen], value=gen[0].name,
+                    # With a generator loaded (the shipped one by default), amortized TDPM is the best and
+                    # cheapest first choice; without one it would only fail.
+                    first = "tdpm" if models.generator and any(m.name == "tdpm" for m in gen) else gen[0].name
+                    gmethod = gr.Dropdown([(method_label(m), m.name) for m in gen], value=first,
                                           label="method", elem_id="generate-method",
                                           info="NFE: network calls per image")
                     n = gr.Slider(1, MAX_N, value=4, step=1, label="n (images)", elem_id="generate-n")

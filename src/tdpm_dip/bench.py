@@ -28,7 +28,7 @@ import torch
 
 from .dip import DIPConfig, dip_defaults
 from .errors import UserError
-from .metrics import copy_rate, data_hash, device_name, fid, kid, swd
+from .metrics import copy_rate, data_hash, device_name, extract_features, fid, kid, swd
 from .models import unet_size
 from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
 from .reporting import comparison_figure, cost_figure, curves_figure, result_row
@@ -416,13 +416,15 @@ class _GenMetrics:
         out: dict = {}
         if self.extractor is not None:
             n = images.shape[0]
+            feats = extract_features(images, self.extractor)  # once, for FID and KID
             try:
-                out[f"FID@{n}"] = fid(images, ref, self.extractor, self.b.cache)
+                out[f"FID@{n}"] = fid(images, ref, self.extractor, self.b.cache, features=feats)
             except ValueError as e:
                 out[f"FID@{n}"] = None
                 self.fid_note = f"FID not computed for some rows ({e}); more images are needed"
             try:
-                out[f"KID@{n}"] = kid(images, ref, self.extractor, self.b.cache, seed=self.b.s.seed)["kid"]
+                out[f"KID@{n}"] = kid(images, ref, self.extractor, self.b.cache, seed=self.b.s.seed,
+                                      features=feats)["kid"]
             except ValueError:
                 out[f"KID@{n}"] = None
         s = swd(images, ref, seed=0)

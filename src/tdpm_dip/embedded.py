@@ -14,6 +14,7 @@ import hashlib
 import shutil
 import tempfile
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -29,6 +30,9 @@ EXPECTED_SHA256: dict[str, str] = {
     "ddpm-sprites32/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
     "ddpm-sprites32/unet/config.json": "045565416c4af5a6aec5f154a5a275ad504bcf2ae89c67e004b9a13212edc399",
     "ddpm-sprites32/unet/diffusion_pytorch_model.safetensors": "2de51973bbbd0ec76c6524d6a9ccf2cf1b5023acbb7aef1b2c390a4cc507323a",
+    "tdpm-generator-sprites32/config.json": "e421566dba1cf10cb994fae6e348c56890d99f8ec4a80a10cbf797b2322dc201",
+    "tdpm-generator-sprites32/diffusion_pytorch_model.safetensors": "8b283060e1afa124d5c9bcd8825c7f2df9b8d92767407e6019a16b27bfdd8858",
+    "tdpm-generator-sprites32/generator.json": "9d5bf76d0ef5b2777865f41d13bcfc3c395601db98094b932f68fa68476658e5",
 }
 
 
@@ -88,10 +92,14 @@ def export_ddpm(src: str | Path, dest: Path | None = None) -> Path:
     fp16 weights: half the bytes, and loading upcasts them to the dtype the caller asks for."""
     from .models import load_ddpm, save_ddpm
 
-    dest = dest or weights_dir() / DDPM_NAME
     unet, scheduler = load_ddpm(src)
+    return _replace_folder(dest or weights_dir() / DDPM_NAME, lambda tmp: save_ddpm(unet.half(), scheduler, tmp))
+
+
+def _replace_folder(dest: Path, write: Callable[[Path], object]) -> Path:
+    """Fill a temporary folder with `write`, then put it in place of `dest`."""
     with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
-        save_ddpm(unet.half(), scheduler, tmp)
+        write(Path(tmp))
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(tmp, dest)
@@ -108,18 +116,14 @@ def export_generator(src: str | Path, dest: Path | None = None) -> Path:
 
     from .generator import GENERATOR_JSON, load_generator
 
-    dest = dest or weights_dir() / GENERATOR_NAME
     gen = load_generator(src)
     info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
-    with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+
+    def write(tmp: Path) -> None:
         gen.unet.half().save_pretrained(tmp, safe_serialization=True)
-        (Path(tmp) / GENERATOR_JSON).write_text(json.dumps(info, indent=1) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(tmp, dest)
-    for p in [dest, *dest.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dest
+        (tmp / GENERATOR_JSON).write_text(json.dumps(info, indent=1) + "\n")
+
+    return _replace_folder(dest or weights_dir() / GENERATOR_NAME, write)
 
 
 def _main(argv: list[str] | None = None) -> None:

@@ -302,10 +302,12 @@ def fid_reference_stats(images: torch.Tensor, extractor: "Callable[[torch.Tensor
 
 
 def fid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
-        cache_dir: "str | os.PathLike | None" = None) -> float:
-    """FID between generated [-1, 1] images and a reference set (whose statistics are cached)."""
+        cache_dir: "str | os.PathLike | None" = None, features: np.ndarray | None = None) -> float:
+    """FID between generated [-1, 1] images and a reference set (whose statistics are cached);
+    `features`: the images' `extract_features`, when the caller already has them (FID and KID of one set
+    need them once)."""
     mu_r, s_r = fid_reference_stats(reference, extractor, cache_dir)
-    mu_g, s_g = feature_stats(extract_features(images, extractor))
+    mu_g, s_g = feature_stats(extract_features(images, extractor) if features is None else features)
     return frechet_distance(mu_g, s_g, mu_r, s_r)
 
 
@@ -340,10 +342,11 @@ def kid_from_features(x: np.ndarray, y: np.ndarray, subsets: int = 100, subset_s
 
 def kid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
         cache_dir: "str | os.PathLike | None" = None, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> dict[str, float]:
-    """KID between generated [-1, 1] images and a reference set (whose features are cached)."""
-    return kid_from_features(extract_features(images, extractor), reference_features(reference, extractor, cache_dir),
-                             subsets, subset_size, seed)
+        seed: int = 0, features: np.ndarray | None = None) -> dict[str, float]:
+    """KID between generated [-1, 1] images and a reference set (whose features are cached); `features`
+    as in `fid`."""
+    x = extract_features(images, extractor) if features is None else features
+    return kid_from_features(x, reference_features(reference, extractor, cache_dir), subsets, subset_size, seed)
 
 
 # ------------------------------------------------------------------------------------- SWD
