@@ -225,7 +225,7 @@ def _train_generator_command() -> click.Command:
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--method", type=click.Choice(method_names("generate")), default=None,
               help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm: G_psi(z) + T_trunc steps (new "
-                   "images; needs --generator); tdpm-dip: DIP + T_trunc steps (paper protocol: reconstructs "
+                   "images; needs --generator, except with --model omitted: the shipped one); tdpm-dip: DIP + T_trunc steps (paper protocol: reconstructs "
                    "--reference-data images). Default: tdpm when a generator is given (or shipped with the "
                    "embedded default model), else ddim.")
 @click.option("--generator", default=None,
@@ -255,6 +255,7 @@ def generate(model: str | None, method: str | None, generator: str | None, n: in
     reconstructs the reference images; the copy-rate in `tdpm-dip bench table1` measures that.
     \b
     Examples:
+      tdpm-dip generate --n 16 --out gen       # the shipped DDPM and generator: amortized TDPM, 11 NFE
       tdpm-dip generate --model M --method ddim --n 16 --out gen_ddim
       tdpm-dip generate --model M --method tdpm --generator RUN/generator --n 16 --out gen_tdpm
       tdpm-dip generate --model M --method tdpm-dip --n 8 --reference-data DIR --out gen_tdpm
