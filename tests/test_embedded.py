@@ -33,6 +33,11 @@ def test_weights_are_within_budget_and_unchanged() -> None:
     assert set(files) == set(embedded.EXPECTED_SHA256)
     for name, path in files.items():
         assert embedded.sha256(path) == embedded.EXPECTED_SHA256[name], f"{name} changed"
+    # No shipped text names a folder of the machine that exported it (diffusers' _name_or_path, say).
+    for name, path in files.items():
+        if name.endswith(".json"):
+            text = path.read_text()
+            assert "/work/" not in text and "/home/" not in text and "../shared" not in text, name
     weights = [p for name, p in files.items() if name.endswith(".safetensors")]
     assert weights and all(_safetensors_dtypes(p) == {"F16"} for p in weights)
 

@@ -204,6 +204,7 @@ def test_export_generator_writes_an_fp16_copy_without_local_paths(ddpm16: Path, 
     meta, src_meta = (json.loads((d / "generator.json").read_text()) for d in (dest, gan_run))
     assert meta["data"] == Path(src_meta["data"]).name and "/" not in meta["data"]
     assert {k: v for k, v in meta.items() if k != "data"} == {k: v for k, v in src_meta.items() if k != "data"}
+    assert json.loads((dest / "config.json").read_text())["_name_or_path"] == "shipped"  # not this machine's path
     unet, sched = load_ddpm(ddpm16)
     a, b = load_generator(gan_run, unet, sched), load_generator(dest, unet, sched)
     z, w = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, a.w_dim)

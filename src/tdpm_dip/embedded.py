@@ -28,9 +28,9 @@ BUDGET_BYTES = 10 * 1024 * 1024  # everything under weights/ together (issue: <=
 EXPECTED_SHA256: dict[str, str] = {
     "ddpm-sprites32/model_index.json": "7e17ddab859d83b3fae2b4ee01b86cf154c2195d228c10b75a3b1eca0c6c0d47",
     "ddpm-sprites32/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
-    "ddpm-sprites32/unet/config.json": "045565416c4af5a6aec5f154a5a275ad504bcf2ae89c67e004b9a13212edc399",
+    "ddpm-sprites32/unet/config.json": "b009c85e9410c2cb8c9a65af1ec2947b872a432b0b2f0f7ee9dedc7c2df5af2d",
     "ddpm-sprites32/unet/diffusion_pytorch_model.safetensors": "2de51973bbbd0ec76c6524d6a9ccf2cf1b5023acbb7aef1b2c390a4cc507323a",
-    "tdpm-generator-sprites32/config.json": "e421566dba1cf10cb994fae6e348c56890d99f8ec4a80a10cbf797b2322dc201",
+    "tdpm-generator-sprites32/config.json": "6af65b37374cebf6eb17504c12efee734dc7bcc2e096a9bceb5b79264d499d5c",
     "tdpm-generator-sprites32/diffusion_pytorch_model.safetensors": "8b283060e1afa124d5c9bcd8825c7f2df9b8d92767407e6019a16b27bfdd8858",
     "tdpm-generator-sprites32/generator.json": "9d5bf76d0ef5b2777865f41d13bcfc3c395601db98094b932f68fa68476658e5",
 }
@@ -93,7 +93,15 @@ def export_ddpm(src: str | Path, dest: Path | None = None) -> Path:
     from .models import load_ddpm, save_ddpm
 
     unet, scheduler = load_ddpm(src)
-    return _replace_folder(dest or weights_dir() / DDPM_NAME, lambda tmp: save_ddpm(unet.half(), scheduler, tmp))
+    dest = dest or weights_dir() / DDPM_NAME
+    _name_as_shipped(unet, f"{dest.name}/unet")
+    return _replace_folder(dest, lambda tmp: save_ddpm(unet.half(), scheduler, tmp))
+
+
+def _name_as_shipped(model: object, name: str) -> None:
+    """diffusers writes the folder a model was loaded from into its config.json (`_name_or_path`); a shipped
+    copy names its place in the package instead of the path on the machine that exported it."""
+    model.register_to_config(_name_or_path=name)  # type: ignore[attr-defined]
 
 
 def _replace_folder(dest: Path, write: Callable[[Path], object]) -> Path:
@@ -118,12 +126,14 @@ def export_generator(src: str | Path, dest: Path | None = None) -> Path:
 
     gen = load_generator(src)
     info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
+    dest = dest or weights_dir() / GENERATOR_NAME
+    _name_as_shipped(gen.unet, dest.name)
 
     def write(tmp: Path) -> None:
         gen.unet.half().save_pretrained(tmp, safe_serialization=True)
         (tmp / GENERATOR_JSON).write_text(json.dumps(info, indent=1) + "\n")
 
-    return _replace_folder(dest or weights_dir() / GENERATOR_NAME, write)
+    return _replace_folder(dest, write)
 
 
 def _main(argv: list[str] | None = None) -> None:
