@@ -7,7 +7,7 @@ extra), SWD, diversity (mean pairwise RMS distance: a collapsed generator scores
 NN-PSNR to the training sprites, NFE and s/img. Writes OUT/results.json and
 OUT/results.md, and prints the table.
 
-    OMP_NUM_THREADS=1 python benchmarks/tdpm_generator.py --model /work/sprite-ddpm/final \\
+    OMP_NUM_THREADS=1 python benchmarks/tdpm_generator.py --model src/tdpm_dip/weights/ddpm-sprites32 \\
         --train-seed 0 --train-images 4096 --t-trunc 10 --steps 2000 --n 256 --out runs/tdpm-gen
 
 Generators trained elsewhere (`tdpm-dip train-generator`) join with --generator RUN/generator (repeatable):

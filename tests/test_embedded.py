@@ -71,14 +71,15 @@ def test_generate_without_model_uses_the_embedded_default(tmp_path: Path, capsys
 
 def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(tmp_path: Path,
                                                                               capsys: pytest.CaptureFixture) -> None:
-    from tdpm_dip.generator import _ddpm_fingerprint, load_generator
+    from tdpm_dip.generator import load_generator
+    from tdpm_dip.models import ddpm_fingerprint
 
     path = embedded.default_generator()
     assert path is not None and embedded.resolve_generator(None, None) == str(path)
     assert embedded.resolve_generator("some/model", None) is None  # a user's --model never gets it
     unet, scheduler = load_ddpm(embedded.default_ddpm())
     gen = load_generator(path, unet, scheduler)
-    assert gen.info["ddpm_fingerprint"] == _ddpm_fingerprint(unet, scheduler)  # trained on these very weights
+    assert gen.info["ddpm_fingerprint"] == ddpm_fingerprint(unet, scheduler)  # trained on these very weights
     assert (gen.t_trunc, gen.w_dim, gen.z_shape) == (10, 64, (3, 32, 32))
     assert next(gen.unet.parameters()).dtype == torch.float32  # fp16 on disk, upcast on load
     # No --model, --method or --generator: amortized TDPM with the shipped pair, 1 + 10 calls, seeded.

@@ -29,7 +29,7 @@ import torch
 from .dip import DIPConfig, dip_defaults
 from .errors import UserError
 from .metrics import copy_rate, data_hash, device_name, extract_features, fid, kid, swd
-from .models import unet_size
+from .models import ddpm_fingerprint, unet_size
 from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
 from .reporting import comparison_figure, cost_figure, curves_figure, result_row
 from .registry import Job, installed, methods
@@ -184,15 +184,6 @@ def fig3_specs(s: BenchSettings) -> list[RowSpec]:
 
 # ------------------------------------------------------------------------------------------ running
 
-def model_fingerprint(ctx: Context) -> str:
-    """Hash of the DDPM's weights and scheduler configuration."""
-    h = hashlib.sha1(json.dumps(dict(ctx.scheduler.config), sort_keys=True, default=str).encode())
-    for k, v in sorted(ctx.unet.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _json_safe(d: dict) -> dict:
     out = {}
     for k, v in d.items():
@@ -235,7 +226,7 @@ class Bench:
                 raise UserError(f"this table needs --model-{slot}" if slot != "linear" else "--model is required")
             self._ctx[slot] = self._load_context(slot)
             self._ctx[slot].dip_memo = self._dip_memo  # one blind DIP fit serves every model's rows
-            self._fp[slot] = model_fingerprint(self._ctx[slot])
+            self._fp[slot] = ddpm_fingerprint(self._ctx[slot].unet, self._ctx[slot].scheduler)
         return self._ctx[slot]
 
     def generator(self, path: str):  # noqa: ANN201 - (generator.Generator, fingerprint)

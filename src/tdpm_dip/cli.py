@@ -225,9 +225,9 @@ def _train_generator_command() -> click.Command:
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--method", type=click.Choice(method_names("generate")), default=None,
               help="ddpm: 1000 ancestral steps; ddim: --ddim-steps steps; tdpm: G_psi(z) + T_trunc steps (new "
-                   "images; needs --generator, except with --model omitted: the shipped one); tdpm-dip: DIP + T_trunc steps (paper protocol: reconstructs "
-                   "--reference-data images). Default: tdpm when a generator is given (or shipped with the "
-                   "embedded default model), else ddim.")
+                   "images; needs --generator, except with --model omitted: the shipped one); tdpm-dip: DIP + "
+                   "T_trunc steps (paper protocol: reconstructs --reference-data images). Default: tdpm when a "
+                   "generator is given (or shipped with the embedded default model), else ddim.")
 @click.option("--generator", default=None,
               help="tdpm: a generator folder made by `tdpm-dip train-generator` (RUN/generator) for this DDPM. "
                    "Default with --model omitted: the embedded default generator, when this build ships one.")

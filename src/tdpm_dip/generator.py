@@ -41,7 +41,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from .config import PRESETS, get_preset
 from .errors import UserError
-from .models import unet_size
+from .models import ddpm_fingerprint, unet_size
 from .noise import image_generators, num_levels, q_sample, randn
 
 GENERATOR_JSON = "generator.json"
@@ -314,16 +314,6 @@ def _pairs_key(cfg: GeneratorConfig, ddpm_fp: str, w_dim: int) -> str:
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
-def _ddpm_fingerprint(unet: UNet2DModel, scheduler: DDPMScheduler) -> str:
-    import hashlib
-
-    h = hashlib.sha1(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
-    for k, v in sorted(unet.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2DModel, scheduler: DDPMScheduler,
                         device: torch.device, amp_dtype: torch.dtype | None, progress: bool, w_dim: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -332,7 +322,7 @@ def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2
 
     from .outputs import atomic_path
 
-    key = _pairs_key(cfg, _ddpm_fingerprint(ddpm, scheduler), w_dim)
+    key = _pairs_key(cfg, ddpm_fingerprint(ddpm, scheduler), w_dim)
     path = out / "pairs.safetensors"
     if path.is_file():
         try:
@@ -462,7 +452,7 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack): 
 def _init_from(gen: UNet2DModel, cfg: GeneratorConfig, ddpm: UNet2DModel, scheduler: DDPMScheduler) -> None:
     """Copy the weights of the generator folder --init into the freshly built G_psi (one-line errors)."""
     start = load_generator(cfg.init, ddpm, scheduler)  # type: ignore[arg-type]
-    if start.info.get("ddpm_fingerprint") not in (None, _ddpm_fingerprint(ddpm, scheduler)):
+    if start.info.get("ddpm_fingerprint") not in (None, ddpm_fingerprint(ddpm, scheduler)):
         raise UserError(f"--init {cfg.init}: that generator was trained for another DDPM")
     try:
         gen.load_state_dict(start.unet.state_dict())
@@ -584,7 +574,7 @@ def _export(run, state: _GenState) -> Path:  # noqa: ANN001
                 "format": FORMAT, "t_trunc": cfg.t_trunc, "z_shape": [3, size, size], "w_dim": state.w_dim,
                 "objective": cfg.objective,
                 "ddpm": Path(cfg.model).name or str(cfg.model),
-                "ddpm_fingerprint": _ddpm_fingerprint(state.ddpm, run.scheduler), "image_size": size,
+                "ddpm_fingerprint": ddpm_fingerprint(state.ddpm, run.scheduler), "image_size": size,
                 "schedule": run.scheduler.config.beta_schedule, "preset": cfg.preset, "steps": cfg.steps,
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "data": cfg.data if cfg.objective == "gan" else None,
                 "init": cfg.init,

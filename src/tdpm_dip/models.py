@@ -33,6 +33,18 @@ def unet_size(config: Mapping) -> int:
     return int(s[0] if isinstance(s, (tuple, list)) else s)
 
 
+def ddpm_fingerprint(unet: UNet2DModel, scheduler: DDPMScheduler) -> str:
+    """Hash of a DDPM's weights (as fp32) and scheduler configuration: keys bench rows and distillation
+    pairs, and ties a generator to the DDPM it was trained for."""
+    import hashlib
+
+    h = hashlib.sha1(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
+    for k, v in sorted(unet.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
