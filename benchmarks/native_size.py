@@ -2,7 +2,7 @@
 
 For each size S, the test images are resized (Lanczos, aspect kept, longer side S; not padded, so most
 are not square), noised as 8-bit files (sigma on 0..255, rounded, clipped), and denoised two ways:
-  native  `tasks.run_native`: the networks run at the image's size (reflect-padded to their multiple);
+  native  `methods.run_native`: the networks run at the image's size (reflect-padded to their multiple);
   resize  what `denoise` did before: pad to a square, resize to the model's size, denoise, resize back.
 PSNR/SSIM are against the clean image at size S.
 
@@ -20,12 +20,11 @@ import torch
 from PIL import Image
 
 from tdpm_dip.data import list_images, pil_to_tensor, to_rgb
-from tdpm_dip.dip import dip_defaults
+from tdpm_dip.methods import Context, Job, run_native
+from tdpm_dip.methods.observe import add_noise
 from tdpm_dip.metrics import psnr, ssim
-from tdpm_dip.models import load_ddpm
 from tdpm_dip.outputs import markdown_table
-from tdpm_dip.registry import Job
-from tdpm_dip.tasks import Context, add_noise, run_native
+from tdpm_dip.runtime import load_context
 
 
 def resized(path: str, side: int) -> torch.Tensor:
@@ -62,9 +61,9 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=25.0)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    unet, sched = load_ddpm(args.model)
-    ctx = Context(unet, sched, dip_defaults("blind", "dip-small"), batch_size=1,
-                  dip_plugin=dip_defaults("plugin", "dip-small"))
+    # On the CPU in fp32, one image at a time, with the blind DIP settings of dip-small (and its plug-in DIP).
+    ctx, _ = load_context(args.model, device="cpu", dtype="fp32", batch_size=1, dip_use="blind",
+                          dip_preset="dip-small", progress=False)
     files = list_images(args.data)[: args.n]
     rows = []
     for side in (int(s) for s in args.sizes.split(",")):

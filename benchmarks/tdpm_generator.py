@@ -22,6 +22,7 @@ holds them (delete OUT to start over).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -31,12 +32,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tdpm_dip import metrics as M
+from tdpm_dip import registry
 from tdpm_dip.data import make_sprites
-from tdpm_dip.generator import GeneratorConfig, load_generator, train_generator
-from tdpm_dip.models import load_ddpm
-from tdpm_dip.outputs import markdown_table, save_grid, save_png, write_json, write_text
+from tdpm_dip.generator import load_generator
+from tdpm_dip.images import save_grid, save_png
+from tdpm_dip.methods import Context, Job, run
+from tdpm_dip.outputs import markdown_table, write_json, write_text
 from tdpm_dip.reporting import labelled_comparison
-from tdpm_dip.tasks import Context, generate
+from tdpm_dip.runtime import load_context
+from tdpm_dip.training.generator import train_generator
+from tdpm_dip.training.options import GeneratorConfig
 
 
 def _run_cost(export: Path) -> dict:
@@ -71,6 +76,12 @@ def _train(args: argparse.Namespace, objective: str, data_dir: Path) -> tuple[Pa
     return export, cost
 
 
+def _context(model: Path | str) -> Context:
+    """A DDPM's Context as this benchmark times it: the CPU, fp32, 64 images at once, with progress bars."""
+    ctx, _ = load_context(str(model), device="cpu", dtype="fp32", batch_size=64, progress=True)
+    return ctx
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="the sprite DDPM (diffusers folder)")
@@ -96,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    unet, sched = load_ddpm(args.model)
-    size = int(unet.config.sample_size)
+    base = _context(args.model)
+    size = int(base.unet.config.sample_size)
     train = make_sprites(args.train_images, size, seed=args.train_seed).images
     held = make_sprites(args.n, size, seed=args.heldout_seed).images
     data_dir = args.out / "train-sprites"
@@ -137,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             rec = load_file(cache)
             images, seconds = rec["images"], float(rec["seconds"])
         else:
-            net, sch = load_ddpm(model_path) if model_path else (unet, sched)
-            gen = load_generator(gen_path, net, sch) if gen_path else None
-            ctx = Context(net, sch, batch_size=64, progress=True, generator=gen)
-            res = generate(ctx, method, seeds, **kw)
+            ctx = _context(model_path) if model_path else base
+            gen = load_generator(gen_path, ctx.unet, ctx.scheduler) if gen_path else None
+            ctx = dataclasses.replace(ctx, generator=gen)
+            protocol = registry.find("generate", method).protocol
+            res = run(ctx, "generate", protocol, method, Job(tuple(seeds), **kw))
             images, seconds = res.images, res.seconds
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))

@@ -1,6 +1,6 @@
 """Training throughput of Algorithm 1: images/s, model TFLOP/s and peak memory for one preset.
 
-Times the same step as `tdpm_dip.train` (draws, add_noise, eps-MSE, backward, clipping, AdamW, EMA)
+Times the same step as `tdpm_dip.training.ddpm` (draws, add_noise, eps-MSE, backward, clipping, AdamW, EMA)
 on synthetic data, without data loading, logging or checkpoints:
 
     python benchmarks/train_throughput.py --preset small --batch-size 32 --steps 20 --warmup 3 --device auto
@@ -22,7 +22,8 @@ from tdpm_dip.config import PRESETS
 from tdpm_dip.devices import synchronize, timer
 from tdpm_dip.models import build_unet, count_params
 from tdpm_dip.noise import make_scheduler
-from tdpm_dip.train import EMA, diffusion_loss, resolve_mixed_precision, step_draws
+from tdpm_dip.training.ddpm import diffusion_loss, step_draws
+from tdpm_dip.training.loop import EMA, resolve_mixed_precision
 
 
 def count_step_flops(unet: torch.nn.Module, scheduler, size: int, device: torch.device,  # noqa: ANN001
@@ -63,7 +64,7 @@ def main() -> None:
         "no" if args.mixed_precision == "auto" else args.mixed_precision)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
+        torch.backends.cuda.matmul.allow_tf32 = True  # as training/ddpm.py does
         torch.backends.cudnn.allow_tf32 = True
 
     def amp() -> contextlib.AbstractContextManager:

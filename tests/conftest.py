@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tdpm_dip.data import make_sprites  # noqa: E402
-from tdpm_dip.outputs import save_png  # noqa: E402
+from tdpm_dip.images import save_png  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -12,7 +12,6 @@ usage: shard_worker.py GUARDED_DIR COMMANDS_JSON LOG_DIR
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -54,26 +53,33 @@ def no_writes(event: str, args: tuple) -> None:
 if RANK != 0:
     sys.addaudithook(no_writes)
 
-from tdpm_dip import tasks  # noqa: E402
+from tdpm_dip import registry  # noqa: E402
 from tdpm_dip.cli import main  # noqa: E402
 
-_get = tasks.get
+_get = registry.get
 
 
-def spy_get(task: str, protocol: str, name: str):  # noqa: ANN201 - registry.Method
-    """The registry entry, with its run logging which images this process was given."""
-    m = _get(task, protocol, name)
+class Spy:
+    """A registry entry whose function logs which images this process was given."""
 
-    def run(ctx, job):  # noqa: ANN001, ANN202
-        LOG.write(json.dumps({"command": COMMAND, "method": f"{task}/{protocol}/{name}", "seeds": list(job.seeds)})
-                  + "\n")
-        LOG.flush()
-        return m.run(ctx, job)
+    def __init__(self, task: str, protocol: str, name: str) -> None:
+        self.m, self.key = _get(task, protocol, name), f"{task}/{protocol}/{name}"
 
-    return dataclasses.replace(m, run=run)
+    def __getattr__(self, attr: str):  # noqa: ANN204 - the entry's other fields
+        return getattr(self.m, attr)
+
+    def load(self):  # noqa: ANN201
+        fn = self.m.load()
+
+        def run(ctx, job):  # noqa: ANN001, ANN202
+            LOG.write(json.dumps({"command": COMMAND, "method": self.key, "seeds": list(job.seeds)}) + "\n")
+            LOG.flush()
+            return fn(ctx, job)
+
+        return run
 
 
-tasks.get = spy_get
+registry.get = Spy
 for COMMAND, argv in enumerate(json.loads(sys.argv[2])):
     main(argv)
 LOG.close()

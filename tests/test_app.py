@@ -18,8 +18,8 @@ from tdpm_dip.data import make_sprites
 from tdpm_dip.errors import UserError
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
-from tdpm_dip.outputs import make_grid
-from tdpm_dip.tasks import Result
+from tdpm_dip.images import make_grid
+from tdpm_dip.methods import Result
 
 SIZE = 16
 
@@ -128,20 +128,23 @@ def test_generate_grid_is_seeded(models: AppModels) -> None:
         generate_handler(models, "tdpm-dip", n=1)
 
 
+SEEN: dict = {}
+
+
+def fake_generator(ctx, job):  # noqa: ANN001, ANN201 - a registry method defined outside the package
+    SEEN["t_trunc"] = job.t_trunc
+    return Result("fake-tdpm", "unconditional", torch.zeros(len(job.seeds), 3, SIZE, SIZE), 0.0, 11, 11)
+
+
 def test_a_newly_registered_generator_appears(models: AppModels, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Generate tab reads the registry: a 'noise' generator added elsewhere (the amortized `tdpm`
-    of issue 10) is listed and receives T_trunc, without a change to the app."""
-    seen = {}
-
-    def fake(ctx, job):  # noqa: ANN001, ANN202
-        seen["t_trunc"] = job.t_trunc
-        return Result("fake-tdpm", "noise", torch.zeros(len(job.seeds), 3, SIZE, SIZE), 0.0, 11, 11)
-
-    m = registry.Method("fake-tdpm", "generate", ("noise",), fake, "test entry", "1 + T_trunc")
-    monkeypatch.setitem(registry._REGISTRY, ("generate", "noise", "fake-tdpm"), m)
+    """The Generate tab reads the registry: a generator registered from outside the package is listed and
+    receives T_trunc, without a change to the app."""
+    monkeypatch.setattr(registry, "METHODS", list(registry.METHODS))
+    registry.register(registry.Method("fake-tdpm", "generate", "unconditional", f"{__name__}:fake_generator",
+                                      "test entry", "1 + T_trunc"))
     assert "fake-tdpm" in [x.name for x in generate_methods()]
     g = generate_handler(models, "fake-tdpm", n=2, seed=0, t_trunc=10)
-    assert seen["t_trunc"] == 10 and g.info["nfe"] == 11
+    assert SEEN["t_trunc"] == 10 and g.info["nfe"] == 11
 
 
 def test_examples_are_noisy_sprites(tmp_path: Path) -> None:
@@ -169,7 +172,8 @@ def test_space_requirements_match_the_package() -> None:
 
 def test_a_generator_makes_tdpm_available(tmp_path: Path) -> None:
     """`tdpm-dip app --generator G`: the Generate tab's tdpm runs G_psi(z) + T_trunc steps (1 + T_trunc NFE)."""
-    from tdpm_dip.generator import GeneratorConfig, train_generator
+    from tdpm_dip.training.generator import train_generator
+    from tdpm_dip.training.options import GeneratorConfig
 
     ddpm = tmp_path / "ddpm"
     save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), ddpm)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tdpm_dip import bench as bench_mod
+from tdpm_dip.workflows import bench as bench_mod
 from tdpm_dip import registry
 from tdpm_dip.dip import DIPConfig
 from tdpm_dip.cli import main
@@ -123,7 +124,7 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     res = json.loads((run / "table1.json").read_text())
     rows = res["rows"]
     assert [r["method"] for r in rows] == ["ddim", "ddim", "ddim", "tdpm-dip"]
-    assert [r["protocol"] for r in rows] == ["noise", "noise", "noise", "paper"]
+    assert [r["protocol"] for r in rows] == ["unconditional", "unconditional", "unconditional", "paper"]
     assert [r["reverse steps"] for r in rows] == [4, 11, 50, 13]   # shrunk DDPM; DDIM at 1 + T_trunc and 50 NFE
     assert all(math.isfinite(r["SWD x1e3"]) and 0 <= r["copy-rate"] <= 1 for r in rows)
     assert rows[0]["report FID@1k"] == 69.05 and rows[3]["report FID@1k"] == 20.12
@@ -140,7 +141,7 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     for row in rows:
         rec = next(r for r in cached if r["metrics"]["method"] == row["method"]
                    and r["metrics"]["reverse steps"] == row["reverse steps"])
-        images = torch.load(run / "cache" / f"{rec['key']}.pt", weights_only=True)["images"]
+        images = load_file(run / "cache" / f"{rec['key']}.safetensors")["images"]
         cr = copy_rate(images, ref)
         assert row["copy-rate"] == pytest.approx(cr["rate"])
         assert row["nearest PSNR"] == pytest.approx(sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"]), abs=1e-3)
@@ -148,8 +149,8 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     assert len({round(r["SWD x1e3"], 6) for r in rows}) > 1  # rows differ: not one number copied across
 
     # FID through the Python API with an injected extractor: every row is cached, only metrics are computed.
-    from tdpm_dip.bench import Bench, BenchSettings, run_bench
-    from tdpm_dip.cli import dip_config, load_context
+    from tdpm_dip.workflows.bench import Bench, BenchSettings, run_bench
+    from tdpm_dip.runtime import dip_config, load_context
     from tdpm_dip.data import load_images
     from tdpm_dip.metrics import TorchExtractor
 
@@ -157,7 +158,7 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     cfg = dip_config("paper", "dip-tiny", 3, None)
     settings = BenchSettings(n=2, ddpm_steps=4, fig_images=2, fid=True, dip={"paper": cfg})
-    b = Bench(settings, lambda slot: load_context(str(tiny_model), "cpu", "fp32", 4, lambda d: cfg), str(data),
+    b = Bench(settings, lambda slot: load_context(str(tiny_model), "cpu", "fp32", 4, "paper", "dip-tiny", 3)[0], str(data),
               lambda size, n: load_images(data, size, limit=n).images, run, {"linear": str(tiny_model)},
               extractor=TorchExtractor(net, "one-channel-conv"))
     rows = run_bench(["table1"], b)["table1"]
@@ -200,7 +201,7 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
                                                                                           ("tdpm", 10, "g10")]
     assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
     blind = bench_mod.BenchSettings(protocol="blind")
-    installed = bench_mod._blind_method_names()
+    installed = [m.name for m in registry.methods("denoise", "blind", installed_only=True)]
     assert [sp.method for sp in bench_mod.table_specs("table2", blind)] == installed
     assert set(installed) >= set(registry.names("denoise", "blind")) - {"bm3d"}
     chosen = dataclasses.replace(blind, methods=("tweedie", "ddpm"))

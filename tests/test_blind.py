@@ -17,9 +17,12 @@ from tdpm_dip.dip import DIPConfig, dip_defaults
 from tdpm_dip.errors import UserError
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import abar, make_scheduler, sigma_to_level
-from tdpm_dip.registry import Job
-from tdpm_dip.tasks import (Context, add_noise, declip, denoise_blind, ensemble_tweedie, estimate_sigma,
-                            run_native, start_level, tweedie)
+from jobs import denoise_blind, denoise_paper
+from tdpm_dip.methods import Context, Job, run_native
+from tdpm_dip.methods.blind import ensemble_estimate as ensemble_tweedie
+from tdpm_dip.methods.blind import start_level
+from tdpm_dip.methods.blind import tweedie_estimate as tweedie
+from tdpm_dip.methods.observe import add_noise, declip, estimate_sigma
 
 SIZE = 16
 
@@ -27,7 +30,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def ctx() -> Context:
     cfg = DIPConfig(preset="dip-tiny", iters=3, lr=1e-3, input_noise=1.0, average=0.9)
-    from tdpm_dip.generator import Generator
+    from tdpm_dip.generator import TDPMGenerator as Generator
 
     # An untrained G_psi at T_trunc 2 (the T_trunc of _job_for), so amortized `tdpm` runs like every method.
     gen = Generator(build_unet("generator-small", seed=1, sample_size=SIZE).eval(), 2, (3, SIZE, SIZE), {}, "random")
@@ -263,18 +266,19 @@ def test_sigma_estimator_on_known_noise() -> None:
 
 def _job_for(m: registry.Method, x: torch.Tensor, seeds: tuple[int, ...]) -> Job:
     if m.task == "generate":
-        return Job(seeds, reference=x, t_trunc=2, steps=3)
+        return Job(seeds, reference=x, t_trunc=2, ddim_steps=3)
     return Job(seeds, clean=x, t_noisy=6, t_trunc=2)
 
 
-@pytest.mark.parametrize("task, protocol", [("denoise", "paper"), ("generate", "noise"), ("generate", "paper")])
+@pytest.mark.parametrize("task, protocol", [("denoise", "paper"), ("generate", "unconditional"),
+                                            ("generate", "paper")])
 def test_paper_and_generation_methods_depend_only_on_their_own_seed(ctx: Context, sprites: torch.Tensor,
                                                                     task: str, protocol: str) -> None:
     """Every paper-protocol and generation method of the registry: image i alone (batch size 1) equals
     image i among others (batch size 4), ancestral DDPM chains included (issue 15)."""
     import dataclasses
 
-    from tdpm_dip.tasks import run as run_method
+    from tdpm_dip.methods import run as run_method
 
     for m in registry.methods(task, protocol):
         full = run_method(ctx, task, protocol, m.name, _job_for(m, sprites, (3, 4, 5, 6))).images
@@ -290,17 +294,18 @@ def test_paper_dip_target_is_the_oracle_formula(ctx: Context, sprites: torch.Ten
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The paper protocol's DIP fits x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z with the clean x0 and the very
     z that is the DIP's input; the blind tdpm-dip's target has the same form with the ensemble estimate."""
-    from tdpm_dip import tasks
+    from tdpm_dip.methods import blind, common, paper
 
     seen = []
-    real = tasks._dip
+    real = common.fit
 
     def spy(c, target, z, seeds, reference, cfg=None):  # noqa: ANN001, ANN202
         seen.append((target.clone(), z.clone()))
         return real(c, target, z, seeds, reference, cfg)
 
-    monkeypatch.setattr(tasks, "_dip", spy)
-    tasks.denoise_paper(ctx, sprites[:2], "tdpm-dip", [0, 1], t_noisy=20, t_trunc=5)
+    monkeypatch.setattr(paper, "fit", spy)
+    monkeypatch.setattr(blind, "fit", spy)
+    denoise_paper(ctx, sprites[:2], "tdpm-dip", [0, 1], t_noisy=20, t_trunc=5)
     target, z = seen[-1]
     a = abar(ctx.scheduler, 5)
     assert torch.allclose(target, math.sqrt(a) * sprites[:2] + math.sqrt(1 - a) * z, atol=1e-6)

@@ -13,8 +13,10 @@ from tdpm_dip.errors import UserError
 from tdpm_dip.metrics import psnr
 from tdpm_dip.models import build_unet
 from tdpm_dip.noise import abar, chain_timesteps, image_generators, make_scheduler, q_sample, randn, sigma_to_level
-from tdpm_dip.sampling import ddim_chain, reverse_chain, tdpm_sample
-from tdpm_dip.tasks import Context, add_gaussian_noise, denoise_blind, denoise_paper, generate
+from tdpm_dip.sampling import EpsModel, ddim_chain, reverse_chain
+from jobs import denoise_blind, denoise_paper, generate
+from tdpm_dip.methods import Context
+from tdpm_dip.methods.observe import add_noise
 
 SIZE = 16
 
@@ -122,7 +124,7 @@ def test_reverse_chain_takes_exactly_t_steps_with_the_posterior_step() -> None:
     s = make_scheduler("linear")
     seen: list[int] = []
     x = randn((3, 8, 8), image_generators([0]))
-    out = reverse_chain(unet, s, x, 5, image_generators([1]), callback=seen.append)
+    out = reverse_chain(EpsModel(unet, s), x, 5, image_generators([1]), callback=seen.append)
     assert seen == [4, 3, 2, 1, 0] and out.shape == x.shape
     # One step by hand: the DDPM posterior mean through x0 (clipped) plus sigma_t z (Ho et al. Alg. 2).
     t = 3
@@ -143,7 +145,7 @@ def test_reverse_chain_takes_exactly_t_steps_with_the_posterior_step() -> None:
 def test_t_trunc_zero_returns_the_dip_output() -> None:
     unet = build_unet("tiny", seed=0, sample_size=8)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
-    assert torch.equal(tdpm_sample(unet, make_scheduler("linear"), x, 0, image_generators([0, 1])), x)
+    assert torch.equal(reverse_chain(EpsModel(unet, make_scheduler("linear")), x, 0, image_generators([0, 1])), x)
 
 
 def test_image_i_depends_only_on_seed_i() -> None:
@@ -157,7 +159,7 @@ def test_image_i_depends_only_on_seed_i() -> None:
     assert torch.allclose(a.images, b.images, atol=1e-5)
     assert torch.allclose(c.images[0], a.images[1], atol=1e-5)
     x_T = randn((3, 8, 8), image_generators([10]))
-    d = ddim_chain(unet, s, x_T, 4, image_generators([10]))
+    d = ddim_chain(EpsModel(unet, s), x_T, 4, image_generators([10]))
     assert d.shape == (1, 3, 8, 8)
 
 
@@ -171,13 +173,13 @@ def test_paper_protocol_dip_target_is_built_from_the_clean_image(sprites: torch.
     r0 = denoise_paper(ctx, sprites[:2], "tdpm-dip", seeds, t_noisy=20, t_trunc=0)
     rd = denoise_paper(ctx, sprites[:2], "dip", seeds, t_noisy=20)
     assert torch.allclose(r0.images, rd.images)  # T_trunc = 0 is the DIP row
-    assert r0.protocol == "paper" and r0.steps == 30
+    assert r0.protocol == "paper" and r0.reverse_steps == 30
     r5 = denoise_paper(ctx, sprites[:2], "tdpm-dip", seeds, t_noisy=20, t_trunc=5)
-    assert r5.steps == 35 and r5.info["t_trunc"] == 5
+    assert r5.reverse_steps == 35 and r5.info["t_trunc"] == 5
     # The DIP fitted the oracle target: its PSNR against the clean image rises while fitting.
     assert (r0.dip.psnr[-1] > r0.dip.psnr[0]).all()
     rd = denoise_paper(ctx, sprites[:2], "ddpm", seeds, t_noisy=20)
-    assert rd.steps == 20 and rd.inputs.shape == rd.images.shape
+    assert rd.reverse_steps == 20 and rd.inputs.shape == rd.images.shape
     with pytest.raises(UserError):
         denoise_paper(ctx, sprites[:2], "tdpm-dip", seeds, t_trunc=1000)
 
@@ -186,7 +188,7 @@ def test_blind_dip_and_tdpm_dip_raise_psnr_at_sigma_25(trained_tiny) -> None:
     unet, sched = trained_tiny
     clean = make_sprites(2, 32, seed=3).images
     seeds = [0, 1]
-    noisy = add_gaussian_noise(clean, 25, seeds)
+    noisy = add_noise(clean, 25, seeds, "float")
     base = float(psnr(noisy, clean).mean())
     cfg = DIPConfig(preset="dip-tiny", iters=200, lr=3e-3, input_noise=1.0, average=0.95)
     ctx = Context(unet, sched, cfg, batch_size=2)
@@ -205,7 +207,7 @@ def test_bm3d_baseline_when_installed(sprites: torch.Tensor) -> None:
     pytest.importorskip("bm3d")
     unet = build_unet("tiny", seed=0, sample_size=SIZE)
     ctx = Context(unet, make_scheduler("linear"))
-    noisy = add_gaussian_noise(sprites, 25, [0, 1, 2, 3])
+    noisy = add_noise(sprites, 25, [0, 1, 2, 3], "float")
     res = denoise_blind(ctx, noisy, "bm3d", [0, 1, 2, 3], 25)
     assert res.protocol == "blind"
     assert float(psnr(res.images, sprites).mean()) > float(psnr(noisy, sprites).mean())

@@ -33,7 +33,7 @@ def check_report(run_dir: Path, stdout: str) -> str:
     blind = [m.name for m in registry.methods("denoise", "blind") if m.extra is None]  # the demo runs these
     assert [r.split("|")[3].strip() for r in rows if "| paper |" in r] == ["ddpm", "dip", "tdpm-dip"]
     assert [r.split("|")[3].strip() for r in rows if "| blind |" in r] == blind
-    assert any(ln.startswith("| generation | noise | ddpm") for ln in text.splitlines())
+    assert any(ln.startswith("| generation | unconditional | ddpm") for ln in text.splitlines())
     assert any(ln.startswith("| generation | paper | tdpm-dip") for ln in text.splitlines())
     assert "oracle" in text and "blind" in text  # the protocols are explained
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -55,7 +55,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = check_report(out, stdout)
     assert "## Training" in text and (out / "train" / "model" / "unet" / "config.json").is_file()
     assert "embedded default DDPM" in text
-    assert any(ln.startswith("| generation | noise | ddim-50, 3-step model") for ln in text.splitlines())
+    assert any(ln.startswith("| generation | unconditional | ddim-50, 3-step model") for ln in text.splitlines())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["size_used"] == 32  # the embedded model's size, not a training choice
     assert "embedded" in metrics["config"]["model_used"]

@@ -13,11 +13,13 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from tdpm_dip.errors import UserError
-from tdpm_dip.generator import (Discriminator, GeneratorConfig, load_generator, make_pairs, minibatch_stddev,
-                                style_dim, train_generator)
+from tdpm_dip.generator import load_generator, style_dim
+from tdpm_dip.training.generator import Discriminator, make_pairs, minibatch_stddev, train_generator
+from tdpm_dip.training.options import GeneratorConfig
 from tdpm_dip.models import build_unet, load_ddpm, save_ddpm
 from tdpm_dip.noise import make_scheduler
-from tdpm_dip.tasks import Context, generate
+from jobs import generate
+from tdpm_dip.methods import Context
 
 SIZE = 16
 

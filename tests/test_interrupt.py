@@ -37,7 +37,9 @@ from tdpm_dip.cli import main
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 from tdpm_dip.outputs import recover_swap, signals_deferred, staged_dir
-from tdpm_dip.train import TrainConfig, list_checkpoints, train
+from tdpm_dip.training.ddpm import train
+from tdpm_dip.training.loop import list_checkpoints
+from tdpm_dip.training.options import TrainConfig
 
 SIZE = 16
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -75,7 +77,9 @@ def run_inline(args: list[object]) -> None:
 def _pause_on_write(name: str, nth: int) -> None:
     """(In the child) after the `nth` atomic write of a file called `name`, say so and sleep: a signal then
     arrives while the command is writing its results."""
+    import tdpm_dip.images
     import tdpm_dip.outputs as outputs
+    import tdpm_dip.reporting
 
     real, seen = outputs.atomic_path, [0]
 
@@ -89,7 +93,8 @@ def _pause_on_write(name: str, nth: int) -> None:
                 print(f"PAUSED after writing {path}", file=sys.stderr, flush=True)
                 time.sleep(600)
 
-    outputs.atomic_path = atomic_path
+    for module in (outputs, tdpm_dip.images, tdpm_dip.reporting):  # every module that writes result files
+        module.atomic_path = atomic_path
 
 
 class Child:

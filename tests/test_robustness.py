@@ -18,7 +18,7 @@ from PIL import Image
 
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
-from tdpm_dip.train import list_checkpoints
+from tdpm_dip.training.loop import list_checkpoints
 
 SIZE = 16
 # Cheap settings for commands that should succeed: the tiny DIP for a few iterations, no long chains.
@@ -306,7 +306,7 @@ def _interrupt(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> None:
     monkeypatch.setattr(importlib.import_module(module), name, boom)
 
 
-@pytest.mark.parametrize("where", [("tdpm_dip.tasks", "run"), ("tdpm_dip.reporting", "comparison_figure")])
+@pytest.mark.parametrize("where", [("tdpm_dip.workflows.denoise", "run"), ("tdpm_dip.reporting", "comparison_figure")])
 def test_interrupted_denoise_keeps_earlier_outputs(where: tuple[str, str], model: Path, sprite_dir: Path,
                                                    tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -331,7 +331,7 @@ def test_interrupted_generate_keeps_earlier_outputs(model: Path, tmp_path: Path,
     code, _, err = run(args, capsys)
     assert code == 0, err
     before = files_under(out)
-    _interrupt(monkeypatch, "tdpm_dip.outputs", "save_grid")  # after the images were staged
+    _interrupt(monkeypatch, "tdpm_dip.workflows.generate", "save_grid")  # after the images were staged
     code, _, err = run([*args, "--seed", "5", "--overwrite"], capsys)
     assert code == 130, err
     assert files_under(out) == before
@@ -340,7 +340,7 @@ def test_interrupted_generate_keeps_earlier_outputs(model: Path, tmp_path: Path,
 
 def test_interrupted_train_keeps_earlier_checkpoints(sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import tdpm_dip.train as train_mod
+    import tdpm_dip.training.loop as train_mod
 
     out = tmp_path / "run"
     real = train_mod.write_json

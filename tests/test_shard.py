@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from cli_helpers import run
 
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
-from tdpm_dip.shard import owned_batches
+from tdpm_dip.methods.shard import owned_batches
 
 N, BATCH = 5, 2  # three batches (2 + 2 + 1): the first process gets two, the second one, the short one
 
@@ -101,7 +102,7 @@ def test_two_processes_equal_one(tmp_path: Path, sprite_dir_factory, capsys: pyt
         elif not name.startswith("bench/cache/") and name != "bench/table2_cost.png":  # cost plots s/img
             assert a[name] == b[name], name
     for name in cache:  # the bench cache holds the float images: equal bit for bit
-        if name.endswith(".pt"):
-            ta, tb = (torch.load(r / name, weights_only=True) for r in (one, two))
+        if name.endswith(".safetensors"):
+            ta, tb = (load_file(r / name) for r in (one, two))
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
-    assert len([k for k in cache if k.endswith(".pt")]) == 2
+    assert len([k for k in cache if k.endswith(".safetensors")]) == 2

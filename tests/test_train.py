@@ -12,18 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tdpm_dip.train as train_mod
+import tdpm_dip.training.ddpm as train_mod
 from tdpm_dip.errors import UserError
-from tdpm_dip.train import (
-    TrainConfig,
-    TrainingDiverged,
-    batch_indices,
-    derive_seed,
-    list_checkpoints,
-    sample_timesteps,
-    step_draws,
-    train,
-)
+from tdpm_dip.training.ddpm import sample_timesteps, step_draws, train
+from tdpm_dip.training.loop import TrainingDiverged, batch_indices, derive_seed, list_checkpoints
+from tdpm_dip.training.options import TrainConfig
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
@@ -217,7 +210,8 @@ def test_two_processes_match_one(sprite_dir: Path, tmp_path: Path) -> None:
     script.write_text(
         "import sys, torch\n"
         "torch.set_num_threads(1)\n"
-        "from tdpm_dip.train import TrainConfig, train\n"
+        "from tdpm_dip.training.ddpm import train\n"
+        "from tdpm_dip.training.options import TrainConfig\n"
         f"train(TrainConfig(data={str(sprite_dir)!r}, out=sys.argv[1], preset='tiny', size=16, steps=4,\n"
         "    batch_size=4, warmup_steps=1, checkpoint_every=2, sample_every=0, n_samples=0, log_every=1),\n"
         "    progress=False)\n")

@@ -1,17 +1,40 @@
 """tdpm-dip: Truncated Diffusion with a Deep Image Prior.
 
-Layout (one concern per module):
-  config    typed presets for the report's UNets and small CPU ones
-  data      image folder / hub dataset / procedural sprites -> [-1, 1] tensors
-  models    build a UNet2DModel from a preset; load any diffusers DDPM
-  noise     schedules, the report's noise-level convention, sigma <-> t
-  dip       Algorithm 2: fit G_psi, one image or a batch at once
-  sampling  Algorithm 3 and the full DDPM / DDIM reverse chains
-  tasks     generation and denoising under the paper and blind protocols
-  train     Algorithm 1
-  metrics   PSNR, SSIM, FID, SWD, copy-rate, timing
-  bench     the report's tables
-  cli       the `tdpm-dip` command
+    from tdpm_dip import Denoiser, Generator
+
+Layers, bottom to top; a module imports only from its own layer or below (tests/test_layers.py checks it):
+
+  0  errors  defaults  registry                 no torch: the table of defaults, the list of methods
+  1  config  noise  devices  outputs  images     presets, the noise-level convention, files and PNGs
+  2  data  models  metrics                       images in, UNets, quality metrics
+  3  dip  sampling  generator                    Algorithm 2, EpsModel and Algorithm 3, G_psi
+  4  methods/  training/                         the registry's methods (one dispatch), Algorithm 1 and G_psi
+                                                 training on one loop
+  5  reporting  embedded  runtime                tables and figures, the shipped models, devices / threads /
+                                                 the one place that builds a Context
+  6  api                                         Denoiser, Generator: the Python API
+  7  workflows/                                  what each command does, without click
+  8  cli  app  app_ui                            front ends: parse input, call a workflow or the API
+
+docs/design.md draws the same layers and says how to add a method.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+__all__ = ["Denoiser", "Generator", "__version__"]
+
+if TYPE_CHECKING:
+    from .api import Denoiser, Generator
+
+
+def __getattr__(name: str) -> object:
+    # The API loads torch and diffusers: imported on first use, so that `tdpm-dip --help` and the
+    # torch-free modules (registry, defaults) stay fast to import.
+    if name in ("Denoiser", "Generator"):
+        from . import api  # deferred: torch and diffusers load on first use of the API
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tdpm_dip' has no attribute {name!r}")

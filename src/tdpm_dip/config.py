@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
 
+WHITE = (255, 255, 255)
 D, AD = "DownBlock2D", "AttnDownBlock2D"
 U, AU = "UpBlock2D", "AttnUpBlock2D"
 
@@ -115,3 +116,22 @@ def get_preset(name: str) -> UNetPreset:
         return PRESETS[name]
     except KeyError:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def parse_fill(fill: str | tuple[int, int, int]) -> tuple[int, int, int]:
+    """'white', 'black', '#rrggbb' or 'r,g,b' -> an RGB tuple."""
+    if isinstance(fill, tuple):
+        return fill
+    named = {"white": WHITE, "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
+    s = fill.strip().lower()
+    if s in named:
+        return named[s]
+    try:
+        if s.startswith("#") and len(s) == 7:
+            return tuple(int(s[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        parts = tuple(int(p) for p in s.split(","))
+        if len(parts) == 3 and all(0 <= p <= 255 for p in parts):
+            return parts  # type: ignore[return-value]
+    except ValueError:
+        pass
+    raise UserError(f"--fill {fill!r}: use white, black, gray, #rrggbb or r,g,b")

@@ -17,35 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from .config import WHITE, parse_fill
 from .errors import UserError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIN_SIDE = 8
-WHITE = (255, 255, 255)
 
 
 class BadImage(Exception):
     """An unreadable, truncated or degenerate image; carries the path in its message."""
-
-
-def parse_fill(fill: str | tuple[int, int, int]) -> tuple[int, int, int]:
-    """'white', 'black', '#rrggbb' or 'r,g,b' -> an RGB tuple."""
-    if isinstance(fill, tuple):
-        return fill
-    named = {"white": WHITE, "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
-    s = fill.strip().lower()
-    if s in named:
-        return named[s]
-    try:
-        if s.startswith("#") and len(s) == 7:
-            return tuple(int(s[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-        parts = tuple(int(p) for p in s.split(","))
-        if len(parts) == 3 and all(0 <= p <= 255 for p in parts):
-            return parts  # type: ignore[return-value]
-    except ValueError:
-        pass
-    raise UserError(f"--fill {fill!r}: use white, black, gray, #rrggbb or r,g,b")
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -143,8 +125,6 @@ def load_folder(root: str | os.PathLike, size: int = 64, fill: str | tuple[int, 
     tensors, names = [], []
     it = files
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(files, desc="loading images", unit="img", leave=False)
     for f in it:
         if limit is not None and len(tensors) >= limit:
@@ -166,7 +146,7 @@ def load_hub(dataset_id: str, size: int = 64, fill: str | tuple[int, int, int] =
              split: str = "train", limit: int | None = None) -> ImageSet:
     """Load a hub image dataset such as `huggan/pokemon` (extra `hub`: needs `datasets` and a network)."""
     try:
-        import datasets  # noqa: F401
+        import datasets  # the optional `hub` extra: imported only when a hub id is given
     except ImportError:
         raise UserError(f"{dataset_id}: loading hub datasets needs `pip install 'tdpm-dip[hub]'`") from None
     fill_rgb = parse_fill(fill)
@@ -199,8 +179,6 @@ def load_native(source: str | os.PathLike, limit: int | None = None,
     files = list_images(source)[:limit]
     it = files
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(files, desc="loading images", unit="img", leave=False)
     out = []
     for f in it:
@@ -272,3 +250,33 @@ def make_sprites(n: int, size: int = 64, seed: int = 0) -> ImageSet:
         raise UserError(f"the number of sprites must be positive, got {n}")
     return ImageSet(torch.stack([make_sprite(seed * 1_000_003 + i, size) for i in range(n)]),
                     [f"sprite{i:05d}" for i in range(n)])
+
+
+# A user's image, as the Python API and the app take it: a file path, a PIL image, or a uint8 HWC / HW array.
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+def read_user_image(image: ImageInput, what: str = "image") -> torch.Tensor:
+    """One user image -> [3, H, W] in [-1, 1] at its own size; a bad file is a one-line `UserError` that names
+    the file (not a temporary upload path)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"{what}: no such file: {path.name}")
+        try:
+            return load_image(path, None)
+        except BadImage as e:
+            reason = str(e).removeprefix(f"{path}: ")
+            if reason not in ("not an image", "empty file") and "smaller than" not in reason:
+                reason = f"not a readable image ({reason})"
+            raise UserError(f"{what} {path.name}: {reason}") from None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise UserError(f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} "
+                            f"{image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise UserError(f"{what}: not an image ({type(image).__name__})")
+    if min(image.size) < MIN_SIDE:
+        raise UserError(f"{what}: image is {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px")
+    return pil_to_tensor(to_rgb(image))

@@ -10,14 +10,15 @@ is the report's loop (a fresh network and optimiser per image, batch 1) and give
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
 
+from . import defaults
 from .config import get_preset
 from .devices import autocast, timer
 from .errors import UserError
@@ -31,8 +32,8 @@ class DIPConfig:
     """Hyperparameters of Algorithm 2 (defaults: the report's, Adam lr 1e-4, 100 iterations)."""
 
     preset: str = "paper-dip"
-    iters: int = 100
-    lr: float = 1e-4
+    iters: int = defaults.DIP["paper"]["iters"]
+    lr: float = defaults.DIP["paper"]["lr"]
     # Blind denoising tricks from Ulyanov et al.: perturb the input each step and return an
     # exponential average of the outputs instead of the last one. Off in the paper protocol.
     input_noise: float = 0.0
@@ -49,36 +50,16 @@ class DIPConfig:
         get_preset(self.preset)
 
 
-# The one home of DIP settings: per use (protocol) and, where a preset needs its own, per preset.
-#   paper   the report's Algorithm 2: Adam lr 1e-4, 100 iterations, the last output.
-#   blind   G_psi(z) fitted to the noisy y: a larger step, input noise as strong as the input itself
-#           (Ulyanov et al. perturb theirs by a third) and an exponential average of the outputs, which
-#           keep the full-resolution skip connections of a UNet from fitting the noise.
-#   plugin  the blind TDPM-DIP: G_psi(z) fitted to x_T built from the blind estimate and z (Alg. 2 with
-#           the oracle replaced); the target is almost noise-free, so no input noise and no averaging.
-# The tiny presets move too little at the report's lr in 100 iterations and fit noise at 1e-3 less
-# than the larger ones, so they get their own rates.
-DIP_DEFAULTS: dict[str, DIPConfig] = {
-    "paper": DIPConfig(iters=100, lr=1e-4),
-    "blind": DIPConfig(iters=400, lr=1e-3, input_noise=1.0, average=0.95),
-    "plugin": DIPConfig(iters=200, lr=1e-3),
-}
-DIP_PRESET_OVERRIDES: dict[tuple[str, str], dict] = {
-    ("paper", "dip-tiny"): {"lr": 1e-3},
-    ("blind", "dip-tiny"): {"lr": 3e-3},
-}
-
-
 def dip_defaults(use: str, preset: str, iters: int | None = None, lr: float | None = None) -> DIPConfig:
-    """The DIP settings of `use` (paper | blind | plugin) for `preset`; `iters` / `lr` override them."""
-    if use not in DIP_DEFAULTS:
+    """The DIP settings of `use` (paper | blind | plugin, defaults.DIP) for `preset`; `iters` / `lr` override them."""
+    if use not in defaults.DIP:
         raise ValueError(f"unknown DIP use {use!r}")
-    over = dict(DIP_PRESET_OVERRIDES.get((use, preset), {}))
+    settings = defaults.DIP[use] | defaults.DIP_PRESET_OVERRIDES.get((use, preset), {})
     if iters is not None:
-        over["iters"] = iters
+        settings["iters"] = iters
     if lr is not None:
-        over["lr"] = lr
-    return dataclasses.replace(DIP_DEFAULTS[use], preset=preset, **over)
+        settings["lr"] = lr
+    return DIPConfig(preset=preset, **settings)
 
 
 @dataclass
@@ -91,6 +72,18 @@ class DIPResult:
     ssim: torch.Tensor | None = None          # [len(ssim_iters), B]
     ssim_iters: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+    @classmethod
+    def concat(cls, parts: list[DIPResult], seconds: float | None = None) -> DIPResult:
+        """One result for consecutive groups of images: curves ([iters, B]) are joined along the image axis;
+        `seconds` defaults to the sum of the parts' fit times."""
+        def cat(name: str) -> torch.Tensor | None:
+            xs = [getattr(p, name) for p in parts]
+            return None if xs[0] is None else torch.cat(xs, dim=1)
+
+        total = sum(p.seconds for p in parts) if seconds is None else seconds
+        return cls(torch.cat([p.output for p in parts]), cat("loss"), cat("psnr"), cat("ssim"),
+                   list(parts[0].ssim_iters), total)
 
     def mean_curves(self) -> dict[str, list[float]]:
         out = {"loss": self.loss.mean(1).tolist()}
@@ -118,8 +111,6 @@ def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg
     group = batch_size if batched else 1
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.iters * len(seeds), desc=f"DIP fit ({cfg.preset})", unit="img-it", leave=False)
     try:
         parts = []
@@ -129,7 +120,7 @@ def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg
                 ref = reference[lo:hi] if reference is not None else None
                 parts.append(_fit_group(target[lo:hi], net_input[lo:hi], list(seeds[lo:hi]), cfg, ref,
                                         amp_dtype, bar.update if bar is not None else None))
-        return _concat(parts, tm[0])
+        return DIPResult.concat(parts, tm[0])
     except (RuntimeError, NotImplementedError) as e:
         if not batched or "vmap" not in str(e).lower():
             raise
@@ -200,13 +191,3 @@ def _networks(preset: str, seeds: list[int], size: int, device: torch.device
 
     batched = vmap(one)
     return (lambda x: batched(params, buffers, x)), list(params.values())
-
-
-def _concat(parts: list[DIPResult], seconds: float) -> DIPResult:
-    """One result for consecutive groups of images (curves are [iters, B]: joined along the image axis)."""
-    def cat(name: str) -> torch.Tensor | None:
-        xs = [getattr(p, name) for p in parts]
-        return None if xs[0] is None else torch.cat(xs, dim=1)
-
-    return DIPResult(torch.cat([p.output for p in parts]), cat("loss"), cat("psnr"), cat("ssim"),
-                     parts[0].ssim_iters, seconds)

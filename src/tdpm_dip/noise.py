@@ -39,6 +39,14 @@ def check_level(scheduler: DDPMScheduler, t: int, name: str = "t") -> int:
     return t
 
 
+def check_t_trunc(scheduler: DDPMScheduler, t_trunc: int) -> int:
+    """Validate a truncation level: 0 <= T_trunc <= T - 1 (T_trunc = T would be the full chain from noise)."""
+    T = num_levels(scheduler)
+    if not isinstance(t_trunc, int) or not 0 <= t_trunc <= T - 1:
+        raise UserError(f"T_trunc must be an integer in [0, {T - 1}], got {t_trunc}")
+    return t_trunc
+
+
 def abar(scheduler: DDPMScheduler, t: int) -> float:
     """abar_t in the report's 1-based convention (abar_0 = 1)."""
     check_level(scheduler, t)

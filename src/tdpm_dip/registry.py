@@ -1,128 +1,153 @@
-"""The one list of methods. The CLI's choices, `bench` rows, the demo and any UI read it.
+"""The one list of methods. The CLI's choices and help, `bench` rows, the demo and the app read it.
 
 Every method is a function with one signature, in the spirit of k-diffusion's samplers:
 
-    run(ctx: tasks.Context, job: Job) -> tasks.Result
+    run(ctx: methods.Context, job: methods.Job) -> methods.Result
 
-`Job` carries the images, the per-image seeds and every option a method may read, so a new
-method is one function plus one `register` call, and its callers never change.
+An entry names its function as "package.module:function" (the package's own live in `tdpm_dip.methods`)
+and is resolved on its first run, so this table imports nothing it lists and no network library: `tdpm-dip --help` reads it without
+loading torch. A new method is one function in `methods/` plus one entry here; its callers never change.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import UserError
 
-if TYPE_CHECKING:  # torch stays out of `--help`
-    import torch
-
 TASKS = ("denoise", "generate")
-PROTOCOLS = ("paper", "blind", "noise")  # noise: generation from pure noise (no protocol question)
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a method is asked to do. Image i uses seeds[i] only, whatever the batch.
-
-    noisy   blind denoising: the observation y in [-1, 1] (an 8-bit file, or float noise).
-    sigma   blind denoising: per-image noise std on the 0..255 scale.
-    clean   paper denoising: the clean images (the oracle); blind: only scores the DIP curves.
-    reference  generation under the paper protocol: the images the DIP reconstructs.
-    """
-
-    seeds: tuple[int, ...]
-    noisy: torch.Tensor | None = None
-    sigma: tuple[float, ...] = ()
-    clean: torch.Tensor | None = None
-    reference: torch.Tensor | None = None
-    t_noisy: int = 600               # paper denoising: level of the noisy images
-    t_trunc: int | None = None       # TDPM: None = the protocol's default (paper 10, blind automatic)
-    samples: int = 4                 # chains (or posterior samples) averaged per image
-    steps: int | None = None         # ddim / strided ddpm: network evaluations
-    eta: float = 0.0                 # ddim: 0 deterministic, 1 ancestral
-    declip: bool = True              # blind: clipping-aware observation model (tasks.declip)
+# paper: the report's oracle protocol; blind: only the noisy image; unconditional: generation from N(0, I).
+PROTOCOLS = ("paper", "blind", "unconditional")
+NEEDS = ("generator", "reference")  # inputs a method needs beyond its images and seeds
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registry entry: the function, where it applies, what it costs and how to explain it."""
+    """One registry entry: where its function is, where it applies, what it costs and how to explain it."""
 
     name: str
-    task: str                        # denoise | generate
-    protocols: tuple[str, ...]       # the protocols it runs under
-    run: Callable[[Any, Job], Any]   # (Context, Job) -> Result
+    task: str                      # denoise | generate
+    protocol: str                  # paper | blind | unconditional
+    entry: str                     # "package.module:function", imported on the method's first run
     help: str
-    nfe: str                         # network evaluations per image, as a formula for the help text
-    uses_dip: bool = False
-    extra: str | None = None         # optional dependency group (pip install 'tdpm-dip[extra]')
-    rank: int = 100                  # blind denoisers: best first (the app and --help list them so)
+    nfe: str                       # network evaluations per image, as a formula for the help text
+    rank: int = 100                # order in --help, the app and bench tables: best measured first
+    dip: str | None = None         # the DIP settings it fits with (a key of defaults.DIP); None: no DIP
+    needs: tuple[str, ...] = ()    # of NEEDS: "generator" (a trained G_psi), "reference" (images to fit)
+    reads: tuple[str, ...] = ()    # the Job options that change its result (bench keys its cache on them)
+    extra: str | None = None       # optional dependency group (pip install 'tdpm-dip[extra]')
+
+    @property
+    def uses_dip(self) -> bool:
+        return self.dip is not None
+
+    @property
+    def installed(self) -> bool:
+        """Whether its optional extra (if any) is importable here."""
+        return self.extra is None or importlib.util.find_spec(self.extra) is not None
+
+    def load(self) -> Callable[[Any, Any], Any]:
+        """The method's function (imports its module on first use)."""
+        module, _, func = self.entry.partition(":")
+        return getattr(importlib.import_module(module), func)
 
 
-_REGISTRY: dict[tuple[str, str, str], Method] = {}
+_M = "tdpm_dip.methods"
+_BLIND = ("declip",)  # every blind method except bm3d reads the clipping-aware observation switch
+
+METHODS: list[Method] = [
+    # ------------------------------------------------------------------ denoising, the report's protocol
+    Method("ddpm", "denoise", "paper", f"{_M}.paper:ddpm", nfe="t_noisy", reads=("t_noisy",),
+           help="the full reverse chain from x_{t_noisy}"),
+    Method("dip", "denoise", "paper", f"{_M}.paper:dip", nfe="DIP iterations", dip="paper", reads=("t_noisy",),
+           help="G_psi(z) fitted to the clean image itself (oracle; T_trunc = 0)"),
+    Method("tdpm-dip", "denoise", "paper", f"{_M}.paper:tdpm_dip", nfe="DIP iterations + T_trunc", dip="paper",
+           reads=("t_noisy", "t_trunc"),
+           help="the report's TDPM-DIP: G_psi(z) fitted to x_T built from the clean image (oracle), then T_trunc "
+                "reverse steps"),
+    # ------------------------------------------------------------------ denoising, blind
+    Method("ensemble", "denoise", "blind", f"{_M}.blind:ensemble", nfe="8", rank=10, reads=_BLIND,
+           help="the recommended denoiser: Tweedie's posterior mean at t*, averaged over the 8 flips and "
+                "transposes of the image"),
+    Method("tdpm-dip", "denoise", "blind", f"{_M}.blind:tdpm_dip", nfe="8 + DIP iterations + K T", rank=20, dip="plugin",
+           reads=_BLIND + ("samples", "t_trunc"),
+           help="TDPM-DIP made blind: Algorithm 2's target x_T built from the ensemble estimate instead of the "
+                "clean image, then K chains of T steps from G_psi(z), averaged"),
+    Method("tweedie", "denoise", "blind", f"{_M}.blind:tweedie", nfe="1", rank=30, reads=_BLIND,
+           help="one network call at t*: Tweedie's posterior mean E[x0 | x_t*]"),
+    Method("ddpm", "denoise", "blind", f"{_M}.blind:ddpm", nfe="K t* (--samples K)", rank=40, reads=_BLIND + ("samples",),
+           help="the mean of K ancestral DDPM chains from t* (K = 1: one posterior sample)"),
+    Method("ddim", "denoise", "blind", f"{_M}.blind:ddim", nfe="n (--ddim-steps, default 10)", rank=50,
+           reads=_BLIND + ("ddim_steps",), help="a deterministic DDIM chain from t* in n steps"),
+    Method("bm3d", "denoise", "blind", f"{_M}.blind:bm3d", nfe="0 (no network)", rank=60, extra="bm3d",
+           help="CBM3D, the classical baseline, on the observation as it is"),
+    Method("dip", "denoise", "blind", f"{_M}.blind:dip", nfe="DIP iterations", rank=70, dip="blind", reads=_BLIND,
+           help="G_psi(z) fitted to y with input noise and output averaging (Ulyanov et al.)"),
+    # ------------------------------------------------------------------ generation
+    Method("tdpm", "generate", "unconditional", f"{_M}.generate:tdpm", nfe="1 + T_trunc", rank=10, needs=("generator",),
+           reads=("t_trunc",),
+           help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then T_trunc "
+                "posterior steps; new images, no reference data"),
+    Method("ddim", "generate", "unconditional", f"{_M}.generate:ddim", nfe="--ddim-steps", rank=20,
+           reads=("ddim_steps", "eta"),
+           help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)"),
+    Method("ddpm", "generate", "unconditional", f"{_M}.generate:ddpm", nfe="1000 (T)", rank=30,
+           help="ancestral sampling from pure noise, all T steps"),
+    Method("tdpm-dip", "generate", "paper", f"{_M}.generate:tdpm_dip", nfe="DIP iterations + T_trunc", rank=40,
+           dip="paper", needs=("reference",), reads=("t_trunc",),
+           help="the report's TDPM-DIP (paper protocol): G_psi(z) fitted to reference image i noised to T_trunc, "
+                "then T_trunc steps, so output i reconstructs reference image i"),
+]
 
 
-def register(name: str, task: str, protocols: tuple[str, ...], help: str, nfe: str, uses_dip: bool = False,
-             extra: str | None = None, rank: int = 100) -> Callable[[Callable[[Any, Job], Any]], Callable[[Any, Job], Any]]:
-    """Decorator: add `run` under (task, protocol, name) for each protocol."""
-    if task not in TASKS or not set(protocols) <= set(PROTOCOLS):
-        raise ValueError(f"bad registry entry {name}: task {task}, protocols {protocols}")
-
-    def deco(run: Callable[[Any, Job], Any]) -> Callable[[Any, Job], Any]:
-        m = Method(name, task, tuple(protocols), run, help, nfe, uses_dip, extra, rank)
-        for p in protocols:
-            key = (task, p, name)
-            if key in _REGISTRY:
-                raise ValueError(f"method {key} registered twice")
-            _REGISTRY[key] = m
-        return run
-
-    return deco
+def register(method: Method) -> Method:
+    """Add a method from outside the package; the CLI, bench, the demo and the app list it like the others."""
+    if method.task not in TASKS or method.protocol not in PROTOCOLS or set(method.needs) - set(NEEDS):
+        raise ValueError(f"bad registry entry {method}")
+    if any((m.task, m.protocol, m.name) == (method.task, method.protocol, method.name) for m in METHODS):
+        raise ValueError(f"method {method.task}/{method.protocol}/{method.name} is registered already")
+    METHODS.append(method)
+    return method
 
 
-def _load() -> None:
-    from . import tasks  # noqa: F401 - registers the methods on import
-
-
-def methods(task: str, protocol: str | None = None) -> list[Method]:
-    """Entries of a task (optionally one protocol), best first, each once."""
-    _load()
-    seen: dict[str, Method] = {}
-    for (t, p, n), m in _REGISTRY.items():
-        if t == task and (protocol is None or p == protocol) and n not in seen:
-            seen[n] = m
-    return sorted(seen.values(), key=lambda m: (m.rank, m.name))
+def methods(task: str, protocol: str | None = None, installed_only: bool = False) -> list[Method]:
+    """Entries of a task (optionally one protocol), best first."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}")
+    found = [m for m in METHODS if m.task == task and (protocol is None or m.protocol == protocol)
+             and (not installed_only or m.installed)]
+    return sorted(found, key=lambda m: (m.rank, m.name))
 
 
 def names(task: str, protocol: str | None = None) -> list[str]:
-    return [m.name for m in methods(task, protocol)]
-
-
-def installed(m: Method) -> bool:
-    """Whether a method's optional extra (if any) is importable here."""
-    import importlib.util
-
-    return m.extra is None or importlib.util.find_spec(m.extra) is not None
+    """Method names of a task, best first, each once (a name may run under several protocols)."""
+    return list(dict.fromkeys(m.name for m in methods(task, protocol)))
 
 
 def get(task: str, protocol: str, name: str) -> Method:
-    _load()
-    try:
-        return _REGISTRY[(task, protocol, name)]
-    except KeyError:
-        valid = names(task, protocol)
-        others = [p for p in PROTOCOLS if (task, p, name) in _REGISTRY]
-        where = f" (it runs under the {' / '.join(others)} protocol)" if others else ""
-        raise UserError(f"unknown {task} method {name!r} for the {protocol} protocol{where}; "
-                        f"choose {', '.join(valid)}") from None
+    """The entry (task, protocol, name); an unknown one is a one-line UserError that lists the valid names."""
+    for m in METHODS:
+        if (m.task, m.protocol, m.name) == (task, protocol, name):
+            return m
+    others = [m.protocol for m in METHODS if m.task == task and m.name == name]
+    where = f" (it runs under the {' / '.join(others)} protocol)" if others else ""
+    raise UserError(f"unknown {task} method {name!r} for the {protocol} protocol{where}; "
+                    f"choose {', '.join(names(task, protocol))}")
+
+
+def find(task: str, name: str) -> Method:
+    """The entry of a method whose name is unique within its task (every generation method is)."""
+    found = [m for m in METHODS if m.task == task and m.name == name]
+    if len(found) != 1:
+        raise UserError(f"unknown {task} method {name!r}; choose {', '.join(names(task))}")
+    return found[0]
 
 
 def help_text(task: str, protocol: str | None = None) -> str:
-    """One line per method for --help: name, protocols, NFE, what it does."""
-    lines = []
-    for m in methods(task, protocol):
-        extra = f" [extra: {m.extra}]" if m.extra else ""
-        lines.append(f"{m.name} ({'/'.join(m.protocols)}; NFE {m.nfe}): {m.help}{extra}")
-    return "; ".join(lines)
+    """One line per method for --help: name, protocol, NFE, what it does."""
+    return "; ".join(f"{m.name} ({m.protocol}; NFE {m.nfe}): {m.help}" + (f" [extra: {m.extra}]" if m.extra else "")
+                     for m in methods(task, protocol))

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
+from .methods.types import Result
 from .metrics import psnr, ssim
-from .outputs import markdown_table, save_grid, save_png
-from .tasks import Result
+from .outputs import atomic_path, markdown_table
+from .images import save_grid, save_png
 
 
 def result_row(res: Result, clean: torch.Tensor | None, **labels: object) -> dict:
@@ -23,7 +26,7 @@ def result_row(res: Result, clean: torch.Tensor | None, **labels: object) -> dic
     for k in ("sigma", "t_star", "t_noisy", "t_trunc", "samples"):
         if k in res.info:
             row[k] = res.info[k] if not isinstance(res.info[k], list) else "per-image"
-    row.update({"reverse steps": res.steps, "NFE": res.nfe, "s/img": res.seconds_per_image})
+    row.update({"reverse steps": res.reverse_steps, "NFE": res.nfe, "s/img": res.seconds_per_image})
     return row
 
 
@@ -55,10 +58,6 @@ def thumbnails(images: list[torch.Tensor], size: int = 96) -> torch.Tensor:
 def labelled_comparison(path: Path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8,
                         upscale: int | None = None) -> None:
     """`comparison_figure` with a column of row labels on the left ("clean", "noisy", each method)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from .outputs import atomic_path
-
     size = int(rows[0][1].shape[-1])
     upscale = upscale or max(1, round(128 / size))
     comparison_figure(path, [x for _, x in rows], max_images=max_images, upscale=upscale)
@@ -81,16 +80,10 @@ def labelled_comparison(path: Path, rows: list[tuple[str, torch.Tensor]], max_im
 
 
 def curves_figure(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
-    """DIP loss and PSNR per iteration (matplotlib if installed, else skipped)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    """DIP loss and PSNR per iteration."""
     has_psnr = any("psnr" in c for c in curves.values())
-    fig, axes = plt.subplots(1, 2 if has_psnr else 1, figsize=(9 if has_psnr else 4.5, 3.2))
+    fig = Figure(figsize=(9 if has_psnr else 4.5, 3.2))
+    axes = fig.subplots(1, 2 if has_psnr else 1)
     axes = list(axes) if has_psnr else [axes]
     for i, (label, c) in enumerate(curves.items()):
         color = f"C{i % 10}"  # one colour per label in both panels (the legend is on the first only)
@@ -101,9 +94,7 @@ def curves_figure(path: Path, curves: dict[str, dict[str, list[float]]]) -> None
     if has_psnr:
         axes[1].set(xlabel="DIP iteration", ylabel="PSNR to clean (dB)", title="DIP output quality")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cost_figure(path: Path, points: list[dict], title: str = "") -> bool:
@@ -111,15 +102,9 @@ def cost_figure(path: Path, points: list[dict], title: str = "") -> bool:
 
     points: dicts with "label", "PSNR", "SSIM", "NFE", "s/img" (a "group" key, if present, picks the colour).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     groups = list(dict.fromkeys(p.get("group", "") for p in points))
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharey="row")
+    fig = Figure(figsize=(9, 6.5))
+    axes = fig.subplots(2, 2, sharey="row")
     for (r, metric), (c, cost) in [((r, m), (c, x)) for r, m in enumerate(("PSNR", "SSIM"))
                                    for c, x in enumerate(("NFE", "s/img"))]:
         ax = axes[r][c]
@@ -134,10 +119,15 @@ def cost_figure(path: Path, points: list[dict], title: str = "") -> bool:
             axes[0][0].scatter([], [], color=f"C{i % 10}", label=g)
         axes[0][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically (the object API: no pyplot state, no GUI backend)."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def table(rows: list[dict]) -> str:

@@ -1,4 +1,8 @@
-"""Reverse chains (Algorithm 3 and its baselines). Samplers take the network; they never own it.
+"""The noise predictor in the report's level convention, and the reverse chains (Algorithm 3 and its baselines).
+
+`EpsModel` wraps a diffusers UNet once (as k-diffusion's `DiscreteEpsDDPMDenoiser` does): it maps a noise
+level t to the diffusers timestep t - 1 and applies autocast, so the samplers below never see either.
+Samplers take the EpsModel; they never own the network.
 
 All chains use diffusers schedulers' true posterior steps. The report's printed update (its
 1/sqrt(abar_t) and beta_t z) has typos; `DDPMScheduler.step` is the DDPM posterior mean
@@ -10,87 +14,97 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from .devices import autocast
-from .noise import abar, chain_timesteps, check_level, num_levels
+from .noise import abar, check_level, num_levels
 
 Callback = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class EpsModel:
+    """eps_theta(x_t, t) of a noise-predicting UNet, at noise level t (noise.py's 1-based convention)."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    amp_dtype: torch.dtype | None = None
+
+    def eps(self, x: torch.Tensor, level: int | torch.Tensor) -> torch.Tensor:
+        """The predicted noise (fp32) of x at level t: the UNet at diffusers timestep t - 1, under autocast."""
+        with torch.no_grad(), autocast(x.device, self.amp_dtype):
+            return self.unet(x.to(self.unet.dtype), level - 1).sample.float()
+
+    def x0(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """The predicted clean image (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 3 solved for x0)."""
+        a = abar(self.scheduler, level)
+        return (x - math.sqrt(1 - a) * self.eps(x, level)) / math.sqrt(a)
+
+    def tweedie(self, y: torch.Tensor, level: int) -> torch.Tensor:
+        """E[x0 | x_t] for an observation y = x0 + n on the image's scale (Tweedie's formula, Efron 2011): with
+        x_t = sqrt(abar_t) y, x0 = y - sqrt((1 - abar_t) / abar_t) eps(x_t, t)."""
+        a = abar(self.scheduler, level)
+        return y - math.sqrt((1 - a) / a) * self.eps(math.sqrt(a) * y, level)
+
+
 @torch.no_grad()
-def reverse_chain(unet: UNet2DModel, scheduler: DDPMScheduler, x_t: torch.Tensor, t: int,
-                  generators: list[torch.Generator], amp_dtype: torch.dtype | None = None,
+def reverse_chain(model: EpsModel, x_t: torch.Tensor, t: int, generators: list[torch.Generator],
                   callback: Callback | None = None) -> torch.Tensor:
     """DDPM ancestral sampling from noise level t to 0: exactly t posterior steps (t = 0: identity).
 
     Algorithm 3 lines 3-6 when x_t = G_psi(z) and t = T_trunc; the full DDPM sampler when t = T and
     x_t ~ N(0, I). generators[i] draws the step noise of image i.
     """
-    check_level(scheduler, t)
+    check_level(model.scheduler, t)
     # A private copy: `set_timesteps` elsewhere must not change which step `step` takes.
-    sched = DDPMScheduler.from_config(scheduler.config)
+    sched = DDPMScheduler.from_config(model.scheduler.config)
     x = x_t.float()
-    for ts in chain_timesteps(t):
-        with autocast(x.device, amp_dtype):
-            eps = unet(x.to(unet.dtype), ts).sample
-        x = sched.step(eps.float(), ts, x, generator=generators).prev_sample
+    for level in range(t, 0, -1):
+        # The posterior step from level s to s - 1 is diffusers' step at timestep s - 1.
+        x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample
         if callback is not None:
-            callback(ts)
+            callback(level - 1)
     return x
 
 
 @torch.no_grad()
-def ddim_chain(unet: UNet2DModel, scheduler: DDPMScheduler, x_T: torch.Tensor, steps: int,
-               generators: list[torch.Generator], eta: float = 0.0, amp_dtype: torch.dtype | None = None,
-               callback: Callback | None = None) -> torch.Tensor:
+def ddim_chain(model: EpsModel, x_T: torch.Tensor, steps: int, generators: list[torch.Generator],
+               eta: float = 0.0, callback: Callback | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021) from pure noise in `steps` network evaluations ("trailing" spacing,
     so the first step is at the last training timestep)."""
-    if not 1 <= steps <= num_levels(scheduler):
-        raise ValueError(f"DDIM steps must be in [1, {num_levels(scheduler)}]")
-    ddim = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    if not 1 <= steps <= num_levels(model.scheduler):
+        raise ValueError(f"DDIM steps must be in [1, {num_levels(model.scheduler)}]")
+    ddim = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
     ddim.set_timesteps(steps, device=x_T.device)
     x = x_T.float()
     for ts in ddim.timesteps:
-        with autocast(x.device, amp_dtype):
-            eps = unet(x.to(unet.dtype), ts).sample
-        x = ddim.step(eps.float(), ts, x, eta=eta, generator=generators).prev_sample
+        x = ddim.step(model.eps(x, ts + 1), ts, x, eta=eta, generator=generators).prev_sample
         if callback is not None:
             callback(int(ts))
     return x
 
 
 @torch.no_grad()
-def ddim_between(unet: UNet2DModel, scheduler: DDPMScheduler, x: torch.Tensor, t_from: int, t_to: int, steps: int,
-                 amp_dtype: torch.dtype | None = None, clip: bool = False) -> torch.Tensor:
+def ddim_between(model: EpsModel, x: torch.Tensor, t_from: int, t_to: int, steps: int,
+                 clip: bool = False) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t_from down to level t_to in
     `steps` network calls, on the levels round(linspace(t_from, t_to)). With t_to = 0 the last step returns
     the predicted x0. `clip` clamps each predicted x0 to [-1, 1] (diffusers' clip_sample) and keeps eps.
     """
-    check_level(scheduler, t_from)
-    check_level(scheduler, t_to)
+    check_level(model.scheduler, t_from)
+    check_level(model.scheduler, t_to)
     if not 0 <= t_to <= t_from or steps < 1:
         raise ValueError(f"DDIM from level {t_from} to {t_to} in {steps} steps: need t_from >= t_to and steps >= 1")
     levels = sorted({round(t_to + (t_from - t_to) * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
     x = x.float()
     for hi, lo in zip(levels[:-1], levels[1:]):
-        a_hi, a_lo = abar(scheduler, hi), abar(scheduler, lo)
-        with autocast(x.device, amp_dtype):
-            eps = unet(x.to(unet.dtype), hi - 1).sample.float()
+        a_hi, a_lo = abar(model.scheduler, hi), abar(model.scheduler, lo)
+        eps = model.eps(x, hi)
         x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
         if clip:
             x0 = x0.clamp(-1, 1)
         x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
     return x
-
-
-def tdpm_sample(unet: UNet2DModel, scheduler: DDPMScheduler, dip_output: torch.Tensor, t_trunc: int,
-                generators: list[torch.Generator], amp_dtype: torch.dtype | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
-    """Algorithm 3: start at x_T = G_psi(z) (the fitted DIP's output) and reverse T_trunc steps.
-
-    T_trunc = 0 returns the DIP output itself (Table 3, first row).
-    """
-    return reverse_chain(unet, scheduler, dip_output, t_trunc, generators, amp_dtype, callback)

@@ -22,15 +22,15 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from .errors import UserError
+from ..errors import UserError
+from .types import Context, Job, Result, concat_results
 
-if TYPE_CHECKING:
-    from .registry import Job
-    from .tasks import Context, Result
 
 _CALLS = itertools.count()  # every process makes the same calls in the same order: one progress key per call
 
@@ -55,19 +55,6 @@ def owned_batches(n: int, batch_size: int, rank: int, world: int) -> list[range]
     return [range(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(lo, hi)]
 
 
-def job_part(job: Job, idx: range) -> Job:
-    """The images `idx` of a job, with their own seeds (and their own sigma when there is one per image)."""
-    n = len(job.seeds)
-    sl = slice(idx.start, idx.stop)
-
-    def part(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[sl]
-
-    sigma = job.sigma[sl] if len(job.sigma) == n and n > 1 else job.sigma
-    return dataclasses.replace(job, seeds=job.seeds[sl], noisy=part(job.noisy), clean=part(job.clean),
-                               reference=part(job.reference), sigma=sigma)
-
-
 def _cpu(x: Any) -> Any:  # noqa: ANN401 - tensors, dataclasses, containers
     """A copy with every tensor on the CPU: gathered objects are pickled, and a CUDA tensor would be
     unpickled on the sender's GPU index."""
@@ -83,58 +70,11 @@ def _cpu(x: Any) -> Any:  # noqa: ANN401 - tensors, dataclasses, containers
     return x
 
 
-def _merge_info(parts: list[tuple[int, dict]]) -> dict:
-    """One info dict for consecutive parts: tensors are joined; a value that is one per image (a list
-    as long as the part) or one per part becomes one per image, and one value again if all are equal
-    (the single-process convention of tasks._blind_info)."""
-    out: dict = {}
-    for key in parts[0][1]:
-        vals = [(n, d[key]) for n, d in parts]
-        if isinstance(vals[0][1], torch.Tensor):
-            out[key] = torch.cat([v for _, v in vals])
-            continue
-        per_image = [x for n, v in vals for x in (v if isinstance(v, list) and len(v) == n else [v] * n)]
-        all_scalar = not any(isinstance(v, list) for _, v in vals)
-        out[key] = per_image[0] if all_scalar and all(x == per_image[0] for x in per_image) else per_image
-    return out
-
-
-def merge(parts: list[Result]) -> Result:
-    """One Result for consecutive parts of a job, in their order.
-
-    images / inputs / the DIP's outputs and curves are joined along the image axis; `seconds` is the
-    sum of the parts' compute times (so s/img stays the cost of one image on one device, not the wall
-    time); `steps` and `nfe`, per image, are the largest of the parts (the single-process convention:
-    max over the images).
-    """
-    from .dip import DIPResult
-    from .tasks import Result
-
-    first = parts[0]
-    seconds = sum(p.seconds for p in parts)
-    dip = None
-    if first.dip is not None:
-        ds = [p.dip for p in parts]
-
-        def cat(name: str) -> torch.Tensor | None:
-            xs = [getattr(d, name) for d in ds]
-            return None if xs[0] is None else torch.cat(xs, dim=1)
-
-        dip = DIPResult(torch.cat([d.output for d in ds]), cat("loss"), cat("psnr"), cat("ssim"),
-                        list(ds[0].ssim_iters), sum(d.seconds for d in ds))
-    inputs = None if first.inputs is None else torch.cat([p.inputs for p in parts])
-    info = _merge_info([(int(p.images.shape[0]), p.info) for p in parts])
-    return Result(first.method, first.protocol, torch.cat([p.images for p in parts]), seconds,
-                  max(p.steps for p in parts), max(p.nfe for p in parts), inputs, dip, info)
-
-
 class _TotalBar:
     """The main process's bar over the images of all processes: each process adds its finished images
     to a counter in the process group's key-value store (no collective, so no process waits)."""
 
     def __init__(self, total: int, desc: str, main: bool) -> None:
-        import torch.distributed as dist
-
         self.key = f"tdpm_dip/progress/{next(_CALLS)}"
         try:
             self.store = dist.distributed_c10d._get_default_store()
@@ -142,8 +82,6 @@ class _TotalBar:
             self.store = None
         self.bar = None
         if main:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
 
     def add(self, k: int) -> None:
@@ -169,7 +107,7 @@ class Shard:
     def start(cls, device: torch.device) -> tuple[Shard, torch.device]:
         """Join the launched processes; returns the shard and this process's device (accelerate's:
         one GPU per process, or the CPU with the gloo backend when `device` is a CPU)."""
-        from accelerate import PartialState
+        from accelerate import PartialState  # accelerate loads only under a launcher: plain commands skip it
 
         if device.type == "cuda" and device.index is not None:
             raise UserError("under a launcher each process uses its own GPU: give --device auto or cuda, "
@@ -188,20 +126,20 @@ class Shard:
 
     def run(self, fn: Callable[[Context, Job], Result], ctx: Context, job: Job, desc: str) -> Result:
         """`fn` on this process's batches of `job`; every process returns the whole job's Result."""
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object  # (as in start)
 
-        local = dataclasses.replace(ctx, shard=None, progress=False)
+        local = dataclasses.replace(ctx, progress=False)
         bar = _TotalBar(len(job.seeds), f"{desc} ({self.world} processes)", self.is_main and ctx.progress)
         mine = []
         for idx in owned_batches(len(job.seeds), ctx.batch_size, self.rank, self.world):
-            mine.append((idx.start, _cpu(fn(local, job_part(job, idx)))))
+            mine.append((idx.start, _cpu(fn(local, job.part(slice(idx.start, idx.stop))))))
             bar.add(len(idx))
         parts = gather_object(mine)
         bar.close()
-        return merge([r for _, r in sorted(parts, key=lambda p: p[0])])
+        return concat_results([r for _, r in sorted(parts, key=lambda p: p[0])])
 
     def broadcast(self, obj: Any) -> Any:  # noqa: ANN401 - any picklable object
         """The main process's `obj`, on every process (a decision that reads rank 0's files)."""
-        from accelerate.utils import broadcast_object_list
+        from accelerate.utils import broadcast_object_list  # (as in start)
 
         return broadcast_object_list([obj], from_process=0)[0]

@@ -1,10 +1,10 @@
 """The report's Tables 1-4 as data -> run -> Markdown / CSV / JSON and figures.
 
-A table is a list of `RowSpec`s (method, protocol, model, parameters). Each row runs through
-`tasks.py` (nothing here fits a DIP or runs a chain itself), and its result -- metrics, timings and
-images -- is cached in RUN/cache/<key>.json + .pt, where the key hashes everything that determines
-the row: the spec, the model's weights, the images, n, the seeds, the DIP settings, the device and
-dtype. Re-running into the same RUN skips finished rows, so an interrupted run resumes, and tables
+A table is a list of `RowSpec`s (method, protocol, model, parameters). Each row runs through the
+registry's dispatch (`methods.run`: nothing here fits a DIP or runs a chain itself), and its result --
+metrics, timings and images -- is cached in RUN/cache/<key>.json + .safetensors, where the key hashes
+everything that determines the row: the spec, the options its method reads (`registry.Method.reads`), the
+model's weights, the images, n, the seeds, the DIP settings, the device and dtype. Re-running into the same RUN skips finished rows, so an interrupted run resumes, and tables
 that share a row (Table 2's rows are Table 4's linear rows) compute it once.
 
 Every table states its protocol and which of the report's settings were shrunk, and shows the
@@ -25,25 +25,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from .dip import DIPConfig, dip_defaults
-from .errors import UserError
-from .metrics import copy_rate, data_hash, device_name, extract_features, fid, kid, swd
-from .models import ddpm_fingerprint, unet_size
-from .outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
-from .reporting import comparison_figure, cost_figure, curves_figure, result_row
-from .registry import Job, installed, methods
-from .tasks import Context, Result, add_noise, denoise_paper, generate, run
+from .. import defaults, registry
+from ..data import load_images
+from ..dip import DIPConfig, dip_defaults
+from ..errors import UserError, check_positive, check_sigma
+from ..generator import TDPMGenerator, generator_fingerprint, load_generator, read_generator_info
+from ..methods import Context, Job, Result, run
+from ..methods.observe import add_noise
+from ..methods.shard import Shard, is_main_process
+from ..metrics import copy_rate, data_hash, device_name, extract_features, fid, inception_extractor, kid, swd
+from ..models import count_params, ddpm_fingerprint, unet_size
+from ..noise import check_level, check_t_trunc, num_levels
+from ..outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
+from ..reporting import comparison_figure, cost_figure, curves_figure, result_row
+from ..runtime import dip_config, load_context, pick_device, pick_dip_preset
+from .common import RunOptions
 
-CACHE_VERSION = 2  # 2: blind rows keyed on the noise model and the clipping-aware observation
+# 3: keys from the options each method reads (registry.Method.reads); images in safetensors
+CACHE_VERSION = 3
 TABLE_NAMES = ("table1", "table2", "table3", "table4")
 
 # The report's settings: the defaults, and what "shrunk" is measured against.
-REPORT_N = 200
-REPORT_T_NOISY = 600
-REPORT_T_TRUNC = 10
-REPORT_T_TRUNCS = (0, 5, 10, 50)
-REPORT_DDPM_STEPS = 1000
+REPORT_N = defaults.N_IMAGES
+REPORT_T_NOISY = defaults.T_NOISY
+REPORT_T_TRUNC = defaults.T_TRUNC
+REPORT_T_TRUNCS = defaults.T_TRUNCS
+REPORT_DDPM_STEPS = defaults.DDPM_STEPS
 REPORT_DIP = dip_defaults("paper", "paper-dip")  # 100 iterations, Adam lr 1e-4
 FIG3_T_TRUNCS = (10, 50, 100)
 
@@ -66,8 +77,8 @@ class RowSpec:
 
     label: str
     task: str                    # "denoise" | "generate"
-    method: str                  # ddpm | dip | tdpm-dip | ddim
-    protocol: str                # paper | blind | noise (generation from pure noise)
+    method: str                  # a registry name
+    protocol: str                # paper | blind | unconditional (generation from pure noise)
     model: str = "linear"        # which model slot: "linear" (--model) or "cosine" (--model-cosine)
     generator: str | None = None  # tdpm: the generator folder (its T_trunc is t_trunc)
     t_trunc: int | None = None   # tdpm-dip: None = the default (paper: --t-trunc) / automatic (blind)
@@ -84,14 +95,14 @@ class BenchSettings:
     protocol: str = "paper"
     n: int = REPORT_N
     seed: int = 0
-    sigma: float = 25.0
+    sigma: float = defaults.SIGMA
     t_noisy: int = REPORT_T_NOISY
     t_trunc: int | None = None          # None: 10 (paper) / automatic (blind)
     t_truncs: tuple[int, ...] = REPORT_T_TRUNCS
-    samples: int = 4
-    noise: str = "clipped"              # blind: observation model of tasks.add_noise
-    declip: bool = True                 # blind: the clipping-aware observation (tasks.declip)
-    blind_ddim_steps: int = 10          # blind ddim: steps from t*
+    samples: int = defaults.SAMPLES
+    noise: str = defaults.NOISE_MODEL   # blind: observation model of observe.add_noise
+    declip: bool = True                 # blind: the clipping-aware observation (observe.declip)
+    blind_ddim_steps: int = defaults.BLIND_DDIM_STEPS  # blind ddim: steps from t*
     methods: tuple[str, ...] = ()       # blind denoising rows to run (empty: every blind method of the registry)
     ddpm_steps: int = REPORT_DDPM_STEPS
     ddim_steps: int | None = None       # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
@@ -123,19 +134,17 @@ LABELS = {"ddpm": "DDPM", "dip": "DIP", "tdpm-dip": "TDPM-DIP", "tdpm": "TDPM (a
 TABLE1_DDIM_STEPS = 50          # table1's second DDIM row (the first runs at TDPM's 1 + T_trunc NFE)
 
 
-def _blind_method_names() -> list[str]:
-    """The registry's blind denoisers, best first; those whose optional extra is missing are left out."""
-    return [m.name for m in methods("denoise", "blind") if installed(m)]
-
-
 def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
+    """Every denoiser of the registry under the protocol (blind: those whose extra is installed, or --methods)."""
     rows = []
-    blind = [m for m in _blind_method_names() if not s.methods or m in s.methods]
-    for m in (("ddpm", "dip", "tdpm-dip") if s.protocol == "paper" else blind):
-        t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if m == "tdpm-dip" else None
+    for m in registry.methods("denoise", s.protocol, installed_only=True):
+        if s.protocol == "blind" and s.methods and m.name not in s.methods:
+            continue
+        t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if "t_trunc" in m.reads else None
         # The report's numbers are the paper protocol's: beside a blind row they would mislead.
-        report = _report_denoise(REPORT_DENOISE[model].get(m)) if s.protocol == "paper" else ()
-        rows.append(RowSpec(LABELS.get(m, m), "denoise", m, s.protocol, model, t_trunc=t, report=report))
+        report = _report_denoise(REPORT_DENOISE[model].get(m.name)) if s.protocol == "paper" else ()
+        rows.append(RowSpec(LABELS.get(m.name, m.name), "denoise", m.name, s.protocol, model, t_trunc=t,
+                            report=report))
     return rows
 
 
@@ -143,17 +152,17 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
     """The rows of one of the report's tables under the given settings."""
     if name == "table1":
         shrunk = s.ddpm_steps < REPORT_DDPM_STEPS
-        ddpm = (RowSpec(f"DDPM (strided, {s.ddpm_steps} steps)", "generate", "ddim", "noise", steps=s.ddpm_steps,
+        ddpm = (RowSpec(f"DDPM (strided, {s.ddpm_steps} steps)", "generate", "ddim", "unconditional", steps=s.ddpm_steps,
                         eta=1.0, report=_report_generation(REPORT_GENERATION["ddpm"])) if shrunk else
-                RowSpec("DDPM-1000", "generate", "ddpm", "noise", steps=REPORT_DDPM_STEPS,
+                RowSpec("DDPM-1000", "generate", "ddpm", "unconditional", steps=REPORT_DDPM_STEPS,
                         report=_report_generation(REPORT_GENERATION["ddpm"])))
         # DDIM at amortized TDPM's NFE (1 + T_trunc), at 50 steps, and at --ddim-steps when given.
         ddims = {1 + s.paper_t_trunc: "1 + T_trunc NFE", TABLE1_DDIM_STEPS: "50 NFE"}
         if s.ddim_steps:
             ddims.setdefault(s.ddim_steps, "--ddim-steps")
-        rows = [ddpm] + [RowSpec(f"DDIM-{k} ({why})", "generate", "ddim", "noise", steps=k, eta=0.0)
+        rows = [ddpm] + [RowSpec(f"DDIM-{k} ({why})", "generate", "ddim", "unconditional", steps=k, eta=0.0)
                          for k, why in ddims.items()]
-        rows += [RowSpec(f"TDPM (amortized, T_trunc {t}, {1 + t} NFE)", "generate", "tdpm", "noise", t_trunc=t,
+        rows += [RowSpec(f"TDPM (amortized, T_trunc {t}, {1 + t} NFE)", "generate", "tdpm", "unconditional", t_trunc=t,
                          generator=g) for t, g in sorted(s.generators.items())]
         return rows + [RowSpec("TDPM-DIP (paper; reconstructs --data)", "generate", "tdpm-dip", "paper",
                                t_trunc=s.paper_t_trunc, report=_report_generation(REPORT_GENERATION["tdpm-dip"]))]
@@ -198,13 +207,15 @@ def _json_safe(d: dict) -> dict:
 
 
 class Bench:
-    """Runs row specs with caching. `load_context(slot)` returns the `Context` of a model slot."""
+    """Runs row specs with caching. `load_context(slot)` returns the `Context` of a model slot; `shard`, under
+    a launcher, this process's share of every row's images."""
 
     def __init__(self, settings: BenchSettings, load_context: Callable[[str], Context], data: str,
                  load_data: Callable[[int, int], torch.Tensor], out: Path, models: dict[str, str | None],
-                 extractor: Callable | None = None, echo: Callable[[str], None] = print) -> None:
+                 extractor: Callable | None = None, echo: Callable[[str], None] = print,
+                 shard: Shard | None = None) -> None:
         self.s, self._load_context, self.data, self.out = settings, load_context, data, Path(out)
-        self.models, self.echo, self.extractor = models, echo, extractor
+        self.models, self.echo, self.extractor, self.shard = models, echo, extractor, shard
         self.cache = self.out / "cache"
         self._ctx: dict[str, Context] = {}
         self._dip_memo: dict = {}
@@ -217,8 +228,13 @@ class Bench:
             settings.n = int(self.images.shape[0])
         self.device_name = device_name(ctx.device)
         self._data_hashes: dict[int, str] = {}
-        self._generators: dict[str, tuple[object, str]] = {}  # folder -> (Generator, fingerprint)
+        self._generators: dict[str, tuple[TDPMGenerator, str]] = {}  # folder -> (generator, fingerprint)
         self.computed: list[str] = []   # keys of rows run (not read from the cache) by this object
+
+    @property
+    def main(self) -> bool:
+        """The process that reads and writes RUN (under a launcher, rank 0)."""
+        return self.shard is None or self.shard.is_main
 
     def context(self, slot: str) -> Context:
         if slot not in self._ctx:
@@ -229,11 +245,9 @@ class Bench:
             self._fp[slot] = ddpm_fingerprint(self._ctx[slot].unet, self._ctx[slot].scheduler)
         return self._ctx[slot]
 
-    def generator(self, path: str):  # noqa: ANN201 - (generator.Generator, fingerprint)
-        """The generator of a tdpm row, loaded once and checked against the DDPM (one-line errors)."""
+    def generator(self, path: str) -> tuple[TDPMGenerator, str]:
+        """The generator of a tdpm row and its fingerprint, loaded once and checked against the DDPM."""
         if path not in self._generators:
-            from .generator import generator_fingerprint, load_generator
-
             ctx = self.context("linear")
             self._generators[path] = (load_generator(path, ctx.unet, ctx.scheduler, ctx.device),
                                       generator_fingerprint(path))
@@ -246,10 +260,9 @@ class Bench:
 
     @staticmethod
     def dip_use(spec: RowSpec) -> str:
-        """Which DIP settings a row fits with: paper, blind (the dip row) or plugin (the blind tdpm-dip row)."""
-        if spec.protocol != "blind":
-            return "paper"
-        return "plugin" if spec.method == "tdpm-dip" else "blind"
+        """Which DIP settings a row fits with (`registry.Method.dip`: paper, blind or plugin); rows without a
+        DIP carry the paper settings, which they never read."""
+        return registry.get(spec.task, spec.protocol, spec.method).dip or "paper"
 
     def dip_cfg(self, spec: RowSpec) -> DIPConfig:
         return self.s.dip[self.dip_use(spec)]
@@ -257,104 +270,95 @@ class Bench:
     def row_n(self, spec: RowSpec) -> int:
         return min(spec.n or self.s.n, self.s.n)
 
+    def options(self, spec: RowSpec) -> dict:
+        """The row's Job options (without its images and seeds)."""
+        if spec.task == "generate":
+            return {"t_trunc": spec.t_trunc, "ddim_steps": spec.steps, "eta": spec.eta}
+        if spec.protocol == "paper":
+            return {"t_noisy": self.s.t_noisy,
+                    "t_trunc": spec.t_trunc if spec.t_trunc is not None else self.s.paper_t_trunc}
+        return {"sigma": (self.s.sigma,), "t_trunc": spec.t_trunc, "samples": self.s.samples,
+                "ddim_steps": self.s.blind_ddim_steps, "declip": self.s.declip}
+
     def key(self, spec: RowSpec) -> tuple[str, dict]:
         """The cache key: a hash of everything that determines this row's numbers and images."""
+        m = registry.get(spec.task, spec.protocol, spec.method)
         ctx = self.context(spec.model)
         n = self.row_n(spec)
+        options = self.options(spec)
         d: dict = {"v": CACHE_VERSION, "task": spec.task, "method": spec.method, "protocol": spec.protocol,
                    "model": self._fp[spec.model], "data": self.data_hash(n), "n": n, "seed": self.s.seed,
                    "device": self.device_name, "amp": str(ctx.amp_dtype)}
-        if spec.task == "generate":
-            d.update(steps=spec.steps, eta=spec.eta)
-        if spec.protocol == "paper" and spec.task == "denoise":
-            d["t_noisy"] = self.s.t_noisy
-        if spec.protocol == "blind":
-            d.update(sigma=self.s.sigma, noise=self.s.noise, declip=self.s.declip)
-            if spec.method == "ddim":
-                d["ddim_steps"] = self.s.blind_ddim_steps
-            if spec.method == "ddpm":
-                d["samples"] = self.s.samples
-        if spec.method in ("dip", "tdpm-dip"):
+        d.update({k: options[k] for k in m.reads})
+        if spec.protocol == "blind":  # the observation every blind row is given
+            d.update(sigma=self.s.sigma, noise=self.s.noise)
+        if m.uses_dip:
             d["dip"] = dataclasses.asdict(self.dip_cfg(spec))
-        if spec.method == "tdpm":
-            d.update(t_trunc=spec.t_trunc, generator=self.generator(spec.generator)[1])
-        if spec.method == "tdpm-dip":
-            d["t_trunc"] = spec.t_trunc
-            if spec.protocol == "blind":
-                d["samples"] = self.s.samples
+        if spec.generator is not None:
+            d["generator"] = self.generator(spec.generator)[1]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20], d
 
     def cached(self, key: str) -> bool:
-        return (self.cache / f"{key}.json").is_file() and (self.cache / f"{key}.pt").is_file()
+        return (self.cache / f"{key}.json").is_file() and (self.cache / f"{key}.safetensors").is_file()
 
     def run_row(self, spec: RowSpec) -> Result:
-        """Run one row through tasks.py."""
-        ctx = dataclasses.replace(self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"))
+        """Run one row through the registry's dispatch."""
+        gen = self.generator(spec.generator)[0] if spec.generator is not None else None
+        ctx = dataclasses.replace(self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"),
+                                  generator=gen)
         n = self.row_n(spec)
         clean = self.images[:n]
-        seeds = list(range(self.s.seed, self.s.seed + n))
+        seeds = tuple(range(self.s.seed, self.s.seed + n))
         if spec.task == "generate":
-            if spec.method == "tdpm-dip":
-                return generate(ctx, "tdpm-dip", seeds, t_trunc=spec.t_trunc, reference=clean)
-            if spec.method == "tdpm":
-                ctx = dataclasses.replace(ctx, generator=self.generator(spec.generator)[0])
-                return generate(ctx, "tdpm", seeds, t_trunc=spec.t_trunc)
-            if spec.method == "ddpm":
-                return generate(ctx, "ddpm", seeds)
-            return generate(ctx, "ddim", seeds, ddim_steps=spec.steps, ddim_eta=spec.eta)
-        if spec.protocol == "paper":
-            t = spec.t_trunc if spec.t_trunc is not None else self.s.paper_t_trunc
-            return denoise_paper(ctx, clean, spec.method, seeds, self.s.t_noisy, t)
-        noisy = add_noise(clean, self.s.sigma, seeds, self.s.noise)
-        job = Job(tuple(seeds), noisy=noisy, sigma=(self.s.sigma,), clean=clean, t_trunc=spec.t_trunc,
-                  samples=self.s.samples, steps=self.s.blind_ddim_steps, declip=self.s.declip)
-        return run(ctx, "denoise", "blind", spec.method, job)
+            images = {"reference": clean}  # TDPM-DIP (paper protocol) reconstructs them; the others ignore them
+        elif spec.protocol == "paper":
+            images = {"clean": clean}
+        else:  # blind: the noisy observation of the clean images (which only score the DIP curves)
+            images = {"noisy": add_noise(clean, self.s.sigma, list(seeds), self.s.noise), "clean": clean}
+        return run(ctx, spec.task, spec.protocol, spec.method, Job(seeds, **images, **self.options(spec)), self.shard)
 
     def _save(self, key: str, keyinfo: dict, spec: RowSpec, res: Result) -> None:
         n = res.images.shape[0]
         clean = self.images[:n] if spec.task == "denoise" else None
-        tensors = {"images": res.images.float().cpu()}
+        tensors = {"images": res.images}
         if res.inputs is not None:
-            tensors["inputs"] = res.inputs.float().cpu()
+            tensors["inputs"] = res.inputs
         if res.dip is not None:
-            tensors["dip_output"] = res.dip.output.float().cpu()
+            tensors["dip_output"] = res.dip.output
+        # Own copies: safetensors refuses tensors that share memory (the DIP row's images are its DIP output).
+        tensors = {k: v.detach().float().cpu().clone().contiguous() for k, v in tensors.items()}
         record = {"key": key, "keyed_on": keyinfo, "device": self.device_name,
                   "metrics": _json_safe(result_row(res, clean)), "info": _json_safe(res.info),
                   "seconds": res.seconds, "curves": res.dip.mean_curves() if res.dip is not None else None}
         # Images first, then the JSON: a row counts as finished only when both exist.
-        with atomic_path(self.cache / f"{key}.pt") as tmp:
-            torch.save(tensors, tmp)
+        with atomic_path(self.cache / f"{key}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         write_json(self.cache / f"{key}.json", record)
 
     def load(self, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
         record = json.loads((self.cache / f"{key}.json").read_text())
-        tensors = torch.load(self.cache / f"{key}.pt", map_location="cpu", weights_only=True)
-        return record, tensors
+        return record, load_file(self.cache / f"{key}.safetensors")
 
     def run(self, specs: list[RowSpec]) -> None:
         """Run every spec not yet cached (each distinct key once), with a progress bar.
 
-        Under a launcher (the context's `shard`) every process runs every row on its share of the
-        images; the main process alone reads the cache, decides which rows are left, and saves them.
+        Under a launcher every process runs every row on its share of the images; the main process alone
+        reads the cache, decides which rows are left, and saves them.
         """
-        from tqdm.auto import tqdm
-
-        shard = self.context("linear").shard
-        main = shard is None or shard.is_main
         todo: dict[str, tuple[RowSpec, dict]] = {}
         for spec in sorted(specs, key=lambda sp: sp.model):  # one model slot at a time
             key, info = self.key(spec)
-            if key not in todo and not (main and self.cached(key)):
+            if key not in todo and not (self.main and self.cached(key)):
                 todo[key] = (spec, info)
-        if shard is not None:
-            todo = shard.broadcast(todo)  # the cache is the main process's (other machines may not see it)
+        if self.shard is not None:
+            todo = self.shard.broadcast(todo)  # the cache is the main process's (other machines may not see it)
         done = len({self.key(sp)[0] for sp in specs}) - len(todo)
         if done:
             self.echo(f"{done} row(s) found in {self.cache}: not recomputed")
-        for key, (spec, info) in tqdm(todo.items(), desc="bench rows", unit="row", disable=not (todo and main)):
+        for key, (spec, info) in tqdm(todo.items(), desc="bench rows", unit="row", disable=not (todo and self.main)):
             self.echo(f"running {spec.label} ({spec.task}, {spec.protocol}, model {spec.model}, n={self.row_n(spec)})")
             res = self.run_row(spec)
-            if main:
+            if self.main:
                 self._save(key, info, spec, res)
             self.computed.append(key)
 
@@ -394,8 +398,6 @@ class _GenMetrics:
         self.fid_note: str | None = None
         self.extractor = bench.extractor
         if bench.s.fid and self.extractor is None:
-            from .metrics import inception_extractor
-
             try:
                 self.extractor = inception_extractor(bench.s.fid_weights, bench.context("linear").device)
             except UserError as e:
@@ -437,7 +439,7 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
         rep = dict(spec.report)
         if "report FID@1k" in rep or bench.s.fid:
             row["report FID@1k"] = rep.get("report FID@1k")
-        if spec.method in ("tdpm-dip", "tdpm"):
+        if "t_trunc" in _entry(spec).reads:
             row["t_trunc"] = m.get("t_trunc")
         row.update({"reverse steps": m["reverse steps"], "report steps": rep.get("report steps"), "NFE": m["NFE"],
                     "s/img": m["s/img"], "report time (T4)": rep.get("report time (T4)")})
@@ -485,19 +487,13 @@ def _csv(rows: list[dict]) -> str:
 
 
 def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[str]]:
-    """What a reader needs to judge a table: protocol, data, models, device, and what was shrunk."""
+    """What a reader needs to judge a table: protocol, data, models, device, and what was shrunk (`notes`)."""
     s = bench.s
-    from .models import count_params
-
-    slots = sorted({sp.model for sp in specs})
-    models = {}
-    for slot in slots:
-        ctx = bench.context(slot)
-        models[slot] = {"path": bench.models[slot], "schedule": _schedule_name(ctx),
-                        "params_M": round(count_params(ctx.unet) / 1e6, 2), "fingerprint": bench._fp[slot]}
+    models = {slot: {"path": bench.models[slot], "schedule": _schedule_name(bench.context(slot)),
+                     "params_M": round(count_params(bench.context(slot).unet) / 1e6, 2), "fingerprint": bench._fp[slot]}
+              for slot in sorted({sp.model for sp in specs})}
     ctx = bench.context("linear")
-    protos = sorted({sp.protocol for sp in specs})
-    proto = ", ".join(protos)
+    proto = ", ".join(sorted({sp.protocol for sp in specs}))
     if name == "table1":
         proto = ("paper for TDPM-DIP (its DIP fits noised --data images); DDPM, DDIM and amortized TDPM (G_psi(z) "
                  "+ T_trunc steps) sample from pure noise")
@@ -505,8 +501,7 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
                "image size": bench.size, "seeds": f"{s.seed}..{s.seed + s.n - 1} (image i uses seed i)",
                "models": models, "device": bench.device_name,
                "dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "float32"}
-    uses_dip = [sp for sp in specs if sp.method in ("dip", "tdpm-dip")]
-    for use in sorted({bench.dip_use(sp) for sp in uses_dip}):
+    for use in sorted({bench.dip_use(sp) for sp in specs if _entry(sp).uses_dip}):
         cfg = s.dip[use]
         h[f"DIP ({use})"] = {"preset": cfg.preset, "iters": cfg.iters, "lr": cfg.lr}
         if use == "blind":
@@ -519,18 +514,27 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
                       else "float: unclipped x + n, as in denoising papers")
         h["clipping-aware observation (declip)"] = "on" if s.declip else "off"
         h["blind tdpm-dip chains averaged"] = s.samples
+    return h, _notes(bench, name, specs, models)
+
+
+def _entry(spec: RowSpec) -> registry.Method:
+    return registry.get(spec.task, spec.protocol, spec.method)
+
+
+def _notes(bench: Bench, name: str, specs: list[RowSpec], models: dict) -> list[str]:
+    """Every setting shrunk or changed from the report's, and the caveats of the table."""
+    s = bench.s
     notes: list[str] = []
     if s.n < REPORT_N:
         notes.append(f"n = {s.n} images (report: {REPORT_N})")
-    for proto in ("paper",):
-        cfg = s.dip.get(proto)
-        if cfg is not None and any(sp.protocol != "blind" for sp in uses_dip):
-            if cfg.preset != REPORT_DIP.preset:
-                notes.append(f"DIP network {cfg.preset} (report: paper-dip, 61.5M parameters)")
-            if cfg.iters != REPORT_DIP.iters:
-                notes.append(f"DIP iterations {cfg.iters} (report: {REPORT_DIP.iters})")
-            if cfg.lr != REPORT_DIP.lr:
-                notes.append(f"DIP learning rate {cfg.lr:g} (report: {REPORT_DIP.lr:g})")
+    paper = s.dip.get("paper")
+    if paper is not None and any(_entry(sp).uses_dip and sp.protocol != "blind" for sp in specs):
+        if paper.preset != REPORT_DIP.preset:
+            notes.append(f"DIP network {paper.preset} (report: paper-dip, 61.5M parameters)")
+        if paper.iters != REPORT_DIP.iters:
+            notes.append(f"DIP iterations {paper.iters} (report: {REPORT_DIP.iters})")
+        if paper.lr != REPORT_DIP.lr:
+            notes.append(f"DIP learning rate {paper.lr:g} (report: {REPORT_DIP.lr:g})")
     if any(sp.protocol == "blind" for sp in specs):
         cfg = s.dip["blind"]
         notes.append(f"blind protocol: not the report's; DIP {cfg.preset}, {cfg.iters} it, lr {cfg.lr:g}, input noise "
@@ -539,7 +543,8 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
                      "protocol's (oracle): blind rows have none beside them")
     if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs) and s.t_noisy != REPORT_T_NOISY:
         notes.append(f"t_noisy = {s.t_noisy} (report: {REPORT_T_NOISY})")
-    if any(sp.method == "tdpm-dip" and sp.protocol == "paper" for sp in specs) and s.paper_t_trunc != REPORT_T_TRUNC:
+    if (any(sp.protocol == "paper" and "t_trunc" in _entry(sp).reads for sp in specs)
+            and s.paper_t_trunc != REPORT_T_TRUNC):
         notes.append(f"T_trunc = {s.paper_t_trunc} (report: {REPORT_T_TRUNC})")
     if name == "table3" and tuple(s.t_truncs) != REPORT_T_TRUNCS:
         notes.append(f"T_trunc values {list(s.t_truncs)} (report: {list(REPORT_T_TRUNCS)})")
@@ -556,7 +561,7 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
                      + " (report: the 113.7M-parameter paper-ddpm)")
     if "NVIDIA T4" not in bench.device_name:
         notes.append(f"timings on {bench.device_name} (report: one NVIDIA T4); s/img excludes model loading")
-    return h, notes
+    return notes
 
 
 def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, RowSpec]) -> list[tuple[str, str]]:
@@ -674,8 +679,7 @@ def run_bench(tables: list[str], bench: Bench) -> dict[str, list[dict]]:
             if sp.model != "linear":
                 bench.context(sp.model)  # fail early when --model-cosine is missing
     bench.run([sp for name in tables for sp in specs[name]] + list(extra.values()))
-    shard = bench.context("linear").shard
-    if shard is not None and not shard.is_main:
+    if not bench.main:
         return {}  # under a launcher the main process writes the tables
     gm = _GenMetrics(bench) if "table1" in tables else None
     # The tables' files are written beside RUN and moved in together (RUN/cache stays where it is).
@@ -711,3 +715,108 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
 
 __all__ = ["Bench", "BenchSettings", "RowSpec", "TABLE_NAMES", "check_out_dir", "fig3_specs", "parse_ints",
            "run_bench", "table_specs"]
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions(RunOptions):
+    """Every option of `tdpm-dip bench` (the CLI documents each one)."""
+
+    tables: tuple[str, ...]
+    model: str
+    data: str
+    out: str
+    model_cosine: str | None = None
+    n: int = REPORT_N
+    protocol: str = "paper"
+    sigma: float = defaults.SIGMA
+    noise: str = defaults.NOISE_MODEL
+    declip: bool = True
+    methods: str = ""                   # comma-separated blind methods (empty: all installed)
+    t_noisy: int = REPORT_T_NOISY
+    t_trunc: int | None = None
+    t_truncs: str = ",".join(map(str, REPORT_T_TRUNCS))
+    samples: int = defaults.SAMPLES
+    ddpm_steps: int = REPORT_DDPM_STEPS
+    ddim_steps: int | None = None
+    fid: bool = False
+    fid_weights: str | None = None
+    generators: tuple[str, ...] = ()
+    fig_images: int = 4
+    dip_preset: str = "paper-dip"       # the report's, on any device (shrink it for CPU runs)
+
+    def settings(self, device: torch.device) -> BenchSettings:
+        """The checked settings of the run (one-line UserErrors for every bad option that needs no model)."""
+        for name in ("n", "samples", "fig_images", "ddpm_steps", "ddim_steps"):
+            check_positive("--" + name.replace("_", "-"), getattr(self, name))
+        check_sigma(self.sigma)
+        chosen = tuple(m for m in self.methods.replace(" ", "").split(",") if m)
+        valid = registry.names("denoise", "blind")
+        unknown = [m for m in chosen if m not in valid]
+        if unknown:
+            raise UserError(f"--methods: unknown blind method(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
+        preset = pick_dip_preset(self.dip_preset, device)
+        cfgs = {use: dip_config(use, preset, self.dip_iters, self.dip_lr) for use in ("paper", "blind", "plugin")}
+        return BenchSettings(protocol=self.protocol, n=self.n, seed=self.seed, sigma=self.sigma, noise=self.noise,
+                             declip=self.declip, methods=chosen, t_noisy=self.t_noisy, t_trunc=self.t_trunc,
+                             t_truncs=parse_ints(self.t_truncs, "--t-truncs"), samples=self.samples,
+                             ddpm_steps=self.ddpm_steps, ddim_steps=self.ddim_steps, fid=self.fid,
+                             fid_weights=self.fid_weights, generators=_generators_by_t_trunc(self.generators),
+                             fig_images=self.fig_images, dip=cfgs)
+
+
+def _generators_by_t_trunc(folders: tuple[str, ...]) -> dict[int, str]:
+    """{T_trunc: folder} of the --generator folders (one per T_trunc)."""
+    by_t: dict[int, str] = {}
+    for g in folders:
+        t = read_generator_info(g)["t_trunc"]
+        if t in by_t:
+            raise UserError(f"--generator {g} and {by_t[t]} are both for T_trunc {t}: give one per T_trunc")
+        by_t[t] = g
+    return by_t
+
+
+def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
+    """Run the tables' rows (cached rows are skipped) and write their files; returns the run folder."""
+    names = list(TABLE_NAMES) if "all" in opts.tables else list(dict.fromkeys(opts.tables))
+    if "table4" in names and opts.model_cosine is None:
+        raise UserError("table4 compares schedules: it needs --model-cosine")
+    settings = opts.settings(pick_device(opts.device))
+    main = is_main_process()  # under a launcher: the only process that reads and writes RUN
+    out_dir = check_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)
+    models = {"linear": opts.model, "cosine": opts.model_cosine}
+    paper = settings.dip["paper"]
+
+    def load(slot: str) -> tuple[Context, Shard | None]:
+        echo(f"loading {models[slot]}")
+        return load_context(models[slot], opts.device, opts.dtype, opts.batch_size, "paper", paper.preset,
+                            paper.iters, paper.lr)
+
+    linear, shard = load("linear")
+    loaded = {"linear": linear}
+
+    def context(slot: str) -> Context:
+        return loaded.pop(slot) if slot in loaded else load(slot)[0]
+
+    def load_data(size: int, limit: int) -> torch.Tensor:
+        return load_images(opts.data, size, limit=limit, progress=main).images
+
+    b = Bench(settings, context, opts.data, load_data, out_dir, models, echo=echo, shard=shard)
+    _check_levels(b.context("linear").scheduler, opts, settings)
+    run_bench(names, b)
+    if main:
+        for name in names:
+            print((out_dir / f"{name}.md").read_text())
+        echo(f"tables and figures in {out_dir}")
+    return out_dir
+
+
+def _check_levels(scheduler: DDPMScheduler, opts: BenchOptions, s: BenchSettings) -> None:
+    """The noise levels and step counts of the options against the DDPM's T (one-line UserErrors)."""
+    check_level(scheduler, opts.t_noisy, "--t-noisy")
+    for t in ((opts.t_trunc,) if opts.t_trunc is not None else ()) + s.t_truncs:
+        check_t_trunc(scheduler, t)
+    T = num_levels(scheduler)
+    if opts.ddpm_steps > T or (opts.ddim_steps or 0) > T:
+        raise UserError(f"--ddpm-steps / --ddim-steps must be <= {T}")

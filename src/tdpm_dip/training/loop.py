@@ -1,21 +1,13 @@
-"""Algorithm 1 of the report: train the DDPM noise predictor eps_theta.
+"""The training loop that Algorithm 1 (`ddpm.py`) and the generator G_psi (`generator.py`) share.
 
-    repeat: x0 ~ q(x0); t ~ Uniform({1, ..., T_trunc}); eps ~ N(0, I);
-            gradient step on || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2
+It uses `accelerate` for device placement, mixed precision and `accelerate launch`; an EMA of the weights
+(the EMA is what is sampled and exported); atomic safetensors checkpoints (no pickle) with the optimizer,
+the LR schedule and any networks trained beside the main one; `--resume` from the latest checkpoint;
+metrics.jsonl with a NaN stop; sample grids. Every random draw of step i comes from generators seeded by
+(seed, i) (`derive_seed`), never from global state, so a resumed run repeats an uninterrupted one exactly on
+the CPU, and the global batch does not depend on the number of processes.
 
-T_trunc = T (the default) is plain DDPM training (Ho et al. 2020, Alg. 1); `t_max` < T trains only the
-first t_max noise levels, the report's truncated variant. In diffusers' 0-based indexing level t is
-timestep t - 1, so t is drawn uniformly from 0..t_max-1.
-
-The loop uses `accelerate` for device placement, mixed precision and `accelerate launch`; AdamW with a
-cosine LR schedule and warm-up, gradient clipping and an EMA of the weights (the EMA is what is sampled
-and exported). Every random draw of step i (which images, flips, t, eps) comes from generators seeded by
-(seed, i), never from global state, so a resumed run repeats an uninterrupted one exactly on the CPU,
-and the global batch does not depend on the number of processes.
-
-Run folder: config.json, metrics.jsonl, samples/step_XXXXXX.png (EMA, DDIM), checkpoints/step_XXXXXX/
-(safetensors + JSON, written atomically) and model/ (a `DDPMPipeline` folder with the EMA weights).
---overwrite of an earlier run builds the new one beside it and swaps it in only when complete.
+A trainer gives `start_run` its networks and optimizer and `run_loop` a step function; this module does the rest.
 """
 
 from __future__ import annotations
@@ -30,128 +22,27 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+import accelerate
+import diffusers
 import numpy as np
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from .config import PRESETS, get_preset
-from .data import ImageSet, load_images, parse_fill
-from .errors import UserError
-from .models import build_unet, count_params, save_ddpm
-from .noise import image_generators, make_scheduler, randn
-from .outputs import prepare_out_dir, save_grid, staged_dir, write_json, write_text
+from .. import __version__
+from ..data import ImageSet
+from ..errors import UserError
+from ..models import count_params
+from ..outputs import prepare_out_dir, staged_dir, write_json, write_text
 
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-NUM_TRAIN_TIMESTEPS = 1000  # T of every scheduler this project trains (the report's, and diffusers' default)
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-# Options a resumed run must share with its checkpoint: changing them would silently train another model
-# (AdamW and the LR schedule restore their own lr, so a new --lr would be ignored, not applied).
-RESUME_MUST_MATCH = ("preset", "size", "schedule", "t_max", "fill", "batch_size", "lr", "warmup_steps",
-                     "ema_decay", "seed")
 CKPT_RE = re.compile(r"step_(\d+)")
-RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "model")  # what a run writes in --out
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class TrainConfig:
-    """Every option of Algorithm 1 (`tdpm-dip train` builds its command-line options from these fields)."""
-
-    data: str = field(metadata=_help("image folder, single image or hub dataset id (e.g. huggan/pokemon)"))
-    out: str = field(metadata=_help("run folder: config.json, metrics.jsonl, samples/, checkpoints/, model/"))
-    preset: str = field(default="small", metadata=_help(f"UNet preset: {', '.join(PRESETS)}"))
-    schedule: str = field(default="linear", metadata=_help("noise schedule: linear or cosine"))
-    t_max: int | None = field(default=None, metadata=_help(
-        "train only noise levels 1..t_max (the report's T_trunc variant); default: all T=1000"))
-    size: int = field(default=64, metadata=_help("image side in pixels (square-padded, Lanczos-resized)"))
-    fill: str = field(default="white", metadata=_help("padding / transparency colour: white, black, #rrggbb"))
-    skip_bad: bool = field(default=False, metadata=_help("skip unreadable images instead of stopping"))
-    limit: int | None = field(default=None, metadata=_help("use only the first N images"))
-    steps: int = field(default=10_000, metadata=_help("total optimizer steps"))
-    epochs: int | None = field(default=None, metadata=_help(
-        "train for this many epochs instead of --steps (the report: 100 epochs at batch 32)"))
-    batch_size: int = field(default=32, metadata=_help("global batch size (split over processes)"))
-    lr: float = field(default=1e-4, metadata=_help("AdamW peak learning rate"))
-    warmup_steps: int = field(default=500, metadata=_help("linear LR warm-up steps before the cosine decay"))
-    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: no clipping)"))
-    ema_decay: float = field(default=0.999, metadata=_help("EMA decay of the sampled / exported weights"))
-    mixed_precision: str = field(default="auto", metadata=_help(
-        "auto (bf16 on recent GPUs, fp16 on older ones, no on CPU), no, bf16 or fp16"))
-    seed: int = field(default=0, metadata=_help("seed of the initial weights, data order, flips, t and noise"))
-    log_every: int = field(default=10, metadata=_help("steps between metrics.jsonl lines (and NaN checks)"))
-    checkpoint_every: int = field(default=1000, metadata=_help("steps between checkpoints (0: only at the end)"))
-    keep_checkpoints: int = field(default=2, metadata=_help("keep this many most recent checkpoints"))
-    sample_every: int = field(default=1000, metadata=_help("steps between EMA sample grids (0: only at the end)"))
-    n_samples: int = field(default=16, metadata=_help("images per sample grid (0: no grids)"))
-    sample_steps: int = field(default=25, metadata=_help("DDIM steps for the sample grids"))
-    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --out"))
-    overwrite: bool = field(default=False, metadata=_help(
-        "write into a non-empty --out, replacing its previous run (its checkpoints and sample grids)"))
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Check every number and name up front: a bad option is a one-line UserError, not a crash later."""
-        if not str(self.data).strip():
-            raise UserError("--data is required (an image folder or a hub dataset id)")
-        if not str(self.out).strip():
-            raise UserError("--out is required (the run folder)")
-        preset = get_preset(self.preset)
-        if self.schedule not in ("linear", "cosine"):
-            raise UserError(f"--schedule must be linear or cosine, got {self.schedule!r}")
-        if self.t_max is not None and not 1 <= self.t_max <= NUM_TRAIN_TIMESTEPS:
-            raise UserError(f"--t-max must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.t_max}")
-        # The UNet halves the resolution len(blocks) - 1 times and concatenates skips: sides must divide.
-        factor = 2 ** (len(preset.block_out_channels) - 1)
-        if self.size < 8 or self.size % factor:
-            raise UserError(f"--size must be >= 8 and a multiple of {factor} for preset {self.preset!r}, "
-                            f"got {self.size}")
-        parse_fill(self.fill)
-        _positive("--steps", self.steps)
-        _positive("--batch-size", self.batch_size)
-        if self.limit is not None:
-            _positive("--limit", self.limit)
-        if self.epochs is not None:
-            _positive("--epochs", self.epochs)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise UserError(f"--grad-clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
-                            f"got {self.mixed_precision!r}")
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
-        _positive("--log-every", self.log_every)
-        _positive("--keep-checkpoints", self.keep_checkpoints)
-        for name in ("checkpoint_every", "sample_every", "n_samples"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.sample_steps <= NUM_TRAIN_TIMESTEPS:
-            raise UserError(f"--sample-steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.sample_steps}")
-        if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite exclude each other: resume continues the run in --out, "
-                            "overwrite starts a new one there")
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"{name} must be a positive integer, got {value}")
 
 
 class TrainingDiverged(UserError):
@@ -181,39 +72,6 @@ def batch_indices(step: int, n_images: int, batch_size: int, seed: int) -> torch
     per_epoch = n_images // batch_size
     epoch, pos = divmod(step, per_epoch)
     return _epoch_permutation(seed, epoch, n_images)[pos * batch_size:(pos + 1) * batch_size]
-
-
-def sample_timesteps(n: int, t_max: int | None, generator: torch.Generator,
-                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Algorithm 1 line 3: t ~ Uniform({1, ..., T_trunc}), returned as diffusers indices 0..T_trunc-1."""
-    hi = num_train_timesteps if t_max is None else t_max
-    if not 1 <= hi <= num_train_timesteps:
-        raise UserError(f"t_max must be in [1, {num_train_timesteps}], got {t_max}")
-    return torch.randint(0, hi, (n,), generator=generator, device=device)
-
-
-def step_draws(step: int, batch_size: int, size: int, seed: int, t_max: int | None,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(flip mask [B], timesteps [B], noise eps [B, 3, size, size]) of 0-based step `step`.
-
-    Drawn for the whole global batch on every process, in a fixed order from one generator living on
-    the training device (noise is never drawn on one device and moved): each process slices its part.
-    """
-    g = torch.Generator(device=device).manual_seed(derive_seed(seed, "step", step))
-    flips = torch.rand(batch_size, generator=g, device=device) < 0.5
-    t = sample_timesteps(batch_size, t_max, g, device=device)
-    eps = torch.randn((batch_size, 3, size, size), generator=g, device=device)
-    return flips, t, eps
-
-
-def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor,
-                   eps: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1 line 6: mean || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2."""
-    x_t = scheduler.add_noise(x0, eps, t)
-    pred = model(x_t, t).sample
-    # The MSE in fp32: under autocast the prediction may be bf16/fp16, and the loss is a small number.
-    return F.mse_loss(pred.float(), eps.float())
 
 
 # ---------------------------------------------------------------- EMA
@@ -300,8 +158,6 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opti
     `extra_modules` (NAME.safetensors) and `extra_optimizers` are networks trained beside `model`, such
     as a GAN's discriminator and its optimizer (generator.py).
     """
-    from safetensors.torch import save_file
-
     final = out / "checkpoints" / f"step_{step:06d}"
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     extra_meta = {}
@@ -334,9 +190,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: EMA, optimizer: tor
                     extra_modules: dict[str, torch.nn.Module] | None = None,
                     extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict:
     """Restore a checkpoint written by `save_checkpoint` in place; returns its JSON part."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads((path / "training_state.json").read_text())
         device = next(model.parameters()).device
@@ -372,17 +225,12 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"
 
 
-def _versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-
-    from . import __version__
-
+def versions() -> dict[str, str]:
     return {"tdpm_dip": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
 
 
-def _check_out_dir(out: Path, allow_existing: bool) -> None:
+def check_out_dir(out: Path, allow_existing: bool) -> None:
     """Read-only version of prepare_out_dir, for the processes that do not write."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
@@ -391,7 +239,7 @@ def _check_out_dir(out: Path, allow_existing: bool) -> None:
 
 
 @contextlib.contextmanager
-def _run_folder(cfg: TrainConfig | LoopOptions, out: Path, owned: tuple[str, ...] = RUN_FILES) -> Iterator[Path]:
+def _run_folder(cfg: LoopOptions, out: Path, owned: tuple[str, ...]) -> Iterator[Path]:
     """Where the main process writes the run: `out` itself, except for --overwrite of an earlier run.
 
     That one is built beside it and replaces the earlier run's files (`owned`, whole) only when it is
@@ -437,8 +285,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _resume_mismatch(saved: dict, cfg: TrainConfig | LoopOptions, n_images: int,
-                     must_match: tuple[str, ...] = RESUME_MUST_MATCH) -> list[str]:
+def _resume_mismatch(saved: dict, cfg: LoopOptions, n_images: int,
+                     must_match: tuple[str, ...]) -> list[str]:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
              for k in must_match if saved.get(k) != getattr(cfg, k)]
     if saved.get("n_images") not in (None, n_images):
@@ -446,21 +294,10 @@ def _resume_mismatch(saved: dict, cfg: TrainConfig | LoopOptions, n_images: int,
     return diffs
 
 
-@torch.no_grad()
-def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int, seed: int,
-                device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """n DDIM samples of `unet` from fixed noise (same seeds at every step, so grids are comparable)."""
-    from .sampling import ddim_chain
-
-    size = int(unet.config.sample_size)
-    gens = image_generators([derive_seed(seed, "samples", i) for i in range(n)], device)
-    x_T = randn((3, size, size), gens, device)
-    return ddim_chain(unet, scheduler, x_T, steps, gens, amp_dtype=amp_dtype)
-
-
 class LoopOptions(Protocol):
     """The options the shared loop reads (TrainConfig and generator.GeneratorConfig both have them)."""
 
+    out: str
     steps: int
     batch_size: int
     seed: int
@@ -474,14 +311,14 @@ class LoopOptions(Protocol):
 
 
 @dataclass(frozen=True)
-class _Run:
-    """What a run fixes once set up: options, data, the networks and their optimizer (built by `_setup`)."""
+class Run:
+    """What a run fixes once set up: options, data, the networks and their optimizer (`start_run`)."""
 
     cfg: LoopOptions                  # with --epochs resolved into steps
     out: Path
     accelerator: Accelerator
     mixed: str                        # the resolved mixed precision: no, bf16 or fp16
-    images: torch.Tensor              # the whole preloaded dataset (see _place)
+    images: torch.Tensor              # the whole preloaded dataset (see place_images)
     n_images: int
     scheduler: DDPMScheduler
     unet: UNet2DModel                 # the bare network: the EMA, checkpoints and export read it
@@ -506,7 +343,7 @@ class _Run:
 
 
 @dataclass
-class _RunLog:
+class RunLog:
     """What the loop carries from step to step: the last checkpoint written and the current metrics window.
 
     Losses and gradient norms stay on the device and are read once per window (every log_every steps): a
@@ -524,31 +361,27 @@ class _RunLog:
 
 
 # A training step: (run, 1-based step) -> (loss, gradient norm, further scalars to log), left on the device.
-StepFn = Callable[[_Run, int], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+StepFn = Callable[[Run, int], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def train(cfg: TrainConfig, progress: bool = True, callback: Callable[[int], None] | None = None) -> Path:
-    """Algorithm 1: train eps_theta on `cfg.data`; returns the exported `DDPMPipeline` folder `out/model`.
-
-    `callback(step)` is called after every optimizer step (1-based) on every process.
-    """
-    cfg.validate()
-    with contextlib.ExitStack() as folder:  # holds the staging of an --overwrite run (_run_folder)
-        run = _setup(cfg, progress, folder)
-        run_loop(run, _train_step, _save_samples, progress, callback, "train")
-        _export(run)
-    run.accelerator.wait_for_everyone()  # the main process has put the run in place
-    return Path(cfg.out) / "model"
+def optimizer_step(run: Run, loss: torch.Tensor, max_norm: float = math.inf) -> torch.Tensor:
+    """Backward, the gradient norm (clipped to max_norm; inf measures it without clipping, for the log and
+    the NaN check), one optimizer and LR step, then the EMA; returns the norm, left on the device."""
+    run.accelerator.backward(loss)
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm).detach()
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.unet)
+    return grad_norm
 
 
-def run_loop(run: _Run, step_fn: StepFn, sample_fn: Callable[[_Run, int], None], progress: bool = True,
+def run_loop(run: Run, step_fn: StepFn, sample_fn: Callable[[Run, int], None], progress: bool = True,
              callback: Callable[[int], None] | None = None, desc: str = "train") -> None:
     """The steps run.start+1 .. cfg.steps: metrics and the NaN stop every log_every steps, atomic
     checkpoints every checkpoint_every, sample grids every sample_every, and at the last step."""
-    from tqdm.auto import tqdm
-
     cfg = run.cfg
-    log = _RunLog(last_ckpt=run.resumed_from, step_last=run.start)
+    log = RunLog(last_ckpt=run.resumed_from, step_last=run.start)
     bar = tqdm(total=cfg.steps, initial=run.start, desc=desc, unit="step",
                disable=not (progress and run.main), dynamic_ncols=True)
     try:
@@ -577,60 +410,7 @@ def run_loop(run: _Run, step_fn: StepFn, sample_fn: Callable[[_Run, int], None],
         bar.close()
 
 
-def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> _Run:
-    """Accelerator, data, networks and optimizer; restores the latest checkpoint when resuming and
-    (main process) starts the run folder (`_run_folder`, entered into `folder`)."""
-    from accelerate import Accelerator
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
-    out = Path(cfg.out)
-    mixed = resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed)
-    device, main, nproc = accelerator.device, accelerator.is_main_process, accelerator.num_processes
-
-    _check_out_dir(out, allow_existing=cfg.resume or cfg.overwrite)
-    data = load_images(cfg.data, cfg.size, cfg.fill, cfg.skip_bad, cfg.limit, progress=progress and main)
-    n = len(data)
-    if cfg.batch_size > n:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the dataset ({n} images in {cfg.data})")
-    if cfg.batch_size % nproc:
-        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {nproc} processes")
-    if cfg.epochs is not None:
-        cfg = replace(cfg, steps=cfg.epochs * (n // cfg.batch_size))
-
-    if device.type == "cuda":
-        # TF32 for whatever autocast leaves in fp32: nearly free on Ampere+, and this loop is not precision-bound.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    scheduler = make_scheduler(cfg.schedule, NUM_TRAIN_TIMESTEPS)
-    unet = build_unet(cfg.preset, seed=cfg.seed, sample_size=cfg.size).to(device).train()
-    ema = EMA(unet, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
-    # Stepped by us once per optimizer step; handing it to accelerator.prepare would step it once per
-    # process (accelerate's convention), shortening the schedule under `accelerate launch`.
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    images = _place(data, device)
-    run_config = {**asdict(cfg), "n_images": n}
-    start, resumed_from = resume_run(cfg, out, n, unet, ema, optimizer, lr_scheduler)
-    out = open_run_folder(cfg, out, folder, accelerator, start, RUN_FILES, {
-        "config": run_config, "algorithm": "Algorithm 1 (DDPM training)", "resumed_from": str(resumed_from)
-        if resumed_from else None, "device": str(device), "device_name": _device_name(device),
-        "num_processes": nproc, "mixed_precision": mixed, "params": count_params(unet),
-        "unet": get_preset(cfg.preset).unet_kwargs(cfg.size), "scheduler": dict(scheduler.config),
-        "versions": _versions(),
-    })
-
-    model, optimizer = accelerator.prepare(unet, optimizer)
-    if resumed_from is not None and accelerator.scaler is not None:
-        saved_scaler = json.loads((resumed_from / "training_state.json").read_text()).get("grad_scaler")
-        if saved_scaler:
-            accelerator.scaler.load_state_dict(saved_scaler)
-    return _Run(cfg, out, accelerator, mixed, images, n, scheduler, unet, model, ema, optimizer, lr_scheduler,
-                run_config, start, resumed_from)
-
-
-def open_run_folder(cfg: TrainConfig | LoopOptions, out: Path, folder: contextlib.ExitStack, accelerator: Accelerator,
+def open_run_folder(cfg: LoopOptions, out: Path, folder: contextlib.ExitStack, accelerator: Accelerator,
                     start: int, owned: tuple[str, ...], config_json: dict) -> Path:
     """Where the main process writes the run (`_run_folder`, entered into `folder`): prepared, cleaned
     after a cut --resume (partial writes removed, metrics after the checkpoint dropped), config.json written."""
@@ -645,9 +425,9 @@ def open_run_folder(cfg: TrainConfig | LoopOptions, out: Path, folder: contextli
     return out
 
 
-def resume_run(cfg: TrainConfig | LoopOptions, out: Path, n_images: int, unet: UNet2DModel, ema: EMA,
+def resume_run(cfg: LoopOptions, out: Path, n_images: int, unet: UNet2DModel, ema: EMA,
                optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-               must_match: tuple[str, ...] = RESUME_MUST_MATCH,
+               must_match: tuple[str, ...],
                extra_modules: dict[str, torch.nn.Module] | None = None,
                extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[int, Path | None]:
     """--resume: restore the latest checkpoint in place; returns (its step, its folder), or (0, None)."""
@@ -666,31 +446,7 @@ def resume_run(cfg: TrainConfig | LoopOptions, out: Path, n_images: int, unet: U
     return start, last
 
 
-def _train_step(run: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimizer step (1-based `step`) of Algorithm 1 and the EMA; returns the loss and the gradient norm,
-    left on the device (and no further scalars)."""
-    cfg, acc = run.cfg, run.accelerator
-    i = step - 1  # 0-based index of this step's random draws
-    idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
-    flips, t, eps = step_draws(i, cfg.batch_size, cfg.size, cfg.seed, cfg.t_max, run.device)
-    local_bs = cfg.batch_size // acc.num_processes
-    mine = slice(acc.process_index * local_bs, (acc.process_index + 1) * local_bs)  # this process's share
-    x0 = run.images[idx[mine].to(run.images.device)].to(run.device, non_blocking=True)
-    x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)  # random horizontal flips
-    with acc.autocast():
-        loss = diffusion_loss(run.model, run.scheduler, x0, t[mine], eps[mine])
-    acc.backward(loss)
-    # max_norm=inf (--grad-clip 0) measures the norm without clipping: it is logged and NaN-checked.
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm).detach()
-    run.optimizer.step()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.ema.update(run.unet)
-    return loss.detach(), grad_norm, {}
-
-
-def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
+def _log_metrics(run: Run, log: RunLog, step: int) -> dict:
     """Read the window's losses and gradient norms (the host sync), stop on NaN / inf, append a line to
     metrics.jsonl (main process) and start the next window; returns the line."""
     cfg = run.cfg
@@ -732,7 +488,7 @@ def _log_metrics(run: _Run, log: _RunLog, step: int) -> dict:
     return rec
 
 
-def _checkpoint(run: _Run, log: _RunLog, step: int) -> None:
+def _checkpoint(run: Run, log: RunLog, step: int) -> None:
     """Write checkpoint `step` (main process), recorded in `log`; drop those beyond --keep-checkpoints."""
     if run.main:
         scaler = run.accelerator.scaler
@@ -744,26 +500,7 @@ def _checkpoint(run: _Run, log: _RunLog, step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _save_samples(run: _Run, step: int) -> None:
-    cfg = run.cfg
-    if run.main and cfg.n_samples > 0:
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed)
-        x = sample_grid(run.ema.model, run.scheduler, cfg.n_samples, cfg.sample_steps, cfg.seed, run.device,
-                        amp_dtype)
-        save_grid(x, run.out / "samples" / f"step_{step:06d}.png", upscale=max(1, 64 // cfg.size))
-
-
-def _export(run: _Run) -> Path:
-    """The EMA weights as a `DDPMPipeline` folder, out/model (written atomically)."""
-    export = run.out / "model"
-    if run.main:
-        with staged_dir(export) as tmp:
-            save_ddpm(run.ema.model, run.scheduler, tmp)
-    run.accelerator.wait_for_everyone()
-    return export
-
-
-def _place(data: ImageSet, device: torch.device) -> torch.Tensor:
+def place_images(data: ImageSet, device: torch.device) -> torch.Tensor:
     """Keep the preloaded images on the training device when they fit easily (no per-step copies)."""
     imgs = data.images.float()
     if device.type == "cuda" and imgs.numel() * 4 > 4 * 2**30:
@@ -771,8 +508,46 @@ def _place(data: ImageSet, device: torch.device) -> torch.Tensor:
     return imgs.to(device)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return platform.processor() or platform.machine()
 
+
+def start_accelerator(cfg: LoopOptions, mixed: str) -> Accelerator:
+    """The run's Accelerator (its device, mixed precision and processes), once --out is known to be usable."""
+    accelerator = Accelerator(mixed_precision=mixed)
+    check_out_dir(Path(cfg.out), allow_existing=cfg.resume or cfg.overwrite)
+    return accelerator
+
+
+def start_run(cfg: LoopOptions, accelerator: Accelerator, mixed: str, folder: contextlib.ExitStack, *,
+              images: torch.Tensor, n_images: int, scheduler: DDPMScheduler, unet: UNet2DModel, ema: EMA,
+              optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+              run_config: dict, algorithm: str, describe: dict, must_match: tuple[str, ...], owned: tuple[str, ...],
+              extra_modules: dict[str, torch.nn.Module] | None = None,
+              extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[Run, list]:
+    """What every trainer does once its networks and optimizer exist: restore the latest checkpoint (--resume),
+    open the run folder with its config.json (the options, `algorithm`, where it resumed from, the device and
+    versions, plus `describe`), and prepare the networks with accelerate.
+
+    Returns the Run and the prepared `extra_modules` then `extra_optimizers`, in their order."""
+    extra_modules, extra_optimizers = extra_modules or {}, extra_optimizers or {}
+    start, resumed_from = resume_run(cfg, Path(cfg.out), n_images, unet, ema, optimizer, lr_scheduler, must_match,
+                                     extra_modules, extra_optimizers)
+    device = accelerator.device
+    out = open_run_folder(cfg, Path(cfg.out), folder, accelerator, start, owned, {
+        "config": run_config, "algorithm": algorithm, "resumed_from": str(resumed_from) if resumed_from else None,
+        "device": str(device), "device_name": device_name(device), "num_processes": accelerator.num_processes,
+        "mixed_precision": mixed, "params": count_params(unet), **describe, "scheduler": dict(scheduler.config),
+        "versions": versions(),
+    })
+    model, optimizer, *extras = accelerator.prepare(unet, optimizer, *extra_modules.values(),
+                                                    *extra_optimizers.values())
+    if resumed_from is not None and accelerator.scaler is not None:
+        saved_scaler = json.loads((resumed_from / "training_state.json").read_text()).get("grad_scaler")
+        if saved_scaler:
+            accelerator.scaler.load_state_dict(saved_scaler)
+    run = Run(cfg, out, accelerator, mixed, images, n_images, scheduler, unet, model, ema, optimizer, lr_scheduler,
+              run_config, start, resumed_from, extra_modules, extra_optimizers)
+    return run, extras

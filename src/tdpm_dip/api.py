@@ -1,0 +1,175 @@
+"""The Python API, in the style of diffusers' pipelines: `Denoiser` and `Generator`.
+
+    from tdpm_dip import Denoiser, Generator
+    den = Denoiser.from_pretrained()                  # the shipped default model (no download)
+    out = den.denoise(Image.open("noisy.png"))        # blind: sigma estimated, the default method
+    out.images[0].save("clean.png")                   # the input's size and type
+    gen = Generator.from_pretrained()
+    gen.generate(16, seed=0).images                   # PIL images
+
+The CLI and the app call these objects too, so a command, a click in the app and a line of Python
+run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import defaults, registry
+from .data import ImageInput, read_user_image
+from .errors import UserError, check_positive
+from .embedded import resolve_generator
+from .generator import load_generator
+from .methods import Context, Job, Result, run, run_native
+from .methods.observe import blind_sigmas
+from .methods.shard import Shard
+from .noise import check_t_trunc
+from .images import to_uint8
+from .runtime import load_context
+
+
+@dataclass
+class DenoiseOutput:
+    """Denoised images (the inputs' sizes and types: PIL in, PIL out; arrays in, uint8 arrays out) and their cost."""
+
+    images: list
+    method: str
+    sigma: list[float]                 # the noise level used for each image (0..255 scale)
+    sigma_estimated: bool
+    seconds: float                     # compute time for all images
+    nfe: float                         # network evaluations per image (mean)
+    tensors: list[torch.Tensor] = field(default_factory=list, repr=False)  # [3, H, W] in [-1, 1]
+
+
+@dataclass
+class GenerateOutput:
+    """Generated images (PIL) and their cost; `result` holds the tensors and the method's details."""
+
+    images: list[Image.Image]
+    method: str
+    protocol: str
+    seconds: float
+    nfe: int
+    result: Result = field(repr=False)
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list, bool]:
+    if isinstance(images, (list, tuple)):
+        return list(images), True
+    return [images], False
+
+
+def _like(x: torch.Tensor, given: object) -> object:
+    """The output in the type of its input: PIL for PIL or a path, a uint8 array for an array."""
+    a = to_uint8(x)
+    return a if isinstance(given, np.ndarray) else Image.fromarray(a)
+
+
+class Denoiser:
+    """Blind denoising with a DDPM prior: only the noisy image (and, if known, its noise level) is used."""
+
+    def __init__(self, ctx: Context, shard: Shard | None = None, name: str = "") -> None:
+        self.ctx, self.shard, self.name = ctx, shard, name
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, device: str = "auto", dtype: str = "auto",
+                        batch_size: int = defaults.BATCH_SIZE, dip_preset: str = "auto", dip_iters: int | None = None,
+                        dip_lr: float | None = None, progress: bool = False) -> Denoiser:
+        """A DDPM folder or hub id, or None for the model shipped in the package (no download)."""
+        ctx, shard = load_context(model, device, dtype, batch_size, "blind", dip_preset, dip_iters, dip_lr, progress)
+        return cls(ctx, shard, model or "embedded default")
+
+    @property
+    def methods(self) -> list[str]:
+        """The blind methods that can run here, best first (the first is the default)."""
+        return [m.name for m in registry.methods("denoise", "blind", installed_only=True)]
+
+    def denoise(self, images: ImageInput | Sequence[ImageInput], sigma: float | Sequence[float] | None = None,
+                method: str | None = None, seed: int = 0, **options: object) -> DenoiseOutput:
+        """Denoise one image or a list (paths, PIL images or uint8 arrays), each at its own size.
+
+        sigma: the noise std on the 0..255 scale (one for all, or one per image); None estimates it per image.
+        Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, t_trunc, declip.
+        """
+        given, _ = _as_list(images)
+        x = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]
+        if sigma is None or isinstance(sigma, (int, float)):
+            sig = blind_sigmas(x, sigma)
+        else:
+            sig = [s for v in sigma for s in blind_sigmas([x[0]], float(v))]
+            if len(sig) != len(x):
+                raise UserError(f"{len(sig)} sigmas for {len(x)} images: give one, or one per image")
+        out, seconds, nfe = self.denoise_tensors(x, sig, method, list(range(seed, seed + len(x))), **options)
+        return DenoiseOutput([_like(o, g) for o, g in zip(out, given)], method or self.methods[0], sig,
+                             sigma is None, seconds, nfe, out)
+
+    def denoise_tensors(self, images: list[torch.Tensor], sigmas: list[float], method: str | None,
+                        seeds: list[int], **options: object) -> tuple[list[torch.Tensor], float, float]:
+        """[3, H, W] tensors in [-1, 1] of any sizes -> (denoised tensors, seconds, mean NFE per image).
+
+        Images of one size run together (`methods.run_native`), each with its own seed and sigma."""
+        name = method or self.methods[0]
+        registry.get("denoise", "blind", name)  # an unknown method fails before any work
+        outputs: list[torch.Tensor | None] = [None] * len(images)
+        seconds = nfe = 0.0
+        sizes = [tuple(x.shape[-2:]) for x in images]
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            job = Job(tuple(seeds[i] for i in idx), noisy=torch.stack([images[i] for i in idx]),
+                      sigma=tuple(sigmas[i] for i in idx), **options)  # type: ignore[arg-type]
+            res = run_native(self.ctx, name, job, self.shard)
+            for k, i in enumerate(idx):
+                outputs[i] = res.images[k]
+            seconds += res.seconds
+            nfe += res.nfe * len(idx)
+        return outputs, seconds, nfe / max(1, len(images))  # type: ignore[return-value]
+
+
+class Generator:
+    """Image generation with a DDPM: DDPM / DDIM from noise, amortized TDPM (G_psi + T_trunc steps), TDPM-DIP."""
+
+    def __init__(self, ctx: Context, shard: Shard | None = None, name: str = "") -> None:
+        self.ctx, self.shard, self.name = ctx, shard, name
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, generator: str | None = None, device: str = "auto",
+                        dtype: str = "auto", batch_size: int = defaults.BATCH_SIZE, dip_preset: str = "auto",
+                        dip_iters: int | None = None, dip_lr: float | None = None,
+                        progress: bool = False) -> Generator:
+        """A DDPM (None: the shipped one) and, for amortized TDPM, a generator folder of `train-generator`
+        (None with the shipped DDPM: the shipped generator)."""
+        folder = resolve_generator(model, generator)
+        ctx, shard = load_context(model, device, dtype, batch_size, "paper", dip_preset, dip_iters, dip_lr, progress)
+        if folder is not None:
+            ctx.generator = load_generator(folder, ctx.unet, ctx.scheduler, ctx.device)
+        return cls(ctx, shard, model or "embedded default")
+
+    @property
+    def methods(self) -> list[str]:
+        """The generation methods that can run with what is loaded, best first (the first is the default)."""
+        have = {"generator"} if self.ctx.generator is not None else set()
+        return [m.name for m in registry.methods("generate") if set(m.needs) - {"reference"} <= have]
+
+    def generate(self, n: int = defaults.N_GENERATE, seed: int = 0, method: str | None = None,
+                 reference: torch.Tensor | None = None, **options: object) -> GenerateOutput:
+        """n new images (image i uses seed SEED + i). `options` are Job fields: ddim_steps, eta, t_trunc.
+        TDPM-DIP (paper protocol) reconstructs `reference` images instead."""
+        check_positive("n", n)
+        name = method or self.methods[0]
+        m = registry.find("generate", name)
+        if "generator" in m.needs and self.ctx.generator is None:
+            raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
+        if options.get("t_trunc") is not None:
+            check_t_trunc(self.ctx.scheduler, int(options["t_trunc"]))  # type: ignore[arg-type]
+        job = Job(tuple(range(seed, seed + n)), reference=reference, **options)  # type: ignore[arg-type]
+        res = run(self.ctx, "generate", m.protocol, name, job, self.shard)
+        return GenerateOutput([Image.fromarray(a) for a in to_uint8(res.images)], name, res.protocol, res.seconds,
+                              res.nfe, res)
+
+
+__all__ = ["DenoiseOutput", "Denoiser", "GenerateOutput", "Generator"]

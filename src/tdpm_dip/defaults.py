@@ -1,0 +1,47 @@
+"""The one table of defaults. The CLI's options, the bench, the demo, the app and the Python API read them here.
+
+Plain data, no torch: `tdpm-dip --help` renders them without loading a network library. The report's
+settings (Sec. 4 and anchors.md) are the defaults wherever the report fixes one.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ the report's protocol (paper)
+T_NOISY = 600          # paper denoising: level of the noisy image x_{t_noisy} (the report's t = 600)
+T_TRUNC = 10           # TDPM-DIP's truncation level T_trunc (the report's Table 2)
+T_TRUNCS = (0, 5, 10, 50)  # Table 3's ablation
+N_IMAGES = 200         # the report's test set size (bench)
+DDPM_STEPS = 1000      # generation from pure noise: all T steps
+
+# ------------------------------------------------------------------ blind denoising
+SIGMA = 25.0           # noise std on the 0..255 scale when noise is added here (bench, demo, --clean)
+SAMPLES = 4            # reverse chains (posterior samples) averaged per image: blind ddpm and tdpm-dip
+BLIND_DDIM_STEPS = 10  # blind ddim: network evaluations from t*
+NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
+
+# ------------------------------------------------------------------ generation
+N_GENERATE = 16        # images per `generate`
+GENERATE_DDIM_STEPS = 110  # generate --method ddim: TDPM-DIP's network evaluations (100 DIP it + T_trunc)
+
+# ------------------------------------------------------------------ compute
+BATCH_SIZE = 16        # images processed (and DIPs fitted) at once
+
+# ------------------------------------------------------------------ Algorithm 2 (the DIP)
+# Per use (protocol) and, where a preset needs its own, per preset; `dip.dip_defaults` builds a DIPConfig.
+#   paper   the report's Algorithm 2: Adam lr 1e-4, 100 iterations, the last output.
+#   blind   G_psi(z) fitted to the noisy y: a larger step, input noise as strong as the input itself
+#           (Ulyanov et al. perturb theirs by a third) and an exponential average of the outputs, which
+#           keep the full-resolution skip connections of a UNet from fitting the noise.
+#   plugin  the blind TDPM-DIP: G_psi(z) fitted to x_T built from the blind estimate and z (Alg. 2 with
+#           the oracle replaced); the target is almost noise-free, so no input noise and no averaging.
+# The tiny presets move too little at the report's lr in 100 iterations and fit noise at 1e-3 less
+# than the larger ones, so they get their own rates.
+DIP: dict[str, dict] = {
+    "paper": {"iters": 100, "lr": 1e-4},
+    "blind": {"iters": 400, "lr": 1e-3, "input_noise": 1.0, "average": 0.95},
+    "plugin": {"iters": 200, "lr": 1e-3},
+}
+DIP_PRESET_OVERRIDES: dict[tuple[str, str], dict] = {
+    ("paper", "dip-tiny"): {"lr": 1e-3},
+    ("blind", "dip-tiny"): {"lr": 3e-3},
+}

@@ -1,0 +1,207 @@
+"""Blind denoisers: only the noisy observation y and its noise level sigma are known (`observe.py`).
+
+tweedie   one network call at t*: E[x0 | x_t*] (Tweedie's formula);
+ensemble  the same over the 8 flips / transposes of the image (a geometric self-ensemble);
+ddpm      the mean of K ancestral chains from t* (posterior samples; DMID, Li et al. 2024);
+ddim      a deterministic DDIM chain from t* in a few steps;
+dip       G_psi(z) fitted to y, with input noise and output averaging (Ulyanov et al.);
+tdpm-dip  Algorithms 2 and 3 with the oracle x0 replaced by the blind estimate;
+bm3d      CBM3D, the classical baseline (optional extra).
+Each is listed in `registry.METHODS`; every Result names the blind protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from diffusers import DDPMScheduler
+
+from .. import defaults
+from ..devices import timer
+from ..errors import UserError
+from ..noise import abar, check_t_trunc, image_generators, num_levels, randn
+from ..sampling import ddim_between
+from .common import by_level, chains_by_level, chunks, dip_target, fit, need
+from .observe import blind_info, job_sigmas, observation, one_or_each
+from .types import Context, Job, Result
+
+
+# ---------------------------------------------------------------------------------------- estimators
+
+def tweedie_estimate(ctx: Context, y: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """E[x0 | x_t] of each image at its own level, one network call each (`EpsModel.tweedie`)."""
+    out = torch.empty_like(y)
+    model = ctx.model
+    for t, idx in by_level(levels).items():
+        for sl in chunks(len(idx), ctx.batch_size):
+            out[idx[sl]] = model.tweedie(y[idx[sl]], t)
+    return out
+
+
+def d4_apply(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """Symmetry k of the square (bit 0: flip width, bit 1: flip height, bit 2: transpose first)."""
+    ops: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if k & 4:
+        ops.append(lambda t: t.transpose(-1, -2))
+    if k & 1:
+        ops.append(lambda t: t.flip(-1))
+    if k & 2:
+        ops.append(lambda t: t.flip(-2))
+    for op in (reversed(ops) if inverse else ops):
+        x = op(x)
+    return x
+
+
+def ensemble_estimate(ctx: Context, y: torch.Tensor, levels: list[int], k: int = 8) -> torch.Tensor:
+    """Geometric self-ensemble (Timofte et al. 2016) of `tweedie_estimate`: the mean of T_k^-1 D(T_k y) over
+    the first k symmetries of the square. The network's errors differ between orientations; the
+    image's posterior mean does not."""
+    return sum(d4_apply(tweedie_estimate(ctx, d4_apply(y, j), levels), j, inverse=True) for j in range(k)) / k
+
+
+def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
+    """Smallest level t >= 1 whose (1 - abar_t) / abar_t reaches `ratio` (a noise-to-signal variance)."""
+    ac = scheduler.alphas_cumprod.double()
+    r = (1 - ac) / ac
+    idx = int(torch.searchsorted(r, torch.tensor([ratio], dtype=torch.float64)).item())
+    return min(idx + 1, num_levels(scheduler) - 1)
+
+
+def start_level(scheduler: DDPMScheduler, t_target: int, fit_mse: float, cap: int) -> int:
+    """The blind truncation rule: the level at which Algorithm 3 starts from the fitted DIP.
+
+    G_psi(z) was fitted to x_T0 = sqrt(abar_T0) x_hat + sqrt(1 - abar_T0) z (T0 = t_target) and misses
+    it by a mean square error `fit_mse` (known after Alg. 2; no clean image involved). Read as a noisy
+    x_hat, G_psi(z) has the noise-to-signal variance ((1 - abar_T0) + fit_mse) / abar_T0; the chain
+    starts at the level with that ratio, so its steps remove the DIP's error with the noise. A perfect
+    fit starts at T0 itself (the report's Alg. 3); the level never exceeds `cap` (t*).
+    """
+    a0 = abar(scheduler, t_target)
+    return max(t_target, min(level_for_ratio(scheduler, ((1 - a0) + fit_mse) / a0), cap))
+
+
+def _posterior_mean(ctx: Context, job: Job, method: str, k: int) -> Result:
+    """Tweedie's estimate at t*, averaged over the first k symmetries of the square (k calls)."""
+    y, sig, t_star = observation(ctx, job)
+    with timer(ctx.device) as tm:
+        out = ensemble_estimate(ctx, y, t_star, k).clamp(-1, 1)
+    return Result(method, "blind", out.cpu(), tm[0], k, k, job.noisy.cpu(), info=blind_info(sig, t_star, job))
+
+
+# ---------------------------------------------------------------------------------------- methods
+
+def tweedie(ctx: Context, job: Job) -> Result:
+    """One network call at t*: Tweedie's posterior mean."""
+    return _posterior_mean(ctx, job, "tweedie", 1)
+
+
+def ensemble(ctx: Context, job: Job) -> Result:
+    """Tweedie's posterior mean at t* over the 8 symmetries of the square (8 calls)."""
+    return _posterior_mean(ctx, job, "ensemble", 8)
+
+
+def ddpm(ctx: Context, job: Job) -> Result:
+    """Scale y to x_t* and run t* reverse steps, K times; the mean of the K posterior samples
+    approaches the posterior mean (DMID, Li et al. 2024, averages its runs the same way)."""
+    y, sig, t_star = observation(ctx, job)
+    gens = image_generators(job.seeds, ctx.device)
+    with timer(ctx.device) as tm:
+        out = sum(chains_by_level(ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * y[idx],
+                                  "DDPM reverse") for _ in range(job.samples)) / job.samples
+    info = blind_info(sig, t_star, job) | {"samples": job.samples}
+    return Result("ddpm", "blind", out.cpu(), tm[0], max(t_star), max(t_star) * job.samples, job.noisy.cpu(),
+                  info=info)
+
+
+def ddim(ctx: Context, job: Job) -> Result:
+    """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from t* in n calls, on the levels
+    round(linspace(t*, 0)); the last step returns the predicted x0."""
+    y, sig, t_star = observation(ctx, job)
+    steps = job.ddim_steps or defaults.BLIND_DDIM_STEPS
+    out = torch.empty_like(y)
+    with timer(ctx.device) as tm:
+        for t, idx in by_level(t_star).items():
+            for sl in chunks(len(idx), ctx.batch_size):
+                out[idx[sl]] = ddim_between(ctx.model, math.sqrt(abar(ctx.scheduler, t)) * y[idx[sl]], t, 0,
+                                            min(steps, t))
+    info = blind_info(sig, t_star, job) | {"ddim_steps": steps}
+    return Result("ddim", "blind", out.clamp(-1, 1).cpu(), tm[0], steps, steps, job.noisy.cpu(), info=info)
+
+
+def bm3d_denoise(noisy: torch.Tensor, sigma255: list[float]) -> torch.Tensor:
+    """CBM3D (Dabov et al. 2007) on each image, the classical blind baseline (optional extra `bm3d`)."""
+    try:
+        import bm3d  # the optional `bm3d` extra: imported only when this method runs
+    except ImportError:
+        raise UserError("method bm3d needs `pip install 'tdpm-dip[bm3d]'`") from None
+    out = []
+    for img, s in zip(noisy.detach().float().cpu(), sigma255):
+        a = ((img.permute(1, 2, 0).numpy() + 1.0) / 2.0).astype("float64")
+        den = bm3d.bm3d_rgb(a, sigma_psd=s / 255.0)
+        out.append(torch.from_numpy(den).float().permute(2, 0, 1) * 2.0 - 1.0)
+    return torch.stack(out).clamp(-1, 1)
+
+
+def bm3d(ctx: Context, job: Job) -> Result:
+    """CBM3D on the observation as it is."""
+    noisy = need(job.noisy, "the noisy images", "bm3d")
+    sig = job_sigmas(job, noisy.shape[0])
+    with timer(ctx.device) as tm:
+        out = bm3d_denoise(noisy, sig)
+    return Result("bm3d", "blind", out, tm[0], 0, 0, noisy.cpu(), info={"sigma": one_or_each(sig)})
+
+
+def dip(ctx: Context, job: Job) -> Result:
+    """G_psi(z) fitted to y itself (ctx.dip: the blind settings, with input noise and output averaging)."""
+    y, sig, t_star = observation(ctx, job)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(tuple(y.shape[1:]), gens, ctx.device)  # the image's own size (any size the UNets accept)
+    res = fit(ctx, y, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None)
+    info = blind_info(sig, t_star, job) | {"t_trunc": 0}
+    return Result("dip", "blind", res.output.cpu(), res.seconds, ctx.dip.iters, ctx.dip.iters,
+                  job.noisy.cpu(), res, info)
+
+
+def tdpm_dip(ctx: Context, job: Job) -> Result:
+    """Algorithms 2 and 3 with the oracle replaced by the blind estimate (the "plugin" DIP settings).
+
+    The report builds the DIP target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z from the clean x0.
+    Blind, the best one-network estimate of x0 is the posterior mean x_hat = `ensemble_estimate`(y):
+    it takes x0's place in Alg. 2 (T = the report's T_trunc), unchanged otherwise. Alg. 3 then
+    runs reverse steps from G_psi(z), K times, and the K chains are averaged: each is a sample of x0,
+    their mean approaches the posterior mean. The chain starts where the noise covers what the DIP
+    missed (`start_level`); `job.t_trunc` fixes both levels instead (the report's Alg. 3 exactly).
+    """
+    # 1. the blind estimate of x0 takes the clean image's place
+    y, sig, t_star = observation(ctx, job)
+    cfg = ctx.plugin_dip
+    with timer(ctx.device) as tm0:
+        x_hat = ensemble_estimate(ctx, y, t_star)
+    # 2. Algorithm 2 on x_T built from it
+    t0 = check_t_trunc(ctx.scheduler, defaults.T_TRUNC if job.t_trunc is None else job.t_trunc)
+    gens = image_generators(job.seeds, ctx.device)
+    z = randn(tuple(y.shape[1:]), gens, ctx.device)
+    target = dip_target(ctx.scheduler, x_hat, t0, z)
+    res = fit(ctx, target, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None, cfg)
+    # 3. where each chain starts: at T0, or (automatic) where its noise covers the DIP's fit error
+    fit_mse = ((res.output - target) ** 2).mean(dim=(1, 2, 3)).tolist()
+    if job.t_trunc is None:
+        levels = [start_level(ctx.scheduler, t0, e, t) for e, t in zip(fit_mse, t_star)]
+    else:
+        levels = [t0] * len(t_star)
+    a0 = abar(ctx.scheduler, t0)
+
+    def start(idx: list[int], t: int) -> torch.Tensor:  # G_psi(z) read as x_t: rescaled from level T0's signal
+        return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]
+
+    # 4. Algorithm 3, K chains averaged
+    with timer(ctx.device) as tm:
+        out = sum(chains_by_level(ctx, levels, gens, start, "TDPM reverse") for _ in range(job.samples)) / job.samples
+    T = max(levels)
+    info = blind_info(sig, t_star, job) | {"samples": job.samples, "dip_target_level": t0,
+                                           "t_trunc": one_or_each(levels),
+                                           "dip_fit_mse": [round(e, 6) for e in fit_mse]}
+    return Result("tdpm-dip", "blind", out.clamp(-1, 1).cpu(), tm0[0] + res.seconds + tm[0], cfg.iters + T,
+                  8 + cfg.iters + T * job.samples, job.noisy.cpu(), res, info)

@@ -1,0 +1,106 @@
+"""What the methods share: batching, reverse chains over groups of noise levels, the memoised DIP fit."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from ..dip import DIPConfig, DIPResult, fit_dip
+from ..errors import UserError
+from ..models import unet_size
+from ..noise import q_sample
+from ..sampling import reverse_chain
+from .types import Context
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of range(n), `size` at a time (the last may be shorter)."""
+    for lo in range(0, n, size):
+        yield slice(lo, min(n, lo + size))
+
+
+def by_level(levels: list[int]) -> dict[int, list[int]]:
+    """Image indices grouped by noise level, lowest level first: images of one level run as one batch."""
+    groups: dict[int, list[int]] = {}
+    for i, level in enumerate(levels):
+        groups.setdefault(level, []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def progress_bar(ctx: Context, total: int, desc: str) -> contextlib.AbstractContextManager:
+    """A tqdm bar of `total` steps when the context shows progress, else a context that yields None."""
+    if not ctx.progress:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+def chain(ctx: Context, x_t: torch.Tensor, t: int, gens: list[torch.Generator], desc: str) -> torch.Tensor:
+    """Reverse chain from level t (`sampling.reverse_chain`), in batches of ctx.batch_size."""
+    out = []
+    with progress_bar(ctx, t * math.ceil(x_t.shape[0] / ctx.batch_size), desc) as bar:
+        for sl in chunks(x_t.shape[0], ctx.batch_size):
+            out.append(reverse_chain(ctx.model, x_t[sl], t, gens[sl],
+                                     callback=(lambda _: bar.update()) if bar is not None else None))
+    return torch.cat(out)
+
+
+def chains_by_level(ctx: Context, levels: list[int], gens: list[torch.Generator],
+                    start: Callable[[list[int], int], torch.Tensor], desc: str) -> torch.Tensor:
+    """Reverse chains for images whose start levels differ: images sharing level t share one chain,
+    started from start(indices, t), and the outputs return in the images' order."""
+    out: torch.Tensor | None = None
+    for t, idx in by_level(levels).items():
+        o = chain(ctx, start(idx, t), t, [gens[i] for i in idx], desc)
+        if out is None:
+            out = o.new_empty((len(levels), *o.shape[1:]))
+        out[idx] = o
+    assert out is not None
+    return out
+
+
+def fit(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], reference: torch.Tensor | None,
+        cfg: DIPConfig | None = None) -> DIPResult:
+    """Algorithm 2 on a batch, memoised in ctx.dip_memo when the caller provides one.
+
+    The blind DIP does not depend on the DDPM, and the dip / tdpm-dip rows fit the same networks:
+    a table computes each fit once. DIPResult.seconds keeps the fit's own time for honest timings.
+    """
+    cfg = cfg or ctx.dip
+    key = None
+    if ctx.dip_memo is not None:
+        h = hashlib.sha1()
+        for t in (target, z) + ((reference,) if reference is not None else ()):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        key = (h.hexdigest(), tuple(seeds), cfg, str(ctx.amp_dtype), str(ctx.device), ctx.batch_size)
+        if key in ctx.dip_memo:
+            return ctx.dip_memo[key]
+    res = fit_dip(target, z, seeds, cfg, reference=reference, batch_size=ctx.batch_size,
+                  amp_dtype=ctx.amp_dtype, progress=ctx.progress)
+    if key is not None:
+        ctx.dip_memo[key] = res
+    return res
+
+
+def image_shape(ctx: Context) -> tuple[int, int, int]:
+    """[3, S, S]: the DDPM's image shape (generation and the paper protocol work at the model's size)."""
+    s = unet_size(ctx.unet.config)
+    return (3, s, s)
+
+
+def need(value: torch.Tensor | None, what: str, method: str) -> torch.Tensor:
+    """A job's input that this method cannot run without (one-line UserError when it is missing)."""
+    if value is None:
+        raise UserError(f"method {method} needs {what}")
+    return value
+
+
+def dip_target(scheduler: DDPMScheduler, x0: torch.Tensor, t_trunc: int, z: torch.Tensor) -> torch.Tensor:
+    """Alg. 2 line 3: x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z, with the DIP input's own z (the paper
+    protocol's oracle builds it from the clean x0; blind TDPM-DIP from its estimate of x0)."""
+    return q_sample(scheduler, x0, t_trunc, z)

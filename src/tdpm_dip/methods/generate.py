@@ -1,0 +1,76 @@
+"""Generation (Table 1): DDPM and DDIM from pure noise, amortized TDPM, and TDPM-DIP under the paper protocol."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import defaults
+from ..devices import timer
+from ..errors import UserError
+from ..noise import check_t_trunc, image_generators, num_levels, randn
+from ..sampling import ddim_chain
+from .common import chain, chunks, dip_target, fit, image_shape, progress_bar
+from .types import Context, Job, Result
+
+
+def ddpm(ctx: Context, job: Job) -> Result:
+    """Table 1, DDPM row: T ancestral steps from N(0, I)."""
+    gens = image_generators(job.seeds, ctx.device)
+    x_T = randn(image_shape(ctx), gens, ctx.device)
+    T = num_levels(ctx.scheduler)
+    with timer(ctx.device) as tm:
+        out = chain(ctx, x_T, T, gens, f"DDPM {T} steps")
+    return Result("ddpm", "unconditional", out.cpu(), tm[0], T, T)
+
+
+def ddim(ctx: Context, job: Job) -> Result:
+    """DDIM (Song et al. 2021) from N(0, I) in `ddim_steps` network evaluations."""
+    steps = job.ddim_steps or defaults.GENERATE_DDIM_STEPS
+    gens = image_generators(job.seeds, ctx.device)
+    x_T = randn(image_shape(ctx), gens, ctx.device)
+    with timer(ctx.device) as tm:
+        out = torch.cat([ddim_chain(ctx.model, x_T[sl], steps, gens[sl], eta=job.eta)
+                         for sl in chunks(len(job.seeds), ctx.batch_size)])
+    return Result("ddim", "unconditional", out.cpu(), tm[0], steps, steps, info={"ddim_steps": steps})
+
+
+def tdpm_dip(ctx: Context, job: Job) -> Result:
+    """Table 1, TDPM-DIP row: Alg. 2 on x_T built from reference image i and z_i, then Alg. 3."""
+    n = len(job.seeds)
+    if job.reference is None or job.reference.shape[0] < n:
+        raise UserError("TDPM-DIP generation follows the paper protocol: it needs --reference-data with at least "
+                        "--n images (each output reconstructs one of them)")
+    t_trunc = check_t_trunc(ctx.scheduler, defaults.T_TRUNC if job.t_trunc is None else job.t_trunc)
+    gens = image_generators(job.seeds, ctx.device)
+    x0 = job.reference[:n].to(ctx.device)
+    z = randn(image_shape(ctx), gens, ctx.device)
+    res = fit(ctx, dip_target(ctx.scheduler, x0, t_trunc, z), z, list(job.seeds), None)
+    with timer(ctx.device) as tm:
+        out = chain(ctx, res.output, t_trunc, gens, "TDPM reverse") if t_trunc else res.output
+    iters = ctx.dip.iters
+    return Result("tdpm-dip", "paper", out.cpu(), res.seconds + tm[0], iters + t_trunc, iters + t_trunc, dip=res,
+                  info={"t_trunc": t_trunc, "dip_output": res.output.cpu()})
+
+
+def tdpm(ctx: Context, job: Job) -> Result:
+    """TDPM sampling (Zheng et al. 2023): one call of the generator, then Algorithm 3's T_trunc steps.
+
+    z_i = (z_img, w) and the chain's step noise of image i come from seed i. T_trunc is the generator's (job.t_trunc,
+    when given, must equal it).
+    """
+    gen = ctx.generator
+    if gen is None:
+        raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
+    t = gen.t_trunc
+    if job.t_trunc is not None and job.t_trunc != t:
+        raise UserError(f"T_trunc {job.t_trunc} does not match the generator's {t} ({gen.path})")
+    check_t_trunc(ctx.scheduler, t)
+    gens = image_generators(job.seeds, ctx.device)
+    n = len(job.seeds)
+    with progress_bar(ctx, t * math.ceil(n / ctx.batch_size), "TDPM reverse") as bar, timer(ctx.device) as tm:
+        out = torch.cat([gen.sample(ctx.model, gens[sl], (lambda _: bar.update()) if bar is not None else None)
+                         for sl in chunks(n, ctx.batch_size)])
+    return Result("tdpm", "unconditional", out.cpu(), tm[0], 1 + t, 1 + t,
+                  info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")})

@@ -1,0 +1,98 @@
+"""The blind protocol's observation model: noisy 8-bit files, the clipping they suffer, and their noise level.
+
+A user's noisy image is what a saved file holds: x0 + n on 0..255, rounded and clipped to 8 bits (`add_noise`,
+model "clipped"), or the unclipped x0 + n of denoising papers (model "float"). Every blind diffusion method first
+undoes what clipping did to the noise statistics (`declip`), then scales y to the level t* whose noise-to-signal
+ratio matches sigma (`noise.sigma_to_level`): sqrt(abar_t*) y is then x_t*.
+"""
+
+from __future__ import annotations
+
+import torch
+from skimage.restoration import estimate_sigma as wavelet_sigma
+
+from ..errors import UserError, check_sigma
+from ..noise import image_generators, randn, sigma_to_level
+from .common import need
+from .types import Context, Job
+
+NOISE_MODELS = ("clipped", "float")
+
+
+def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str = "clipped") -> torch.Tensor:
+    """The observation y of clean images in [-1, 1]: Gaussian noise of std sigma on the 0..255 scale.
+
+    clipped: what a saved noisy file holds, round(clip(255 x + n)) / 255 in 8 bits (the default);
+    float: the unclipped y = x0 + n of denoising papers. The noise of image i comes from seed i.
+    """
+    if model not in NOISE_MODELS:
+        raise UserError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {model!r}")
+    check_sigma(sigma255, "sigma")
+    gens = image_generators([s + 104729 for s in seeds], clean.device)
+    y = clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
+    if model == "clipped":
+        y = torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0
+    return y
+
+
+def declip(noisy: torch.Tensor, sigma255: list[float], seeds: list[int]) -> torch.Tensor:
+    """Clipping-aware observation model: give clipped pixels back the noise that clipping removed.
+
+    A pixel stored at 255 only says x + n >= 255. Where the clean value sits on the bound (white
+    backgrounds, highlights), x + n given that is 255 + |n|: we draw that half-normal excess, so the
+    clipped pixels carry the Gaussian noise of std sigma that t* assumes, instead of a one-sided,
+    biased remnant of it (likewise below 0). Pixels inside the range are untouched, so unclipped
+    (float) observations pass through unchanged. Draws of image i come from seed i.
+    """
+    s = torch.tensor([2.0 * v / 255.0 for v in sigma255], device=noisy.device, dtype=noisy.dtype).view(-1, 1, 1, 1)
+    gens = image_generators([sd + 15485863 for sd in seeds], noisy.device)
+    excess = randn(tuple(noisy.shape[1:]), gens, noisy.device, noisy.dtype).abs() * s
+    # Exactly on the bound, not beyond it: unclipped observations go past +-1 and must stay as they are.
+    hi, lo = (noisy - 1.0).abs() < 1e-6, (noisy + 1.0).abs() < 1e-6
+    return torch.where(hi, 1.0 + excess, torch.where(lo, -1.0 - excess, noisy))
+
+
+def estimate_sigma(noisy: torch.Tensor) -> list[float]:
+    """Per-image noise std on the 0..255 scale (wavelet MAD estimator, skimage.restoration.estimate_sigma)."""
+    out = []
+    for img in noisy.detach().float().cpu():
+        a = ((img.permute(1, 2, 0).numpy() + 1.0) / 2.0)
+        out.append(float(wavelet_sigma(a, channel_axis=-1, average_sigmas=True)) * 255.0)
+    return out
+
+
+def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None) -> list[float]:
+    """The given sigma for every image [3, H, W] (sizes may differ), or each image's own estimate
+    (`estimate_sigma`); an estimate of ~0 means a clean-looking image, which blind denoising refuses."""
+    check_sigma(sigma)
+    if sigma is not None:
+        return [float(sigma)] * len(noisy)
+    est = [estimate_sigma(x[None])[0] for x in noisy]
+    if est and min(est) < 0.5:
+        raise UserError("the estimated noise level is ~0: these images look clean; give --sigma")
+    return est
+
+
+def job_sigmas(job: Job, n: int) -> list[float]:
+    """One noise std per image of the job (a job may give one for all)."""
+    if len(job.sigma) not in (1, n):
+        raise ValueError("one sigma, or one per image")
+    return [float(v) for v in job.sigma] if len(job.sigma) == n else [float(job.sigma[0])] * n
+
+
+def observation(ctx: Context, job: Job) -> tuple[torch.Tensor, list[float], list[int]]:
+    """(y as the diffusion methods see it, sigma per image, t* per image)."""
+    noisy = need(job.noisy, "the noisy images", "blind denoising").to(ctx.device)
+    sig = job_sigmas(job, noisy.shape[0])
+    y = declip(noisy, sig, list(job.seeds)) if job.declip else noisy
+    return y, sig, [sigma_to_level(ctx.scheduler, s) for s in sig]
+
+
+def one_or_each(values: list) -> object:
+    """A value shared by every image once, else the per-image list (how Result.info records them)."""
+    return values[0] if len(set(values)) == 1 else values
+
+
+def blind_info(sig: list[float], t_star: list[int], job: Job) -> dict:
+    """What every blind Result records: sigma, t* and whether the observation was declipped."""
+    return {"sigma": one_or_each(sig), "t_star": one_or_each(t_star), "declip": job.declip}
