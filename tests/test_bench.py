@@ -158,7 +158,7 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     cfg = dip_config("paper", "dip-tiny", 3, None)
     settings = BenchSettings(n=2, ddpm_steps=4, fig_images=2, fid=True, dip={"paper": cfg})
-    b = Bench(settings, lambda slot: load_context(str(tiny_model), "cpu", "fp32", 4, "paper", "dip-tiny", 3)[0], str(data),
+    b = Bench(settings, lambda slot: load_context(str(tiny_model), "cpu", "auto", 4, "paper", "dip-tiny", 3)[0], str(data),
               lambda size, n: load_images(data, size, limit=n).images, run, {"linear": str(tiny_model)},
               extractor=TorchExtractor(net, "one-channel-conv"))
     rows = run_bench(["table1"], b)["table1"]

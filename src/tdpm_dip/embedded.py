@@ -1,10 +1,16 @@
-"""The embedded default models: small pretrained networks shipped inside the package.
+"""The embedded default models: pretrained networks shipped inside the package, one per job.
 
-A new user runs `generate` and `denoise` without `--model`; these resolve to the folders below,
-read through the package's resources. `recipes/embedded_default.sh`
-rebuilds them with the project's own commands, then `python -m tdpm_dip.embedded export-ddpm RUN/model`
-and `export-generator RUN/generator` write the fp16 copies shipped here and print the hashes that
-`EXPECTED_SHA256` pins.
+A new user runs `generate` and `denoise` without `--model`; these resolve to the folders below, read through
+the package's resources:
+
+    denoise   ddpm-pokemon64             a 64 px Pokemon DDPM fine-tuned on the denoising levels
+    generate  ddpm-sprites32 and         a 32 px sprite DDPM and its amortized TDPM generator G_psi
+              tdpm-generator-sprites32
+
+The recipes under `recipes/` rebuild them with the project's own commands, then
+`python -m tdpm_dip.embedded export-ddpm RUN/model --name NAME` and `export-generator RUN/generator` write the
+fp16 copies shipped here and print the hashes that `EXPECTED_SHA256` pins. Each folder has a model card
+(README.md).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from .generator import GENERATOR_JSON, load_generator
 from .models import load_ddpm, save_ddpm, unet_size
 
 DDPM_NAME = "ddpm-sprites32"
+DENOISER_NAME = "ddpm-pokemon64"
 GENERATOR_NAME = "tdpm-generator-sprites32"
-BUDGET_BYTES = 10 * 1024 * 1024  # everything under weights/ together (issue: <= 10 MB)
+DEFAULT_DDPM = {"generate": DDPM_NAME, "denoise": DENOISER_NAME}  # the shipped DDPM of each job
+BUDGET_BYTES = 32 * 1024 * 1024  # everything under weights/ together: the package stays a small download
 
 # The shipped files and their SHA-256, so that weights changed by accident fail a test
 # (tests/test_embedded.py). A deliberate rebuild re-runs the export, which prints the new values.
@@ -43,9 +51,9 @@ def weights_dir() -> Path:
     return Path(str(resources.files("tdpm_dip") / "weights"))
 
 
-def default_ddpm() -> Path:
-    """The shipped DDPM folder (diffusers layout: unet/ + scheduler/)."""
-    path = weights_dir() / DDPM_NAME
+def default_ddpm(task: str = "generate") -> Path:
+    """The shipped DDPM folder of a job (diffusers layout: unet/ + scheduler/)."""
+    path = weights_dir() / DEFAULT_DDPM[task]
     if not (path / "unet" / "config.json").is_file():
         raise UserError(f"the embedded default DDPM is missing from this installation ({path}); pass --model")
     return path
@@ -62,9 +70,9 @@ def default_generator() -> Path | None:
     return path if (path / "generator.json").is_file() else None
 
 
-def resolve_model(model: str | None) -> str:
-    """`--model` as given, or the embedded default DDPM when it is omitted."""
-    return str(default_ddpm()) if model is None else model
+def resolve_model(model: str | None, task: str = "generate") -> str:
+    """`--model` as given, or the job's embedded default DDPM when it is omitted."""
+    return str(default_ddpm(task)) if model is None else model
 
 
 def resolve_generator(model: str | None, generator: str | None) -> str | None:
@@ -86,11 +94,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_ddpm(src: str | Path, dest: Path | None = None) -> Path:
-    """Copy a trained DDPM (diffusers folder, e.g. `tdpm-dip train`'s RUN/model) into the package with
+def export_ddpm(src: str | Path, dest: Path | None = None, name: str = DDPM_NAME) -> Path:
+    """Copy a trained DDPM (diffusers folder, e.g. `tdpm-dip train`'s RUN/model) into the package as `name`, with
     fp16 weights: half the bytes, and loading upcasts them to the dtype the caller asks for."""
     unet, scheduler = load_ddpm(src)
-    dest = dest or weights_dir() / DDPM_NAME
+    dest = dest or weights_dir() / name
     _name_as_shipped(unet, f"{dest.name}/unet")
     return _replace_folder(dest, lambda tmp: save_ddpm(unet.half(), scheduler, tmp))
 
@@ -102,9 +110,11 @@ def _name_as_shipped(model: object, name: str) -> None:
 
 
 def _replace_folder(dest: Path, write: Callable[[Path], object]) -> Path:
-    """Fill a temporary folder with `write`, then put it in place of `dest`."""
+    """Fill a temporary folder with `write`, then put it in place of `dest` (its model card, README.md, stays)."""
     with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
         write(Path(tmp))
+        if (dest / "README.md").is_file():
+            shutil.copy2(dest / "README.md", Path(tmp) / "README.md")
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(tmp, dest)
@@ -135,12 +145,14 @@ def _main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export-ddpm", help="copy RUN/model into the package as fp16 safetensors")
     ex.add_argument("src", help="a trained DDPM folder (diffusers layout)")
+    ex.add_argument("--name", default=DDPM_NAME, choices=sorted(set(DEFAULT_DDPM.values())),
+                    help="which shipped DDPM it replaces")
     eg = sub.add_parser("export-generator", help="copy RUN/generator into the package as fp16 safetensors")
     eg.add_argument("src", help="a trained generator folder (tdpm-dip train-generator's RUN/generator)")
     sub.add_parser("hashes", help="print the EXPECTED_SHA256 entries of the files under weights/")
     args = ap.parse_args(argv)
     if args.cmd == "export-ddpm":
-        print(export_ddpm(args.src))
+        print(export_ddpm(args.src, name=args.name))
     elif args.cmd == "export-generator":
         print(export_generator(args.src))
     files = shipped_files()

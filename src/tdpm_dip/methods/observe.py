@@ -8,8 +8,10 @@ ratio matches sigma (`noise.sigma_to_level`): sqrt(abar_t*) y is then x_t*.
 
 from __future__ import annotations
 
+import numpy as np
+import pywt
 import torch
-from skimage.restoration import estimate_sigma as wavelet_sigma
+from scipy import ndimage, special
 
 from ..errors import UserError, check_sigma
 from ..noise import image_generators, randn, sigma_to_level
@@ -17,6 +19,8 @@ from .common import need
 from .types import Context, Job
 
 NOISE_MODELS = ("clipped", "float")
+SATURATED_WINDOW = 9  # px: the neighbourhood in which a saturated region is recognised
+MIN_SAMPLES = 200     # pixels (or wavelet coefficients) below which an estimate is not trusted
 
 
 def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str = "clipped") -> torch.Tensor:
@@ -53,12 +57,69 @@ def declip(noisy: torch.Tensor, sigma255: list[float], seeds: list[int]) -> torc
 
 
 def estimate_sigma(noisy: torch.Tensor) -> list[float]:
-    """Per-image noise std on the 0..255 scale (wavelet MAD estimator, skimage.restoration.estimate_sigma)."""
-    out = []
-    for img in noisy.detach().float().cpu():
-        a = ((img.permute(1, 2, 0).numpy() + 1.0) / 2.0)
-        out.append(float(wavelet_sigma(a, channel_axis=-1, average_sigmas=True)) * 255.0)
-    return out
+    """Per-image noise std on the 0..255 scale, aware of the clipping of 8-bit files (`sigma_255`)."""
+    return [sigma_255(((img.permute(1, 2, 0) + 1.0) * 127.5).numpy())
+            for img in noisy.detach().float().cpu()]
+
+
+def sigma_255(y: np.ndarray) -> float:
+    """The noise std of one image y (H x W x C, 0..255) whose noise was clipped at 0 and 255.
+
+    Saturated regions first: where the clean image sits on a bound (a white background, black ink), half the
+    noise is clipped, so at least ~half of a neighbourhood is stored at the bound, and an unclipped pixel there
+    is bound -/+ |n|: the half-normal |n| has median 0.6745 sigma (`_half_normal_sigma`). Elsewhere (no such region: a photo
+    without saturation), Donoho's wavelet estimator, the MAD of the finest diagonal db2 coefficients / 0.6745
+    (as skimage.restoration.estimate_sigma), on the blocks that no clipped pixel touches. A plain wavelet MAD
+    reads the clipped noise of the saturated pixels and comes out far too low on such files.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    tails = []
+    for c in range(y.shape[-1]):
+        ch = y[..., c]
+        for bound in (255.0, 0.0):
+            stored = ch == bound
+            near = ndimage.uniform_filter(stored.astype(np.float64), SATURATED_WINDOW, mode="reflect") >= 0.45
+            tails.append(np.abs(bound - ch[near & ~stored]))
+    tail = np.concatenate(tails)
+    if tail.size >= MIN_SAMPLES:
+        return _half_normal_sigma(tail)
+    return _wavelet_sigma(y)
+
+
+def _half_normal_sigma(tail: np.ndarray) -> float:
+    """sigma from 8-bit samples round(|n|) of |n| > 0.5 (a pixel whose clean value sits on a bound is stored off
+    it only when its noise exceeds half a level). The median of such integers is read between levels (the
+    median of grouped data), then the truncated half-normal's median is solved for sigma:
+    2 Phi(m / sigma) - 1 = Phi(0.5 / sigma), which tends to m / 0.6745 for sigma >> 1."""
+    values, counts = np.unique(tail, return_counts=True)
+    below = np.cumsum(counts) - counts
+    k = int(np.searchsorted(np.cumsum(counts), tail.size / 2))
+    m = values[k] - 0.5 + (tail.size / 2 - below[k]) / counts[k]
+    lo, hi = 0.05, 255.0
+    for _ in range(60):  # bisection: the left side falls as sigma grows faster than the right side does
+        mid = (lo + hi) / 2
+        if 2 * special.ndtr(m / mid) - 1 > special.ndtr(0.5 / mid):
+            lo = mid
+        else:
+            hi = mid
+    return float((lo + hi) / 2)
+
+
+def _wavelet_sigma(y: np.ndarray) -> float:
+    """Donoho's MAD estimator on the finest diagonal db2 coefficients of the blocks no clipped pixel touches."""
+    coeffs = []
+    for c in range(y.shape[-1]):
+        _, (_, _, diag) = pywt.dwt2(y[..., c], "db2", mode="symmetric")
+        clipped = (y[..., c] <= 0) | (y[..., c] >= 255)
+        # db2's diagonal coefficient k spans pixels 2k-2 .. 2k+1 (symmetric extension at the border)
+        touched = ndimage.maximum_filter(clipped, size=4, origin=(-1, -1))
+        idx = np.clip(2 * np.arange(diag.shape[0]) - 2, 0, y.shape[0] - 1)
+        jdx = np.clip(2 * np.arange(diag.shape[1]) - 2, 0, y.shape[1] - 1)
+        coeffs.append(diag[~touched[np.ix_(idx, jdx)]])
+    d = np.concatenate(coeffs)
+    if d.size < MIN_SAMPLES:  # nearly everything saturated: all coefficients, an underestimate
+        d = np.concatenate([pywt.dwt2(y[..., c], "db2", mode="symmetric")[1][2].ravel() for c in range(y.shape[-1])])
+    return float(np.median(np.abs(d)) / 0.6745)
 
 
 def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None) -> list[float]:

@@ -4,8 +4,9 @@
             gradient step on || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2
 
 T_trunc = T (the default) is plain DDPM training (Ho et al. 2020, Alg. 1); `t_max` < T trains only the
-first t_max noise levels, the report's truncated variant. In diffusers' 0-based indexing level t is
-timestep t - 1, so t is drawn uniformly from 0..t_max-1.
+first t_max noise levels, the report's truncated variant, and `t_min` > 1 drops the lowest ones (a band: a
+denoiser's levels). In diffusers' 0-based indexing level t is timestep t - 1, so t is drawn uniformly from
+t_min-1..t_max-1.
 
 AdamW with a cosine LR schedule and warm-up, gradient clipping and an EMA of the weights, in the shared
 loop of `loop.py` (accelerate, checkpoints, --resume, metrics). Every random draw of step i (which images,
@@ -44,23 +45,23 @@ from .options import NUM_TRAIN_TIMESTEPS, TrainConfig
 
 # Options a resumed run must share with its checkpoint: changing them would silently train another model
 # (AdamW and the LR schedule restore their own lr, so a new --lr would be ignored, not applied).
-RESUME_MUST_MATCH = ("preset", "init", "size", "schedule", "t_max", "augment", "fill", "batch_size", "lr",
+RESUME_MUST_MATCH = ("preset", "init", "size", "schedule", "t_min", "t_max", "augment", "fill", "batch_size", "lr",
                      "warmup_steps", "ema_decay", "seed")
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "model")  # what a run writes in --out
 
 
-def sample_timesteps(n: int, t_max: int | None, generator: torch.Generator,
+def sample_timesteps(n: int, t_max: int | None, generator: torch.Generator, t_min: int = 1,
                      num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Algorithm 1 line 3: t ~ Uniform({1, ..., T_trunc}), returned as diffusers indices 0..T_trunc-1."""
     hi = num_train_timesteps if t_max is None else t_max
-    if not 1 <= hi <= num_train_timesteps:
-        raise UserError(f"t_max must be in [1, {num_train_timesteps}], got {t_max}")
-    return torch.randint(0, hi, (n,), generator=generator, device=device)
+    if not 1 <= t_min <= hi <= num_train_timesteps:
+        raise UserError(f"need 1 <= t_min <= t_max <= {num_train_timesteps}, got {t_min} and {t_max}")
+    return torch.randint(t_min - 1, hi, (n,), generator=generator, device=device)
 
 
 def step_draws(step: int, batch_size: int, size: int, seed: int, t_max: int | None,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               device: torch.device, t_min: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flip mask [B], timesteps [B], noise eps [B, 3, size, size]) of 0-based step `step`.
 
     Drawn for the whole global batch on every process, in a fixed order from one generator living on
@@ -68,7 +69,7 @@ def step_draws(step: int, batch_size: int, size: int, seed: int, t_max: int | No
     """
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, "step", step))
     flips = torch.rand(batch_size, generator=g, device=device) < 0.5
-    t = sample_timesteps(batch_size, t_max, g, device=device)
+    t = sample_timesteps(batch_size, t_max, g, t_min, device=device)
     eps = torch.randn((batch_size, 3, size, size), generator=g, device=device)
     return flips, t, eps
 
@@ -165,7 +166,7 @@ def _train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[s
     cfg, acc = run.cfg, run.accelerator
     i = step - 1  # 0-based index of this step's random draws
     idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
-    flips, t, eps = step_draws(i, cfg.batch_size, cfg.size, cfg.seed, cfg.t_max, run.device)
+    flips, t, eps = step_draws(i, cfg.batch_size, cfg.size, cfg.seed, cfg.t_max, run.device, cfg.t_min)
     local_bs = cfg.batch_size // acc.num_processes
     mine = slice(acc.process_index * local_bs, (acc.process_index + 1) * local_bs)  # this process's share
     x0 = run.images[idx[mine].to(run.images.device)].to(run.device, non_blocking=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -287,8 +288,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _resume_mismatch(saved: dict, cfg: LoopOptions, n_images: int,
                      must_match: tuple[str, ...]) -> list[str]:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
-             for k in must_match if saved.get(k) != getattr(cfg, k)]
+    # An option newer than the checkpoint is absent from it: that run had the option's default.
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
+    diffs = [f"{k}: checkpoint {saved.get(k, default.get(k))!r}, now {getattr(cfg, k)!r}"
+             for k in must_match if saved.get(k, default.get(k)) != getattr(cfg, k)]
     if saved.get("n_images") not in (None, n_images):
         diffs.append(f"images: checkpoint {saved['n_images']}, now {n_images}")
     return diffs

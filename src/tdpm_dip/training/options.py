@@ -41,6 +41,8 @@ class TrainConfig:
     schedule: str = field(default="linear", metadata=option("noise schedule: linear or cosine"))
     t_max: int | None = field(default=None, metadata=option(
         "train only noise levels 1..t_max (the report's T_trunc variant); default: all T=1000"))
+    t_min: int = field(default=1, metadata=option(
+        "train only noise levels t_min.. (with --t-max: a band, e.g. a denoiser's levels); default: from 1"))
     size: int = field(default=64, metadata=option("image side in pixels (square-padded, Lanczos-resized)"))
     fill: str = field(default="white", metadata=option("padding / transparency colour: white, black, #rrggbb"))
     skip_bad: bool = field(default=False, metadata=option("skip unreadable images instead of stopping"))
@@ -85,6 +87,8 @@ class TrainConfig:
             raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.t_max is not None and not 1 <= self.t_max <= NUM_TRAIN_TIMESTEPS:
             raise UserError(f"--t-max must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.t_max}")
+        if not 1 <= self.t_min <= (self.t_max or NUM_TRAIN_TIMESTEPS):
+            raise UserError(f"--t-min must be in [1, --t-max], got {self.t_min}")
         # The UNet halves the resolution len(blocks) - 1 times and concatenates skips: sides must divide.
         factor = 2 ** (len(preset.block_out_channels) - 1)
         if self.size < 8 or self.size % factor:
