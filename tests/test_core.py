@@ -198,8 +198,18 @@ def test_blind_dip_and_tdpm_dip_raise_psnr_at_sigma_25(trained_tiny) -> None:
     p_dip, p_tdpm = float(psnr(dip.images, clean).mean()), float(psnr(tdpm.images, clean).mean())
     assert p_dip > base + 1.0, (base, p_dip)
     assert p_tdpm > base + 1.0, (base, p_tdpm)
-    levels = tdpm.info["t_trunc"] if isinstance(tdpm.info["t_trunc"], list) else [tdpm.info["t_trunc"]]
-    assert all(0 < t <= sigma_to_level(sched, 25) for t in levels)  # a shorter chain than blind DDPM's
+    # Each chain starts at the level the blind rule gives for its DIP's fit error e (by hand): the first level t
+    # with (1 - abar_t) / abar_t >= ((1 - abar_T0) + e) / abar_T0, T0 = 10, kept in [T0, t*]: a shorter chain
+    # than blind DDPM's.
+    levels = tdpm.info["t_trunc"] if isinstance(tdpm.info["t_trunc"], list) else [tdpm.info["t_trunc"]] * 2
+    t_star, a0 = sigma_to_level(sched, 25), float(sched.alphas_cumprod[10 - 1])
+    ratio = ((1 - sched.alphas_cumprod.double()) / sched.alphas_cumprod.double()).tolist()
+    expected = []
+    for e in tdpm.info["dip_fit_mse"]:
+        need = ((1 - a0) + e) / a0
+        expected.append(min(max(next(i + 1 for i, r in enumerate(ratio) if r >= need), 10), t_star))
+    assert levels == expected, (levels, expected, tdpm.info["dip_fit_mse"])
+    assert tdpm.info["dip_target_level"] == 10 and tdpm.reverse_steps == ctx.plugin_dip.iters + max(expected)
     assert math.isfinite(p_tdpm)
 
 

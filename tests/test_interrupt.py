@@ -11,7 +11,8 @@ The commands run in child processes forked from this one, through `tdpm_dip.cli.
 would run them, and get their signals from os.kill: a fresh interpreter spends ~8 s on 2 cores importing
 torch and diffusers, which a fork skips. `test_sigterm_to_python_m_cli` runs one case as `python -m
 tdpm_dip.cli`. Signals are sent when the child has shown it is working (a file, a progress bar on
-stderr) or is paused right after one of its writes (`_pause_on_write`), never after a fixed sleep.
+stderr), is paused right after one of its writes (`_pause_on_write`) or inside one of its calls
+(`_pause_in_call`), never after a fixed sleep.
 """
 
 from __future__ import annotations
@@ -97,15 +98,34 @@ def _pause_on_write(name: str, nth: int) -> None:
         module.atomic_path = atomic_path
 
 
+def _pause_in_call(module: str, name: str, when: Callable[..., bool]) -> None:
+    """(In the child) replace `module.name` (a function, where its callers look it up) so that a call whose
+    arguments satisfy `when` says so and sleeps before doing its work: a signal then arrives in the middle of
+    the work that call belongs to, whatever the machine's speed."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    real = getattr(mod, name)
+
+    def paused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if when(*args, **kwargs):
+            print(f"PAUSED in {module}.{name}", file=sys.stderr, flush=True)
+            time.sleep(600)
+        return real(*args, **kwargs)
+
+    setattr(mod, name, paused)
+
+
 class Child:
     """`tdpm-dip ARGS` in a forked process (`fresh`: in `python -m tdpm_dip.cli`): stdout and stderr go to
-    `log`."""
+    `log`. `pause_on_write` (`_pause_on_write`) and `pause_in` (`_pause_in_call`) pause the child at a known
+    point of its work."""
 
     def __init__(self, args: list[object], log: Path, pause_on_write: tuple[str, int] | None = None,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, pause_in: tuple[str, str, Callable[..., bool]] | None = None) -> None:
         self.log, self.code, self.proc = log, None, None
         if fresh:
-            assert pause_on_write is None
+            assert pause_on_write is None and pause_in is None
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
             with open(log, "w") as f:
                 self.proc = subprocess.Popen([sys.executable, "-m", "tdpm_dip.cli", *map(str, args)], stdout=f,
@@ -127,6 +147,8 @@ class Child:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 if pause_on_write:
                     _pause_on_write(*pause_on_write)
+                if pause_in:
+                    _pause_in_call(*pause_in)
                 main([str(a) for a in args])
                 code = 0
             except SystemExit as e:
@@ -184,8 +206,8 @@ class Child:
 
 @contextlib.contextmanager
 def child(args: list[object], log: Path, pause_on_write: tuple[str, int] | None = None,  # noqa: ANN201
-          fresh: bool = False):
-    c = Child(args, log, pause_on_write, fresh)
+          fresh: bool = False, pause_in: tuple[str, str, Callable[..., bool]] | None = None):
+    c = Child(args, log, pause_on_write, fresh, pause_in)
     try:
         yield c
     finally:
@@ -342,12 +364,19 @@ def test_kill_9_mid_checkpoint_then_resume(sprite_dir: Path, tmp_path: Path) -> 
 
 def test_kill_9_mid_row_then_bench_rerun(sprite_dir: Path, model: Path, tmp_path: Path) -> None:
     """kill -9 while bench computes its third row: the re-run reads the two finished rows from RUN/cache
-    (untouched) and computes only the third."""
+    (untouched) and computes only the third.
+
+    The third row (paper TDPM-DIP) is paused in the middle of its work, after its DIP fit and before its
+    reverse chain (the first `chain` call with the TDPM description; the DDPM row's chain has its own, the DIP
+    row runs none): the kill cannot come after the row has finished, however fast it runs."""
     out = tmp_path / "bench"
-    args = [*_args("bench", sprite_dir, model), "--dip-iters", "30", "--out", out]
+    args = [*_args("bench", sprite_dir, model), "--out", out]
     rows = lambda: sorted((out / "cache").glob("*.json")) if (out / "cache").is_dir() else []  # noqa: E731
-    with child(args, tmp_path / "log.txt") as c:
-        c.wait_for(lambda: len(rows()) == 2 and "running TDPM-DIP" in c.text(), "the third row")
+    third_row = ("tdpm_dip.methods.paper", "chain", lambda *a, **k: k.get("desc", a[4] if len(a) > 4 else None)
+                 == "TDPM reverse")
+    with child(args, tmp_path / "log.txt", pause_in=third_row) as c:
+        c.wait_for_text("PAUSED in tdpm_dip.methods.paper.chain")
+        assert len(rows()) == 2 and "running TDPM-DIP" in c.text(), c.text()[-3000:]
         c.kill()
     finished = {p.name: p.read_bytes() for p in (out / "cache").iterdir() if not p.name.endswith(".tmp")}
     assert len(rows()) == 2 and not (out / "table2.md").exists()

@@ -255,9 +255,19 @@ def test_kid_matches_a_direct_computation_and_separates_distributions() -> None:
         M.polynomial_mmd2(x[:1], y)
 
 
-def test_diversity_is_zero_for_a_collapsed_set_and_the_rms_distance_for_two() -> None:
-    x = torch.rand(1, 3, 8, 8) * 2 - 1
-    assert M.diversity(x.expand(5, -1, -1, -1)) == pytest.approx(0, abs=1e-9)
-    a, b = torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.5)
-    assert M.diversity(torch.cat([a, b])) == pytest.approx(0.5)
-    assert M.diversity(torch.rand(16, 3, 8, 8)) > 0.3
+def test_precision_recall_of_constructed_feature_sets() -> None:
+    """Improved precision / recall (k = 3): identical sets 1 / 1; far-apart sets 0 / 0; a generator collapsed
+    to one real point looks real (precision 1) but covers almost nothing (recall ~ 1/n of the real set)."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 16))
+    same = M.precision_recall(real, real.copy())
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    far = M.precision_recall(real + 100.0, real)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    collapsed = M.precision_recall(np.repeat(real[:1], 50, axis=0), real)
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.05
+    half = M.precision_recall(real[:100], real)  # half the real set: all inside, and it covers part of it
+    assert half["precision"] == 1.0 and 0.3 < half["recall"] < 1.0
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        M.precision_recall(real[:3], real)
+

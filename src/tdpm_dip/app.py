@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import defaults, registry
 from .api import Denoiser, Generator
-from .embedded import resolve_generator, resolve_model
+from .embedded import DDPM_NAME, DENOISER_NAME, resolve_generator, resolve_model
 from .data import ImageInput, make_sprites, pil_to_tensor, read_user_image
 from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
@@ -63,16 +63,19 @@ class AppModels:
 
 def load_models(model: str | None = None, generator: str | None = None, device: str = "auto",
                 dip_preset: str = "auto") -> AppModels:
-    """The DDPM (`--model`, or the embedded default) in the context `denoise --input` uses (blind DIP
-    settings, plug-in DIP for blind TDPM-DIP); `generator` defaults to the embedded one, if shipped."""
+    """The DDPMs the page uses: `--model` for both tabs, or the embedded defaults (the Pokemon denoiser for the
+    Denoise tab; the sprite DDPM and its generator for the Generate tab). Denoising takes the context
+    `denoise --input` uses (blind DIP settings, plug-in DIP for blind TDPM-DIP)."""
     if generator is not None and not Path(generator).is_dir():
         raise UserError(f"--generator {generator}: no such folder")
     folder = resolve_generator(model, generator)
-    ctx, shard = load_context(model, device, "auto", defaults.BATCH_SIZE, "blind", dip_preset)
+    ctx, shard = load_context(model, device, "auto", defaults.BATCH_SIZE, "blind", dip_preset, task="denoise")
+    gen_ctx = ctx if model is not None else load_context(None, device, "auto", defaults.BATCH_SIZE, "paper",
+                                                          dip_preset, task="generate")[0]
     if folder is not None:  # amortized TDPM (method tdpm) reads it from the context
-        ctx.generator = load_generator(folder, ctx.unet, ctx.scheduler, ctx.device)
-    name = model or "embedded default"
-    return AppModels(Denoiser(ctx, shard, name), Generator(ctx, shard, name), resolve_model(model), folder)
+        gen_ctx.generator = load_generator(folder, gen_ctx.unet, gen_ctx.scheduler, gen_ctx.device)
+    return AppModels(Denoiser(ctx, shard, model or DENOISER_NAME), Generator(gen_ctx, shard, model or DDPM_NAME),
+                     resolve_model(model, "denoise"), folder)
 
 
 # ------------------------------------------------------------------------------------------ method lists
@@ -213,14 +216,14 @@ def generate_handler(models: AppModels, method: str | None = None, n: int = 4, s
         steps = int(steps)
         check_positive("steps", steps)
     if t_trunc is not None:
-        t_trunc = check_t_trunc(models.ctx.scheduler, int(t_trunc))
+        t_trunc = check_t_trunc(models.generator.ctx.scheduler, int(t_trunc))
     with models.lock:
         report(0.0, f"generating {n} images with {method}")
         res = models.generator.generate(n, seed, method, ddim_steps=steps, t_trunc=t_trunc).result
     grid = make_grid(res.images, upscale=max(1, 96 // res.images.shape[-1]))  # small model images stay visible
     report(1.0, "done")
     return Generated(grid, res.images, {"method": method, "n": n, "seed": seed, "seconds": res.seconds,
-                                        "nfe": res.nfe, "device": str(models.ctx.device)})
+                                        "nfe": res.nfe, "device": str(models.generator.ctx.device)})
 
 
 def generate_summary(g: Generated) -> str:

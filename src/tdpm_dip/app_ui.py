@@ -53,10 +53,11 @@ def _gr_progress(progress: gr.Progress):  # noqa: ANN202 - app.Progress
 
 def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | None = None) -> gr.Blocks:
     """The page: a Denoise tab and a Generate tab, their method lists read from the registry."""
-    model_name = Path(models.model).name or models.model
+    den, gen = (Path(m.name).name or m.name for m in (models.denoiser, models.generator))
     with gr.Blocks(title="tdpm-dip", analytics_enabled=False) as page:
-        gr.Markdown(f"# tdpm-dip\nDDPM **{model_name}** on {models.ctx.device}. Blind denoising uses the noisy "
-                    "image only. Everything runs on this machine; nothing is sent elsewhere.")
+        gr.Markdown(f"# tdpm-dip\nDenoise with DDPM **{den}**, generate with **{gen}**, on {models.ctx.device}. "
+                    "Blind denoising uses the noisy image only. Everything runs on this machine; nothing is sent "
+                    "elsewhere.")
         with gr.Tab("Denoise"):
             _denoise_tab(models, max_side, examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-"))
         with gr.Tab("Generate"):

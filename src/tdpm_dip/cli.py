@@ -247,6 +247,7 @@ def generate(threads: int, **kwargs: object) -> None:
               help="blind ddpm and tdpm-dip: reverse chains averaged per image.")
 @click.option("--ddim-steps", type=int, default=defaults.BLIND_DDIM_STEPS, help="blind ddim: network evaluations from t*.")
 @click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
+@click.option("--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @compute_options
@@ -369,6 +370,55 @@ def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None
     with staged_dir(out_dir) as tmp:
         save_set(sprites.images, sprites.names, tmp)
     click.echo(str(out_dir))
+
+
+# ------------------------------------------------------------------------------------------ data
+
+@cli.command("prepare-data", context_settings=CONTEXT)
+@click.option("--source", required=True,
+              help="A folder of named images (one file per image; its name decides its side of the split) or a hub "
+                   "dataset id (extra hub; e.g. huggan/pokemon, whose images are named by index).")
+@click.option("--test", type=int, default=200, help="Images in the test set: those of lowest SHA-1 of their name.")
+@click.option("--size", type=int, default=0,
+              help="0: copy the files unchanged; else write size x size PNGs (padded to a square with white).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder: train/ and test/.")
+@click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty output folder.")
+def prepare_data_cmd(source: str, test: int, size: int, out: str, overwrite: bool) -> None:
+    """Split images into train/ and test/ deterministically, by a hash of each name.
+
+    \b
+    A name keeps its side whatever else the folder holds. With the 800 Pokemon species artworks (one file
+    per species, named by species) and --test 200, the split is the one every Pokemon figure here uses.
+    \b
+    Example:
+      tdpm-dip prepare-data --source pokemon_artwork/ --out data/pokemon
+    """
+    from .workflows.datasets import prepare_data  # deferred: --help loads no network library
+
+    click.echo(str(prepare_data(source, out, test, size, overwrite)))
+
+
+@cli.command("add-noise", context_settings=CONTEXT)
+@click.option("--input", "source", required=True, help="Clean images (folder or file), taken in name order.")
+@click.option("--sigma", type=float, required=True, help="Gaussian noise std on the 0..255 scale.")
+@click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
+@click.option("--size", type=int, default=64, help="Side in pixels (padded to a square with white, Lanczos).")
+@click.option("--seed", type=int, default=1234, help="Seed of the one generator that draws every image's noise.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder: clean/ and noisy/.")
+@click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty output folder.")
+def add_noise_cmd(source: str, sigma: float, n: int | None, size: int, seed: int, out: str, overwrite: bool) -> None:
+    """Write noisy 8-bit test files and their clean twins, as a user's noisy files would be.
+
+    \b
+    The noise is added on 0..255, rounded and clipped to 8 bits (white backgrounds clip half of it).
+    `tdpm-dip denoise --input OUT/noisy --reference OUT/clean` then scores a method on them.
+    \b
+    Example:
+      tdpm-dip add-noise --input data/pokemon/test --sigma 25 --n 32 --out noisy25
+    """
+    from .workflows.datasets import add_noise_files  # deferred: --help loads no network library
+
+    click.echo(str(add_noise_files(source, out, sigma, n, size, seed, overwrite)))
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -111,6 +111,31 @@ PRESETS: dict[str, UNetPreset] = {
 }
 
 
+@dataclass(frozen=True)
+class StylePreset:
+    """Hyperparameters of a `models.StyleGenerator` (a G_psi made for GANs), by output resolution."""
+
+    channels: tuple[int, ...]          # per resolution, from 4x4 up: 4 * 2**i px for block i
+    w_dim: int = 64                    # the style vector w ~ N(0, I)
+    mapping_layers: int = 2
+    description: str = ""
+
+    @property
+    def sample_size(self) -> int:
+        return 4 * 2 ** (len(self.channels) - 1)
+
+    def model_kwargs(self) -> dict:
+        return {"channels": tuple(self.channels), "w_dim": self.w_dim, "mapping_layers": self.mapping_layers,
+                "sample_size": self.sample_size}
+
+
+# Generators for TDPM's G_psi that are not UNets (training/generator.py accepts these names as --preset too).
+STYLE_PRESETS: dict[str, StylePreset] = {
+    "style-32": StylePreset((128, 128, 64, 32), description="StyleGAN-lite G_psi for 32 px images (0.5M)"),
+    "style-64": StylePreset((128, 128, 128, 64, 32), description="StyleGAN-lite G_psi for 64 px images"),
+}
+
+
 def get_preset(name: str) -> UNetPreset:
     try:
         return PRESETS[name]

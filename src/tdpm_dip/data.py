@@ -172,20 +172,25 @@ def load_images(source: str | os.PathLike, size: int = 64, fill: str = "white", 
     return load_hub(str(source), size, fill, limit=limit)
 
 
-def load_native(source: str | os.PathLike, limit: int | None = None,
-                progress: bool = False) -> list[tuple[str, torch.Tensor]]:
+def load_native(source: str | os.PathLike, limit: int | None = None, progress: bool = False,
+                skip_bad: bool = False) -> list[tuple[str, torch.Tensor]]:
     """Image files at their own size and aspect: (name, [3, H, W] in [-1, 1]) pairs (blind denoising
-    of a user's files returns images of exactly their size)."""
-    files = list_images(source)[:limit]
-    it = files
-    if progress:
-        it = tqdm(files, desc="loading images", unit="img", leave=False)
-    out = []
+    of a user's files returns images of exactly their size). `skip_bad`: an unreadable file is skipped with a
+    warning instead of stopping; the first `limit` readable files are returned."""
+    files = list_images(source)
+    it = tqdm(files, desc="loading images", unit="img", leave=False) if progress else files
+    out: list[tuple[str, torch.Tensor]] = []
     for f in it:
+        if limit is not None and len(out) >= limit:
+            break
         try:
             out.append((f.stem, load_image(f, None)))
         except BadImage as e:
-            raise UserError(str(e)) from None
+            if not skip_bad:
+                raise UserError(f"{e} (use --skip-bad to skip such files)") from None
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    if not out:
+        raise UserError(f"{source}: no readable images")
     return out
 
 

@@ -3,9 +3,10 @@
 A truncated diffusion model starts its reverse chain at level T_trunc from a sample of q(x_T_trunc),
 the training images noised to T_trunc. TDPM draws that sample from an implicit generator
 x_T = G_psi(z), z ~ N(0, I), so a new image costs 1 + T_trunc network calls. G_psi here is a small
-`UNet2DModel` (preset `generator-small`) called at timestep 0 on z = (z_img, w): z_img of the image's shape,
-and a style vector w ~ N(0, I) that the preset's class embedding feeds to every ResNet block (config.py).
-Both come from the image's seed, z_img first. `training/generator.py` trains it.
+network called at timestep 0 on z = (z_img, w): z_img of the image's shape, and a style vector w ~ N(0, I).
+Both come from the image's seed, z_img first. The network is a `UNet2DModel` whose class embedding feeds w to
+every ResNet block (preset `generator-small`), or a `models.StyleGenerator` made for GANs (presets `style-*`),
+which reads z_img as its per-pixel noise. `training/generator.py` trains it.
 
 A generator folder (RUN/generator) holds the `UNet2DModel` (save_pretrained, safetensors, so diffusers
 loads it) and generator.json {t_trunc, z_shape, w_dim, objective, ddpm, ddpm_fingerprint, image_size, ...}.
@@ -24,8 +25,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .errors import UserError
-from .models import unet_size
-from .noise import num_levels, randn
+from .models import StyleGenerator, unet_size
+from .noise import num_levels, q_sample, randn
 from .sampling import EpsModel, reverse_chain
 
 GENERATOR_JSON = "generator.json"
@@ -33,8 +34,10 @@ FORMAT = "tdpm-dip generator"
 
 
 def style_dim(config: Mapping) -> int:
-    """Width of G_psi's style vector w: the time-embedding width when the UNet takes class_labels through an
-    identity class embedding (preset generator-small), else 0 (a generator of z_img alone)."""
+    """Width of G_psi's style vector w: a StyleGenerator's w_dim; for a UNet, the time-embedding width when it
+    takes class_labels through an identity class embedding (preset generator-small), else 0 (z_img alone)."""
+    if "w_dim" in config:
+        return int(config["w_dim"])
     if config.get("class_embed_type") != "identity":
         return 0
     return int(config.get("time_embedding_dim") or 4 * config["block_out_channels"][0])
@@ -76,13 +79,29 @@ class TDPMGenerator:
     def __call__(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         return g_forward(self.unet, z.to(self.unet.dtype), None if w is None else w.to(self.unet.dtype)).float()
 
+    @property
+    def predicts_x0(self) -> bool:
+        """Whether the network makes a clean image, to which the forward noise of level T_trunc is added (else it
+        makes x_T itself)."""
+        return self.info.get("predict", "x_T") == "x0"
+
+    @torch.no_grad()
+    def x_t(self, model: EpsModel, generators: list[torch.Generator]) -> torch.Tensor:
+        """x_T = G_psi(z): the network's output, or (predict x0) sqrt(abar_T) G(z) + sqrt(1 - abar_T) eps with eps
+        drawn from image i's generator after z_img and w (Eq. 3)."""
+        device = generators[0].device
+        z, w = self.draw(generators, device)
+        out = self(z, w)
+        if not self.predicts_x0:
+            return out
+        return q_sample(model.scheduler, out, self.t_trunc, randn(self.z_shape, generators, device))
+
     @torch.no_grad()
     def sample(self, model: EpsModel, generators: list[torch.Generator],
                callback: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Amortized TDPM (Zheng et al. 2023): x_T = G_psi(z), z from image i's generator, then Algorithm 3's
-        T_trunc posterior steps of the DDPM `model` (`sampling.reverse_chain`), clamped to [-1, 1]."""
-        z, w = self.draw(generators, generators[0].device)
-        return reverse_chain(model, self(z, w), self.t_trunc, generators, callback).clamp(-1, 1)
+        """Amortized TDPM (Zheng et al. 2023): x_T = G_psi(z) (`x_t`), then Algorithm 3's T_trunc posterior steps
+        of the DDPM `model` (`sampling.reverse_chain`), clamped to [-1, 1]."""
+        return reverse_chain(model, self.x_t(model, generators), self.t_trunc, generators, callback).clamp(-1, 1)
 
 
 def read_generator_info(path: str | os.PathLike) -> dict:
@@ -116,6 +135,14 @@ def generator_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def _class_name(folder: Path) -> str | None:
+    """The network class a generator folder's config.json names (diffusers' `_class_name`)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, scheduler: DDPMScheduler | None = None,
                    device: torch.device | str = "cpu") -> TDPMGenerator:
     """Load RUN/generator (or any folder with generator.json and a UNet2DModel); with the DDPM given, check
@@ -129,9 +156,10 @@ def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, sch
     if scheduler is not None and not 0 <= t_trunc < num_levels(scheduler):
         raise UserError(f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}")
     try:
-        unet = UNet2DModel.from_pretrained(p, torch_dtype=torch.float32, use_safetensors=True)  # fp16 on disk: upcast
+        cls = StyleGenerator if _class_name(p) == "StyleGenerator" else UNet2DModel
+        unet = cls.from_pretrained(p, torch_dtype=torch.float32, use_safetensors=True)  # fp16 on disk: upcast
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        raise UserError(f"--generator {p}: cannot load the generator's UNet ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--generator {p}: cannot load the generator's network ({str(e).splitlines()[0]})") from None
     if info.get("w_dim", style_dim(unet.config)) != style_dim(unet.config):
         raise UserError(f"--generator {p}: {GENERATOR_JSON} says w_dim {info['w_dim']}, but its UNet takes "
                         f"{style_dim(unet.config)}")

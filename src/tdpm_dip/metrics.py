@@ -328,6 +328,26 @@ def kid_from_features(x: np.ndarray, y: np.ndarray, subsets: int = 100, subset_s
     return {"kid": float(np.mean(vals)), "kid_std": float(np.std(vals)), "subset_size": k, "subsets": subsets}
 
 
+def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019) of feature sets [n, d].
+
+    Each set's manifold is the union of balls around its points, of radius the distance to their k-th nearest
+    neighbour within the set. Precision: the share of generated samples inside the real manifold (they look
+    real); recall: the share of real samples inside the generated one (the generator covers them).
+    """
+    f, r = torch.as_tensor(np.asarray(fake, np.float64)), torch.as_tensor(np.asarray(real, np.float64))
+    if min(f.shape[0], r.shape[0]) <= k:
+        raise ValueError(f"precision and recall with k = {k} need more than {k} samples in each set")
+
+    def radii(x: torch.Tensor) -> torch.Tensor:  # distance to the k-th nearest other point (index 0 is itself)
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    def inside(x: torch.Tensor, centres: torch.Tensor) -> float:
+        return float((torch.cdist(x, centres) <= radii(centres)[None]).any(dim=1).double().mean())
+
+    return {"precision": inside(f, r), "recall": inside(r, f), "k": k}
+
+
 def kid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
         cache_dir: "str | os.PathLike | None" = None, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0, features: np.ndarray | None = None) -> dict[str, float]:
@@ -456,14 +476,3 @@ def copy_rate(images: torch.Tensor, training: torch.Tensor, threshold_db: float 
     copies = p >= threshold_db
     return {"rate": float(copies.float().mean()), "copies": int(copies.sum()), "nearest": idx.tolist(),
             "nearest_psnr": p.tolist(), "threshold_db": threshold_db}
-
-
-def diversity(images: torch.Tensor) -> float:
-    """Mean pairwise RMS distance between the images of one set, on their [-1, 1] pixels: 0 when every image
-    is the same (a generator collapsed to one mode). Compare it with the same figure of real images."""
-    x = images.detach().double().cpu().flatten(1)
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError("diversity needs at least 2 images")
-    d = torch.cdist(x, x) / x.shape[1] ** 0.5
-    return float(d.sum() / (n * (n - 1)))

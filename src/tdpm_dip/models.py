@@ -10,9 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from .config import UNetPreset, get_preset
+from .config import STYLE_PRESETS, UNetPreset, get_preset
 from .errors import UserError
 
 
@@ -119,3 +122,74 @@ def load_ddpm(model: str | os.PathLike, dtype: torch.dtype = torch.float32,
 def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, out: str | os.PathLike) -> None:
     """Write a `DDPMPipeline` folder (model_index.json, unet/, scheduler/) that diffusers loads."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+
+
+# ---------------------------------------------------------------- a generator made for GANs
+
+class _StyleBlock(torch.nn.Module):
+    """conv3x3 -> + per-channel scaled noise -> LeakyReLU -> instance norm -> AdaIN style (StyleGAN's layer)."""
+
+    def __init__(self, c_in: int, c_out: int, w_dim: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.noise = torch.nn.Conv2d(3, c_out, 1, bias=False)  # z_img's 3 channels, mixed per output channel
+        torch.nn.init.zeros_(self.noise.weight)
+        self.style = torch.nn.Linear(w_dim, 2 * c_out)
+        torch.nn.init.zeros_(self.style.weight)
+        torch.nn.init.zeros_(self.style.bias)  # starts as the identity: scale 1 + 0, shift 0
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = x + self.noise(F.interpolate(z, size=x.shape[-2:], mode="area"))
+        x = F.instance_norm(F.leaky_relu(x, 0.2))
+        scale, shift = self.style(w)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + scale) + shift
+
+
+class StyleGenerator(ModelMixin, ConfigMixin):
+    """G_psi(z_img, w) made for GANs (StyleGAN-lite, Karras et al. 2019): a mapping MLP turns w into a style, a
+    learned 4x4 constant grows to the image size through blocks of two styled convolutions (x2 upsampling
+    between them), and the image-shaped noise z_img, resized to each block, is its per-pixel noise input.
+    Called as a UNet generator is, `net(z_img, 0, class_labels=w).sample`, so the TDPM code takes either."""
+
+    @register_to_config
+    def __init__(self, channels: tuple[int, ...] = (128, 128, 64, 32), w_dim: int = 64, mapping_layers: int = 2,
+                 sample_size: int = 32, out_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        for _ in range(mapping_layers):
+            layers += [torch.nn.Linear(w_dim, w_dim), torch.nn.LeakyReLU(0.2)]
+        self.mapping = torch.nn.Sequential(*layers)
+        self.const = torch.nn.Parameter(torch.randn(1, channels[0], 4, 4))
+        self.blocks = torch.nn.ModuleList()
+        c_prev = channels[0]
+        for c in channels:
+            self.blocks.append(torch.nn.ModuleList([_StyleBlock(c_prev, c, w_dim), _StyleBlock(c, c, w_dim)]))
+            c_prev = c
+        self.to_rgb = torch.nn.Conv2d(c_prev, out_channels, 1)
+
+    def forward(self, sample: torch.Tensor, timestep: object = 0, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
+        if class_labels is None:
+            raise ValueError("StyleGenerator needs its style vector w (class_labels)")
+        w = self.mapping(class_labels.to(self.const.dtype))
+        x = self.const.expand(sample.shape[0], -1, -1, -1)
+        for i, (first, second) in enumerate(self.blocks):
+            if i:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = second(first(x, sample, w), sample, w)
+        out = self.to_rgb(x)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def build_generator_network(preset: str, seed: int | None = None, sample_size: int | None = None) -> torch.nn.Module:
+    """G_psi of a preset: a `StyleGenerator` (config.STYLE_PRESETS) or a UNet generator (config.PRESETS)."""
+    if preset not in STYLE_PRESETS:
+        return build_unet(preset, seed=seed, sample_size=sample_size)
+    kwargs = STYLE_PRESETS[preset].model_kwargs()
+    if sample_size is not None and sample_size != kwargs["sample_size"]:
+        raise UserError(f"preset {preset!r} makes {kwargs['sample_size']} px images, the DDPM {sample_size} px")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return StyleGenerator(**kwargs)

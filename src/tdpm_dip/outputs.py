@@ -56,15 +56,22 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
+def refuse_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """The checks of `prepare_out_dir` without creating anything: a command runs them before it loads a model
+    or an image, so that a wrong --out costs nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty (use --overwrite to write into it)")
+
+
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Create an output folder; refuse a non-empty one unless `overwrite` (then `staged_dir` replaces the
     command's own outputs when the new ones are complete; files we did not write stay)."""
     out = Path(out)
     recover_swap(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (use --overwrite to write into it)")
+    refuse_out_dir(out, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".tdpm-dip-write-test"

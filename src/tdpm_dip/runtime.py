@@ -90,9 +90,10 @@ def dip_config(use: str, preset: str, iters: int | None = None, lr: float | None
 
 def load_context(model: str | None = None, device: str = "auto", dtype: str = "auto",
                  batch_size: int = defaults.BATCH_SIZE, dip_use: str = "paper", dip_preset: str = "auto",
-                 dip_iters: int | None = None, dip_lr: float | None = None,
-                 progress: bool = True) -> tuple[Context, Shard | None]:
-    """The DDPM (`model`, or the embedded default) and everything a method needs, on the chosen device.
+                 dip_iters: int | None = None, dip_lr: float | None = None, progress: bool = True,
+                 task: str = "generate") -> tuple[Context, Shard | None]:
+    """The DDPM (`model`, or the embedded default of `task`: denoise | generate) and everything a method needs,
+    on the chosen device.
 
     `dip_use` picks the DIP settings (paper | blind); blind also sets the plug-in DIP of blind TDPM-DIP.
     Under `accelerate launch` / torchrun the shard says which images this process runs (else None).
@@ -101,7 +102,7 @@ def load_context(model: str | None = None, device: str = "auto", dtype: str = "a
     dev, shard = pick_device(device), None
     if launched():  # accelerate launch / torchrun: this process's device, and its share of the images
         shard, dev = Shard.start(dev)
-    unet, scheduler = load_ddpm(resolve_model(model), device=dev)
+    unet, scheduler = load_ddpm(resolve_model(model, task), device=dev)
     amp = pick_amp(dtype, dev)
     if amp is not None:  # reduced-precision convolutions run fastest on channels-last weights (oneDNN, cuDNN)
         unet = unet.to(memory_format=torch.channels_last)

@@ -43,7 +43,11 @@ def run_native(ctx: Context, method: str, job: Job, shard: Shard | None = None) 
         return run(ctx, "denoise", "blind", method, job, shard)
 
     def pad(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
+        # Reflection pads less than the side it reflects: a small image (side < m) is padded in passes.
+        while x is not None and (x.shape[-2] < h + ph or x.shape[-1] < w + pw):
+            dh, dw = min(h + ph - x.shape[-2], x.shape[-2] - 1), min(w + pw - x.shape[-1], x.shape[-1] - 1)
+            x = torch.nn.functional.pad(x, (0, dw, 0, dh), mode="reflect")
+        return x
 
     res = run(ctx, "denoise", "blind", method, dataclasses.replace(job, noisy=pad(noisy), clean=pad(job.clean)), shard)
     res.images = res.images[..., :h, :w]

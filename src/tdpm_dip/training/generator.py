@@ -25,7 +25,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,11 +36,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import get_preset
+from ..config import STYLE_PRESETS, get_preset
 from ..data import load_images
 from ..errors import UserError
 from ..generator import FORMAT, GENERATOR_JSON, TDPMGenerator, draw_latents, g_forward, load_generator, style_dim
-from ..models import build_unet, ddpm_fingerprint, load_ddpm, unet_size
+from ..models import build_generator_network, ddpm_fingerprint, load_ddpm, unet_size
 from ..noise import image_generators, num_levels, q_sample
 from ..outputs import atomic_path, staged_dir, write_json
 from ..images import save_grid
@@ -51,7 +51,7 @@ from .options import GeneratorConfig
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "generator", "pairs.safetensors")
 RESUME_MUST_MATCH = ("model", "t_trunc", "objective", "preset", "init", "batch_size", "lr", "disc_lr", "r1_gamma",
-                     "disc_channels", "pairs", "ddim_steps", "warmup_steps", "ema_decay", "seed")
+                     "r1_every", "augment", "predict", "disc_channels", "pairs", "ddim_steps", "warmup_steps", "ema_decay", "seed")
 
 
 # ---------------------------------------------------------------- networks
@@ -157,6 +157,7 @@ class _GenState:
     z: torch.Tensor | None = None                # distill: pair inputs (targets are run.images)
     w: torch.Tensor | None = None                # distill: the pairs' style vectors (None: no style input)
     w_dim: int = 0                               # G_psi's style width (style_dim)
+    last_r1: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # logged between lazy R1 steps
 
 
 def train_generator(cfg: GeneratorConfig, progress: bool = True, callback: Callable[[int], None] | None = None) -> Path:
@@ -181,7 +182,7 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack) -
     accelerator = start_accelerator(cfg, mixed)
     device, main = accelerator.device, accelerator.is_main_process
     ddpm, scheduler, size = _frozen_ddpm(cfg, device)
-    gen = build_unet(cfg.preset, seed=cfg.seed, sample_size=size).to(device).train()
+    gen = build_generator_network(cfg.preset, seed=cfg.seed, sample_size=size).to(device).train()
     if cfg.init:
         _init_from(gen, cfg, ddpm, scheduler)
     ema = EMA(gen, cfg.ema_decay)
@@ -209,7 +210,7 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack) -
         run_config={**asdict(cfg), "n_images": n, "image_size": size},
         algorithm=f"TDPM generator G_psi ({cfg.objective})",
         describe={"disc_params": sum(p.numel() for p in extra_modules["discriminator"].parameters())
-                  if extra_modules else None, "unet": get_preset(cfg.preset).unet_kwargs(size)},
+                  if extra_modules else None, "network": _network_kwargs(cfg.preset, size)},
         must_match=RESUME_MUST_MATCH, owned=RUN_FILES, extra_modules=extra_modules, extra_optimizers=extra_optimizers)
     if prepared:
         state.disc, state.disc_optimizer = prepared
@@ -229,10 +230,20 @@ def _frozen_ddpm(cfg: GeneratorConfig, device: torch.device) -> tuple[UNet2DMode
     T = num_levels(scheduler)
     if not 0 <= cfg.t_trunc <= T - 1:
         raise UserError(f"--t-trunc must be in [0, {T - 1}] for this DDPM, got {cfg.t_trunc}")
+    if cfg.preset in STYLE_PRESETS:
+        if STYLE_PRESETS[cfg.preset].sample_size != size:
+            raise UserError(f"preset {cfg.preset!r} makes {STYLE_PRESETS[cfg.preset].sample_size} px images, the "
+                            f"DDPM {size} px")
+        return ddpm, scheduler, size
     factor = 2 ** (len(get_preset(cfg.preset).block_out_channels) - 1)
     if size % factor:
         raise UserError(f"the DDPM's {size} px images do not suit preset {cfg.preset!r} (sides must be multiples of {factor})")
     return ddpm, scheduler, size
+
+
+def _network_kwargs(preset: str, size: int) -> dict:
+    """What config.json records of G_psi's network."""
+    return STYLE_PRESETS[preset].model_kwargs() if preset in STYLE_PRESETS else get_preset(preset).unet_kwargs(size)
 
 
 def _init_from(gen: UNet2DModel, cfg: GeneratorConfig, ddpm: UNet2DModel, scheduler: DDPMScheduler) -> None:
@@ -258,38 +269,93 @@ def _draws(cfg: GeneratorConfig, step: int, size: int, w_dim: int, device: torch
     return flips, z, w, eps
 
 
+def diff_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """DiffAugment's colour, translation and cutout (Zhao et al. 2020), drawn per image from `g`; differentiable,
+    so the generator learns through it. Colour: brightness +-0.5, saturation x[0, 2], contrast x[0.5, 1.5];
+    translation: up to 1/8 of the side, zero-filled; cutout: a zeroed square of half the side."""
+    b, c, h, w = x.shape
+    dev = x.device
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=g, device=dev)
+
+    x = x + (u(b, 1, 1, 1) - 0.5)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (2 * u(b, 1, 1, 1)) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (u(b, 1, 1, 1) + 0.5) + mean
+    r = max(1, h // 8)
+    shift = torch.randint(-r, r + 1, (b, 2), generator=g, device=dev)
+    rows = (torch.arange(h, device=dev)[None] + r - shift[:, :1])[:, None, :, None]
+    cols = (torch.arange(w, device=dev)[None] + r - shift[:, 1:])[:, None, None, :]
+    padded = F.pad(x, (r, r, r, r))
+    x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+               rows, cols]
+    side = h // 2
+    top = torch.randint(0, h - side + 1, (b, 1, 1), generator=g, device=dev)
+    left = torch.randint(0, w - side + 1, (b, 1, 1), generator=g, device=dev)
+    ys, xs = torch.arange(h, device=dev)[None, :, None], torch.arange(w, device=dev)[None, None, :]
+    inside = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
 def _gan_step(state: _GenState, run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One discriminator step (non-saturating loss + R1 on the real samples), then one generator step."""
+    """One discriminator step (non-saturating loss, R1 on the real samples every r1_every steps), then one
+    generator step; with --augment diffaug the discriminator sees every sample through `diff_augment`."""
     cfg, acc = state.cfg, run.accelerator
     assert state.disc is not None and state.disc_optimizer is not None
     i = step - 1
     idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
-    size = int(run.images.shape[-1])
-    flips, z, w, eps = _draws(cfg, i, size, state.w_dim, run.device)
+    flips, z, w, eps = _draws(cfg, i, int(run.images.shape[-1]), state.w_dim, run.device)
     x0 = run.images[idx.to(run.images.device)].to(run.device, non_blocking=True)
     x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-    real = q_sample(run.scheduler, x0, cfg.t_trunc, eps).requires_grad_(True)  # a sample of q(x_T_trunc)
+    real = q_sample(run.scheduler, x0, cfg.t_trunc, eps)  # a sample of q(x_T_trunc)
+    lazy_r1 = step % cfg.r1_every == 0
+    real.requires_grad_(lazy_r1)
+    aug = _augmenter(cfg, i, run.device)
 
-    # Discriminator: softplus(D(fake)) + softplus(-D(real)) + gamma/2 ||grad_real D||^2.
+    # Discriminator: softplus(D(fake)) + softplus(-D(real)) [+ r1_every gamma/2 ||grad_real D||^2].
     state.disc.requires_grad_(True)
     with torch.no_grad(), acc.autocast():
-        fake = g_forward(run.model, z, w).float()
+        fake = _fake(run, cfg, z, w, i).float()
     with acc.autocast():
-        d_real = state.disc(real).float()
-        d_fake = state.disc(fake).float()
+        d_real = state.disc(aug(real)).float()
+        d_fake = state.disc(aug(fake)).float()
     loss_d = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
-    (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
-    r1 = grad.float().pow(2).flatten(1).sum(1).mean()
-    acc.backward(loss_d + 0.5 * cfg.r1_gamma * r1)
+    if lazy_r1:
+        (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        state.last_r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+        acc.backward(loss_d + 0.5 * cfg.r1_gamma * cfg.r1_every * state.last_r1)
+    else:
+        acc.backward(loss_d)
     state.disc_optimizer.step()
     state.disc_optimizer.zero_grad(set_to_none=True)
 
-    # TDPMGenerator: softplus(-D(G(z))), the non-saturating loss.
+    # Generator: softplus(-D(G(z))), the non-saturating loss.
     state.disc.requires_grad_(False)
     with acc.autocast():
-        loss_g = F.softplus(-state.disc(g_forward(run.model, z, w)).float()).mean()
+        loss_g = F.softplus(-state.disc(aug(_fake(run, cfg, z, w, i))).float()).mean()
     grad_norm = optimizer_step(run, loss_g)
-    return loss_g.detach(), grad_norm, {"loss_d": loss_d.detach(), "r1": r1.detach()}
+    return loss_g.detach(), grad_norm, {"loss_d": loss_d.detach(), "r1": state.last_r1.detach()}
+
+
+def _fake(run: Run, cfg: GeneratorConfig, z: torch.Tensor, w: torch.Tensor | None, step: int) -> torch.Tensor:
+    """A generated sample of q(x_T_trunc): G(z), or (--predict x0) G(z) noised to T_trunc with noise of a stream
+    of its own (the same draws for the discriminator's and the generator's half of the step)."""
+    out = g_forward(run.model, z, w)
+    if cfg.predict == "x_T":
+        return out
+    g = torch.Generator(device=run.device).manual_seed(derive_seed(cfg.seed, "fake-noise", step))
+    return q_sample(run.scheduler, out, cfg.t_trunc, torch.randn(out.shape, generator=g, device=run.device))
+
+
+def _augmenter(cfg: GeneratorConfig, step: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The discriminator's view of a batch at 0-based `step`: DiffAugment with draws of a stream of its own
+    (--augment diffaug), or the batch itself."""
+    if cfg.augment == "none":
+        return lambda x: x
+    g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "augment", step))
+    return lambda x: diff_augment(x, g)
 
 
 def _distill_step(state: _GenState, run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -308,7 +374,7 @@ def _save_samples(state: _GenState, run: Run, step: int) -> None:
     cfg = state.cfg
     if run.main and cfg.n_samples > 0:
         size = unet_size(state.ddpm.config)
-        ema = TDPMGenerator(run.ema.model, cfg.t_trunc, (3, size, size), {}, "EMA")
+        ema = TDPMGenerator(run.ema.model, cfg.t_trunc, (3, size, size), {"predict": cfg.predict}, "EMA")
         ddpm = EpsModel(state.ddpm, run.scheduler, {"bf16": torch.bfloat16}.get(run.mixed))
         gens = image_generators([derive_seed(cfg.seed, "samples", i) for i in range(cfg.n_samples)], run.device)
         x = ema.sample(ddpm, gens)
@@ -331,7 +397,7 @@ def _export(run: Run, state: _GenState) -> Path:
                 "ddpm_fingerprint": ddpm_fingerprint(state.ddpm, run.scheduler), "image_size": size,
                 "schedule": run.scheduler.config.beta_schedule, "preset": cfg.preset, "steps": cfg.steps,
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "data": cfg.data if cfg.objective == "gan" else None,
-                "init": cfg.init,
+                "init": cfg.init, "predict": cfg.predict,
                 "pairs": cfg.pairs if cfg.objective == "distill" else None,
                 "ddim_steps": cfg.ddim_steps if cfg.objective == "distill" else None,
             })

@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config import PRESETS, get_preset, parse_fill
+from ..config import PRESETS, STYLE_PRESETS, get_preset, parse_fill
 from ..errors import UserError
 
 NUM_TRAIN_TIMESTEPS = 1000  # T of every scheduler this project trains (the report's, and diffusers' default)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 AUGMENTS = ("flip", "d4")
 OBJECTIVES = ("gan", "distill")
+GAN_AUGMENTS = ("none", "diffaug")
+GAN_PREDICTS = ("x_T", "x0")
 
 
 def option(text: str, choices: tuple[str, ...] | None = None) -> dict:
@@ -138,7 +140,9 @@ class GeneratorConfig:
     objective: str = field(default="gan", metadata=option(
         "gan: non-saturating GAN + R1 against noised training images; distill: regress DDIM(z -> x_T_trunc) "
         "pairs of the DDPM (Luhman & Luhman 2021)", OBJECTIVES))
-    preset: str = field(default="generator-small", metadata=option(f"G_psi's UNet preset: {', '.join(PRESETS)}"))
+    preset: str = field(default="generator-small", metadata=option(
+        f"G_psi's network: a StyleGAN-lite generator ({', '.join(STYLE_PRESETS)}) or a UNet preset "
+        f"({', '.join(PRESETS)})"))
     init: str | None = field(default=None, metadata=option(
         "start G_psi from this generator's weights (a RUN/generator folder of the same preset and DDPM), e.g. to "
         "fine-tune one to another --t-trunc; the discriminator starts afresh"))
@@ -150,6 +154,15 @@ class GeneratorConfig:
     lr: float = field(default=2e-4, metadata=option("Adam learning rate of G_psi"))
     disc_lr: float = field(default=2e-4, metadata=option("gan: Adam learning rate of the discriminator"))
     r1_gamma: float = field(default=0.1, metadata=option("gan: weight gamma of the R1 penalty gamma/2 ||grad D(real)||^2"))
+    r1_every: int = field(default=1, metadata=option(
+        "gan: apply R1 every N discriminator steps, scaled by N (StyleGAN2's lazy regularisation: cheaper steps)"))
+    predict: str = field(default="x_T", metadata=option(
+        "gan: x_T = the network makes x_T_trunc itself; x0 = it makes a clean image and the forward noise of level "
+        "T_trunc is added to it, as to the real samples (the discriminator then compares like with like)",
+        GAN_PREDICTS))
+    augment: str = field(default="none", metadata=option(
+        "gan: diffaug = DiffAugment (Zhao et al. 2020): the same random colour, translation and cutout on real and "
+        "generated samples before the discriminator sees them, so it cannot memorise a small set", GAN_AUGMENTS))
     disc_channels: int = field(default=64, metadata=option("gan: width of the discriminator's first layer"))
     pairs: int = field(default=512, metadata=option("distill: number of (z, DDIM(z)) pairs, computed once"))
     ddim_steps: int = field(default=50, metadata=option("distill: DDIM steps from level T down to T_trunc"))
@@ -181,10 +194,18 @@ class GeneratorConfig:
             raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "gan" and not (self.data and str(self.data).strip()):
             raise UserError("--objective gan needs --data (the training images noised to T_trunc are its real samples)")
-        get_preset(self.preset)
+        if self.preset not in STYLE_PRESETS:
+            get_preset(self.preset)
+        if self.predict not in GAN_PREDICTS:
+            raise UserError(f"--predict must be one of {', '.join(GAN_PREDICTS)}, got {self.predict!r}")
+        if self.predict == "x0" and self.objective != "gan":
+            raise UserError("--predict x0 is for --objective gan (distillation regresses x_T_trunc itself)")
+        if self.augment not in GAN_AUGMENTS:
+            raise UserError(f"--augment must be one of {', '.join(GAN_AUGMENTS)}, got {self.augment!r}")
         if not isinstance(self.t_trunc, int) or self.t_trunc < 0:
             raise UserError(f"--t-trunc must be an integer >= 0, got {self.t_trunc}")
-        for name in ("steps", "batch_size", "pairs", "ddim_steps", "disc_channels", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "pairs", "ddim_steps", "disc_channels", "r1_every", "log_every",
+                     "keep_checkpoints"):
             positive_int("--" + name.replace("_", "-"), getattr(self, name))
         if self.limit is not None:
             positive_int("--limit", self.limit)

@@ -37,7 +37,8 @@ from ..generator import TDPMGenerator, generator_fingerprint, load_generator, re
 from ..methods import Context, Job, Result, run
 from ..methods.observe import add_noise
 from ..methods.shard import Shard, is_main_process
-from ..metrics import copy_rate, data_hash, device_name, extract_features, fid, inception_extractor, kid, swd
+from ..metrics import (copy_rate, data_hash, device_name, extract_features, fid, inception_extractor, kid,
+                       precision_recall, reference_features, swd)
 from ..models import count_params, ddpm_fingerprint, unet_size
 from ..noise import check_level, check_t_trunc, num_levels
 from ..outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
@@ -420,6 +421,11 @@ class _GenMetrics:
                                       features=feats)["kid"]
             except ValueError:
                 out[f"KID@{n}"] = None
+            try:
+                pr = precision_recall(feats, reference_features(ref, self.extractor, self.b.cache))
+                out["precision"], out["recall"] = pr["precision"], pr["recall"]
+            except ValueError:
+                out["precision"] = out["recall"] = None
         s = swd(images, ref, seed=0)
         out["SWD x1e3"] = 1e3 * s["swd_avg"]
         cr = copy_rate(images, ref)
@@ -457,7 +463,7 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
 
 
 COLUMN_ORDER = ("row", "schedule", "protocol", "method", "n", "PSNR@", "report PSNR", "SSIM@", "report SSIM", "FID@",
-                "report FID@1k", "KID@", "SWD x1e3", "copy-rate", "nearest PSNR", "input PSNR", "t_noisy", "sigma", "t_star",
+                "report FID@1k", "KID@", "precision", "recall", "SWD x1e3", "copy-rate", "nearest PSNR", "input PSNR", "t_noisy", "sigma", "t_star",
                 "t_trunc", "samples", "reverse steps", "report steps", "NFE", "s/img", "report time (T4)",
                 "speed-up (steps)", "report speed-up (steps)", "speed-up (time)", "report speed-up (time)")
 
@@ -627,7 +633,9 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
         if bench.s.fid and gm.extractor is not None:
             notes.append(f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
                          "strongly biased upwards. KID: unbiased polynomial-kernel MMD^2 (100 subsets), the same "
-                         "features; about 0 for samples of the --data distribution")
+                         "features; about 0 for samples of the --data distribution. precision / recall: improved "
+                         "precision and recall (Kynkaanniemi et al. 2019, k = 3) on the same features: the share "
+                         "of samples that look real / of real images the samples cover")
         missing = [t for t in REPORT_T_TRUNCS if t not in bench.s.generators]
         if missing:
             notes.append("TDPM (amortized) at T_trunc " + ", ".join(map(str, missing)) + ": no --generator for "

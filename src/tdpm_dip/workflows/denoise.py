@@ -13,6 +13,7 @@ import torch
 from .. import defaults, registry
 from ..api import Denoiser
 from ..data import load_images, load_native
+from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma
 from ..methods import Job, run
 from ..methods.observe import NOISE_MODELS, add_noise, blind_sigmas
@@ -20,7 +21,7 @@ from ..methods.shard import is_main_process
 from ..metrics import psnr, ssim
 from ..models import unet_size
 from ..noise import check_t_trunc
-from ..outputs import prepare_out_dir, staged_dir, write_json, write_text
+from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..images import save_png
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
@@ -48,6 +49,7 @@ class DenoiseOptions(RunOptions):
     samples: int = defaults.SAMPLES
     ddim_steps: int = defaults.BLIND_DDIM_STEPS
     n: int | None = None
+    skip_bad: bool = False             # --input: skip unreadable files with a warning
 
     def check(self) -> DenoiseOptions:
         """Every check that needs no image and no model (one-line UserErrors); returns the options with the
@@ -79,11 +81,13 @@ class DenoiseOptions(RunOptions):
 def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
     """Run the command; returns the output folder (under a launcher, every process runs; rank 0 writes)."""
     opts = opts.check()
+    if is_main_process():
+        refuse_out_dir(opts.out, opts.overwrite)  # before any model or image is loaded
     ctx, shard = load_context(opts.model, opts.device, opts.dtype, opts.batch_size, opts.protocol, opts.dip_preset,
-                              opts.dip_iters, opts.dip_lr)
+                              opts.dip_iters, opts.dip_lr, task="denoise")
     if opts.t_trunc is not None:
         check_t_trunc(ctx.scheduler, opts.t_trunc)
-    den = Denoiser(ctx, shard, opts.model or "embedded default")
+    den = Denoiser(ctx, shard, opts.model or DENOISER_NAME)
     if opts.input is not None:
         return _denoise_files(den, opts, echo)
     return _denoise_clean(den, opts, echo)
@@ -94,7 +98,7 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
 def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     """Blind denoising of noisy files, each at its own size and aspect; image i uses seed SEED+i."""
     main = is_main_process()  # under a launcher: the only process that writes
-    files = load_native(opts.input, limit=opts.n, progress=main)
+    files = load_native(opts.input, limit=opts.n, progress=main, skip_bad=opts.skip_bad)
     names = [name for name, _ in files]
     noisy = [x for _, x in files]
     clean = _references(opts.reference, files) if opts.reference is not None else None
@@ -111,8 +115,11 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     if not main:
         return out_dir
     fig = [("noisy", thumbnails(noisy))] + [(m, thumbnails(outputs[m])) for m in opts.methods]
+    per_image = _per_image(names, noisy, outputs, clean)
+    for entry, x, s in zip(per_image, noisy, sig):
+        entry.update(size=list(x.shape[-2:]), sigma=s)
     _write(out_dir, names, noisy, outputs, fig, "Denoising (blind protocol; your files, each at its own size)", rows,
-           {"sizes": {name: list(x.shape[-2:]) for name, x in files}, "sigma": sig})
+           {"images": per_image, "sigma": sig})
     return out_dir
 
 
@@ -172,13 +179,32 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     dips = {"dip": dataclasses.asdict(ctx.dip)}
     if ctx.dip_plugin is not None:
         dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
-    _write(out_dir, images.names, results[0].inputs, {r.method: r.images for r in results}, fig,
+    outputs = {r.method: r.images for r in results}
+    _write(out_dir, images.names, results[0].inputs, outputs, fig,
            f"Denoising ({opts.protocol} protocol; noise: {noise_label})", rows,
-           {"noise": noise_label, "dip": dips, "curves": curves}, curves)
+           {"noise": noise_label, "dip": dips, "curves": curves,
+            "images": _per_image(images.names, results[0].inputs, outputs, x0)}, curves)
     return out_dir
 
 
 # ------------------------------------------------------------------------------------------ writing
+
+def _per_image(names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
+               outputs: dict[str, list[torch.Tensor] | torch.Tensor],
+               clean: list[torch.Tensor] | torch.Tensor | None) -> list[dict]:
+    """metrics.json's scores of each image: PSNR and SSIM of the input and of every method, when the clean
+    image is known (else only the names)."""
+    rows = []
+    for i, name in enumerate(names):
+        row: dict = {"name": name}
+        if clean is not None:
+            c = clean[i][None]
+            row["input"] = {"PSNR": float(psnr(noisy[i][None], c)), "SSIM": float(ssim(noisy[i][None], c))}
+            for m, images in outputs.items():
+                row[m] = {"PSNR": float(psnr(images[i][None], c)), "SSIM": float(ssim(images[i][None], c))}
+        rows.append(row)
+    return rows
+
 
 def _write(out_dir: Path, names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
            outputs: dict[str, list[torch.Tensor] | torch.Tensor], fig: list[tuple[str, torch.Tensor]], title: str,

@@ -18,7 +18,7 @@ from ..methods import Context, Result
 from ..methods.shard import is_main_process
 from ..models import unet_size
 from ..noise import check_t_trunc
-from ..outputs import prepare_out_dir, staged_dir, write_json
+from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json
 from ..images import save_grid
 from ..reporting import save_images
 from ..runtime import load_context
@@ -64,6 +64,8 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     """Run the command; returns the grid's path (under a launcher, every process runs; rank 0 writes)."""
     check_positive("--n", opts.n)
     check_positive("--ddim-steps", opts.ddim_steps)
+    if is_main_process():
+        refuse_out_dir(opts.out, opts.overwrite)  # before any model is loaded
     m = _method(opts, resolve_generator(opts.model, opts.generator))  # --generator, or the shipped one
     folder = resolve_generator(opts.model, opts.generator) if "generator" in m.needs else None
     ctx, shard = load_context(opts.model, opts.device, opts.dtype, opts.batch_size, "paper", opts.dip_preset,

@@ -1,0 +1,92 @@
+"""Data for the report's domain, made by commands: a deterministic train/test split of named images, and noisy
+8-bit test files (`tdpm-dip prepare-data`, `tdpm-dip add-noise`)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..config import WHITE
+from ..data import BadImage, list_images, load_hub, square_resize, to_rgb
+from ..errors import UserError, check_positive, check_sigma
+from ..images import save_png
+from ..outputs import prepare_out_dir, staged_dir, write_text
+
+
+def name_rank(name: str) -> int:
+    """A name's place in the split: the first 8 hex digits of its SHA-1 (image order and count do not matter)."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)
+
+
+def split_names(names: list[str], test: int) -> tuple[list[str], list[str]]:
+    """(train, test): the `test` names of lowest `name_rank` are the test set, the rest the training set; a
+    name keeps its side whatever other images the folder holds (sorted by name within each side)."""
+    if not 0 < test < len(names):
+        raise UserError(f"--test must be in 1..{len(names) - 1} for {len(names)} images, got {test}")
+    ranked = sorted(names, key=lambda n: (name_rank(n), n))
+    return sorted(ranked[test:]), sorted(ranked[:test])
+
+
+def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrite: bool = False) -> Path:
+    """OUT/train and OUT/test from a folder of named images (one per species, say) or a hub dataset id (extra
+    `hub`; its images are named by index). size 0 copies the files unchanged; else PNGs of size x size, padded to
+    a square with white and resized with Lanczos (the preprocessing of the models)."""
+    check_positive("--test", test)
+    if size < 0:
+        raise UserError(f"--size must be >= 0, got {size}")
+    if Path(source).exists():
+        files = {p.stem: p for p in list_images(source)}
+        if len(files) != len(list_images(source)):
+            raise UserError(f"{source}: two images share a name (their stems must differ)")
+        images = None
+    else:
+        hub = load_hub(source, size or 64)
+        files, images = {n: None for n in hub.names}, dict(zip(hub.names, hub.images))
+    train, held = split_names(sorted(files), test)
+    out_dir = prepare_out_dir(out, overwrite)
+    with staged_dir(out_dir) as tmp:
+        for side, names in (("train", train), ("test", held)):
+            for n in names:
+                if images is not None:
+                    save_png(images[n], tmp / side / f"{n}.png")
+                elif size == 0:
+                    (tmp / side).mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(files[n], tmp / side / files[n].name)
+                else:
+                    save_png(_square(files[n], size), tmp / side / f"{n}.png")
+        write_text(tmp / "split.txt", f"source: {source}\ntest: the {test} names of lowest SHA-1 "
+                   f"(first 8 hex digits)\ntrain: {len(train)} images\ntest: {len(held)} images\n")
+    return out_dir
+
+
+def _square(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(square_resize(to_rgb(im), size, WHITE))
+    except (OSError, BadImage) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def add_noise_files(source: str, out: str, sigma: float, n: int | None = None, size: int = 64, seed: int = 1234,
+                    overwrite: bool = False) -> Path:
+    """OUT/clean and OUT/noisy: the first n images of `source` (sorted by name) at size x size, and the same with
+    Gaussian noise of std sigma on 0..255, rounded and clipped to 8 bits, as a saved noisy file holds.
+
+    The noise of all images comes, in file order, from one numpy generator seeded with `seed`."""
+    check_sigma(sigma)
+    check_positive("--n", n)
+    check_positive("--size", size)
+    files = list_images(source)[:n]
+    out_dir = prepare_out_dir(out, overwrite)
+    rng = np.random.default_rng(seed)
+    with staged_dir(out_dir) as tmp:
+        for f in files:
+            x = _square(f, size).astype(np.float64)
+            y = np.clip(np.round(x + rng.normal(0, sigma, x.shape)), 0, 255).astype(np.uint8)
+            save_png(x.astype(np.uint8), tmp / "clean" / f"{f.stem}.png")
+            save_png(y, tmp / "noisy" / f"{f.stem}.png")
+    return out_dir
