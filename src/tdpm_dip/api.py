@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -86,7 +87,8 @@ class Denoiser:
         """The blind methods that can run here, best first (the first is the default)."""
         return [m.name for m in registry.methods("denoise", "blind", installed_only=True)]
 
-    def denoise(self, images: ImageInput | Sequence[ImageInput], sigma: float | Sequence[float] | None = None,
+    def denoise(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
+                sigma: float | Sequence[float] | None = None,
                 method: str | None = None, seed: int = 0, **options: object) -> DenoiseOutput:
         """Denoise one image or a list (paths, PIL images or uint8 arrays), each at its own size.
 
@@ -163,8 +165,8 @@ class Generator:
         m = registry.find("generate", name)
         if "generator" in m.needs and self.ctx.generator is None:
             raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
-        if options.get("t_trunc") is not None:
-            check_t_trunc(self.ctx.scheduler, int(options["t_trunc"]))  # type: ignore[arg-type]
+        if options.get("t_trunc") is not None:  # options are Job fields: t_trunc is an int or None
+            check_t_trunc(self.ctx.scheduler, int(cast(int, options["t_trunc"])))
         job = Job(tuple(range(seed, seed + n)), reference=reference, **options)  # type: ignore[arg-type]
         res = run(self.ctx, "generate", m.protocol, name, job, self.shard)
         return GenerateOutput([Image.fromarray(a) for a in to_uint8(res.images)], name, res.protocol, res.seconds,

@@ -199,7 +199,7 @@ class Generated:
 
 
 def generate_handler(models: AppModels, method: str | None = None, n: int = 4, seed: int = 0,
-                     steps: int | None = None, t_trunc: int | None = None,
+                     steps: float | None = None, t_trunc: float | None = None,
                      progress: Progress | None = None) -> Generated:
     """n images of a registry generator from pure noise (image i uses seed SEED+i), as one grid."""
     report = progress or (lambda frac, desc: None)

@@ -118,6 +118,7 @@ class StylePreset:
     channels: tuple[int, ...]          # per resolution, from 4x4 up: 4 * 2**i px for block i
     w_dim: int = 64                    # the style vector w ~ N(0, I)
     mapping_layers: int = 2
+    latent_input: bool = False         # the 4x4 input made from w (DCGAN's projection) instead of a learned constant
     description: str = ""
 
     @property
@@ -126,13 +127,17 @@ class StylePreset:
 
     def model_kwargs(self) -> dict:
         return {"channels": tuple(self.channels), "w_dim": self.w_dim, "mapping_layers": self.mapping_layers,
-                "sample_size": self.sample_size}
+                "sample_size": self.sample_size, "latent_input": self.latent_input}
 
 
 # Generators for TDPM's G_psi that are not UNets (training/generator.py accepts these names as --preset too).
 STYLE_PRESETS: dict[str, StylePreset] = {
     "style-32": StylePreset((128, 128, 64, 32), description="StyleGAN-lite G_psi for 32 px images (0.5M)"),
     "style-64": StylePreset((128, 128, 128, 64, 32), description="StyleGAN-lite G_psi for 64 px images"),
+    # The coarse layout (where the body is, how large, which shape) drawn from w at 4x4, as DCGAN does: the
+    # constant input leaves it to the styles, which learn it slowly.
+    "style-32-latent": StylePreset((128, 128, 64, 32), w_dim=128, latent_input=True,
+                                   description="StyleGAN-lite G_psi for 32 px images, its 4x4 input projected from w"),
 }
 
 
@@ -156,7 +161,7 @@ def parse_fill(fill: str | tuple[int, int, int]) -> tuple[int, int, int]:
             return tuple(int(s[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
         parts = tuple(int(p) for p in s.split(","))
         if len(parts) == 3 and all(0 <= p <= 255 for p in parts):
-            return parts  # type: ignore[return-value]
+            return parts
     except ValueError:
         pass
     raise UserError(f"--fill {fill!r}: use white, black, gray, #rrggbb or r,g,b")

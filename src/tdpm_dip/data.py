@@ -122,7 +122,8 @@ def load_folder(root: str | os.PathLike, size: int = 64, fill: str | tuple[int, 
     """Load an image folder (imagefolder layout; metadata.csv is optional and not needed)."""
     fill_rgb = parse_fill(fill)
     files = list_images(root)
-    tensors, names = [], []
+    tensors: list[torch.Tensor] = []
+    names: list[str] = []
     it = files
     if progress:
         it = tqdm(files, desc="loading images", unit="img", leave=False)
@@ -196,7 +197,8 @@ def load_native(source: str | os.PathLike, limit: int | None = None, progress: b
 
 def hash_split(names: list[str], holdout: float, salt: str = "tdpm-dip") -> tuple[list[int], list[int]]:
     """Deterministic split by a hash of each name: (kept indices, held-out indices)."""
-    keep, held = [], []
+    keep: list[int] = []
+    held: list[int] = []
     for i, n in enumerate(names):
         h = int(hashlib.sha1(f"{salt}:{n}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held if h < holdout else keep).append(i)

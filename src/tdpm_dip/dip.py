@@ -82,8 +82,8 @@ class DIPResult:
             return None if xs[0] is None else torch.cat(xs, dim=1)
 
         total = sum(p.seconds for p in parts) if seconds is None else seconds
-        return cls(torch.cat([p.output for p in parts]), cat("loss"), cat("psnr"), cat("ssim"),
-                   list(parts[0].ssim_iters), total)
+        return cls(torch.cat([p.output for p in parts]), torch.cat([p.loss for p in parts], dim=1), cat("psnr"),
+                   cat("ssim"), list(parts[0].ssim_iters), total)
 
     def mean_curves(self) -> dict[str, list[float]]:
         out = {"loss": self.loss.mean(1).tolist()}

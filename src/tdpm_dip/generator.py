@@ -163,6 +163,6 @@ def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, sch
     if info.get("w_dim", style_dim(unet.config)) != style_dim(unet.config):
         raise UserError(f"--generator {p}: {GENERATOR_JSON} says w_dim {info['w_dim']}, but its UNet takes "
                         f"{style_dim(unet.config)}")
-    return TDPMGenerator(unet.to(device).eval().requires_grad_(False), t_trunc, z_shape, info, str(p))  # type: ignore[arg-type]
+    return TDPMGenerator(unet.to(device).eval().requires_grad_(False), t_trunc, z_shape, info, str(p))
 
 

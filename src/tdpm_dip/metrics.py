@@ -368,8 +368,8 @@ SWD_DIR_REPEATS = 4
 SWD_DIRS_PER_REPEAT = 128
 SWD_MIN_RES = 16
 
-_GAUSS5 = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4],
-                      [1, 4, 6, 4, 1]]) / 256.0
+_GAUSS5 = np.array([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4],
+                    [1, 4, 6, 4, 1]], dtype=np.float32) / 256.0
 
 
 def _pyr_down(x: np.ndarray) -> np.ndarray:  # cv2.pyrDown

@@ -148,19 +148,22 @@ class _StyleBlock(torch.nn.Module):
 
 class StyleGenerator(ModelMixin, ConfigMixin):
     """G_psi(z_img, w) made for GANs (StyleGAN-lite, Karras et al. 2019): a mapping MLP turns w into a style, a
-    learned 4x4 constant grows to the image size through blocks of two styled convolutions (x2 upsampling
-    between them), and the image-shaped noise z_img, resized to each block, is its per-pixel noise input.
+    learned 4x4 constant (plus, with latent_input, a projection of w, as DCGAN's input) grows to the image size
+    through blocks of two styled convolutions (x2 upsampling between them), and the image-shaped noise z_img,
+    resized to each block, is its per-pixel noise input.
     Called as a UNet generator is, `net(z_img, 0, class_labels=w).sample`, so the TDPM code takes either."""
 
     @register_to_config
     def __init__(self, channels: tuple[int, ...] = (128, 128, 64, 32), w_dim: int = 64, mapping_layers: int = 2,
-                 sample_size: int = 32, out_channels: int = 3) -> None:
+                 sample_size: int = 32, out_channels: int = 3, latent_input: bool = False) -> None:
         super().__init__()
         layers: list[torch.nn.Module] = []
         for _ in range(mapping_layers):
             layers += [torch.nn.Linear(w_dim, w_dim), torch.nn.LeakyReLU(0.2)]
         self.mapping = torch.nn.Sequential(*layers)
         self.const = torch.nn.Parameter(torch.randn(1, channels[0], 4, 4))
+        # latent_input: the 4x4 input is projected from the mapped w (DCGAN), added to the constant
+        self.project = torch.nn.Linear(w_dim, channels[0] * 16) if latent_input else None
         self.blocks = torch.nn.ModuleList()
         c_prev = channels[0]
         for c in channels:
@@ -174,7 +177,11 @@ class StyleGenerator(ModelMixin, ConfigMixin):
             raise ValueError("StyleGenerator needs its style vector w (class_labels)")
         w = self.mapping(class_labels.to(self.const.dtype))
         x = self.const.expand(sample.shape[0], -1, -1, -1)
-        for i, (first, second) in enumerate(self.blocks):
+        if self.project is not None:
+            x = x + self.project(w).view(-1, *self.const.shape[1:])
+        for i, block in enumerate(self.blocks):
+            assert isinstance(block, torch.nn.ModuleList)  # a ModuleList yields Modules: each block is a pair
+            first, second = block
             if i:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = second(first(x, sample, w), sample, w)
@@ -182,7 +189,8 @@ class StyleGenerator(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-def build_generator_network(preset: str, seed: int | None = None, sample_size: int | None = None) -> torch.nn.Module:
+def build_generator_network(preset: str, seed: int | None = None,
+                            sample_size: int | None = None) -> UNet2DModel | StyleGenerator:
     """G_psi of a preset: a `StyleGenerator` (config.STYLE_PRESETS) or a UNet generator (config.PRESETS)."""
     if preset not in STYLE_PRESETS:
         return build_unet(preset, seed=seed, sample_size=sample_size)

@@ -10,6 +10,7 @@ exactly t posterior steps, over diffusers timesteps t-1, ..., 0, so the step cou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDPMScheduler
@@ -79,7 +80,7 @@ def sigma_to_level(scheduler: DDPMScheduler, sigma255: float) -> int:
 
 # ---------------------------------------------------------------- per-image randomness
 
-def image_generators(seeds: list[int] | range, device: torch.device | str = "cpu") -> list[torch.Generator]:
+def image_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per image, on the device where the noise is drawn (never drawn then moved).
 
     Image i depends only on seed i, whatever the batch size (as NVlabs/edm's StackedRandomGenerator).

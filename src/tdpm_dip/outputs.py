@@ -127,8 +127,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)  # the original handler: KeyboardInterrupt, Terminated, or the default
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # the original handler: KeyboardInterrupt, Terminated, or the default
 
 
 # ---------------------------------------------------------------------------------------------- staging

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
@@ -83,8 +84,7 @@ def curves_figure(path: Path, curves: dict[str, dict[str, list[float]]]) -> None
     """DIP loss and PSNR per iteration."""
     has_psnr = any("psnr" in c for c in curves.values())
     fig = Figure(figsize=(9 if has_psnr else 4.5, 3.2))
-    axes = fig.subplots(1, 2 if has_psnr else 1)
-    axes = list(axes) if has_psnr else [axes]
+    axes: list[Axes] = list(fig.subplots(1, 2)) if has_psnr else [fig.subplots(1, 1)]
     for i, (label, c) in enumerate(curves.items()):
         color = f"C{i % 10}"  # one colour per label in both panels (the legend is on the first only)
         axes[0].semilogy(c["loss"], label=label, color=color)

@@ -61,7 +61,9 @@ def ensemble_estimate(ctx: Context, y: torch.Tensor, levels: list[int], k: int =
     """Geometric self-ensemble (Timofte et al. 2016) of `tweedie_estimate`: the mean of T_k^-1 D(T_k y) over
     the first k symmetries of the square. The network's errors differ between orientations; the
     image's posterior mean does not."""
-    return sum(d4_apply(tweedie_estimate(ctx, d4_apply(y, j), levels), j, inverse=True) for j in range(k)) / k
+    out = sum(d4_apply(tweedie_estimate(ctx, d4_apply(y, j), levels), j, inverse=True) for j in range(k)) / k
+    assert isinstance(out, torch.Tensor)  # a sum of k >= 1 tensors
+    return out
 
 
 def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
@@ -88,6 +90,7 @@ def start_level(scheduler: DDPMScheduler, t_target: int, fit_mse: float, cap: in
 def _posterior_mean(ctx: Context, job: Job, method: str, k: int) -> Result:
     """Tweedie's estimate at t*, averaged over the first k symmetries of the square (k calls)."""
     y, sig, t_star = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     with timer(ctx.device) as tm:
         out = ensemble_estimate(ctx, y, t_star, k).clamp(-1, 1)
     return Result(method, "blind", out.cpu(), tm[0], k, k, job.noisy.cpu(), info=blind_info(sig, t_star, job))
@@ -109,10 +112,12 @@ def ddpm(ctx: Context, job: Job) -> Result:
     """Scale y to x_t* and run t* reverse steps, K times; the mean of the K posterior samples
     approaches the posterior mean (DMID, Li et al. 2024, averages its runs the same way)."""
     y, sig, t_star = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     gens = image_generators(job.seeds, ctx.device)
     with timer(ctx.device) as tm:
         out = sum(chains_by_level(ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * y[idx],
                                   "DDPM reverse") for _ in range(job.samples)) / job.samples
+    assert isinstance(out, torch.Tensor)  # a sum of job.samples >= 1 tensors
     info = blind_info(sig, t_star, job) | {"samples": job.samples}
     return Result("ddpm", "blind", out.cpu(), tm[0], max(t_star), max(t_star) * job.samples, job.noisy.cpu(),
                   info=info)
@@ -122,6 +127,7 @@ def ddim(ctx: Context, job: Job) -> Result:
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from t* in n calls, on the levels
     round(linspace(t*, 0)); the last step returns the predicted x0."""
     y, sig, t_star = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     steps = job.ddim_steps or defaults.BLIND_DDIM_STEPS
     out = torch.empty_like(y)
     with timer(ctx.device) as tm:
@@ -150,6 +156,7 @@ def bm3d_denoise(noisy: torch.Tensor, sigma255: list[float]) -> torch.Tensor:
 def bm3d(ctx: Context, job: Job) -> Result:
     """CBM3D on the observation (declipped, as the diffusion methods see it, unless job.declip is off)."""
     y, sig, _ = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     with timer(ctx.device) as tm:
         out = bm3d_denoise(y, sig)
     return Result("bm3d", "blind", out, tm[0], 0, 0, job.noisy.cpu(), info={"sigma": one_or_each(sig),
@@ -175,6 +182,7 @@ def ffdnet(ctx: Context, job: Job) -> Result:
     """FFDNet (Zhang, Zuo and Zhang, TIP 2018), a CNN trained on natural images with the noise level as an
     input map: the external baseline, on the same observation as the diffusion methods (declipped)."""
     y, sig, _ = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     net = _ffdnet_network(str(ctx.device))
     level = torch.tensor([s / 255.0 for s in sig], device=y.device)
     with timer(ctx.device) as tm, torch.no_grad():
@@ -186,6 +194,7 @@ def ffdnet(ctx: Context, job: Job) -> Result:
 def dip(ctx: Context, job: Job) -> Result:
     """G_psi(z) fitted to y itself (ctx.dip: the blind settings, with input noise and output averaging)."""
     y, sig, t_star = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     gens = image_generators(job.seeds, ctx.device)
     z = randn(tuple(y.shape[1:]), gens, ctx.device)  # the image's own size (any size the UNets accept)
     res = fit(ctx, y, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None)
@@ -206,6 +215,7 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     """
     # 1. the blind estimate of x0 takes the clean image's place
     y, sig, t_star = observation(ctx, job)
+    assert job.noisy is not None  # observation() needs it
     cfg = ctx.plugin_dip
     with timer(ctx.device) as tm0:
         x_hat = ensemble_estimate(ctx, y, t_star)
@@ -229,6 +239,7 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     # 4. Algorithm 3, K chains averaged
     with timer(ctx.device) as tm:
         out = sum(chains_by_level(ctx, levels, gens, start, "TDPM reverse") for _ in range(job.samples)) / job.samples
+    assert isinstance(out, torch.Tensor)  # a sum of job.samples >= 1 tensors
     T = max(levels)
     info = blind_info(sig, t_star, job) | {"samples": job.samples, "dip_target_level": t0,
                                            "t_trunc": one_or_each(levels),

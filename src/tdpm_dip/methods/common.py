@@ -72,18 +72,19 @@ def fit(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], r
     a table computes each fit once. DIPResult.seconds keeps the fit's own time for honest timings.
     """
     cfg = cfg or ctx.dip
+    memo = ctx.dip_memo
     key = None
-    if ctx.dip_memo is not None:
+    if memo is not None:
         h = hashlib.sha1()
         for t in (target, z) + ((reference,) if reference is not None else ()):
             h.update(t.detach().float().cpu().numpy().tobytes())
         key = (h.hexdigest(), tuple(seeds), cfg, str(ctx.amp_dtype), str(ctx.device), ctx.batch_size)
-        if key in ctx.dip_memo:
-            return ctx.dip_memo[key]
+        if key in memo:
+            return memo[key]
     res = fit_dip(target, z, seeds, cfg, reference=reference, batch_size=ctx.batch_size,
                   amp_dtype=ctx.amp_dtype, progress=ctx.progress)
-    if key is not None:
-        ctx.dip_memo[key] = res
+    if memo is not None:
+        memo[key] = res
     return res
 
 

@@ -77,7 +77,7 @@ class _TotalBar:
     def __init__(self, total: int, desc: str, main: bool) -> None:
         self.key = f"tdpm_dip/progress/{next(_CALLS)}"
         try:
-            self.store = dist.distributed_c10d._get_default_store()
+            self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
         except (RuntimeError, AttributeError, ValueError):  # no store: the bar counts this process only
             self.store = None
         self.bar = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -12,6 +13,8 @@ from .. import defaults
 from ..dip import DIPConfig, DIPResult, dip_defaults
 from ..generator import TDPMGenerator
 from ..sampling import EpsModel
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -116,6 +119,13 @@ def _merge_info(parts: list[tuple[int, dict]]) -> dict:
     return out
 
 
+def _present(values: list[_T | None]) -> list[_T]:
+    """values, none of them None: the parts of one job all have a value (dip, inputs) when the first has."""
+    out = [v for v in values if v is not None]
+    assert len(out) == len(values), "the parts of a job differ in what they return"
+    return out
+
+
 def concat_results(parts: list[Result]) -> Result:
     """One Result for consecutive parts of a job, in their order.
 
@@ -126,8 +136,8 @@ def concat_results(parts: list[Result]) -> Result:
     """
     first = parts[0]
     seconds = sum(p.seconds for p in parts)
-    dip = None if first.dip is None else DIPResult.concat([p.dip for p in parts])
-    inputs = None if first.inputs is None else torch.cat([p.inputs for p in parts])
+    dip = None if first.dip is None else DIPResult.concat(_present([p.dip for p in parts]))
+    inputs = None if first.inputs is None else torch.cat(_present([p.inputs for p in parts]))
     info = _merge_info([(int(p.images.shape[0]), p.info) for p in parts])
     return Result(first.method, first.protocol, torch.cat([p.images for p in parts]), seconds,
                   max(p.reverse_steps for p in parts), max(p.nfe for p in parts), inputs, dip, info)

@@ -152,6 +152,7 @@ def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> Ru
 
 def _init_unet(cfg: TrainConfig, scheduler: DDPMScheduler) -> UNet2DModel:
     """--init: the UNet of a trained DDPM (fp32), checked against --schedule and --size (one-line errors)."""
+    assert cfg.init is not None  # called with --init only
     unet, init_sched = load_ddpm(cfg.init)
     if not torch.allclose(init_sched.alphas_cumprod, scheduler.alphas_cumprod):
         raise UserError(f"--init {cfg.init}: its noise schedule is not --schedule {cfg.schedule}")
@@ -164,6 +165,7 @@ def _train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[s
     """One optimizer step (1-based `step`) of Algorithm 1 and the EMA; returns the loss and the gradient norm,
     left on the device (and no further scalars)."""
     cfg, acc = run.cfg, run.accelerator
+    assert isinstance(cfg, TrainConfig)  # the Run that _setup started
     i = step - 1  # 0-based index of this step's random draws
     idx = batch_indices(i, run.n_images, cfg.batch_size, cfg.seed)
     flips, t, eps = step_draws(i, cfg.batch_size, cfg.size, cfg.seed, cfg.t_max, run.device, cfg.t_min)
@@ -183,6 +185,7 @@ def _train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[s
 
 def _save_samples(run: Run, step: int) -> None:
     cfg = run.cfg
+    assert isinstance(cfg, TrainConfig)  # the Run that _setup started
     if run.main and cfg.n_samples > 0:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed)
         x = sample_grid(run.ema.model, run.scheduler, cfg.n_samples, cfg.sample_steps, cfg.seed, run.device,

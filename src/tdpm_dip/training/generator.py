@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -193,6 +193,7 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack) -
     extra_optimizers: dict[str, torch.optim.Optimizer] = {}
     images = torch.empty(0)  # distill: the pairs' targets, made once the run folder is open (they are cached there)
     if cfg.objective == "gan":
+        assert cfg.data is not None  # GeneratorConfig.validate: the GAN needs --data
         data = load_images(cfg.data, size, cfg.fill, cfg.skip_bad, cfg.limit, progress=progress and main)
         images = place_images(data, device)
         with torch.random.fork_rng(devices=[]):
@@ -389,7 +390,9 @@ def _export(run: Run, state: _GenState) -> Path:
     size = unet_size(state.ddpm.config)
     if run.main:
         with staged_dir(export) as tmp:
-            run.ema.model.save_pretrained(tmp, safe_serialization=True)
+            model = run.ema.model
+            assert isinstance(model, ModelMixin)  # G_psi: a UNet2DModel or a StyleGenerator
+            model.save_pretrained(tmp, safe_serialization=True)
             write_json(tmp / GENERATOR_JSON, {
                 "format": FORMAT, "t_trunc": cfg.t_trunc, "z_shape": [3, size, size], "w_dim": state.w_dim,
                 "objective": cfg.objective,

@@ -94,7 +94,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         weight = 1.0 - self.current_decay()
-        ema_p = list(self.model.parameters())
+        ema_p: list[torch.Tensor] = list(self.model.parameters())
         torch._foreach_lerp_(ema_p, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)], weight)
         for eb, b in zip(self.model.buffers(), model.buffers()):
             eb.copy_(b)
@@ -513,7 +513,7 @@ def place_images(data: ImageSet, device: torch.device) -> torch.Tensor:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
 
 

@@ -316,7 +316,9 @@ class Bench:
             images = {"clean": clean}
         else:  # blind: the noisy observation of the clean images (which only score the DIP curves)
             images = {"noisy": add_noise(clean, self.s.sigma, list(seeds), self.s.noise), "clean": clean}
-        return run(ctx, spec.task, spec.protocol, spec.method, Job(seeds, **images, **self.options(spec)), self.shard)
+        job = Job(seeds, noisy=images.get("noisy"), clean=images.get("clean"), reference=images.get("reference"),
+                  **self.options(spec))
+        return run(ctx, spec.task, spec.protocol, spec.method, job, self.shard)
 
     def _save(self, key: str, keyinfo: dict, spec: RowSpec, res: Result) -> None:
         n = res.images.shape[0]

@@ -45,8 +45,8 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
         images = None
     else:
         hub = load_hub(source, size or 64)
-        files, images = {n: None for n in hub.names}, dict(zip(hub.names, hub.images))
-    train, held = split_names(sorted(files), test)
+        files, images = {}, dict(zip(hub.names, hub.images))  # files: a folder's only
+    train, held = split_names(sorted(files if images is None else images), test)
     out_dir = prepare_out_dir(out, overwrite)
     with staged_dir(out_dir) as tmp:
         for side, names in (("train", train), ("test", held)):

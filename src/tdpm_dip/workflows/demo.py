@@ -158,16 +158,16 @@ class DemoData:
 def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
     """The test images and the training / reference set (procedural sprites or --data), saved under RUN/data."""
     if cfg.data is None:
-        test = make_sprites(cfg.n, size, seed=cfg.seed + 1)  # another seed: held out, never trained on
+        test_set = make_sprites(cfg.n, size, seed=cfg.seed + 1)  # another seed: held out, never trained on
         if cfg.model is None:
             train = make_sprites(cfg.train_images, size, seed=cfg.seed)
             ref, src = train.images[: cfg.n], f"{cfg.train_images} procedural sprites (seed {cfg.seed})"
         else:
             train, ref, src = None, make_sprites(cfg.n, size, seed=cfg.seed).images, "procedural sprites"
-        save_set(test.images, test.names, run / "data" / "test")
+        save_set(test_set.images, test_set.names, run / "data" / "test")
         if train is not None:
             save_set(train.images, train.names, run / "data" / "train")
-        return DemoData(test.images, ref, train.images if train is not None else None, src)
+        return DemoData(test_set.images, ref, train.images if train is not None else None, src)
 
     allset = load_images(cfg.data, size, progress=True)
     n_all = len(allset)
@@ -416,8 +416,10 @@ def _figures(d: DemoRun) -> dict[str, str]:
         *[("G_psi(z): DIP output", r.info["dip_output"]) for _, r in fitted],
         *[(label, r.images) for label, r in fitted],
         *[(label, r.images) for label, r in d.gen if "dip_output" not in r.info]], upscale=upscale)
+    paper_noisy = d.paper[0].inputs
+    assert paper_noisy is not None and d.noisy is not None  # the denoising phases ran before the figures
     labelled_comparison(stage / "denoise_paper.png", [
-        ("clean", data.test), (f"x_{cfg.t_noisy} (noisy)", d.paper[0].inputs),
+        ("clean", data.test), (f"x_{cfg.t_noisy} (noisy)", paper_noisy),
         *[(f"{r.method} (oracle)" if r.dip is not None else f"{r.method} ({r.reverse_steps} steps)", r.images)
           for r in d.paper]], upscale=upscale)
     labelled_comparison(stage / "denoise_blind.png", [

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,7 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
 
 def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     """Blind denoising of noisy files, each at its own size and aspect; image i uses seed SEED+i."""
+    assert opts.input is not None  # denoise() comes here with --input only
     main = is_main_process()  # under a launcher: the only process that writes
     files = load_native(opts.input, limit=opts.n, progress=main, skip_bad=opts.skip_bad)
     names = [name for name, _ in files]
@@ -152,6 +153,7 @@ def _files_row(method: str, outputs: list[torch.Tensor], noisy: list[torch.Tenso
 
 def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     """Clean images noised here (blind: 8-bit or float noise of sigma; paper: x_{t_noisy}), then each method."""
+    assert opts.clean is not None  # check(): --clean when --input is not given
     ctx = den.ctx
     size = unet_size(ctx.unet.config)
     main = is_main_process()  # under a launcher: the only process that writes
@@ -174,23 +176,25 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     labels = {"data": Path(opts.clean).name or opts.clean, "model": Path(den.name).name or den.name,
               "device": str(ctx.device)}
     rows = [result_row(r, x0, noise=noise_label, **labels) for r in results]
-    fig = [("clean", x0), ("noisy", results[0].inputs)] + [(r.method, r.images) for r in results]
+    inputs = results[0].inputs
+    assert inputs is not None  # every denoiser returns its inputs
+    fig = [("clean", x0), ("noisy", inputs)] + [(r.method, r.images) for r in results]
     curves = {r.method: r.dip.mean_curves() for r in results if r.dip is not None}
     dips = {"dip": dataclasses.asdict(ctx.dip)}
     if ctx.dip_plugin is not None:
         dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
     outputs = {r.method: r.images for r in results}
-    _write(out_dir, images.names, results[0].inputs, outputs, fig,
+    _write(out_dir, images.names, inputs, outputs, fig,
            f"Denoising ({opts.protocol} protocol; noise: {noise_label})", rows,
            {"noise": noise_label, "dip": dips, "curves": curves,
-            "images": _per_image(images.names, results[0].inputs, outputs, x0)}, curves)
+            "images": _per_image(images.names, inputs, outputs, x0)}, curves)
     return out_dir
 
 
 # ------------------------------------------------------------------------------------------ writing
 
 def _per_image(names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
-               outputs: dict[str, list[torch.Tensor] | torch.Tensor],
+               outputs: Mapping[str, list[torch.Tensor] | torch.Tensor],
                clean: list[torch.Tensor] | torch.Tensor | None) -> list[dict]:
     """metrics.json's scores of each image: PSNR and SSIM of the input and of every method, when the clean
     image is known (else only the names)."""
@@ -207,7 +211,7 @@ def _per_image(names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
 
 
 def _write(out_dir: Path, names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
-           outputs: dict[str, list[torch.Tensor] | torch.Tensor], fig: list[tuple[str, torch.Tensor]], title: str,
+           outputs: Mapping[str, list[torch.Tensor] | torch.Tensor], fig: list[tuple[str, torch.Tensor]], title: str,
            rows: list[dict], extra: dict, curves: dict | None = None) -> None:
     """The run folder: noisy/ and one folder of PNGs per method, comparison.png, dip_curves.png (when a DIP
     ran), metrics.md and metrics.json; built beside `out_dir` and moved in complete."""

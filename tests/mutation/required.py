@@ -1,0 +1,71 @@
+"""The four mutants the project requires its tests to kill, checked one by one (docs/mutation.md); the first in two
+forms (inside EpsModel.eps, where every sampler gets it, and in reverse_chain alone).
+
+mutmut's operators do not write these exact faults (an off-by-one timestep, a dropped rescale, a crop from the wrong
+corner), so each is applied here by hand to a copy of src/ and the exact tests are run against it; every one must
+fail. Usage: python tests/mutation/required.py [PYTEST_ARGS...]  (default: tests/test_exact.py but its CLI test).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (name, file under src/tdpm_dip, original text, mutated text): the original must occur exactly once.
+MUTANTS = [
+    ("UNet called at ts + 1 in the reverse chain (EpsModel.eps at timestep level instead of level - 1)",
+     "sampling.py", "return self.unet(x.to(self.unet.dtype), level - 1).sample.float()",
+     "return self.unet(x.to(self.unet.dtype), level).sample.float()"),
+    ("... and the same fault in reverse_chain alone (eps at level + 1: the UNet at diffusers timestep ts + 1)",
+     "sampling.py", "x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample",
+     "x = sched.step(model.eps(x, level + 1), level - 1, x, generator=generators).prev_sample"),
+    ("declip: -1.0 + excess instead of -1.0 - excess",
+     "methods/observe.py", "torch.where(lo, -1.0 - excess, noisy)", "torch.where(lo, -1.0 + excess, noisy)"),
+    ("blind tdpm-dip starts its chains from G(z) without the sqrt(abar_t / abar_T0) rescale",
+     "methods/blind.py", "return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]",
+     "return res.output[idx]"),
+    ("run_native crops the bottom-right corner ([..., -h:, -w:])",
+     "methods/dispatch.py", "res.images = res.images[..., :h, :w]", "res.images = res.images[..., -h:, -w:]"),
+]
+
+
+def run(pytest_args: list[str]) -> int:
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="tdpm-required-") as tmp:
+        for name, rel, old, new in MUTANTS:
+            src = Path(tmp) / "src"
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "weights"))
+            os.symlink(ROOT / "src" / "tdpm_dip" / "weights", src / "tdpm_dip" / "weights")
+            path = src / "tdpm_dip" / rel
+            text = path.read_text()
+            if text.count(old) != 1:
+                print(f"ERROR  {name}: {rel} no longer holds exactly one {old!r}; update tests/mutation/required.py")
+                failures += 1
+                continue
+            path.write_text(text.replace(old, new))
+            env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
+            where = subprocess.run([sys.executable, "-c", "import tdpm_dip; print(tdpm_dip.__file__)"], env=env,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            assert where.startswith(str(src)), where  # the mutated copy, not the installed package
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *pytest_args],
+                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+            if proc.returncode == 1 and failed:
+                print(f"killed    {name}\n          by {', '.join(f.split('::')[-1] for f in failed)}")
+            else:
+                print(f"SURVIVED  {name} (pytest exit code {proc.returncode})\n{proc.stdout[-2000:]}")
+                failures += 1
+    return failures
+
+
+if __name__ == "__main__":
+    cli = "tests/test_exact.py::test_cli_input_folder_maps_each_file_to_its_own_output"  # slow, and no other fault
+    default = ["tests/test_exact.py", "--deselect", cli]
+    sys.exit(1 if run(sys.argv[1:] or default) else 0)
