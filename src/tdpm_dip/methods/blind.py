@@ -88,11 +88,16 @@ def start_level(scheduler: DDPMScheduler, t_target: int, fit_mse: float, cap: in
 
 
 def _posterior_mean(ctx: Context, job: Job, method: str, k: int) -> Result:
-    """Tweedie's estimate at t*, averaged over the first k symmetries of the square (k calls)."""
+    """Tweedie's estimate at t*, averaged over the first k symmetries of the square (k calls). Symmetry j sees its
+    own draw of declip's random excess: the mean then also averages over what clipping hid (Rao-Blackwell)."""
     y, sig, t_star = observation(ctx, job)
     assert job.noisy is not None  # observation() needs it
     with timer(ctx.device) as tm:
-        out = ensemble_estimate(ctx, y, t_star, k).clamp(-1, 1)
+        total = tweedie_estimate(ctx, y, t_star)
+        for j in range(1, k):
+            yj = observation(ctx, job, draw=j)[0]
+            total = total + d4_apply(tweedie_estimate(ctx, d4_apply(yj, j), t_star), j, inverse=True)
+        out = (total / k).clamp(-1, 1)
     return Result(method, "blind", out.cpu(), tm[0], k, k, job.noisy.cpu(), info=blind_info(sig, t_star, job))
 
 

@@ -21,6 +21,7 @@ from .types import Context, Job
 NOISE_MODELS = ("clipped", "float")
 SATURATED_WINDOW = 9  # px: the neighbourhood in which a saturated region is recognised
 MIN_SAMPLES = 200     # pixels (or wavelet coefficients) below which an estimate is not trusted
+DRAW_STRIDE = 1_000_003  # seed offset between declip draws of one image (a prime, far from any image's seed)
 
 
 def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str = "clipped") -> torch.Tensor:
@@ -112,7 +113,7 @@ def _wavelet_sigma(y: np.ndarray) -> float:
         _, (_, _, diag) = pywt.dwt2(y[..., c], "db2", mode="symmetric")
         clipped = (y[..., c] <= 0) | (y[..., c] >= 255)
         # db2's diagonal coefficient k spans pixels 2k-2 .. 2k+1 (symmetric extension at the border)
-        touched = ndimage.maximum_filter(clipped, size=4, origin=(-1, -1))
+        touched = ndimage.maximum_filter(clipped, size=4, origin=(-2, -2))  # window p .. p+3
         idx = np.clip(2 * np.arange(diag.shape[0]) - 2, 0, y.shape[0] - 1)
         jdx = np.clip(2 * np.arange(diag.shape[1]) - 2, 0, y.shape[1] - 1)
         coeffs.append(diag[~touched[np.ix_(idx, jdx)]])
@@ -141,11 +142,12 @@ def job_sigmas(job: Job, n: int) -> list[float]:
     return [float(v) for v in job.sigma] if len(job.sigma) == n else [float(job.sigma[0])] * n
 
 
-def observation(ctx: Context, job: Job) -> tuple[torch.Tensor, list[float], list[int]]:
-    """(y as the diffusion methods see it, sigma per image, t* per image)."""
+def observation(ctx: Context, job: Job, draw: int = 0) -> tuple[torch.Tensor, list[float], list[int]]:
+    """(y as the diffusion methods see it, sigma per image, t* per image). `draw` > 0: another independent
+    draw of declip's excess for the same images (an ensemble averages over several)."""
     noisy = need(job.noisy, "the noisy images", "blind denoising").to(ctx.device)
     sig = job_sigmas(job, noisy.shape[0])
-    y = declip(noisy, sig, list(job.seeds)) if job.declip else noisy
+    y = declip(noisy, sig, [s + DRAW_STRIDE * draw for s in job.seeds]) if job.declip else noisy
     return y, sig, [sigma_to_level(ctx.scheduler, s) for s in sig]
 
 
