@@ -31,7 +31,7 @@ $(LINT): pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[lint]'
 	touch $(LINT)
 
-# ruff (lint and format) and mypy on src/, as CI and the pre-commit hooks run them.
+# ruff (lint and format) on the code and mypy on src/, as CI and the pre-commit hooks run them.
 lint: $(LINT)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks

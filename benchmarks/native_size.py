@@ -42,13 +42,13 @@ def via_model_size(ctx: Context, method: str, y: torch.Tensor, sigma: float, see
     side = max(h, w)
     sq = torch.ones(3, side, side)
     top, left = (side - h) // 2, (side - w) // 2
-    sq[:, top:top + h, left:left + w] = y
+    sq[:, top : top + h, left : left + w] = y
     small = torch.nn.functional.interpolate(sq[None], size=(size, size), mode="bicubic", antialias=True)
     # The noise std shrinks with the downscaling (about side / size pixels averaged per side).
     sig = sigma * size / side
     out = run_native(ctx, method, Job((seed,), noisy=small.clamp(-1, 1), sigma=(sig,))).images
     big = torch.nn.functional.interpolate(out, size=(side, side), mode="bicubic")[0]
-    return big[:, top:top + h, left:left + w].clamp(-1, 1)
+    return big[:, top : top + h, left : left + w].clamp(-1, 1)
 
 
 def main() -> None:
@@ -62,8 +62,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # On the CPU in fp32, one image at a time, with the blind DIP settings of dip-small (and its plug-in DIP).
-    ctx, _ = load_context(args.model, device="cpu", dtype="fp32", batch_size=1, dip_use="blind",
-                          dip_preset="dip-small", progress=False)
+    ctx, _ = load_context(
+        args.model, device="cpu", dtype="fp32", batch_size=1, dip_use="blind", dip_preset="dip-small", progress=False
+    )
     files = list_images(args.data)[: args.n]
     rows = []
     for side in (int(s) for s in args.sizes.split(",")):
@@ -85,9 +86,17 @@ def main() -> None:
                 res[how].append((float(psnr(out[None], x[None])), float(ssim(out[None], x[None]))))
         for how in ("native", "resize"):
             p, s = np.mean(res[how], axis=0)
-            rows.append({"longer side": side, "sizes": " ".join(f"{h}x{w}" for h, w in shapes[:3]), "how": how,
-                         "method": args.method, "PSNR": round(p, 2), "SSIM": round(s, 4),
-                         "s/img": round(secs[how] / len(files), 2)})
+            rows.append(
+                {
+                    "longer side": side,
+                    "sizes": " ".join(f"{h}x{w}" for h, w in shapes[:3]),
+                    "how": how,
+                    "method": args.method,
+                    "PSNR": round(p, 2),
+                    "SSIM": round(s, 4),
+                    "s/img": round(secs[how] / len(files), 2),
+                }
+            )
     print(f"load average {os.getloadavg()[0]:.2f}, n = {len(files)}, sigma {args.sigma:g}, clipped 8-bit")
     print(markdown_table(rows))
 

@@ -39,8 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
-
 from fastdip import IMPLS, fit_dip_fast  # noqa: E402
+
 from tdpm_dip.config import get_preset  # noqa: E402
 from tdpm_dip.devices import synchronize, timer  # noqa: E402
 from tdpm_dip.dip import DIPConfig, DIPResult, fit_dip  # noqa: E402
@@ -56,12 +56,31 @@ SECTIONS = ("baseline", "vmap", "fast", "compile", "ddpm", "train")
 
 PRESET_SETS = {
     # CPU smoke run: tiny networks.
-    "tiny": dict(dip="dip-tiny", vmap="dip-tiny", ddpm="tiny", size=32, n_images=4, baseline_images=2,
-                 slow_images=4, ddpm_batches="1,4", train_batch=16, baseline_ddpm_steps=10),
+    "tiny": dict(
+        dip="dip-tiny",
+        vmap="dip-tiny",
+        ddpm="tiny",
+        size=32,
+        n_images=4,
+        baseline_images=2,
+        slow_images=4,
+        ddpm_batches="1,4",
+        train_batch=16,
+        baseline_ddpm_steps=10,
+    ),
     # The report's networks at 64x64.
-    "paper": dict(dip="paper-dip", vmap="paper-dip-noattn", ddpm="paper-ddpm", size=64, n_images=200,
-                  baseline_images=2, slow_images=32, ddpm_batches="64,256,auto", train_batch=128,
-                  baseline_ddpm_steps=20),
+    "paper": dict(
+        dip="paper-dip",
+        vmap="paper-dip-noattn",
+        ddpm="paper-ddpm",
+        size=64,
+        n_images=200,
+        baseline_images=2,
+        slow_images=32,
+        ddpm_batches="64,256,auto",
+        train_batch=128,
+        baseline_ddpm_steps=20,
+    ),
 }
 
 # HBM bandwidth (TB/s) of a few cards, for the optimizer-traffic floor printed with the DIP section.
@@ -73,6 +92,7 @@ FitFn = Callable[[torch.Tensor, torch.Tensor, list[int], DIPConfig, int], DIPRes
 
 # ----------------------------------------------------------------------------------------------- rows
 
+
 @dataclass
 class Row:
     """One line of the table (and of the JSON's rows): a method's s/img, speed and, for DIP rows, quality."""
@@ -82,16 +102,16 @@ class Row:
     preset: str
     batch: int | None
     dtype: str
-    n: int = 0                          # images measured (per-image times are extrapolated from them)
+    n: int = 0  # images measured (per-image times are extrapolated from them)
     s_per_img: float | None = None
-    ratio: float | None = None          # baseline s/img / this row's s/img (speed-up)
-    tflops: float | None = None         # achieved model TFLOP/s
-    peak_mem_gib: float | None = None   # torch.cuda.max_memory_allocated; None on the CPU
-    psnr: float | None = None           # final output vs the clean images (dip rows)
+    ratio: float | None = None  # baseline s/img / this row's s/img (speed-up)
+    tflops: float | None = None  # achieved model TFLOP/s
+    peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated; None on the CPU
+    psnr: float | None = None  # final output vs the clean images (dip rows)
     ssim: float | None = None
-    d_psnr: float | None = None         # vs the fp32 batched row of the same network and init, same seeds
+    d_psnr: float | None = None  # vs the fp32 batched row of the same network and init, same seeds
     d_ssim: float | None = None
-    warmup_s: float | None = None       # untimed warm-up (includes torch.compile for compiled rows)
+    warmup_s: float | None = None  # untimed warm-up (includes torch.compile for compiled rows)
     notes: str = ""
     extra: dict = field(default_factory=dict)
     error: str | None = None
@@ -123,8 +143,9 @@ def is_oom(e: BaseException) -> bool:
 def dynamo_graphs() -> int | None:
     try:
         from torch._dynamo.utils import counters
+
         return int(counters["stats"].get("unique_graphs", 0)) if "stats" in counters else 0
-    except Exception:  # noqa: BLE001 (an introspection aid only)
+    except Exception:
         return None
 
 
@@ -153,12 +174,13 @@ class Table:
         print(msg, flush=True)
         return row
 
-    def guarded(self, section: str, method: str, preset: str, batch: int | None, dtype: str,
-                fn: Callable[[], Row]) -> Row:
+    def guarded(
+        self, section: str, method: str, preset: str, batch: int | None, dtype: str, fn: Callable[[], Row]
+    ) -> Row:
         """fn()'s row, or an error row: a failed row must not stop the benchmark."""
         try:
             row = fn()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             traceback.print_exc(limit=3, file=sys.stderr)
             first = str(e).splitlines()[0][:200] if str(e) else ""
             row = Row(section, method, preset, batch, dtype, error=f"{type(e).__name__}: {first}")
@@ -178,6 +200,7 @@ class Table:
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
+
 
 def forward_flops(config: dict, size: int) -> int:
     """FLOPs of one batch-1 forward (FlopCounterMode on meta tensors: no memory, no init)."""
@@ -203,8 +226,10 @@ def build_unet_meta(preset: str, size: int) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------------------- batch choice
 
-def probe_batch(dev: torch.device, fn: Callable[[int], None], cap: int, label: str, log: dict,
-                sizes: tuple[int, int] = (2, 4)) -> int:
+
+def probe_batch(
+    dev: torch.device, fn: Callable[[int], None], cap: int, label: str, log: dict, sizes: tuple[int, int] = (2, 4)
+) -> int:
     """Largest batch <= cap whose extrapolated peak fits 85% of free GPU memory (two short probes)."""
     if cap <= sizes[0]:
         return cap
@@ -221,8 +246,13 @@ def probe_batch(dev: torch.device, fn: Callable[[int], None], cap: int, label: s
     cleanup(dev)
     free = torch.cuda.mem_get_info(dev)[0]
     b = int(max(1, min(cap, (0.85 * free - fixed) // per)))
-    log[label] = {"probe_peaks_gib": [p / 2**30 for p in peaks], "per_item_gib": per / 2**30,
-                  "free_gib": free / 2**30, "chosen": b, "cap": cap}
+    log[label] = {
+        "probe_peaks_gib": [p / 2**30 for p in peaks],
+        "per_item_gib": per / 2**30,
+        "free_gib": free / 2**30,
+        "chosen": b,
+        "cap": cap,
+    }
     return b
 
 
@@ -235,7 +265,7 @@ def with_oom_retry(dev: torch.device, fn: Callable[[int], Row], batch: int) -> R
             if tried:
                 add_note(row, f"OOM at batch {tried}")
             return row
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not is_oom(e) or batch <= 1 or len(tried) >= 4:
                 raise
             tried.append(batch)
@@ -245,10 +275,12 @@ def with_oom_retry(dev: torch.device, fn: Callable[[int], Row], batch: int) -> R
 
 # ------------------------------------------------------------------------------- what sections share
 
+
 def make_test_images(n: int, size: int) -> tuple[torch.Tensor, str]:
     """Deterministic test images in [-1, 1]: the package's procedural sprites (PIL), or smooth blobs."""
     try:
         from tdpm_dip.data import make_sprites
+
         return make_sprites(n, size).images, "tdpm_dip.data.make_sprites"
     except ImportError:
         g = torch.Generator().manual_seed(0)
@@ -266,11 +298,11 @@ def make_test_images(n: int, size: int) -> tuple[torch.Tensor, str]:
 class DipInputs:
     """The DIP section's data on the device. Image i depends on seed i only, whatever the batch."""
 
-    clean: torch.Tensor   # x_0 in [-1, 1]: what PSNR / SSIM are measured against
+    clean: torch.Tensor  # x_0 in [-1, 1]: what PSNR / SSIM are measured against
     target: torch.Tensor  # x_{T_trunc} = q(x_0, T_trunc): the oracle target each DIP is fitted to
-    z: torch.Tensor       # each DIP's fixed input
+    z: torch.Tensor  # each DIP's fixed input
     seeds: list[int]
-    source: str           # where the clean images come from
+    source: str  # where the clean images come from
 
 
 def draw_dip_inputs(args: argparse.Namespace, sched: DDPMScheduler, dev: torch.device) -> DipInputs:
@@ -318,8 +350,10 @@ class Bench:
         self.table = Table(self.dev)
         self.batch_probes: dict = {}
         s = args.size
-        self.flops = {"dip": forward_flops(preset_config(args.dip_preset, s), s),
-                      "vmap": forward_flops(preset_config(args.vmap_preset, s), s)}
+        self.flops = {
+            "dip": forward_flops(preset_config(args.dip_preset, s), s),
+            "vmap": forward_flops(preset_config(args.vmap_preset, s), s),
+        }
         self.ddpm = DDPMUnderTest.load(args, self.dev)
         self.flops["ddpm"] = forward_flops(self.ddpm.unet.config, s)
         self.data = draw_dip_inputs(args, self.ddpm.sched, self.dev)
@@ -333,24 +367,29 @@ class Bench:
 
 # ------------------------------------------------------------------------------------- section: dip
 
-def report_loop_fit(target: torch.Tensor, z: torch.Tensor, seeds: list[int], cfg: DIPConfig,
-                    batch: int) -> DIPResult:
+
+def report_loop_fit(target: torch.Tensor, z: torch.Tensor, seeds: list[int], cfg: DIPConfig, batch: int) -> DIPResult:
     """The report's loop: a fresh network and Adam per image, batch 1, whatever `batch` says."""
     return fit_dip(target, z, seeds, cfg, batch_size=1, batched=False)
 
 
 def vmap_fit(amp: torch.dtype | None) -> FitFn:
     """fit_dip's batched path: the B networks' weights stacked, called through vmap(functional_call)."""
+
     def fit(target: torch.Tensor, z: torch.Tensor, seeds: list[int], cfg: DIPConfig, batch: int) -> DIPResult:
         return fit_dip(target, z, seeds, cfg, batch_size=batch, batched=True, amp_dtype=amp)
+
     return fit
 
 
 def fast_fit(impl: str, amp: torch.dtype | None, compile_arg: bool | str, init: str) -> FitFn:
     """fastdip: every conv / linear of the B networks as one batched matmul."""
+
     def fit(target: torch.Tensor, z: torch.Tensor, seeds: list[int], cfg: DIPConfig, batch: int) -> DIPResult:
-        return fit_dip_fast(target, z, seeds, cfg, batch_size=batch, amp_dtype=amp, impl=impl, init=init,
-                            compile=compile_arg)
+        return fit_dip_fast(
+            target, z, seeds, cfg, batch_size=batch, amp_dtype=amp, impl=impl, init=init, compile=compile_arg
+        )
+
     return fit
 
 
@@ -360,13 +399,13 @@ class DipVariant:
 
     method: str
     preset: str
-    flops_key: str                    # "dip" or "vmap": the network whose FLOPs the row's TFLOP/s counts
-    n: int                            # images timed
+    flops_key: str  # "dip" or "vmap": the network whose FLOPs the row's TFLOP/s counts
+    n: int  # images timed
     amp: torch.dtype | None
     fit: FitFn
-    ref_key: tuple[str, str]          # (network, init): rows with the same key start from the same weights
-    chain_batch: int | None = None    # batch of the T_trunc chain (None: the DIP's)
-    full_warm: bool = False           # warm up at the timed batch (compiled rows: static shapes)
+    ref_key: tuple[str, str]  # (network, init): rows with the same key start from the same weights
+    chain_batch: int | None = None  # batch of the T_trunc chain (None: the DIP's)
+    full_warm: bool = False  # warm up at the timed batch (compiled rows: static shapes)
 
 
 @dataclass
@@ -385,12 +424,15 @@ class DipRows:
     def __init__(self, bench: Bench) -> None:
         self.b = bench
         self.scores: dict[int, DipScores] = {}  # id(row) -> its per-image scores
-        self.bf16_batch: int | None = None      # probed once, shared by every bf16 fastdip row
+        self.bf16_batch: int | None = None  # probed once, shared by every bf16 fastdip row
 
     def run(self) -> None:
         a, skip = self.b.args, self.b.skip
-        print(f"[dip] TDPM-DIP denoising: {a.iters} DIP iterations + T_trunc={a.t_trunc} chain steps, "
-              f"{a.size}x{a.size}, images: {self.b.data.source}", flush=True)
+        print(
+            f"[dip] TDPM-DIP denoising: {a.iters} DIP iterations + T_trunc={a.t_trunc} chain steps, "
+            f"{a.size}x{a.size}, images: {self.b.data.source}",
+            flush=True,
+        )
         if "baseline" not in skip:
             self.baseline()
         if "vmap" not in skip:
@@ -401,18 +443,39 @@ class DipRows:
     def baseline(self) -> None:
         """The report's loop (fp32, batch 1, the chain at batch 1) on --baseline-images, extrapolated."""
         a = self.b.args
-        v = DipVariant("baseline: report loop (fit_dip batched=False)", a.dip_preset, "dip", a.baseline_images,
-                       None, report_loop_fit, (a.dip_preset, "cpu"), chain_batch=1)
+        v = DipVariant(
+            "baseline: report loop (fit_dip batched=False)",
+            a.dip_preset,
+            "dip",
+            a.baseline_images,
+            None,
+            report_loop_fit,
+            (a.dip_preset, "cpu"),
+            chain_batch=1,
+        )
         self.b.table.guarded("dip", v.method, v.preset, 1, "fp32", lambda: self.measure(v, 1))
 
     def vmap(self) -> None:
         """tdpm_dip.dip.fit_dip in fp32 and bf16 autocast on --slow-images (the attention-free preset)."""
         a = self.b.args
         for amp in (None, torch.bfloat16):
-            v = DipVariant(f"fit_dip vmap {amp_name(amp)}", a.vmap_preset, "vmap", a.slow_images, amp,
-                           vmap_fit(amp), (a.vmap_preset, "cpu"))
-            self.b.table.guarded("dip", v.method, v.preset, None, amp_name(amp),
-                                 lambda v=v: self.measure_largest(v, self.choose_batch(v)))
+            v = DipVariant(
+                f"fit_dip vmap {amp_name(amp)}",
+                a.vmap_preset,
+                "vmap",
+                a.slow_images,
+                amp,
+                vmap_fit(amp),
+                (a.vmap_preset, "cpu"),
+            )
+            self.b.table.guarded(
+                "dip",
+                v.method,
+                v.preset,
+                None,
+                amp_name(amp),
+                lambda v=v: self.measure_largest(v, self.choose_batch(v)),
+            )
 
     def fast_variants(self) -> list[tuple[str, torch.dtype | None, bool]]:
         """(impl, autocast dtype, compiled): the fp32 "taps" reference, bf16 per --impls, then compiled."""
@@ -430,10 +493,24 @@ class DipRows:
         for impl, amp, compiled in self.fast_variants():
             name = f"fastdip {impl} {amp_name(amp)}" + (" compiled" if compiled else "")
             compile_arg: bool | str = (a.compile_mode or True) if compiled else False
-            v = DipVariant(name, a.dip_preset, "dip", a.n_images, amp, fast_fit(impl, amp, compile_arg, a.fast_init),
-                           (a.dip_preset, a.fast_init), full_warm=compiled)
-            self.b.table.guarded("dip", name, a.dip_preset, None, amp_name(amp),
-                                 lambda v=v: self.measure_largest(v, self.shared_batch(v)))
+            v = DipVariant(
+                name,
+                a.dip_preset,
+                "dip",
+                a.n_images,
+                amp,
+                fast_fit(impl, amp, compile_arg, a.fast_init),
+                (a.dip_preset, a.fast_init),
+                full_warm=compiled,
+            )
+            self.b.table.guarded(
+                "dip",
+                name,
+                a.dip_preset,
+                None,
+                amp_name(amp),
+                lambda v=v: self.measure_largest(v, self.shared_batch(v)),
+            )
 
     def shared_batch(self, v: DipVariant) -> int:
         # One probe per dtype family: the bf16 rows (every impl, compiled or not) share the first one's batch.
@@ -464,8 +541,8 @@ class DipRows:
         model = EpsModel(self.b.ddpm.unet, self.b.ddpm.sched, amp)
         outs = []
         for lo in range(0, x.shape[0], batch):
-            gens = image_generators([s + 30_000 for s in seeds[lo:lo + batch]], self.b.dev)
-            outs.append(reverse_chain(model, x[lo:lo + batch], self.b.args.t_trunc, gens))
+            gens = image_generators([s + 30_000 for s in seeds[lo : lo + batch]], self.b.dev)
+            outs.append(reverse_chain(model, x[lo : lo + batch], self.b.args.t_trunc, gens))
         return torch.cat(outs)
 
     def warm_up(self, v: DipVariant, batch: int) -> float:
@@ -492,12 +569,26 @@ class DipRows:
         with timer(dev) as t_chain:
             out = self.chain(res.output, d.seeds[:n], v.chain_batch or batch, v.amp)
         total = t_dip[0] + t_chain[0]
-        row = Row("dip", v.method, v.preset, batch, amp_name(v.amp), n=n, s_per_img=total / n,
-                  tflops=self.b.dip_flops(v.flops_key, n) / total / 1e12, peak_mem_gib=peak_gib(dev), warmup_s=warm_s)
+        row = Row(
+            "dip",
+            v.method,
+            v.preset,
+            batch,
+            amp_name(v.amp),
+            n=n,
+            s_per_img=total / n,
+            tflops=self.b.dip_flops(v.flops_key, n) / total / 1e12,
+            peak_mem_gib=peak_gib(dev),
+            warmup_s=warm_s,
+        )
         p, s_ = psnr(out, d.clean[:n]).cpu(), ssim(out, d.clean[:n]).cpu()
         row.psnr, row.ssim = float(p.mean()), float(s_.mean())
-        row.extra = {"dip_s_per_img": t_dip[0] / n, "chain_s_per_img": t_chain[0] / n,
-                     "psnr_dip_output": float(psnr(res.output, d.clean[:n]).mean()), "ref_key": list(v.ref_key)}
+        row.extra = {
+            "dip_s_per_img": t_dip[0] / n,
+            "chain_s_per_img": t_chain[0] / n,
+            "psnr_dip_output": float(psnr(res.output, d.clean[:n]).mean()),
+            "ref_key": list(v.ref_key),
+        }
         note_recompiles(row, graphs)
         self.scores[id(row)] = DipScores(p, s_, v.ref_key)
         return row
@@ -505,8 +596,14 @@ class DipRows:
     def reference(self, row: Row, rows: list[Row]) -> Row | None:
         """The first fp32 batched row that starts from the same weights as `row` (the report loop is none)."""
         key = self.scores[id(row)].ref_key
-        return next((q for q in rows if self.scores[id(q)].ref_key == key and q.dtype == "fp32"
-                     and not q.method.startswith("baseline")), None)
+        return next(
+            (
+                q
+                for q in rows
+                if self.scores[id(q)].ref_key == key and q.dtype == "fp32" and not q.method.startswith("baseline")
+            ),
+            None,
+        )
 
     def deltas(self) -> None:
         """dPSNR / dSSIM against each row's reference on the images both measured; speed-up vs the baseline."""
@@ -527,6 +624,7 @@ class DipRows:
 
 
 # ------------------------------------------------------------------------------------ section: ddpm
+
 
 class _DeviceTimestep(torch.nn.Module):
     """Wraps a UNet so an int timestep becomes a device tensor by a fill kernel: UNet2DModel would copy
@@ -571,14 +669,28 @@ class DdpmRows:
     def baseline(self) -> None:
         """fp32, batch 1, --baseline-ddpm-steps timed (it is slow) and extrapolated to --ddpm-steps."""
         method, steps = "baseline: reverse_chain fp32", min(self.b.args.ddpm_steps, self.b.args.baseline_ddpm_steps)
-        self.b.table.guarded("ddpm", method, self.b.ddpm.name, 1, "fp32",
-                             lambda: self.measure(method, self.b.ddpm.unet, 1, steps, None, "fp32"))
+        self.b.table.guarded(
+            "ddpm",
+            method,
+            self.b.ddpm.name,
+            1,
+            "fp32",
+            lambda: self.measure(method, self.b.ddpm.unet, 1, steps, None, "fp32"),
+        )
 
     def autocast(self, batch: int) -> None:
         """bf16 autocast over the fp32 weights at `batch` (halved on CUDA out-of-memory)."""
         method, steps = "reverse_chain bf16 autocast", self.b.args.ddpm_steps
-        self.b.table.guarded("ddpm", method, self.b.ddpm.name, batch, "bf16", lambda: with_oom_retry(
-            self.b.dev, lambda bb: self.measure(method, self.b.ddpm.unet, bb, steps, torch.bfloat16, "bf16"), batch))
+        self.b.table.guarded(
+            "ddpm",
+            method,
+            self.b.ddpm.name,
+            batch,
+            "bf16",
+            lambda: with_oom_retry(
+                self.b.dev, lambda bb: self.measure(method, self.b.ddpm.unet, bb, steps, torch.bfloat16, "bf16"), batch
+            ),
+        )
 
     def batches(self) -> list[int]:
         """--ddpm-batches, sorted and unique; "auto" is the largest batch that fits (CUDA only)."""
@@ -603,7 +715,7 @@ class DdpmRows:
 
         try:
             return [probe_batch(dev, two_steps, a.ddpm_max_batch, "ddpm", self.b.batch_probes, (8, 16))]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             print(f"  ddpm batch probe failed: {e}", file=sys.stderr)
             return []
 
@@ -617,16 +729,37 @@ class DdpmRows:
         a, skip, table, name = self.b.args, self.b.skip, self.b.table, self.b.ddpm.name
         fast = copy.deepcopy(self.b.ddpm.unet).to(torch.bfloat16, memory_format=torch.channels_last)
         if "fast" not in skip:
-            table.guarded("ddpm", "reverse_chain bf16 weights, channels-last", name, best, "bf16",
-                          lambda: self.measure("reverse_chain bf16 weights, channels-last", _DeviceTimestep(fast),
-                                               best, a.ddpm_steps, None, "bf16"))
+            table.guarded(
+                "ddpm",
+                "reverse_chain bf16 weights, channels-last",
+                name,
+                best,
+                "bf16",
+                lambda: self.measure(
+                    "reverse_chain bf16 weights, channels-last", _DeviceTimestep(fast), best, a.ddpm_steps, None, "bf16"
+                ),
+            )
         if "compile" not in skip and a.compile_on:
             net = _DeviceTimestep(fast, compile_mode=a.compile_mode or "default")
-            table.guarded("ddpm", "  + torch.compile", name, best, "bf16",
-                          lambda: self.measure("  + torch.compile", net, best, a.ddpm_steps, None, "bf16"))
+            table.guarded(
+                "ddpm",
+                "  + torch.compile",
+                name,
+                best,
+                "bf16",
+                lambda: self.measure("  + torch.compile", net, best, a.ddpm_steps, None, "bf16"),
+            )
 
-    def measure(self, method: str, net: torch.nn.Module, batch: int, steps: int, amp: torch.dtype | None,
-                dtype: str, warm_steps: int = 3) -> Row:
+    def measure(
+        self,
+        method: str,
+        net: torch.nn.Module,
+        batch: int,
+        steps: int,
+        amp: torch.dtype | None,
+        dtype: str,
+        warm_steps: int = 3,
+    ) -> Row:
         """s/img of `steps` ancestral steps at `batch`, scaled to --ddpm-steps; TFLOP/s and peak memory."""
         a, dev = self.b.args, self.b.dev
         model = EpsModel(net, self.b.ddpm.sched, amp)
@@ -639,10 +772,19 @@ class DdpmRows:
         reset_peak(dev)
         with timer(dev) as t:
             reverse_chain(model, x_T, steps, gens)
-        row = Row("ddpm", method, self.b.ddpm.name, batch, dtype, n=batch, warmup_s=tw[0],
-                  s_per_img=t[0] / batch * a.ddpm_steps / steps,
-                  tflops=self.b.flops["ddpm"] * steps * batch / t[0] / 1e12, peak_mem_gib=peak_gib(dev),
-                  extra={"steps_timed": steps, "steps_reported": a.ddpm_steps})
+        row = Row(
+            "ddpm",
+            method,
+            self.b.ddpm.name,
+            batch,
+            dtype,
+            n=batch,
+            warmup_s=tw[0],
+            s_per_img=t[0] / batch * a.ddpm_steps / steps,
+            tflops=self.b.flops["ddpm"] * steps * batch / t[0] / 1e12,
+            peak_mem_gib=peak_gib(dev),
+            extra={"steps_timed": steps, "steps_reported": a.ddpm_steps},
+        )
         if steps != a.ddpm_steps:
             row.notes = f"{steps} steps timed, x{a.ddpm_steps / steps:g} extrapolated"
         note_recompiles(row, graphs)
@@ -650,6 +792,7 @@ class DdpmRows:
 
 
 # ----------------------------------------------------------------------------------- section: train
+
 
 class TrainRows:
     """DDPM training throughput at --train-batch: Algorithm 1's step (forward + backward + AdamW) in fp32,
@@ -663,8 +806,10 @@ class TrainRows:
         a, skip = self.b.args, self.b.skip
         out: list[tuple[str, torch.dtype | None, bool, str | None]] = [("AdamW fp32", None, False, None)]
         if "fast" not in skip:
-            out += [("AdamW bf16 autocast", torch.bfloat16, False, None),
-                    ("AdamW bf16 autocast, channels-last", torch.bfloat16, True, None)]
+            out += [
+                ("AdamW bf16 autocast", torch.bfloat16, False, None),
+                ("AdamW bf16 autocast, channels-last", torch.bfloat16, True, None),
+            ]
         if "compile" not in skip and a.compile_on:
             out.append(("  + torch.compile", torch.bfloat16, True, a.compile_mode or "default"))
         return out
@@ -673,8 +818,14 @@ class TrainRows:
         a, table = self.b.args, self.b.table
         print(f"[train] DDPM training, batch {a.train_batch}, {a.size}x{a.size}", flush=True)
         for name, amp, cl, cm in self.variants():
-            table.guarded("train", name, self.b.ddpm.name, a.train_batch, amp_name(amp),
-                          lambda name=name, amp=amp, cl=cl, cm=cm: self.measure(name, amp, cl, cm))
+            table.guarded(
+                "train",
+                name,
+                self.b.ddpm.name,
+                a.train_batch,
+                amp_name(amp),
+                lambda name=name, amp=amp, cl=cl, cm=cm: self.measure(name, amp, cl, cm),
+            )
         table.set_ratios("train", next((r for r in table.ok("train") if r.dtype == "fp32"), None))
 
     def network(self, channels_last: bool) -> UNet2DModel:
@@ -688,8 +839,9 @@ class TrainRows:
             net = net.to(memory_format=torch.channels_last)
         return net.train()
 
-    def step_fn(self, net: UNet2DModel, amp: torch.dtype | None, channels_last: bool,
-                compile_mode: str | None) -> Callable[[], None]:
+    def step_fn(
+        self, net: UNet2DModel, amp: torch.dtype | None, channels_last: bool, compile_mode: str | None
+    ) -> Callable[[], None]:
         """One training step on a fixed batch: random t and eps drawn on the device, eps-MSE, AdamW. Nothing
         in it waits for the host, so the timer measures the device's throughput."""
         a, dev = self.b.args, self.b.dev
@@ -732,11 +884,23 @@ class TrainRows:
         with timer(dev) as t:
             for _ in range(a.train_steps):
                 step()
-        row = Row("train", method, self.b.ddpm.name.replace(" (random init)", ""), b, amp_name(amp),
-                  n=b * a.train_steps, warmup_s=tw[0], s_per_img=t[0] / (b * a.train_steps),
-                  tflops=3 * self.b.flops["ddpm"] * b * a.train_steps / t[0] / 1e12, peak_mem_gib=peak_gib(dev))
-        row.extra = {"images_per_s": 1 / row.s_per_img, "steps_timed": a.train_steps,
-                     "params_m": count_params(net) / 1e6}
+        row = Row(
+            "train",
+            method,
+            self.b.ddpm.name.replace(" (random init)", ""),
+            b,
+            amp_name(amp),
+            n=b * a.train_steps,
+            warmup_s=tw[0],
+            s_per_img=t[0] / (b * a.train_steps),
+            tflops=3 * self.b.flops["ddpm"] * b * a.train_steps / t[0] / 1e12,
+            peak_mem_gib=peak_gib(dev),
+        )
+        row.extra = {
+            "images_per_s": 1 / row.s_per_img,
+            "steps_timed": a.train_steps,
+            "params_m": count_params(net) / 1e6,
+        }
         row.notes = f"{1 / row.s_per_img:.1f} img/s"
         note_recompiles(row, graphs)
         return row
@@ -744,14 +908,18 @@ class TrainRows:
 
 # ---------------------------------------------------------------------------------------------- floors
 
+
 def dip_floors(bench: Bench) -> dict:
     """Lower bounds per image for the DIP: FLOPs, and the optimizer-state traffic of fp32 Adam."""
     a = bench.args
     params = sum(p.numel() for p in build_unet_meta(a.dip_preset, a.size).parameters())
     # fused Adam reads p, g, m, v and writes p, m, v (7 x 4 bytes); the gradient is written once (4 bytes).
     bytes_per_img = 32 * params * a.iters
-    out = {"dip_params": params, "dip_tflop_per_img": bench.dip_flops("dip", 1) / 1e12,
-           "adam_state_traffic_gb_per_img": bytes_per_img / 1e9}
+    out = {
+        "dip_params": params,
+        "dip_tflop_per_img": bench.dip_flops("dip", 1) / 1e12,
+        "adam_state_traffic_gb_per_img": bytes_per_img / 1e9,
+    }
     bw = a.mem_bw
     if bw is None and bench.cuda:
         name = torch.cuda.get_device_name(bench.dev)
@@ -764,6 +932,7 @@ def dip_floors(bench: Bench) -> dict:
 
 # -------------------------------------------------------------------------------------------- output
 
+
 def fmt(v: float | None, digits: int = 3) -> str:
     if v is None:
         return "n/a"
@@ -775,25 +944,53 @@ def fmt(v: float | None, digits: int = 3) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    head = ["section", "method", "preset", "batch", "dtype", "s/img", "speed-up", "TFLOP/s", "peak GiB",
-            "PSNR", "dPSNR", "dSSIM", "warm-up s", "notes"]
+    head = [
+        "section",
+        "method",
+        "preset",
+        "batch",
+        "dtype",
+        "s/img",
+        "speed-up",
+        "TFLOP/s",
+        "peak GiB",
+        "PSNR",
+        "dPSNR",
+        "dSSIM",
+        "warm-up s",
+        "notes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.error:
             cells = [r.section, r.method, r.preset, str(r.batch), r.dtype, "error", "", "", "", "", "", "", "", r.error]
         else:
-            cells = [r.section, r.method, r.preset, str(r.batch), r.dtype, fmt(r.s_per_img, 4),
-                     "n/a" if r.ratio is None else f"{r.ratio:.3g}x", fmt(r.tflops), fmt(r.peak_mem_gib),
-                     fmt(r.psnr, 4), "n/a" if r.d_psnr is None else f"{r.d_psnr:+.3f}",
-                     "n/a" if r.d_ssim is None else f"{r.d_ssim:+.4f}", fmt(r.warmup_s), r.notes]
+            cells = [
+                r.section,
+                r.method,
+                r.preset,
+                str(r.batch),
+                r.dtype,
+                fmt(r.s_per_img, 4),
+                "n/a" if r.ratio is None else f"{r.ratio:.3g}x",
+                fmt(r.tflops),
+                fmt(r.peak_mem_gib),
+                fmt(r.psnr, 4),
+                "n/a" if r.d_psnr is None else f"{r.d_psnr:+.3f}",
+                "n/a" if r.d_ssim is None else f"{r.d_ssim:+.4f}",
+                fmt(r.warmup_s),
+                r.notes,
+            ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
 
 def floors_line(args: argparse.Namespace, floors: dict) -> str:
-    msg = (f"DIP floors per image ({args.dip_preset}, {floors['dip_params'] / 1e6:.1f}M params, {args.iters} it): "
-           f"{fmt(floors['dip_tflop_per_img'])} TFLOP (DIP + chain); fp32 Adam state traffic "
-           f"{fmt(floors['adam_state_traffic_gb_per_img'])} GB")
+    msg = (
+        f"DIP floors per image ({args.dip_preset}, {floors['dip_params'] / 1e6:.1f}M params, {args.iters} it): "
+        f"{fmt(floors['dip_tflop_per_img'])} TFLOP (DIP + chain); fp32 Adam state traffic "
+        f"{fmt(floors['adam_state_traffic_gb_per_img'])} GB"
+    )
     if "adam_traffic_floor_ms_per_img" in floors:
         msg += f" = {fmt(floors['adam_traffic_floor_ms_per_img'])} ms at {floors['hbm_tb_per_s']} TB/s"
     return msg
@@ -801,12 +998,17 @@ def floors_line(args: argparse.Namespace, floors: dict) -> str:
 
 # -------------------------------------------------------------------------------------- command line
 
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESET_SETS), default="tiny",
-                    help="tiny: CPU smoke (dip-tiny / tiny); "
-                         "paper: paper-dip (+ paper-dip-noattn for vmap) / paper-ddpm")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESET_SETS),
+        default="tiny",
+        help="tiny: CPU smoke (dip-tiny / tiny); paper: paper-dip (+ paper-dip-noattn for vmap) / paper-ddpm",
+    )
     ap.add_argument("--size", type=int, default=None, help="image side (default: tiny 32, paper 64)")
     ap.add_argument("--n-images", type=int, default=None, help="images for the fast DIP rows (tiny 4, paper 200)")
     ap.add_argument("--baseline-images", type=int, default=None, help="images for the slow report-style loop")
@@ -817,8 +1019,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=100, help="DIP Adam iterations")
     ap.add_argument("--t-trunc", type=int, default=10, help="truncated chain steps after the DIP")
     ap.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM generation steps (s/img scaled to this)")
-    ap.add_argument("--baseline-ddpm-steps", type=int, default=None,
-                    help="steps timed for the fp32 batch-1 DDPM baseline, extrapolated to --ddpm-steps")
+    ap.add_argument(
+        "--baseline-ddpm-steps",
+        type=int,
+        default=None,
+        help="steps timed for the fp32 batch-1 DDPM baseline, extrapolated to --ddpm-steps",
+    )
     ap.add_argument("--ddpm-batches", default=None, help="comma list; 'auto' = largest that fits (CUDA only)")
     ap.add_argument("--ddpm-max-batch", type=int, default=256)
     ap.add_argument("--train-batch", type=int, default=None, help="DDPM training batch (tiny 16, paper 128)")
@@ -829,16 +1035,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ddpm-preset", default=None, help="override the DDPM network")
     ap.add_argument("--model", default=None, help="a diffusers DDPM folder to load instead of a random init")
     ap.add_argument("--impls", default=",".join(IMPLS), help="fastdip conv implementations to time in bf16")
-    ap.add_argument("--fast-init", choices=["auto", "cpu", "device"], default="auto",
-                    help="fastdip initialisation (auto: device on CUDA, cpu = build_unet(seed) as fit_dip)")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile rows (auto: CUDA only)")
+    ap.add_argument(
+        "--fast-init",
+        choices=["auto", "cpu", "device"],
+        default="auto",
+        help="fastdip initialisation (auto: device on CUDA, cpu = build_unet(seed) as fit_dip)",
+    )
+    ap.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile rows (auto: CUDA only)"
+    )
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
-    ap.add_argument("--skip", default="",
-                    help=f"comma list of {', '.join(SECTIONS)}, and dip (the whole DIP section)")
+    ap.add_argument("--skip", default="", help=f"comma list of {', '.join(SECTIONS)}, and dip (the whole DIP section)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--mem-bw", type=float, default=None,
-                    help="HBM TB/s for the Adam traffic floor (default: by card name)")
+    ap.add_argument(
+        "--mem-bw", type=float, default=None, help="HBM TB/s for the Adam traffic floor (default: by card name)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--out", default=None, help="write the rows and environment as JSON")
     return ap
@@ -847,8 +1058,15 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill what --preset decides, turn the comma lists into lists and check them (ap.error on a bad one)."""
     d = PRESET_SETS[args.preset]
-    for k in ("size", "n_images", "baseline_images", "slow_images", "ddpm_batches", "train_batch",
-              "baseline_ddpm_steps"):
+    for k in (
+        "size",
+        "n_images",
+        "baseline_images",
+        "slow_images",
+        "ddpm_batches",
+        "train_batch",
+        "baseline_ddpm_steps",
+    ):
         if getattr(args, k) is None:
             setattr(args, k, d[k])
     args.dip_preset = args.dip_preset or d["dip"]
@@ -877,40 +1095,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------- environment
 
+
 def vmap_conv_autocast_dtype(dev: torch.device) -> str:
     """Dtype of a conv2d run under vmap inside bf16 autocast (float32 where vmap escapes autocast)."""
     try:
         from torch.func import vmap
+
         w, x = torch.randn(2, 4, 4, 3, 3, device=dev), torch.randn(2, 1, 4, 8, 8, device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             return str(vmap(lambda w_, x_: torch.nn.functional.conv2d(x_, w_, padding=1))(w, x).dtype)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"probe failed: {type(e).__name__}"
 
 
 def environment(dev: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(dev),
-           "platform": platform.platform(), "threads": torch.get_num_threads(),
-           "vmap_conv_dtype_under_bf16_autocast": vmap_conv_autocast_dtype(dev)}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(dev),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "vmap_conv_dtype_under_bf16_autocast": vmap_conv_autocast_dtype(dev),
+    }
     try:
         import diffusers
+
         env["diffusers"] = diffusers.__version__
     except ImportError:
         pass
     if dev.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
-                   gpu_mem_gib=torch.cuda.get_device_properties(dev).total_memory / 2**30,
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
-                   cudnn_benchmark=torch.backends.cudnn.benchmark)
+        env.update(
+            gpu=torch.cuda.get_device_name(dev),
+            cuda=torch.version.cuda,
+            gpu_mem_gib=torch.cuda.get_device_properties(dev).total_memory / 2**30,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
     return env
 
 
 # ---------------------------------------------------------------------------------------------- main
 
+
 def print_setup(bench: Bench, env: dict) -> None:
-    print(f"  conv2d under vmap inside bf16 autocast runs in {env['vmap_conv_dtype_under_bf16_autocast']} "
-          "(float32: fit_dip's vmap bf16 rows run their convolutions in fp32, as on the CPU, whose autocast "
-          "list lacks aten::convolution, which vmap's conv batch rule calls)", flush=True)
+    print(
+        f"  conv2d under vmap inside bf16 autocast runs in {env['vmap_conv_dtype_under_bf16_autocast']} "
+        "(float32: fit_dip's vmap bf16 rows run their convolutions in fp32, as on the CPU, whose autocast "
+        "list lacks aten::convolution, which vmap's conv batch rule calls)",
+        flush=True,
+    )
     print("  forward GFLOP at batch 1: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in bench.flops.items()), flush=True)
 
 
@@ -927,9 +1161,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     env = environment(dev)
-    print(f"speed.py --preset {args.preset} on {env.get('gpu', dev)} (torch {env['torch']}, "
-          f"diffusers {env.get('diffusers')}); DIP {args.dip_preset} / vmap {args.vmap_preset}, DDPM "
-          f"{args.model or args.ddpm_preset}, {args.size}x{args.size}", flush=True)
+    print(
+        f"speed.py --preset {args.preset} on {env.get('gpu', dev)} (torch {env['torch']}, "
+        f"diffusers {env.get('diffusers')}); DIP {args.dip_preset} / vmap {args.vmap_preset}, DDPM "
+        f"{args.model or args.ddpm_preset}, {args.size}x{args.size}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     bench = Bench(args)
     print_setup(bench, env)
@@ -941,9 +1178,16 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(floors_line(args, floors))
     print(f"total wall time {time.perf_counter() - t0:.1f} s")
-    result = {"env": env, "args": dict(vars(args)), "flops_per_forward": bench.flops, "floors": floors,
-              "batch_probes": bench.batch_probes, "images": bench.data.source,
-              "rows": [asdict(r) for r in bench.table.rows], "markdown": table}
+    result = {
+        "env": env,
+        "args": dict(vars(args)),
+        "flops_per_forward": bench.flops,
+        "floors": floors,
+        "batch_probes": bench.batch_probes,
+        "images": bench.data.source,
+        "rows": [asdict(r) for r in bench.table.rows],
+        "markdown": table,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
         print(f"wrote {args.out}")

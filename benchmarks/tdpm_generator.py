@@ -47,15 +47,24 @@ from tdpm_dip.training.options import GeneratorConfig
 
 def _run_cost(export: Path) -> dict:
     """Training cost of a generator trained by `tdpm-dip train-generator`: the last elapsed_s and step of
-    RUN/metrics.jsonl, plus its --init generator's cost (fine-tuning starts from that one's work)."""
-    lines = (export.parent / "metrics.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1])
+    RUN/metrics.jsonl, plus its --init generator's cost (fine-tuning starts from that one's work). A generator
+    folder without its run (the shipped one) has its steps from generator.json and no seconds."""
+    log = export.parent / "metrics.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
     meta = json.loads((export / "generator.json").read_text())
+    if not lines:
+        return {"seconds": None, "steps": meta.get("steps"), "batch_size": meta.get("batch_size")}
+    last = json.loads(lines[-1])
     cost = {"seconds": float(last["elapsed_s"]), "steps": int(last["step"]), "batch_size": meta["batch_size"]}
     if meta.get("init"):
         parent = _run_cost(Path(meta["init"]))
-        cost = {**cost, "seconds": cost["seconds"] + parent["seconds"], "steps": cost["steps"] + parent["steps"],
-                "fine_tuned_from": meta["init"]}
+        unknown = parent["seconds"] is None
+        cost = {
+            **cost,
+            "seconds": None if unknown else cost["seconds"] + parent["seconds"],
+            "steps": cost["steps"] + parent["steps"],
+            "fine_tuned_from": meta["init"],
+        }
     return cost
 
 
@@ -65,14 +74,30 @@ def _train(args: argparse.Namespace, objective: str, data_dir: Path) -> tuple[Pa
     if (export / "generator.json").is_file():
         return export, json.loads((out / "cost.json").read_text())
     t0 = time.perf_counter()
-    cfg = GeneratorConfig(model=str(args.model), data=str(data_dir), t_trunc=args.t_trunc, out=str(out),
-                          objective=objective, steps=args.steps, batch_size=args.batch_size, pairs=args.pairs,
-                          disc_channels=args.disc_channels,
-                          ddim_steps=50, checkpoint_every=max(1, args.steps // 4), sample_every=0, n_samples=16,
-                          seed=args.seed, resume=out.exists())
+    cfg = GeneratorConfig(
+        model=str(args.model),
+        data=str(data_dir),
+        t_trunc=args.t_trunc,
+        out=str(out),
+        objective=objective,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        pairs=args.pairs,
+        disc_channels=args.disc_channels,
+        ddim_steps=50,
+        checkpoint_every=max(1, args.steps // 4),
+        sample_every=0,
+        n_samples=16,
+        seed=args.seed,
+        resume=out.exists(),
+    )
     train_generator(cfg)
-    cost = {"seconds": time.perf_counter() - t0, "steps": args.steps, "batch_size": args.batch_size,
-            "pairs": args.pairs if objective == "distill" else None}
+    cost = {
+        "seconds": time.perf_counter() - t0,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "pairs": args.pairs if objective == "distill" else None,
+    }
     write_json(out / "cost.json", cost)
     return export, cost
 
@@ -88,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="the sprite DDPM (diffusers folder)")
     p.add_argument("--train-seed", type=int, default=0, help="seed of the DDPM's training sprites")
     p.add_argument("--train-images", type=int, default=4096, help="training sprites (copy-rate reference)")
-    p.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out sprites (`tdpm-dip sprites --seed 1`)")
+    p.add_argument(
+        "--heldout-seed", type=int, default=1, help="seed of the held-out sprites (`tdpm-dip sprites --seed 1`)"
+    )
     p.add_argument("--t-trunc", type=int, default=10)
     p.add_argument("--objectives", default="gan,distill", help="objectives to train here ('' for none)")
-    p.add_argument("--generator", action="append", default=[], type=Path, metavar="RUN/generator",
-                   help="a generator trained elsewhere: one TDPM row at its T_trunc (repeatable)")
+    p.add_argument(
+        "--generator",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="RUN/generator",
+        help="a generator trained elsewhere: one TDPM row at its T_trunc (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=2000, help="generator training steps per objective")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--disc-channels", type=int, default=16, help="gan: discriminator width")
@@ -100,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=256, help="generated and held-out images per row")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="0: skip the DDPM-1000 row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extra-model", action="append", default=[], metavar="LABEL=PATH",
-                   help="another DDPM of the same size (e.g. the demo's 300-step model): DDPM-1000 and DDIM-50 rows")
+    p.add_argument(
+        "--extra-model",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another DDPM of the same size (e.g. the demo's 300-step model): DDPM-1000 and DDIM-50 rows",
+    )
     p.add_argument("--objectives-only", action="store_true", help="skip the DDPM/DDIM baseline rows")
     p.add_argument("--out", type=Path, default=Path("runs/tdpm-gen"))
     args = p.parse_args(argv)
@@ -118,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             save_png(x, data_dir / f"sprite{i:05d}.png")
     try:
         extractor = M.inception_extractor(batch_size=32)
-    except Exception as e:  # noqa: BLE001 - the extra is optional: FID/KID columns stay empty
+    except Exception as e:
         print(f"FID/KID not computed: {e}", file=sys.stderr)
         extractor = None
 
@@ -134,17 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.n))
     rows = []
     extra = dict(e.split("=", 1) for e in args.extra_model)
-    specs = [] if args.objectives_only else ([("DDPM-1000", "ddpm", {}, None, None)] if args.ddpm_steps else []) + [
-        (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
-        ("DDIM-50", "ddim", {"ddim_steps": 50}, None, None)]
+    specs = (
+        []
+        if args.objectives_only
+        else ([("DDPM-1000", "ddpm", {}, None, None)] if args.ddpm_steps else [])
+        + [
+            (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
+            ("DDIM-50", "ddim", {"ddim_steps": 50}, None, None),
+        ]
+    )
     specs += [(label, "tdpm", {}, path, None) for label, (path, _, _) in gens.items()]
     for name, path in extra.items():
-        specs += [(f"DDPM-1000 ({name})", "ddpm", {}, None, path), (f"DDIM-50 ({name})", "ddim", {"ddim_steps": 50},
-                                                                      None, path)]
+        specs += [
+            (f"DDPM-1000 ({name})", "ddpm", {}, None, path),
+            (f"DDIM-50 ({name})", "ddim", {"ddim_steps": 50}, None, path),
+        ]
     shown: list[tuple[str, torch.Tensor]] = [("held-out sprites", held)]
     for label, method, kw, gen_path, model_path in specs:
-        cache = args.out / "rows" / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-                                     + ".safetensors")
+        cache = (
+            args.out
+            / "rows"
+            / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".safetensors")
+        )
         if cache.is_file():
             rec = load_file(cache)
             images, seconds = rec["images"], float(rec["seconds"])
@@ -158,20 +207,23 @@ def main(argv: list[str] | None = None) -> int:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
         shown.append((label, images))
-        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + gens[label][2] if label in gens else None}[method]
+        tdpm_nfe = 1 + gens[label][2] if label in gens else None
+        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": tdpm_nfe}[method]
         row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
         if extractor is not None:
             feats = M.extract_features(images, extractor)  # once, for FID and KID
             row["FID"] = M.fid(images, held, extractor, args.out, features=feats)
-            row["KID"] = M.kid(images, held, extractor, args.out, subset_size=min(100, args.n), seed=0,
-                               features=feats)["kid"]
+            row["KID"] = M.kid(images, held, extractor, args.out, subset_size=min(100, args.n), seed=0, features=feats)[
+                "kid"
+            ]
             pr = M.precision_recall(feats, M.reference_features(held, extractor, args.out))
             row["precision"], row["recall"] = pr["precision"], pr["recall"]
         row["SWD x1e3"] = 1e3 * M.swd(images, held)["swd_avg"]
         cr = M.copy_rate(images, train)
         row["copy-rate"], row["NN-PSNR"] = cr["rate"], sum(cr["nearest_psnr"]) / args.n
         if gen_path is not None:
-            row["train s"] = round(gens[label][1]["seconds"], 1)
+            seconds = gens[label][1]["seconds"]
+            row["train s"] = None if seconds is None else round(seconds, 1)
             row["train steps"] = gens[label][1]["steps"]
         rows.append(row)
         save_grid(images[:64], args.out / "grids" / f"{cache.stem}.png", upscale=2)
@@ -182,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if extractor is not None:
         feats = M.extract_features(second, extractor)
         ref_row["FID"] = M.fid(second, held, extractor, args.out, features=feats)
-        ref_row["KID"] = M.kid(second, held, extractor, args.out, subset_size=min(100, args.n), seed=0,
-                               features=feats)["kid"]
+        ref_row["KID"] = M.kid(second, held, extractor, args.out, subset_size=min(100, args.n), seed=0, features=feats)[
+            "kid"
+        ]
         pr = M.precision_recall(feats, M.reference_features(held, extractor, args.out))
         ref_row["precision"], ref_row["recall"] = pr["precision"], pr["recall"]
     ref_row["SWD x1e3"] = 1e3 * M.swd(second, held)["swd_avg"]
@@ -192,8 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ref_row)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    write_json(args.out / "results.json", {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
-                                           "loadavg": load, "device": M.device_name("cpu")})
+    write_json(
+        args.out / "results.json",
+        {
+            "rows": rows,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "loadavg": load,
+            "device": M.device_name("cpu"),
+        },
+    )
     columns = list(dict.fromkeys(c for r in rows for c in r))
     table = markdown_table(rows, columns)
     write_text(args.out / "results.md", table + "\n")

@@ -28,10 +28,42 @@ def noisy_files(folder: Path, n: int) -> Path:
     """n procedural sprites at 64 px with 8-bit noise of sigma 25 (made once)."""
     if not (folder / "noisy").is_dir():
         sprites = folder / "sprites"
-        subprocess.run([sys.executable, "-m", "tdpm_dip.cli", "sprites", "--n", str(n), "--size", "64", "--seed", "1",
-                        "--out", str(sprites), "--overwrite"], check=True, capture_output=True)
-        subprocess.run([sys.executable, "-m", "tdpm_dip.cli", "add-noise", "--input", str(sprites), "--sigma", "25",
-                        "--out", str(folder), "--overwrite"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tdpm_dip.cli",
+                "sprites",
+                "--n",
+                str(n),
+                "--size",
+                "64",
+                "--seed",
+                "1",
+                "--out",
+                str(sprites),
+                "--overwrite",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tdpm_dip.cli",
+                "add-noise",
+                "--input",
+                str(sprites),
+                "--sigma",
+                "25",
+                "--out",
+                str(folder),
+                "--overwrite",
+            ],
+            check=True,
+            capture_output=True,
+        )
     return folder / "noisy"
 
 
@@ -46,9 +78,26 @@ def one_run(noisy: Path, out: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)  # the command's own policy decides
-    subprocess.run([sys.executable, "-m", "tdpm_dip.cli", "denoise", "--input", str(noisy), "--sigma", "25",
-                    "--threads", str(threads), "--out", str(out), "--overwrite"], check=True, capture_output=True,
-                   env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tdpm_dip.cli",
+            "denoise",
+            "--input",
+            str(noisy),
+            "--sigma",
+            "25",
+            "--threads",
+            str(threads),
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     wall = time.perf_counter() - t0
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     return {"s_img": rows[0]["s/img"], "wall": wall, "load": load}
@@ -82,10 +131,16 @@ def main() -> None:
     rows = []
     for (condition, side), runs in results.items():
         s = [r["s_img"] for r in runs]
-        rows.append({"machine": f"{condition} ({args.busy} busy processes)" if condition == "loaded" else condition,
-                     "threads": side, "min s/img": round(min(s), 4), "median s/img": round(statistics.median(s), 4),
-                     "min wall s": round(min(r["wall"] for r in runs), 2),
-                     "load average": ", ".join(f"{r['load']:.1f}" for r in runs)})
+        rows.append(
+            {
+                "machine": f"{condition} ({args.busy} busy processes)" if condition == "loaded" else condition,
+                "threads": side,
+                "min s/img": round(min(s), 4),
+                "median s/img": round(statistics.median(s), 4),
+                "min wall s": round(min(r["wall"] for r in runs), 2),
+                "load average": ", ".join(f"{r['load']:.1f}" for r in runs),
+            }
+        )
     table = markdown_table(rows)
     write_text(out / "threads.md", f"# Thread policy: denoise, {args.n} files of 64 px, {cores} cores\n\n{table}\n")
     write_text(out / "threads.json", json.dumps(rows, indent=1))

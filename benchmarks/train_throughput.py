@@ -26,8 +26,9 @@ from tdpm_dip.training.ddpm import diffusion_loss, step_draws
 from tdpm_dip.training.loop import EMA, resolve_mixed_precision
 
 
-def count_step_flops(unet: torch.nn.Module, scheduler, size: int, device: torch.device,  # noqa: ANN001
-                     amp: contextlib.AbstractContextManager) -> int:
+def count_step_flops(
+    unet: torch.nn.Module, scheduler, size: int, device: torch.device, amp: contextlib.AbstractContextManager
+) -> int:
     """Model FLOPs of one forward+backward at batch 1 (the optimizer and EMA are negligible)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,8 +61,11 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mixed = resolve_mixed_precision(args.mixed_precision) if device.type == "cuda" else (
-        "no" if args.mixed_precision == "auto" else args.mixed_precision)
+    mixed = (
+        resolve_mixed_precision(args.mixed_precision)
+        if device.type == "cuda"
+        else ("no" if args.mixed_precision == "auto" else args.mixed_precision)
+    )
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as training/ddpm.py does
@@ -105,11 +109,18 @@ def main() -> None:
     img_s = args.steps * args.batch_size / dt
     res = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (
-            f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"),
-        "preset": args.preset, "params_m": round(count_params(unet) / 1e6, 2), "batch_size": args.batch_size,
-        "size": args.size, "mixed_precision": mixed, "steps": args.steps, "s_per_step": round(dt / args.steps, 4),
-        "images_per_s": round(img_s, 2), "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"),
+        "preset": args.preset,
+        "params_m": round(count_params(unet) / 1e6, 2),
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "mixed_precision": mixed,
+        "steps": args.steps,
+        "s_per_step": round(dt / args.steps, 4),
+        "images_per_s": round(img_s, 2),
+        "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
         "tflop_s": round(img_s * flops_per_image / 1e12, 3),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,

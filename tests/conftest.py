@@ -7,14 +7,14 @@ import os
 # Before diffusers / huggingface_hub are imported anywhere: hub look-ups fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tdpm_dip.data import make_sprites  # noqa: E402
-from tdpm_dip.images import save_png  # noqa: E402
+from tdpm_dip.data import make_sprites
+from tdpm_dip.images import save_png
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,8 +14,9 @@ from tdpm_dip.images import to_uint8
 from tdpm_dip.methods import Context, Job, Result, run, run_native
 
 
-def denoise_blind(ctx: Context, noisy: torch.Tensor, method: str, seeds: list[int], sigma: float | list[float],
-                  **options: object) -> Result:
+def denoise_blind(
+    ctx: Context, noisy: torch.Tensor, method: str, seeds: list[int], sigma: float | list[float], **options: object
+) -> Result:
     sig = (float(sigma),) if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
     return run(ctx, "denoise", "blind", method, Job(tuple(seeds), noisy=noisy, sigma=sig, **options))
 

@@ -22,11 +22,22 @@ torch.set_num_threads(1)
 
 GUARDED = os.path.realpath(sys.argv[1])
 RANK = int(os.environ.get("RANK", "0"))
-LOG = open(os.path.join(sys.argv[3], f"rank{RANK}.jsonl"), "w")  # noqa: SIM115 - open for the whole run
+LOG = open(os.path.join(sys.argv[3], f"rank{RANK}.jsonl"), "w")
 COMMAND = -1
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.link", "os.symlink",
-                "os.truncate", "shutil.rmtree", "shutil.copyfile", "os.chmod"}
+WRITE_EVENTS = {
+    "os.mkdir",
+    "os.rename",
+    "os.replace",
+    "os.remove",
+    "os.rmdir",
+    "os.link",
+    "os.symlink",
+    "os.truncate",
+    "shutil.rmtree",
+    "shutil.copyfile",
+    "os.chmod",
+}
 
 
 def _guarded(path: object) -> bool:
@@ -45,8 +56,11 @@ def no_writes(event: str, args: tuple) -> None:
         writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE_FLAGS)
         if writing and _guarded(path):
             raise PermissionError(f"rank {RANK} wrote {path}")
-    elif event in WRITE_EVENTS and args and any(_guarded(a) for a in args[:2] if isinstance(a, (str, bytes,
-                                                                                                 os.PathLike))):
+    elif (
+        event in WRITE_EVENTS
+        and args
+        and any(_guarded(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike)))
+    ):
         raise PermissionError(f"rank {RANK}: {event} {args[:2]}")
 
 
@@ -65,13 +79,13 @@ class Spy:
     def __init__(self, task: str, protocol: str, name: str) -> None:
         self.m, self.key = _get(task, protocol, name), f"{task}/{protocol}/{name}"
 
-    def __getattr__(self, attr: str):  # noqa: ANN204 - the entry's other fields
+    def __getattr__(self, attr: str):
         return getattr(self.m, attr)
 
-    def load(self):  # noqa: ANN201
+    def load(self):
         fn = self.m.load()
 
-        def run(ctx, job):  # noqa: ANN001, ANN202
+        def run(ctx, job):
             LOG.write(json.dumps({"command": COMMAND, "method": self.key, "seeds": list(job.seeds)}) + "\n")
             LOG.flush()
             return fn(ctx, job)
@@ -80,6 +94,6 @@ class Spy:
 
 
 registry.get = Spy
-for COMMAND, argv in enumerate(json.loads(sys.argv[2])):
+for COMMAND, argv in enumerate(json.loads(sys.argv[2])):  # noqa: B007 (the Spy reads the global COMMAND)
     main(argv)
 LOG.close()

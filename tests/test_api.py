@@ -73,8 +73,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path: Path) -> None:
     assert blocks, "README.md has no Python example"
     (tmp_path / "docs").mkdir()
     shutil.copy(ROOT / "docs" / "example_noisy.png", tmp_path / "docs" / "example_noisy.png")
-    proc = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = Image.open(tmp_path / "denoised.png")
     assert out.size == Image.open(tmp_path / "docs" / "example_noisy.png").size

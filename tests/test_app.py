@@ -1,4 +1,4 @@
-"""The browser app's handlers (issue 12), called directly with a tiny model: no Gradio needed."""
+"""The browser app's handlers, called directly with a tiny model: no Gradio needed."""
 
 from __future__ import annotations
 
@@ -16,14 +16,23 @@ from stubs import eps_zero
 
 from tdpm_dip import registry
 from tdpm_dip.api import Denoiser
-from tdpm_dip.app import (AppModels, denoise_handler, denoise_methods, denoise_summary, generate_handler,
-                          generate_methods, load_models, parse_sigma, write_examples)
+from tdpm_dip.app import (
+    AppModels,
+    denoise_handler,
+    denoise_methods,
+    denoise_summary,
+    generate_handler,
+    generate_methods,
+    load_models,
+    parse_sigma,
+    write_examples,
+)
 from tdpm_dip.data import make_sprites
 from tdpm_dip.errors import UserError
-from tdpm_dip.models import build_unet, save_ddpm
-from tdpm_dip.noise import make_scheduler
 from tdpm_dip.images import make_grid
 from tdpm_dip.methods import Result
+from tdpm_dip.models import build_unet, save_ddpm
+from tdpm_dip.noise import make_scheduler
 
 SIZE = 16
 
@@ -49,8 +58,11 @@ def test_method_lists_come_from_the_registry() -> None:
     den = [m.name for m in denoise_methods()]
     # Expected independently of the app: the registry's blind methods, best first, less those whose optional
     # extra cannot be imported here.
-    expected = [m.name for m in registry.methods("denoise", "blind")
-                if m.extra is None or importlib.util.find_spec(m.extra) is not None]
+    expected = [
+        m.name
+        for m in registry.methods("denoise", "blind")
+        if m.extra is None or importlib.util.find_spec(m.extra) is not None
+    ]
     assert den == expected
     assert den[0] == registry.names("denoise", "blind")[0]  # the default is the registry's best
     assert {"ddpm", "ddim"} <= {m.name for m in generate_methods()}
@@ -72,8 +84,9 @@ def test_denoise_keeps_the_uploads_size(models: AppModels, tmp_path: Path) -> No
     assert d2.info["method"] == denoise_methods()[0].name and d2.image.shape == (21, 30, 3)
     # Content: with the identity denoiser (eps = 0, tests/stubs.py) the page shows the upload itself, pixel for
     # pixel (declipped pixels are clamped back): the pad to the networks' sides is cropped off at the right corner.
-    ident = AppModels(Denoiser(dataclasses.replace(models.ctx, unet=eps_zero(), dip_memo={})), models.generator,
-                      models.model)
+    ident = AppModels(
+        Denoiser(dataclasses.replace(models.ctx, unet=eps_zero(), dip_memo={})), models.generator, models.model
+    )
     for method in ("tweedie", "ensemble"):
         d3 = denoise_handler(ident, str(noisy), method, sigma=25.0)
         assert d3.image.shape == (21, 30, 3) and np.array_equal(d3.image, d3.input), method
@@ -93,8 +106,14 @@ def test_denoise_downscales_large_uploads_with_a_notice(models: AppModels, tmp_p
     assert "Note:" in denoise_summary(d) and np.isfinite(d.info["psnr"])
 
 
-@pytest.mark.parametrize("content, message", [(b"\x89PNG\r\n\x1a\n garbage", "noisy image corrupt.png"),
-                                              (b"", "empty file"), (b"hello, I am text", "not an image")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n garbage", "noisy image corrupt.png"),
+        (b"", "empty file"),
+        (b"hello, I am text", "not an image"),
+    ],
+)
 def test_bad_uploads_give_one_clear_line(models: AppModels, tmp_path: Path, content: bytes, message: str) -> None:
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(content)
@@ -106,9 +125,13 @@ def test_bad_uploads_give_one_clear_line(models: AppModels, tmp_path: Path, cont
 def test_denoise_refuses_what_it_cannot_do(models: AppModels, tmp_path: Path) -> None:
     noisy, _ = _noisy_png(tmp_path, 24, 24, seed=3)
     other, _ = _noisy_png(tmp_path, 20, 24, seed=4)
-    cases = [(dict(noisy=None), "upload a noisy image"), (dict(method="nope"), "unknown denoising method"),
-             (dict(sigma=300.0), "sigma"), (dict(clean=str(other)), "same size"),
-             (dict(noisy=np.zeros((4, 4), np.uint8)), "smaller than")]
+    cases = [
+        (dict(noisy=None), "upload a noisy image"),
+        (dict(method="nope"), "unknown denoising method"),
+        (dict(sigma=300.0), "sigma"),
+        (dict(clean=str(other)), "same size"),
+        (dict(noisy=np.zeros((4, 4), np.uint8)), "smaller than"),
+    ]
     for kwargs, message in cases:
         args = {"noisy": str(noisy), "method": "tweedie", **kwargs}
         with pytest.raises(UserError, match=message):
@@ -146,7 +169,7 @@ def test_generate_grid_is_seeded(models: AppModels) -> None:
 SEEN: dict = {}
 
 
-def fake_generator(ctx, job):  # noqa: ANN001, ANN201 - a registry method defined outside the package
+def fake_generator(ctx, job):
     SEEN["t_trunc"] = job.t_trunc
     return Result("fake-tdpm", "unconditional", torch.zeros(len(job.seeds), 3, SIZE, SIZE), 0.0, 11, 11)
 
@@ -155,8 +178,11 @@ def test_a_newly_registered_generator_appears(models: AppModels, monkeypatch: py
     """The Generate tab reads the registry: a generator registered from outside the package is listed and
     receives T_trunc, without a change to the app."""
     monkeypatch.setattr(registry, "METHODS", list(registry.METHODS))
-    registry.register(registry.Method("fake-tdpm", "generate", "unconditional", f"{__name__}:fake_generator",
-                                      "test entry", "1 + T_trunc"))
+    registry.register(
+        registry.Method(
+            "fake-tdpm", "generate", "unconditional", f"{__name__}:fake_generator", "test entry", "1 + T_trunc"
+        )
+    )
     assert "fake-tdpm" in [x.name for x in generate_methods()]
     g = generate_handler(models, "fake-tdpm", n=2, seed=0, t_trunc=10)
     assert SEEN["t_trunc"] == 10 and g.info["nfe"] == 11
@@ -172,8 +198,9 @@ def test_examples_are_noisy_sprites(tmp_path: Path) -> None:
 def test_app_command_without_gradio(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
     code, out, err = run(["app", "--port", "0"], capsys)
-    assert code == 2 and err.strip().splitlines() == ["error: the app needs Gradio, which is not installed: "
-                                                     "pip install 'tdpm-dip[app]'"]
+    assert code == 2 and err.strip().splitlines() == [
+        "error: the app needs Gradio, which is not installed: pip install 'tdpm-dip[app]'"
+    ]
 
 
 def test_space_requirements_match_the_package() -> None:
@@ -192,9 +219,22 @@ def test_a_generator_makes_tdpm_available(tmp_path: Path) -> None:
 
     ddpm = tmp_path / "ddpm"
     save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), ddpm)
-    gen = train_generator(GeneratorConfig(model=str(ddpm), t_trunc=3, out=str(tmp_path / "g"), objective="distill",
-                                          steps=2, batch_size=4, pairs=4, ddim_steps=2, checkpoint_every=0,
-                                          sample_every=0, n_samples=0), progress=False)
+    gen = train_generator(
+        GeneratorConfig(
+            model=str(ddpm),
+            t_trunc=3,
+            out=str(tmp_path / "g"),
+            objective="distill",
+            steps=2,
+            batch_size=4,
+            pairs=4,
+            ddim_steps=2,
+            checkpoint_every=0,
+            sample_every=0,
+            n_samples=0,
+        ),
+        progress=False,
+    )
     m = load_models(str(ddpm), str(gen), device="cpu", dip_preset="dip-tiny")
     g = generate_handler(m, "tdpm", n=2, seed=3)
     assert g.info["nfe"] == 4 and g.images.shape == (2, 3, SIZE, SIZE)

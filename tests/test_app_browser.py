@@ -1,10 +1,10 @@
-"""`tdpm-dip app` in a real browser (issue 12): headless Chromium drives the page served on localhost.
+"""`tdpm-dip app` in a real browser: headless Chromium drives the page served on localhost.
 
 Opt-in: it runs where the `app-test` extra (gradio, selenium) and Debian's `chromium` and
 `chromium-driver` are installed (`apt-get install -y chromium chromium-driver`), and is skipped elsewhere.
     pip install -e '.[test,app-test]' && pytest -m app tests/test_app_browser.py
 TDPM_APP_SCREENSHOT=docs/app_screenshot.png also writes the README's screenshot (TDPM_APP_MODEL=M serves
-the DDPM M instead of a tiny untrained one; the README's used ../shared/models/ddpm-pokemon64-linear).
+the DDPM M instead of a tiny untrained one; the README's screenshot used a 64 px Pokémon DDPM).
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-MISSING = [what for what, ok in [("gradio", importlib.util.find_spec("gradio")),
-                                 ("selenium", importlib.util.find_spec("selenium")),
-                                 (str(CHROMIUM), CHROMIUM.is_file()), (str(CHROMEDRIVER), CHROMEDRIVER.is_file())]
-           if not ok]
+MISSING = [
+    what
+    for what, ok in [
+        ("gradio", importlib.util.find_spec("gradio")),
+        ("selenium", importlib.util.find_spec("selenium")),
+        (str(CHROMIUM), CHROMIUM.is_file()),
+        (str(CHROMEDRIVER), CHROMEDRIVER.is_file()),
+    ]
+    if not ok
+]
 pytestmark = [pytest.mark.app, pytest.mark.skipif(bool(MISSING), reason=f"browser test needs {', '.join(MISSING)}")]
 
 WAIT = 120  # seconds for the server to start and for one request (a busy 2-core machine)
@@ -57,9 +63,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "tdpm_dip.cli", "app", "--model", model, "--device",
-                             "cpu", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tdpm_dip.cli", "app", "--model", model, "--device", "cpu", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + WAIT
@@ -93,8 +103,16 @@ def browser() -> Iterator[object]:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,900",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     # An explicit driver: Selenium Manager (which would look for and download one) never runs.
@@ -108,7 +126,7 @@ def browser() -> Iterator[object]:
 def _noisy_png(path: Path, h: int = 64, w: int = 96) -> Path:
     """A sprite with 8-bit noise (sigma 25) at `path`, its original beside it (clean_<name>)."""
     top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2  # the centre of a square sprite
-    sprite = make_sprites(1, max(h, w), seed=3).images[0, :, top:top + h, left:left + w]
+    sprite = make_sprites(1, max(h, w), seed=3).images[0, :, top : top + h, left : left + w]
     x = (sprite.permute(1, 2, 0).numpy() + 1) * 127.5
     y = np.clip(np.round(x + np.random.default_rng(0).normal(0, 25, x.shape)), 0, 255).astype(np.uint8)
     Image.fromarray(y).save(path)
@@ -127,11 +145,16 @@ def _upload(driver: object, elem_id: str, path: Path) -> None:
 
     for clear in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} button[aria-label=Clear]"):
         clear.click()  # a file is there already: remove it, as a user does, to get the upload button back
-    field = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} input[type=file]"), "an empty upload",
-                  UI_WAIT)
+    field = _wait(
+        driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} input[type=file]"), "an empty upload", UI_WAIT
+    )
     field[0].send_keys(str(path))
-    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'#{elem_id} td.filename[aria-label="{path.name}"]'),
-          f"{path.name} in the upload box", UI_WAIT)
+    _wait(
+        driver,
+        lambda d: d.find_elements(By.CSS_SELECTOR, f'#{elem_id} td.filename[aria-label="{path.name}"]'),
+        f"{path.name} in the upload box",
+        UI_WAIT,
+    )
 
 
 def _choose(driver: object, elem_id: str, value: str) -> None:
@@ -143,14 +166,19 @@ def _choose(driver: object, elem_id: str, value: str) -> None:
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(value)
+
     def match(d: object) -> object:
         options = d.find_elements(By.CSS_SELECTOR, f"#{elem_id} li[role=option]")
         return next((o for o in options if o.get_attribute("aria-label").startswith(value)), False)
 
     option = _wait(driver, match, f"option {value}", UI_WAIT)
     option.click()
-    _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} input").get_attribute("value")
-          .startswith(value), f"{value} chosen", UI_WAIT)
+    _wait(
+        driver,
+        lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} input").get_attribute("value").startswith(value),
+        f"{value} chosen",
+        UI_WAIT,
+    )
 
 
 def _result_src(driver: object) -> str | None:
@@ -187,8 +215,9 @@ def test_denoise_in_the_browser(server: str, browser: object, tmp_path: Path) ->
     assert out.size == Image.open(noisy).size  # the upload's size, not the model's 16 px
     a = np.asarray(out, dtype=float)
     assert np.isfinite(a).all() and not np.array_equal(a, np.asarray(Image.open(noisy).convert("RGB"), float))
-    summary = _wait(browser, lambda d: (t := d.find_element(By.ID, "denoise-summary").text) and "tweedie" in t and t,
-                    "the summary")
+    summary = _wait(
+        browser, lambda d: (t := d.find_element(By.ID, "denoise-summary").text) and "tweedie" in t and t, "the summary"
+    )
     assert "NFE 1" in summary and "(estimated)" in summary and "96x64 px" in summary
     download = browser.find_element(By.CSS_SELECTOR, "#denoise-download a").get_attribute("href")
     with urllib.request.urlopen(download, timeout=30) as r:
@@ -204,8 +233,11 @@ def test_denoise_in_the_browser(server: str, browser: object, tmp_path: Path) ->
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     _upload(browser, "noisy-upload", bad)
     browser.find_element(By.ID, "denoise-button").click()
-    _wait(browser, lambda d: "noisy image corrupt.png: not an image" in d.find_element(By.TAG_NAME, "body").text,
-          "the error message")
+    _wait(
+        browser,
+        lambda d: "noisy image corrupt.png: not an image" in d.find_element(By.TAG_NAME, "body").text,
+        "the error message",
+    )
     body = browser.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in body and str(tmp_path) not in body
     browser.save_screenshot(str(shots / "2_bad_upload.png"))
@@ -218,8 +250,11 @@ def test_denoise_in_the_browser(server: str, browser: object, tmp_path: Path) ->
     sigma.send_keys("25")
     out2 = _denoise_and_read(browser, _result_src(browser))
     assert out2.size == (28, 40)
-    summary = _wait(browser, lambda d: (t := d.find_element(By.ID, "denoise-summary").text) and "28x40 px" in t and t,
-                    "the second summary")
+    summary = _wait(
+        browser,
+        lambda d: (t := d.find_element(By.ID, "denoise-summary").text) and "28x40 px" in t and t,
+        "the second summary",
+    )
     assert "sigma 25.0" in summary and "PSNR" in summary and "SSIM" in summary
     browser.save_screenshot(str(shots / "3_second_request.png"))
     assert len(list(shots.glob("*.png"))) == 4
@@ -245,8 +280,11 @@ def test_generate_in_the_browser(server: str, browser: object) -> None:
     steps = browser.find_element(By.XPATH, "//span[contains(., 'steps (ddim)')]/ancestor::label//input")
     steps.send_keys("\b\b\b3")
     browser.find_element(By.ID, "generate-button").click()
-    src = _wait(browser, lambda d: (i := d.find_elements(By.CSS_SELECTOR, "#generate-grid img"))
-                and i[0].get_attribute("src"), "the grid")
+    src = _wait(
+        browser,
+        lambda d: (i := d.find_elements(By.CSS_SELECTOR, "#generate-grid img")) and i[0].get_attribute("src"),
+        "the grid",
+    )
     with urllib.request.urlopen(src, timeout=30) as r:
         grid = Image.open(io.BytesIO(r.read()))
     if "TDPM_APP_MODEL" not in os.environ:

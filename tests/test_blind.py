@@ -1,4 +1,4 @@
-"""Blind denoising (issue 9) and the method registry (issue 13), on tiny networks."""
+"""Blind denoising and the method registry, on tiny networks."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import run
+from jobs import denoise_alone, denoise_blind, denoise_paper, png_tensor
 from PIL import Image
+from stubs import eps_zero
 
 from tdpm_dip import registry
 from tdpm_dip.data import make_sprites
 from tdpm_dip.dip import DIPConfig, DIPResult, dip_defaults
 from tdpm_dip.errors import UserError
-from tdpm_dip.models import build_unet, save_ddpm
-from tdpm_dip.noise import abar, make_scheduler, sigma_to_level
-from jobs import denoise_alone, denoise_blind, denoise_paper, png_tensor
-from stubs import eps_zero
 from tdpm_dip.methods import Context, Job, run_native
 from tdpm_dip.methods.blind import ensemble_estimate as ensemble_tweedie
 from tdpm_dip.methods.blind import start_level
 from tdpm_dip.methods.blind import tweedie_estimate as tweedie
 from tdpm_dip.methods.observe import add_noise, declip, estimate_sigma
+from tdpm_dip.models import build_unet, save_ddpm
+from tdpm_dip.noise import abar, make_scheduler, sigma_to_level
 
 SIZE = 16
 
@@ -36,8 +36,14 @@ def ctx() -> Context:
 
     # An untrained G_psi at T_trunc 2 (the T_trunc of _job_for), so amortized `tdpm` runs like every method.
     gen = Generator(build_unet("generator-small", seed=1, sample_size=SIZE).eval(), 2, (3, SIZE, SIZE), {}, "random")
-    return Context(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), cfg, batch_size=4,
-                   dip_plugin=DIPConfig(preset="dip-tiny", iters=3, lr=1e-3), generator=gen)
+    return Context(
+        build_unet("tiny", seed=0, sample_size=SIZE),
+        make_scheduler("linear"),
+        cfg,
+        batch_size=4,
+        dip_plugin=DIPConfig(preset="dip-tiny", iters=3, lr=1e-3),
+        generator=gen,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,7 @@ def sprites() -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ observation model
+
 
 def test_clipped_noise_is_what_an_8bit_file_holds(sprites: torch.Tensor) -> None:
     y = add_noise(sprites, 25, [0, 1, 2, 3], "clipped")
@@ -81,6 +88,7 @@ def test_bad_noise_model_is_a_user_error(sprites: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------ estimators
+
 
 def test_tweedie_equals_its_closed_form(ctx: Context, sprites: torch.Tensor) -> None:
     y = add_noise(sprites, 25, [0, 1, 2, 3], "float")
@@ -120,9 +128,9 @@ def test_start_level_rule_matches_a_known_fit_error() -> None:
     a0 = abar(sched, 10)
     assert start_level(sched, 10, 0.0, cap=57) == 10
     for std in (0.05, 0.1):  # the DIP's error, on [-1, 1] images
-        t = start_level(sched, 10, std ** 2, cap=1000)
+        t = start_level(sched, 10, std**2, cap=1000)
         ratio = (1 - abar(sched, t)) / abar(sched, t)
-        expected = ((1 - a0) + std ** 2) / a0
+        expected = ((1 - a0) + std**2) / a0
         below = (1 - abar(sched, t - 1)) / abar(sched, t - 1)
         assert below < expected <= ratio  # the first level that covers it
     assert start_level(sched, 10, 0.5, cap=57) == 57
@@ -151,8 +159,11 @@ def test_native_size_keeps_the_exact_size_and_aspect(ctx: Context, monkeypatch: 
     # tdpm-dip, with a DIP that fits its target x_T0 exactly: the chain starts at T0 from sqrt(abar_T0) y +
     # sqrt(1 - abar_T0) z, and with eps = 0 its 10 steps remove no noise: y plus noise of std ~0.05, far closer
     # to y than y is to itself moved by one pixel.
-    monkeypatch.setattr(blind, "fit", lambda c, target, z, seeds, ref, cfg=None: DIPResult(
-        target.clone(), torch.zeros(1, target.shape[0])))
+    monkeypatch.setattr(
+        blind,
+        "fit",
+        lambda c, target, z, seeds, ref, cfg=None: DIPResult(target.clone(), torch.zeros(1, target.shape[0])),
+    )
     res = run_native(ident, "tdpm-dip", Job((0,), noisy=y, sigma=(25.0,), samples=1))
     assert res.images.shape == y.shape and res.info["t_trunc"] == 10
 
@@ -165,8 +176,9 @@ def test_native_size_keeps_the_exact_size_and_aspect(ctx: Context, monkeypatch: 
 
 # ------------------------------------------------------------------------------ the registry
 
+
 def test_every_blind_method_depends_only_on_its_own_seed(ctx: Context, sprites: torch.Tensor) -> None:
-    """Image i's output is the same alone, in a batch, with another batch size (issue 15)."""
+    """Image i's output is the same alone, in a batch, with another batch size."""
     y = add_noise(sprites, 25, [7, 8, 9, 10], "clipped")
     import dataclasses
 
@@ -174,8 +186,9 @@ def test_every_blind_method_depends_only_on_its_own_seed(ctx: Context, sprites: 
         if m.extra:
             continue
         full = denoise_blind(ctx, y, m.name, [7, 8, 9, 10], 25, samples=2).images
-        small = denoise_blind(dataclasses.replace(ctx, batch_size=1, dip_memo={}), y[2:3], m.name, [9], 25,
-                              samples=2).images
+        small = denoise_blind(
+            dataclasses.replace(ctx, batch_size=1, dip_memo={}), y[2:3], m.name, [9], 25, samples=2
+        ).images
         # DIP fits: vmapped (batch) and plain (alone) networks round differently, as in test_core's batched fit
         assert torch.allclose(full[2], small[0], atol=1e-4 if m.uses_dip else 1e-5), m.name
 
@@ -202,6 +215,7 @@ def test_dip_defaults_have_one_home() -> None:
 
 # ------------------------------------------------------------------------------ the user's path (CLI)
 
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "ddpm"
@@ -226,8 +240,9 @@ def noisy_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("sigma", [["--sigma", "25"], []])
-def test_denoise_input_keeps_each_files_size(model: Path, noisy_files: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture, sigma: list[str]) -> None:
+def test_denoise_input_keeps_each_files_size(
+    model: Path, noisy_files: Path, tmp_path: Path, capsys: pytest.CaptureFixture, sigma: list[str]
+) -> None:
     import json
 
     from tdpm_dip.api import Denoiser
@@ -235,8 +250,25 @@ def test_denoise_input_keeps_each_files_size(model: Path, noisy_files: Path, tmp
     from tdpm_dip.images import to_uint8
 
     out = tmp_path / "den"
-    code, stdout, err = run(["denoise", "--model", model, "--input", noisy_files, *sigma, "--method", "tweedie",
-                             "--method", "ensemble", "--device", "cpu", "--out", out], capsys)
+    code, stdout, err = run(
+        [
+            "denoise",
+            "--model",
+            model,
+            "--input",
+            noisy_files,
+            *sigma,
+            "--method",
+            "tweedie",
+            "--method",
+            "ensemble",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     sigmas = json.loads((out / "metrics.json").read_text())["sigma"]  # given, or estimated per image
     den = Denoiser.from_pretrained(str(model), device="cpu")  # the context the command builds
@@ -259,9 +291,27 @@ def test_denoise_input_keeps_each_files_size(model: Path, noisy_files: Path, tmp
     # tiny DDPM above cannot (its outputs score ~1 dB below the input), so this run takes the 32 px sprite DDPM
     # shipped in the package, trained on sprites like these: +4.7 to +7.4 dB per image here.
     scored = tmp_path / "scored"
-    code, stdout, err = run(["denoise", "--model", default_ddpm("generate"), "--input", noisy_files, *sigma,
-                             "--method", "tweedie", "--method", "ensemble", "--reference",
-                             noisy_files.parent / "clean", "--device", "cpu", "--out", scored], capsys)
+    code, stdout, err = run(
+        [
+            "denoise",
+            "--model",
+            default_ddpm("generate"),
+            "--input",
+            noisy_files,
+            *sigma,
+            "--method",
+            "tweedie",
+            "--method",
+            "ensemble",
+            "--reference",
+            noisy_files.parent / "clean",
+            "--device",
+            "cpu",
+            "--out",
+            scored,
+        ],
+        capsys,
+    )
     assert code == 0, err
     metrics = json.loads((scored / "metrics.json").read_text())
     assert [r["method"] for r in metrics["rows"]] == ["tweedie", "ensemble"]
@@ -274,28 +324,48 @@ def test_denoise_input_keeps_each_files_size(model: Path, noisy_files: Path, tmp
             assert image[m]["SSIM"] > image["input"]["SSIM"], (image["name"], m, image)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--samples", "0"], "--samples"),
-    (["--noise", "poisson"], "--noise"),
-    (["--sigma", "0"], "--sigma"),
-    (["--method", "tweedie", "--protocol", "paper"], "paper protocol"),
-])
-def test_bad_denoise_options_are_one_line_errors(model: Path, sprite_dir: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture, args: list[str],
-                                                  fragment: str) -> None:
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--samples", "0"], "--samples"),
+        (["--noise", "poisson"], "--noise"),
+        (["--sigma", "0"], "--sigma"),
+        (["--method", "tweedie", "--protocol", "paper"], "paper protocol"),
+    ],
+)
+def test_bad_denoise_options_are_one_line_errors(
+    model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], fragment: str
+) -> None:
     code, _, err = run(["denoise", "--model", model, "--clean", sprite_dir, *args, "--out", tmp_path / "x"], capsys)
     assert code == 2 and fragment in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 
-def test_denoise_clean_reports_the_noise_model(model: Path, sprite_dir: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_denoise_clean_reports_the_noise_model(
+    model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import json
 
     for noise in ("clipped", "float"):
         out = tmp_path / noise
-        code, _, err = run(["denoise", "--model", model, "--clean", sprite_dir, "--n", "2", "--noise", noise,
-                            "--method", "tweedie", "--out", out], capsys)
+        code, _, err = run(
+            [
+                "denoise",
+                "--model",
+                model,
+                "--clean",
+                sprite_dir,
+                "--n",
+                "2",
+                "--noise",
+                noise,
+                "--method",
+                "tweedie",
+                "--out",
+                out,
+            ],
+            capsys,
+        )
         assert code == 0, err
         rows = json.loads((out / "metrics.json").read_text())["rows"]
         assert rows[0]["noise"].startswith(noise) and rows[0]["NFE"] == 1
@@ -307,8 +377,13 @@ def test_sigma_estimator_reads_8bit_clipped_files(sigma: float) -> None:
     it (white-background sprites, a white and a black image: half their noise clipped) and on unclipped noise
     over a flat grey image (the wavelet estimator where nothing saturates)."""
     sprites = make_sprites(4, 64, seed=3).images
-    cases = [(sprites, "clipped"), (torch.ones(1, 3, 64, 64), "clipped"), (-torch.ones(1, 3, 64, 64), "clipped"),
-             (torch.zeros(2, 3, 64, 64), "clipped"), (torch.zeros(2, 3, 64, 64), "float")]
+    cases = [
+        (sprites, "clipped"),
+        (torch.ones(1, 3, 64, 64), "clipped"),
+        (-torch.ones(1, 3, 64, 64), "clipped"),
+        (torch.zeros(2, 3, 64, 64), "clipped"),
+        (torch.zeros(2, 3, 64, 64), "float"),
+    ]
     for images, model in cases:
         est = estimate_sigma(add_noise(images, sigma, list(range(images.shape[0])), model))
         assert all(abs(e - sigma) < 0.1 * sigma for e in est), (model, images.mean().item(), est)
@@ -330,28 +405,30 @@ def _job_for(m: registry.Method, x: torch.Tensor, seeds: tuple[int, ...]) -> Job
     return Job(seeds, clean=x, t_noisy=6, t_trunc=2)
 
 
-@pytest.mark.parametrize("task, protocol", [("denoise", "paper"), ("generate", "unconditional"),
-                                            ("generate", "paper")])
-def test_paper_and_generation_methods_depend_only_on_their_own_seed(ctx: Context, sprites: torch.Tensor,
-                                                                    task: str, protocol: str) -> None:
+@pytest.mark.parametrize("task, protocol", [("denoise", "paper"), ("generate", "unconditional"), ("generate", "paper")])
+def test_paper_and_generation_methods_depend_only_on_their_own_seed(
+    ctx: Context, sprites: torch.Tensor, task: str, protocol: str
+) -> None:
     """Every paper-protocol and generation method of the registry: image i alone (batch size 1) equals
-    image i among others (batch size 4), ancestral DDPM chains included (issue 15)."""
+    image i among others (batch size 4), ancestral DDPM chains included."""
     import dataclasses
 
     from tdpm_dip.methods import run as run_method
 
     for m in registry.methods(task, protocol):
         full = run_method(ctx, task, protocol, m.name, _job_for(m, sprites, (3, 4, 5, 6))).images
-        alone = run_method(dataclasses.replace(ctx, batch_size=1, dip_memo={}), task, protocol, m.name,
-                           _job_for(m, sprites[2:3], (5,))).images
+        alone = run_method(
+            dataclasses.replace(ctx, batch_size=1, dip_memo={}), task, protocol, m.name, _job_for(m, sprites[2:3], (5,))
+        ).images
         # Rounding differs between batch sizes; DIP fits (vmapped vs plain) and DDIM's first step from pure
         # noise (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), abar_T ~ 4e-5) amplify it. A seed mix-up is O(1).
         tol = 1e-3 if (m.name == "ddim" and task == "generate") else 1e-4 if m.uses_dip else 1e-5
         assert torch.allclose(full[2], alone[0], atol=tol), m.name
 
 
-def test_paper_dip_target_is_the_oracle_formula(ctx: Context, sprites: torch.Tensor,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paper_dip_target_is_the_oracle_formula(
+    ctx: Context, sprites: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The paper protocol's DIP fits x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z with the clean x0 and the very
     z that is the DIP's input; the blind tdpm-dip's target has the same form with the ensemble estimate."""
     from tdpm_dip.methods import blind, common, paper
@@ -359,7 +436,7 @@ def test_paper_dip_target_is_the_oracle_formula(ctx: Context, sprites: torch.Ten
     seen = []
     real = common.fit
 
-    def spy(c, target, z, seeds, reference, cfg=None):  # noqa: ANN001, ANN202
+    def spy(c, target, z, seeds, reference, cfg=None):
         seen.append((target.clone(), z.clone()))
         return real(c, target, z, seeds, reference, cfg)
 

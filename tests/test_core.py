@@ -6,17 +6,17 @@ import math
 
 import pytest
 import torch
+from jobs import denoise_blind, denoise_paper, generate
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.dip import DIPConfig, fit_dip
 from tdpm_dip.errors import UserError
+from tdpm_dip.methods import Context
+from tdpm_dip.methods.observe import add_noise
 from tdpm_dip.metrics import psnr
 from tdpm_dip.models import build_unet
 from tdpm_dip.noise import abar, chain_timesteps, image_generators, make_scheduler, q_sample, randn, sigma_to_level
 from tdpm_dip.sampling import EpsModel, ddim_chain, reverse_chain
-from jobs import denoise_blind, denoise_paper, generate
-from tdpm_dip.methods import Context
-from tdpm_dip.methods.observe import add_noise
 
 SIZE = 16
 
@@ -47,6 +47,7 @@ def trained_tiny() -> tuple[torch.nn.Module, object]:
 
 # ------------------------------------------------------------------------------ noise convention
 
+
 def test_noise_levels_follow_the_report_convention() -> None:
     s = make_scheduler("linear")
     assert abar(s, 0) == 1.0
@@ -74,6 +75,7 @@ def test_sigma_maps_to_matching_noise_to_signal_ratio() -> None:
 
 
 # ------------------------------------------------------------------------------ Algorithm 2
+
 
 def test_dip_loss_falls_and_psnr_rises(sprites: torch.Tensor) -> None:
     x = sprites[:2]
@@ -118,6 +120,7 @@ def test_dip_config_validates() -> None:
 
 
 # ------------------------------------------------------------------------------ Algorithm 3
+
 
 def test_reverse_chain_takes_exactly_t_steps_with_the_posterior_step() -> None:
     unet = build_unet("tiny", seed=0, sample_size=8)
@@ -164,6 +167,7 @@ def test_image_i_depends_only_on_seed_i() -> None:
 
 
 # ------------------------------------------------------------------------------ protocols
+
 
 def test_paper_protocol_dip_target_is_built_from_the_clean_image(sprites: torch.Tensor) -> None:
     unet = build_unet("tiny", seed=0, sample_size=SIZE)

@@ -22,6 +22,7 @@ WHITE, BLACK = 1.0, -1.0
 
 # ---------------------------------------------------------------- presets
 
+
 @pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.params_m is not None])
 def test_preset_parameter_counts(name: str) -> None:
     # On the meta device: shapes only, no memory or init time even for the 113M-parameter DDPM.
@@ -38,6 +39,7 @@ def test_build_unet_is_seeded() -> None:
 
 # ---------------------------------------------------------------- image modes
 
+
 def _save(img: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -46,17 +48,24 @@ def _save(img: Image.Image, path: Path) -> Path:
 
 def test_rgba_transparent_becomes_white(tmp_path: Path) -> None:
     a = np.zeros((16, 16, 4), np.uint8)
-    a[..., 0] = 255                     # red, but fully transparent...
-    a[8:, :, 3] = 255                   # ...except the bottom half, which is opaque red
+    a[..., 0] = 255  # red, but fully transparent...
+    a[8:, :, 3] = 255  # ...except the bottom half, which is opaque red
     x = load_image(_save(Image.fromarray(a, "RGBA"), tmp_path / "a.png"), 16)
     assert x.shape == (3, 16, 16)
     assert torch.allclose(x[:, :8], torch.full_like(x[:, :8], WHITE))
-    assert torch.allclose(x[:, 8:, :, ], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 16))
+    assert torch.allclose(
+        x[
+            :,
+            8:,
+            :,
+        ],
+        torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 16),
+    )
 
 
 def test_la_mode(tmp_path: Path) -> None:
     a = np.zeros((16, 16, 2), np.uint8)  # black luminance
-    a[:, 8:, 1] = 255                    # opaque on the right half only
+    a[:, 8:, 1] = 255  # opaque on the right half only
     x = load_image(_save(Image.fromarray(a, "LA"), tmp_path / "la.png"), 16)
     assert torch.allclose(x[:, :, :8], torch.full_like(x[:, :, :8], WHITE))
     assert torch.allclose(x[:, :, 8:], torch.full_like(x[:, :, 8:], BLACK))
@@ -66,7 +75,7 @@ def test_palette_with_transparency(tmp_path: Path) -> None:
     img = Image.new("P", (16, 16), 0)
     img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)  # index 0 black, index 1 green
     img.paste(1, (0, 0, 16, 8))
-    img.info["transparency"] = 0                      # black is transparent -> white background
+    img.info["transparency"] = 0  # black is transparent -> white background
     x = load_image(_save(img, tmp_path / "p.png"), 16)
     assert torch.allclose(x[:, 8:], torch.full_like(x[:, 8:], WHITE))
     assert torch.allclose(x[:, :8], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 8, 16))
@@ -86,8 +95,8 @@ def test_16bit_grayscale_full_scale(tmp_path: Path) -> None:
 def test_grayscale_and_cmyk(tmp_path: Path) -> None:
     g = load_image(_save(Image.new("L", (16, 16), 0), tmp_path / "l.png"), 16)
     assert torch.allclose(g, torch.full_like(g, BLACK))
-    cmyk = Image.new("CMYK", (16, 16), (0, 0, 0, 0))       # no ink: white
-    cmyk.paste((0, 255, 255, 0), (0, 0, 16, 8))             # magenta + yellow: red
+    cmyk = Image.new("CMYK", (16, 16), (0, 0, 0, 0))  # no ink: white
+    cmyk.paste((0, 255, 255, 0), (0, 0, 16, 8))  # magenta + yellow: red
     x = load_image(_save(cmyk, tmp_path / "c.tif"), 16)
     assert torch.allclose(x[:, 8:], torch.full_like(x[:, 8:], WHITE))
     assert torch.allclose(x[:, :8], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 16))
@@ -95,14 +104,15 @@ def test_grayscale_and_cmyk(tmp_path: Path) -> None:
 
 def test_pad_to_square_with_white(tmp_path: Path) -> None:
     x = load_image(_save(Image.new("RGB", (16, 8), (0, 0, 0)), tmp_path / "wide.png"), 16)
-    assert torch.allclose(x[:, :4], torch.full_like(x[:, :4], WHITE))     # padding above
-    assert torch.allclose(x[:, 12:], torch.full_like(x[:, 12:], WHITE))   # and below
+    assert torch.allclose(x[:, :4], torch.full_like(x[:, :4], WHITE))  # padding above
+    assert torch.allclose(x[:, 12:], torch.full_like(x[:, 12:], WHITE))  # and below
     assert torch.allclose(x[:, 4:12], torch.full_like(x[:, 4:12], BLACK))  # the image, centred
     black = load_images(tmp_path / "wide.png", 16, fill="black").images[0]
     assert torch.allclose(black, torch.full_like(black, BLACK))
 
 
 # ---------------------------------------------------------------- folders and bad files
+
 
 @pytest.fixture
 def good_folder(tmp_path: Path) -> Path:
@@ -148,6 +158,7 @@ def test_empty_and_missing_folders(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- DDPM folders
+
 
 def test_save_load_ddpm_roundtrip(tmp_path: Path) -> None:
     unet, sched = build_unet("tiny", seed=0, sample_size=16), make_scheduler("cosine")

@@ -14,11 +14,26 @@ from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
 # Every phase of the real demo, at toy sizes: a few training steps, short chains and DIP fits.
-SHRUNK = ["--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
-          "--t-noisy", "3", "--dip-iters", "2", "--blind-dip-iters", "2", "--sigma", "10", "--threads", "1"]
-
-
-
+SHRUNK = [
+    "--steps",
+    "3",
+    "--train-images",
+    "16",
+    "--n",
+    "2",
+    "--ddpm-steps",
+    "3",
+    "--t-noisy",
+    "3",
+    "--dip-iters",
+    "2",
+    "--blind-dip-iters",
+    "2",
+    "--sigma",
+    "10",
+    "--threads",
+    "1",
+]
 
 
 def check_report(run_dir: Path, stdout: str) -> str:
@@ -90,8 +105,9 @@ def test_demo_with_a_given_model_and_data(sprite_dir: Path, tmp_path: Path, caps
     model = tmp_path / "model"
     save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
     out = tmp_path / "demo"
-    code, stdout, err = run(["demo", *SHRUNK, "--size", "16", "--model", model, "--data", sprite_dir, "--out", out],
-                            capsys)
+    code, stdout, err = run(
+        ["demo", *SHRUNK, "--size", "16", "--model", model, "--data", sprite_dir, "--out", out], capsys
+    )
     assert code == 0, err
     text = check_report(out, stdout)
     assert "## Training" not in text and not (out / "train").exists()

@@ -58,8 +58,24 @@ def test_generate_without_model_uses_the_embedded_default(tmp_path: Path, capsys
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        code, _, err = run(["generate", "--method", "ddim", "--ddim-steps", "4", "--n", "2", "--seed", "5",
-                            "--device", "cpu", "--out", out], capsys)
+        code, _, err = run(
+            [
+                "generate",
+                "--method",
+                "ddim",
+                "--ddim-steps",
+                "4",
+                "--n",
+                "2",
+                "--seed",
+                "5",
+                "--device",
+                "cpu",
+                "--out",
+                out,
+            ],
+            capsys,
+        )
         assert code == 0, err
         outs.append(sorted((out / "images").glob("*.png")))
         assert json.loads((out / "result.json").read_text())["model"] == str(embedded.default_ddpm())
@@ -69,8 +85,9 @@ def test_generate_without_model_uses_the_embedded_default(tmp_path: Path, capsys
     assert not np.array_equal(a[0], a[1])  # and image i depends on seed i
 
 
-def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(tmp_path: Path,
-                                                                              capsys: pytest.CaptureFixture) -> None:
+def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from tdpm_dip.generator import load_generator
     from tdpm_dip.models import ddpm_fingerprint
 
@@ -93,8 +110,9 @@ def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(tm
     assert all(np.array_equal(x, y) for x, y in zip(*outs)) and not np.array_equal(outs[0][0], outs[0][1])
 
 
-def test_missing_embedded_model_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_missing_embedded_model_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setattr(embedded, "weights_dir", lambda: tmp_path / "nothing")
     code, _, err = run(["generate", "--method", "ddim", "--n", "1", "--out", tmp_path / "g"], capsys)
     assert code == 2 and "pass --model" in err and "Traceback" not in err

@@ -33,9 +33,9 @@ from tdpm_dip.sampling import EpsModel, ddim_between, ddim_chain, reverse_chain
 
 SCHED = make_scheduler("linear")
 AC = SCHED.alphas_cumprod.double()  # abar_t = AC[t - 1]
-T_STAR_25 = 57                      # anchors.md: sigma 25 -> diffusers timestep 56, level 57
-T0 = 10                             # defaults.T_TRUNC, the blind TDPM-DIP's DIP target level
-DECLIP_SALT = 15485863              # observe.declip draws image i's excess from seed i + this
+T_STAR_25 = 57  # anchors.md: sigma 25 -> diffusers timestep 56, level 57
+T0 = 10  # defaults.T_TRUNC, the blind TDPM-DIP's DIP target level
+DECLIP_SALT = 15485863  # observe.declip draws image i's excess from seed i + this
 
 
 def ctx_of(unet: StubUNet, batch_size: int = 4) -> Context:
@@ -44,6 +44,7 @@ def ctx_of(unet: StubUNet, batch_size: int = 4) -> Context:
 
 
 # ------------------------------------------------------------------------------------------ by hand
+
 
 def abar(t: int) -> float:
     return 1.0 if t == 0 else float(AC[t - 1])
@@ -97,8 +98,8 @@ def ddpm_chain_by_hand(unet: StubUNet, x: torch.Tensor, t: int, generators: list
         alpha = a / a_prev
         beta = 1 - alpha
         eps = unet.coef(s - 1) * x
-        x0 = ((x - (1 - a) ** 0.5 * eps) / a ** 0.5).clamp(-1, 1)
-        mean = (a_prev ** 0.5 * beta / (1 - a)) * x0 + (alpha ** 0.5 * (1 - a_prev) / (1 - a)) * x
+        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+        mean = (a_prev**0.5 * beta / (1 - a)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a)) * x
         if s > 1:
             z = draw(tuple(x.shape[1:]), generators)
             mean = mean + ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20) ** 0.5 * z
@@ -129,11 +130,12 @@ def noisy_8bit(h: int, w: int, seed: int, n: int = 1) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ 1. eps = 0
 
+
 def test_identity_denoiser_returns_the_clamped_observation() -> None:
     """eps = 0: Tweedie's posterior mean is y itself; the method returns the (declipped) observation clamped to
     [-1, 1], i.e. y.clamp(-1, 1) (declipped pixels go past +-1 and are clamped back); the ensemble too."""
     y = 1.3 * torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    y[:, :, :3] = 1.0   # stored on the bounds: what declip acts on
+    y[:, :, :3] = 1.0  # stored on the bounds: what declip acts on
     y[:, :, -3:] = -1.0
     for method, calls in (("tweedie", 1), ("ensemble", 8)):
         for declip in (False, True):
@@ -157,8 +159,9 @@ def test_tweedie_with_a_linear_eps_per_image_sigma_and_declip() -> None:
     outputs = {}
     for declip in (False, True):
         unet = eps_linear()
-        res = run(ctx_of(unet), "denoise", "blind", "tweedie", Job(tuple(seeds), noisy=y, sigma=tuple(sigmas),
-                                                                    declip=declip))
+        res = run(
+            ctx_of(unet), "denoise", "blind", "tweedie", Job(tuple(seeds), noisy=y, sigma=tuple(sigmas), declip=declip)
+        )
         obs = declip_by_hand(y, sigmas, seeds) if declip else y
         k = torch.tensor([tweedie_factor(unet, t) for t in levels]).view(-1, 1, 1, 1)
         assert torch.allclose(res.images, (k * obs).clamp(-1, 1), rtol=0, atol=1e-6), declip
@@ -177,6 +180,7 @@ def test_tweedie_with_a_linear_eps_per_image_sigma_and_declip() -> None:
 # 2e-4 after one step (t = 1) and 1.6e-3 after twelve, 200 to 1600 times the tolerance of 1e-6. A step taken
 # with the wrong scheduler timestep (sched.step(eps, level, ...)) uses the wrong abar and fails by far more.
 
+
 def test_reverse_chain_equals_the_ddpm_posterior_by_hand() -> None:
     x = 0.6 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     for t in (1, 2, 12):
@@ -194,8 +198,13 @@ def test_blind_and_paper_ddpm_are_the_chain_by_hand() -> None:
     runs t_noisy steps on the same generators."""
     y = noisy_8bit(8, 8, seed=2, n=3)
     unet = eps_linear(0.005)
-    res = run(ctx_of(unet, batch_size=2), "denoise", "blind", "ddpm",
-              Job((3, 4, 5), noisy=y, sigma=(25.0,), samples=2, declip=False))
+    res = run(
+        ctx_of(unet, batch_size=2),
+        "denoise",
+        "blind",
+        "ddpm",
+        Job((3, 4, 5), noisy=y, sigma=(25.0,), samples=2, declip=False),
+    )
     g = gens([3, 4, 5])
     x_t = math.sqrt(abar(T_STAR_25)) * y
     expected = (ddpm_chain_by_hand(unet, x_t, T_STAR_25, g) + ddpm_chain_by_hand(unet, x_t, T_STAR_25, g)) / 2
@@ -223,8 +232,9 @@ def test_ddim_between_equals_its_closed_form() -> None:
     factor = 1.0
     for hi, lo in zip(levels[:-1], levels[1:]):
         c = unet.coef(hi - 1)
-        factor *= (math.sqrt(abar(lo)) * (1 - math.sqrt(1 - abar(hi)) * c) / math.sqrt(abar(hi))
-                   + math.sqrt(1 - abar(lo)) * c)
+        factor *= (
+            math.sqrt(abar(lo)) * (1 - math.sqrt(1 - abar(hi)) * c) / math.sqrt(abar(hi)) + math.sqrt(1 - abar(lo)) * c
+        )
     assert torch.allclose(got, factor * x, rtol=1e-5, atol=1e-6)
     assert unet.timesteps == [hi - 1 for hi in levels[:-1]]
     unet = eps_linear()
@@ -237,8 +247,7 @@ def test_ddim_between_equals_its_closed_form() -> None:
     # The blind ddim method: the same chain from sqrt(abar_57) y, clamped.
     y = noisy_8bit(8, 8, seed=3, n=2)
     unet = eps_linear()
-    res = run(ctx_of(unet), "denoise", "blind", "ddim", Job((0, 1), noisy=y, sigma=(25.0,), ddim_steps=5,
-                                                            declip=False))
+    res = run(ctx_of(unet), "denoise", "blind", "ddim", Job((0, 1), noisy=y, sigma=(25.0,), ddim_steps=5, declip=False))
     assert torch.allclose(res.images, (factor * math.sqrt(abar(57)) * y).clamp(-1, 1), rtol=1e-5, atol=1e-6)
 
 
@@ -260,6 +269,7 @@ def test_ddim_chain_from_noise_equals_its_closed_form() -> None:
 
 
 # ------------------------------------------------------------------------------------------ 3. native size
+
 
 def test_run_native_maps_every_pixel_back_to_its_place() -> None:
     """An odd-sized observation (13 x 19) is reflect-padded to a side the networks accept and cropped back:
@@ -289,8 +299,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_cli_input_folder_maps_each_file_to_its_own_output(tiny_model: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_cli_input_folder_maps_each_file_to_its_own_output(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """`denoise --input DIR` on files of two sizes (two of them the same size, so they share a batch): the output
     file of image i (sorted names) equals the method run in-process on that image alone with seed SEED + i.
     A mix-up between files, between seeds or between the images of one batch fails."""
@@ -304,9 +315,32 @@ def test_cli_input_folder_maps_each_file_to_its_own_output(tiny_model: Path, tmp
         y = noisy_8bit(h, w, seed=20 + i)[0]
         Image.fromarray(((y + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
     out, seed = tmp_path / "out", 5
-    code, _, err = run_cli(["denoise", "--model", tiny_model, "--input", folder, "--sigma", "25", "--method",
-                            "tweedie", "--method", "ddpm", "--samples", "1", "--seed", seed, "--device", "cpu",
-                            "--threads", "1", "--out", out], capsys)
+    code, _, err = run_cli(
+        [
+            "denoise",
+            "--model",
+            tiny_model,
+            "--input",
+            folder,
+            "--sigma",
+            "25",
+            "--method",
+            "tweedie",
+            "--method",
+            "ddpm",
+            "--samples",
+            "1",
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     den = Denoiser.from_pretrained(str(tiny_model), device="cpu")  # the context the CLI builds
     for method in ("tweedie", "ddpm"):
@@ -326,6 +360,7 @@ def test_cli_input_folder_maps_each_file_to_its_own_output(tiny_model: Path, tmp
 
 # ------------------------------------------------------------------------------------------ 4. TDPM-DIP's start
 
+
 def test_blind_tdpm_dip_starts_each_chain_from_the_rescaled_dip_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """job.t_trunc None: the DIP is fitted to x_T0 = sqrt(abar_T0) x_hat + sqrt(1 - abar_T0) z (T0 = 10, z the
     image's first draw) and G(z) misses it by a known mean square error e; the chain of that image starts at
@@ -339,22 +374,27 @@ def test_blind_tdpm_dip_starts_each_chain_from_the_rescaled_dip_output(monkeypat
     pattern = torch.where(torch.arange(3 * SIZE * SIZE).view(3, SIZE, SIZE) % 2 == 0, 1.0, -1.0)
     seen: dict = {"fit": [], "chain": []}
 
-    def fake_fit(ctx, target, z, fit_seeds, reference, cfg=None):  # noqa: ANN001, ANN202
+    def fake_fit(ctx, target, z, fit_seeds, reference, cfg=None):
         seen["fit"].append((target.clone(), z.clone(), list(fit_seeds)))
         out = target + torch.tensor(errors).view(-1, 1, 1, 1) * pattern
         return DIPResult(out, torch.zeros(1, target.shape[0]))
 
-    def fake_chain(ctx, x_t, t, chain_gens, desc):  # noqa: ANN001, ANN202
+    def fake_chain(ctx, x_t, t, chain_gens, desc):
         seen["chain"].append((x_t.clone(), t, [g.initial_seed() for g in chain_gens]))
         return x_t
 
     monkeypatch.setattr(blind, "fit", fake_fit)
     monkeypatch.setattr(common, "chain", fake_chain)
-    res = run(ctx_of(eps_zero()), "denoise", "blind", "tdpm-dip",
-              Job(tuple(seeds), noisy=y, sigma=(25.0,), samples=2, declip=False))
+    res = run(
+        ctx_of(eps_zero()),
+        "denoise",
+        "blind",
+        "tdpm-dip",
+        Job(tuple(seeds), noisy=y, sigma=(25.0,), samples=2, declip=False),
+    )
 
     # the DIP target, by hand: x_hat = y (eps = 0), z = the first draw of each image's generator
-    (target, z, fit_seeds), = seen["fit"]
+    ((target, z, fit_seeds),) = seen["fit"]
     assert fit_seeds == seeds and torch.equal(z, draw((3, SIZE, SIZE), gens(seeds)))
     a0 = abar(T0)
     assert torch.allclose(target, math.sqrt(a0) * y + math.sqrt(1 - a0) * z, rtol=0, atol=1e-6)
@@ -364,7 +404,7 @@ def test_blind_tdpm_dip_starts_each_chain_from_the_rescaled_dip_output(monkeypat
     ratio = ((1 - AC) / AC).numpy()
     levels = []
     for e in errors:
-        need = ((1 - a0) + e ** 2) / a0
+        need = ((1 - a0) + e**2) / a0
         first = int(np.nonzero(ratio >= need)[0][0]) + 1
         levels.append(min(max(first, T0), T_STAR_25))
     assert levels[0] == T0 and levels[2] == T_STAR_25 and T0 < levels[1] < T_STAR_25  # three groups
@@ -375,15 +415,20 @@ def test_blind_tdpm_dip_starts_each_chain_from_the_rescaled_dip_output(monkeypat
     for x_t, t, chain_seeds in seen["chain"]:
         i = levels.index(t)
         assert chain_seeds == [seeds[i]]
-        assert torch.allclose(x_t, math.sqrt(abar(t) / a0) * g_out[i:i + 1], rtol=1e-6, atol=0), t
-    starts = torch.cat([math.sqrt(abar(t) / a0) * g_out[i:i + 1] for i, t in enumerate(levels)])
+        assert torch.allclose(x_t, math.sqrt(abar(t) / a0) * g_out[i : i + 1], rtol=1e-6, atol=0), t
+    starts = torch.cat([math.sqrt(abar(t) / a0) * g_out[i : i + 1] for i, t in enumerate(levels)])
     assert torch.allclose(res.images, starts.clamp(-1, 1), rtol=1e-6, atol=0)  # in the images' order
 
     # job.t_trunc given: every chain starts at it, from G(z) itself (the report's Algorithm 3)
     seen["chain"].clear()
-    run(ctx_of(eps_zero()), "denoise", "blind", "tdpm-dip",
-        Job(tuple(seeds), noisy=y, sigma=(25.0,), samples=1, declip=False, t_trunc=5))
-    (x_t, t, chain_seeds), = seen["chain"]
+    run(
+        ctx_of(eps_zero()),
+        "denoise",
+        "blind",
+        "tdpm-dip",
+        Job(tuple(seeds), noisy=y, sigma=(25.0,), samples=1, declip=False, t_trunc=5),
+    )
+    ((x_t, t, chain_seeds),) = seen["chain"]
     target5 = seen["fit"][-1][0]
     assert t == 5 and chain_seeds == seeds
     assert torch.allclose(target5, math.sqrt(abar(5)) * y + math.sqrt(1 - abar(5)) * z, rtol=0, atol=1e-6)
@@ -391,6 +436,7 @@ def test_blind_tdpm_dip_starts_each_chain_from_the_rescaled_dip_output(monkeypat
 
 
 # ------------------------------------------------------------------------------------------ 5. declip
+
 
 def test_declip_moves_only_the_pixels_on_the_bounds_outwards() -> None:
     """A pixel stored at -1 becomes -1 - |excess| (strictly below -1), at +1 becomes 1 + |excess|, anything else

@@ -10,16 +10,16 @@ import pytest
 import torch
 from cli_helpers import run as run_cli
 from diffusers import UNet2DModel
+from jobs import generate
 from safetensors.torch import load_file
 
 from tdpm_dip.errors import UserError
 from tdpm_dip.generator import load_generator, style_dim
-from tdpm_dip.training.generator import Discriminator, make_pairs, minibatch_stddev, train_generator
-from tdpm_dip.training.options import GeneratorConfig
+from tdpm_dip.methods import Context
 from tdpm_dip.models import build_unet, load_ddpm, save_ddpm
 from tdpm_dip.noise import make_scheduler
-from jobs import generate
-from tdpm_dip.methods import Context
+from tdpm_dip.training.generator import Discriminator, make_pairs, minibatch_stddev, train_generator
+from tdpm_dip.training.options import GeneratorConfig
 
 SIZE = 16
 
@@ -32,8 +32,21 @@ def ddpm16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(model: Path, data: Path | None, out: Path, objective: str, **kw) -> GeneratorConfig:
-    base = dict(model=str(model), data=str(data) if data else None, t_trunc=3, out=str(out), objective=objective, steps=4,
-                batch_size=4, pairs=8, ddim_steps=3, checkpoint_every=2, sample_every=0, n_samples=2, log_every=1)
+    base = dict(
+        model=str(model),
+        data=str(data) if data else None,
+        t_trunc=3,
+        out=str(out),
+        objective=objective,
+        steps=4,
+        batch_size=4,
+        pairs=8,
+        ddim_steps=3,
+        checkpoint_every=2,
+        sample_every=0,
+        n_samples=2,
+        log_every=1,
+    )
     return GeneratorConfig(**{**base, **kw})
 
 
@@ -44,10 +57,14 @@ def gan_run(ddpm16: Path, sprite_dir_factory, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.mark.parametrize("objective", ["gan", "distill"])
-def test_a_few_steps_export_a_diffusers_generator(objective: str, ddpm16: Path, sprite_dir_factory,
-                                                  tmp_path: Path, gan_run: Path) -> None:
-    export = gan_run if objective == "gan" else train_generator(
-        _cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "run", objective), progress=False)
+def test_a_few_steps_export_a_diffusers_generator(
+    objective: str, ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path
+) -> None:
+    export = (
+        gan_run
+        if objective == "gan"
+        else train_generator(_cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "run", objective), progress=False)
+    )
     meta = json.loads((export / "generator.json").read_text())
     assert meta["t_trunc"] == 3 and meta["z_shape"] == [3, SIZE, SIZE] and meta["objective"] == objective
     assert meta["image_size"] == SIZE and meta["ddpm"] == ddpm16.name and meta["w_dim"] == 64
@@ -119,7 +136,7 @@ class _Counting(torch.nn.Module):
         self.net, self.calls = net, 0
         self.dtype, self.config = net.dtype, net.config
 
-    def forward(self, *a, **k):  # noqa: ANN002, ANN003, ANN201
+    def forward(self, *a, **k):
         self.calls += 1
         return self.net(*a, **k)
 
@@ -128,18 +145,23 @@ def test_tdpm_sampler_makes_1_plus_t_trunc_network_calls(ddpm16: Path, gan_run: 
     unet, sched = load_ddpm(ddpm16)
     gen = load_generator(gan_run, unet, sched)
     counted_ddpm, counted_gen = _Counting(unet), _Counting(gen.unet)
-    ctx = Context(counted_ddpm, sched, batch_size=8, generator=type(gen)(counted_gen, gen.t_trunc, gen.z_shape,
-                                                                           gen.info, gen.path))
+    ctx = Context(
+        counted_ddpm,
+        sched,
+        batch_size=8,
+        generator=type(gen)(counted_gen, gen.t_trunc, gen.z_shape, gen.info, gen.path),
+    )
     res = generate(ctx, "tdpm", [0, 1, 2])
     assert res.nfe == 1 + 3 and res.info["t_trunc"] == 3
-    assert (counted_gen.calls, counted_ddpm.calls) == (1, 3)   # one batch: 1 generator call, T_trunc chain steps
+    assert (counted_gen.calls, counted_ddpm.calls) == (1, 3)  # one batch: 1 generator call, T_trunc chain steps
     assert res.images.shape == (3, 3, SIZE, SIZE) and res.images.abs().max() <= 1
     again = generate(Context(unet, sched, batch_size=1, generator=gen), "tdpm", [1])
     assert torch.allclose(again.images[0], res.images[1], atol=1e-5)  # image i depends on seed i only
 
 
-def test_generate_tdpm_cli_and_its_one_line_errors(ddpm16: Path, gan_run: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_tdpm_cli_and_its_one_line_errors(
+    ddpm16: Path, gan_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["generate", "--model", ddpm16, "--method", "tdpm", "--n", "2", "--device", "cpu"]
     code, _, _ = run_cli(base + ["--generator", gan_run, "--out", tmp_path / "ok"], capsys)
     res = json.loads((tmp_path / "ok" / "result.json").read_text())
@@ -155,11 +177,15 @@ def test_generate_tdpm_cli_and_its_one_line_errors(ddpm16: Path, gan_run: Path, 
         (base + ["--generator", ddpm16, "--out", tmp_path / "e2"], "not a generator folder"),
         (base + ["--generator", tmp_path / "nowhere", "--out", tmp_path / "e3"], "no such folder"),
         (base + ["--generator", bad_json, "--out", tmp_path / "e4"], "unreadable generator.json"),
-        (["generate", "--model", other, "--method", "tdpm", "--generator", gan_run, "--out", tmp_path / "e5"],
-         "makes 16 px images, but the DDPM makes 32 px"),
+        (
+            ["generate", "--model", other, "--method", "tdpm", "--generator", gan_run, "--out", tmp_path / "e5"],
+            "makes 16 px images, but the DDPM makes 32 px",
+        ),
         (base + ["--generator", gan_run, "--t-trunc", "5", "--out", tmp_path / "e6"], "does not match"),
-        (["generate", "--model", ddpm16, "--method", "ddim", "--generator", gan_run, "--out", tmp_path / "e7"],
-         "--generator is for --method tdpm"),
+        (
+            ["generate", "--model", ddpm16, "--method", "ddim", "--generator", gan_run, "--out", tmp_path / "e7"],
+            "--generator is for --method tdpm",
+        ),
     ]
     for args, msg in cases:
         code, out, err = run_cli(args, capsys)
@@ -169,9 +195,14 @@ def test_generate_tdpm_cli_and_its_one_line_errors(ddpm16: Path, gan_run: Path, 
 
 
 def test_config_errors(tmp_path: Path) -> None:
-    for objective, bad in (("vae", {}), ("gan", dict(t_trunc=-1)),
-                           ("gan", dict(preset="nope")), ("gan", dict(r1_gamma=-1.0)),
-                           ("gan", dict(mixed_precision="fp16")), ("distill", dict(steps=0))):
+    for objective, bad in (
+        ("vae", {}),
+        ("gan", dict(t_trunc=-1)),
+        ("gan", dict(preset="nope")),
+        ("gan", dict(r1_gamma=-1.0)),
+        ("gan", dict(mixed_precision="fp16")),
+        ("distill", dict(steps=0)),
+    ):
         with pytest.raises(UserError):
             _cfg(tmp_path, tmp_path, tmp_path / "o", objective, **bad)
     with pytest.raises(UserError, match="needs --data"):
@@ -182,8 +213,9 @@ def test_config_errors(tmp_path: Path) -> None:
 def test_init_starts_from_another_generator(ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path) -> None:
     data = sprite_dir_factory(8, SIZE)
     # One step at a negligible learning rate: the export equals the --init weights, now for T_trunc 5.
-    export = train_generator(_cfg(ddpm16, data, tmp_path / "ft", "gan", t_trunc=5, steps=1, lr=1e-12,
-                                  init=str(gan_run)), progress=False)
+    export = train_generator(
+        _cfg(ddpm16, data, tmp_path / "ft", "gan", t_trunc=5, steps=1, lr=1e-12, init=str(gan_run)), progress=False
+    )
     a = load_file(export / "diffusion_pytorch_model.safetensors")
     b = load_file(gan_run / "diffusion_pytorch_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

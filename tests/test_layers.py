@@ -37,17 +37,24 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
     tree = ast.parse(path.read_text())
     here = module_name(path).split(".") if module_name(path) else []
     package = here if path.name == "__init__.py" else here[:-1]
-    inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f)}
+    inner = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
-            base = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
             # `from . import x`: the module x, or (a name defined in the package's __init__) the package itself
-            targets = [".".join(base)] if node.module else [
-                ".".join(base + [a.name]) if (ROOT.joinpath(*base, a.name).is_dir()
-                                              or ROOT.joinpath(*base, a.name + ".py").is_file()) else ".".join(base)
-                for a in node.names]
+            targets = (
+                [".".join(base)]
+                if node.module
+                else [
+                    ".".join(base + [a.name])
+                    if (ROOT.joinpath(*base, a.name).is_dir() or ROOT.joinpath(*base, a.name + ".py").is_file())
+                    else ".".join(base)
+                    for a in node.names
+                ]
+            )
             found += [(t, node.lineno, id(node) in inner) for t in targets]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tdpm_dip"):
             found.append((node.module.removeprefix("tdpm_dip").lstrip("."), node.lineno, id(node) in inner))
@@ -75,8 +82,7 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_no_import_points_up_a_layer() -> None:
-    up = [(src, dst) for src, dsts in graph().items() for dst in dsts
-          if LAYER[top(dst)] > LAYER[top(src)]]
+    up = [(src, dst) for src, dsts in graph().items() for dst in dsts if LAYER[top(dst)] > LAYER[top(src)]]
     assert not up, up
 
 
@@ -88,8 +94,10 @@ def test_the_import_graph_has_no_cycle() -> None:
         state[node] = 1
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt):] + [node, nxt]
-                                                           if nxt in path else path + [node, nxt]))
+                pytest.fail(
+                    "import cycle: "
+                    + " -> ".join(path[path.index(nxt) :] + [node, nxt] if nxt in path else path + [node, nxt])
+                )
             if nxt not in state:
                 visit(nxt, path + [node])
         state[node] = 2
@@ -115,8 +123,10 @@ def test_imports_inside_functions_say_why() -> None:
 
 @pytest.mark.parametrize("args", [["--help"], ["denoise", "--help"], ["train", "--help"], ["bench", "--help"]])
 def test_help_loads_neither_torch_nor_diffusers(args: list[str]) -> None:
-    code = ("import sys; from tdpm_dip.cli import main\n"
-            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    code = (
+        "import sys; from tdpm_dip.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

@@ -28,8 +28,7 @@ def _pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     sprites = make_sprites(3, 64).images
     noisy = (sprites + 0.1 * torch.randn(sprites.shape, generator=g)).clamp(-1, 1)
     odd = torch.rand(2, 3, 29, 41, generator=g) * 2 - 1  # non-square, odd sides
-    return [("random", rand_b, rand_a), ("sprites", noisy, sprites),
-            ("odd", odd, (odd * 0.8 + 0.05).clamp(-1, 1))]
+    return [("random", rand_b, rand_a), ("sprites", noisy, sprites), ("odd", odd, (odd * 0.8 + 0.05).clamp(-1, 1))]
 
 
 @pytest.mark.parametrize("name,x,ref", _pairs(), ids=lambda v: v if isinstance(v, str) else "")
@@ -41,8 +40,9 @@ def test_psnr_ssim_match_skimage(name: str, x: torch.Tensor, ref: torch.Tensor) 
     for i in range(x.shape[0]):
         a, b = _hwc(x[i]), _hwc(ref[i])
         sk_p = peak_signal_noise_ratio(b, a, data_range=1)
-        sk_s = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                     data_range=1, channel_axis=-1)
+        sk_s = structural_similarity(
+            a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1
+        )
         assert float(ours_p[i]) == pytest.approx(sk_p, abs=1e-4)
         assert float(ours_s[i]) == pytest.approx(sk_s, abs=1e-5)
 
@@ -58,15 +58,19 @@ def test_uint8_and_unit_inputs() -> None:
     assert torch.equal(M.from_uint8(torch.from_numpy(a).permute(0, 3, 1, 2)), xa)
     for i in range(2):
         # uint8 -> [-1, 1] -> [0, 1] is exact up to float32 rounding: same PSNR/SSIM as on the uint8 data.
-        assert float(M.psnr(xb[i:i + 1], xa[i:i + 1])) == pytest.approx(peak_signal_noise_ratio(a[i], b[i]), abs=1e-3)
-        sk = structural_similarity(a[i], b[i], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                   data_range=255, channel_axis=-1)
-        assert float(M.ssim(xb[i:i + 1], xa[i:i + 1])) == pytest.approx(sk, abs=1e-5)
+        assert float(M.psnr(xb[i : i + 1], xa[i : i + 1])) == pytest.approx(
+            peak_signal_noise_ratio(a[i], b[i]), abs=1e-3
+        )
+        sk = structural_similarity(
+            a[i], b[i], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1
+        )
+        assert float(M.ssim(xb[i : i + 1], xa[i : i + 1])) == pytest.approx(sk, abs=1e-5)
     u = torch.rand(1, 3, 8, 8)
     assert torch.allclose(M.to_unit(M.from_unit(u)), u, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ FID
+
 
 def _stats(rng: np.random.Generator, n: int, d: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     mix = rng.normal(size=(d, d)) / math.sqrt(d)
@@ -106,8 +110,13 @@ class _Counting:
 
     def __init__(self, name: str = "tiny-conv-seed0") -> None:
         torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3),
-                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 6, 3),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
         self.inner = M.TorchExtractor(net, name, batch_size=5)
         self.name = name
         self.calls = 0
@@ -133,8 +142,12 @@ def test_fid_path_with_a_small_extractor_and_cached_reference(tmp_path) -> None:
     assert len(list(tmp_path.glob("fid-ref-*.npz"))) == 3
     same = M.fid(ref, ref, ext, tmp_path)
     far = M.fid(other, ref, ext, tmp_path)
-    noisy = M.fid((ref + 0.5 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1),
-                  ref, ext, tmp_path)
+    noisy = M.fid(
+        (ref + 0.5 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1),
+        ref,
+        ext,
+        tmp_path,
+    )
     assert abs(same) < 1e-6 and far > 0 and noisy > 0
     with pytest.raises(ValueError):
         M.extract_features(ref, lambda x: torch.zeros(3))
@@ -154,6 +167,7 @@ def test_inception_extractor_without_the_extra_says_what_to_install(monkeypatch)
 
 # ------------------------------------------------------------------------------------------ SWD
 
+
 def test_swd_levels_and_values() -> None:
     assert M.swd_levels(64) == [64, 32, 16] and M.swd_levels(16) == [16]
     with pytest.raises(ValueError):
@@ -171,11 +185,12 @@ def test_swd_levels_and_values() -> None:
         assert d["swd_avg"] > 10 * max(same["swd_avg"], 1e-6) and d["swd_avg"] > 1e-3
     # Noise lives in the finest band: that level moves most.
     assert d_noisy["swd_64"] > d_noisy["swd_16"]
-    assert M.swd(noisy, ref, seed=0) == d_noisy            # seeded: reproducible
-    assert M.swd(noisy[:4], ref)["swd_avg"] > 0             # sets of different sizes are fine
+    assert M.swd(noisy, ref, seed=0) == d_noisy  # seeded: reproducible
+    assert M.swd(noisy[:4], ref)["swd_avg"] > 0  # sets of different sizes are fine
 
 
 # ------------------------------------------------------------------------------------------ copy-rate
+
 
 def test_copy_rate() -> None:
     train = make_sprites(10, 32, seed=0).images
@@ -198,6 +213,7 @@ def test_device_name() -> None:
 
 
 # ------------------------------------------------------------------------------------------ offline FID / KID
+
 
 class _TinyFeatures(torch.nn.Module):
     """A stand-in for the TorchScript InceptionV3: conv feature maps (averaged to [B, 8] by the loader)."""
@@ -238,16 +254,21 @@ def test_kid_matches_a_direct_computation_and_separates_distributions() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((40, 16)), rng.standard_normal((30, 16))
     d = 16
-    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
-    direct = ((k(x, x).sum() - np.trace(k(x, x))) / (40 * 39) + (k(y, y).sum() - np.trace(k(y, y))) / (30 * 29)
-              - 2 * k(x, y).mean())
+    k = lambda a, b: (a @ b.T / d + 1) ** 3
+    direct = (
+        (k(x, x).sum() - np.trace(k(x, x))) / (40 * 39)
+        + (k(y, y).sum() - np.trace(k(y, y))) / (30 * 29)
+        - 2 * k(x, y).mean()
+    )
     assert M.polynomial_mmd2(x, y) == pytest.approx(direct, rel=1e-10)
     full = M.kid_from_features(x, y, subsets=3, subset_size=1000)
     assert full["subset_size"] == 30
-    same = M.kid_from_features(rng.standard_normal((200, 16)), rng.standard_normal((200, 16)), subsets=20,
-                               subset_size=100, seed=1)
-    shifted = M.kid_from_features(rng.standard_normal((200, 16)), rng.standard_normal((200, 16)) + 0.5, subsets=20,
-                                  subset_size=100, seed=1)
+    same = M.kid_from_features(
+        rng.standard_normal((200, 16)), rng.standard_normal((200, 16)), subsets=20, subset_size=100, seed=1
+    )
+    shifted = M.kid_from_features(
+        rng.standard_normal((200, 16)), rng.standard_normal((200, 16)) + 0.5, subsets=20, subset_size=100, seed=1
+    )
     assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3 and shifted["kid"] > 10 * abs(same["kid"])
     # Seeded subsets: the same seed gives the same value.
     assert M.kid_from_features(x, y, 5, 20, seed=3) == M.kid_from_features(x, y, 5, 20, seed=3)
@@ -270,4 +291,3 @@ def test_precision_recall_of_constructed_feature_sets() -> None:
     assert half["precision"] == 1.0 and 0.3 < half["recall"] < 1.0
     with pytest.raises(ValueError, match="more than 3 samples"):
         M.precision_recall(real[:3], real)
-

@@ -45,12 +45,17 @@ def cosine_abar(T: int = 1000) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ noise.py
 
+
 def test_schedulers_are_the_published_schedules() -> None:
     """linear (the default) is Ho et al.'s 1000-step schedule, cosine Nichol and Dhariwal's; both clip the predicted
     x0 to [-1, 1] and predict eps; any T is honoured."""
-    for sched, expected in ((make_scheduler(), linear_abar()), (make_scheduler("linear"), linear_abar()),
-                            (make_scheduler("cosine"), cosine_abar()), (make_scheduler("linear", 50), linear_abar(50)),
-                            (make_scheduler("squaredcos_cap_v2", 20), cosine_abar(20))):
+    for sched, expected in (
+        (make_scheduler(), linear_abar()),
+        (make_scheduler("linear"), linear_abar()),
+        (make_scheduler("cosine"), cosine_abar()),
+        (make_scheduler("linear", 50), linear_abar(50)),
+        (make_scheduler("squaredcos_cap_v2", 20), cosine_abar(20)),
+    ):
         assert num_levels(sched) == len(expected)
         assert torch.allclose(sched.alphas_cumprod.double(), expected, rtol=1e-5, atol=1e-7)
         assert sched.config.clip_sample is True and sched.config.prediction_type == "epsilon"
@@ -99,6 +104,7 @@ def test_image_generators_and_randn_draw_per_image_streams() -> None:
 
 
 # ------------------------------------------------------------------------------------------ sampling.py
+
 
 def test_eps_model_x0_and_eps_by_hand() -> None:
     """x0(x, t) = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t) with eps = c(t - 1) x, the network called at timestep
@@ -182,6 +188,7 @@ def test_reverse_chain_reports_each_step_and_refuses_bad_levels() -> None:
 
 # ------------------------------------------------------------------------------------------ generator.py
 
+
 class StubG(torch.nn.Module):
     """G_psi stand-in: G(z, w) = 0.5 z + mean(w) per image (0.5 z without w). Records the timesteps and w it gets.
     With w_dim its config names it (as StyleGenerator's does), else it has no style input (style_dim 0)."""
@@ -200,8 +207,9 @@ class StubG(torch.nn.Module):
         return SimpleNamespace(sample=out)
 
 
-def tdpm_by_hand(unet: StubUNet, seeds: list[int], t: int, z_shape: tuple[int, ...], w_dim: int,
-                 predict_x0: bool) -> torch.Tensor:
+def tdpm_by_hand(
+    unet: StubUNet, seeds: list[int], t: int, z_shape: tuple[int, ...], w_dim: int, predict_x0: bool
+) -> torch.Tensor:
     """Amortized TDPM of each image from its own generator: z_img, then w, then (predict x0) eps; x_T = G(z, w) or
     sqrt(abar_t) G(z, w) + sqrt(1 - abar_t) eps; then t DDPM posterior steps on the same generator; clamped."""
     out = []
@@ -239,8 +247,13 @@ def test_tdpm_generator_samples_by_hand(w_dim: int, predict: str) -> None:
     g = gens(seeds)
     assert torch.equal(z, draw(z_shape, g)) and (w is None if not w_dim else torch.equal(w, draw((w_dim,), g)))
 
-    res = run(Context(eps_linear(), SCHED, batch_size=2, generator=gen), "generate", "unconditional", "tdpm",
-              Job(tuple(seeds)))
+    res = run(
+        Context(eps_linear(), SCHED, batch_size=2, generator=gen),
+        "generate",
+        "unconditional",
+        "tdpm",
+        Job(tuple(seeds)),
+    )
     assert torch.allclose(res.images, expected, rtol=0, atol=1e-6)
     assert (res.method, res.protocol, res.reverse_steps, res.nfe) == ("tdpm", "unconditional", 1 + t, 1 + t)
     assert res.info == {"t_trunc": t, "generator": "gen-folder", "objective": "mse"}
@@ -266,6 +279,7 @@ def test_tdpm_method_refuses_a_missing_or_mismatched_generator() -> None:
 
 # ------------------------------------------------------------------------------------------ methods/generate.py
 
+
 def test_generate_ddpm_is_the_full_chain_from_noise_by_hand() -> None:
     """`generate --method ddpm`: x_T from image i's generator at the DDPM's size, then all T = 1000 posterior steps
     on the same generator (the stub: eps = c x, so every step is known by hand)."""
@@ -290,8 +304,9 @@ def test_generate_ddim_draws_x_T_then_steps_with_the_jobs_eta() -> None:
     seeds = (5, 6, 7)
     for eta in (0.0, 1.0):
         unet = eps_linear(1e-3)
-        res = run(Context(unet, SCHED, batch_size=2), "generate", "unconditional", "ddim",
-                  Job(seeds, ddim_steps=3, eta=eta))
+        res = run(
+            Context(unet, SCHED, batch_size=2), "generate", "unconditional", "ddim", Job(seeds, ddim_steps=3, eta=eta)
+        )
         g = image_generators(seeds)
         x_T = randn((3, SIZE, SIZE), g)
         expected = ddim_chain(EpsModel(eps_linear(1e-3), SCHED), x_T, 3, g, eta=eta)
@@ -304,13 +319,14 @@ def test_generate_ddim_draws_x_T_then_steps_with_the_jobs_eta() -> None:
 
 # ------------------------------------------------------------------------------------------ metrics.py
 
+
 def test_precision_recall_on_sets_with_known_radii() -> None:
     """Points on a line, k = 3: the radius of a point is the distance to its 3rd nearest other point. Real
     {0, 1, ..., 9}: radius 2 inside, 3 at the ends. A fake point at distance exactly the radius is inside (<=);
     integer (or float32) features are read as float64."""
     from tdpm_dip import metrics as M
 
-    real = [[i] for i in range(10)]                     # integers, as a list
+    real = [[i] for i in range(10)]  # integers, as a list
     fake = np.array([[-3.0], [12.0], [4.5], [30.0], [-3.5]], dtype=np.float32)
     # -3: 3 from real point 0 (radius 3): inside; 12: 3 from 9 (radius 3): inside; 4.5: inside; 30, -3.5: outside.
     res = M.precision_recall(fake, real, k=3)
@@ -331,12 +347,17 @@ def test_copy_rate_counts_a_psnr_at_the_threshold_and_any_chunking() -> None:
     from tdpm_dip import metrics as M
 
     train = torch.arange(30.0).view(10, 3, 1, 1) / 16 - 1  # dyadic values: the arithmetic below is exact
-    images = train[[4, 1, 7]] + 1 / 16                      # 1/32 on the [0, 1] scale; the next image is 3/16 away
+    images = train[[4, 1, 7]] + 1 / 16  # 1/32 on the [0, 1] scale; the next image is 3/16 away
     at = float(10 * torch.log10(torch.tensor(1024.0)))
     res = M.copy_rate(images, train, threshold_db=at)
-    assert res == {"rate": 1.0, "copies": 3, "nearest": [4, 1, 7], "nearest_psnr": pytest.approx([at] * 3),
-                   "threshold_db": at}
-    many = torch.cat([images] * 4)                     # 12 images of 3 pixels each, chunks of 5
+    assert res == {
+        "rate": 1.0,
+        "copies": 3,
+        "nearest": [4, 1, 7],
+        "nearest_psnr": pytest.approx([at] * 3),
+        "threshold_db": at,
+    }
+    many = torch.cat([images] * 4)  # 12 images of 3 pixels each, chunks of 5
     small = M.copy_rate(many, train, threshold_db=at + 0.1, chunk=5)
     assert small["nearest"] == [4, 1, 7] * 4 and small["copies"] == 0 and small["rate"] == 0.0
 
@@ -359,14 +380,14 @@ def test_kid_protocol_subsets_and_seed() -> None:
     assert M.kid_from_features(x, y, 4, 10) == M.kid_from_features(x, y, 4, 10, seed=0)
     assert M.kid_from_features(x, y, 4, 10, seed=1) != M.kid_from_features(x, y, 4, 10, seed=0)
     assert M.kid_from_features(x.astype(np.float32), y.astype(np.float32), 4, 10) == M.kid_from_features(
-        x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64), 4, 10)
+        x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64), 4, 10
+    )
     big = rng.standard_normal((1001, 2))
     assert M.kid_from_features(big, big + 0.1, subsets=1)["subset_size"] == 1000
     # MMD^2 with two samples per set, by hand: k(a, b) = (a.b / D + 1)^3
     a, b = np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 1.0], [-1.0, 0.0]])
     k = lambda u, v: (u @ v / 2 + 1) ** 3
-    by_hand = (2 * k(a[0], a[1]) / 2 + 2 * k(b[0], b[1]) / 2
-               - 2 * np.mean([k(u, v) for u in a for v in b]))
+    by_hand = 2 * k(a[0], a[1]) / 2 + 2 * k(b[0], b[1]) / 2 - 2 * np.mean([k(u, v) for u in a for v in b])
     assert M.polynomial_mmd2(a, b) == pytest.approx(by_hand, rel=1e-12)
     for m, n in ((1, 2), (2, 1)):
         with pytest.raises(ValueError) as e:
@@ -407,13 +428,15 @@ def test_psnr_of_identical_and_out_of_range_images() -> None:
 
 # ------------------------------------------------------------------------------------------ dip.py
 
+
 def test_dip_defaults_apply_the_preset_and_its_overrides() -> None:
     from tdpm_dip.dip import DIPConfig, dip_defaults
 
     cfg = dip_defaults("paper", "dip-tiny")
     assert cfg == DIPConfig(preset="dip-tiny", iters=100, lr=1e-3)  # defaults.DIP_PRESET_OVERRIDES
     assert dip_defaults("blind", "dip-tiny", iters=9, lr=0.5) == DIPConfig(
-        preset="dip-tiny", iters=9, lr=0.5, input_noise=1.0, average=0.95)
+        preset="dip-tiny", iters=9, lr=0.5, input_noise=1.0, average=0.95
+    )
     with pytest.raises(ValueError, match="unknown DIP use 'nope'"):
         dip_defaults("nope", "dip-tiny")
 
@@ -421,16 +444,26 @@ def test_dip_defaults_apply_the_preset_and_its_overrides() -> None:
 def test_dip_mean_curves_average_over_the_images() -> None:
     from tdpm_dip.dip import DIPResult
 
-    loss = torch.tensor([[1.0, 3.0], [0.5, 1.5]])       # [iters, B]
+    loss = torch.tensor([[1.0, 3.0], [0.5, 1.5]])  # [iters, B]
     res = DIPResult(torch.zeros(2, 3, 4, 4), loss)
     assert res.mean_curves() == {"loss": [2.0, 1.0]}
-    res = DIPResult(torch.zeros(2, 3, 4, 4), loss, psnr=torch.tensor([[10.0, 20.0], [12.0, 22.0]]),
-                    ssim=torch.tensor([[0.2, 0.4]]), ssim_iters=[1])
-    assert res.mean_curves() == {"loss": [2.0, 1.0], "psnr": [15.0, 17.0], "ssim_iters": [1],
-                                 "ssim": [pytest.approx(0.3)]}
+    res = DIPResult(
+        torch.zeros(2, 3, 4, 4),
+        loss,
+        psnr=torch.tensor([[10.0, 20.0], [12.0, 22.0]]),
+        ssim=torch.tensor([[0.2, 0.4]]),
+        ssim_iters=[1],
+    )
+    assert res.mean_curves() == {
+        "loss": [2.0, 1.0],
+        "psnr": [15.0, 17.0],
+        "ssim_iters": [1],
+        "ssim": [pytest.approx(0.3)],
+    }
 
 
 # ------------------------------------------------------------------------------------------ methods/observe.py
+
 
 def test_blind_sigmas_given_or_estimated_per_image() -> None:
     from tdpm_dip.methods.observe import add_noise, blind_sigmas
@@ -477,8 +510,20 @@ def test_wavelet_sigma_leaves_out_the_blocks_clipped_pixels_touch() -> None:
 
     rng = np.random.default_rng(0)
     y = np.clip(np.round(128 + rng.normal(0, 20, (33, 26, 3))), 1, 254)
-    spots = [(0, 10), (32, 16), (12, 0), (20, 24), (4, 6), (10, 20), (16, 8), (24, 14), (26, 4), (6, 18), (32, 0),
-             (0, 24)]
+    spots = [
+        (0, 10),
+        (32, 16),
+        (12, 0),
+        (20, 24),
+        (4, 6),
+        (10, 20),
+        (16, 8),
+        (24, 14),
+        (26, 4),
+        (6, 18),
+        (32, 0),
+        (0, 24),
+    ]
     for value, (i, j) in zip((0, 255, 0, 255, 255, 0, 1, 254, 0, 255, 255, 0), spots):
         y[i, j, :] = value
     n, expected = wavelet_sigma_by_hand(y)
@@ -557,8 +602,15 @@ class FakeFit:
     def __call__(self, ctx, target, z, seeds, reference, cfg=None):
         from tdpm_dip.dip import DIPResult
 
-        self.calls.append({"target": target.clone(), "z": z.clone(), "seeds": list(seeds), "cfg": cfg,
-                           "reference": None if reference is None else reference.clone()})
+        self.calls.append(
+            {
+                "target": target.clone(),
+                "z": z.clone(),
+                "seeds": list(seeds),
+                "cfg": cfg,
+                "reference": None if reference is None else reference.clone(),
+            }
+        )
         return DIPResult(target + self.amplitude * PATTERN, torch.zeros(3, target.shape[0]), seconds=100.0)
 
 
@@ -595,8 +647,10 @@ def test_generate_tdpm_dip_fits_the_reference_target_then_runs_the_chain(monkeyp
     for ref in (None, reference[:1]):
         with pytest.raises(UserError) as e:
             run(Context(eps_zero(), SCHED), "generate", "paper", "tdpm-dip", Job(tuple(seeds), reference=ref))
-        assert str(e.value) == ("TDPM-DIP generation follows the paper protocol: it needs --reference-data with at "
-                                "least --n images (each output reconstructs one of them)")
+        assert str(e.value) == (
+            "TDPM-DIP generation follows the paper protocol: it needs --reference-data with at "
+            "least --n images (each output reconstructs one of them)"
+        )
     run(Context(eps_zero(), SCHED), "generate", "paper", "tdpm-dip", Job(tuple(seeds), reference=reference[:2]))
 
 
@@ -614,9 +668,11 @@ def test_paper_protocol_methods_by_hand(monkeypatch: pytest.MonkeyPatch) -> None
     g = gens(seeds)
     z = draw((3, SIZE, SIZE), g)
     x_tn = math.sqrt(abar(30)) * clean + math.sqrt(1 - abar(30)) * z
-    for method, t, job in (("tdpm-dip", T0, Job(tuple(seeds), clean=clean, t_noisy=30)),
-                           ("tdpm-dip", 4, Job(tuple(seeds), clean=clean, t_noisy=30, t_trunc=4)),
-                           ("dip", 0, Job(tuple(seeds), clean=clean, t_noisy=30))):
+    for method, t, job in (
+        ("tdpm-dip", T0, Job(tuple(seeds), clean=clean, t_noisy=30)),
+        ("tdpm-dip", 4, Job(tuple(seeds), clean=clean, t_noisy=30, t_trunc=4)),
+        ("dip", 0, Job(tuple(seeds), clean=clean, t_noisy=30)),
+    ):
         unet = eps_linear()
         res = run(Context(unet, SCHED), "denoise", "paper", method, job)
         call = fake.calls[-1]
@@ -647,6 +703,7 @@ def _after_first_draw(seeds: list[int]) -> list[torch.Generator]:
 
 
 # ------------------------------------------------------------------------------------------ methods/dispatch.py
+
 
 @pytest.mark.parametrize("h, w", [(16, 16), (15, 16), (16, 13), (13, 19)])
 def test_run_native_always_hands_the_networks_a_multiple_and_crops_back(h: int, w: int) -> None:
@@ -683,6 +740,7 @@ def test_run_native_pads_to_the_ddpms_multiple_when_it_is_the_deepest() -> None:
 
 # ------------------------------------------------------------------------------------------ methods/blind.py
 
+
 def test_blind_results_record_their_cost_and_settings() -> None:
     """What each blind method reports (bench tables and metrics.json read it): NFE and reverse steps per image, the
     noise level and t* (one value, or one per image), declip and the method's own settings; inputs are y."""
@@ -698,9 +756,11 @@ def test_blind_results_record_their_cost_and_settings() -> None:
 
     base = {"sigma": list(sig), "t_star": levels, "declip": False}
     for method, steps, nfe, extra in (
-            ("tweedie", 1, 1, {}), ("ensemble", 8, 8, {}),
-            ("ddpm", max(levels), 3 * max(levels), {"samples": 3}),
-            ("ddim", 4, 4, {"ddim_steps": 4})):
+        ("tweedie", 1, 1, {}),
+        ("ensemble", 8, 8, {}),
+        ("ddpm", max(levels), 3 * max(levels), {"samples": 3}),
+        ("ddim", 4, 4, {"ddim_steps": 4}),
+    ):
         res = blind(method, samples=3, ddim_steps=4)
         assert (res.method, res.protocol, res.reverse_steps, res.nfe) == (method, "blind", steps, nfe), method
         assert res.info == base | extra and torch.equal(res.inputs, y) and res.seconds >= 0, method
@@ -720,8 +780,9 @@ def test_blind_ddim_from_each_images_own_level_by_hand() -> None:
     levels = [sigma_to_level(SCHED, s) for s in sig]
     assert levels[0] < 10 < levels[1]
     unet = eps_linear()
-    res = run(Context(unet, SCHED, batch_size=1), "denoise", "blind", "ddim",
-              Job((0, 1, 2), noisy=y, sigma=sig, declip=False))
+    res = run(
+        Context(unet, SCHED, batch_size=1), "denoise", "blind", "ddim", Job((0, 1, 2), noisy=y, sigma=sig, declip=False)
+    )
     expected = []
     for i, t in enumerate(levels):
         steps = min(10, t)
@@ -735,8 +796,13 @@ def test_blind_ddim_from_each_images_own_level_by_hand() -> None:
     assert torch.allclose(res.images, torch.stack(expected), rtol=1e-5, atol=1e-6)
     # eps = -0.5 x: every step scales x up, past the range; the output is clamped to [-1, 1]
     ramp = torch.linspace(-1, 1, 3 * 8 * 8).view(1, 3, 8, 8)
-    res = run(Context(StubUNet(base=-0.5), SCHED), "denoise", "blind", "ddim",
-              Job((0,), noisy=ramp, sigma=(25.0,), declip=False, ddim_steps=1))
+    res = run(
+        Context(StubUNet(base=-0.5), SCHED),
+        "denoise",
+        "blind",
+        "ddim",
+        Job((0,), noisy=ramp, sigma=(25.0,), declip=False, ddim_steps=1),
+    )
     f = 1 + math.sqrt(1 - abar(T_STAR_25)) * 0.5  # one step to level 0: x0 = (1 + 0.5 sqrt(1 - abar)) y
     assert (f * ramp).max() > 1.05 and (f * ramp).min() < -1.05
     assert torch.allclose(res.images, (f * ramp).clamp(-1, 1), rtol=1e-5, atol=1e-6)
@@ -767,12 +833,20 @@ def test_blind_dip_and_tdpm_dip_results(monkeypatch: pytest.MonkeyPatch) -> None
     assert fake.calls[-1]["reference"] is None
 
     fake.amplitude = 0.1234  # G(z) misses its target by 0.1234 everywhere: MSE 0.01522756, reported to 6 decimals
-    res = run(ctx, "denoise", "blind", "tdpm-dip", Job((3, 4), noisy=y, sigma=(25.0,), declip=False, samples=2,
-                                                        t_trunc=3))
+    res = run(
+        ctx, "denoise", "blind", "tdpm-dip", Job((3, 4), noisy=y, sigma=(25.0,), declip=False, samples=2, t_trunc=3)
+    )
     call = fake.calls[-1]
     assert call["cfg"] == plugin and call["reference"] is None
-    assert res.info == {"sigma": 25.0, "t_star": T_STAR_25, "declip": False, "samples": 2, "dip_target_level": 3,
-                        "t_trunc": 3, "dip_fit_mse": [0.015228, 0.015228]}
+    assert res.info == {
+        "sigma": 25.0,
+        "t_star": T_STAR_25,
+        "declip": False,
+        "samples": 2,
+        "dip_target_level": 3,
+        "t_trunc": 3,
+        "dip_fit_mse": [0.015228, 0.015228],
+    }
     assert (res.method, res.protocol) == ("tdpm-dip", "blind")
     assert (res.reverse_steps, res.nfe) == (5 + 3, 8 + 5 + 3 * 2) and res.seconds >= 100.0
     assert torch.equal(res.inputs, y) and res.dip.seconds == 100.0
@@ -788,15 +862,18 @@ def make_clean(n: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ dip.py (Algorithm 2)
 
+
 def test_dip_config_accepts_exactly_its_ranges() -> None:
     from tdpm_dip.dip import DIPConfig
 
     for ok in ({"iters": 0}, {"lr": 1e-9}, {"lr": 5.0}, {"average": 0.0}, {"average": 0.999}, {"average": None}):
         DIPConfig(preset="dip-tiny", **ok)  # type: ignore[arg-type]
-    for bad, message in (({"iters": -1}, "DIP iterations must be >= 0, got -1"),
-                         ({"lr": 0.0}, "DIP learning rate must be > 0, got 0.0"),
-                         ({"average": 1.0}, "DIP output averaging must be in [0, 1), got 1.0"),
-                         ({"average": -0.1}, "DIP output averaging must be in [0, 1), got -0.1")):
+    for bad, message in (
+        ({"iters": -1}, "DIP iterations must be >= 0, got -1"),
+        ({"lr": 0.0}, "DIP learning rate must be > 0, got 0.0"),
+        ({"average": 1.0}, "DIP output averaging must be in [0, 1), got 1.0"),
+        ({"average": -0.1}, "DIP output averaging must be in [0, 1), got -0.1"),
+    ):
         with pytest.raises(UserError) as e:
             DIPConfig(preset="dip-tiny", **bad)  # type: ignore[arg-type]
         assert str(e.value) == message
@@ -909,7 +986,8 @@ def test_dip_fit_checks_its_arguments_and_falls_back_when_vmap_fails(monkeypatch
     with pytest.warns(UserWarning) as w:
         res = fit_dip(target, z, [0, 1, 2], cfg, reference=target.flip(-1), batch_size=2)
     assert [str(x.message) for x in w] == [
-        "vmap failed for preset dip-tiny (vmap: no batching rule for aten::some_op); fitting one image at a time"]
+        "vmap failed for preset dip-tiny (vmap: no batching rule for aten::some_op); fitting one image at a time"
+    ]
     assert torch.equal(res.output, alone.output) and torch.equal(res.psnr, alone.psnr) and res.seconds > 0
 
     def broken(*args):
@@ -923,10 +1001,22 @@ def test_dip_fit_checks_its_arguments_and_falls_back_when_vmap_fails(monkeypatch
 def test_dip_result_concat_joins_images_and_adds_fit_times() -> None:
     from tdpm_dip.dip import DIPResult
 
-    a = DIPResult(torch.zeros(1, 3, 2, 2), torch.tensor([[1.0], [2.0]]), torch.tensor([[5.0], [6.0]]),
-                  torch.tensor([[0.5]]), [0], 2.0)
-    b = DIPResult(torch.ones(2, 3, 2, 2), torch.tensor([[3.0, 4.0], [5.0, 6.0]]),
-                  torch.tensor([[7.0, 8.0], [9.0, 1.0]]), torch.tensor([[0.6, 0.7]]), [0], 3.0)
+    a = DIPResult(
+        torch.zeros(1, 3, 2, 2),
+        torch.tensor([[1.0], [2.0]]),
+        torch.tensor([[5.0], [6.0]]),
+        torch.tensor([[0.5]]),
+        [0],
+        2.0,
+    )
+    b = DIPResult(
+        torch.ones(2, 3, 2, 2),
+        torch.tensor([[3.0, 4.0], [5.0, 6.0]]),
+        torch.tensor([[7.0, 8.0], [9.0, 1.0]]),
+        torch.tensor([[0.6, 0.7]]),
+        [0],
+        3.0,
+    )
     c = DIPResult.concat([a, b])
     assert torch.equal(c.output, torch.cat([a.output, b.output])) and c.seconds == 5.0 and c.ssim_iters == [0]
     assert torch.equal(c.loss, torch.tensor([[1.0, 3.0, 4.0], [2.0, 5.0, 6.0]]))
@@ -938,6 +1028,7 @@ def test_dip_result_concat_joins_images_and_adds_fit_times() -> None:
 
 
 # ------------------------------------------------------------------------------------------ methods/common.py
+
 
 def test_dip_fits_are_memoised_per_input_settings_and_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """common.fit fits once per (target, z, reference, seeds, DIP settings, amp dtype, device, batch size) when the
@@ -951,8 +1042,16 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(monkeypatch: pytes
     calls: list[dict] = []
 
     def fake_fit_dip(target, z, seeds, cfg, reference=None, batch_size=16, amp_dtype=None, progress=False):
-        calls.append({"cfg": cfg, "batch_size": batch_size, "amp_dtype": amp_dtype, "progress": progress,
-                      "reference": reference, "seeds": list(seeds)})
+        calls.append(
+            {
+                "cfg": cfg,
+                "batch_size": batch_size,
+                "amp_dtype": amp_dtype,
+                "progress": progress,
+                "reference": reference,
+                "seeds": list(seeds),
+            }
+        )
         return DIPResult(target.clone(), torch.zeros(1, target.shape[0]))
 
     monkeypatch.setattr(common, "fit_dip", fake_fit_dip)
@@ -960,11 +1059,18 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(monkeypatch: pytes
     ctx = Context(eps_zero(), SCHED, cfg, batch_size=3, progress=True)
     t, z, ref = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     first = common.fit(ctx, t, z, [1, 2], ref)
-    assert calls == [{"cfg": cfg, "batch_size": 3, "amp_dtype": None, "progress": True, "reference": ref,
-                      "seeds": [1, 2]}]
+    assert calls == [
+        {"cfg": cfg, "batch_size": 3, "amp_dtype": None, "progress": True, "reference": ref, "seeds": [1, 2]}
+    ]
     assert common.fit(ctx, t.clone(), z.clone(), [1, 2], ref.clone()) is first and len(calls) == 1
-    variants = [((t + 1, z, [1, 2], ref), {}), ((t, z + 1, [1, 2], ref), {}), ((t, z, [1, 3], ref), {}),
-                ((t, z, [1, 2], ref + 1), {}), ((t, z, [1, 2], None), {}), ((t, z, [1, 2], ref), {"cfg": other})]
+    variants = [
+        ((t + 1, z, [1, 2], ref), {}),
+        ((t, z + 1, [1, 2], ref), {}),
+        ((t, z, [1, 3], ref), {}),
+        ((t, z, [1, 2], ref + 1), {}),
+        ((t, z, [1, 2], None), {}),
+        ((t, z, [1, 2], ref), {"cfg": other}),
+    ]
     for args, kw in variants:
         common.fit(ctx, *args, **kw)
     assert len(calls) == 1 + len(variants) and calls[-1]["cfg"] == other and calls[-2]["reference"] is None
@@ -1013,36 +1119,73 @@ def test_progress_bars_count_every_step_when_asked(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(dip, "tqdm", RecordingBar)
     RecordingBar.bars = []
     y = noisy_8bit(8, 8, seed=1, n=3)
-    ctx = Context(eps_zero(), SCHED, DIPConfig(preset="dip-tiny", iters=2), batch_size=2, progress=True,
-                  dip_plugin=DIPConfig(preset="dip-tiny", iters=3))
+    ctx = Context(
+        eps_zero(),
+        SCHED,
+        DIPConfig(preset="dip-tiny", iters=2),
+        batch_size=2,
+        progress=True,
+        dip_plugin=DIPConfig(preset="dip-tiny", iters=3),
+    )
     run(ctx, "denoise", "blind", "ddpm", Job((0, 1, 2), noisy=y, sigma=(25.0,), samples=1))
     (bar,) = RecordingBar.bars
     assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (
-        T_STAR_25 * 2, "DDPM reverse", "step", False, T_STAR_25 * 2, True)
+        T_STAR_25 * 2,
+        "DDPM reverse",
+        "step",
+        False,
+        T_STAR_25 * 2,
+        True,
+    )
     RecordingBar.bars = []
     run(ctx, "denoise", "blind", "dip", Job((0, 1, 2), noisy=y, sigma=(25.0,)))
     (bar,) = RecordingBar.bars
     assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (
-        2 * 3, "DIP fit (dip-tiny)", "img-it", False, 2 * 3, True)
+        2 * 3,
+        "DIP fit (dip-tiny)",
+        "img-it",
+        False,
+        2 * 3,
+        True,
+    )
     RecordingBar.bars = []
     run(ctx, "denoise", "blind", "tdpm-dip", Job((0, 1, 2), noisy=y, sigma=(25.0,), samples=1, t_trunc=3))
-    assert [(b.desc, b.total, b.n) for b in RecordingBar.bars] == [("DIP fit (dip-tiny)", 3 * 3, 3 * 3),
-                                                                   ("TDPM reverse", 3 * 2, 3 * 2)]
+    assert [(b.desc, b.total, b.n) for b in RecordingBar.bars] == [
+        ("DIP fit (dip-tiny)", 3 * 3, 3 * 3),
+        ("TDPM reverse", 3 * 2, 3 * 2),
+    ]
     RecordingBar.bars = []
     gen = TDPMGenerator(StubG(), 4, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
-    run(Context(eps_zero(), SCHED, batch_size=2, progress=True, generator=gen), "generate", "unconditional", "tdpm",
-        Job((0, 1, 2)))
+    run(
+        Context(eps_zero(), SCHED, batch_size=2, progress=True, generator=gen),
+        "generate",
+        "unconditional",
+        "tdpm",
+        Job((0, 1, 2)),
+    )
     (bar,) = RecordingBar.bars
     assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (
-        4 * 2, "TDPM reverse", "step", False, 4 * 2, True)
+        4 * 2,
+        "TDPM reverse",
+        "step",
+        False,
+        4 * 2,
+        True,
+    )
     RecordingBar.bars = []
-    run(Context(eps_zero(), SCHED, DIPConfig(preset="dip-tiny", iters=2)), "denoise", "blind", "dip",
-        Job((0,), noisy=y[:1], sigma=(25.0,)))
+    run(
+        Context(eps_zero(), SCHED, DIPConfig(preset="dip-tiny", iters=2)),
+        "denoise",
+        "blind",
+        "dip",
+        Job((0,), noisy=y[:1], sigma=(25.0,)),
+    )
     run(Context(eps_zero(), SCHED), "denoise", "blind", "ddpm", Job((0,), noisy=y[:1], sigma=(25.0,), samples=1))
     assert RecordingBar.bars == []
 
 
 # ------------------------------------------------------------------------------------------ methods/observe.py (noise)
+
 
 def test_add_noise_by_hand() -> None:
     """y = x0 + (2 sigma / 255) n on [-1, 1], n of image i drawn from seed i + 104729 (the bench's noisy files and
@@ -1080,11 +1223,17 @@ def test_declip_keeps_the_observations_precision_and_blind_methods_need_y() -> N
         run(Context(eps_zero(), SCHED), "denoise", "blind", "tweedie", Job((0,), sigma=(25.0,)))
     assert str(e.value) == "method blind denoising needs the noisy images"
     with pytest.raises(ValueError, match="one sigma, or one per image"):
-        run(Context(eps_zero(), SCHED), "denoise", "blind", "tweedie",
-            Job((0, 1, 2), noisy=torch.zeros(3, 3, 8, 8), sigma=(25.0, 20.0)))
+        run(
+            Context(eps_zero(), SCHED),
+            "denoise",
+            "blind",
+            "tweedie",
+            Job((0, 1, 2), noisy=torch.zeros(3, 3, 8, 8), sigma=(25.0, 20.0)),
+        )
 
 
 # ------------------------------------------------------------------------------------------ autocast (--dtype)
+
 
 def test_bf16_autocast_reaches_the_networks() -> None:
     """amp_dtype bf16 (`--dtype bf16`) runs the DDPM and the DIP under autocast: their results move by bf16
@@ -1107,6 +1256,7 @@ def test_bf16_autocast_reaches_the_networks() -> None:
 
 
 # ------------------------------------------------------------------------------------------ more of the same paths
+
 
 class FakeShard:
     """A one-process Shard stand-in: records that the dispatch handed it the method, then runs it whole."""
@@ -1167,11 +1317,12 @@ def test_progress_labels_of_the_paper_and_generation_chains(monkeypatch: pytest.
     ctx = Context(eps_zero(), SCHED, progress=True)
     clean = make_sprites(2, SIZE, seed=2).images
     for task, protocol, method, job, desc, total in (
-            ("denoise", "paper", "ddpm", Job((0, 1), clean=clean, t_noisy=7), "DDPM reverse", 7),
-            ("denoise", "paper", "tdpm-dip", Job((0, 1), clean=clean, t_noisy=7, t_trunc=3), "TDPM reverse", 3),
-            ("generate", "paper", "tdpm-dip", Job((0, 1), reference=clean, t_trunc=4), "TDPM reverse", 4),
-            ("generate", "unconditional", "ddpm", Job((0, 1)), "DDPM 1000 steps", 1000),
-            ("generate", "unconditional", "ddim", Job((0, 1), ddim_steps=2), None, None)):
+        ("denoise", "paper", "ddpm", Job((0, 1), clean=clean, t_noisy=7), "DDPM reverse", 7),
+        ("denoise", "paper", "tdpm-dip", Job((0, 1), clean=clean, t_noisy=7, t_trunc=3), "TDPM reverse", 3),
+        ("generate", "paper", "tdpm-dip", Job((0, 1), reference=clean, t_trunc=4), "TDPM reverse", 4),
+        ("generate", "unconditional", "ddpm", Job((0, 1)), "DDPM 1000 steps", 1000),
+        ("generate", "unconditional", "ddim", Job((0, 1), ddim_steps=2), None, None),
+    ):
         RecordingBar.bars = []
         res = run(ctx, task, protocol, method, job)
         assert isinstance(res.seconds, float) and res.seconds >= 0, method
@@ -1200,3 +1351,174 @@ def test_blind_sigmas_accepts_low_noise() -> None:
 
     (est,) = blind_sigmas([add_noise(torch.zeros(1, 3, 64, 64), 1.0, [0], "float")[0]], None)
     assert 0.8 < est < 1.2
+
+
+# ------------------------------------------------------------------------------------------ further kills
+
+
+def test_make_scheduler_config_is_the_shipped_checkpoints() -> None:
+    """What training writes into a checkpoint's scheduler/ (a DDPMPipeline folder that diffusers reads) is the
+    configuration of the shipped DDPMs, key for key: variance_type "fixed_small", clip_sample, epsilon, linear betas."""
+    import json
+    from pathlib import Path
+
+    import tdpm_dip
+
+    config = dict(make_scheduler().config)
+    paths = sorted((Path(tdpm_dip.__file__).parent / "weights").glob("*/scheduler/scheduler_config.json"))
+    assert "ddpm-sprites32" in [p.parts[-3] for p in paths]
+    for path in paths:
+        shipped = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        assert {k: config[k] for k in shipped} == shipped, path
+    assert config["variance_type"] == "fixed_small"
+
+
+def half_normal_root(m: float) -> float:
+    """sigma solving 2 Phi(m / sigma) - 1 = Phi(0.5 / sigma) (Brent's method, not the code's bisection)."""
+    from scipy import optimize, special
+
+    return float(optimize.brentq(lambda s: 2 * special.ndtr(m / s) - 1 - special.ndtr(0.5 / s), 0.3, 100, xtol=1e-13))
+
+
+def test_sigma_255_takes_the_half_normal_from_200_tail_pixels_and_below_one() -> None:
+    """A white image (every pixel stored at 255) with n pixels at 254: each is a tail sample |n| = 1 (their 9 x 9
+    neighbourhoods are mostly at the bound). n = 200 is enough for the half-normal estimate, the root of
+    2 Phi(1 / sigma) - 1 = Phi(0.5 / sigma), sigma = 0.9717 (below 1: the bisection starts below it); n = 199 is not,
+    and the wavelet estimate of an all-clipped image is 0."""
+    from tdpm_dip.methods.observe import sigma_255
+
+    spots = [(i, j) for i in range(1, 64, 3) for j in range(1, 64, 3)]
+    assert len(spots) >= 200
+    root = half_normal_root(1.0)
+    assert root == pytest.approx(0.97172629, abs=1e-7)
+    for n, expected in ((200, root), (199, 0.0), (250, root)):
+        y = np.full((64, 64, 3), 255.0)
+        for i, j in spots[:n]:
+            y[i, j, 1] = 254.0
+        assert sigma_255(y) == pytest.approx(expected, abs=1e-9), n
+
+
+def test_sigma_255_reads_saturation_in_a_9_pixel_window() -> None:
+    """Alternate columns stored at 255 and 250: every 9 x 9 window around a 250 pixel holds 4 stored columns of 9
+    (0.444 < 0.45), so no pixel counts as a saturated region's tail and the estimate is the wavelet one
+    (a 3 x 3 window would see 2 of 3 and read 5-level tails everywhere)."""
+    from tdpm_dip.methods.observe import _wavelet_sigma, sigma_255
+
+    y = np.full((32, 33, 3), 250.0)
+    y[:, 1::2, :] = 255.0
+    assert sigma_255(y) == _wavelet_sigma(y)
+    assert sigma_255(y) < 1  # not a half-normal reading of |n| = 5 tails (sigma ~ 7)
+    y[:, :, :] = 255.0
+    y[1::3, 1::3, :] = 250.0  # 1 pixel in 9 off the bound: a saturated region, its tails are |n| = 5
+    assert sigma_255(y) == pytest.approx(half_normal_root(5.0), abs=1e-9)
+
+
+def test_sigma_255_computes_in_double_precision() -> None:
+    """float32 and float64 pixels give the same estimate to 1e-12, on the wavelet path too (a photo-like image
+    without saturated regions)."""
+    from tdpm_dip.methods.observe import sigma_255
+
+    rng = np.random.default_rng(5)
+    y = np.clip(np.round(128 + 30 * np.sin(np.arange(48)[:, None, None] / 5) + rng.normal(0, 12, (48, 40, 3))), 0, 255)
+    est = sigma_255(y)
+    assert 9 < est < 15
+    assert sigma_255(y.astype(np.float32)) == pytest.approx(est, rel=1e-12)
+
+
+def test_wavelet_sigma_at_the_far_border_of_odd_sizes() -> None:
+    """On a 33 x 31 image the last diagonal coefficient each way reads pixels N-1, N-2 and N-3 through the
+    symmetric extension: with row 30 and column 28 clipped, the last row and column of coefficients stay out of the
+    estimate. Which coefficients a pixel reaches is read off pywt (the impulse response), not from the code under
+    test."""
+    import pywt
+
+    from tdpm_dip.methods.observe import _wavelet_sigma
+
+    rng = np.random.default_rng(2)
+    y = np.clip(np.round(128 + rng.normal(0, 20, (33, 31, 1))), 1, 254)
+    y[30, :, 0] = 255.0
+    y[:, 28, 0] = 0.0
+    d = np.abs(pywt.dwt2(y[..., 0], "db2", mode="symmetric")[1][2])
+    keep = np.ones_like(d, dtype=bool)
+    for i, j in np.argwhere((y[..., 0] == 0) | (y[..., 0] == 255)):
+        e = np.zeros((33, 31))
+        e[i, j] = 1.0
+        keep &= np.abs(pywt.dwt2(e, "db2", mode="symmetric")[1][2]) < 1e-12
+    assert d.shape == (18, 17) and not keep[15:, :].any() and not keep[:, 14:].any() and keep[:15, :14].all()
+    assert _wavelet_sigma(y) == pytest.approx(float(np.median(d[keep]) / 0.6745), rel=1e-12)
+
+
+def test_ensemble_averages_its_own_declip_draw_per_symmetry() -> None:
+    """Symmetry j of the ensemble sees declip's draw j (seeds + 1000003 j): with eps = c x every symmetry's estimate
+    is k y_j, so the ensemble is k times the mean of 8 independent declipped observations, clamped (k < 1 keeps
+    many declipped pixels inside [-1, 1], where one draw used 8 times would differ)."""
+    from test_exact import declip_by_hand, tweedie_factor
+
+    from tdpm_dip.methods import Context, Job, run
+
+    y = noisy_8bit(SIZE, SIZE, seed=7, n=2)
+    seeds = [3, 9]
+    unet = eps_linear()
+    res = run(Context(unet, SCHED), "denoise", "blind", "ensemble", Job(tuple(seeds), noisy=y, sigma=(25.0,)))
+    k = tweedie_factor(unet, T_STAR_25)
+    assert 0.5 < k < 0.9
+    draws = [declip_by_hand(y, [25.0, 25.0], [s + 1_000_003 * j for s in seeds]) for j in range(8)]
+    expected = (k * torch.stack(draws).mean(0)).clamp(-1, 1)
+    assert torch.allclose(res.images, expected, rtol=0, atol=1e-6)
+    one_draw = (k * draws[0]).clamp(-1, 1)
+    assert ((one_draw - expected).abs() > 1e-3).float().mean() > 0.05  # not vacuous
+
+
+def test_blind_tdpm_dip_progress_bar_says_tdpm_reverse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blind TDPM-DIP chain's bar is labelled "TDPM reverse" and counts its steps from the start level."""
+    from tdpm_dip.methods import Context, Job, blind, common, run
+
+    monkeypatch.setattr(common, "tqdm", RecordingBar)
+    monkeypatch.setattr(blind, "fit", FakeFit())
+    RecordingBar.bars = []
+    y = noisy_8bit(SIZE, SIZE, seed=6, n=2)
+    run(
+        Context(eps_zero(), SCHED, progress=True),
+        "denoise",
+        "blind",
+        "tdpm-dip",
+        Job((3, 4), noisy=y, sigma=(25.0,), samples=1, t_trunc=3),
+    )
+    assert [(b.desc, b.total, b.n) for b in RecordingBar.bars] == [("TDPM reverse", 3, 3)]
+
+
+def test_add_noise_draws_in_the_images_dtype() -> None:
+    """A float64 clean image gets noise drawn as float64 from seed + 104729 (not float32 noise widened)."""
+    from tdpm_dip.methods.observe import add_noise
+
+    clean = torch.linspace(-0.5, 0.5, 3 * 4 * 4, dtype=torch.float64).view(1, 3, 4, 4)
+    n = torch.randn((3, 4, 4), generator=gens([5 + 104729])[0], dtype=torch.float64)
+    got = add_noise(clean, 10.0, [5], "float")
+    assert got.dtype == torch.float64 and torch.allclose(got[0], clean[0] + (20 / 255) * n, rtol=0, atol=1e-15)
+
+
+def test_sigma_to_level_and_job_sigmas_messages() -> None:
+    """The exact one-line messages: a noise std outside (0, 255] names "sigma"; a job with neither one sigma nor one
+    per image says so."""
+    from tdpm_dip.methods import Job
+    from tdpm_dip.methods.observe import job_sigmas
+
+    for bad in (0, 256.0):
+        with pytest.raises(UserError) as e:
+            sigma_to_level(SCHED, bad)
+        assert str(e.value) == f"sigma must be in (0, 255] (noise std on the 0..255 scale), got {bad}"
+    with pytest.raises(ValueError) as v:
+        job_sigmas(Job((0, 1, 2), sigma=(25.0, 20.0)), 3)
+    assert str(v.value) == "one sigma, or one per image"
+
+
+def test_eps_model_hands_the_network_its_own_dtype() -> None:
+    """x reaches the network in the network's dtype (without autocast a bf16 or float64 network needs its own
+    dtype), whatever the chain's; eps comes back in float32."""
+    unet = eps_linear()
+    unet.dtype = torch.float64
+    seen: list[torch.dtype] = []
+    forward = unet.forward
+    unet.forward = lambda x, t, class_labels=None: (seen.append(x.dtype), forward(x, t))[1]  # type: ignore[method-assign]
+    e = EpsModel(unet, SCHED).eps(torch.ones(1, 3, 4, 4), 3)
+    assert seen == [torch.float64] and e.dtype == torch.float32 and torch.equal(e, torch.full((1, 3, 4, 4), 0.06))

@@ -1,4 +1,4 @@
-"""Issue 5: every user error is one line on stderr and exit code 2, Ctrl-C is exit code 130, and neither
+"""Every user error is one line on stderr and exit code 2, Ctrl-C is exit code 130, and neither
 leaves half-written outputs. Everything goes through `tdpm_dip.cli.main`, as a user would."""
 
 from __future__ import annotations
@@ -23,10 +23,24 @@ from tdpm_dip.training.loop import list_checkpoints
 SIZE = 16
 # Cheap settings for commands that should succeed: the tiny DIP for a few iterations, no long chains.
 FAST_DENOISE = ["--method", "dip", "--dip-preset", "dip-tiny", "--dip-iters", "3", "--sigma", "25"]
-FAST_TRAIN = ["--preset", "tiny", "--size", str(SIZE), "--steps", "2", "--batch-size", "2", "--warmup-steps", "0",
-              "--checkpoint-every", "0", "--sample-every", "0", "--n-samples", "0"]
-
-
+FAST_TRAIN = [
+    "--preset",
+    "tiny",
+    "--size",
+    str(SIZE),
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--warmup-steps",
+    "0",
+    "--checkpoint-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--n-samples",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +48,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "ddpm"
     save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("linear"), path)
     return path
-
 
 
 def assert_user_error(code: int, err: str, *fragments: str) -> None:
@@ -48,8 +61,11 @@ def assert_user_error(code: int, err: str, *fragments: str) -> None:
 
 
 def files_under(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} \
-        if path.exists() else {}
+    return (
+        {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        if path.exists()
+        else {}
+    )
 
 
 def assert_no_leftovers(folder: Path) -> None:
@@ -57,8 +73,9 @@ def assert_no_leftovers(folder: Path) -> None:
     assert not [n for n in names if ".partial" in n or n.endswith(".tmp")], names
 
 
-def image_folder(tmp_path: Path, sprite_dir: Path, extra: dict[str, Image.Image | bytes] | None = None,
-                 n: int = 2) -> Path:
+def image_folder(
+    tmp_path: Path, sprite_dir: Path, extra: dict[str, Image.Image | bytes] | None = None, n: int = 2
+) -> Path:
     """A folder with n good sprites plus `extra` files (PIL images or raw bytes)."""
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -79,6 +96,7 @@ def rgb(w: int = 24, h: int = 20) -> Image.Image:
 
 # ------------------------------------------------------------------------------------------ images
 
+
 def _png_bytes(img: Image.Image) -> bytes:
     import io
 
@@ -96,18 +114,19 @@ BAD_IMAGES = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_IMAGES))
-def test_bad_image_is_a_one_line_error(kind: str, model: Path, sprite_dir: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_bad_image_is_a_one_line_error(
+    kind: str, model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data, fragment = BAD_IMAGES[kind]
     folder = image_folder(tmp_path, sprite_dir, {"zz_bad.png": data})
-    code, _, err = run(["denoise", "--model", model, "--clean", folder, *FAST_DENOISE, "--out", tmp_path / "o"],
-                       capsys)
+    code, _, err = run(["denoise", "--model", model, "--clean", folder, *FAST_DENOISE, "--out", tmp_path / "o"], capsys)
     assert_user_error(code, err, "zz_bad.png", fragment)
     assert files_under(tmp_path / "o") == {}
 
 
-def test_skip_bad_skips_broken_images_in_training(sprite_dir: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_skip_bad_skips_broken_images_in_training(
+    sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     extra = {f"zz_{k}.png": v[0] for k, v in BAD_IMAGES.items()}
     folder = image_folder(tmp_path, sprite_dir, extra, n=4)
     code, _, err = run(["train", "--data", folder, "--out", tmp_path / "run", *FAST_TRAIN], capsys)
@@ -125,8 +144,13 @@ def _modes() -> dict[str, Image.Image]:
     rgba = base.convert("RGBA")
     rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 30, dtype=np.uint8), (20, 1))))
     a16 = (np.random.default_rng(1).random((20, 30)) * 65535).astype(np.uint16)
-    return {"rgba.png": rgba, "gray.png": base.convert("L"), "palette.png": base.convert("P"),
-            "gray16.png": Image.fromarray(a16), "huge.png": Image.new("RGB", (5000, 3000), (200, 30, 40))}
+    return {
+        "rgba.png": rgba,
+        "gray.png": base.convert("L"),
+        "palette.png": base.convert("P"),
+        "gray16.png": Image.fromarray(a16),
+        "huge.png": Image.new("RGB", (5000, 3000), (200, 30, 40)),
+    }
 
 
 def test_unusual_image_modes_and_sizes_work(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -136,8 +160,9 @@ def test_unusual_image_modes_and_sizes_work(model: Path, tmp_path: Path, capsys:
     for name, img in modes.items():
         img.save(folder / name)
     assert Image.open(folder / "gray16.png").mode.startswith("I")  # really 16-bit on disk
-    code, out, err = run(["denoise", "--model", model, "--clean", folder, *FAST_DENOISE, "--out", tmp_path / "o"],
-                         capsys)
+    code, out, err = run(
+        ["denoise", "--model", model, "--clean", folder, *FAST_DENOISE, "--out", tmp_path / "o"], capsys
+    )
     assert code == 0, err
     outputs = sorted(p.name for p in (tmp_path / "o" / "dip").glob("*.png"))
     assert outputs == sorted(modes)
@@ -147,46 +172,56 @@ def test_unusual_image_modes_and_sizes_work(model: Path, tmp_path: Path, capsys:
 
 # ------------------------------------------------------------------------------------------ paths
 
+
 def test_missing_input_and_model(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run(["denoise", "--model", model, "--clean", tmp_path / "nope", *FAST_DENOISE,
-                        "--out", tmp_path / "o"], capsys)
+    code, _, err = run(
+        ["denoise", "--model", model, "--clean", tmp_path / "nope", *FAST_DENOISE, "--out", tmp_path / "o"], capsys
+    )
     assert_user_error(code, err, "nope")
-    code, _, err = run(["denoise", "--model", tmp_path / "no_model", "--clean", tmp_path, *FAST_DENOISE,
-                        "--out", tmp_path / "o2"], capsys)
+    code, _, err = run(
+        ["denoise", "--model", tmp_path / "no_model", "--clean", tmp_path, *FAST_DENOISE, "--out", tmp_path / "o2"],
+        capsys,
+    )
     assert_user_error(code, err, "no_model")
     code, _, err = run(["train", "--data", tmp_path / "nope", "--out", tmp_path / "r", *FAST_TRAIN], capsys)
     assert_user_error(code, err, "nope")
 
 
-def test_output_folder_that_cannot_be_created(model: Path, sprite_dir: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture) -> None:
+def test_output_folder_that_cannot_be_created(
+    model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for cmd in (["denoise", "--model", model, "--clean", sprite_dir, *FAST_DENOISE],
-                ["generate", "--model", model, "--method", "ddim", "--ddim-steps", "2", "--n", "1"],
-                ["train", "--data", sprite_dir, *FAST_TRAIN],
-                ["demo", "--model", model, "--n", "1"]):
+    for cmd in (
+        ["denoise", "--model", model, "--clean", sprite_dir, *FAST_DENOISE],
+        ["generate", "--model", model, "--method", "ddim", "--ddim-steps", "2", "--n", "1"],
+        ["train", "--data", sprite_dir, *FAST_TRAIN],
+        ["demo", "--model", model, "--n", "1"],
+    ):
         code, _, err = run([*cmd, "--out", blocker / "sub"], capsys)
         assert_user_error(code, err, "a_file")
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: chmod 0o500 does not stop root from writing")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="running as root: chmod 0o500 does not stop root from writing"
+)
 def test_read_only_output_folder(model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        code, _, err = run(["denoise", "--model", model, "--clean", sprite_dir, *FAST_DENOISE, "--out", ro / "o"],
-                           capsys)
+        code, _, err = run(
+            ["denoise", "--model", model, "--clean", sprite_dir, *FAST_DENOISE, "--out", ro / "o"], capsys
+        )
         assert_user_error(code, err, "cannot write")
     finally:
         ro.chmod(0o700)
 
 
-def test_existing_output_is_refused_unless_overwrite(model: Path, sprite_dir: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_existing_output_is_refused_unless_overwrite(
+    model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
@@ -202,6 +237,7 @@ def test_existing_output_is_refused_unless_overwrite(model: Path, sprite_dir: Pa
 
 
 # ------------------------------------------------------------------------------------------ models
+
 
 def _break_model(model: Path, dest: Path, how: str) -> Path:
     import shutil
@@ -229,25 +265,46 @@ def _break_model(model: Path, dest: Path, how: str) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("how,fragment", [
-    ("no_unet", "unet"), ("beta_schedule", "exotic"), ("v_prediction", "v_prediction"),
-    ("not_a_scheduler", "scheduler"), ("channels", "channels"), ("bad_weights", "weights"),
-])
-def test_unusable_models_are_one_line_errors(how: str, fragment: str, model: Path, sprite_dir: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "how,fragment",
+    [
+        ("no_unet", "unet"),
+        ("beta_schedule", "exotic"),
+        ("v_prediction", "v_prediction"),
+        ("not_a_scheduler", "scheduler"),
+        ("channels", "channels"),
+        ("bad_weights", "weights"),
+    ],
+)
+def test_unusable_models_are_one_line_errors(
+    how: str, fragment: str, model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     bad = _break_model(model, tmp_path / "bad", how)
-    code, _, err = run(["denoise", "--model", bad, "--clean", sprite_dir, *FAST_DENOISE, "--out", tmp_path / "o"],
-                       capsys)
+    code, _, err = run(
+        ["denoise", "--model", bad, "--clean", sprite_dir, *FAST_DENOISE, "--out", tmp_path / "o"], capsys
+    )
     assert_user_error(code, err, fragment)
     assert files_under(tmp_path / "o") == {}
 
 
-def test_hub_id_offline_fails_fast(sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_offline_fails_fast(
+    sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    code, _, err = run(["denoise", "--model", "nobody-xyz/no-such-model", "--clean", sprite_dir, *FAST_DENOISE,
-                        "--out", tmp_path / "o"], capsys)
+    code, _, err = run(
+        [
+            "denoise",
+            "--model",
+            "nobody-xyz/no-such-model",
+            "--clean",
+            sprite_dir,
+            *FAST_DENOISE,
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert_user_error(code, err, "nobody-xyz/no-such-model")
     assert len(err.strip().splitlines()) == 1, err  # no library warnings around the message
     assert time.perf_counter() - t0 < 20
@@ -255,37 +312,63 @@ def test_hub_id_offline_fails_fast(sprite_dir: Path, tmp_path: Path, capsys: pyt
 
 # ------------------------------------------------------------------------------------------ numbers
 
-@pytest.mark.parametrize("cmd,extra,fragment", [
-    ("denoise", ["--n", "0"], "--n"),
-    ("denoise", ["--n", "-3"], "--n"),
-    ("denoise", ["--batch-size", "0"], "--batch-size"),
-    ("denoise", ["--samples", "0", "--method", "tdpm-dip"], "--samples"),
-    ("denoise", ["--dip-iters", "0"], "--dip-iters"),
-    ("denoise", ["--dip-lr", "0"], "--dip-lr"),
-    ("denoise", ["--dip-lr", "-1e-3"], "--dip-lr"),
-    ("denoise", ["--sigma", "0"], "--sigma"),
-    ("denoise", ["--sigma", "-5"], "--sigma"),
-    ("denoise", ["--t-trunc", "1000", "--method", "tdpm-dip"], "T_trunc"),
-    ("denoise", ["--protocol", "paper", "--t-trunc", "1000", "--method", "tdpm-dip"], "T_trunc"),
-    ("generate", ["--n", "0"], "--n"),
-    ("generate", ["--t-trunc", "1000", "--method", "tdpm-dip"], "T_trunc"),
-    ("generate", ["--t-trunc", "-1", "--method", "tdpm-dip"], "T_trunc"),
-    ("train", ["--steps", "0"], "--steps"),
-    ("train", ["--steps", "-5"], "--steps"),
-    ("train", ["--lr", "0"], "--lr"),
-    ("train", ["--lr", "-1e-4"], "--lr"),
-    ("train", ["--batch-size", "9"], "larger than the dataset"),
-    ("demo", ["--n", "0"], "--n"),
-    ("demo", ["--steps", "0"], "--steps"),
-    ("demo", ["--sigma", "0"], "--sigma"),
-])
-def test_bad_numbers(cmd: str, extra: list[str], fragment: str, model: Path, sprite_dir: Path, tmp_path: Path,
-                     capsys: pytest.CaptureFixture) -> None:
+
+@pytest.mark.parametrize(
+    "cmd,extra,fragment",
+    [
+        ("denoise", ["--n", "0"], "--n"),
+        ("denoise", ["--n", "-3"], "--n"),
+        ("denoise", ["--batch-size", "0"], "--batch-size"),
+        ("denoise", ["--samples", "0", "--method", "tdpm-dip"], "--samples"),
+        ("denoise", ["--dip-iters", "0"], "--dip-iters"),
+        ("denoise", ["--dip-lr", "0"], "--dip-lr"),
+        ("denoise", ["--dip-lr", "-1e-3"], "--dip-lr"),
+        ("denoise", ["--sigma", "0"], "--sigma"),
+        ("denoise", ["--sigma", "-5"], "--sigma"),
+        ("denoise", ["--t-trunc", "1000", "--method", "tdpm-dip"], "T_trunc"),
+        ("denoise", ["--protocol", "paper", "--t-trunc", "1000", "--method", "tdpm-dip"], "T_trunc"),
+        ("generate", ["--n", "0"], "--n"),
+        ("generate", ["--t-trunc", "1000", "--method", "tdpm-dip"], "T_trunc"),
+        ("generate", ["--t-trunc", "-1", "--method", "tdpm-dip"], "T_trunc"),
+        ("train", ["--steps", "0"], "--steps"),
+        ("train", ["--steps", "-5"], "--steps"),
+        ("train", ["--lr", "0"], "--lr"),
+        ("train", ["--lr", "-1e-4"], "--lr"),
+        ("train", ["--batch-size", "9"], "larger than the dataset"),
+        ("demo", ["--n", "0"], "--n"),
+        ("demo", ["--steps", "0"], "--steps"),
+        ("demo", ["--sigma", "0"], "--sigma"),
+    ],
+)
+def test_bad_numbers(
+    cmd: str,
+    extra: list[str],
+    fragment: str,
+    model: Path,
+    sprite_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     out = tmp_path / "o"
     base = {
         "denoise": ["denoise", "--model", model, "--clean", sprite_dir, *FAST_DENOISE],
-        "generate": ["generate", "--model", model, "--method", "ddim", "--ddim-steps", "2", "--n", "2",
-                     "--reference-data", sprite_dir, "--dip-preset", "dip-tiny", "--dip-iters", "2"],
+        "generate": [
+            "generate",
+            "--model",
+            model,
+            "--method",
+            "ddim",
+            "--ddim-steps",
+            "2",
+            "--n",
+            "2",
+            "--reference-data",
+            sprite_dir,
+            "--dip-preset",
+            "dip-tiny",
+            "--dip-iters",
+            "2",
+        ],
         "train": ["train", "--data", sprite_dir, *FAST_TRAIN],
         "demo": ["demo", "--model", model],
     }[cmd]
@@ -296,20 +379,26 @@ def test_bad_numbers(cmd: str, extra: list[str], fragment: str, model: Path, spr
 
 # ------------------------------------------------------------------------------------------ interrupts
 
+
 def _interrupt(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> None:
     """Make module.name raise KeyboardInterrupt (as Ctrl-C would) when the command reaches it."""
     import importlib
 
-    def boom(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(importlib.import_module(module), name, boom)
 
 
 @pytest.mark.parametrize("where", [("tdpm_dip.workflows.denoise", "run"), ("tdpm_dip.reporting", "comparison_figure")])
-def test_interrupted_denoise_keeps_earlier_outputs(where: tuple[str, str], model: Path, sprite_dir: Path,
-                                                   tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_denoise_keeps_earlier_outputs(
+    where: tuple[str, str],
+    model: Path,
+    sprite_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     out = tmp_path / "o"
     args = ["denoise", "--model", model, "--clean", sprite_dir, "--n", "2", *FAST_DENOISE, "--out", out]
     code, _, err = run(args, capsys)
@@ -324,8 +413,9 @@ def test_interrupted_denoise_keeps_earlier_outputs(where: tuple[str, str], model
     assert_no_leftovers(tmp_path)
 
 
-def test_interrupted_generate_keeps_earlier_outputs(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_generate_keeps_earlier_outputs(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "g"
     args = ["generate", "--model", model, "--method", "ddim", "--ddim-steps", "2", "--n", "2", "--out", out]
     code, _, err = run(args, capsys)
@@ -338,14 +428,15 @@ def test_interrupted_generate_keeps_earlier_outputs(model: Path, tmp_path: Path,
     assert_no_leftovers(tmp_path)
 
 
-def test_interrupted_train_keeps_earlier_checkpoints(sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_train_keeps_earlier_checkpoints(
+    sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tdpm_dip.training.loop as train_mod
 
     out = tmp_path / "run"
     real = train_mod.write_json
 
-    def write_json(path, obj):  # noqa: ANN001, ANN202 - Ctrl-C while the second checkpoint is being written
+    def write_json(path, obj):
         if Path(path).name == "training_state.json" and obj.get("step") == 4:
             raise KeyboardInterrupt
         return real(path, obj)
@@ -369,13 +460,34 @@ def test_interrupted_train_keeps_earlier_checkpoints(sprite_dir: Path, tmp_path:
 def test_ctrl_c_on_a_real_process(sprite_dir: Path, tmp_path: Path) -> None:
     """SIGINT to a running `tdpm-dip train`: exit 130, finished checkpoints complete, nothing partial."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tdpm_dip.cli", "train", "--data", str(sprite_dir), *FAST_TRAIN, "--steps", "100000",
-           "--checkpoint-every", "2", "--keep-checkpoints", "100", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tdpm_dip.cli",
+        "train",
+        "--data",
+        str(sprite_dir),
+        *FAST_TRAIN,
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "100",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # The child starts with SIGINT's default disposition, as under a shell, so that Python installs its
     # KeyboardInterrupt handler even if this process was left ignoring SIGINT (an ignored signal is inherited).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 90
         while len(list_checkpoints(out)) < 2 and time.monotonic() < deadline and proc.poll() is None:
@@ -390,6 +502,7 @@ def test_ctrl_c_on_a_real_process(sprite_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     for ck in list_checkpoints(out):
-        assert {"model.safetensors", "ema.safetensors", "training_state.json", "training_state.safetensors"} <= \
-            {p.name for p in ck.iterdir()}
+        assert {"model.safetensors", "ema.safetensors", "training_state.json", "training_state.safetensors"} <= {
+            p.name for p in ck.iterdir()
+        }
     assert_no_leftovers(tmp_path)

@@ -37,8 +37,9 @@ def test_every_computing_command_takes_threads() -> None:
 
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, None)])
-def test_auto_dtype_is_bf16_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch, has_bf16: bool,
-                                                      expected: torch.dtype | None) -> None:
+def test_auto_dtype_is_bf16_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, has_bf16: bool, expected: torch.dtype | None
+) -> None:
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
     assert runtime.pick_amp("auto", torch.device("cpu")) == expected
     assert runtime.pick_amp("fp32", torch.device("cpu")) is None

@@ -1,4 +1,4 @@
-"""Issue 14: per-image work split over launched processes (shard.py) gives a single process's outputs,
+"""Per-image work split over launched processes (shard.py) gives a single process's outputs,
 each image runs once, and only the main process writes."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from cli_helpers import run
+from safetensors.torch import load_file
 
+from tdpm_dip.methods.shard import owned_batches
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
-from tdpm_dip.methods.shard import owned_batches
 
 N, BATCH = 5, 2  # three batches (2 + 2 + 1): the first process gets two, the second one, the short one
 
@@ -39,8 +39,11 @@ def _files(path: Path) -> dict[str, bytes]:
 def _without_timings(obj: object) -> object:
     """A result file's content with wall-clock fields removed (they differ from run to run)."""
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "s/img", "s_per_img")
-                and "speed-up (time)" not in k}
+        return {
+            k: _without_timings(v)
+            for k, v in obj.items()
+            if k not in ("seconds", "s/img", "s_per_img") and "speed-up (time)" not in k
+        }
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj
@@ -50,18 +53,74 @@ def test_two_processes_equal_one(tmp_path: Path, sprite_dir_factory, capsys: pyt
     data = sprite_dir_factory(N, 16)
     model = tmp_path / "ddpm"
     save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
-    common = ["--model", model, "--device", "cpu", "--batch-size", BATCH, "--dip-preset", "dip-tiny",
-              "--dip-iters", "3"]
+    common = [
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--batch-size",
+        BATCH,
+        "--dip-preset",
+        "dip-tiny",
+        "--dip-iters",
+        "3",
+    ]
 
     def commands(root: Path) -> list[list[str]]:
-        bench = ["bench", "table2", "--protocol", "blind", "--model", model, "--data", data, "--n", N, "--device",
-                 "cpu", "--batch-size", BATCH, "--fig-images", 2, "--out", root / "bench"]
-        cmds = [["generate", "--method", "tdpm-dip", "--reference-data", data, "--n", N, "--t-trunc", 3, *common,
-                 "--out", root / "gen"],
-                ["denoise", "--clean", data, "--method", "ensemble", "--method", "tdpm-dip", "--t-trunc", 3,
-                 "--samples", 1, *common, "--out", root / "den"],
-                [*bench, "--methods", "tweedie"],
-                [*bench, "--methods", "tweedie,ddim"]]  # a re-run: tweedie comes from the cache
+        bench = [
+            "bench",
+            "table2",
+            "--protocol",
+            "blind",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--n",
+            N,
+            "--device",
+            "cpu",
+            "--batch-size",
+            BATCH,
+            "--fig-images",
+            2,
+            "--out",
+            root / "bench",
+        ]
+        cmds = [
+            [
+                "generate",
+                "--method",
+                "tdpm-dip",
+                "--reference-data",
+                data,
+                "--n",
+                N,
+                "--t-trunc",
+                3,
+                *common,
+                "--out",
+                root / "gen",
+            ],
+            [
+                "denoise",
+                "--clean",
+                data,
+                "--method",
+                "ensemble",
+                "--method",
+                "tdpm-dip",
+                "--t-trunc",
+                3,
+                "--samples",
+                1,
+                *common,
+                "--out",
+                root / "den",
+            ],
+            [*bench, "--methods", "tweedie"],
+            [*bench, "--methods", "tweedie,ddim"],
+        ]  # a re-run: tweedie comes from the cache
         return [[str(a) for a in c] for c in cmds]
 
     for argv in commands(tmp_path / "one"):
@@ -71,9 +130,24 @@ def test_two_processes_equal_one(tmp_path: Path, sprite_dir_factory, capsys: pyt
     two, logs = tmp_path / "two", tmp_path / "logs"
     logs.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("shard_worker.py")), str(two),
-                           json.dumps(commands(two)), str(logs)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(Path(__file__).with_name("shard_worker.py")),
+            str(two),
+            json.dumps(commands(two)),
+            str(logs),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Each image ran exactly once, on one process; both processes worked.
@@ -82,9 +156,13 @@ def test_two_processes_equal_one(tmp_path: Path, sprite_dir_factory, capsys: pyt
         for line in (logs / f"rank{rank}.jsonl").read_text().splitlines():
             rec = json.loads(line)
             calls[(rec["command"], rec["method"])][rank] += rec["seeds"]
-    assert sorted(calls) == [(0, "generate/paper/tdpm-dip"), (1, "denoise/blind/ensemble"),
-                             (1, "denoise/blind/tdpm-dip"), (2, "denoise/blind/tweedie"),
-                             (3, "denoise/blind/ddim")], sorted(calls)  # the re-run skipped the cached row
+    assert sorted(calls) == [
+        (0, "generate/paper/tdpm-dip"),
+        (1, "denoise/blind/ensemble"),
+        (1, "denoise/blind/tdpm-dip"),
+        (2, "denoise/blind/tweedie"),
+        (3, "denoise/blind/ddim"),
+    ], sorted(calls)  # the re-run skipped the cached row
     for key, by_rank in calls.items():
         assert sorted(by_rank) == [0, 1], key
         assert by_rank[0] == [0, 1, 2, 3] and by_rank[1] == [4], (key, dict(by_rank))

@@ -23,7 +23,7 @@ if str(BENCHMARKS) not in sys.path:
 import fastdip  # noqa: E402
 
 
-def _load_script():  # noqa: ANN202
+def _load_script():
     spec = importlib.util.spec_from_file_location("tdpm_speed_script", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
@@ -34,11 +34,42 @@ def _load_script():  # noqa: ANN202
 def test_speed_script_tiny_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     speed = _load_script()
     out = tmp_path / "speed.json"
-    result = speed.main(["--preset", "tiny", "--device", "cpu", "--threads", "1", "--size", "16",
-                         "--n-images", "2", "--slow-images", "2", "--baseline-images", "1", "--iters", "2",
-                         "--t-trunc", "2",
-                         "--ddpm-steps", "3", "--baseline-ddpm-steps", "2", "--ddpm-batches", "1,2",
-                         "--train-batch", "2", "--train-steps", "2", "--train-warmup", "1", "--out", str(out)])
+    result = speed.main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--size",
+            "16",
+            "--n-images",
+            "2",
+            "--slow-images",
+            "2",
+            "--baseline-images",
+            "1",
+            "--iters",
+            "2",
+            "--t-trunc",
+            "2",
+            "--ddpm-steps",
+            "3",
+            "--baseline-ddpm-steps",
+            "2",
+            "--ddpm-batches",
+            "1,2",
+            "--train-batch",
+            "2",
+            "--train-steps",
+            "2",
+            "--train-warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| section | method |" in printed
     data = json.loads(out.read_text())
@@ -86,8 +117,8 @@ def test_stacked_forward_and_gradients_match_each_network(impl: str) -> None:
     y = net(x, torch.zeros(2, dtype=torch.long)).sample
     (y.square().mean(dim=(1, 2, 3)).sum()).backward()
     for b, m in enumerate(models):
-        yb = m(x[b:b + 1], 0).sample
-        torch.testing.assert_close(y[b:b + 1], yb, atol=1e-5, rtol=1e-4)
+        yb = m(x[b : b + 1], 0).sample
+        torch.testing.assert_close(y[b : b + 1], yb, atol=1e-5, rtol=1e-4)
         yb.square().mean().backward()
         grads = fastdip.unstack(net, b, grad=True)
         for name, p in m.named_parameters():

@@ -20,19 +20,49 @@ from tdpm_dip.training.options import TrainConfig
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), preset="tiny", size=16, steps=6, batch_size=4, warmup_steps=2,
-                checkpoint_every=3, sample_every=0, n_samples=0, sample_steps=2, log_every=1)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        preset="tiny",
+        size=16,
+        steps=6,
+        batch_size=4,
+        warmup_steps=2,
+        checkpoint_every=3,
+        sample_every=0,
+        n_samples=0,
+        sample_steps=2,
+        log_every=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 # ---------------------------------------------------------------- configuration
 
-@pytest.mark.parametrize("bad", [
-    dict(steps=0), dict(batch_size=0), dict(lr=0.0), dict(lr=float("nan")), dict(t_max=0), dict(t_max=1001),
-    dict(preset="nope"), dict(schedule="quadratic"), dict(size=17), dict(size=4), dict(mixed_precision="fp8"),
-    dict(ema_decay=1.0), dict(grad_clip=-1.0), dict(sample_steps=0), dict(warmup_steps=-1),
-    dict(resume=True, overwrite=True), dict(fill="purple-ish"), dict(epochs=0),
-])
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(steps=0),
+        dict(batch_size=0),
+        dict(lr=0.0),
+        dict(lr=float("nan")),
+        dict(t_max=0),
+        dict(t_max=1001),
+        dict(preset="nope"),
+        dict(schedule="quadratic"),
+        dict(size=17),
+        dict(size=4),
+        dict(mixed_precision="fp8"),
+        dict(ema_decay=1.0),
+        dict(grad_clip=-1.0),
+        dict(sample_steps=0),
+        dict(warmup_steps=-1),
+        dict(resume=True, overwrite=True),
+        dict(fill="purple-ish"),
+        dict(epochs=0),
+    ],
+)
 def test_config_validation(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(UserError):
         tiny_cfg(tmp_path, tmp_path / "run", **bad)
@@ -59,6 +89,7 @@ def test_nonempty_out_dir_refused(sprite_dir: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- randomness
 
+
 def test_t_max_restricts_timesteps() -> None:
     g = torch.Generator().manual_seed(0)
     t = sample_timesteps(4000, 10, g)
@@ -82,6 +113,7 @@ def test_batches_are_epoch_permutations_and_deterministic() -> None:
 
 
 # ---------------------------------------------------------------- a short run and its outputs
+
 
 @pytest.fixture(scope="module")
 def short_run(sprite_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -110,8 +142,9 @@ def test_export_loads_in_diffusers_and_samples(short_run: Path) -> None:
 
     pipe = DDPMPipeline.from_pretrained(short_run / "model")
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                  output_type="np").images
+    images = pipe(
+        batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 3)
     # The export holds the EMA weights of the last step.
     ema = load_file(short_run / "checkpoints" / "step_000004" / "ema.safetensors")
@@ -137,6 +170,7 @@ def test_epochs_and_overwrite(sprite_dir: Path, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- resume = uninterrupted
+
 
 class Interrupt(Exception):
     pass
@@ -169,13 +203,15 @@ def test_resume_matches_uninterrupted_run(sprite_dir: Path, tmp_path: Path) -> N
 
 # ---------------------------------------------------------------- divergence
 
+
 @pytest.mark.parametrize("what", ["loss", "gradient norm"])
-def test_nan_stops_and_keeps_last_good_checkpoint(sprite_dir: Path, tmp_path: Path, what: str,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_stops_and_keeps_last_good_checkpoint(
+    sprite_dir: Path, tmp_path: Path, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = train_mod.diffusion_loss
     calls = {"n": 0, "t": []}
 
-    def poisoned(model, scheduler, x0, t, eps):  # noqa: ANN001, ANN202
+    def poisoned(model, scheduler, x0, t, eps):
         calls["n"] += 1
         calls["t"].append(t.clone())
         loss = real(model, scheduler, x0, t, eps)
@@ -189,8 +225,15 @@ def test_nan_stops_and_keeps_last_good_checkpoint(sprite_dir: Path, tmp_path: Pa
     monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
     out = tmp_path / "run"
     # Poisoned from step 5, detected at the step-6 read (log_every=3), before step 6 is checkpointed.
-    cfg = tiny_cfg(sprite_dir, out, steps=8, checkpoint_every=2, log_every=3, t_max=5,
-                   grad_clip=0.0 if what == "gradient norm" else 1.0)
+    cfg = tiny_cfg(
+        sprite_dir,
+        out,
+        steps=8,
+        checkpoint_every=2,
+        log_every=3,
+        t_max=5,
+        grad_clip=0.0 if what == "gradient norm" else 1.0,
+    )
     with pytest.raises(TrainingDiverged, match=rf"{what} became nan at step 5; last good checkpoint: .*step_000004"):
         train(cfg, progress=False)
     assert [p.name for p in list_checkpoints(out)] == ["step_000002", "step_000004"]
@@ -201,6 +244,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(sprite_dir: Path, tmp_path: Pa
 
 
 # ---------------------------------------------------------------- several processes (accelerate / torchrun)
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TDPM_SLOW"), reason="spawns 2 processes; set TDPM_SLOW=1")
@@ -214,12 +258,17 @@ def test_two_processes_match_one(sprite_dir: Path, tmp_path: Path) -> None:
         "from tdpm_dip.training.options import TrainConfig\n"
         f"train(TrainConfig(data={str(sprite_dir)!r}, out=sys.argv[1], preset='tiny', size=16, steps=4,\n"
         "    batch_size=4, warmup_steps=1, checkpoint_every=2, sample_every=0, n_samples=0, log_every=1),\n"
-        "    progress=False)\n")
+        "    progress=False)\n"
+    )
     # accelerate needs ACCELERATE_USE_CPU to run distributed (gloo) on CPUs; on GPUs `accelerate launch` suffices.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                    str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "two")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     assert json.loads((tmp_path / "two" / "config.json").read_text())["num_processes"] == 2
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "one" / "checkpoints" / "step_000004" / name)

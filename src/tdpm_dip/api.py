@@ -21,17 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import defaults, registry
+from . import defaults, embedded, registry
 from .data import ImageInput, read_user_image
-from .errors import UserError, check_positive, check_sigma
-from . import embedded
 from .embedded import resolve_generator
+from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
+from .images import to_uint8
 from .methods import Context, Job, Result, run, run_native
 from .methods.observe import blind_sigmas
 from .methods.shard import Shard
 from .noise import check_t_trunc
-from .images import to_uint8
 from .runtime import load_context
 
 
@@ -41,10 +40,10 @@ class DenoiseOutput:
 
     images: list
     method: str
-    sigma: list[float]                 # the noise level used for each image (0..255 scale)
+    sigma: list[float]  # the noise level used for each image (0..255 scale)
     sigma_estimated: bool
-    seconds: float                     # compute time for all images
-    nfe: float                         # network evaluations per image (mean)
+    seconds: float  # compute time for all images
+    nfe: float  # network evaluations per image (mean)
     tensors: list[torch.Tensor] = field(default_factory=list, repr=False)  # [3, H, W] in [-1, 1]
 
 
@@ -73,13 +72,22 @@ class Denoiser:
         self.ctx, self.shard, self.name = ctx, shard, name
 
     @classmethod
-    def from_pretrained(cls, model: str | None = None, device: str = "auto", dtype: str = "auto",
-                        batch_size: int = defaults.BATCH_SIZE, dip_preset: str = "auto", dip_iters: int | None = None,
-                        dip_lr: float | None = None, progress: bool = False) -> Denoiser:
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = defaults.BATCH_SIZE,
+        dip_preset: str = "auto",
+        dip_iters: int | None = None,
+        dip_lr: float | None = None,
+        progress: bool = False,
+    ) -> Denoiser:
         """A DDPM folder or hub id, or None for the denoiser shipped in the package (no download): a 64 px
         Pokemon DDPM fine-tuned on the noise levels of 8-bit files (`embedded`)."""
-        ctx, shard = load_context(model, device, dtype, batch_size, "blind", dip_preset, dip_iters, dip_lr, progress,
-                                  task="denoise")
+        ctx, shard = load_context(
+            model, device, dtype, batch_size, "blind", dip_preset, dip_iters, dip_lr, progress, task="denoise"
+        )
         return cls(ctx, shard, model or embedded.DENOISER_NAME)
 
     @property
@@ -87,9 +95,14 @@ class Denoiser:
         """The blind methods that can run here, best first (the first is the default)."""
         return [m.name for m in registry.methods("denoise", "blind", installed_only=True)]
 
-    def denoise(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
-                sigma: float | Sequence[float] | None = None,
-                method: str | None = None, seed: int = 0, **options: object) -> DenoiseOutput:
+    def denoise(
+        self,
+        images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
+        sigma: float | Sequence[float] | None = None,
+        method: str | None = None,
+        seed: int = 0,
+        **options: object,
+    ) -> DenoiseOutput:
         """Denoise one image or a list (paths, PIL images or uint8 arrays), each at its own size.
 
         sigma: the noise std on the 0..255 scale (one for all, or one per image); None estimates it per image.
@@ -106,11 +119,13 @@ class Denoiser:
             if len(sig) != len(x):
                 raise UserError(f"{len(sig)} sigmas for {len(x)} images: give one, or one per image")
         out, seconds, nfe = self.denoise_tensors(x, sig, method, list(range(seed, seed + len(x))), **options)
-        return DenoiseOutput([_like(o, g) for o, g in zip(out, given)], method or self.methods[0], sig,
-                             sigma is None, seconds, nfe, out)
+        return DenoiseOutput(
+            [_like(o, g) for o, g in zip(out, given)], method or self.methods[0], sig, sigma is None, seconds, nfe, out
+        )
 
-    def denoise_tensors(self, images: list[torch.Tensor], sigmas: list[float], method: str | None,
-                        seeds: list[int], **options: object) -> tuple[list[torch.Tensor], float, float]:
+    def denoise_tensors(
+        self, images: list[torch.Tensor], sigmas: list[float], method: str | None, seeds: list[int], **options: object
+    ) -> tuple[list[torch.Tensor], float, float]:
         """[3, H, W] tensors in [-1, 1] of any sizes -> (denoised tensors, seconds, mean NFE per image).
 
         Images of one size run together (`methods.run_native`), each with its own seed and sigma."""
@@ -121,8 +136,12 @@ class Denoiser:
         sizes = [tuple(x.shape[-2:]) for x in images]
         for size in dict.fromkeys(sizes):
             idx = [i for i, s in enumerate(sizes) if s == size]
-            job = Job(tuple(seeds[i] for i in idx), noisy=torch.stack([images[i] for i in idx]),
-                      sigma=tuple(sigmas[i] for i in idx), **options)  # type: ignore[arg-type]
+            job = Job(
+                tuple(seeds[i] for i in idx),
+                noisy=torch.stack([images[i] for i in idx]),
+                sigma=tuple(sigmas[i] for i in idx),
+                **options,  # type: ignore[arg-type]
+            )
             res = run_native(self.ctx, name, job, self.shard)
             for k, i in enumerate(idx):
                 outputs[i] = res.images[k]
@@ -138,10 +157,18 @@ class Generator:
         self.ctx, self.shard, self.name = ctx, shard, name
 
     @classmethod
-    def from_pretrained(cls, model: str | None = None, generator: str | None = None, device: str = "auto",
-                        dtype: str = "auto", batch_size: int = defaults.BATCH_SIZE, dip_preset: str = "auto",
-                        dip_iters: int | None = None, dip_lr: float | None = None,
-                        progress: bool = False) -> Generator:
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        generator: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = defaults.BATCH_SIZE,
+        dip_preset: str = "auto",
+        dip_iters: int | None = None,
+        dip_lr: float | None = None,
+        progress: bool = False,
+    ) -> Generator:
         """A DDPM (None: the shipped one) and, for amortized TDPM, a generator folder of `train-generator`
         (None with the shipped DDPM: the shipped generator)."""
         folder = resolve_generator(model, generator)
@@ -156,8 +183,14 @@ class Generator:
         have = {"generator"} if self.ctx.generator is not None else set()
         return [m.name for m in registry.methods("generate") if set(m.needs) - {"reference"} <= have]
 
-    def generate(self, n: int = defaults.N_GENERATE, seed: int = 0, method: str | None = None,
-                 reference: torch.Tensor | None = None, **options: object) -> GenerateOutput:
+    def generate(
+        self,
+        n: int = defaults.N_GENERATE,
+        seed: int = 0,
+        method: str | None = None,
+        reference: torch.Tensor | None = None,
+        **options: object,
+    ) -> GenerateOutput:
         """n new images (image i uses seed SEED + i). `options` are Job fields: ddim_steps, eta, t_trunc.
         TDPM-DIP (paper protocol) reconstructs `reference` images instead."""
         check_positive("n", n)
@@ -169,8 +202,9 @@ class Generator:
             check_t_trunc(self.ctx.scheduler, int(cast(int, options["t_trunc"])))
         job = Job(tuple(range(seed, seed + n)), reference=reference, **options)  # type: ignore[arg-type]
         res = run(self.ctx, "generate", m.protocol, name, job, self.shard)
-        return GenerateOutput([Image.fromarray(a) for a in to_uint8(res.images)], name, res.protocol, res.seconds,
-                              res.nfe, res)
+        return GenerateOutput(
+            [Image.fromarray(a) for a in to_uint8(res.images)], name, res.protocol, res.seconds, res.nfe, res
+        )
 
 
 __all__ = ["DenoiseOutput", "Denoiser", "GenerateOutput", "Generator"]

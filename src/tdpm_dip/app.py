@@ -22,8 +22,8 @@ from PIL import Image
 
 from . import defaults, registry
 from .api import Denoiser, Generator
-from .embedded import DDPM_NAME, DENOISER_NAME, resolve_generator, resolve_model
 from .data import ImageInput, make_sprites, pil_to_tensor, read_user_image
+from .embedded import DDPM_NAME, DENOISER_NAME, resolve_generator, resolve_model
 from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
 from .images import make_grid, save_png, to_uint8
@@ -33,8 +33,8 @@ from .noise import check_t_trunc
 from .registry import Method
 from .runtime import load_context
 
-MAX_SIDE = 1024   # uploads longer than this on their long side are downscaled (with a notice)
-MAX_N = 64        # images per generated grid
+MAX_SIDE = 1024  # uploads longer than this on their long side are downscaled (with a notice)
+MAX_N = 64  # images per generated grid
 
 Progress = Callable[[float, str], None]  # (fraction done, what is being done)
 
@@ -57,12 +57,13 @@ class AppModels:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def ctx(self):  # noqa: ANN201 - methods.Context
+    def ctx(self):
         return self.denoiser.ctx
 
 
-def load_models(model: str | None = None, generator: str | None = None, device: str = "auto",
-                dip_preset: str = "auto") -> AppModels:
+def load_models(
+    model: str | None = None, generator: str | None = None, device: str = "auto", dip_preset: str = "auto"
+) -> AppModels:
     """The DDPMs the page uses: `--model` for both tabs, or the embedded defaults (the Pokemon denoiser for the
     Denoise tab; the sprite DDPM and its generator for the Generate tab). Denoising takes the context
     `denoise --input` uses (blind DIP settings, plug-in DIP for blind TDPM-DIP)."""
@@ -70,15 +71,23 @@ def load_models(model: str | None = None, generator: str | None = None, device: 
         raise UserError(f"--generator {generator}: no such folder")
     folder = resolve_generator(model, generator)
     ctx, shard = load_context(model, device, "auto", defaults.BATCH_SIZE, "blind", dip_preset, task="denoise")
-    gen_ctx = ctx if model is not None else load_context(None, device, "auto", defaults.BATCH_SIZE, "paper",
-                                                          dip_preset, task="generate")[0]
+    gen_ctx = (
+        ctx
+        if model is not None
+        else load_context(None, device, "auto", defaults.BATCH_SIZE, "paper", dip_preset, task="generate")[0]
+    )
     if folder is not None:  # amortized TDPM (method tdpm) reads it from the context
         gen_ctx.generator = load_generator(folder, gen_ctx.unet, gen_ctx.scheduler, gen_ctx.device)
-    return AppModels(Denoiser(ctx, shard, model or DENOISER_NAME), Generator(gen_ctx, shard, model or DDPM_NAME),
-                     resolve_model(model, "denoise"), folder)
+    return AppModels(
+        Denoiser(ctx, shard, model or DENOISER_NAME),
+        Generator(gen_ctx, shard, model or DDPM_NAME),
+        resolve_model(model, "denoise"),
+        folder,
+    )
 
 
 # ------------------------------------------------------------------------------------------ method lists
+
 
 def denoise_methods() -> list[Method]:
     """The registry's blind denoisers whose extra is installed, best first (the first is the default)."""
@@ -96,6 +105,7 @@ def method_label(m: Method) -> str:
 
 # ------------------------------------------------------------------------------------------ images
 
+
 def fit_side(x: torch.Tensor, max_side: int) -> tuple[torch.Tensor, str | None]:
     """Downscale [3, H, W] so that its long side is at most `max_side` (Lanczos, aspect kept);
     returns the image and a notice when it was downscaled."""
@@ -105,11 +115,14 @@ def fit_side(x: torch.Tensor, max_side: int) -> tuple[torch.Tensor, str | None]:
     scale = max_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = Image.fromarray(to_uint8(x)).resize(size, Image.Resampling.LANCZOS)
-    return pil_to_tensor(small), (f"the upload is {w}x{h} px, over the {max_side} px limit: denoised at "
-                                  f"{size[0]}x{size[1]} px (downscaling also lowers the noise level)")
+    return pil_to_tensor(small), (
+        f"the upload is {w}x{h} px, over the {max_side} px limit: denoised at "
+        f"{size[0]}x{size[1]} px (downscaling also lowers the noise level)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ denoise
+
 
 def parse_sigma(text: str | float | None) -> float | None:
     """The page's sigma field: blank = None (estimate it), else a noise std on the 0..255 scale."""
@@ -133,9 +146,16 @@ class Denoised:
     notices: list[str]
 
 
-def denoise_handler(models: AppModels, noisy: ImageInput | None, method: str | None = None,
-                    sigma: float | None = None, clean: ImageInput | None = None, seed: int = 0,
-                    max_side: int = MAX_SIDE, progress: Progress | None = None) -> Denoised:
+def denoise_handler(
+    models: AppModels,
+    noisy: ImageInput | None,
+    method: str | None = None,
+    sigma: float | None = None,
+    clean: ImageInput | None = None,
+    seed: int = 0,
+    max_side: int = MAX_SIDE,
+    progress: Progress | None = None,
+) -> Denoised:
     """Blind denoising of one upload at its own size (`api.Denoiser`, as `denoise --input` does).
 
     sigma None: estimated (`observe.blind_sigmas`). `clean`, when given, only scores PSNR/SSIM.
@@ -155,8 +175,10 @@ def denoise_handler(models: AppModels, noisy: ImageInput | None, method: str | N
     if clean is not None:
         ref = fit_side(read_user_image(clean, "clean image"), max_side)[0]
         if ref.shape != x.shape:
-            raise UserError(f"the clean image is {ref.shape[-1]}x{ref.shape[-2]} px, the noisy one "
-                            f"{x.shape[-1]}x{x.shape[-2]} px: they must have the same size")
+            raise UserError(
+                f"the clean image is {ref.shape[-1]}x{ref.shape[-2]} px, the noisy one "
+                f"{x.shape[-1]}x{x.shape[-2]} px: they must have the same size"
+            )
     report(0.05, "estimating sigma" if sigma is None else "denoising")
     sig = blind_sigmas([x], sigma)
     with models.lock:
@@ -167,11 +189,22 @@ def denoise_handler(models: AppModels, noisy: ImageInput | None, method: str | N
     if not torch.isfinite(out).all():
         raise UserError(f"{method} returned non-finite values: this model does not fit the image")
     h, w = x.shape[-2:]
-    info: dict = {"method": method, "seconds": seconds, "nfe": int(nfe), "sigma": sig[0],
-                  "sigma_estimated": sigma is None, "width": w, "height": h, "device": str(den.device)}
+    info: dict = {
+        "method": method,
+        "seconds": seconds,
+        "nfe": int(nfe),
+        "sigma": sig[0],
+        "sigma_estimated": sigma is None,
+        "width": w,
+        "height": h,
+        "device": str(den.device),
+    }
     if ref is not None:
-        info.update(psnr=float(psnr(out[None], ref[None])), ssim=float(ssim(out[None], ref[None])),
-                    input_psnr=float(psnr(x[None], ref[None])))
+        info.update(
+            psnr=float(psnr(out[None], ref[None])),
+            ssim=float(ssim(out[None], ref[None])),
+            input_psnr=float(psnr(x[None], ref[None])),
+        )
     report(1.0, "done")
     return Denoised(to_uint8(out), to_uint8(x), info, [notice] if notice else [])
 
@@ -180,14 +213,17 @@ def denoise_summary(d: Denoised) -> str:
     """One Markdown line of what was done and what it cost (the page shows it under the result)."""
     i = d.info
     est = " (estimated)" if i["sigma_estimated"] else ""
-    text = (f"**{i['method']}**: {i['seconds']:.2f} s, NFE {i['nfe']}, sigma {i['sigma']:.1f}{est}, "
-            f"{i['width']}x{i['height']} px on {i['device']}")
+    text = (
+        f"**{i['method']}**: {i['seconds']:.2f} s, NFE {i['nfe']}, sigma {i['sigma']:.1f}{est}, "
+        f"{i['width']}x{i['height']} px on {i['device']}"
+    )
     if "psnr" in i:
         text += f"; PSNR {i['psnr']:.2f} dB (noisy {i['input_psnr']:.2f} dB), SSIM {i['ssim']:.3f}"
     return "\n\n".join([text] + [f"Note: {n}" for n in d.notices])
 
 
 # ------------------------------------------------------------------------------------------ generate
+
 
 @dataclass
 class Generated:
@@ -198,9 +234,15 @@ class Generated:
     info: dict
 
 
-def generate_handler(models: AppModels, method: str | None = None, n: int = 4, seed: int = 0,
-                     steps: float | None = None, t_trunc: float | None = None,
-                     progress: Progress | None = None) -> Generated:
+def generate_handler(
+    models: AppModels,
+    method: str | None = None,
+    n: int = 4,
+    seed: int = 0,
+    steps: float | None = None,
+    t_trunc: float | None = None,
+    progress: Progress | None = None,
+) -> Generated:
     """n images of a registry generator from pure noise (image i uses seed SEED+i), as one grid."""
     report = progress or (lambda frac, desc: None)
     names = [m.name for m in generate_methods()]
@@ -222,19 +264,34 @@ def generate_handler(models: AppModels, method: str | None = None, n: int = 4, s
         res = models.generator.generate(n, seed, method, ddim_steps=steps, t_trunc=t_trunc).result
     grid = make_grid(res.images, upscale=max(1, 96 // res.images.shape[-1]))  # small model images stay visible
     report(1.0, "done")
-    return Generated(grid, res.images, {"method": method, "n": n, "seed": seed, "seconds": res.seconds,
-                                        "nfe": res.nfe, "device": str(models.generator.ctx.device)})
+    return Generated(
+        grid,
+        res.images,
+        {
+            "method": method,
+            "n": n,
+            "seed": seed,
+            "seconds": res.seconds,
+            "nfe": res.nfe,
+            "device": str(models.generator.ctx.device),
+        },
+    )
 
 
 def generate_summary(g: Generated) -> str:
     i = g.info
-    return (f"**{i['method']}**: {i['n']} images (seeds {i['seed']}..{i['seed'] + i['n'] - 1}), "
-            f"{i['seconds']:.2f} s, NFE {i['nfe']} per image on {i['device']}")
+    return (
+        f"**{i['method']}**: {i['n']} images (seeds {i['seed']}..{i['seed'] + i['n'] - 1}), "
+        f"{i['seconds']:.2f} s, NFE {i['nfe']} per image on {i['device']}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ examples
 
-def write_examples(folder: str | os.PathLike, n: int = 2, size: int = 64, sigma: float = defaults.SIGMA) -> list[list[str]]:
+
+def write_examples(
+    folder: str | os.PathLike, n: int = 2, size: int = 64, sigma: float = defaults.SIGMA
+) -> list[list[str]]:
     """Noisy (sigma on 0..255, 8-bit) procedural sprites and their clean originals, written as PNGs:
     [[noisy path, clean path], ...] for the page's examples. Seeded, so the same every start."""
     folder = Path(folder)

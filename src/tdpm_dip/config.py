@@ -61,51 +61,88 @@ class UNetPreset:
 PRESETS: dict[str, UNetPreset] = {
     # The report's DDPM: 6 levels, attention in the 5th down / 2nd up block (113.7M parameters).
     "paper-ddpm": UNetPreset(
-        (128, 128, 256, 256, 512, 512), (D, D, D, D, AD, D), (U, AU, U, U, U, U),
-        description="the report's DDPM (113.7M parameters)", params_m=113.67,
+        (128, 128, 256, 256, 512, 512),
+        (D, D, D, D, AD, D),
+        (U, AU, U, U, U, U),
+        description="the report's DDPM (113.7M parameters)",
+        params_m=113.67,
     ),
     # The report's DIP G_psi: 4 levels, attention in the 3rd down / 2nd up block (61.5M).
     "paper-dip": UNetPreset(
-        (128, 128, 256, 512), (D, D, AD, D), (U, AU, U, U),
-        description="the report's DIP network G_psi (61.5M parameters)", params_m=61.53,
+        (128, 128, 256, 512),
+        (D, D, AD, D),
+        (U, AU, U, U),
+        description="the report's DIP network G_psi (61.5M parameters)",
+        params_m=61.53,
     ),
     # Same widths without attention: vmap-friendly, and attention adds little to a DIP.
     "paper-dip-noattn": UNetPreset(
-        (128, 128, 256, 512), (D, D, D, D), (U, U, U, U), add_attention=False,
-        description="paper-dip without any attention (vmap-friendly)", params_m=None,
+        (128, 128, 256, 512),
+        (D, D, D, D),
+        (U, U, U, U),
+        add_attention=False,
+        description="paper-dip without any attention (vmap-friendly)",
+        params_m=None,
     ),
     # The layout of the small reference DDPMs (12.5M).
     "small": UNetPreset(
-        (64, 128, 128, 192), (D, D, AD, D), (U, AU, U, U),
-        description="layout of the small reference DDPMs (12.5M parameters)", params_m=12.47,
+        (64, 128, 128, 192),
+        (D, D, AD, D),
+        (U, AU, U, U),
+        description="layout of the small reference DDPMs (12.5M parameters)",
+        params_m=12.47,
     ),
     # A DIP small enough to fit the report's 100 iterations at 64x64 on a laptop CPU.
     "dip-small": UNetPreset(
-        (32, 64, 128), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
+        (32, 64, 128),
+        (D, D, D),
+        (U, U, U),
+        layers_per_block=1,
+        norm_num_groups=8,
+        add_attention=False,
         description="CPU-sized DIP (2.5M parameters)",
     ),
     # Tiny presets for tests and the demo, sized for a CPU.
     "tiny": UNetPreset(
-        (32, 64), (D, AD), (AU, U), layers_per_block=1, norm_num_groups=8,
+        (32, 64),
+        (D, AD),
+        (AU, U),
+        layers_per_block=1,
+        norm_num_groups=8,
         description="tiny DDPM for tests and the CPU demo",
     ),
     # The demo's DDPM: as many parameters as "tiny" (0.69M) but a third level, so its widest layers and
     # its attention run at 8x8 on 32 px images: far fewer FLOPs than "tiny" (tdpm-dip demo).
     "demo": UNetPreset(
-        (16, 32, 64), (D, D, AD), (AU, U, U), layers_per_block=1, norm_num_groups=8,
+        (16, 32, 64),
+        (D, D, AD),
+        (AU, U, U),
+        layers_per_block=1,
+        norm_num_groups=8,
         description="CPU demo DDPM for 32 px images (0.69M parameters)",
     ),
     # TDPM's amortized generator G_psi(z) (generator.py): one call per image, so small; attention-free.
     # A spatial z alone gives a UNet no per-image global variable (GroupNorm removes what i.i.d. noise
     # has of one), and GANs on it collapse to one image; so G_psi also takes a style vector w (above).
     "generator-small": UNetPreset(
-        (16, 32, 64), (D, D, D), (U, U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
-        class_embed_type="identity", resnet_time_scale_shift="scale_shift",
+        (16, 32, 64),
+        (D, D, D),
+        (U, U, U),
+        layers_per_block=1,
+        norm_num_groups=8,
+        add_attention=False,
+        class_embed_type="identity",
+        resnet_time_scale_shift="scale_shift",
         description="TDPM generator G_psi(z, w) for the truncated chain (CPU-sized: the demo DDPM's widths; "
-                    "style vector w of 64)",
+        "style vector w of 64)",
     ),
     "dip-tiny": UNetPreset(
-        (16, 32), (D, D), (U, U), layers_per_block=1, norm_num_groups=8, add_attention=False,
+        (16, 32),
+        (D, D),
+        (U, U),
+        layers_per_block=1,
+        norm_num_groups=8,
+        add_attention=False,
         description="tiny DIP for tests",
     ),
 }
@@ -115,10 +152,10 @@ PRESETS: dict[str, UNetPreset] = {
 class StylePreset:
     """Hyperparameters of a `models.StyleGenerator` (a G_psi made for GANs), by output resolution."""
 
-    channels: tuple[int, ...]          # per resolution, from 4x4 up: 4 * 2**i px for block i
-    w_dim: int = 64                    # the style vector w ~ N(0, I)
+    channels: tuple[int, ...]  # per resolution, from 4x4 up: 4 * 2**i px for block i
+    w_dim: int = 64  # the style vector w ~ N(0, I)
     mapping_layers: int = 2
-    latent_input: bool = False         # the 4x4 input made from w (DCGAN's projection) instead of a learned constant
+    latent_input: bool = False  # the 4x4 input made from w (DCGAN's projection) instead of a learned constant
     description: str = ""
 
     @property
@@ -126,8 +163,13 @@ class StylePreset:
         return 4 * 2 ** (len(self.channels) - 1)
 
     def model_kwargs(self) -> dict:
-        return {"channels": tuple(self.channels), "w_dim": self.w_dim, "mapping_layers": self.mapping_layers,
-                "sample_size": self.sample_size, "latent_input": self.latent_input}
+        return {
+            "channels": tuple(self.channels),
+            "w_dim": self.w_dim,
+            "mapping_layers": self.mapping_layers,
+            "sample_size": self.sample_size,
+            "latent_input": self.latent_input,
+        }
 
 
 # Generators for TDPM's G_psi that are not UNets (training/generator.py accepts these names as --preset too).
@@ -136,8 +178,12 @@ STYLE_PRESETS: dict[str, StylePreset] = {
     "style-64": StylePreset((128, 128, 128, 64, 32), description="StyleGAN-lite G_psi for 64 px images"),
     # The coarse layout (where the body is, how large, which shape) drawn from w at 4x4, as DCGAN does: the
     # constant input leaves it to the styles, which learn it slowly.
-    "style-32-latent": StylePreset((128, 128, 64, 32), w_dim=128, latent_input=True,
-                                   description="StyleGAN-lite G_psi for 32 px images, its 4x4 input projected from w"),
+    "style-32-latent": StylePreset(
+        (128, 128, 64, 32),
+        w_dim=128,
+        latent_input=True,
+        description="StyleGAN-lite G_psi for 32 px images, its 4x4 input projected from w",
+    ),
 }
 
 
@@ -158,7 +204,7 @@ def parse_fill(fill: str | tuple[int, int, int]) -> tuple[int, int, int]:
         return named[s]
     try:
         if s.startswith("#") and len(s) == 7:
-            return tuple(int(s[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+            return tuple(int(s[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
         parts = tuple(int(p) for p in s.split(","))
         if len(parts) == 3 and all(0 <= p <= 255 for p in parts):
             return parts

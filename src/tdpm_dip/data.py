@@ -78,10 +78,10 @@ def load_image(path: str | os.PathLike, size: int | None, fill: tuple[int, int, 
             if size is not None and im.format == "JPEG" and max(im.size) > 4 * size:
                 im.draft("RGB", (2 * size, 2 * size))  # decode huge JPEGs at reduced scale
             im.load()
-            im = ImageOps.exif_transpose(im)
-            if min(im.size) < MIN_SIDE:
-                raise BadImage(f"{path}: image is {im.size[0]}x{im.size[1]} px, smaller than {MIN_SIDE} px")
-            rgb = to_rgb(im, fill)
+            upright: Image.Image = ImageOps.exif_transpose(im)
+            if min(upright.size) < MIN_SIDE:
+                raise BadImage(f"{path}: image is {upright.size[0]}x{upright.size[1]} px, smaller than {MIN_SIDE} px")
+            rgb = to_rgb(upright, fill)
     except BadImage:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -99,8 +99,10 @@ def list_images(root: str | os.PathLike) -> list[Path]:
         raise UserError(f"{root}: no such file or folder")
     if root.is_file():
         return [root]
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     if not files:
         raise UserError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
     return files
@@ -117,8 +119,14 @@ class ImageSet:
         return len(self.names)
 
 
-def load_folder(root: str | os.PathLike, size: int = 64, fill: str | tuple[int, int, int] = "white",
-                skip_bad: bool = False, limit: int | None = None, progress: bool = False) -> ImageSet:
+def load_folder(
+    root: str | os.PathLike,
+    size: int = 64,
+    fill: str | tuple[int, int, int] = "white",
+    skip_bad: bool = False,
+    limit: int | None = None,
+    progress: bool = False,
+) -> ImageSet:
     """Load an image folder (imagefolder layout; metadata.csv is optional and not needed)."""
     fill_rgb = parse_fill(fill)
     files = list_images(root)
@@ -143,8 +151,13 @@ def load_folder(root: str | os.PathLike, size: int = 64, fill: str | tuple[int, 
     return ImageSet(torch.stack(tensors), names)
 
 
-def load_hub(dataset_id: str, size: int = 64, fill: str | tuple[int, int, int] = "white",
-             split: str = "train", limit: int | None = None) -> ImageSet:
+def load_hub(
+    dataset_id: str,
+    size: int = 64,
+    fill: str | tuple[int, int, int] = "white",
+    split: str = "train",
+    limit: int | None = None,
+) -> ImageSet:
     """Load a hub image dataset such as `huggan/pokemon` (extra `hub`: needs `datasets` and a network)."""
     try:
         import datasets  # the optional `hub` extra: imported only when a hub id is given
@@ -163,8 +176,14 @@ def load_hub(dataset_id: str, size: int = 64, fill: str | tuple[int, int, int] =
     return ImageSet(torch.stack(tensors), [f"{i:06d}" for i in range(n)])
 
 
-def load_images(source: str | os.PathLike, size: int = 64, fill: str = "white", skip_bad: bool = False,
-                limit: int | None = None, progress: bool = False) -> ImageSet:
+def load_images(
+    source: str | os.PathLike,
+    size: int = 64,
+    fill: str = "white",
+    skip_bad: bool = False,
+    limit: int | None = None,
+    progress: bool = False,
+) -> ImageSet:
     """A local path (folder or single file) or, when no such path exists, a hub dataset id."""
     if limit is not None and limit <= 0:
         raise UserError(f"the number of images must be positive, got {limit}")
@@ -173,8 +192,9 @@ def load_images(source: str | os.PathLike, size: int = 64, fill: str = "white", 
     return load_hub(str(source), size, fill, limit=limit)
 
 
-def load_native(source: str | os.PathLike, limit: int | None = None, progress: bool = False,
-                skip_bad: bool = False) -> list[tuple[str, torch.Tensor]]:
+def load_native(
+    source: str | os.PathLike, limit: int | None = None, progress: bool = False, skip_bad: bool = False
+) -> list[tuple[str, torch.Tensor]]:
     """Image files at their own size and aspect: (name, [3, H, W] in [-1, 1]) pairs (blind denoising
     of a user's files returns images of exactly their size). `skip_bad`: an unreadable file is skipped with a
     warning instead of stopping; the first `limit` readable files are returned."""
@@ -207,8 +227,20 @@ def hash_split(names: list[str], holdout: float, salt: str = "tdpm-dip") -> tupl
 
 # ---------------------------------------------------------------- procedural sprites (the demo data)
 
-_PALETTE = [(230, 57, 70), (241, 143, 1), (255, 209, 102), (6, 214, 160), (17, 138, 178), (7, 59, 76),
-            (131, 56, 236), (255, 0, 110), (58, 134, 255), (251, 86, 7), (139, 201, 38), (120, 72, 40)]
+_PALETTE = [
+    (230, 57, 70),
+    (241, 143, 1),
+    (255, 209, 102),
+    (6, 214, 160),
+    (17, 138, 178),
+    (7, 59, 76),
+    (131, 56, 236),
+    (255, 0, 110),
+    (58, 134, 255),
+    (251, 86, 7),
+    (139, 201, 38),
+    (120, 72, 40),
+]
 
 
 def make_sprite(seed: int, size: int = 64) -> torch.Tensor:
@@ -231,15 +263,20 @@ def make_sprite(seed: int, size: int = 64) -> torch.Tensor:
         if rng.random() < 0.5:
             tip = (cx + 1.6 * rx * math.cos(ang), cy + 1.6 * ry * math.sin(ang))
             side = (-math.sin(ang) * r, math.cos(ang) * r)
-            d.polygon([(px + side[0], py + side[1]), (px - side[0], py - side[1]), tip], fill=accent,
-                      outline=outline, width=lw)
+            d.polygon(
+                [(px + side[0], py + side[1]), (px - side[0], py - side[1]), tip],
+                fill=accent,
+                outline=outline,
+                width=lw,
+            )
         else:
             d.ellipse([px - r, py - r, px + r, py + r], fill=accent, outline=outline, width=lw)
     if rng.random() < 0.5:
         d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=body, outline=outline, width=lw)
     else:
-        d.rounded_rectangle([cx - rx, cy - ry, cx + rx, cy + ry], radius=int(min(rx, ry) * 0.6), fill=body,
-                            outline=outline, width=lw)
+        d.rounded_rectangle(
+            [cx - rx, cy - ry, cx + rx, cy + ry], radius=int(min(rx, ry) * 0.6), fill=body, outline=outline, width=lw
+        )
     belly = tuple(min(255, int(c + (255 - c) * 0.55)) for c in body)
     d.ellipse([cx - 0.55 * rx, cy - 0.1 * ry, cx + 0.55 * rx, cy + 0.8 * ry], fill=belly)
     ey, ex = cy - 0.35 * ry, 0.4 * rx
@@ -255,8 +292,9 @@ def make_sprites(n: int, size: int = 64, seed: int = 0) -> ImageSet:
     """n procedural sprites; sprite i depends only on (seed, i)."""
     if n <= 0:
         raise UserError(f"the number of sprites must be positive, got {n}")
-    return ImageSet(torch.stack([make_sprite(seed * 1_000_003 + i, size) for i in range(n)]),
-                    [f"sprite{i:05d}" for i in range(n)])
+    return ImageSet(
+        torch.stack([make_sprite(seed * 1_000_003 + i, size) for i in range(n)]), [f"sprite{i:05d}" for i in range(n)]
+    )
 
 
 # A user's image, as the Python API and the app take it: a file path, a PIL image, or a uint8 HWC / HW array.
@@ -279,8 +317,9 @@ def read_user_image(image: ImageInput, what: str = "image") -> torch.Tensor:
             raise UserError(f"{what} {path.name}: {reason}") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise UserError(f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} "
-                            f"{image.shape}")
+            raise UserError(
+                f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} {image.shape}"
+            )
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise UserError(f"{what}: not an image ({type(image).__name__})")

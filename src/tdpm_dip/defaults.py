@@ -7,24 +7,24 @@ settings (Sec. 4 and anchors.md) are the defaults wherever the report fixes one.
 from __future__ import annotations
 
 # ------------------------------------------------------------------ the report's protocol (paper)
-T_NOISY = 600          # paper denoising: level of the noisy image x_{t_noisy} (the report's t = 600)
-T_TRUNC = 10           # TDPM-DIP's truncation level T_trunc (the report's Table 2)
+T_NOISY = 600  # paper denoising: level of the noisy image x_{t_noisy} (the report's t = 600)
+T_TRUNC = 10  # TDPM-DIP's truncation level T_trunc (the report's Table 2)
 T_TRUNCS = (0, 5, 10, 50)  # Table 3's ablation
-N_IMAGES = 200         # the report's test set size (bench)
-DDPM_STEPS = 1000      # generation from pure noise: all T steps
+N_IMAGES = 200  # the report's test set size (bench)
+DDPM_STEPS = 1000  # generation from pure noise: all T steps
 
 # ------------------------------------------------------------------ blind denoising
-SIGMA = 25.0           # noise std on the 0..255 scale when noise is added here (bench, demo, --clean)
-SAMPLES = 4            # reverse chains (posterior samples) averaged per image: blind ddpm and tdpm-dip
+SIGMA = 25.0  # noise std on the 0..255 scale when noise is added here (bench, demo, --clean)
+SAMPLES = 4  # reverse chains (posterior samples) averaged per image: blind ddpm and tdpm-dip
 BLIND_DDIM_STEPS = 10  # blind ddim: network evaluations from t*
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
 
 # ------------------------------------------------------------------ generation
-N_GENERATE = 16        # images per `generate`
+N_GENERATE = 16  # images per `generate`
 GENERATE_DDIM_STEPS = 110  # generate --method ddim: TDPM-DIP's network evaluations (100 DIP it + T_trunc)
 
 # ------------------------------------------------------------------ compute
-BATCH_SIZE = 16        # images processed (and DIPs fitted) at once
+BATCH_SIZE = 16  # images processed (and DIPs fitted) at once
 
 # ------------------------------------------------------------------ Algorithm 2 (the DIP)
 # Per use (protocol) and, where a preset needs its own, per preset; `dip.dip_defaults` builds a DIPConfig.

@@ -66,10 +66,10 @@ def dip_defaults(use: str, preset: str, iters: int | None = None, lr: float | No
 class DIPResult:
     """Network outputs and per-iteration curves. `loss[i]`, `psnr[i]` are taken before update i."""
 
-    output: torch.Tensor                      # [B, 3, H, W]: G_psi^{(i_max)}(z), or the averaged output
-    loss: torch.Tensor                        # [iters, B]
-    psnr: torch.Tensor | None = None          # [iters, B] against the reference, if one was given
-    ssim: torch.Tensor | None = None          # [len(ssim_iters), B]
+    output: torch.Tensor  # [B, 3, H, W]: G_psi^{(i_max)}(z), or the averaged output
+    loss: torch.Tensor  # [iters, B]
+    psnr: torch.Tensor | None = None  # [iters, B] against the reference, if one was given
+    ssim: torch.Tensor | None = None  # [len(ssim_iters), B]
     ssim_iters: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -77,13 +77,20 @@ class DIPResult:
     def concat(cls, parts: list[DIPResult], seconds: float | None = None) -> DIPResult:
         """One result for consecutive groups of images: curves ([iters, B]) are joined along the image axis;
         `seconds` defaults to the sum of the parts' fit times."""
+
         def cat(name: str) -> torch.Tensor | None:
             xs = [getattr(p, name) for p in parts]
             return None if xs[0] is None else torch.cat(xs, dim=1)
 
         total = sum(p.seconds for p in parts) if seconds is None else seconds
-        return cls(torch.cat([p.output for p in parts]), torch.cat([p.loss for p in parts], dim=1), cat("psnr"),
-                   cat("ssim"), list(parts[0].ssim_iters), total)
+        return cls(
+            torch.cat([p.output for p in parts]),
+            torch.cat([p.loss for p in parts], dim=1),
+            cat("psnr"),
+            cat("ssim"),
+            list(parts[0].ssim_iters),
+            total,
+        )
 
     def mean_curves(self) -> dict[str, list[float]]:
         out = {"loss": self.loss.mean(1).tolist()}
@@ -95,9 +102,17 @@ class DIPResult:
         return out
 
 
-def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig = DIPConfig(),
-            reference: torch.Tensor | None = None, batch_size: int = 16, batched: bool = True,
-            amp_dtype: torch.dtype | None = None, progress: bool = False) -> DIPResult:
+def fit_dip(
+    target: torch.Tensor,
+    net_input: torch.Tensor,
+    seeds: list[int],
+    cfg: DIPConfig = DIPConfig(),
+    reference: torch.Tensor | None = None,
+    batch_size: int = 16,
+    batched: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> DIPResult:
     """Algorithm 2 for B images: fit G_psi^b(net_input[b]) to target[b], b = 1..B.
 
     target, net_input: [B, C, H, W] on the device to use; seeds[b] initialises network b, so
@@ -118,24 +133,40 @@ def fit_dip(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg
             for lo in range(0, len(seeds), group):
                 hi = min(lo + group, len(seeds))
                 ref = reference[lo:hi] if reference is not None else None
-                parts.append(_fit_group(target[lo:hi], net_input[lo:hi], list(seeds[lo:hi]), cfg, ref,
-                                        amp_dtype, bar.update if bar is not None else None))
+                parts.append(
+                    _fit_group(
+                        target[lo:hi],
+                        net_input[lo:hi],
+                        list(seeds[lo:hi]),
+                        cfg,
+                        ref,
+                        amp_dtype,
+                        bar.update if bar is not None else None,
+                    )
+                )
         return DIPResult.concat(parts, tm[0])
     except (RuntimeError, NotImplementedError) as e:
         if not batched or "vmap" not in str(e).lower():
             raise
         # Some layers (older torch's attention kernels) have no batching rule: fit one by one.
-        warnings.warn(f"vmap failed for preset {cfg.preset} ({str(e).splitlines()[0]}); "
-                      "fitting one image at a time", stacklevel=2)
+        warnings.warn(
+            f"vmap failed for preset {cfg.preset} ({str(e).splitlines()[0]}); fitting one image at a time", stacklevel=2
+        )
     finally:
         if bar is not None:
             bar.close()
     return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress)
 
 
-def _fit_group(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], cfg: DIPConfig,
-               reference: torch.Tensor | None, amp_dtype: torch.dtype | None,
-               on_step: Callable[[int], None] | None) -> DIPResult:
+def _fit_group(
+    target: torch.Tensor,
+    net_input: torch.Tensor,
+    seeds: list[int],
+    cfg: DIPConfig,
+    reference: torch.Tensor | None,
+    amp_dtype: torch.dtype | None,
+    on_step: Callable[[int], None] | None,
+) -> DIPResult:
     """Alg. 2 lines 4-9 for len(seeds) networks at once: cfg.iters Adam steps on sum_b MSE(G_b(z_b), x_b)."""
     device = target.device
     forward, params = _networks(cfg.preset, seeds, target.shape[-1], device)
@@ -171,12 +202,18 @@ def _fit_group(target: torch.Tensor, net_input: torch.Tensor, seeds: list[int], 
         with torch.no_grad(), autocast(device, amp_dtype):
             output = forward(net_input).float()  # G_psi^{(i_max)}(z): the fitted network's output
     loss = torch.stack(losses).cpu() if losses else torch.zeros(0, len(seeds))
-    return DIPResult(output, loss, torch.stack(psnrs).cpu() if psnrs else None,
-                     torch.stack(ssims).cpu() if ssims else None, ssim_iters)
+    return DIPResult(
+        output,
+        loss,
+        torch.stack(psnrs).cpu() if psnrs else None,
+        torch.stack(ssims).cpu() if ssims else None,
+        ssim_iters,
+    )
 
 
-def _networks(preset: str, seeds: list[int], size: int, device: torch.device
-              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
+def _networks(
+    preset: str, seeds: list[int], size: int, device: torch.device
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
     """The networks G_b (network b initialised from seeds[b]) as one function of a [B, C, H, W] input,
     and the tensors Adam updates: a plain module for one image, stacked weights under vmap for several."""
     models = [build_unet(preset, seed=s, sample_size=size).to(device) for s in seeds]

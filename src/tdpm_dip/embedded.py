@@ -37,10 +37,17 @@ BUDGET_BYTES = 32 * 1024 * 1024  # everything under weights/ together: the packa
 # The shipped files and their SHA-256, so that weights changed by accident fail a test
 # (tests/test_embedded.py). A deliberate rebuild re-runs the export, which prints the new values.
 EXPECTED_SHA256: dict[str, str] = {
+    "ddpm-pokemon64/README.md": "8b6026ce8709a2e39bc028eaed5b5c14c6b7a40d793b886d650d504fc77139c0",
+    "ddpm-pokemon64/model_index.json": "7e17ddab859d83b3fae2b4ee01b86cf154c2195d228c10b75a3b1eca0c6c0d47",
+    "ddpm-pokemon64/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
+    "ddpm-pokemon64/unet/config.json": "713954850d8d1e0cace3c4ca236a4ac42afafcb54c91c3f2a0b025c939ae1896",
+    "ddpm-pokemon64/unet/diffusion_pytorch_model.safetensors": "c30628a2745e38a6cedac4a6ffa9877f535643bdbe7e2b1c71845581a0aee63e",
+    "ddpm-sprites32/README.md": "be461ce81ee50d50105c2f30a985559948fc65f20a180204e9a1db430766e8a8",
     "ddpm-sprites32/model_index.json": "7e17ddab859d83b3fae2b4ee01b86cf154c2195d228c10b75a3b1eca0c6c0d47",
     "ddpm-sprites32/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
     "ddpm-sprites32/unet/config.json": "b009c85e9410c2cb8c9a65af1ec2947b872a432b0b2f0f7ee9dedc7c2df5af2d",
     "ddpm-sprites32/unet/diffusion_pytorch_model.safetensors": "2de51973bbbd0ec76c6524d6a9ccf2cf1b5023acbb7aef1b2c390a4cc507323a",
+    "tdpm-generator-sprites32/README.md": "f529339dce19de442df29c32174d6642ccd9826fcc3239d14d852aeef744056a",
     "tdpm-generator-sprites32/config.json": "6af65b37374cebf6eb17504c12efee734dc7bcc2e096a9bceb5b79264d499d5c",
     "tdpm-generator-sprites32/diffusion_pytorch_model.safetensors": "8b283060e1afa124d5c9bcd8825c7f2df9b8d92767407e6019a16b27bfdd8858",
     "tdpm-generator-sprites32/generator.json": "9d5bf76d0ef5b2777865f41d13bcfc3c395601db98094b932f68fa68476658e5",
@@ -140,13 +147,16 @@ def export_generator(src: str | Path, dest: Path | None = None) -> Path:
 
 
 def _main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tdpm_dip.embedded",
-                                 description="Maintainers: write the shipped default models into the package.")
+    ap = argparse.ArgumentParser(
+        prog="python -m tdpm_dip.embedded",
+        description="Maintainers: write the shipped default models into the package.",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export-ddpm", help="copy RUN/model into the package as fp16 safetensors")
     ex.add_argument("src", help="a trained DDPM folder (diffusers layout)")
-    ex.add_argument("--name", default=DDPM_NAME, choices=sorted(set(DEFAULT_DDPM.values())),
-                    help="which shipped DDPM it replaces")
+    ex.add_argument(
+        "--name", default=DDPM_NAME, choices=sorted(set(DEFAULT_DDPM.values())), help="which shipped DDPM it replaces"
+    )
     eg = sub.add_parser("export-generator", help="copy RUN/generator into the package as fp16 safetensors")
     eg.add_argument("src", help="a trained generator folder (tdpm-dip train-generator's RUN/generator)")
     sub.add_parser("hashes", help="print the EXPECTED_SHA256 entries of the files under weights/")

@@ -9,6 +9,7 @@ class UserError(Exception):
 
 # One validator per user-facing number: the CLI, the demo and the library raise the same message.
 
+
 def check_positive(name: str, value: float | None) -> None:
     """value > 0 (None: not given, nothing to check)."""
     if value is not None and not value > 0:

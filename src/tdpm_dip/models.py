@@ -60,8 +60,10 @@ def _read_json(path: Path) -> dict:
 
 def _check_unet(unet: UNet2DModel, where: str) -> UNet2DModel:
     if unet.config.in_channels != 3 or unet.config.out_channels != 3:
-        raise UserError(f"{where}: the UNet has {unet.config.in_channels} input / {unet.config.out_channels} "
-                        "output channels; tdpm-dip needs an RGB noise predictor (3 / 3)")
+        raise UserError(
+            f"{where}: the UNet has {unet.config.in_channels} input / {unet.config.out_channels} "
+            "output channels; tdpm-dip needs an RGB noise predictor (3 / 3)"
+        )
     return unet
 
 
@@ -72,12 +74,14 @@ def _check_scheduler_config(cfg: dict, where: str) -> None:
         raise UserError(f"{where}: scheduler config lacks {', '.join(missing)}: not a DDPM-compatible scheduler")
     if cfg.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(f"{where}: prediction_type {cfg['prediction_type']!r} is not supported (need 'epsilon')")
-    if cfg["beta_schedule"] not in ("linear", "squaredcos_cap_v2", "scaled_linear") and cfg.get("trained_betas") is None:
+    known = ("linear", "squaredcos_cap_v2", "scaled_linear")
+    if cfg["beta_schedule"] not in known and cfg.get("trained_betas") is None:
         raise UserError(f"{where}: beta_schedule {cfg['beta_schedule']!r} is not DDPM-compatible")
 
 
-def load_ddpm(model: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+def load_ddpm(
+    model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load a noise predictor and its DDPM scheduler.
 
     `model` is a local folder in diffusers layout (`unet/` + `scheduler/`, e.g. a `DDPMPipeline`
@@ -107,13 +111,15 @@ def load_ddpm(model: str | os.PathLike, dtype: torch.dtype = torch.float32,
         try:
             with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
                 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-                unet = UNet2DModel.from_pretrained(str(model), subfolder="unet", torch_dtype=dtype,
-                                                   use_safetensors=True)
+                unet = UNet2DModel.from_pretrained(
+                    str(model), subfolder="unet", torch_dtype=dtype, use_safetensors=True
+                )
                 scheduler = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
         except Exception as e:  # hub errors come in many types (offline, 404, no safetensors)
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{model}: cannot load from the hub ({msg}); are you online? "
-                            "A local diffusers folder works offline") from None
+            raise UserError(
+                f"{model}: cannot load from the hub ({msg}); are you online? A local diffusers folder works offline"
+            ) from None
         _check_scheduler_config(dict(scheduler.config), str(model))
     _check_unet(unet, str(model))
     return unet.to(device).eval(), scheduler
@@ -125,6 +131,7 @@ def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, out: str | os.PathLik
 
 
 # ---------------------------------------------------------------- a generator made for GANs
+
 
 class _StyleBlock(torch.nn.Module):
     """conv3x3 -> + per-channel scaled noise -> LeakyReLU -> instance norm -> AdaIN style (StyleGAN's layer)."""
@@ -154,8 +161,15 @@ class StyleGenerator(ModelMixin, ConfigMixin):
     Called as a UNet generator is, `net(z_img, 0, class_labels=w).sample`, so the TDPM code takes either."""
 
     @register_to_config
-    def __init__(self, channels: tuple[int, ...] = (128, 128, 64, 32), w_dim: int = 64, mapping_layers: int = 2,
-                 sample_size: int = 32, out_channels: int = 3, latent_input: bool = False) -> None:
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (128, 128, 64, 32),
+        w_dim: int = 64,
+        mapping_layers: int = 2,
+        sample_size: int = 32,
+        out_channels: int = 3,
+        latent_input: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[torch.nn.Module] = []
         for _ in range(mapping_layers):
@@ -171,8 +185,13 @@ class StyleGenerator(ModelMixin, ConfigMixin):
             c_prev = c
         self.to_rgb = torch.nn.Conv2d(c_prev, out_channels, 1)
 
-    def forward(self, sample: torch.Tensor, timestep: object = 0, class_labels: torch.Tensor | None = None,
-                return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: object = 0,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DOutput | tuple[torch.Tensor]:
         if class_labels is None:
             raise ValueError("StyleGenerator needs its style vector w (class_labels)")
         w = self.mapping(class_labels.to(self.const.dtype))
@@ -189,8 +208,9 @@ class StyleGenerator(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-def build_generator_network(preset: str, seed: int | None = None,
-                            sample_size: int | None = None) -> UNet2DModel | StyleGenerator:
+def build_generator_network(
+    preset: str, seed: int | None = None, sample_size: int | None = None
+) -> UNet2DModel | StyleGenerator:
     """G_psi of a preset: a `StyleGenerator` (config.STYLE_PRESETS) or a UNet generator (config.PRESETS)."""
     if preset not in STYLE_PRESETS:
         return build_unet(preset, seed=seed, sample_size=sample_size)

@@ -24,8 +24,13 @@ def make_scheduler(schedule: str = "linear", num_train_timesteps: int = 1000) ->
     """The DDPM scheduler of Algorithm 1 (linear betas 1e-4..0.02, or the cosine schedule)."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; choose linear or cosine")
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=SCHEDULES[schedule],
-                         clip_sample=True, prediction_type="epsilon", variance_type="fixed_small")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=SCHEDULES[schedule],
+        clip_sample=True,
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+    )
 
 
 def num_levels(scheduler: DDPMScheduler) -> int:
@@ -80,6 +85,7 @@ def sigma_to_level(scheduler: DDPMScheduler, sigma255: float) -> int:
 
 # ---------------------------------------------------------------- per-image randomness
 
+
 def image_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per image, on the device where the noise is drawn (never drawn then moved).
 
@@ -88,7 +94,11 @@ def image_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def randn(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device | str = "cpu",
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn(
+    shape: tuple[int, ...],
+    generators: list[torch.Generator],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """[len(generators), *shape] standard normal noise, row i drawn from generators[i]."""
     return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])

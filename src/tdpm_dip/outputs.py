@@ -85,6 +85,7 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 # ---------------------------------------------------------------------------------------------- interrupts
 
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that the same clean-up runs."""
 
@@ -133,12 +134,13 @@ def signals_deferred() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- staging
 
+
 def _stage_prefix(final: Path) -> str:
-    return f".{final.name}.partial."        # a command's new outputs while they are built
+    return f".{final.name}.partial."  # a command's new outputs while they are built
 
 
 def _aside_prefix(final: Path) -> str:
-    return f".{final.name}.old.partial."    # the outputs they replace, during the swap
+    return f".{final.name}.old.partial."  # the outputs they replace, during the swap
 
 
 def recover_swap(final: str | os.PathLike) -> None:

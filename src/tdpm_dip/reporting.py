@@ -9,10 +9,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import save_grid, save_png
 from .methods.types import Result
 from .metrics import psnr, ssim
 from .outputs import atomic_path, markdown_table
-from .images import save_grid, save_png
 
 
 def result_row(res: Result, clean: torch.Tensor | None, **labels: object) -> dict:
@@ -50,14 +50,18 @@ def thumbnails(images: list[torch.Tensor], size: int = 96) -> torch.Tensor:
         h, w = x.shape[-2:]
         side = max(h, w)
         sq = torch.ones(3, side, side)
-        sq[:, (side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = x.float().cpu()
-        out.append(torch.nn.functional.interpolate(sq[None], size=(size, size), mode="bilinear", antialias=True,
-                                                   align_corners=False)[0])
+        sq[:, (side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = x.float().cpu()
+        out.append(
+            torch.nn.functional.interpolate(
+                sq[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+        )
     return torch.stack(out)
 
 
-def labelled_comparison(path: Path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8,
-                        upscale: int | None = None) -> None:
+def labelled_comparison(
+    path: Path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8, upscale: int | None = None
+) -> None:
     """`comparison_figure` with a column of row labels on the left ("clean", "noisy", each method)."""
     size = int(rows[0][1].shape[-1])
     upscale = upscale or max(1, round(128 / size))
@@ -105,8 +109,9 @@ def cost_figure(path: Path, points: list[dict], title: str = "") -> bool:
     groups = list(dict.fromkeys(p.get("group", "") for p in points))
     fig = Figure(figsize=(9, 6.5))
     axes = fig.subplots(2, 2, sharey="row")
-    for (r, metric), (c, cost) in [((r, m), (c, x)) for r, m in enumerate(("PSNR", "SSIM"))
-                                   for c, x in enumerate(("NFE", "s/img"))]:
+    for (r, metric), (c, cost) in [
+        ((r, m), (c, x)) for r, m in enumerate(("PSNR", "SSIM")) for c, x in enumerate(("NFE", "s/img"))
+    ]:
         ax = axes[r][c]
         for p in points:
             x = max(float(p[cost]), 0.5 if cost == "NFE" else 1e-3)  # a log axis: classical methods at the floor

@@ -88,10 +88,18 @@ def dip_config(use: str, preset: str, iters: int | None = None, lr: float | None
     return dip_defaults(use, preset, iters, lr)
 
 
-def load_context(model: str | None = None, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = defaults.BATCH_SIZE, dip_use: str = "paper", dip_preset: str = "auto",
-                 dip_iters: int | None = None, dip_lr: float | None = None, progress: bool = True,
-                 task: str = "generate") -> tuple[Context, Shard | None]:
+def load_context(
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = defaults.BATCH_SIZE,
+    dip_use: str = "paper",
+    dip_preset: str = "auto",
+    dip_iters: int | None = None,
+    dip_lr: float | None = None,
+    progress: bool = True,
+    task: str = "generate",
+) -> tuple[Context, Shard | None]:
     """The DDPM (`model`, or the embedded default of `task`: denoise | generate) and everything a method needs,
     on the chosen device.
 
@@ -107,8 +115,9 @@ def load_context(model: str | None = None, device: str = "auto", dtype: str = "a
     if amp is not None:  # reduced-precision convolutions run fastest on channels-last weights (oneDNN, cuDNN)
         unet = unet.to(memory_format=torch.channels_last)
     preset = pick_dip_preset(dip_preset, dev)
-    ctx = Context(unet, scheduler, dip_config(dip_use, preset, dip_iters, dip_lr), dev, amp, batch_size,
-                  progress=progress)
+    ctx = Context(
+        unet, scheduler, dip_config(dip_use, preset, dip_iters, dip_lr), dev, amp, batch_size, progress=progress
+    )
     if dip_use == "blind":
         ctx.dip_plugin = dip_config("plugin", preset, dip_iters, dip_lr)
     return ctx, shard

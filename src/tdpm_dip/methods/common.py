@@ -45,13 +45,21 @@ def chain(ctx: Context, x_t: torch.Tensor, t: int, gens: list[torch.Generator], 
     out = []
     with progress_bar(ctx, t * math.ceil(x_t.shape[0] / ctx.batch_size), desc) as bar:
         for sl in chunks(x_t.shape[0], ctx.batch_size):
-            out.append(reverse_chain(ctx.model, x_t[sl], t, gens[sl],
-                                     callback=(lambda _: bar.update()) if bar is not None else None))
+            out.append(
+                reverse_chain(
+                    ctx.model, x_t[sl], t, gens[sl], callback=(lambda _: bar.update()) if bar is not None else None
+                )
+            )
     return torch.cat(out)
 
 
-def chains_by_level(ctx: Context, levels: list[int], gens: list[torch.Generator],
-                    start: Callable[[list[int], int], torch.Tensor], desc: str) -> torch.Tensor:
+def chains_by_level(
+    ctx: Context,
+    levels: list[int],
+    gens: list[torch.Generator],
+    start: Callable[[list[int], int], torch.Tensor],
+    desc: str,
+) -> torch.Tensor:
     """Reverse chains for images whose start levels differ: images sharing level t share one chain,
     started from start(indices, t), and the outputs return in the images' order."""
     out: torch.Tensor | None = None
@@ -64,8 +72,14 @@ def chains_by_level(ctx: Context, levels: list[int], gens: list[torch.Generator]
     return out
 
 
-def fit(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], reference: torch.Tensor | None,
-        cfg: DIPConfig | None = None) -> DIPResult:
+def fit(
+    ctx: Context,
+    target: torch.Tensor,
+    z: torch.Tensor,
+    seeds: list[int],
+    reference: torch.Tensor | None,
+    cfg: DIPConfig | None = None,
+) -> DIPResult:
     """Algorithm 2 on a batch, memoised in ctx.dip_memo when the caller provides one.
 
     The blind DIP does not depend on the DDPM, and the dip / tdpm-dip rows fit the same networks:
@@ -81,8 +95,16 @@ def fit(ctx: Context, target: torch.Tensor, z: torch.Tensor, seeds: list[int], r
         key = (h.hexdigest(), tuple(seeds), cfg, str(ctx.amp_dtype), str(ctx.device), ctx.batch_size)
         if key in memo:
             return memo[key]
-    res = fit_dip(target, z, seeds, cfg, reference=reference, batch_size=ctx.batch_size,
-                  amp_dtype=ctx.amp_dtype, progress=ctx.progress)
+    res = fit_dip(
+        target,
+        z,
+        seeds,
+        cfg,
+        reference=reference,
+        batch_size=ctx.batch_size,
+        amp_dtype=ctx.amp_dtype,
+        progress=ctx.progress,
+    )
     if memo is not None:
         memo[key] = res
     return res

@@ -31,8 +31,12 @@ def ddim(ctx: Context, job: Job) -> Result:
     gens = image_generators(job.seeds, ctx.device)
     x_T = randn(image_shape(ctx), gens, ctx.device)
     with timer(ctx.device) as tm:
-        out = torch.cat([ddim_chain(ctx.model, x_T[sl], steps, gens[sl], eta=job.eta)
-                         for sl in chunks(len(job.seeds), ctx.batch_size)])
+        out = torch.cat(
+            [
+                ddim_chain(ctx.model, x_T[sl], steps, gens[sl], eta=job.eta)
+                for sl in chunks(len(job.seeds), ctx.batch_size)
+            ]
+        )
     return Result("ddim", "unconditional", out.cpu(), tm[0], steps, steps, info={"ddim_steps": steps})
 
 
@@ -40,8 +44,10 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     """Table 1, TDPM-DIP row: Alg. 2 on x_T built from reference image i and z_i, then Alg. 3."""
     n = len(job.seeds)
     if job.reference is None or job.reference.shape[0] < n:
-        raise UserError("TDPM-DIP generation follows the paper protocol: it needs --reference-data with at least "
-                        "--n images (each output reconstructs one of them)")
+        raise UserError(
+            "TDPM-DIP generation follows the paper protocol: it needs --reference-data with at least "
+            "--n images (each output reconstructs one of them)"
+        )
     t_trunc = check_t_trunc(ctx.scheduler, defaults.T_TRUNC if job.t_trunc is None else job.t_trunc)
     gens = image_generators(job.seeds, ctx.device)
     x0 = job.reference[:n].to(ctx.device)
@@ -50,8 +56,16 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     with timer(ctx.device) as tm:
         out = chain(ctx, res.output, t_trunc, gens, "TDPM reverse") if t_trunc else res.output
     iters = ctx.dip.iters
-    return Result("tdpm-dip", "paper", out.cpu(), res.seconds + tm[0], iters + t_trunc, iters + t_trunc, dip=res,
-                  info={"t_trunc": t_trunc, "dip_output": res.output.cpu()})
+    return Result(
+        "tdpm-dip",
+        "paper",
+        out.cpu(),
+        res.seconds + tm[0],
+        iters + t_trunc,
+        iters + t_trunc,
+        dip=res,
+        info={"t_trunc": t_trunc, "dip_output": res.output.cpu()},
+    )
 
 
 def tdpm(ctx: Context, job: Job) -> Result:
@@ -70,7 +84,18 @@ def tdpm(ctx: Context, job: Job) -> Result:
     gens = image_generators(job.seeds, ctx.device)
     n = len(job.seeds)
     with progress_bar(ctx, t * math.ceil(n / ctx.batch_size), "TDPM reverse") as bar, timer(ctx.device) as tm:
-        out = torch.cat([gen.sample(ctx.model, gens[sl], (lambda _: bar.update()) if bar is not None else None)
-                         for sl in chunks(n, ctx.batch_size)])
-    return Result("tdpm", "unconditional", out.cpu(), tm[0], 1 + t, 1 + t,
-                  info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")})
+        out = torch.cat(
+            [
+                gen.sample(ctx.model, gens[sl], (lambda _: bar.update()) if bar is not None else None)
+                for sl in chunks(n, ctx.batch_size)
+            ]
+        )
+    return Result(
+        "tdpm",
+        "unconditional",
+        out.cpu(),
+        tm[0],
+        1 + t,
+        1 + t,
+        info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")},
+    )

@@ -20,7 +20,7 @@ from .types import Context, Job
 
 NOISE_MODELS = ("clipped", "float")
 SATURATED_WINDOW = 9  # px: the neighbourhood in which a saturated region is recognised
-MIN_SAMPLES = 200     # pixels (or wavelet coefficients) below which an estimate is not trusted
+MIN_SAMPLES = 200  # pixels (or wavelet coefficients) below which an estimate is not trusted
 DRAW_STRIDE = 1_000_003  # seed offset between declip draws of one image (a prime, far from any image's seed)
 
 
@@ -59,8 +59,7 @@ def declip(noisy: torch.Tensor, sigma255: list[float], seeds: list[int]) -> torc
 
 def estimate_sigma(noisy: torch.Tensor) -> list[float]:
     """Per-image noise std on the 0..255 scale, aware of the clipping of 8-bit files (`sigma_255`)."""
-    return [sigma_255(((img.permute(1, 2, 0) + 1.0) * 127.5).numpy())
-            for img in noisy.detach().float().cpu()]
+    return [sigma_255(((img.permute(1, 2, 0) + 1.0) * 127.5).numpy()) for img in noisy.detach().float().cpu()]
 
 
 def sigma_255(y: np.ndarray) -> float:
@@ -68,8 +67,8 @@ def sigma_255(y: np.ndarray) -> float:
 
     Saturated regions first: where the clean image sits on a bound (a white background, black ink), half the
     noise is clipped, so at least ~half of a neighbourhood is stored at the bound, and an unclipped pixel there
-    is bound -/+ |n|: the half-normal |n| has median 0.6745 sigma (`_half_normal_sigma`). Elsewhere (no such region: a photo
-    without saturation), Donoho's wavelet estimator, the MAD of the finest diagonal db2 coefficients / 0.6745
+    is bound -/+ |n|: the half-normal |n| has median 0.6745 sigma (`_half_normal_sigma`). Elsewhere (no such region: a
+    photo without saturation), Donoho's wavelet estimator, the MAD of the finest diagonal db2 coefficients / 0.6745
     (as skimage.restoration.estimate_sigma), on the blocks that no clipped pixel touches. A plain wavelet MAD
     reads the clipped noise of the saturated pixels and comes out far too low on such files.
     """

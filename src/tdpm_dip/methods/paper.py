@@ -28,8 +28,9 @@ def ddpm(ctx: Context, job: Job) -> Result:
     _, gens, _, x_noisy = _draws(ctx, job)
     with timer(ctx.device) as tm:
         out = chain(ctx, x_noisy, job.t_noisy, gens, "DDPM reverse")
-    return Result("ddpm", "paper", out.cpu(), tm[0], job.t_noisy, job.t_noisy, x_noisy.cpu(),
-                  info={"t_noisy": job.t_noisy})
+    return Result(
+        "ddpm", "paper", out.cpu(), tm[0], job.t_noisy, job.t_noisy, x_noisy.cpu(), info={"t_noisy": job.t_noisy}
+    )
 
 
 def _tdpm(ctx: Context, job: Job, method: str, t: int) -> Result:
@@ -39,8 +40,17 @@ def _tdpm(ctx: Context, job: Job, method: str, t: int) -> Result:
     with timer(ctx.device) as tm:
         out = chain(ctx, res.output, t, gens, "TDPM reverse") if t else res.output
     iters = ctx.dip.iters
-    return Result(method, "paper", out.cpu(), res.seconds + tm[0], iters + t, iters + t, x_noisy.cpu(), res,
-                  {"t_noisy": job.t_noisy, "t_trunc": t})
+    return Result(
+        method,
+        "paper",
+        out.cpu(),
+        res.seconds + tm[0],
+        iters + t,
+        iters + t,
+        x_noisy.cpu(),
+        res,
+        {"t_noisy": job.t_noisy, "t_trunc": t},
+    )
 
 
 def dip(ctx: Context, job: Job) -> Result:

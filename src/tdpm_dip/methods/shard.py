@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from .types import Context, Job, Result, concat_results
 
-
 _CALLS = itertools.count()  # every process makes the same calls in the same order: one progress key per call
 
 
@@ -55,14 +54,13 @@ def owned_batches(n: int, batch_size: int, rank: int, world: int) -> list[range]
     return [range(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(lo, hi)]
 
 
-def _cpu(x: Any) -> Any:  # noqa: ANN401 - tensors, dataclasses, containers
+def _cpu(x: Any) -> Any:
     """A copy with every tensor on the CPU: gathered objects are pickled, and a CUDA tensor would be
     unpickled on the sender's GPU index."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: _cpu(getattr(x, f.name)) for f in dataclasses.fields(x)
-                                         if f.init})
+        return dataclasses.replace(x, **{f.name: _cpu(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init})
     if isinstance(x, dict):
         return {k: _cpu(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -110,13 +108,14 @@ class Shard:
         from accelerate import PartialState  # accelerate loads only under a launcher: plain commands skip it
 
         if device.type == "cuda" and device.index is not None:
-            raise UserError("under a launcher each process uses its own GPU: give --device auto or cuda, "
-                            f"not {device}")
+            raise UserError(f"under a launcher each process uses its own GPU: give --device auto or cuda, not {device}")
         state = PartialState(cpu=device.type == "cpu")
         world = int(os.environ["WORLD_SIZE"])
         if state.num_processes != world:
-            raise UserError(f"the launcher started {world} processes but they did not join one process group "
-                            f"(accelerate: {state.distributed_type}); on CPUs use --device cpu")
+            raise UserError(
+                f"the launcher started {world} processes but they did not join one process group "
+                f"(accelerate: {state.distributed_type}); on CPUs use --device cpu"
+            )
         dev = torch.device("cpu") if state.device.type == "cpu" else state.device
         return cls(state.process_index, state.num_processes), dev
 
@@ -138,7 +137,7 @@ class Shard:
         bar.close()
         return concat_results([r for _, r in sorted(parts, key=lambda p: p[0])])
 
-    def broadcast(self, obj: Any) -> Any:  # noqa: ANN401 - any picklable object
+    def broadcast(self, obj: Any) -> Any:
         """The main process's `obj`, on every process (a decision that reads rank 0's files)."""
         from accelerate.utils import broadcast_object_list  # (as in start)
 

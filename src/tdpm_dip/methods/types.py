@@ -62,22 +62,29 @@ class Job:
     sigma: tuple[float, ...] = ()
     clean: torch.Tensor | None = None
     reference: torch.Tensor | None = None
-    t_noisy: int = defaults.T_NOISY      # paper denoising: level of the noisy images
-    t_trunc: int | None = None           # TDPM: None = the method's default (paper 10, blind automatic)
-    samples: int = defaults.SAMPLES      # chains (or posterior samples) averaged per image
-    ddim_steps: int | None = None        # ddim: network evaluations (None: the method's default)
-    eta: float = 0.0                     # ddim: 0 deterministic, 1 ancestral
-    declip: bool = True                  # blind: clipping-aware observation model (observe.declip)
+    t_noisy: int = defaults.T_NOISY  # paper denoising: level of the noisy images
+    t_trunc: int | None = None  # TDPM: None = the method's default (paper 10, blind automatic)
+    samples: int = defaults.SAMPLES  # chains (or posterior samples) averaged per image
+    ddim_steps: int | None = None  # ddim: network evaluations (None: the method's default)
+    eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral
+    declip: bool = True  # blind: clipping-aware observation model (observe.declip)
 
     def part(self, idx: slice) -> Job:
         """Images idx of this job, with their own seeds (and their own sigma when there is one per image)."""
+
         def cut(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[idx]
 
         n = len(self.seeds)
         sigma = self.sigma[idx] if len(self.sigma) == n and n > 1 else self.sigma
-        return dataclasses.replace(self, seeds=self.seeds[idx], noisy=cut(self.noisy), clean=cut(self.clean),
-                                   reference=cut(self.reference), sigma=sigma)
+        return dataclasses.replace(
+            self,
+            seeds=self.seeds[idx],
+            noisy=cut(self.noisy),
+            clean=cut(self.clean),
+            reference=cut(self.reference),
+            sigma=sigma,
+        )
 
 
 @dataclass
@@ -139,5 +146,14 @@ def concat_results(parts: list[Result]) -> Result:
     dip = None if first.dip is None else DIPResult.concat(_present([p.dip for p in parts]))
     inputs = None if first.inputs is None else torch.cat(_present([p.inputs for p in parts]))
     info = _merge_info([(int(p.images.shape[0]), p.info) for p in parts])
-    return Result(first.method, first.protocol, torch.cat([p.images for p in parts]), seconds,
-                  max(p.reverse_steps for p in parts), max(p.nfe for p in parts), inputs, dip, info)
+    return Result(
+        first.method,
+        first.protocol,
+        torch.cat([p.images for p in parts]),
+        seconds,
+        max(p.reverse_steps for p in parts),
+        max(p.nfe for p in parts),
+        inputs,
+        dip,
+        info,
+    )

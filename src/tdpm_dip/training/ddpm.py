@@ -34,25 +34,53 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from ..config import get_preset
 from ..data import load_images
 from ..errors import UserError
+from ..images import save_grid
 from ..models import build_unet, load_ddpm, save_ddpm, unet_size
 from ..noise import image_generators, make_scheduler, randn
 from ..outputs import staged_dir
-from ..images import save_grid
 from ..sampling import EpsModel, ddim_chain
-from .loop import (EMA, Run, batch_indices, derive_seed, optimizer_step, place_images, resolve_mixed_precision,
-                   run_loop, start_accelerator, start_run)
+from .loop import (
+    EMA,
+    Run,
+    batch_indices,
+    derive_seed,
+    optimizer_step,
+    place_images,
+    resolve_mixed_precision,
+    run_loop,
+    start_accelerator,
+    start_run,
+)
 from .options import NUM_TRAIN_TIMESTEPS, TrainConfig
 
 # Options a resumed run must share with its checkpoint: changing them would silently train another model
 # (AdamW and the LR schedule restore their own lr, so a new --lr would be ignored, not applied).
-RESUME_MUST_MATCH = ("preset", "init", "size", "schedule", "t_min", "t_max", "augment", "fill", "batch_size", "lr",
-                     "warmup_steps", "ema_decay", "seed")
+RESUME_MUST_MATCH = (
+    "preset",
+    "init",
+    "size",
+    "schedule",
+    "t_min",
+    "t_max",
+    "augment",
+    "fill",
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "ema_decay",
+    "seed",
+)
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "model")  # what a run writes in --out
 
 
-def sample_timesteps(n: int, t_max: int | None, generator: torch.Generator, t_min: int = 1,
-                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_timesteps(
+    n: int,
+    t_max: int | None,
+    generator: torch.Generator,
+    t_min: int = 1,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Algorithm 1 line 3: t ~ Uniform({1, ..., T_trunc}), returned as diffusers indices 0..T_trunc-1."""
     hi = num_train_timesteps if t_max is None else t_max
     if not 1 <= t_min <= hi <= num_train_timesteps:
@@ -60,8 +88,9 @@ def sample_timesteps(n: int, t_max: int | None, generator: torch.Generator, t_mi
     return torch.randint(t_min - 1, hi, (n,), generator=generator, device=device)
 
 
-def step_draws(step: int, batch_size: int, size: int, seed: int, t_max: int | None,
-               device: torch.device, t_min: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def step_draws(
+    step: int, batch_size: int, size: int, seed: int, t_max: int | None, device: torch.device, t_min: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flip mask [B], timesteps [B], noise eps [B, 3, size, size]) of 0-based step `step`.
 
     Drawn for the whole global batch on every process, in a fixed order from one generator living on
@@ -79,11 +108,13 @@ def symmetry_draws(step: int, batch_size: int, seed: int, device: torch.device) 
     horizontal flips of `step_draws` they pick one of the 8 symmetries of the square per image. A stream of
     its own, so that --augment flip draws exactly what it always drew."""
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, "symmetry", step))
-    return torch.rand(batch_size, generator=g, device=device) < 0.5, torch.rand(batch_size, generator=g, device=device) < 0.5
+    flip = torch.rand(batch_size, generator=g, device=device) < 0.5
+    return flip, torch.rand(batch_size, generator=g, device=device) < 0.5
 
 
-def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor,
-                   eps: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(
+    model: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
     """Algorithm 1 line 6: mean || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2."""
     x_t = scheduler.add_noise(x0, eps, t)
     pred = model(x_t, t).sample
@@ -92,8 +123,15 @@ def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, x0: torch.T
 
 
 @torch.no_grad()
-def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int, seed: int,
-                device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def sample_grid(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    n: int,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """n DDIM samples of `unet` from fixed noise (same seeds at every step, so grids are comparable)."""
     size = int(unet.config.sample_size)
     gens = image_generators([derive_seed(seed, "samples", i) for i in range(n)], device)
@@ -120,8 +158,9 @@ def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> Ru
     mixed = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = start_accelerator(cfg, mixed)
     device, nproc = accelerator.device, accelerator.num_processes
-    data = load_images(cfg.data, cfg.size, cfg.fill, cfg.skip_bad, cfg.limit,
-                       progress=progress and accelerator.is_main_process)
+    data = load_images(
+        cfg.data, cfg.size, cfg.fill, cfg.skip_bad, cfg.limit, progress=progress and accelerator.is_main_process
+    )
     n = len(data)
     if cfg.batch_size > n:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the dataset ({n} images in {cfg.data})")
@@ -142,11 +181,23 @@ def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> Ru
     # process (accelerate's convention), shortening the schedule under `accelerate launch`.
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     run, _ = start_run(
-        cfg, accelerator, mixed, folder, images=place_images(data, device), n_images=n, scheduler=scheduler,
-        unet=unet, ema=EMA(unet, cfg.ema_decay), optimizer=optimizer, lr_scheduler=lr_scheduler,
-        run_config={**asdict(cfg), "n_images": n}, algorithm="Algorithm 1 (DDPM training)",
+        cfg,
+        accelerator,
+        mixed,
+        folder,
+        images=place_images(data, device),
+        n_images=n,
+        scheduler=scheduler,
+        unet=unet,
+        ema=EMA(unet, cfg.ema_decay),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        run_config={**asdict(cfg), "n_images": n},
+        algorithm="Algorithm 1 (DDPM training)",
         describe={"unet": dict(unet.config) if cfg.init else get_preset(cfg.preset).unet_kwargs(cfg.size)},
-        must_match=RESUME_MUST_MATCH, owned=RUN_FILES)
+        must_match=RESUME_MUST_MATCH,
+        owned=RUN_FILES,
+    )
     return run
 
 
@@ -188,8 +239,7 @@ def _save_samples(run: Run, step: int) -> None:
     assert isinstance(cfg, TrainConfig)  # the Run that _setup started
     if run.main and cfg.n_samples > 0:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed)
-        x = sample_grid(run.ema.model, run.scheduler, cfg.n_samples, cfg.sample_steps, cfg.seed, run.device,
-                        amp_dtype)
+        x = sample_grid(run.ema.model, run.scheduler, cfg.n_samples, cfg.sample_steps, cfg.seed, run.device, amp_dtype)
         save_grid(x, run.out / "samples" / f"step_{step:06d}.png", upscale=max(1, 64 // cfg.size))
 
 
@@ -201,5 +251,3 @@ def _export(run: Run) -> Path:
             save_ddpm(run.ema.model, run.scheduler, tmp)
     run.accelerator.wait_for_everyone()
     return export
-
-

@@ -40,21 +40,50 @@ from ..config import STYLE_PRESETS, get_preset
 from ..data import load_images
 from ..errors import UserError
 from ..generator import FORMAT, GENERATOR_JSON, TDPMGenerator, draw_latents, g_forward, load_generator, style_dim
+from ..images import save_grid
 from ..models import build_generator_network, ddpm_fingerprint, load_ddpm, unet_size
 from ..noise import image_generators, num_levels, q_sample
 from ..outputs import atomic_path, staged_dir, write_json
-from ..images import save_grid
 from ..sampling import EpsModel, ddim_between
-from .loop import (EMA, Run, batch_indices, derive_seed, optimizer_step, place_images, resolve_mixed_precision,
-                   run_loop, start_accelerator, start_run)
+from .loop import (
+    EMA,
+    Run,
+    batch_indices,
+    derive_seed,
+    optimizer_step,
+    place_images,
+    resolve_mixed_precision,
+    run_loop,
+    start_accelerator,
+    start_run,
+)
 from .options import GeneratorConfig
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "generator", "pairs.safetensors")
-RESUME_MUST_MATCH = ("model", "t_trunc", "objective", "preset", "init", "batch_size", "lr", "disc_lr", "r1_gamma",
-                     "r1_every", "augment", "predict", "disc_channels", "pairs", "ddim_steps", "warmup_steps", "ema_decay", "seed")
+RESUME_MUST_MATCH = (
+    "model",
+    "t_trunc",
+    "objective",
+    "preset",
+    "init",
+    "batch_size",
+    "lr",
+    "disc_lr",
+    "r1_gamma",
+    "r1_every",
+    "augment",
+    "predict",
+    "disc_channels",
+    "pairs",
+    "ddim_steps",
+    "warmup_steps",
+    "ema_decay",
+    "seed",
+)
 
 
 # ---------------------------------------------------------------- networks
+
 
 class Discriminator(torch.nn.Module):
     """A compact conv discriminator: a 3x3 stem, stride-2 4x4 convs with LeakyReLU(0.2) that double the width
@@ -71,8 +100,12 @@ class Discriminator(torch.nn.Module):
             layers += [torch.nn.Conv2d(c, c2, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
             c, res = c2, res // 2
         self.features = torch.nn.Sequential(*layers)
-        self.epilogue = torch.nn.Sequential(torch.nn.Conv2d(c + 1, c, 3, padding=1), torch.nn.LeakyReLU(0.2),
-                                            torch.nn.Flatten(), torch.nn.Linear(c * res * res, 1))
+        self.epilogue = torch.nn.Sequential(
+            torch.nn.Conv2d(c + 1, c, 3, padding=1),
+            torch.nn.LeakyReLU(0.2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(c * res * res, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.epilogue(minibatch_stddev(self.features(x))).squeeze(1)
@@ -90,10 +123,21 @@ def minibatch_stddev(h: torch.Tensor, group: int = 4) -> torch.Tensor:
 
 # ---------------------------------------------------------------- distillation pairs
 
+
 @torch.no_grad()
-def make_pairs(ddpm: UNet2DModel, scheduler: DDPMScheduler, n: int, t_trunc: int, ddim_steps: int, seed: int,
-               device: torch.device, batch_size: int = 64, amp_dtype: torch.dtype | None = None,
-               progress: bool = False, w_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def make_pairs(
+    ddpm: UNet2DModel,
+    scheduler: DDPMScheduler,
+    n: int,
+    t_trunc: int,
+    ddim_steps: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int = 64,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    w_dim: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """n pairs ((z_j, w_j), DDIM(z_j) at level T_trunc): (z_j, w_j) from a generator seeded by (seed, j)
     (`draw_latents`), the deterministic DDIM of the DDPM from level T (x_T = z_j) down to T_trunc (Luhman &
     Luhman 2021's training set). The teacher ignores w_j: drawn as at sampling, G_psi learns it carries
@@ -105,8 +149,9 @@ def make_pairs(ddpm: UNet2DModel, scheduler: DDPMScheduler, n: int, t_trunc: int
         for lo in range(0, n, batch_size):
             gens = image_generators([derive_seed(seed, "pairs", j) for j in range(lo, min(n, lo + batch_size))], device)
             z, w = draw_latents((3, size, size), w_dim, gens, device)
-            x = ddim_between(EpsModel(ddpm, scheduler, amp_dtype), z, T, t_trunc, ddim_steps,
-                             clip=bool(scheduler.config.clip_sample))
+            x = ddim_between(
+                EpsModel(ddpm, scheduler, amp_dtype), z, T, t_trunc, ddim_steps, clip=bool(scheduler.config.clip_sample)
+            )
             zs.append(z.cpu())
             xs.append(x.cpu())
             if w is not None:
@@ -120,9 +165,17 @@ def _pairs_key(cfg: GeneratorConfig, ddpm_fp: str, w_dim: int) -> str:
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
-def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2DModel, scheduler: DDPMScheduler,
-                        device: torch.device, amp_dtype: torch.dtype | None, progress: bool, w_dim: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _load_or_make_pairs(
+    cfg: GeneratorConfig,
+    out: Path,
+    main: bool,
+    ddpm: UNet2DModel,
+    scheduler: DDPMScheduler,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: bool,
+    w_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The pair set (z, x, w), read from out/pairs.safetensors when it was made with the same DDPM and options."""
     key = _pairs_key(cfg, ddpm_fingerprint(ddpm, scheduler), w_dim)
     path = out / "pairs.safetensors"
@@ -135,8 +188,18 @@ def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2
                 return t["z"], t["x"], t.get("w")
         except (OSError, ValueError, RuntimeError):
             pass  # damaged: made again below
-    z, x, w = make_pairs(ddpm, scheduler, cfg.pairs, cfg.t_trunc, cfg.ddim_steps, cfg.seed, device,
-                         amp_dtype=amp_dtype, progress=progress and main, w_dim=w_dim)
+    z, x, w = make_pairs(
+        ddpm,
+        scheduler,
+        cfg.pairs,
+        cfg.t_trunc,
+        cfg.ddim_steps,
+        cfg.seed,
+        device,
+        amp_dtype=amp_dtype,
+        progress=progress and main,
+        w_dim=w_dim,
+    )
     if main:
         tensors = {"z": z.contiguous(), "x": x.contiguous(), **({"w": w.contiguous()} if w is not None else {})}
         with atomic_path(path) as tmp:
@@ -146,17 +209,18 @@ def _load_or_make_pairs(cfg: GeneratorConfig, out: Path, main: bool, ddpm: UNet2
 
 # ---------------------------------------------------------------- the run
 
+
 @dataclass
 class _GenState:
     """What the generator's steps need beyond loop.Run: the frozen DDPM, the discriminator, the pairs."""
 
     cfg: GeneratorConfig
     ddpm: UNet2DModel
-    disc: torch.nn.Module | None = None          # as accelerate prepared it
+    disc: torch.nn.Module | None = None  # as accelerate prepared it
     disc_optimizer: torch.optim.Optimizer | None = None
-    z: torch.Tensor | None = None                # distill: pair inputs (targets are run.images)
-    w: torch.Tensor | None = None                # distill: the pairs' style vectors (None: no style input)
-    w_dim: int = 0                               # G_psi's style width (style_dim)
+    z: torch.Tensor | None = None  # distill: pair inputs (targets are run.images)
+    w: torch.Tensor | None = None  # distill: the pairs' style vectors (None: no style input)
+    w_dim: int = 0  # G_psi's style width (style_dim)
     last_r1: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # logged between lazy R1 steps
 
 
@@ -166,8 +230,14 @@ def train_generator(cfg: GeneratorConfig, progress: bool = True, callback: Calla
     with contextlib.ExitStack() as folder:
         run, state = _setup(cfg, progress, folder)
         step_fn = functools.partial(_gan_step if cfg.objective == "gan" else _distill_step, state)
-        run_loop(run, step_fn, functools.partial(_save_samples, state), progress, callback,
-                 f"train-generator ({cfg.objective})")
+        run_loop(
+            run,
+            step_fn,
+            functools.partial(_save_samples, state),
+            progress,
+            callback,
+            f"train-generator ({cfg.objective})",
+        )
         _export(run, state)
     run.accelerator.wait_for_everyone()
     return Path(cfg.out) / "generator"
@@ -203,16 +273,35 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack) -
         extra_optimizers = {"disc_optimizer": torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=betas)}
     n = images.shape[0] if cfg.objective == "gan" else cfg.pairs
     if cfg.batch_size > n:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} "
-                        + ("images)" if cfg.objective == "gan" else "pairs; raise --pairs)"))
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is larger than the training set ({n} "
+            + ("images)" if cfg.objective == "gan" else "pairs; raise --pairs)")
+        )
     run, prepared = start_run(
-        cfg, accelerator, mixed, folder, images=images, n_images=n, scheduler=scheduler, unet=gen, ema=ema,
-        optimizer=optimizer, lr_scheduler=get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps),
+        cfg,
+        accelerator,
+        mixed,
+        folder,
+        images=images,
+        n_images=n,
+        scheduler=scheduler,
+        unet=gen,
+        ema=ema,
+        optimizer=optimizer,
+        lr_scheduler=get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps),
         run_config={**asdict(cfg), "n_images": n, "image_size": size},
         algorithm=f"TDPM generator G_psi ({cfg.objective})",
-        describe={"disc_params": sum(p.numel() for p in extra_modules["discriminator"].parameters())
-                  if extra_modules else None, "network": _network_kwargs(cfg.preset, size)},
-        must_match=RESUME_MUST_MATCH, owned=RUN_FILES, extra_modules=extra_modules, extra_optimizers=extra_optimizers)
+        describe={
+            "disc_params": sum(p.numel() for p in extra_modules["discriminator"].parameters())
+            if extra_modules
+            else None,
+            "network": _network_kwargs(cfg.preset, size),
+        },
+        must_match=RESUME_MUST_MATCH,
+        owned=RUN_FILES,
+        extra_modules=extra_modules,
+        extra_optimizers=extra_optimizers,
+    )
     if prepared:
         state.disc, state.disc_optimizer = prepared
     if cfg.objective == "distill":
@@ -233,12 +322,15 @@ def _frozen_ddpm(cfg: GeneratorConfig, device: torch.device) -> tuple[UNet2DMode
         raise UserError(f"--t-trunc must be in [0, {T - 1}] for this DDPM, got {cfg.t_trunc}")
     if cfg.preset in STYLE_PRESETS:
         if STYLE_PRESETS[cfg.preset].sample_size != size:
-            raise UserError(f"preset {cfg.preset!r} makes {STYLE_PRESETS[cfg.preset].sample_size} px images, the "
-                            f"DDPM {size} px")
+            raise UserError(
+                f"preset {cfg.preset!r} makes {STYLE_PRESETS[cfg.preset].sample_size} px images, the DDPM {size} px"
+            )
         return ddpm, scheduler, size
     factor = 2 ** (len(get_preset(cfg.preset).block_out_channels) - 1)
     if size % factor:
-        raise UserError(f"the DDPM's {size} px images do not suit preset {cfg.preset!r} (sides must be multiples of {factor})")
+        raise UserError(
+            f"the DDPM's {size} px images do not suit preset {cfg.preset!r} (sides must be multiples of {factor})"
+        )
     return ddpm, scheduler, size
 
 
@@ -258,8 +350,9 @@ def _init_from(gen: UNet2DModel, cfg: GeneratorConfig, ddpm: UNet2DModel, schedu
         raise UserError(f"--init {cfg.init}: its UNet is not preset {cfg.preset!r}") from None
 
 
-def _draws(cfg: GeneratorConfig, step: int, size: int, w_dim: int, device: torch.device
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def _draws(
+    cfg: GeneratorConfig, step: int, size: int, w_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(flips [B], z [B, 3, S, S], w [B, w_dim] or None, eps [B, 3, S, S]) of 0-based step `step`, from one
     generator seeded by (seed, step)."""
     g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "generator", step))
@@ -290,8 +383,9 @@ def diff_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     rows = (torch.arange(h, device=dev)[None] + r - shift[:, :1])[:, None, :, None]
     cols = (torch.arange(w, device=dev)[None] + r - shift[:, 1:])[:, None, None, :]
     padded = F.pad(x, (r, r, r, r))
-    x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-               rows, cols]
+    x = padded[
+        torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols
+    ]
     side = h // 2
     top = torch.randint(0, h - side + 1, (b, 1, 1), generator=g, device=dev)
     left = torch.randint(0, w - side + 1, (b, 1, 1), generator=g, device=dev)
@@ -393,16 +487,28 @@ def _export(run: Run, state: _GenState) -> Path:
             model = run.ema.model
             assert isinstance(model, ModelMixin)  # G_psi: a UNet2DModel or a StyleGenerator
             model.save_pretrained(tmp, safe_serialization=True)
-            write_json(tmp / GENERATOR_JSON, {
-                "format": FORMAT, "t_trunc": cfg.t_trunc, "z_shape": [3, size, size], "w_dim": state.w_dim,
-                "objective": cfg.objective,
-                "ddpm": Path(cfg.model).name or str(cfg.model),
-                "ddpm_fingerprint": ddpm_fingerprint(state.ddpm, run.scheduler), "image_size": size,
-                "schedule": run.scheduler.config.beta_schedule, "preset": cfg.preset, "steps": cfg.steps,
-                "batch_size": cfg.batch_size, "seed": cfg.seed, "data": cfg.data if cfg.objective == "gan" else None,
-                "init": cfg.init, "predict": cfg.predict,
-                "pairs": cfg.pairs if cfg.objective == "distill" else None,
-                "ddim_steps": cfg.ddim_steps if cfg.objective == "distill" else None,
-            })
+            write_json(
+                tmp / GENERATOR_JSON,
+                {
+                    "format": FORMAT,
+                    "t_trunc": cfg.t_trunc,
+                    "z_shape": [3, size, size],
+                    "w_dim": state.w_dim,
+                    "objective": cfg.objective,
+                    "ddpm": Path(cfg.model).name or str(cfg.model),
+                    "ddpm_fingerprint": ddpm_fingerprint(state.ddpm, run.scheduler),
+                    "image_size": size,
+                    "schedule": run.scheduler.config.beta_schedule,
+                    "preset": cfg.preset,
+                    "steps": cfg.steps,
+                    "batch_size": cfg.batch_size,
+                    "seed": cfg.seed,
+                    "data": cfg.data if cfg.objective == "gan" else None,
+                    "init": cfg.init,
+                    "predict": cfg.predict,
+                    "pairs": cfg.pairs if cfg.objective == "distill" else None,
+                    "ddim_steps": cfg.ddim_steps if cfg.objective == "distill" else None,
+                },
+            )
     run.accelerator.wait_for_everyone()
     return export

@@ -52,6 +52,7 @@ class TrainingDiverged(UserError):
 
 # ---------------------------------------------------------------- randomness: a pure function of (seed, step)
 
+
 def derive_seed(seed: int, stream: str, index: int) -> int:
     """A 63-bit seed for draw `index` of a named stream; independent streams, no global RNG involved."""
     tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
@@ -72,10 +73,11 @@ def batch_indices(step: int, n_images: int, batch_size: int, seed: int) -> torch
     """
     per_epoch = n_images // batch_size
     epoch, pos = divmod(step, per_epoch)
-    return _epoch_permutation(seed, epoch, n_images)[pos * batch_size:(pos + 1) * batch_size]
+    return _epoch_permutation(seed, epoch, n_images)[pos * batch_size : (pos + 1) * batch_size]
 
 
 # ---------------------------------------------------------------- EMA
+
 
 class EMA:
     """Exponential moving average of a model's weights, kept as a full fp32 copy (sampled and exported)."""
@@ -111,6 +113,7 @@ class EMA:
 
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, atomic)
 
+
 def _cpu_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
@@ -145,15 +148,26 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := CKPT_RE.fullmatch(p.name)) and (p / "training_state.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := CKPT_RE.fullmatch(p.name)) and (p / "training_state.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler, scaler_state: dict | None,
-                    config: dict, extra_modules: dict[str, torch.nn.Module] | None = None,
-                    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler_state: dict | None,
+    config: dict,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
+) -> Path:
     """Write checkpoints/step_XXXXXX atomically (built under a temporary name, then renamed).
 
     `extra_modules` (NAME.safetensors) and `extra_optimizers` are networks trained beside `model`, such
@@ -178,18 +192,30 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opti
             save_file(_cpu_tensors(module.state_dict()), str(tmp / f"{name}.safetensors"))
         save_file(opt_tensors, str(tmp / "training_state.safetensors"))
         lr_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
-        write_json(tmp / "training_state.json", {
-            "step": step, "optimizer": opt_meta, "lr_scheduler": lr_state, "grad_scaler": scaler_state,
-            "ema": {"decay": ema.decay, "num_updates": ema.num_updates}, "config": config,
-            "extra_optimizers": extra_meta,
-        })
+        write_json(
+            tmp / "training_state.json",
+            {
+                "step": step,
+                "optimizer": opt_meta,
+                "lr_scheduler": lr_state,
+                "grad_scaler": scaler_state,
+                "ema": {"decay": ema.decay, "num_updates": ema.num_updates},
+                "config": config,
+                "extra_optimizers": extra_meta,
+            },
+        )
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    extra_modules: dict[str, torch.nn.Module] | None = None,
-                    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict:
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
+) -> dict:
     """Restore a checkpoint written by `save_checkpoint` in place; returns its JSON part."""
     try:
         meta = json.loads((path / "training_state.json").read_text())
@@ -200,8 +226,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: EMA, optimizer: tor
             module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(device)))
         tensors = load_file(path / "training_state.safetensors")
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise UserError(f"{path}: damaged checkpoint ({str(e).splitlines()[0]}); delete it to resume "
-                        "from the one before") from None
+        raise UserError(
+            f"{path}: damaged checkpoint ({str(e).splitlines()[0]}); delete it to resume from the one before"
+        ) from None
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     for name, opt in (extra_optimizers or {}).items():
         opt.load_state_dict(_unflatten_optimizer(tensors, meta["extra_optimizers"][name], prefix=name))
@@ -215,6 +242,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: EMA, optimizer: tor
 
 # ---------------------------------------------------------------- the run
 
+
 def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> bf16 on GPUs with native bf16 (compute capability >= 8), fp16 on older GPUs, no on CPU."""
     if choice != "auto":
@@ -227,8 +255,13 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    return {"tdpm_dip": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
+    return {
+        "tdpm_dip": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def check_out_dir(out: Path, allow_existing: bool) -> None:
@@ -255,8 +288,9 @@ def _run_folder(cfg: LoopOptions, out: Path, owned: tuple[str, ...]) -> Iterator
         try:
             yield work
         except TrainingDiverged as e:
-            raise TrainingDiverged(f"{e} (that checkpoint was in the discarded --overwrite run: {out} still "
-                                   "holds the earlier run)") from None
+            raise TrainingDiverged(
+                f"{e} (that checkpoint was in the discarded --overwrite run: {out} still holds the earlier run)"
+            ) from None
 
 
 def _remove_cut_writes(out: Path) -> None:
@@ -286,12 +320,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _resume_mismatch(saved: dict, cfg: LoopOptions, n_images: int,
-                     must_match: tuple[str, ...]) -> list[str]:
+def _resume_mismatch(saved: dict, cfg: LoopOptions, n_images: int, must_match: tuple[str, ...]) -> list[str]:
     # An option newer than the checkpoint is absent from it: that run had the option's default.
     default = {f.name: f.default for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
-    diffs = [f"{k}: checkpoint {saved.get(k, default.get(k))!r}, now {getattr(cfg, k)!r}"
-             for k in must_match if saved.get(k, default.get(k)) != getattr(cfg, k)]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k, default.get(k))!r}, now {getattr(cfg, k)!r}"
+        for k in must_match
+        if saved.get(k, default.get(k)) != getattr(cfg, k)
+    ]
     if saved.get("n_images") not in (None, n_images):
         diffs.append(f"images: checkpoint {saved['n_images']}, now {n_images}")
     return diffs
@@ -317,20 +353,20 @@ class LoopOptions(Protocol):
 class Run:
     """What a run fixes once set up: options, data, the networks and their optimizer (`start_run`)."""
 
-    cfg: LoopOptions                  # with --epochs resolved into steps
+    cfg: LoopOptions  # with --epochs resolved into steps
     out: Path
     accelerator: Accelerator
-    mixed: str                        # the resolved mixed precision: no, bf16 or fp16
-    images: torch.Tensor              # the whole preloaded dataset (see place_images)
+    mixed: str  # the resolved mixed precision: no, bf16 or fp16
+    images: torch.Tensor  # the whole preloaded dataset (see place_images)
     n_images: int
     scheduler: DDPMScheduler
-    unet: UNet2DModel                 # the bare network: the EMA, checkpoints and export read it
-    model: torch.nn.Module            # the same network as accelerator.prepare wraps it: trained through this
+    unet: UNet2DModel  # the bare network: the EMA, checkpoints and export read it
+    model: torch.nn.Module  # the same network as accelerator.prepare wraps it: trained through this
     ema: EMA
     optimizer: torch.optim.Optimizer  # prepared by accelerate
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    run_config: dict                  # the options, as config.json and every checkpoint record them
-    start: int                        # the step the run starts after (the checkpoint's, when resuming)
+    run_config: dict  # the options, as config.json and every checkpoint record them
+    start: int  # the step the run starts after (the checkpoint's, when resuming)
     resumed_from: Path | None
     # Networks trained beside `unet` and checkpointed with it (a GAN's discriminator), and their optimizers.
     extra_modules: dict[str, torch.nn.Module] = field(default_factory=dict)
@@ -355,7 +391,7 @@ class RunLog:
     """
 
     last_ckpt: Path | None
-    step_last: int                    # the last step of the previous window
+    step_last: int  # the last step of the previous window
     t_last: float = field(default_factory=time.perf_counter)  # when this window's training began
     t0: float = field(default_factory=time.perf_counter)
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -379,14 +415,26 @@ def optimizer_step(run: Run, loss: torch.Tensor, max_norm: float = math.inf) -> 
     return grad_norm
 
 
-def run_loop(run: Run, step_fn: StepFn, sample_fn: Callable[[Run, int], None], progress: bool = True,
-             callback: Callable[[int], None] | None = None, desc: str = "train") -> None:
+def run_loop(
+    run: Run,
+    step_fn: StepFn,
+    sample_fn: Callable[[Run, int], None],
+    progress: bool = True,
+    callback: Callable[[int], None] | None = None,
+    desc: str = "train",
+) -> None:
     """The steps run.start+1 .. cfg.steps: metrics and the NaN stop every log_every steps, atomic
     checkpoints every checkpoint_every, sample grids every sample_every, and at the last step."""
     cfg = run.cfg
     log = RunLog(last_ckpt=run.resumed_from, step_last=run.start)
-    bar = tqdm(total=cfg.steps, initial=run.start, desc=desc, unit="step",
-               disable=not (progress and run.main), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=run.start,
+        desc=desc,
+        unit="step",
+        disable=not (progress and run.main),
+        dynamic_ncols=True,
+    )
     try:
         for step in range(run.start + 1, cfg.steps + 1):
             loss, grad_norm, extra = step_fn(run, step)
@@ -413,8 +461,15 @@ def run_loop(run: Run, step_fn: StepFn, sample_fn: Callable[[Run, int], None], p
         bar.close()
 
 
-def open_run_folder(cfg: LoopOptions, out: Path, folder: contextlib.ExitStack, accelerator: Accelerator,
-                    start: int, owned: tuple[str, ...], config_json: dict) -> Path:
+def open_run_folder(
+    cfg: LoopOptions,
+    out: Path,
+    folder: contextlib.ExitStack,
+    accelerator: Accelerator,
+    start: int,
+    owned: tuple[str, ...],
+    config_json: dict,
+) -> Path:
     """Where the main process writes the run (`_run_folder`, entered into `folder`): prepared, cleaned
     after a cut --resume (partial writes removed, metrics after the checkpoint dropped), config.json written."""
     if accelerator.is_main_process:
@@ -428,11 +483,18 @@ def open_run_folder(cfg: LoopOptions, out: Path, folder: contextlib.ExitStack, a
     return out
 
 
-def resume_run(cfg: LoopOptions, out: Path, n_images: int, unet: UNet2DModel, ema: EMA,
-               optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-               must_match: tuple[str, ...],
-               extra_modules: dict[str, torch.nn.Module] | None = None,
-               extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[int, Path | None]:
+def resume_run(
+    cfg: LoopOptions,
+    out: Path,
+    n_images: int,
+    unet: UNet2DModel,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    must_match: tuple[str, ...],
+    extra_modules: dict[str, torch.nn.Module] | None = None,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
+) -> tuple[int, Path | None]:
     """--resume: restore the latest checkpoint in place; returns (its step, its folder), or (0, None)."""
     ckpts = list_checkpoints(out) if cfg.resume else []
     if not ckpts:
@@ -441,8 +503,9 @@ def resume_run(cfg: LoopOptions, out: Path, n_images: int, unet: UNet2DModel, em
     saved = json.loads((last / "training_state.json").read_text()).get("config", {})
     diffs = _resume_mismatch(saved, cfg, n_images, must_match)
     if diffs:
-        raise UserError(f"{last}: cannot resume with different options ({'; '.join(diffs)}); "
-                        "use the same options or another --out")
+        raise UserError(
+            f"{last}: cannot resume with different options ({'; '.join(diffs)}); use the same options or another --out"
+        )
     start = int(load_checkpoint(last, unet, ema, optimizer, lr_scheduler, extra_modules, extra_optimizers)["step"])
     if start > cfg.steps:
         raise UserError(f"{last}: the checkpoint is at step {start}, past --steps {cfg.steps}")
@@ -471,12 +534,20 @@ def _log_metrics(run: Run, log: RunLog, step: int) -> dict:
         raise TrainingDiverged(
             f"{what[0]} became {what[1]} at step {log.step_last + 1 + bad}; last good checkpoint: "
             f"{log.last_ckpt if log.last_ckpt else 'none (none written yet)'}. Lower --lr or raise "
-            "--warmup-steps, then --resume")
+            "--warmup-steps, then --resume"
+        )
     now = time.perf_counter()
     its = (step - log.step_last) / max(now - log.t_last, 1e-9)
-    rec = {"step": step, "epoch": round(step * cfg.batch_size / run.n_images, 4),
-           "loss": sum(vals_l) / len(vals_l), "loss_last": vals_l[-1], "lr": run.lr_scheduler.get_last_lr()[0],
-           "it_s": round(its, 4), "img_s": round(its * cfg.batch_size, 2), "elapsed_s": round(now - log.t0, 2)}
+    rec = {
+        "step": step,
+        "epoch": round(step * cfg.batch_size / run.n_images, 4),
+        "loss": sum(vals_l) / len(vals_l),
+        "loss_last": vals_l[-1],
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "it_s": round(its, 4),
+        "img_s": round(its * cfg.batch_size, 2),
+        "elapsed_s": round(now - log.t0, 2),
+    }
     rec["grad_norm"] = sum(norms_l) / len(norms_l)
     rec.update({k: sum(v) / len(v) for k, v in extra_l.items()})
     if run.device.type == "cuda":
@@ -495,10 +566,19 @@ def _checkpoint(run: Run, log: RunLog, step: int) -> None:
     """Write checkpoint `step` (main process), recorded in `log`; drop those beyond --keep-checkpoints."""
     if run.main:
         scaler = run.accelerator.scaler
-        log.last_ckpt = save_checkpoint(run.out, step, run.unet, run.ema, run.optimizer, run.lr_scheduler,
-                                        scaler.state_dict() if scaler is not None else None, run.run_config,
-                                        run.extra_modules, run.extra_optimizers)
-        for old in list_checkpoints(run.out)[:-run.cfg.keep_checkpoints]:
+        log.last_ckpt = save_checkpoint(
+            run.out,
+            step,
+            run.unet,
+            run.ema,
+            run.optimizer,
+            run.lr_scheduler,
+            scaler.state_dict() if scaler is not None else None,
+            run.run_config,
+            run.extra_modules,
+            run.extra_optimizers,
+        )
+        for old in list_checkpoints(run.out)[: -run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     run.accelerator.wait_for_everyone()
 
@@ -524,33 +604,82 @@ def start_accelerator(cfg: LoopOptions, mixed: str) -> Accelerator:
     return accelerator
 
 
-def start_run(cfg: LoopOptions, accelerator: Accelerator, mixed: str, folder: contextlib.ExitStack, *,
-              images: torch.Tensor, n_images: int, scheduler: DDPMScheduler, unet: UNet2DModel, ema: EMA,
-              optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-              run_config: dict, algorithm: str, describe: dict, must_match: tuple[str, ...], owned: tuple[str, ...],
-              extra_modules: dict[str, torch.nn.Module] | None = None,
-              extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[Run, list]:
+def start_run(
+    cfg: LoopOptions,
+    accelerator: Accelerator,
+    mixed: str,
+    folder: contextlib.ExitStack,
+    *,
+    images: torch.Tensor,
+    n_images: int,
+    scheduler: DDPMScheduler,
+    unet: UNet2DModel,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run_config: dict,
+    algorithm: str,
+    describe: dict,
+    must_match: tuple[str, ...],
+    owned: tuple[str, ...],
+    extra_modules: dict[str, torch.nn.Module] | None = None,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
+) -> tuple[Run, list]:
     """What every trainer does once its networks and optimizer exist: restore the latest checkpoint (--resume),
     open the run folder with its config.json (the options, `algorithm`, where it resumed from, the device and
     versions, plus `describe`), and prepare the networks with accelerate.
 
     Returns the Run and the prepared `extra_modules` then `extra_optimizers`, in their order."""
     extra_modules, extra_optimizers = extra_modules or {}, extra_optimizers or {}
-    start, resumed_from = resume_run(cfg, Path(cfg.out), n_images, unet, ema, optimizer, lr_scheduler, must_match,
-                                     extra_modules, extra_optimizers)
+    start, resumed_from = resume_run(
+        cfg, Path(cfg.out), n_images, unet, ema, optimizer, lr_scheduler, must_match, extra_modules, extra_optimizers
+    )
     device = accelerator.device
-    out = open_run_folder(cfg, Path(cfg.out), folder, accelerator, start, owned, {
-        "config": run_config, "algorithm": algorithm, "resumed_from": str(resumed_from) if resumed_from else None,
-        "device": str(device), "device_name": device_name(device), "num_processes": accelerator.num_processes,
-        "mixed_precision": mixed, "params": count_params(unet), **describe, "scheduler": dict(scheduler.config),
-        "versions": versions(),
-    })
-    model, optimizer, *extras = accelerator.prepare(unet, optimizer, *extra_modules.values(),
-                                                    *extra_optimizers.values())
+    out = open_run_folder(
+        cfg,
+        Path(cfg.out),
+        folder,
+        accelerator,
+        start,
+        owned,
+        {
+            "config": run_config,
+            "algorithm": algorithm,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "device": str(device),
+            "device_name": device_name(device),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": mixed,
+            "params": count_params(unet),
+            **describe,
+            "scheduler": dict(scheduler.config),
+            "versions": versions(),
+        },
+    )
+    model, optimizer, *extras = accelerator.prepare(
+        unet, optimizer, *extra_modules.values(), *extra_optimizers.values()
+    )
     if resumed_from is not None and accelerator.scaler is not None:
         saved_scaler = json.loads((resumed_from / "training_state.json").read_text()).get("grad_scaler")
         if saved_scaler:
             accelerator.scaler.load_state_dict(saved_scaler)
-    run = Run(cfg, out, accelerator, mixed, images, n_images, scheduler, unet, model, ema, optimizer, lr_scheduler,
-              run_config, start, resumed_from, extra_modules, extra_optimizers)
+    run = Run(
+        cfg,
+        out,
+        accelerator,
+        mixed,
+        images,
+        n_images,
+        scheduler,
+        unet,
+        model,
+        ema,
+        optimizer,
+        lr_scheduler,
+        run_config,
+        start,
+        resumed_from,
+        extra_modules,
+        extra_optimizers,
+    )
     return run, extras

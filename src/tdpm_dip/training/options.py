@@ -37,31 +37,49 @@ class TrainConfig:
     data: str = field(metadata=option("image folder, single image or hub dataset id (e.g. huggan/pokemon)"))
     out: str = field(metadata=option("run folder: config.json, metrics.jsonl, samples/, checkpoints/, model/"))
     preset: str = field(default="small", metadata=option(f"UNet preset: {', '.join(PRESETS)}"))
-    init: str | None = field(default=None, metadata=option(
-        "start from this DDPM's weights (diffusers folder or hub id) instead of a fresh --preset network: "
-        "fine-tuning; its scheduler must be --schedule's and its size --size"))
+    init: str | None = field(
+        default=None,
+        metadata=option(
+            "start from this DDPM's weights (diffusers folder or hub id) instead of a fresh --preset network: "
+            "fine-tuning; its scheduler must be --schedule's and its size --size"
+        ),
+    )
     schedule: str = field(default="linear", metadata=option("noise schedule: linear or cosine"))
-    t_max: int | None = field(default=None, metadata=option(
-        "train only noise levels 1..t_max (the report's T_trunc variant); default: all T=1000"))
-    t_min: int = field(default=1, metadata=option(
-        "train only noise levels t_min.. (with --t-max: a band, e.g. a denoiser's levels); default: from 1"))
+    t_max: int | None = field(
+        default=None,
+        metadata=option("train only noise levels 1..t_max (the report's T_trunc variant); default: all T=1000"),
+    )
+    t_min: int = field(
+        default=1,
+        metadata=option(
+            "train only noise levels t_min.. (with --t-max: a band, e.g. a denoiser's levels); default: from 1"
+        ),
+    )
     size: int = field(default=64, metadata=option("image side in pixels (square-padded, Lanczos-resized)"))
     fill: str = field(default="white", metadata=option("padding / transparency colour: white, black, #rrggbb"))
     skip_bad: bool = field(default=False, metadata=option("skip unreadable images instead of stopping"))
     limit: int | None = field(default=None, metadata=option("use only the first N images"))
-    augment: str = field(default="flip", metadata=option(
-        "flip: random horizontal flips; d4: the 8 flips and transposes of the square (the geometric "
-        "self-ensemble of `denoise --method ensemble` shows the network all 8)", AUGMENTS))
+    augment: str = field(
+        default="flip",
+        metadata=option(
+            "flip: random horizontal flips; d4: the 8 flips and transposes of the square (the geometric "
+            "self-ensemble of `denoise --method ensemble` shows the network all 8)",
+            AUGMENTS,
+        ),
+    )
     steps: int = field(default=10_000, metadata=option("total optimizer steps"))
-    epochs: int | None = field(default=None, metadata=option(
-        "train for this many epochs instead of --steps (the report: 100 epochs at batch 32)"))
+    epochs: int | None = field(
+        default=None,
+        metadata=option("train for this many epochs instead of --steps (the report: 100 epochs at batch 32)"),
+    )
     batch_size: int = field(default=32, metadata=option("global batch size (split over processes)"))
     lr: float = field(default=1e-4, metadata=option("AdamW peak learning rate"))
     warmup_steps: int = field(default=500, metadata=option("linear LR warm-up steps before the cosine decay"))
     grad_clip: float = field(default=1.0, metadata=option("clip the gradient norm to this (0: no clipping)"))
     ema_decay: float = field(default=0.999, metadata=option("EMA decay of the sampled / exported weights"))
-    mixed_precision: str = field(default="auto", metadata=option(
-        "auto (bf16 on recent GPUs, fp16 on older ones, no on CPU), no, bf16 or fp16"))
+    mixed_precision: str = field(
+        default="auto", metadata=option("auto (bf16 on recent GPUs, fp16 on older ones, no on CPU), no, bf16 or fp16")
+    )
     seed: int = field(default=0, metadata=option("seed of the initial weights, data order, flips, t and noise"))
     log_every: int = field(default=10, metadata=option("steps between metrics.jsonl lines (and NaN checks)"))
     checkpoint_every: int = field(default=1000, metadata=option("steps between checkpoints (0: only at the end)"))
@@ -70,8 +88,10 @@ class TrainConfig:
     n_samples: int = field(default=16, metadata=option("images per sample grid (0: no grids)"))
     sample_steps: int = field(default=25, metadata=option("DDIM steps for the sample grids"))
     resume: bool = field(default=False, metadata=option("continue from the latest checkpoint in --out"))
-    overwrite: bool = field(default=False, metadata=option(
-        "write into a non-empty --out, replacing its previous run (its checkpoints and sample grids)"))
+    overwrite: bool = field(
+        default=False,
+        metadata=option("write into a non-empty --out, replacing its previous run (its checkpoints and sample grids)"),
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,8 +114,9 @@ class TrainConfig:
         # The UNet halves the resolution len(blocks) - 1 times and concatenates skips: sides must divide.
         factor = 2 ** (len(preset.block_out_channels) - 1)
         if self.size < 8 or self.size % factor:
-            raise UserError(f"--size must be >= 8 and a multiple of {factor} for preset {self.preset!r}, "
-                            f"got {self.size}")
+            raise UserError(
+                f"--size must be >= 8 and a multiple of {factor} for preset {self.preset!r}, got {self.size}"
+            )
         parse_fill(self.fill)
         positive_int("--steps", self.steps)
         positive_int("--batch-size", self.batch_size)
@@ -112,8 +133,9 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
-                            f"got {self.mixed_precision!r}")
+            raise UserError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         if self.seed < 0:
             raise UserError(f"--seed must be >= 0, got {self.seed}")
         positive_int("--log-every", self.log_every)
@@ -124,8 +146,10 @@ class TrainConfig:
         if not 1 <= self.sample_steps <= NUM_TRAIN_TIMESTEPS:
             raise UserError(f"--sample-steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.sample_steps}")
         if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite exclude each other: resume continues the run in --out, "
-                            "overwrite starts a new one there")
+            raise UserError(
+                "--resume and --overwrite exclude each other: resume continues the run in --out, "
+                "overwrite starts a new one there"
+            )
 
 
 @dataclass
@@ -135,17 +159,34 @@ class GeneratorConfig:
     model: str = field(metadata=option("the DDPM whose truncated chain G_psi feeds: a diffusers folder or hub id"))
     t_trunc: int = field(metadata=option("truncation level T_trunc: G_psi(z) learns q(x_T_trunc)"))
     out: str = field(metadata=option("run folder: config.json, metrics.jsonl, samples/, checkpoints/, generator/"))
-    data: str | None = field(default=None, metadata=option(
-        "training images (folder, file or hub id), resized to the DDPM's size; needed by --objective gan"))
-    objective: str = field(default="gan", metadata=option(
-        "gan: non-saturating GAN + R1 against noised training images; distill: regress DDIM(z -> x_T_trunc) "
-        "pairs of the DDPM (Luhman & Luhman 2021)", OBJECTIVES))
-    preset: str = field(default="generator-small", metadata=option(
-        f"G_psi's network: a StyleGAN-lite generator ({', '.join(STYLE_PRESETS)}) or a UNet preset "
-        f"({', '.join(PRESETS)})"))
-    init: str | None = field(default=None, metadata=option(
-        "start G_psi from this generator's weights (a RUN/generator folder of the same preset and DDPM), e.g. to "
-        "fine-tune one to another --t-trunc; the discriminator starts afresh"))
+    data: str | None = field(
+        default=None,
+        metadata=option(
+            "training images (folder, file or hub id), resized to the DDPM's size; needed by --objective gan"
+        ),
+    )
+    objective: str = field(
+        default="gan",
+        metadata=option(
+            "gan: non-saturating GAN + R1 against noised training images; distill: regress DDIM(z -> x_T_trunc) "
+            "pairs of the DDPM (Luhman & Luhman 2021)",
+            OBJECTIVES,
+        ),
+    )
+    preset: str = field(
+        default="generator-small",
+        metadata=option(
+            f"G_psi's network: a StyleGAN-lite generator ({', '.join(STYLE_PRESETS)}) or a UNet preset "
+            f"({', '.join(PRESETS)})"
+        ),
+    )
+    init: str | None = field(
+        default=None,
+        metadata=option(
+            "start G_psi from this generator's weights (a RUN/generator folder of the same preset and DDPM), e.g. to "
+            "fine-tune one to another --t-trunc; the discriminator starts afresh"
+        ),
+    )
     fill: str = field(default="white", metadata=option("padding / transparency colour: white, black, #rrggbb"))
     skip_bad: bool = field(default=False, metadata=option("skip unreadable images instead of stopping"))
     limit: int | None = field(default=None, metadata=option("use only the first N images"))
@@ -153,24 +194,43 @@ class GeneratorConfig:
     batch_size: int = field(default=32, metadata=option("batch size"))
     lr: float = field(default=2e-4, metadata=option("Adam learning rate of G_psi"))
     disc_lr: float = field(default=2e-4, metadata=option("gan: Adam learning rate of the discriminator"))
-    r1_gamma: float = field(default=0.1, metadata=option("gan: weight gamma of the R1 penalty gamma/2 ||grad D(real)||^2"))
-    r1_every: int = field(default=1, metadata=option(
-        "gan: apply R1 every N discriminator steps, scaled by N (StyleGAN2's lazy regularisation: cheaper steps)"))
-    predict: str = field(default="x_T", metadata=option(
-        "gan: x_T = the network makes x_T_trunc itself; x0 = it makes a clean image and the forward noise of level "
-        "T_trunc is added to it, as to the real samples (the discriminator then compares like with like)",
-        GAN_PREDICTS))
-    augment: str = field(default="none", metadata=option(
-        "gan: diffaug = DiffAugment (Zhao et al. 2020): the same random colour, translation and cutout on real and "
-        "generated samples before the discriminator sees them, so it cannot memorise a small set", GAN_AUGMENTS))
+    r1_gamma: float = field(
+        default=0.1, metadata=option("gan: weight gamma of the R1 penalty gamma/2 ||grad D(real)||^2")
+    )
+    r1_every: int = field(
+        default=1,
+        metadata=option(
+            "gan: apply R1 every N discriminator steps, scaled by N (StyleGAN2's lazy regularisation: cheaper steps)"
+        ),
+    )
+    predict: str = field(
+        default="x_T",
+        metadata=option(
+            "gan: x_T = the network makes x_T_trunc itself; x0 = it makes a clean image and the forward noise of level "
+            "T_trunc is added to it, as to the real samples (the discriminator then compares like with like)",
+            GAN_PREDICTS,
+        ),
+    )
+    augment: str = field(
+        default="none",
+        metadata=option(
+            "gan: diffaug = DiffAugment (Zhao et al. 2020): the same random colour, translation and cutout on real and "
+            "generated samples before the discriminator sees them, so it cannot memorise a small set",
+            GAN_AUGMENTS,
+        ),
+    )
     disc_channels: int = field(default=64, metadata=option("gan: width of the discriminator's first layer"))
     pairs: int = field(default=512, metadata=option("distill: number of (z, DDIM(z)) pairs, computed once"))
     ddim_steps: int = field(default=50, metadata=option("distill: DDIM steps from level T down to T_trunc"))
     warmup_steps: int = field(default=0, metadata=option("linear LR warm-up steps (then constant)"))
     ema_decay: float = field(default=0.999, metadata=option("EMA decay of the sampled / exported generator"))
-    mixed_precision: str = field(default="auto", metadata=option(
-        "auto (bf16 on recent GPUs, no on CPU), no or bf16 (fp16 is not supported: the R1 penalty's "
-        "double backward and a loss scaler do not mix)"))
+    mixed_precision: str = field(
+        default="auto",
+        metadata=option(
+            "auto (bf16 on recent GPUs, no on CPU), no or bf16 (fp16 is not supported: the R1 penalty's "
+            "double backward and a loss scaler do not mix)"
+        ),
+    )
     seed: int = field(default=0, metadata=option("seed of the weights, data order, flips, z, noise and pairs"))
     log_every: int = field(default=10, metadata=option("steps between metrics.jsonl lines (and NaN checks)"))
     checkpoint_every: int = field(default=500, metadata=option("steps between checkpoints (0: only at the end)"))
@@ -178,8 +238,7 @@ class GeneratorConfig:
     sample_every: int = field(default=500, metadata=option("steps between sample grids (0: only at the end)"))
     n_samples: int = field(default=16, metadata=option("images per sample grid: G_psi(z) then T_trunc steps (0: none)"))
     resume: bool = field(default=False, metadata=option("continue from the latest checkpoint in --out"))
-    overwrite: bool = field(default=False, metadata=option(
-        "write into a non-empty --out, replacing its previous run"))
+    overwrite: bool = field(default=False, metadata=option("write into a non-empty --out, replacing its previous run"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -204,8 +263,16 @@ class GeneratorConfig:
             raise UserError(f"--augment must be one of {', '.join(GAN_AUGMENTS)}, got {self.augment!r}")
         if not isinstance(self.t_trunc, int) or self.t_trunc < 0:
             raise UserError(f"--t-trunc must be an integer >= 0, got {self.t_trunc}")
-        for name in ("steps", "batch_size", "pairs", "ddim_steps", "disc_channels", "r1_every", "log_every",
-                     "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "pairs",
+            "ddim_steps",
+            "disc_channels",
+            "r1_every",
+            "log_every",
+            "keep_checkpoints",
+        ):
             positive_int("--" + name.replace("_", "-"), getattr(self, name))
         if self.limit is not None:
             positive_int("--limit", self.limit)

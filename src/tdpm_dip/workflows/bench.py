@@ -4,8 +4,9 @@ A table is a list of `RowSpec`s (method, protocol, model, parameters). Each row 
 registry's dispatch (`methods.run`: nothing here fits a DIP or runs a chain itself), and its result --
 metrics, timings and images -- is cached in RUN/cache/<key>.json + .safetensors, where the key hashes
 everything that determines the row: the spec, the options its method reads (`registry.Method.reads`), the
-model's weights, the images, n, the seeds, the DIP settings, the device and dtype. Re-running into the same RUN skips finished rows, so an interrupted run resumes, and tables
-that share a row (Table 2's rows are Table 4's linear rows) compute it once.
+model's weights, the images, n, the seeds, the DIP settings, the device and dtype. Re-running into the same RUN skips
+finished rows, so an interrupted run resumes, and tables that share a row (Table 2's rows are Table 4's linear rows)
+compute it once.
 
 Every table states its protocol and which of the report's settings were shrunk, and shows the
 report's own number next to each row ("report ..." columns, from anchors.md: paper protocol,
@@ -37,8 +38,18 @@ from ..generator import TDPMGenerator, generator_fingerprint, load_generator, re
 from ..methods import Context, Job, Result, run
 from ..methods.observe import add_noise
 from ..methods.shard import Shard, is_main_process
-from ..metrics import (copy_rate, data_hash, device_name, extract_features, fid, inception_extractor, kid,
-                       precision_recall, reference_features, swd)
+from ..metrics import (
+    copy_rate,
+    data_hash,
+    device_name,
+    extract_features,
+    fid,
+    inception_extractor,
+    kid,
+    precision_recall,
+    reference_features,
+    swd,
+)
 from ..models import count_params, ddpm_fingerprint, unet_size
 from ..noise import check_level, check_t_trunc, num_levels
 from ..outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
@@ -61,13 +72,23 @@ FIG3_T_TRUNCS = (10, 50, 100)
 
 # The report's numbers (anchors.md). Denoising: PSNR@200, SSIM@200, reverse steps, time on a T4.
 REPORT_DENOISE = {
-    "linear": {"ddpm": (13.40, 0.369, 600, "32 s"), "dip": (32.12, 0.948, 100, "7 s"),
-               "tdpm-dip": (32.63, 0.970, 110, "7 s")},
-    "cosine": {"ddpm": (18.68, 0.659, 600, "32 s"), "dip": (34.35, 0.962, 100, "7 s"),
-               "tdpm-dip": (34.76, 0.979, 110, "7 s")},
+    "linear": {
+        "ddpm": (13.40, 0.369, 600, "32 s"),
+        "dip": (32.12, 0.948, 100, "7 s"),
+        "tdpm-dip": (32.63, 0.970, 110, "7 s"),
+    },
+    "cosine": {
+        "ddpm": (18.68, 0.659, 600, "32 s"),
+        "dip": (34.35, 0.962, 100, "7 s"),
+        "tdpm-dip": (34.76, 0.979, 110, "7 s"),
+    },
 }
-REPORT_T_TRUNC_ROWS = {0: (32.12, 0.948, 100, "7 s"), 5: (32.77, 0.970, 105, "7 s"),
-                       10: (32.63, 0.970, 110, "7 s"), 50: (28.70, 0.937, 150, "7 s")}
+REPORT_T_TRUNC_ROWS = {
+    0: (32.12, 0.948, 100, "7 s"),
+    5: (32.77, 0.970, 105, "7 s"),
+    10: (32.63, 0.970, 110, "7 s"),
+    50: (28.70, 0.937, 150, "7 s"),
+}
 # Generation: FID@1k, reverse steps, time per image on a T4, speed-ups (steps, time).
 REPORT_GENERATION = {"ddpm": (69.05, 1000, "38 s", "x1", "x1"), "tdpm-dip": (20.12, 110, "7 s", "x9.09", "x5")}
 
@@ -77,16 +98,16 @@ class RowSpec:
     """One row of a table: what to run. `report` holds the report's numbers for that row."""
 
     label: str
-    task: str                    # "denoise" | "generate"
-    method: str                  # a registry name
-    protocol: str                # paper | blind | unconditional (generation from pure noise)
-    model: str = "linear"        # which model slot: "linear" (--model) or "cosine" (--model-cosine)
+    task: str  # "denoise" | "generate"
+    method: str  # a registry name
+    protocol: str  # paper | blind | unconditional (generation from pure noise)
+    model: str = "linear"  # which model slot: "linear" (--model) or "cosine" (--model-cosine)
     generator: str | None = None  # tdpm: the generator folder (its T_trunc is t_trunc)
-    t_trunc: int | None = None   # tdpm-dip: None = the default (paper: --t-trunc) / automatic (blind)
-    steps: int | None = None     # generation: DDPM / DDIM steps
-    eta: float = 0.0             # generation with ddim: 0 deterministic, 1 strided DDPM
-    n: int | None = None         # None: --n
-    report: tuple = ()           # ((column, value), ...)
+    t_trunc: int | None = None  # tdpm-dip: None = the default (paper: --t-trunc) / automatic (blind)
+    steps: int | None = None  # generation: DDPM / DDIM steps
+    eta: float = 0.0  # generation with ddim: 0 deterministic, 1 strided DDPM
+    n: int | None = None  # None: --n
+    report: tuple = ()  # ((column, value), ...)
 
 
 @dataclass
@@ -98,15 +119,15 @@ class BenchSettings:
     seed: int = 0
     sigma: float = defaults.SIGMA
     t_noisy: int = REPORT_T_NOISY
-    t_trunc: int | None = None          # None: 10 (paper) / automatic (blind)
+    t_trunc: int | None = None  # None: 10 (paper) / automatic (blind)
     t_truncs: tuple[int, ...] = REPORT_T_TRUNCS
     samples: int = defaults.SAMPLES
-    noise: str = defaults.NOISE_MODEL   # blind: observation model of observe.add_noise
-    declip: bool = True                 # blind: the clipping-aware observation (observe.declip)
+    noise: str = defaults.NOISE_MODEL  # blind: observation model of observe.add_noise
+    declip: bool = True  # blind: the clipping-aware observation (observe.declip)
     blind_ddim_steps: int = defaults.BLIND_DDIM_STEPS  # blind ddim: steps from t*
-    methods: tuple[str, ...] = ()       # blind denoising rows to run (empty: every blind method of the registry)
+    methods: tuple[str, ...] = ()  # blind denoising rows to run (empty: every blind method of the registry)
     ddpm_steps: int = REPORT_DDPM_STEPS
-    ddim_steps: int | None = None       # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
+    ddim_steps: int | None = None  # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
     fid: bool = False
     fid_weights: str | None = None
     generators: dict[int, str] = field(default_factory=dict)  # table1: T_trunc -> generator folder (tdpm rows)
@@ -127,12 +148,17 @@ def _report_denoise(v: tuple | None) -> tuple:
 def _report_generation(v: tuple | None) -> tuple:
     if v is None:
         return ()
-    return (("report FID@1k", v[0]), ("report steps", v[1]), ("report time (T4)", v[2]),
-            ("report speed-up (steps)", v[3]), ("report speed-up (time)", v[4]))
+    return (
+        ("report FID@1k", v[0]),
+        ("report steps", v[1]),
+        ("report time (T4)", v[2]),
+        ("report speed-up (steps)", v[3]),
+        ("report speed-up (time)", v[4]),
+    )
 
 
 LABELS = {"ddpm": "DDPM", "dip": "DIP", "tdpm-dip": "TDPM-DIP", "tdpm": "TDPM (amortized)"}
-TABLE1_DDIM_STEPS = 50          # table1's second DDIM row (the first runs at TDPM's 1 + T_trunc NFE)
+TABLE1_DDIM_STEPS = 50  # table1's second DDIM row (the first runs at TDPM's 1 + T_trunc NFE)
 
 
 def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
@@ -144,8 +170,7 @@ def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
         t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if "t_trunc" in m.reads else None
         # The report's numbers are the paper protocol's: beside a blind row they would mislead.
         report = _report_denoise(REPORT_DENOISE[model].get(m.name)) if s.protocol == "paper" else ()
-        rows.append(RowSpec(LABELS.get(m.name, m.name), "denoise", m.name, s.protocol, model, t_trunc=t,
-                            report=report))
+        rows.append(RowSpec(LABELS.get(m.name, m.name), "denoise", m.name, s.protocol, model, t_trunc=t, report=report))
     return rows
 
 
@@ -153,31 +178,81 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
     """The rows of one of the report's tables under the given settings."""
     if name == "table1":
         shrunk = s.ddpm_steps < REPORT_DDPM_STEPS
-        ddpm = (RowSpec(f"DDPM (strided, {s.ddpm_steps} steps)", "generate", "ddim", "unconditional", steps=s.ddpm_steps,
-                        eta=1.0, report=_report_generation(REPORT_GENERATION["ddpm"])) if shrunk else
-                RowSpec("DDPM-1000", "generate", "ddpm", "unconditional", steps=REPORT_DDPM_STEPS,
-                        report=_report_generation(REPORT_GENERATION["ddpm"])))
+        ddpm = (
+            RowSpec(
+                f"DDPM (strided, {s.ddpm_steps} steps)",
+                "generate",
+                "ddim",
+                "unconditional",
+                steps=s.ddpm_steps,
+                eta=1.0,
+                report=_report_generation(REPORT_GENERATION["ddpm"]),
+            )
+            if shrunk
+            else RowSpec(
+                "DDPM-1000",
+                "generate",
+                "ddpm",
+                "unconditional",
+                steps=REPORT_DDPM_STEPS,
+                report=_report_generation(REPORT_GENERATION["ddpm"]),
+            )
+        )
         # DDIM at amortized TDPM's NFE (1 + T_trunc), at 50 steps, and at --ddim-steps when given.
         ddims = {1 + s.paper_t_trunc: "1 + T_trunc NFE", TABLE1_DDIM_STEPS: "50 NFE"}
         if s.ddim_steps:
             ddims.setdefault(s.ddim_steps, "--ddim-steps")
-        rows = [ddpm] + [RowSpec(f"DDIM-{k} ({why})", "generate", "ddim", "unconditional", steps=k, eta=0.0)
-                         for k, why in ddims.items()]
-        rows += [RowSpec(f"TDPM (amortized, T_trunc {t}, {1 + t} NFE)", "generate", "tdpm", "unconditional", t_trunc=t,
-                         generator=g) for t, g in sorted(s.generators.items())]
-        return rows + [RowSpec("TDPM-DIP (paper; reconstructs --data)", "generate", "tdpm-dip", "paper",
-                               t_trunc=s.paper_t_trunc, report=_report_generation(REPORT_GENERATION["tdpm-dip"]))]
+        rows = [ddpm] + [
+            RowSpec(f"DDIM-{k} ({why})", "generate", "ddim", "unconditional", steps=k, eta=0.0)
+            for k, why in ddims.items()
+        ]
+        rows += [
+            RowSpec(
+                f"TDPM (amortized, T_trunc {t}, {1 + t} NFE)",
+                "generate",
+                "tdpm",
+                "unconditional",
+                t_trunc=t,
+                generator=g,
+            )
+            for t, g in sorted(s.generators.items())
+        ]
+        return rows + [
+            RowSpec(
+                "TDPM-DIP (paper; reconstructs --data)",
+                "generate",
+                "tdpm-dip",
+                "paper",
+                t_trunc=s.paper_t_trunc,
+                report=_report_generation(REPORT_GENERATION["tdpm-dip"]),
+            )
+        ]
     if name == "table2":
         return _denoise_rows(s, "linear")
     if name == "table3":
         rows = []
         for t in s.t_truncs:
             if t == 0:
-                rows.append(RowSpec("T_trunc = 0 (DIP)", "denoise", "dip", s.protocol,
-                                    report=_report_denoise(REPORT_T_TRUNC_ROWS[0])))
+                rows.append(
+                    RowSpec(
+                        "T_trunc = 0 (DIP)",
+                        "denoise",
+                        "dip",
+                        s.protocol,
+                        report=_report_denoise(REPORT_T_TRUNC_ROWS[0]),
+                    )
+                )
             else:
-                rows.append(RowSpec(f"T_trunc = {t}", "denoise", "tdpm-dip", s.protocol, t_trunc=t,
-                                    report=_report_denoise(REPORT_T_TRUNC_ROWS.get(t))))
+                rows.append(
+                    RowSpec(
+                        f"T_trunc = {t}",
+                        "denoise",
+                        "tdpm-dip",
+                        s.protocol,
+                        t_trunc=t,
+                        report=_report_denoise(REPORT_T_TRUNC_ROWS.get(t)),
+                    )
+                )
         if s.protocol == "blind":
             rows.append(RowSpec("T_trunc automatic", "denoise", "tdpm-dip", "blind", t_trunc=None))
         return rows
@@ -193,6 +268,7 @@ def fig3_specs(s: BenchSettings) -> list[RowSpec]:
 
 
 # ------------------------------------------------------------------------------------------ running
+
 
 def _json_safe(d: dict) -> dict:
     out = {}
@@ -211,10 +287,18 @@ class Bench:
     """Runs row specs with caching. `load_context(slot)` returns the `Context` of a model slot; `shard`, under
     a launcher, this process's share of every row's images."""
 
-    def __init__(self, settings: BenchSettings, load_context: Callable[[str], Context], data: str,
-                 load_data: Callable[[int, int], torch.Tensor], out: Path, models: dict[str, str | None],
-                 extractor: Callable | None = None, echo: Callable[[str], None] = print,
-                 shard: Shard | None = None) -> None:
+    def __init__(
+        self,
+        settings: BenchSettings,
+        load_context: Callable[[str], Context],
+        data: str,
+        load_data: Callable[[int, int], torch.Tensor],
+        out: Path,
+        models: dict[str, str | None],
+        extractor: Callable | None = None,
+        echo: Callable[[str], None] = print,
+        shard: Shard | None = None,
+    ) -> None:
         self.s, self._load_context, self.data, self.out = settings, load_context, data, Path(out)
         self.models, self.echo, self.extractor, self.shard = models, echo, extractor, shard
         self.cache = self.out / "cache"
@@ -230,7 +314,7 @@ class Bench:
         self.device_name = device_name(ctx.device)
         self._data_hashes: dict[int, str] = {}
         self._generators: dict[str, tuple[TDPMGenerator, str]] = {}  # folder -> (generator, fingerprint)
-        self.computed: list[str] = []   # keys of rows run (not read from the cache) by this object
+        self.computed: list[str] = []  # keys of rows run (not read from the cache) by this object
 
     @property
     def main(self) -> bool:
@@ -250,8 +334,10 @@ class Bench:
         """The generator of a tdpm row and its fingerprint, loaded once and checked against the DDPM."""
         if path not in self._generators:
             ctx = self.context("linear")
-            self._generators[path] = (load_generator(path, ctx.unet, ctx.scheduler, ctx.device),
-                                      generator_fingerprint(path))
+            self._generators[path] = (
+                load_generator(path, ctx.unet, ctx.scheduler, ctx.device),
+                generator_fingerprint(path),
+            )
         return self._generators[path]
 
     def data_hash(self, n: int) -> str:
@@ -276,10 +362,17 @@ class Bench:
         if spec.task == "generate":
             return {"t_trunc": spec.t_trunc, "ddim_steps": spec.steps, "eta": spec.eta}
         if spec.protocol == "paper":
-            return {"t_noisy": self.s.t_noisy,
-                    "t_trunc": spec.t_trunc if spec.t_trunc is not None else self.s.paper_t_trunc}
-        return {"sigma": (self.s.sigma,), "t_trunc": spec.t_trunc, "samples": self.s.samples,
-                "ddim_steps": self.s.blind_ddim_steps, "declip": self.s.declip}
+            return {
+                "t_noisy": self.s.t_noisy,
+                "t_trunc": spec.t_trunc if spec.t_trunc is not None else self.s.paper_t_trunc,
+            }
+        return {
+            "sigma": (self.s.sigma,),
+            "t_trunc": spec.t_trunc,
+            "samples": self.s.samples,
+            "ddim_steps": self.s.blind_ddim_steps,
+            "declip": self.s.declip,
+        }
 
     def key(self, spec: RowSpec) -> tuple[str, dict]:
         """The cache key: a hash of everything that determines this row's numbers and images."""
@@ -287,9 +380,18 @@ class Bench:
         ctx = self.context(spec.model)
         n = self.row_n(spec)
         options = self.options(spec)
-        d: dict = {"v": CACHE_VERSION, "task": spec.task, "method": spec.method, "protocol": spec.protocol,
-                   "model": self._fp[spec.model], "data": self.data_hash(n), "n": n, "seed": self.s.seed,
-                   "device": self.device_name, "amp": str(ctx.amp_dtype)}
+        d: dict = {
+            "v": CACHE_VERSION,
+            "task": spec.task,
+            "method": spec.method,
+            "protocol": spec.protocol,
+            "model": self._fp[spec.model],
+            "data": self.data_hash(n),
+            "n": n,
+            "seed": self.s.seed,
+            "device": self.device_name,
+            "amp": str(ctx.amp_dtype),
+        }
         d.update({k: options[k] for k in m.reads})
         if spec.protocol == "blind":  # the observation every blind row is given
             d.update(sigma=self.s.sigma, noise=self.s.noise)
@@ -305,8 +407,9 @@ class Bench:
     def run_row(self, spec: RowSpec) -> Result:
         """Run one row through the registry's dispatch."""
         gen = self.generator(spec.generator)[0] if spec.generator is not None else None
-        ctx = dataclasses.replace(self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"),
-                                  generator=gen)
+        ctx = dataclasses.replace(
+            self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"), generator=gen
+        )
         n = self.row_n(spec)
         clean = self.images[:n]
         seeds = tuple(range(self.s.seed, self.s.seed + n))
@@ -316,8 +419,13 @@ class Bench:
             images = {"clean": clean}
         else:  # blind: the noisy observation of the clean images (which only score the DIP curves)
             images = {"noisy": add_noise(clean, self.s.sigma, list(seeds), self.s.noise), "clean": clean}
-        job = Job(seeds, noisy=images.get("noisy"), clean=images.get("clean"), reference=images.get("reference"),
-                  **self.options(spec))
+        job = Job(
+            seeds,
+            noisy=images.get("noisy"),
+            clean=images.get("clean"),
+            reference=images.get("reference"),
+            **self.options(spec),
+        )
         return run(ctx, spec.task, spec.protocol, spec.method, job, self.shard)
 
     def _save(self, key: str, keyinfo: dict, spec: RowSpec, res: Result) -> None:
@@ -330,9 +438,15 @@ class Bench:
             tensors["dip_output"] = res.dip.output
         # Own copies: safetensors refuses tensors that share memory (the DIP row's images are its DIP output).
         tensors = {k: v.detach().float().cpu().clone().contiguous() for k, v in tensors.items()}
-        record = {"key": key, "keyed_on": keyinfo, "device": self.device_name,
-                  "metrics": _json_safe(result_row(res, clean)), "info": _json_safe(res.info),
-                  "seconds": res.seconds, "curves": res.dip.mean_curves() if res.dip is not None else None}
+        record = {
+            "key": key,
+            "keyed_on": keyinfo,
+            "device": self.device_name,
+            "metrics": _json_safe(result_row(res, clean)),
+            "info": _json_safe(res.info),
+            "seconds": res.seconds,
+            "curves": res.dip.mean_curves() if res.dip is not None else None,
+        }
         # Images first, then the JSON: a row counts as finished only when both exist.
         with atomic_path(self.cache / f"{key}.safetensors") as tmp:
             save_file(tensors, str(tmp))
@@ -367,6 +481,7 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------ assembling
+
 
 def _denoise_row(spec: RowSpec, record: dict, sched_name: str) -> dict:
     m = dict(record["metrics"])
@@ -419,8 +534,9 @@ class _GenMetrics:
                 out[f"FID@{n}"] = None
                 self.fid_note = f"FID not computed for some rows ({e}); more images are needed"
             try:
-                out[f"KID@{n}"] = kid(images, ref, self.extractor, self.b.cache, seed=self.b.s.seed,
-                                      features=feats)["kid"]
+                out[f"KID@{n}"] = kid(images, ref, self.extractor, self.b.cache, seed=self.b.s.seed, features=feats)[
+                    "kid"
+                ]
             except ValueError:
                 out[f"KID@{n}"] = None
             try:
@@ -449,8 +565,15 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
             row["report FID@1k"] = rep.get("report FID@1k")
         if "t_trunc" in _entry(spec).reads:
             row["t_trunc"] = m.get("t_trunc")
-        row.update({"reverse steps": m["reverse steps"], "report steps": rep.get("report steps"), "NFE": m["NFE"],
-                    "s/img": m["s/img"], "report time (T4)": rep.get("report time (T4)")})
+        row.update(
+            {
+                "reverse steps": m["reverse steps"],
+                "report steps": rep.get("report steps"),
+                "NFE": m["NFE"],
+                "s/img": m["s/img"],
+                "report time (T4)": rep.get("report time (T4)"),
+            }
+        )
         if base is None:
             base = row
         row["speed-up (steps)"] = f"x{base['reverse steps'] / row['reverse steps']:.2f}"
@@ -464,10 +587,40 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
     return rows
 
 
-COLUMN_ORDER = ("row", "schedule", "protocol", "method", "n", "PSNR@", "report PSNR", "SSIM@", "report SSIM", "FID@",
-                "report FID@1k", "KID@", "precision", "recall", "SWD x1e3", "copy-rate", "nearest PSNR", "input PSNR", "t_noisy", "sigma", "t_star",
-                "t_trunc", "samples", "reverse steps", "report steps", "NFE", "s/img", "report time (T4)",
-                "speed-up (steps)", "report speed-up (steps)", "speed-up (time)", "report speed-up (time)")
+COLUMN_ORDER = (
+    "row",
+    "schedule",
+    "protocol",
+    "method",
+    "n",
+    "PSNR@",
+    "report PSNR",
+    "SSIM@",
+    "report SSIM",
+    "FID@",
+    "report FID@1k",
+    "KID@",
+    "precision",
+    "recall",
+    "SWD x1e3",
+    "copy-rate",
+    "nearest PSNR",
+    "input PSNR",
+    "t_noisy",
+    "sigma",
+    "t_star",
+    "t_trunc",
+    "samples",
+    "reverse steps",
+    "report steps",
+    "NFE",
+    "s/img",
+    "report time (T4)",
+    "speed-up (steps)",
+    "report speed-up (steps)",
+    "speed-up (time)",
+    "report speed-up (time)",
+)
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -497,18 +650,33 @@ def _csv(rows: list[dict]) -> str:
 def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[str]]:
     """What a reader needs to judge a table: protocol, data, models, device, and what was shrunk (`notes`)."""
     s = bench.s
-    models = {slot: {"path": bench.models[slot], "schedule": _schedule_name(bench.context(slot)),
-                     "params_M": round(count_params(bench.context(slot).unet) / 1e6, 2), "fingerprint": bench._fp[slot]}
-              for slot in sorted({sp.model for sp in specs})}
+    models = {
+        slot: {
+            "path": bench.models[slot],
+            "schedule": _schedule_name(bench.context(slot)),
+            "params_M": round(count_params(bench.context(slot).unet) / 1e6, 2),
+            "fingerprint": bench._fp[slot],
+        }
+        for slot in sorted({sp.model for sp in specs})
+    }
     ctx = bench.context("linear")
     proto = ", ".join(sorted({sp.protocol for sp in specs}))
     if name == "table1":
-        proto = ("paper for TDPM-DIP (its DIP fits noised --data images); DDPM, DDIM and amortized TDPM (G_psi(z) "
-                 "+ T_trunc steps) sample from pure noise")
-    h: dict = {"table": name, "protocol": proto, "data": bench.data, "n": s.n,
-               "image size": bench.size, "seeds": f"{s.seed}..{s.seed + s.n - 1} (image i uses seed i)",
-               "models": models, "device": bench.device_name,
-               "dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "float32"}
+        proto = (
+            "paper for TDPM-DIP (its DIP fits noised --data images); DDPM, DDIM and amortized TDPM (G_psi(z) "
+            "+ T_trunc steps) sample from pure noise"
+        )
+    h: dict = {
+        "table": name,
+        "protocol": proto,
+        "data": bench.data,
+        "n": s.n,
+        "image size": bench.size,
+        "seeds": f"{s.seed}..{s.seed + s.n - 1} (image i uses seed i)",
+        "models": models,
+        "device": bench.device_name,
+        "dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "float32",
+    }
     for use in sorted({bench.dip_use(sp) for sp in specs if _entry(sp).uses_dip}):
         cfg = s.dip[use]
         h[f"DIP ({use})"] = {"preset": cfg.preset, "iters": cfg.iters, "lr": cfg.lr}
@@ -518,8 +686,11 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
         h["t_noisy"] = s.t_noisy
     if any(sp.protocol == "blind" for sp in specs):
         h["sigma (0..255)"] = s.sigma
-        h["noise"] = ("clipped: rounded and clipped to 8 bits, as a saved noisy file" if s.noise == "clipped"
-                      else "float: unclipped x + n, as in denoising papers")
+        h["noise"] = (
+            "clipped: rounded and clipped to 8 bits, as a saved noisy file"
+            if s.noise == "clipped"
+            else "float: unclipped x + n, as in denoising papers"
+        )
         h["clipping-aware observation (declip)"] = "on" if s.declip else "off"
         h["blind tdpm-dip chains averaged"] = s.samples
     return h, _notes(bench, name, specs, models)
@@ -545,28 +716,40 @@ def _notes(bench: Bench, name: str, specs: list[RowSpec], models: dict) -> list[
             notes.append(f"DIP learning rate {paper.lr:g} (report: {REPORT_DIP.lr:g})")
     if any(sp.protocol == "blind" for sp in specs):
         cfg = s.dip["blind"]
-        notes.append(f"blind protocol: not the report's; DIP {cfg.preset}, {cfg.iters} it, lr {cfg.lr:g}, input noise "
-                     f"{cfg.input_noise:.3g}, output averaging {cfg.average}; blind TDPM-DIP: its DIP fits x_T built "
-                     "from the ensemble estimate (DIP (plugin) above). The report's numbers are the paper "
-                     "protocol's (oracle): blind rows have none beside them")
+        notes.append(
+            f"blind protocol: not the report's; DIP {cfg.preset}, {cfg.iters} it, lr {cfg.lr:g}, input noise "
+            f"{cfg.input_noise:.3g}, output averaging {cfg.average}; blind TDPM-DIP: its DIP fits x_T built "
+            "from the ensemble estimate (DIP (plugin) above). The report's numbers are the paper "
+            "protocol's (oracle): blind rows have none beside them"
+        )
     if any(sp.task == "denoise" and sp.protocol == "paper" for sp in specs) and s.t_noisy != REPORT_T_NOISY:
         notes.append(f"t_noisy = {s.t_noisy} (report: {REPORT_T_NOISY})")
-    if (any(sp.protocol == "paper" and "t_trunc" in _entry(sp).reads for sp in specs)
-            and s.paper_t_trunc != REPORT_T_TRUNC):
+    if (
+        any(sp.protocol == "paper" and "t_trunc" in _entry(sp).reads for sp in specs)
+        and s.paper_t_trunc != REPORT_T_TRUNC
+    ):
         notes.append(f"T_trunc = {s.paper_t_trunc} (report: {REPORT_T_TRUNC})")
     if name == "table3" and tuple(s.t_truncs) != REPORT_T_TRUNCS:
         notes.append(f"T_trunc values {list(s.t_truncs)} (report: {list(REPORT_T_TRUNCS)})")
     if name == "table4":
-        notes.append("the DIP rows never use the DDPM, so the schedule cannot change them (same images and "
-                     "seeds give the same numbers; the report's 32.12 vs 34.35 dB differ nonetheless)")
+        notes.append(
+            "the DIP rows never use the DDPM, so the schedule cannot change them (same images and "
+            "seeds give the same numbers; the report's 32.12 vs 34.35 dB differ nonetheless)"
+        )
     if name == "table1" and s.ddpm_steps < REPORT_DDPM_STEPS:
-        notes.append(f"DDPM shrunk to {s.ddpm_steps} strided ancestral steps (DDIM eta = 1) instead of "
-                     f"{REPORT_DDPM_STEPS}; speed-ups are against that row as run, plus a column extrapolated to "
-                     f"{REPORT_DDPM_STEPS} steps")
+        notes.append(
+            f"DDPM shrunk to {s.ddpm_steps} strided ancestral steps (DDIM eta = 1) instead of "
+            f"{REPORT_DDPM_STEPS}; speed-ups are against that row as run, plus a column extrapolated to "
+            f"{REPORT_DDPM_STEPS} steps"
+        )
     if any(m["params_M"] < 100 for m in models.values()):
-        notes.append("DDPM" + ("s" if len(models) > 1 else "") + ": "
-                     + ", ".join(f"{m['params_M']}M parameters ({slot})" for slot, m in models.items())
-                     + " (report: the 113.7M-parameter paper-ddpm)")
+        notes.append(
+            "DDPM"
+            + ("s" if len(models) > 1 else "")
+            + ": "
+            + ", ".join(f"{m['params_M']}M parameters ({slot})" for slot, m in models.items())
+            + " (report: the 113.7M-parameter paper-ddpm)"
+        )
     if "NVIDIA T4" not in bench.device_name:
         notes.append(f"timings on {bench.device_name} (report: one NVIDIA T4); s/img excludes model loading")
     return notes
@@ -587,8 +770,9 @@ def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, Row
             grid += [t["images"][:k], t["dip_output"][:k]]
             caps.append(f"TDPM-DIP T_trunc={sp.t_trunc}, its DIP output G_psi(z)")
         comparison_figure(bench.out / "fig3.png", grid, max_images=k)
-        figs.append(("fig3.png", "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: "
-                     + "; ".join(caps)))
+        figs.append(
+            ("fig3.png", "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: " + "; ".join(caps))
+        )
     else:
         rows, caps = [bench.images[:k]], ["clean"]
         last_inputs = None
@@ -602,17 +786,33 @@ def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, Row
         comparison_figure(bench.out / f"{name}_fig4.png", rows, max_images=k)
         figs.append((f"{name}_fig4.png", "Fig. 4 layout; rows: " + ", ".join(caps)))
     if bench.s.protocol == "blind" and name == "table2":
-        pts = [{"label": sp.label, "PSNR": rec["metrics"]["PSNR"], "SSIM": rec["metrics"]["SSIM"],
-                "NFE": rec["metrics"]["NFE"], "s/img": rec["metrics"]["s/img"]} for sp, rec, _ in loaded]
+        pts = [
+            {
+                "label": sp.label,
+                "PSNR": rec["metrics"]["PSNR"],
+                "SSIM": rec["metrics"]["SSIM"],
+                "NFE": rec["metrics"]["NFE"],
+                "s/img": rec["metrics"]["s/img"],
+            }
+            for sp, rec, _ in loaded
+        ]
         title = f"blind denoising, sigma {bench.s.sigma:g}, {bench.s.noise} noise, n = {bench.s.n}"
         if cost_figure(bench.out / "table2_cost.png", pts, title):
             figs.append(("table2_cost.png", "quality against cost: PSNR and SSIM against NFE and s/img"))
-    curves = {sp.label + (f" ({sp.model})" if name == "table4" else ""): rec["curves"]
-              for sp, rec, _ in loaded if rec.get("curves")}
+    curves = {
+        sp.label + (f" ({sp.model})" if name == "table4" else ""): rec["curves"]
+        for sp, rec, _ in loaded
+        if rec.get("curves")
+    }
     if curves:
         curves_figure(bench.out / f"{name}_dip_curves.png", curves)
-        figs.append((f"{name}_dip_curves.png", "DIP loss (MSE to its target) per iteration"
-                     + (", and PSNR of its output to the clean image" if name != "table1" else "")))
+        figs.append(
+            (
+                f"{name}_dip_curves.png",
+                "DIP loss (MSE to its target) per iteration"
+                + (", and PSNR of its output to the clean image" if name != "table1" else ""),
+            )
+        )
     return figs
 
 
@@ -624,8 +824,9 @@ TITLES = {
 }
 
 
-def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, RowSpec],
-                gm: _GenMetrics | None) -> list[dict]:
+def write_table(
+    bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, RowSpec], gm: _GenMetrics | None
+) -> list[dict]:
     h, notes = header(bench, name, specs)
     if name == "table1":
         assert gm is not None
@@ -633,20 +834,28 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
         if gm.fid_note:
             notes.append(gm.fid_note)
         if bench.s.fid and gm.extractor is not None:
-            notes.append(f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
-                         "strongly biased upwards. KID: unbiased polynomial-kernel MMD^2 (100 subsets), the same "
-                         "features; about 0 for samples of the --data distribution. precision / recall: improved "
-                         "precision and recall (Kynkaanniemi et al. 2019, k = 3) on the same features: the share "
-                         "of samples that look real / of real images the samples cover")
+            notes.append(
+                f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
+                "strongly biased upwards. KID: unbiased polynomial-kernel MMD^2 (100 subsets), the same "
+                "features; about 0 for samples of the --data distribution. precision / recall: improved "
+                "precision and recall (Kynkaanniemi et al. 2019, k = 3) on the same features: the share "
+                "of samples that look real / of real images the samples cover"
+            )
         missing = [t for t in REPORT_T_TRUNCS if t not in bench.s.generators]
         if missing:
-            notes.append("TDPM (amortized) at T_trunc " + ", ".join(map(str, missing)) + ": no --generator for "
-                         "that T_trunc given, rows skipped (train one with `tdpm-dip train-generator`)")
-        notes.append("SWD: ProGAN's sliced Wasserstein distance x1e3 on 7x7 Laplacian-pyramid patches (levels "
-                     "down to 16 px), against the --data images; copy-rate: share of images whose nearest --data "
-                     "image (L2) is >= 25 dB PSNR away; nearest PSNR: its mean")
-        notes.append("TDPM-DIP generation under the paper protocol fits G_psi to noised --data images: it "
-                     "reconstructs them (see copy-rate), it does not sample new images")
+            notes.append(
+                "TDPM (amortized) at T_trunc " + ", ".join(map(str, missing)) + ": no --generator for "
+                "that T_trunc given, rows skipped (train one with `tdpm-dip train-generator`)"
+            )
+        notes.append(
+            "SWD: ProGAN's sliced Wasserstein distance x1e3 on 7x7 Laplacian-pyramid patches (levels "
+            "down to 16 px), against the --data images; copy-rate: share of images whose nearest --data "
+            "image (L2) is >= 25 dB PSNR away; nearest PSNR: its mean"
+        )
+        notes.append(
+            "TDPM-DIP generation under the paper protocol fits G_psi to noised --data images: it "
+            "reconstructs them (see copy-rate), it does not sample new images"
+        )
         if bench.s.protocol == "blind":
             notes.append("generation has no blind protocol: TDPM-DIP here is the paper protocol's")
         title = TITLES[name]
@@ -655,8 +864,11 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
         for sp in specs:
             rec, _ = bench.load(bench.key(sp)[0])
             rows.append(_denoise_row(sp, rec, _schedule_name(bench.context(sp.model))))
-        sub = (f" at t={bench.s.t_noisy} (paper protocol)" if bench.s.protocol == "paper"
-               else f" of Gaussian noise, sigma={bench.s.sigma:g}, {bench.s.noise} (blind protocol)")
+        sub = (
+            f" at t={bench.s.t_noisy} (paper protocol)"
+            if bench.s.protocol == "paper"
+            else f" of Gaussian noise, sigma={bench.s.sigma:g}, {bench.s.noise} (blind protocol)"
+        )
         title = TITLES[name] + sub
     figs = _figures(bench, name, specs, extra)
     lines = [f"# {title}", ""]
@@ -664,8 +876,11 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
         if k == "table":
             continue
         if k == "models":
-            v = "; ".join(f"{slot}: {m['path']} ({m['schedule']} schedule, {m['params_M']}M parameters, "
-                          f"weights {m['fingerprint']})" for slot, m in v.items())
+            v = "; ".join(
+                f"{slot}: {m['path']} ({m['schedule']} schedule, {m['params_M']}M parameters, "
+                f"weights {m['fingerprint']})"
+                for slot, m in v.items()
+            )
         elif isinstance(v, dict):
             v = ", ".join(f"{a} {b}" for a, b in v.items())
         lines.append(f"- {k}: {v}")
@@ -675,8 +890,10 @@ def write_table(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, 
     lines += [f"![{f}]({f}) {c}  " for f, c in figs]
     write_text(bench.out / f"{name}.md", "\n".join(lines) + "\n")
     write_text(bench.out / f"{name}.csv", _csv(rows))
-    write_json(bench.out / f"{name}.json", {"table": name, "title": title, "header": h, "notes": notes, "rows": rows,
-                                            "figures": dict(figs)})
+    write_json(
+        bench.out / f"{name}.json",
+        {"table": name, "title": title, "header": h, "notes": notes, "rows": rows, "figures": dict(figs)},
+    )
     return rows
 
 
@@ -723,11 +940,21 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
     return vals
 
 
-__all__ = ["Bench", "BenchSettings", "RowSpec", "TABLE_NAMES", "check_out_dir", "fig3_specs", "parse_ints",
-           "run_bench", "table_specs"]
+__all__ = [
+    "Bench",
+    "BenchSettings",
+    "RowSpec",
+    "TABLE_NAMES",
+    "check_out_dir",
+    "fig3_specs",
+    "parse_ints",
+    "run_bench",
+    "table_specs",
+]
 
 
 # ------------------------------------------------------------------------------------------ the command
+
 
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions(RunOptions):
@@ -743,7 +970,7 @@ class BenchOptions(RunOptions):
     sigma: float = defaults.SIGMA
     noise: str = defaults.NOISE_MODEL
     declip: bool = True
-    methods: str = ""                   # comma-separated blind methods (empty: all installed)
+    methods: str = ""  # comma-separated blind methods (empty: all installed)
     t_noisy: int = REPORT_T_NOISY
     t_trunc: int | None = None
     t_truncs: str = ",".join(map(str, REPORT_T_TRUNCS))
@@ -754,7 +981,7 @@ class BenchOptions(RunOptions):
     fid_weights: str | None = None
     generators: tuple[str, ...] = ()
     fig_images: int = 4
-    dip_preset: str = "paper-dip"       # the report's, on any device (shrink it for CPU runs)
+    dip_preset: str = "paper-dip"  # the report's, on any device (shrink it for CPU runs)
 
     def settings(self, device: torch.device) -> BenchSettings:
         """The checked settings of the run (one-line UserErrors for every bad option that needs no model)."""
@@ -768,12 +995,26 @@ class BenchOptions(RunOptions):
             raise UserError(f"--methods: unknown blind method(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
         preset = pick_dip_preset(self.dip_preset, device)
         cfgs = {use: dip_config(use, preset, self.dip_iters, self.dip_lr) for use in ("paper", "blind", "plugin")}
-        return BenchSettings(protocol=self.protocol, n=self.n, seed=self.seed, sigma=self.sigma, noise=self.noise,
-                             declip=self.declip, methods=chosen, t_noisy=self.t_noisy, t_trunc=self.t_trunc,
-                             t_truncs=parse_ints(self.t_truncs, "--t-truncs"), samples=self.samples,
-                             ddpm_steps=self.ddpm_steps, ddim_steps=self.ddim_steps, fid=self.fid,
-                             fid_weights=self.fid_weights, generators=_generators_by_t_trunc(self.generators),
-                             fig_images=self.fig_images, dip=cfgs)
+        return BenchSettings(
+            protocol=self.protocol,
+            n=self.n,
+            seed=self.seed,
+            sigma=self.sigma,
+            noise=self.noise,
+            declip=self.declip,
+            methods=chosen,
+            t_noisy=self.t_noisy,
+            t_trunc=self.t_trunc,
+            t_truncs=parse_ints(self.t_truncs, "--t-truncs"),
+            samples=self.samples,
+            ddpm_steps=self.ddpm_steps,
+            ddim_steps=self.ddim_steps,
+            fid=self.fid,
+            fid_weights=self.fid_weights,
+            generators=_generators_by_t_trunc(self.generators),
+            fig_images=self.fig_images,
+            dip=cfgs,
+        )
 
 
 def _generators_by_t_trunc(folders: tuple[str, ...]) -> dict[int, str]:
@@ -800,8 +1041,9 @@ def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
 
     def load(slot: str) -> tuple[Context, Shard | None]:
         echo(f"loading {models[slot]}")
-        return load_context(models[slot], opts.device, opts.dtype, opts.batch_size, "paper", paper.preset,
-                            paper.iters, paper.lr)
+        return load_context(
+            models[slot], opts.device, opts.dtype, opts.batch_size, "paper", paper.preset, paper.iters, paper.lr
+        )
 
     linear, shard = load("linear")
     loaded = {"linear": linear}

@@ -11,8 +11,8 @@ from .. import defaults
 class RunOptions:
     """The options every computing command takes (the CLI documents each one)."""
 
-    dip_preset: str = "auto"           # auto: the report's DIP on a GPU, dip-small on a CPU
-    dip_iters: int | None = None       # None: defaults.DIP of the protocol
+    dip_preset: str = "auto"  # auto: the report's DIP on a GPU, dip-small on a CPU
+    dip_iters: int | None = None  # None: defaults.DIP of the protocol
     dip_lr: float | None = None
     device: str = "auto"
     dtype: str = "auto"

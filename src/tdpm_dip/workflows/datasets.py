@@ -58,8 +58,11 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
                     shutil.copy2(files[n], tmp / side / files[n].name)
                 else:
                     save_png(_square(files[n], size), tmp / side / f"{n}.png")
-        write_text(tmp / "split.txt", f"source: {source}\ntest: the {test} names of lowest SHA-1 "
-                   f"(first 8 hex digits)\ntrain: {len(train)} images\ntest: {len(held)} images\n")
+        write_text(
+            tmp / "split.txt",
+            f"source: {source}\ntest: the {test} names of lowest SHA-1 "
+            f"(first 8 hex digits)\ntrain: {len(train)} images\ntest: {len(held)} images\n",
+        )
     return out_dir
 
 
@@ -71,8 +74,9 @@ def _square(path: Path, size: int) -> np.ndarray:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 
-def add_noise_files(source: str, out: str, sigma: float, n: int | None = None, size: int = 64, seed: int = 1234,
-                    overwrite: bool = False) -> Path:
+def add_noise_files(
+    source: str, out: str, sigma: float, n: int | None = None, size: int = 64, seed: int = 1234, overwrite: bool = False
+) -> Path:
     """OUT/clean and OUT/noisy: the first n images of `source` (sorted by name) at size x size, and the same with
     Gaussian noise of std sigma on 0..255, rounded and clipped to 8 bits, as a saved noisy file holds.
 

@@ -52,8 +52,18 @@ from ..training.options import TrainConfig
 # The DIP presets the demo offers; their settings come from defaults.DIP (paper and blind rows).
 DIP_PRESETS = ("dip-tiny", "dip-small", "paper-dip-noattn", "paper-dip")
 # What a demo writes in RUN: with --overwrite, a new run replaces these whole (other files stay).
-DEMO_FILES = ("data", "train", "report.md", "metrics.json", "test_images.png", "train_loss.png", "generation.png",
-              "denoise_paper.png", "denoise_blind.png", "dip_curves.png")
+DEMO_FILES = (
+    "data",
+    "train",
+    "report.md",
+    "metrics.json",
+    "test_images.png",
+    "train_loss.png",
+    "generation.png",
+    "denoise_paper.png",
+    "denoise_blind.png",
+    "dip_curves.png",
+)
 
 
 @dataclass(frozen=True)
@@ -61,17 +71,17 @@ class DemoConfig:
     """Options of `tdpm-dip demo` (the CLI documents each one)."""
 
     out: str
-    data: str | None = None          # None: procedural sprites
-    model: str | None = None         # None: train the demo DDPM first
-    n: int = 8                       # test images (denoising) and generated images
-    steps: int = 200                 # training steps
-    size: int = 32                   # image side when training (a --model fixes its own)
+    data: str | None = None  # None: procedural sprites
+    model: str | None = None  # None: train the demo DDPM first
+    n: int = 8  # test images (denoising) and generated images
+    steps: int = 200  # training steps
+    size: int = 32  # image side when training (a --model fixes its own)
     seed: int = 0
-    train_images: int = 256          # sprites in the training set (without --data)
+    train_images: int = 256  # sprites in the training set (without --data)
     train_batch: int = 16
     train_lr: float = 2e-3
-    preset: str = "demo"             # DDPM preset when training
-    sigma: float = defaults.SIGMA    # blind protocol noise (0..255)
+    preset: str = "demo"  # DDPM preset when training
+    sigma: float = defaults.SIGMA  # blind protocol noise (0..255)
     t_noisy: int = defaults.T_NOISY  # paper protocol noise level
     t_trunc: int = defaults.T_TRUNC  # TDPM-DIP T_trunc (generation and paper denoising)
     ddpm_steps: int = defaults.DDPM_STEPS  # generation DDPM steps (< 1000: strided ancestral sampler)
@@ -81,7 +91,7 @@ class DemoConfig:
     samples: int = defaults.SAMPLES  # blind TDPM-DIP chains averaged per image
     batch_size: int = defaults.BATCH_SIZE  # images processed (DIPs fitted) at once
     overwrite: bool = False
-    embedded: bool = True            # sprites without --model: generate and denoise with the shipped DDPM
+    embedded: bool = True  # sprites without --model: generate and denoise with the shipped DDPM
 
     @property
     def uses_embedded(self) -> bool:
@@ -91,8 +101,17 @@ class DemoConfig:
     def validate(self) -> None:
         if self.seed < 0:
             raise UserError(f"--seed must be >= 0, got {self.seed}")
-        for name in ("n", "steps", "train_images", "train_batch", "dip_iters", "blind_dip_iters", "samples",
-                     "batch_size", "ddpm_steps"):
+        for name in (
+            "n",
+            "steps",
+            "train_images",
+            "train_batch",
+            "dip_iters",
+            "blind_dip_iters",
+            "samples",
+            "batch_size",
+            "ddpm_steps",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -110,18 +129,22 @@ class DemoConfig:
             raise UserError(f"--dip-preset must be one of {', '.join(DIP_PRESETS)}, got {self.dip_preset!r}")
         if self.uses_embedded:
             if self.size != default_size():
-                raise UserError(f"--size {self.size}: the embedded default model is {default_size()} px; pass "
-                                "--no-embedded to generate and denoise with the model trained here at another size")
+                raise UserError(
+                    f"--size {self.size}: the embedded default model is {default_size()} px; pass "
+                    "--no-embedded to generate and denoise with the model trained here at another size"
+                )
         if self.model is None:
             factor = 2 ** (len(get_preset(self.preset).block_out_channels) - 1)
             if self.size < 8 or self.size % factor:
                 raise UserError(f"--size must be >= 8 and a multiple of {factor}, got {self.size}")
             if self.data is None and self.train_batch > self.train_images:
-                raise UserError(f"--train-batch {self.train_batch} is larger than the training set "
-                                f"({self.train_images} sprites)")
+                raise UserError(
+                    f"--train-batch {self.train_batch} is larger than the training set ({self.train_images} sprites)"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- phases
+
 
 class Phases:
     """Wall time of each phase; echoed as it ends and listed in the report."""
@@ -147,11 +170,12 @@ class Phases:
 
 # ---------------------------------------------------------------------------------------------- data
 
+
 @dataclass
 class DemoData:
-    test: torch.Tensor            # [n, 3, S, S]: the images to denoise
-    reference: torch.Tensor       # what TDPM-DIP generation reconstructs (paper protocol)
-    train: torch.Tensor | None    # the training set (copy-rate reference); None with --model
+    test: torch.Tensor  # [n, 3, S, S]: the images to denoise
+    reference: torch.Tensor  # what TDPM-DIP generation reconstructs (paper protocol)
+    train: torch.Tensor | None  # the training set (copy-rate reference); None with --model
     source: str
 
 
@@ -172,27 +196,32 @@ def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
     allset = load_images(cfg.data, size, progress=True)
     n_all = len(allset)
     if n_all <= cfg.n:
-        raise UserError(f"{cfg.data}: {n_all} images; the demo needs more than --n {cfg.n} "
-                        "(the first n are the test images, the rest the training / reference set)")
-    test, rest = allset.images[: cfg.n], allset.images[cfg.n:]
+        raise UserError(
+            f"{cfg.data}: {n_all} images; the demo needs more than --n {cfg.n} "
+            "(the first n are the test images, the rest the training / reference set)"
+        )
+    test, rest = allset.images[: cfg.n], allset.images[cfg.n :]
     save_set(test, allset.names[: cfg.n], run / "data" / "test")
     if cfg.model is None:
         if rest.shape[0] < cfg.train_batch:
-            raise UserError(f"{cfg.data}: {rest.shape[0]} training images (after {cfg.n} test images), fewer "
-                            f"than --train-batch {cfg.train_batch}")
-        save_set(rest, allset.names[cfg.n:], run / "data" / "train")
+            raise UserError(
+                f"{cfg.data}: {rest.shape[0]} training images (after {cfg.n} test images), fewer "
+                f"than --train-batch {cfg.train_batch}"
+            )
+        save_set(rest, allset.names[cfg.n :], run / "data" / "train")
     ref = rest[: cfg.n] if rest.shape[0] >= cfg.n else test
     return DemoData(test, ref, rest if cfg.model is None else None, f"{n_all} images from {cfg.data}")
 
 
 # ---------------------------------------------------------------------------------------------- the run
 
+
 @dataclass
 class DemoRun:
     """What the phases hand on: the run folder being built, the model, the data, and every result."""
 
     cfg: DemoConfig
-    stage: Path                    # the staged run folder (moved to `final` when complete)
+    stage: Path  # the staged run folder (moved to `final` when complete)
     final: Path
     phases: Phases
     device: str
@@ -203,8 +232,8 @@ class DemoRun:
     data: DemoData | None = None
     model_label: str = ""
     train_info: dict = field(default_factory=dict)
-    short_model: str | None = None     # the model trained here, when the embedded default does the rest
-    gen: list[tuple[str, Result]] = field(default_factory=list)   # (figure label, generation result)
+    short_model: str | None = None  # the model trained here, when the embedded default does the rest
+    gen: list[tuple[str, Result]] = field(default_factory=list)  # (figure label, generation result)
     paper: list[Result] = field(default_factory=list)
     blind: list[Result] = field(default_factory=list)
     noisy: torch.Tensor | None = None
@@ -262,8 +291,9 @@ def _load_model(d: DemoRun) -> None:
 def _make_data(d: DemoRun) -> None:
     with d.phases("data") as note:
         d.data = make_data(d.cfg, d.size, d.stage)
-        note["note"] = (f"{d.data.source}: {d.cfg.n} test images"
-                        + (f", {d.data.train.shape[0]} training images" if d.data.train is not None else ""))
+        note["note"] = f"{d.data.source}: {d.cfg.n} test images" + (
+            f", {d.data.train.shape[0]} training images" if d.data.train is not None else ""
+        )
 
 
 def _train(d: DemoRun) -> None:
@@ -272,21 +302,39 @@ def _train(d: DemoRun) -> None:
     if cfg.model is not None:
         return
     tcfg = TrainConfig(
-        data=str(d.stage / "data" / "train"), out=str(d.stage / "train"), preset=cfg.preset, size=d.size,
-        steps=cfg.steps, batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_steps=min(50, cfg.steps // 5),
-        ema_decay=0.99, seed=cfg.seed, log_every=max(1, min(10, cfg.steps // 10)), checkpoint_every=0,
-        sample_every=0, n_samples=0, overwrite=True)
+        data=str(d.stage / "data" / "train"),
+        out=str(d.stage / "train"),
+        preset=cfg.preset,
+        size=d.size,
+        steps=cfg.steps,
+        batch_size=cfg.train_batch,
+        lr=cfg.train_lr,
+        warmup_steps=min(50, cfg.steps // 5),
+        ema_decay=0.99,
+        seed=cfg.seed,
+        log_every=max(1, min(10, cfg.steps // 10)),
+        checkpoint_every=0,
+        sample_every=0,
+        n_samples=0,
+        overwrite=True,
+    )
     with d.phases("train") as note:
         if d.device != "auto" and not d.device.startswith("cuda") and torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"  # accelerate picks the GPU unless told otherwise
         model_dir = train(tcfg)
         recs = [json.loads(x) for x in (d.stage / "train" / "metrics.jsonl").read_text().splitlines() if x]
         img_s = [r["img_s"] for r in recs if r.get("img_s")]
-        d.train_info = {"steps": cfg.steps, "batch": cfg.train_batch, "lr": cfg.train_lr, "preset": cfg.preset,
-                        "final_loss": recs[-1]["loss"] if recs else None,
-                        "img_s": sorted(img_s)[len(img_s) // 2] if img_s else None}
-        note["note"] = (f"{cfg.steps} steps x batch {cfg.train_batch}, preset {cfg.preset}, "
-                        f"median {d.train_info['img_s']} img/s")
+        d.train_info = {
+            "steps": cfg.steps,
+            "batch": cfg.train_batch,
+            "lr": cfg.train_lr,
+            "preset": cfg.preset,
+            "final_loss": recs[-1]["loss"] if recs else None,
+            "img_s": sorted(img_s)[len(img_s) // 2] if img_s else None,
+        }
+        note["note"] = (
+            f"{cfg.steps} steps x batch {cfg.train_batch}, preset {cfg.preset}, median {d.train_info['img_s']} img/s"
+        )
     if cfg.uses_embedded:
         d.short_model = str(model_dir)
     else:
@@ -351,8 +399,9 @@ def _denoise(d: DemoRun) -> None:
     d.noisy = add_noise(data.test, cfg.sigma, list(d.seeds), "clipped")  # what a saved 8-bit noisy file holds
     with d.phases(f"denoising, blind protocol (sigma={cfg.sigma:g}, clipped 8-bit)") as note:
         job = Job(d.seeds, noisy=d.noisy, sigma=(cfg.sigma,), clean=data.test, samples=cfg.samples)
-        d.blind = [run(blind, "denoise", "blind", m.name, job) for m in registry.methods("denoise", "blind")
-                   if m.extra is None]
+        d.blind = [
+            run(blind, "denoise", "blind", m.name, job) for m in registry.methods("denoise", "blind") if m.extra is None
+        ]
         note["note"] = ", ".join(f"{r.method} {r.seconds_per_image:.2f} s/img" for r in d.blind)
 
 
@@ -372,6 +421,7 @@ def _relocate(folder: Path, stage: Path, final: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the report
+
 
 def loss_figure(path: Path, metrics_jsonl: Path) -> bool:
     """The training loss per logged window (False when there is nothing to plot)."""
@@ -409,22 +459,43 @@ def _figures(d: DemoRun) -> dict[str, str]:
     save_grid(data.test[:16], stage / "test_images.png", nrow=8, upscale=upscale)
     if cfg.model is None and loss_figure(stage / "train_loss.png", stage / "train" / "metrics.jsonl"):
         figs["loss"] = "train_loss.png"
-    # The reconstructions (paper protocol) beside what they reconstruct and their DIP outputs, then the rest.
+    # The reconstructions (paper protocol) beside what they reconstruct and their DIP outputs, then the new samples
+    # beside held-out real images, so that a person can judge whether they pass for real.
     fitted = [(label, r) for label, r in d.gen if "dip_output" in r.info]
-    labelled_comparison(stage / "generation.png", [
-        ("training images" if data.train is not None else "reference images", data.reference),
-        *[("G_psi(z): DIP output", r.info["dip_output"]) for _, r in fitted],
-        *[(label, r.images) for label, r in fitted],
-        *[(label, r.images) for label, r in d.gen if "dip_output" not in r.info]], upscale=upscale)
+    labelled_comparison(
+        stage / "generation.png",
+        [
+            ("held-out images (real, never trained on)", data.test),
+            ("training images" if data.train is not None else "reference images", data.reference),
+            *[("G_psi(z): DIP output", r.info["dip_output"]) for _, r in fitted],
+            *[(label, r.images) for label, r in fitted],
+            *[(label, r.images) for label, r in d.gen if "dip_output" not in r.info],
+        ],
+        upscale=upscale,
+    )
     paper_noisy = d.paper[0].inputs
     assert paper_noisy is not None and d.noisy is not None  # the denoising phases ran before the figures
-    labelled_comparison(stage / "denoise_paper.png", [
-        ("clean", data.test), (f"x_{cfg.t_noisy} (noisy)", paper_noisy),
-        *[(f"{r.method} (oracle)" if r.dip is not None else f"{r.method} ({r.reverse_steps} steps)", r.images)
-          for r in d.paper]], upscale=upscale)
-    labelled_comparison(stage / "denoise_blind.png", [
-        ("clean", data.test), (f"noisy (sigma {cfg.sigma:g})", d.noisy), *[(r.method, r.images) for r in d.blind],
-    ], upscale=upscale)
+    labelled_comparison(
+        stage / "denoise_paper.png",
+        [
+            ("clean", data.test),
+            (f"x_{cfg.t_noisy} (noisy)", paper_noisy),
+            *[
+                (f"{r.method} (oracle)" if r.dip is not None else f"{r.method} ({r.reverse_steps} steps)", r.images)
+                for r in d.paper
+            ],
+        ],
+        upscale=upscale,
+    )
+    labelled_comparison(
+        stage / "denoise_blind.png",
+        [
+            ("clean", data.test),
+            (f"noisy (sigma {cfg.sigma:g})", d.noisy),
+            *[(r.method, r.images) for r in d.blind],
+        ],
+        upscale=upscale,
+    )
     curves = {f"generation {label}": r.dip.mean_curves() for label, r in d.gen if r.dip is not None}
     curves.update({f"{r.protocol} {r.method}": r.dip.mean_curves() for r in d.paper + d.blind if r.dip is not None})
     curves_figure(stage / "dip_curves.png", curves)
@@ -441,47 +512,81 @@ def _report(d: DemoRun) -> None:
         den_rows = [result_row(r, d.data.test, task="denoising") for r in d.paper + d.blind]  # type: ignore[union-attr]
         paper_dip = dataclasses.asdict(d.ctx.dip)  # type: ignore[union-attr]
         blind_dip = dataclasses.asdict(dip_config("blind", cfg.dip_preset, cfg.blind_dip_iters))
-        env = {"device": str(d.ctx.device), "threads": d.threads, "torch": torch.__version__,  # type: ignore[union-attr]
-               "python": platform.python_version(), "cpu_count": os.cpu_count(),
-               "load_average_start": d.load_start, "load_average_end": _loadavg()}
-        config = dataclasses.asdict(cfg) | {"model_used": d.model_label, "size_used": d.size,
-                                            "dip_paper": paper_dip, "dip_blind": blind_dip}
-        write_json(d.stage / "metrics.json", {
-            "generation": gen_rows, "denoising": den_rows, "train": d.train_info,
-            "phases": [{"phase": p, "seconds": s, "note": nt} for p, s, nt in d.phases.times],
-            "config": config, "environment": env})
+        env = {
+            "device": str(d.ctx.device),  # type: ignore[union-attr]
+            "threads": d.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "load_average_start": d.load_start,
+            "load_average_end": _loadavg(),
+        }
+        config = dataclasses.asdict(cfg) | {
+            "model_used": d.model_label,
+            "size_used": d.size,
+            "dip_paper": paper_dip,
+            "dip_blind": blind_dip,
+        }
+        write_json(
+            d.stage / "metrics.json",
+            {
+                "generation": gen_rows,
+                "denoising": den_rows,
+                "train": d.train_info,
+                "phases": [{"phase": p, "seconds": s, "note": nt} for p, s, nt in d.phases.times],
+                "config": config,
+                "environment": env,
+            },
+        )
         write_text(d.stage / "report.md", report_md(d, figs, env, gen_rows, den_rows))
 
 
 def report_md(d: DemoRun, figs: dict[str, str], env: dict, gen_rows: list[dict], den_rows: list[dict]) -> str:
     """report.md: the run's header and phases, training, protocols, generation, denoising, how to read it."""
-    return "\n".join(_md_header(d, figs, env) + _md_training(d, figs) + PROTOCOLS_MD + _md_generation(d, gen_rows)
-                     + _md_denoising(d, figs, den_rows) + READING_MD + _md_reproduce(d))
+    return "\n".join(
+        _md_header(d, figs, env)
+        + _md_training(d, figs)
+        + PROTOCOLS_MD
+        + _md_generation(d, gen_rows)
+        + _md_denoising(d, figs, den_rows)
+        + READING_MD
+        + _md_reproduce(d)
+    )
 
 
 def _md_header(d: DemoRun, figs: dict[str, str], env: dict) -> list[str]:
     cfg = d.cfg
     if cfg.uses_embedded:
-        model = (f"every figure and row below except the training section and the `ddim-50, {cfg.steps}-step model` "
-                 "row comes from the **embedded default DDPM** shipped in the package "
-                 "(`tdpm_dip/weights/ddpm-sprites32`, trained by `recipes/embedded_default.sh` on 4096 sprites); "
-                 f"the `{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`) shows Algorithm 1.")
+        model = (
+            f"every figure and row below except the training section and the `ddim-50, {cfg.steps}-step model` "
+            "row comes from the **embedded default DDPM** shipped in the package "
+            "(`tdpm_dip/weights/ddpm-sprites32`, trained by `recipes/embedded_default.sh` on 4096 sprites); "
+            f"the `{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`) shows Algorithm 1."
+        )
     elif cfg.model is None:
         model = f"a `{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`)."
     else:
         model = f"`{d.model_label}`."
     assert d.data is not None
     return [
-        "# TDPM-DIP demo", "",
+        "# TDPM-DIP demo",
+        "",
         f"Data: {d.data.source}, {d.size}x{d.size} px. Model: {model}",
         f"Device: {env['device']}, {env['threads']} CPU thread(s), torch {env['torch']}; "
         f"load average at start {env['load_average_start']} on {env['cpu_count']} cores (other work on the "
-        "machine slows every phase).", "",
-        "## Phases", "", "| phase | seconds | what |", "|---|---|---|",
+        "machine slows every phase).",
+        "",
+        "## Phases",
+        "",
+        "| phase | seconds | what |",
+        "|---|---|---|",
         *[f"| {p} | {s:.1f} | {nt} |" for p, s, nt in d.phases.times],
-        f"| total (without this page) | {d.phases.total:.1f} | |", "",
-        f"![test images]({figs['test']})", "",
-        f"*The {cfg.n} test images (held out: never trained on).*", "",
+        f"| total (without this page) | {d.phases.total:.1f} | |",
+        "",
+        f"![test images]({figs['test']})",
+        "",
+        f"*The {cfg.n} test images (held out: never trained on).*",
+        "",
     ]
 
 
@@ -489,29 +594,37 @@ def _md_training(d: DemoRun, figs: dict[str, str]) -> list[str]:
     cfg, info = d.cfg, d.train_info
     if cfg.model is not None:
         return []
-    lines = ["## Training (Algorithm 1)", "",
-             f"`{cfg.preset}` UNet, {cfg.steps} AdamW steps at batch {cfg.train_batch}, lr {cfg.train_lr:g}, "
-             f"EMA weights exported; median throughput {info.get('img_s')} images/s, final loss "
-             f"{info.get('final_loss', float('nan')):.4f}. A few hundred steps give a usable denoiser "
-             "at small noise levels; its samples from pure noise stay rough"
-             + (" (its DDIM-50 row below, beside the embedded default's samples)." if cfg.uses_embedded
-                else " (see below)."), ""]
+    lines = [
+        "## Training (Algorithm 1)",
+        "",
+        f"`{cfg.preset}` UNet, {cfg.steps} AdamW steps at batch {cfg.train_batch}, lr {cfg.train_lr:g}, "
+        f"EMA weights exported; median throughput {info.get('img_s')} images/s, final loss "
+        f"{info.get('final_loss', float('nan')):.4f}. A few hundred steps give a usable denoiser "
+        "at small noise levels; its samples from pure noise stay rough"
+        + (
+            " (its DDIM-50 row below, beside the embedded default's samples)." if cfg.uses_embedded else " (see below)."
+        ),
+        "",
+    ]
     if "loss" in figs:
         lines += [f"![training loss]({figs['loss']})", ""]
     return lines
 
 
 PROTOCOLS_MD = [
-    "## Protocols", "",
-    "Every row of the tables says which protocol produced it.", "",
+    "## Protocols",
+    "",
+    "Every row of the tables says which protocol produced it.",
+    "",
     "- **paper** (the report's, an *oracle*): the DIP target is built from the **clean** image, "
-    "x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z, with the DIP's own input z. Its \"denoising\" never "
+    'x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z, with the DIP\'s own input z. Its "denoising" never '
     "looks at the noisy image, so DIP / TDPM-DIP PSNR measures how well a small network reproduces a "
-    "known image in a fixed number of iterations; its \"generation\" reconstructs the reference images "
+    'known image in a fixed number of iterations; its "generation" reconstructs the reference images '
     "(the copy-rate shows it).",
     "- **blind** (an honest denoiser): only the noisy image y = x0 + n and its noise level are used; "
     "the clean image is used only to score the result.",
-    "- **unconditional**: generation from pure noise N(0, I); no reference image is involved.", "",
+    "- **unconditional**: generation from pure noise N(0, I); no reference image is involved.",
+    "",
 ]
 
 
@@ -519,12 +632,17 @@ def _md_generation(d: DemoRun, gen_rows: list[dict]) -> list[str]:
     cfg = d.cfg
     ref = "training" if d.cfg.model is None else "reference"
     return [
-        "## Generation", "", "![generation](generation.png)", "",
+        "## Generation",
+        "",
+        "![generation](generation.png)",
+        "",
         f"Rows: the {ref} images the DIPs were fitted to (paper protocol), the fitted DIP outputs G_psi(z) (the "
         f"truncated chain's start x_{cfg.t_trunc}), then each method: "
-        + "; ".join(label for label, _ in d.gen) + ". Amortized TDPM makes new images (the shipped generator's "
+        + "; ".join(label for label, _ in d.gen)
+        + ". Amortized TDPM makes new images (the shipped generator's "
         "G_psi(z), z ~ N(0, I), then T_trunc reverse steps). copy-rate: share of images within 25 dB PSNR of a "
-        f"{ref} image (NN PSNR: mean PSNR to the nearest one). TDPM-DIP \"generates\" copies by construction.", "",
+        f'{ref} image (NN PSNR: mean PSNR to the nearest one). TDPM-DIP "generates" copies by construction.',
+        "",
         table(gen_rows),
     ]
 
@@ -537,12 +655,17 @@ def _md_denoising(d: DemoRun, figs: dict[str, str], den_rows: list[dict]) -> lis
     chained = [r.info["t_trunc"] for r in d.blind if registry.get("denoise", "blind", r.method).dip == "plugin"]
     t_used = next((f"{min(t)}-{max(t)} (per image)" if isinstance(t, list) else t for t in chained), "automatic")
     lines = [
-        "## Denoising", "",
-        f"Paper protocol (x0 noised to level t={cfg.t_noisy}, then each method):", "",
-        "![denoising, paper protocol](denoise_paper.png)", "",
+        "## Denoising",
+        "",
+        f"Paper protocol (x0 noised to level t={cfg.t_noisy}, then each method):",
+        "",
+        "![denoising, paper protocol](denoise_paper.png)",
+        "",
         f"Blind protocol (Gaussian noise of sigma {cfg.sigma:g} on 0..255, rounded and clipped to 8 bits as in a "
-        "saved noisy file; rows: the registry's blind methods, best first):", "",
-        "![denoising, blind protocol](denoise_blind.png)", "",
+        "saved noisy file; rows: the registry's blind methods, best first):",
+        "",
+        "![denoising, blind protocol](denoise_blind.png)",
+        "",
         table(den_rows),
         f"Settings: DIP `{paper_dip.preset}`; paper protocol {paper_dip.iters} iterations at lr {paper_dip.lr:g}; "
         f"blind {blind_dip.iters} iterations at lr {blind_dip.lr:g} with input noise {blind_dip.input_noise:g} and "
@@ -551,23 +674,30 @@ def _md_denoising(d: DemoRun, figs: dict[str, str], den_rows: list[dict]) -> lis
         "sigma. ensemble: one Tweedie call at t* per flip/transpose, averaged (8 calls); tweedie: one call; ddpm: "
         f"the mean of {cfg.samples} chains of t* steps. Blind TDPM-DIP: Algorithm 2 with the ensemble estimate in "
         f"place of the clean image, then T reverse steps (here T = {t_used}), {cfg.samples} chains averaged. "
-        f"PSNR/SSIM on [0, 1] images; s/img is wall time per image for {cfg.n} images processed together.", "",
+        f"PSNR/SSIM on [0, 1] images; s/img is wall time per image for {cfg.n} images processed together.",
+        "",
     ]
     if "curves" in figs:
-        lines += ["![DIP curves](dip_curves.png)", "",
-                  "*DIP fitting: MSE to its target and, where the clean image is known, PSNR of the raw DIP "
-                  "output to it, per iteration (mean over images).*", ""]
+        lines += [
+            "![DIP curves](dip_curves.png)",
+            "",
+            "*DIP fitting: MSE to its target and, where the clean image is known, PSNR of the raw DIP "
+            "output to it, per iteration (mean over images).*",
+            "",
+        ]
     return lines
 
 
 READING_MD = [
-    "## Reading these numbers", "",
+    "## Reading these numbers",
+    "",
     "- Paper-protocol DIP / TDPM-DIP numbers are not a denoiser's: the target they fit is the clean image "
     "(lightly noised at T_trunc). DDPM from t_noisy must invent most of the image and scores far lower.",
     "- Blind numbers are what a user with only a noisy photo gets; compare them with the noisy input's "
     "PSNR (`input PSNR`).",
     "- These are tiny networks trained for seconds on tiny images: the orders of magnitude, not the "
-    "report's values, are the point. `tdpm-dip bench` runs the report's tables on real data.", "",
+    "report's values, are the point. `tdpm-dip bench` runs the report's tables on real data.",
+    "",
 ]
 
 
@@ -578,11 +708,14 @@ def _md_reproduce(d: DemoRun) -> list[str]:
     model = "" if cfg.uses_embedded else f" --model {d.model_label}"
     test = Path(cfg.out) / "data" / "test"
     return [
-        "## Reproduce single steps with the CLI", "", "```",
+        "## Reproduce single steps with the CLI",
+        "",
+        "```",
         f"tdpm-dip denoise{model} --clean {test} --protocol paper --t-noisy {cfg.t_noisy} "
         f"--dip-preset {paper_dip.preset} --dip-iters {paper_dip.iters} --dip-lr {paper_dip.lr:g} --seed {cfg.seed} "
         "--out den_paper",
         f"tdpm-dip denoise{model} --clean {test} --sigma {cfg.sigma:g} --method ensemble --method tdpm-dip "
         f"--dip-preset {blind_dip.preset} --dip-iters {blind_dip.iters} --seed {cfg.seed} --out den_blind",
-        "```", "",
+        "```",
+        "",
     ]

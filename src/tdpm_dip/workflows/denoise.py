@@ -15,6 +15,7 @@ from ..api import Denoiser
 from ..data import load_images, load_native
 from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma
+from ..images import save_png
 from ..methods import Job, run
 from ..methods.observe import NOISE_MODELS, add_noise, blind_sigmas
 from ..methods.shard import is_main_process
@@ -22,7 +23,6 @@ from ..metrics import psnr, ssim
 from ..models import unet_size
 from ..noise import check_t_trunc
 from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
-from ..images import save_png
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
 from .common import RunOptions
@@ -36,11 +36,11 @@ class DenoiseOptions(RunOptions):
 
     out: str
     model: str | None = None
-    input: str | None = None           # noisy files: blind denoising at their own sizes
-    clean: str | None = None           # clean images, noised here first (scores PSNR/SSIM)
-    reference: str | None = None       # with --input: the clean originals, only to score
+    input: str | None = None  # noisy files: blind denoising at their own sizes
+    clean: str | None = None  # clean images, noised here first (scores PSNR/SSIM)
+    reference: str | None = None  # with --input: the clean originals, only to score
     protocol: str = "blind"
-    methods: tuple[str, ...] = ()      # empty: the best blind method, or every paper method
+    methods: tuple[str, ...] = ()  # empty: the best blind method, or every paper method
     sigma: float | None = None
     noise: str = defaults.NOISE_MODEL
     declip: bool = True
@@ -49,7 +49,7 @@ class DenoiseOptions(RunOptions):
     samples: int = defaults.SAMPLES
     ddim_steps: int = defaults.BLIND_DDIM_STEPS
     n: int | None = None
-    skip_bad: bool = False             # --input: skip unreadable files with a warning
+    skip_bad: bool = False  # --input: skip unreadable files with a warning
 
     def check(self) -> DenoiseOptions:
         """Every check that needs no image and no model (one-line UserErrors); returns the options with the
@@ -62,8 +62,11 @@ class DenoiseOptions(RunOptions):
             raise UserError("the paper protocol builds its DIP target from the clean image: it needs --clean")
         if self.noise not in NOISE_MODELS:
             raise UserError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {self.noise!r}")
-        default = registry.names("denoise", "paper") if self.protocol == "paper" else \
-            [m.name for m in registry.methods("denoise", "blind", installed_only=True)][:1]
+        default = (
+            registry.names("denoise", "paper")
+            if self.protocol == "paper"
+            else [m.name for m in registry.methods("denoise", "blind", installed_only=True)][:1]
+        )
         methods = self.methods or tuple(default)
         for m in methods:
             registry.get("denoise", self.protocol, m)  # an unknown or other-protocol method fails here
@@ -74,8 +77,7 @@ class DenoiseOptions(RunOptions):
         return dataclasses.replace(self, methods=methods)
 
     def job_options(self) -> dict:
-        return {"t_trunc": self.t_trunc, "samples": self.samples, "ddim_steps": self.ddim_steps,
-                "declip": self.declip}
+        return {"t_trunc": self.t_trunc, "samples": self.samples, "ddim_steps": self.ddim_steps, "declip": self.declip}
 
 
 def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
@@ -83,8 +85,17 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
     opts = opts.check()
     if is_main_process():
         refuse_out_dir(opts.out, opts.overwrite)  # before any model or image is loaded
-    ctx, shard = load_context(opts.model, opts.device, opts.dtype, opts.batch_size, opts.protocol, opts.dip_preset,
-                              opts.dip_iters, opts.dip_lr, task="denoise")
+    ctx, shard = load_context(
+        opts.model,
+        opts.device,
+        opts.dtype,
+        opts.batch_size,
+        opts.protocol,
+        opts.dip_preset,
+        opts.dip_iters,
+        opts.dip_lr,
+        task="denoise",
+    )
     if opts.t_trunc is not None:
         check_t_trunc(ctx.scheduler, opts.t_trunc)
     den = Denoiser(ctx, shard, opts.model or DENOISER_NAME)
@@ -94,6 +105,7 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ a user's files
+
 
 def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     """Blind denoising of noisy files, each at its own size and aspect; image i uses seed SEED+i."""
@@ -119,8 +131,16 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     per_image = _per_image(names, noisy, outputs, clean)
     for entry, x, s in zip(per_image, noisy, sig):
         entry.update(size=list(x.shape[-2:]), sigma=s)
-    _write(out_dir, names, noisy, outputs, fig, "Denoising (blind protocol; your files, each at its own size)", rows,
-           {"images": per_image, "sigma": sig})
+    _write(
+        out_dir,
+        names,
+        noisy,
+        outputs,
+        fig,
+        "Denoising (blind protocol; your files, each at its own size)",
+        rows,
+        {"images": per_image, "sigma": sig},
+    )
     return out_dir
 
 
@@ -129,27 +149,50 @@ def _references(folder: str, files: list[tuple[str, torch.Tensor]]) -> list[torc
     refs = dict(load_native(folder))
     missing = [nm for nm, x in files if nm not in refs or refs[nm].shape != x.shape]
     if missing:
-        raise UserError(f"--reference {folder}: no clean image of the same name and size for "
-                        + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+        raise UserError(
+            f"--reference {folder}: no clean image of the same name and size for "
+            + ", ".join(missing[:3])
+            + (" ..." if len(missing) > 3 else "")
+        )
     return [refs[nm] for nm, _ in files]
 
 
-def _files_row(method: str, outputs: list[torch.Tensor], noisy: list[torch.Tensor], clean: list[torch.Tensor] | None,
-               sig: list[float], seconds: float, nfe: float, den: Denoiser) -> dict:
+def _files_row(
+    method: str,
+    outputs: list[torch.Tensor],
+    noisy: list[torch.Tensor],
+    clean: list[torch.Tensor] | None,
+    sig: list[float],
+    seconds: float,
+    nfe: float,
+    den: Denoiser,
+) -> dict:
     """One table row for a method on files of mixed sizes: scores per image, then the mean."""
     n = len(noisy)
-    row: dict = {"method": method, "protocol": "blind", "n": n, "noise": "your files",
-                 "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)"}
+    row: dict = {
+        "method": method,
+        "protocol": "blind",
+        "n": n,
+        "noise": "your files",
+        "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)",
+    }
     if clean is not None:
         row["PSNR"] = sum(float(psnr(o[None], c[None])) for o, c in zip(outputs, clean)) / n
         row["SSIM"] = sum(float(ssim(o[None], c[None])) for o, c in zip(outputs, clean)) / n
         row["input PSNR"] = sum(float(psnr(x[None], c[None])) for x, c in zip(noisy, clean)) / n
-    row.update({"NFE": round(nfe, 1), "s/img": seconds / n, "device": str(den.ctx.device),
-                "model": Path(den.name).name or den.name})
+    row.update(
+        {
+            "NFE": round(nfe, 1),
+            "s/img": seconds / n,
+            "device": str(den.ctx.device),
+            "model": Path(den.name).name or den.name,
+        }
+    )
     return row
 
 
 # ------------------------------------------------------------------------------------------ clean images
+
 
 def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     """Clean images noised here (blind: 8-bit or float noise of sigma; paper: x_{t_noisy}), then each method."""
@@ -173,8 +216,11 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     results = [run(ctx, "denoise", opts.protocol, m, job, den.shard) for m in opts.methods]
     if not main:
         return out_dir
-    labels = {"data": Path(opts.clean).name or opts.clean, "model": Path(den.name).name or den.name,
-              "device": str(ctx.device)}
+    labels = {
+        "data": Path(opts.clean).name or opts.clean,
+        "model": Path(den.name).name or den.name,
+        "device": str(ctx.device),
+    }
     rows = [result_row(r, x0, noise=noise_label, **labels) for r in results]
     inputs = results[0].inputs
     assert inputs is not None  # every denoiser returns its inputs
@@ -184,18 +230,29 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     if ctx.dip_plugin is not None:
         dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
     outputs = {r.method: r.images for r in results}
-    _write(out_dir, images.names, inputs, outputs, fig,
-           f"Denoising ({opts.protocol} protocol; noise: {noise_label})", rows,
-           {"noise": noise_label, "dip": dips, "curves": curves,
-            "images": _per_image(images.names, inputs, outputs, x0)}, curves)
+    _write(
+        out_dir,
+        images.names,
+        inputs,
+        outputs,
+        fig,
+        f"Denoising ({opts.protocol} protocol; noise: {noise_label})",
+        rows,
+        {"noise": noise_label, "dip": dips, "curves": curves, "images": _per_image(images.names, inputs, outputs, x0)},
+        curves,
+    )
     return out_dir
 
 
 # ------------------------------------------------------------------------------------------ writing
 
-def _per_image(names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
-               outputs: Mapping[str, list[torch.Tensor] | torch.Tensor],
-               clean: list[torch.Tensor] | torch.Tensor | None) -> list[dict]:
+
+def _per_image(
+    names: list[str],
+    noisy: list[torch.Tensor] | torch.Tensor,
+    outputs: Mapping[str, list[torch.Tensor] | torch.Tensor],
+    clean: list[torch.Tensor] | torch.Tensor | None,
+) -> list[dict]:
     """metrics.json's scores of each image: PSNR and SSIM of the input and of every method, when the clean
     image is known (else only the names)."""
     rows = []
@@ -210,9 +267,17 @@ def _per_image(names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
     return rows
 
 
-def _write(out_dir: Path, names: list[str], noisy: list[torch.Tensor] | torch.Tensor,
-           outputs: Mapping[str, list[torch.Tensor] | torch.Tensor], fig: list[tuple[str, torch.Tensor]], title: str,
-           rows: list[dict], extra: dict, curves: dict | None = None) -> None:
+def _write(
+    out_dir: Path,
+    names: list[str],
+    noisy: list[torch.Tensor] | torch.Tensor,
+    outputs: Mapping[str, list[torch.Tensor] | torch.Tensor],
+    fig: list[tuple[str, torch.Tensor]],
+    title: str,
+    rows: list[dict],
+    extra: dict,
+    curves: dict | None = None,
+) -> None:
     """The run folder: noisy/ and one folder of PNGs per method, comparison.png, dip_curves.png (when a DIP
     ran), metrics.md and metrics.json; built beside `out_dir` and moved in complete."""
     with staged_dir(out_dir) as tmp:
@@ -223,8 +288,10 @@ def _write(out_dir: Path, names: list[str], noisy: list[torch.Tensor] | torch.Te
         labelled_comparison(tmp / "comparison.png", fig)
         if curves:
             curves_figure(tmp / "dip_curves.png", curves)
-        write_text(tmp / "metrics.md", f"# {title}\n\nRows of comparison.png: "
-                   + ", ".join(label for label, _ in fig) + "\n\n" + table(rows))
+        write_text(
+            tmp / "metrics.md",
+            f"# {title}\n\nRows of comparison.png: " + ", ".join(label for label, _ in fig) + "\n\n" + table(rows),
+        )
         write_json(tmp / "metrics.json", {"rows": rows, **extra})
     print(table(rows))
     print(out_dir / "comparison.png")

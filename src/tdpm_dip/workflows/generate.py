@@ -14,12 +14,12 @@ from ..data import load_images
 from ..embedded import resolve_generator, resolve_model
 from ..errors import UserError, check_positive
 from ..generator import load_generator
+from ..images import save_grid
 from ..methods import Context, Result
 from ..methods.shard import is_main_process
 from ..models import unet_size
 from ..noise import check_t_trunc
 from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json
-from ..images import save_grid
 from ..reporting import save_images
 from ..runtime import load_context
 from .common import RunOptions
@@ -34,7 +34,7 @@ class GenerateOptions(RunOptions):
 
     out: str = "generated"
     model: str | None = None
-    method: str | None = None           # None: the best method that what is loaded can run
+    method: str | None = None  # None: the best method that what is loaded can run
     generator: str | None = None
     n: int = defaults.N_GENERATE
     t_trunc: int | None = None
@@ -46,17 +46,23 @@ def _method(opts: GenerateOptions, folder: str | None) -> registry.Method:
     """The method to run: --method, else the best one whose needs are met; checks what it needs."""
     if opts.method is None:
         have = {"generator"} if folder is not None else set()
-        return next(m for m in registry.methods("generate") if set(m.needs) - {"reference"} <= have
-                    and ("reference" not in m.needs or opts.reference_data is not None))
+        return next(
+            m
+            for m in registry.methods("generate")
+            if set(m.needs) - {"reference"} <= have and ("reference" not in m.needs or opts.reference_data is not None)
+        )
     m = registry.find("generate", opts.method)
     if opts.generator is not None and "generator" not in m.needs:
         raise UserError(f"--generator is for --method tdpm, not {m.name}")
     if "generator" in m.needs and folder is None:
-        raise UserError(f"--method {m.name} needs --generator (a folder made by `tdpm-dip train-generator` for "
-                        + ("this --model)" if opts.model is not None else "the DDPM; this build ships no default)"))
+        raise UserError(
+            f"--method {m.name} needs --generator (a folder made by `tdpm-dip train-generator` for "
+            + ("this --model)" if opts.model is not None else "the DDPM; this build ships no default)")
+        )
     if "reference" in m.needs and opts.reference_data is None:
-        raise UserError(f"--method {m.name} needs --reference-data (paper protocol: the DIP fits noised reference "
-                        "images)")
+        raise UserError(
+            f"--method {m.name} needs --reference-data (paper protocol: the DIP fits noised reference images)"
+        )
     return m
 
 
@@ -68,14 +74,17 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
         refuse_out_dir(opts.out, opts.overwrite)  # before any model is loaded
     m = _method(opts, resolve_generator(opts.model, opts.generator))  # --generator, or the shipped one
     folder = resolve_generator(opts.model, opts.generator) if "generator" in m.needs else None
-    ctx, shard = load_context(opts.model, opts.device, opts.dtype, opts.batch_size, "paper", opts.dip_preset,
-                              opts.dip_iters, opts.dip_lr)
+    ctx, shard = load_context(
+        opts.model, opts.device, opts.dtype, opts.batch_size, "paper", opts.dip_preset, opts.dip_iters, opts.dip_lr
+    )
     if folder is not None:
         ctx.generator = load_generator(folder, ctx.unet, ctx.scheduler, ctx.device)
         if opts.t_trunc is not None and opts.t_trunc != ctx.generator.t_trunc:
-            raise UserError(f"--t-trunc {opts.t_trunc} does not match the generator's T_trunc "
-                            f"{ctx.generator.t_trunc} ({folder}); omit --t-trunc or train a generator for "
-                            f"{opts.t_trunc}")
+            raise UserError(
+                f"--t-trunc {opts.t_trunc} does not match the generator's T_trunc "
+                f"{ctx.generator.t_trunc} ({folder}); omit --t-trunc or train a generator for "
+                f"{opts.t_trunc}"
+            )
     if opts.t_trunc is not None:
         check_t_trunc(ctx.scheduler, opts.t_trunc)
     ref = None
@@ -94,8 +103,9 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     return out_dir / "grid.png"
 
 
-def _write(out_dir: Path, opts: GenerateOptions, m: registry.Method, res: Result, ctx: Context,
-           folder: str | None) -> None:
+def _write(
+    out_dir: Path, opts: GenerateOptions, m: registry.Method, res: Result, ctx: Context, folder: str | None
+) -> None:
     """images/, grid.png (and the DIP outputs' grid), result.json; moved in complete."""
     upscale = max(1, GRID_SIDE // res.images.shape[-1])
     with staged_dir(out_dir) as tmp:
@@ -104,9 +114,20 @@ def _write(out_dir: Path, opts: GenerateOptions, m: registry.Method, res: Result
         save_grid(res.images, tmp / "grid.png", upscale=upscale)
         if "dip_output" in res.info:
             save_grid(res.info["dip_output"], tmp / "dip_output_grid.png", upscale=upscale)
-        write_json(tmp / "result.json", {
-            "method": m.name, "protocol": res.protocol, "n": opts.n, "seconds": res.seconds,
-            "s_per_img": res.seconds_per_image, "reverse_steps": res.reverse_steps,
-            "device": str(ctx.device), "model": resolve_model(opts.model),
-            "dip": dataclasses.asdict(ctx.dip) if m.uses_dip else None,
-            "t_trunc": res.info.get("t_trunc"), "nfe": res.nfe, "generator": folder})
+        write_json(
+            tmp / "result.json",
+            {
+                "method": m.name,
+                "protocol": res.protocol,
+                "n": opts.n,
+                "seconds": res.seconds,
+                "s_per_img": res.seconds_per_image,
+                "reverse_steps": res.reverse_steps,
+                "device": str(ctx.device),
+                "model": resolve_model(opts.model),
+                "dip": dataclasses.asdict(ctx.dip) if m.uses_dip else None,
+                "t_trunc": res.info.get("t_trunc"),
+                "nfe": res.nfe,
+                "generator": folder,
+            },
+        )
