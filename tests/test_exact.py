@@ -149,6 +149,27 @@ def test_identity_denoiser_returns_the_clamped_observation() -> None:
             assert res.nfe == calls
 
 
+def test_ensemble_averages_fewer_symmetries_on_large_images() -> None:
+    """8 symmetries up to 256 x 256 px, then in proportion to the pixels (at least 1); --symmetries overrides.
+    A 368 x 368 image averages 3 (8 * 65536 // 135424): 3 network calls at t*, the identity's output still y."""
+    from tdpm_dip.errors import UserError
+    from tdpm_dip.methods.blind import ensemble_size
+
+    sizes = [(64, 64), (256, 256), (257, 256), (300, 300), (512, 512), (1024, 1024)]
+    assert [ensemble_size(None, h, w) for h, w in sizes] == [8, 8, 7, 5, 2, 1]
+    assert ensemble_size(3, 512, 512) == 3 and ensemble_size(8, 1024, 1024) == 8
+    for bad in (0, 9):
+        with pytest.raises(UserError, match="1 to 8"):
+            ensemble_size(bad, 64, 64)
+    y = 0.5 * torch.randn(1, 3, 368, 368, generator=torch.Generator().manual_seed(0))
+    for symmetries, calls in ((None, 3), (1, 1), (2, 2)):
+        unet = eps_zero()
+        job = Job((0,), noisy=y, sigma=(25.0,), declip=False, symmetries=symmetries)
+        res = run(ctx_of(unet), "denoise", "blind", "ensemble", job)
+        assert res.nfe == calls and unet.timesteps == [T_STAR_25 - 1] * calls, symmetries
+        assert torch.allclose(res.images, y.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
 def test_tweedie_with_a_linear_eps_per_image_sigma_and_declip() -> None:
     """eps = c(ts) x: Tweedie's estimate is k(t*) y with k = 1 - c(t* - 1) sqrt(1 - abar_t*); each image at its
     own t* (its own sigma), on its own declipped observation; then clamped."""

@@ -317,6 +317,8 @@ def test_hub_id_offline_fails_fast(
     "cmd,extra,fragment",
     [
         ("denoise", ["--n", "0"], "--n"),
+        ("denoise", ["--symmetries", "9"], "--symmetries"),
+        ("denoise", ["--symmetries", "0"], "--symmetries"),
         ("denoise", ["--n", "-3"], "--n"),
         ("denoise", ["--batch-size", "0"], "--batch-size"),
         ("denoise", ["--samples", "0", "--method", "tdpm-dip"], "--samples"),

@@ -106,7 +106,7 @@ class Denoiser:
         """Denoise one image or a list (paths, PIL images or uint8 arrays), each at its own size.
 
         sigma: the noise std on the 0..255 scale (one for all, or one per image); None estimates it per image.
-        Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, t_trunc, declip.
+        Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, symmetries, t_trunc, declip.
         """
         given = list(images) if isinstance(images, (list, tuple)) else [images]
         x = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]

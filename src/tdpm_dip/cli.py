@@ -328,6 +328,13 @@ def generate(threads: int, **kwargs: object) -> None:
 @click.option(
     "--ddim-steps", type=int, default=defaults.BLIND_DDIM_STEPS, help="blind ddim: network evaluations from t*."
 )
+@click.option(
+    "--symmetries",
+    type=int,
+    default=None,
+    help="ensemble: flips and transposes averaged, 1 to 8. Default: 8 up to 256x256 px; a larger image averages "
+    "over fewer, in proportion to its pixels (a 512x512 image over 2), so that it costs about what 256x256 does.",
+)
 @click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
 @click.option("--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -338,7 +345,7 @@ def denoise(threads: int, **kwargs: object) -> None:
 
     \b
     Examples:
-      tdpm-dip denoise --model M --input my_noisy_photos/ --sigma 25 --out den      (blind, recommended method)
+      tdpm-dip denoise --input my_noisy_photos/ --sigma 25 --out den      (blind, the shipped denoiser)
       tdpm-dip denoise --model M --clean test/ --sigma 50 --n 8 --method tweedie --method tdpm-dip --out den50
       tdpm-dip denoise --model M --clean test/ --protocol paper --n 8 --out den_p    (the report's)
     Several processes / GPUs / machines (the images are split over them; rank 0 writes):

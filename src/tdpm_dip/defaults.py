@@ -17,6 +17,9 @@ DDPM_STEPS = 1000  # generation from pure noise: all T steps
 SIGMA = 25.0  # noise std on the 0..255 scale when noise is added here (bench, demo, --clean)
 SAMPLES = 4  # reverse chains (posterior samples) averaged per image: blind ddpm and tdpm-dip
 BLIND_DDIM_STEPS = 10  # blind ddim: network evaluations from t*
+# blind ensemble: all 8 symmetries up to this many pixels; a larger image averages over fewer, so that it costs about
+# what 8 calls cost at 256 x 256 (a 512 x 512 photo: 2)
+ENSEMBLE_FULL_PIXELS = 256 * 256
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
 
 # ------------------------------------------------------------------ generation

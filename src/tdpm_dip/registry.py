@@ -99,11 +99,11 @@ METHODS: list[Method] = [
         "denoise",
         "blind",
         f"{_M}.blind:ensemble",
-        nfe="8",
+        nfe="8 (above 256x256 px fewer; --symmetries)",
         rank=10,
-        reads=_BLIND,
+        reads=_BLIND + ("symmetries",),
         help="the recommended denoiser: Tweedie's posterior mean at t*, averaged over the 8 flips and "
-        "transposes of the image",
+        "transposes of the image (over fewer on images above 256x256 px, in proportion to their pixels)",
     ),
     Method(
         "tdpm-dip",

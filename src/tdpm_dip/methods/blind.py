@@ -26,7 +26,7 @@ from ..devices import timer
 from ..errors import UserError
 from ..noise import abar, check_t_trunc, image_generators, num_levels, randn
 from ..sampling import ddim_between
-from .common import by_level, chains_by_level, chunks, dip_target, fit
+from .common import by_level, chains_by_level, chunks, dip_target, fit, need
 from .observe import blind_info, observation, one_or_each
 from .types import Context, Job, Result
 
@@ -109,9 +109,21 @@ def tweedie(ctx: Context, job: Job) -> Result:
     return _posterior_mean(ctx, job, "tweedie", 1)
 
 
+def ensemble_size(symmetries: int | None, height: int, width: int) -> int:
+    """Symmetries the ensemble averages: the job's own, else 8 up to `defaults.ENSEMBLE_FULL_PIXELS` and fewer
+    above, in proportion to the pixels (at least 1), so that a photo-size image keeps a bounded cost."""
+    if symmetries is not None:
+        if not 1 <= symmetries <= 8:
+            raise UserError(f"ensemble averages 1 to 8 symmetries of the square, not {symmetries}")
+        return symmetries
+    return max(1, min(8, 8 * defaults.ENSEMBLE_FULL_PIXELS // (height * width)))
+
+
 def ensemble(ctx: Context, job: Job) -> Result:
-    """Tweedie's posterior mean at t* over the 8 symmetries of the square (8 calls)."""
-    return _posterior_mean(ctx, job, "ensemble", 8)
+    """Tweedie's posterior mean at t* over the symmetries of the square (8 calls; fewer on large images)."""
+    noisy = need(job.noisy, "the noisy images", "blind denoising")
+    k = ensemble_size(job.symmetries, *noisy.shape[-2:])
+    return _posterior_mean(ctx, job, "ensemble", k)
 
 
 def ddpm(ctx: Context, job: Job) -> Result:

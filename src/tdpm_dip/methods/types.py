@@ -67,6 +67,7 @@ class Job:
     samples: int = defaults.SAMPLES  # chains (or posterior samples) averaged per image
     ddim_steps: int | None = None  # ddim: network evaluations (None: the method's default)
     eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral
+    symmetries: int | None = None  # ensemble: symmetries averaged, 1..8 (None: by image size, ensemble_size)
     declip: bool = True  # blind: clipping-aware observation model (observe.declip)
 
     def part(self, idx: slice) -> Job:

@@ -371,6 +371,7 @@ class Bench:
             "t_trunc": spec.t_trunc,
             "samples": self.s.samples,
             "ddim_steps": self.s.blind_ddim_steps,
+            "symmetries": None,  # ensemble: by image size (all 8 at the bench's sizes)
             "declip": self.s.declip,
         }
 

@@ -48,6 +48,7 @@ class DenoiseOptions(RunOptions):
     t_trunc: int | None = None
     samples: int = defaults.SAMPLES
     ddim_steps: int = defaults.BLIND_DDIM_STEPS
+    symmetries: int | None = None  # ensemble: None = by image size (methods.blind.ensemble_size)
     n: int | None = None
     skip_bad: bool = False  # --input: skip unreadable files with a warning
 
@@ -72,12 +73,20 @@ class DenoiseOptions(RunOptions):
             registry.get("denoise", self.protocol, m)  # an unknown or other-protocol method fails here
         check_positive("--samples", self.samples)
         check_positive("--ddim-steps", self.ddim_steps)
+        if self.symmetries is not None and not 1 <= self.symmetries <= 8:
+            raise UserError(f"--symmetries must be 1 to 8 (the symmetries of the square), got {self.symmetries}")
         check_positive("--n", self.n)
         check_sigma(self.sigma)
         return dataclasses.replace(self, methods=methods)
 
     def job_options(self) -> dict:
-        return {"t_trunc": self.t_trunc, "samples": self.samples, "ddim_steps": self.ddim_steps, "declip": self.declip}
+        return {
+            "t_trunc": self.t_trunc,
+            "samples": self.samples,
+            "ddim_steps": self.ddim_steps,
+            "symmetries": self.symmetries,
+            "declip": self.declip,
+        }
 
 
 def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
