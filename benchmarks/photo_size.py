@@ -14,24 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from denoise_files import score  # the sibling benchmark (this script's folder is on sys.path)
 from PIL import Image
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from tdpm_dip.api import Denoiser
-from tdpm_dip.images import to_uint8
-
-
-def photo(path: Path, side: int) -> np.ndarray:
-    """The image padded to a square with white, resized to side x side (Lanczos), as uint8 HWC."""
-    im = Image.open(path).convert("RGB")
-    n = max(im.size)
-    canvas = Image.new("RGB", (n, n), "white")
-    canvas.paste(im, ((n - im.size[0]) // 2, (n - im.size[1]) // 2))
-    return np.asarray(canvas.resize((side, side), Image.LANCZOS))
+from tdpm_dip.data import list_images, pil_to_tensor, square_resize
 
 
 def main() -> None:
@@ -45,18 +35,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     den = Denoiser.from_pretrained(None, "cpu", "auto", 8)
     rng = np.random.default_rng(0)
-    files = sorted(p for p in Path(args.data).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    files = list_images(args.data)
     for path in files[: args.n]:
-        clean = photo(path, args.side)
+        clean = np.asarray(square_resize(Image.open(path).convert("RGB"), args.side))
         noisy = np.clip(np.round(clean + rng.normal(0, args.sigma, clean.shape)), 0, 255).astype(np.uint8)
-        y = torch.from_numpy(noisy.copy()).permute(2, 0, 1).float() / 127.5 - 1
+        y = pil_to_tensor(Image.fromarray(noisy))
         for label, options in (("8 symmetries", {"symmetries": 8}), ("default", {}), ("1 symmetry", {"symmetries": 1})):
             t0 = time.perf_counter()
             out, _, nfe = den.denoise_tensors([y], [args.sigma], "ensemble", [0], **options)
             seconds = time.perf_counter() - t0
-            o = to_uint8(out[0])
-            psnr = peak_signal_noise_ratio(clean, o, data_range=255)
-            ssim = structural_similarity(clean, o, channel_axis=2, data_range=255)
+            psnr, ssim = score(out, [clean])
             print(
                 f"{path.name} | ensemble, {label} | NFE {nfe:g} | {seconds:.1f} s | {psnr:.2f} / {ssim:.4f} | "
                 f"load {os.getloadavg()[0]:.2f}",

@@ -105,11 +105,11 @@ def test_tweedie_equals_its_closed_form(ctx: Context, sprites: torch.Tensor) -> 
 def test_ensemble_is_the_mean_over_the_symmetries_and_equivariant(ctx: Context, sprites: torch.Tensor) -> None:
     y = add_noise(sprites, 25, [0, 1, 2, 3], "float")
     t = [sigma_to_level(ctx.scheduler, 25)] * 4
-    e = ensemble_tweedie(ctx, y, t)
-    assert torch.allclose(ensemble_tweedie(ctx, y, t, k=1), tweedie(ctx, y, t), atol=1e-6)
+    e = ensemble_tweedie(ctx, [y] * 8, t)
+    assert torch.allclose(ensemble_tweedie(ctx, [y], t), tweedie(ctx, y, t), atol=1e-6)
     # Averaging over the whole group makes the estimator equivariant: flipping y flips the output.
-    assert torch.allclose(ensemble_tweedie(ctx, y.flip(-1), t), e.flip(-1), atol=1e-5)
-    assert torch.allclose(ensemble_tweedie(ctx, y.transpose(-1, -2), t), e.transpose(-1, -2), atol=1e-5)
+    assert torch.allclose(ensemble_tweedie(ctx, [y.flip(-1)] * 8, t), e.flip(-1), atol=1e-5)
+    assert torch.allclose(ensemble_tweedie(ctx, [y.transpose(-1, -2)] * 8, t), e.transpose(-1, -2), atol=1e-5)
 
 
 def test_mean_of_k_chains_has_lower_variance_than_one(ctx: Context, sprites: torch.Tensor) -> None:
@@ -449,6 +449,6 @@ def test_paper_dip_target_is_the_oracle_formula(
     y = add_noise(sprites[:2], 25, [0, 1], "clipped")
     denoise_blind(ctx, y, "tdpm-dip", [0, 1], 25, samples=1)
     target, z = seen[-1]
-    x_hat = ensemble_tweedie(ctx, declip(y, [25.0, 25.0], [0, 1]), [sigma_to_level(ctx.scheduler, 25)] * 2)
+    x_hat = ensemble_tweedie(ctx, [declip(y, [25.0, 25.0], [0, 1])] * 8, [sigma_to_level(ctx.scheduler, 25)] * 2)
     a = abar(ctx.scheduler, 10)
     assert torch.allclose(target, math.sqrt(a) * x_hat + math.sqrt(1 - a) * z, atol=1e-5)

@@ -7,33 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+from cli_helpers import DEMO_SHRUNK as SHRUNK
 from cli_helpers import run
 
 from tdpm_dip import registry
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
-
-# Every phase of the real demo, at toy sizes: a few training steps, short chains and DIP fits.
-SHRUNK = [
-    "--steps",
-    "3",
-    "--train-images",
-    "16",
-    "--n",
-    "2",
-    "--ddpm-steps",
-    "3",
-    "--t-noisy",
-    "3",
-    "--dip-iters",
-    "2",
-    "--blind-dip-iters",
-    "2",
-    "--sigma",
-    "10",
-    "--threads",
-    "1",
-]
 
 
 def check_report(run_dir: Path, stdout: str) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import DEMO_SHRUNK
 from safetensors.torch import load_file
 
 from tdpm_dip.cli import main
@@ -62,30 +63,8 @@ TINY_TRAIN = [
     "1",
 ]
 TINY_DIP = ["--dip-preset", "dip-tiny", "--dip-iters", "2", "--n", "2"]
-# `demo` shrunk to seconds (as in test_demo.py)
-TINY_DEMO = [
-    "--no-embedded",
-    "--size",
-    str(SIZE),
-    "--steps",
-    "3",
-    "--train-images",
-    "16",
-    "--n",
-    "2",
-    "--ddpm-steps",
-    "3",
-    "--t-noisy",
-    "3",
-    "--dip-iters",
-    "2",
-    "--blind-dip-iters",
-    "2",
-    "--sigma",
-    "10",
-    "--threads",
-    "1",
-]
+# `demo` shrunk to seconds, on a tiny model of its own
+TINY_DEMO = ["--no-embedded", "--size", str(SIZE), *DEMO_SHRUNK]
 
 
 # ------------------------------------------------------------------------------------------ helpers

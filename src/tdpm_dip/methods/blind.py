@@ -57,13 +57,15 @@ def d4_apply(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
     return x
 
 
-def ensemble_estimate(ctx: Context, y: torch.Tensor, levels: list[int], k: int = 8) -> torch.Tensor:
-    """Geometric self-ensemble (Timofte et al. 2016) of `tweedie_estimate`: the mean of T_k^-1 D(T_k y) over
-    the first k symmetries of the square. The network's errors differ between orientations; the
-    image's posterior mean does not."""
-    out = sum(d4_apply(tweedie_estimate(ctx, d4_apply(y, j), levels), j, inverse=True) for j in range(k)) / k
+def ensemble_estimate(ctx: Context, observations: list[torch.Tensor], levels: list[int]) -> torch.Tensor:
+    """Geometric self-ensemble (Timofte et al. 2016) of `tweedie_estimate`: the mean of T_j^-1 D(T_j y_j) over
+    the first k = len(observations) symmetries of the square, y_j the observation symmetry j sees. The
+    network's errors differ between orientations; the image's posterior mean does not."""
+    out = sum(
+        d4_apply(tweedie_estimate(ctx, d4_apply(y, j), levels), j, inverse=True) for j, y in enumerate(observations)
+    )
     assert isinstance(out, torch.Tensor)  # a sum of k >= 1 tensors
-    return out
+    return out / len(observations)
 
 
 def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
@@ -93,11 +95,8 @@ def _posterior_mean(ctx: Context, job: Job, method: str, k: int) -> Result:
     y, sig, t_star = observation(ctx, job)
     assert job.noisy is not None  # observation() needs it
     with timer(ctx.device) as tm:
-        total = tweedie_estimate(ctx, y, t_star)
-        for j in range(1, k):
-            yj = observation(ctx, job, draw=j)[0]
-            total = total + d4_apply(tweedie_estimate(ctx, d4_apply(yj, j), t_star), j, inverse=True)
-        out = (total / k).clamp(-1, 1)
+        draws = [y] + [observation(ctx, job, draw=j)[0] for j in range(1, k)]
+        out = ensemble_estimate(ctx, draws, t_star).clamp(-1, 1)
     return Result(method, "blind", out.cpu(), tm[0], k, k, job.noisy.cpu(), info=blind_info(sig, t_star, job))
 
 
@@ -252,7 +251,7 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     assert job.noisy is not None  # observation() needs it
     cfg = ctx.plugin_dip
     with timer(ctx.device) as tm0:
-        x_hat = ensemble_estimate(ctx, y, t_star)
+        x_hat = ensemble_estimate(ctx, [y] * 8, t_star)
     # 2. Algorithm 2 on x_T built from it
     t0 = check_t_trunc(ctx.scheduler, defaults.T_TRUNC if job.t_trunc is None else job.t_trunc)
     gens = image_generators(job.seeds, ctx.device)
