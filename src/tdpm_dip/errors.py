@@ -20,3 +20,9 @@ def check_sigma(value: float | None, name: str = "--sigma") -> None:
     """A noise std on the 0..255 scale: in (0, 255]."""
     if value is not None and not 0 < value <= 255:
         raise UserError(f"{name} must be in (0, 255] (noise std on the 0..255 scale), got {value}")
+
+
+def check_symmetries(value: int | None, name: str = "--symmetries") -> None:
+    """The ensemble's number of symmetries of the square: 1 to 8."""
+    if value is not None and not 1 <= value <= 8:
+        raise UserError(f"{name} must be 1 to 8 (the symmetries of the square), got {value}")

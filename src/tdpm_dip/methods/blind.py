@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 
 from .. import defaults
 from ..devices import timer
-from ..errors import UserError
+from ..errors import UserError, check_symmetries
 from ..noise import abar, check_t_trunc, image_generators, num_levels, randn
 from ..sampling import ddim_between
 from .common import by_level, chains_by_level, chunks, dip_target, fit, need
@@ -112,8 +112,7 @@ def ensemble_size(symmetries: int | None, height: int, width: int) -> int:
     """Symmetries the ensemble averages: the job's own, else 8 up to `defaults.ENSEMBLE_FULL_PIXELS` and fewer
     above, in proportion to the pixels (at least 1), so that a photo-size image keeps a bounded cost."""
     if symmetries is not None:
-        if not 1 <= symmetries <= 8:
-            raise UserError(f"ensemble averages 1 to 8 symmetries of the square, not {symmetries}")
+        check_symmetries(symmetries)
         return symmetries
     return max(1, min(8, 8 * defaults.ENSEMBLE_FULL_PIXELS // (height * width)))
 

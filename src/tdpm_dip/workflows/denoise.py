@@ -14,7 +14,7 @@ from .. import defaults, registry
 from ..api import Denoiser
 from ..data import load_images, load_native
 from ..embedded import DENOISER_NAME
-from ..errors import UserError, check_positive, check_sigma
+from ..errors import UserError, check_positive, check_sigma, check_symmetries
 from ..images import save_png
 from ..methods import Job, run
 from ..methods.observe import NOISE_MODELS, add_noise, blind_sigmas
@@ -73,8 +73,7 @@ class DenoiseOptions(RunOptions):
             registry.get("denoise", self.protocol, m)  # an unknown or other-protocol method fails here
         check_positive("--samples", self.samples)
         check_positive("--ddim-steps", self.ddim_steps)
-        if self.symmetries is not None and not 1 <= self.symmetries <= 8:
-            raise UserError(f"--symmetries must be 1 to 8 (the symmetries of the square), got {self.symmetries}")
+        check_symmetries(self.symmetries)
         check_positive("--n", self.n)
         check_sigma(self.sigma)
         return dataclasses.replace(self, methods=methods)
