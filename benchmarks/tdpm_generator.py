@@ -2,6 +2,9 @@
 
 Trains G_psi at one T_trunc with each objective (`tdpm-dip train-generator`, gan and distill), then
 generates n images with DDPM-1000, DDIM-(1 + T_trunc), DDIM-50 and amortized TDPM for each generator,
+and, for each generator, the same reverse chain started from training sprites noised to its T_trunc
+(what a perfect G_psi would give: the truncated DDPM's own sampler). A truncated DDPM (trained below level
+T only) has no chain from pure noise: its DDPM and DDIM rows are skipped.
 and scores them against n held-out sprites (a seed the DDPM never saw): FID, KID and improved precision /
 recall (k = 3; Kynkaanniemi et al. 2019) on one extraction of InceptionV3 features (the `fid` extra), SWD,
 copy-rate and NN-PSNR to the training sprites, NFE and s/img. A second real set (another seed) scores what
@@ -35,12 +38,14 @@ from safetensors.torch import load_file, save_file
 from tdpm_dip import metrics as M
 from tdpm_dip import registry
 from tdpm_dip.data import make_sprites
-from tdpm_dip.generator import load_generator
+from tdpm_dip.generator import TDPMGenerator, load_generator
 from tdpm_dip.images import save_grid, save_png
 from tdpm_dip.methods import Context, Job, run
+from tdpm_dip.noise import image_generators, q_sample, randn
 from tdpm_dip.outputs import markdown_table, write_json, write_text
 from tdpm_dip.reporting import labelled_comparison
 from tdpm_dip.runtime import load_context
+from tdpm_dip.sampling import reverse_chain
 from tdpm_dip.training.generator import train_generator
 from tdpm_dip.training.options import GeneratorConfig
 
@@ -100,6 +105,17 @@ def _train(args: argparse.Namespace, objective: str, data_dir: Path) -> tuple[Pa
     }
     write_json(out / "cost.json", cost)
     return export, cost
+
+
+def _from_real(ctx: Context, gen: TDPMGenerator, x0: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """The generator's reverse chain from x0 noised to its T_trunc (Eq. 3) instead of from G_psi(z): image i's
+    noise and step noise from seed i, 64 images at a time."""
+    out = []
+    for lo in range(0, len(seeds), 64):
+        g = image_generators(seeds[lo : lo + 64])
+        x_t = q_sample(ctx.scheduler, x0[lo : lo + 64], gen.t_trunc, randn(tuple(x0.shape[1:]), g))
+        out.append(reverse_chain(ctx.model, x_t, gen.t_trunc, g, steps=gen.reverse_steps).clamp(-1, 1))
+    return torch.cat(out)
 
 
 def _context(model: Path | str) -> Context:
@@ -172,16 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.n))
     rows = []
     extra = dict(e.split("=", 1) for e in args.extra_model)
+    from_noise = "all-levels" in base.provides
+    if not from_noise:
+        print(f"{args.model} is a truncated DDPM (levels {base.levels}): no DDPM or DDIM rows", file=sys.stderr)
     specs = (
         []
-        if args.objectives_only
+        if args.objectives_only or not from_noise
         else ([("DDPM-1000", "ddpm", {}, None, None)] if args.ddpm_steps else [])
         + [
             (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
             ("DDIM-50", "ddim", {"ddim_steps": 50}, None, None),
         ]
     )
-    specs += [(label, "tdpm", {}, path, None) for label, (path, _, _) in gens.items()]
+    for label, (path, _, _) in gens.items():
+        specs += [(label, "tdpm", {}, path, None), (f"{label}: from noised training sprites", "real", {}, path, None)]
     for name, path in extra.items():
         specs += [
             (f"DDPM-1000 ({name})", "ddpm", {}, None, path),
@@ -200,15 +220,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ctx = _context(model_path) if model_path else base
             gen = load_generator(gen_path, ctx.unet, ctx.scheduler) if gen_path else None
-            ctx = dataclasses.replace(ctx, generator=gen)
-            protocol = registry.find("generate", method).protocol
-            res = run(ctx, "generate", protocol, method, Job(tuple(seeds), **kw))
-            images, seconds = res.images, res.seconds
+            if method == "real":
+                assert gen is not None
+                t0 = time.perf_counter()
+                images = _from_real(ctx, gen, train[: args.n], seeds)
+                seconds = time.perf_counter() - t0
+            else:
+                ctx = dataclasses.replace(ctx, generator=gen)
+                protocol = registry.find("generate", method).protocol
+                res = run(ctx, "generate", protocol, method, Job(tuple(seeds), **kw))
+                images, seconds = res.images, res.seconds
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
         shown.append((label, images))
-        tdpm_nfe = 1 + gens[label][2] if label in gens else None
-        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": tdpm_nfe}[method]
+        steps = load_generator(gen_path).reverse_steps if gen_path else None
+        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + (steps or 0), "real": steps}[method]
         row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
         if extractor is not None:
             feats = M.extract_features(images, extractor)  # once, for FID and KID
@@ -221,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         row["SWD x1e3"] = 1e3 * M.swd(images, held)["swd_avg"]
         cr = M.copy_rate(images, train)
         row["copy-rate"], row["NN-PSNR"] = cr["rate"], sum(cr["nearest_psnr"]) / args.n
-        if gen_path is not None:
+        if method == "tdpm":
             seconds = gens[label][1]["seconds"]
             row["train s"] = None if seconds is None else round(seconds, 1)
             row["train steps"] = gens[label][1]["steps"]

@@ -80,8 +80,11 @@ def tweedie_factor(unet: StubUNet, t: int) -> float:
     return 1.0 - unet.coef(t - 1) * math.sqrt(1 - abar(t))
 
 
-def ddpm_chain_by_hand(unet: StubUNet, x: torch.Tensor, t: int, generators: list[torch.Generator]) -> torch.Tensor:
-    """t DDPM posterior steps (Ho et al. Alg. 2 as DDPMScheduler.step writes it: clip_sample, fixed_small).
+def ddpm_chain_by_hand(
+    unet: StubUNet, x: torch.Tensor, t: int, generators: list[torch.Generator], levels: list[int] | None = None
+) -> torch.Tensor:
+    """t DDPM posterior steps (Ho et al. Alg. 2 as DDPMScheduler.step writes it: clip_sample, fixed_small), or
+    with `levels` (t first) the posterior steps from each level to the next one and, from the last, to 0.
 
     Step from level s to s - 1 calls the network at timestep s - 1: x0 = clip((x - sqrt(1 - abar_s) eps) /
     sqrt(abar_s)), mean = sqrt(abar_{s-1}) beta_s / (1 - abar_s) x0 + sqrt(alpha_s) (1 - abar_{s-1}) / (1 -
@@ -93,14 +96,15 @@ def ddpm_chain_by_hand(unet: StubUNet, x: torch.Tensor, t: int, generators: list
     rounding as the code under test, so the comparison can be tight."""
     ac = SCHED.alphas_cumprod  # float32
     one = torch.tensor(1.0)
-    for s in range(t, 0, -1):
-        a, a_prev = ac[s - 1], (ac[s - 2] if s > 1 else one)
+    path = list(range(t, -1, -1)) if levels is None else [*levels, 0]
+    for s, prev in zip(path[:-1], path[1:]):
+        a, a_prev = ac[s - 1], (ac[prev - 1] if prev > 0 else one)
         alpha = a / a_prev
         beta = 1 - alpha
         eps = unet.coef(s - 1) * x
         x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
         mean = (a_prev**0.5 * beta / (1 - a)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a)) * x
-        if s > 1:
+        if prev > 0:
             z = draw(tuple(x.shape[1:]), generators)
             mean = mean + ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20) ** 0.5 * z
         x = mean
@@ -211,6 +215,23 @@ def test_reverse_chain_equals_the_ddpm_posterior_by_hand() -> None:
         assert torch.allclose(got, expected, rtol=0, atol=1e-6), t
         assert unet.timesteps == list(range(t - 1, -1, -1))  # level s -> s - 1 at timestep s - 1, t calls
         assert (got.abs() < 1).float().mean() > 0.5  # not all clipped: the eps term is in the result
+
+
+def test_strided_reverse_chain_is_the_posterior_between_its_levels_by_hand() -> None:
+    """steps < t: the true posterior q(x_s | x_t', x0_hat) between round(linspace(t, 0, steps + 1)), one
+    network call per level at timestep level - 1."""
+    x = 0.6 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    for t, steps, levels in ((12, 3, [12, 8, 4]), (400, 10, list(range(400, 0, -40))), (7, 2, [7, 4])):
+        unet = eps_linear()
+        got = reverse_chain(EpsModel(unet, SCHED), x, t, image_generators([7, 8]), steps=steps)
+        expected = ddpm_chain_by_hand(unet, x, t, gens([7, 8]), levels=levels)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5), (t, steps)
+        assert unet.timesteps == [s - 1 for s in levels]
+    unet = eps_linear()
+    full = reverse_chain(EpsModel(unet, SCHED), x, 6, image_generators([7, 8]), steps=6)
+    assert torch.equal(full, reverse_chain(EpsModel(unet, SCHED), x, 6, image_generators([7, 8])))
+    with pytest.raises(ValueError, match="1..6 steps"):
+        reverse_chain(EpsModel(unet, SCHED), x, 6, image_generators([7, 8]), steps=7)
 
 
 def test_blind_and_paper_ddpm_are_the_chain_by_hand() -> None:

@@ -159,6 +159,43 @@ def test_tdpm_sampler_makes_1_plus_t_trunc_network_calls(ddpm16: Path, gan_run: 
     assert torch.allclose(again.images[0], res.images[1], atol=1e-5)  # image i depends on seed i only
 
 
+def test_reverse_steps_stride_the_chain_from_t_trunc(
+    ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path
+) -> None:
+    """A generator trained with --reverse-steps k records it; sampling then costs 1 + k calls, the DDPM at the
+    levels round(linspace(T_trunc, 0, k + 1)) only."""
+    export = train_generator(
+        _cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "run", "gan", t_trunc=12, reverse_steps=3, steps=1),
+        progress=False,
+    )
+    assert json.loads((export / "generator.json").read_text())["reverse_steps"] == 3
+    assert json.loads((gan_run / "generator.json").read_text())["reverse_steps"] == 3  # default: T_trunc (3)
+    unet, sched = load_ddpm(ddpm16)
+    gen = load_generator(export, unet, sched)
+    seen: list[int] = []
+
+    class Recording(torch.nn.Module):
+        dtype, config = unet.dtype, unet.config
+
+        def forward(self, x, t, **k):
+            seen.append(int(t))
+            return unet(x, t, **k)
+
+    res = generate(Context(Recording(), sched, batch_size=8, generator=gen), "tdpm", [0, 1])
+    assert res.nfe == 1 + 3 and res.info["reverse_steps"] == 3 and res.info["t_trunc"] == 12
+    assert seen == [11, 7, 3]  # levels 12, 8, 4 at diffusers timesteps level - 1
+    with pytest.raises(UserError, match="reverse-steps must be in 1..T_trunc"):
+        _cfg(ddpm16, None, tmp_path / "o", "distill", t_trunc=3, reverse_steps=4)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in export.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((bad / "generator.json").read_text())
+    (bad / "generator.json").write_text(json.dumps({**meta, "reverse_steps": 13}))
+    with pytest.raises(UserError, match="reverse_steps must be in 1..T_trunc"):
+        load_generator(bad, unet, sched)
+
+
 def test_generate_tdpm_cli_and_its_one_line_errors(
     ddpm16: Path, gan_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -227,6 +264,13 @@ def test_init_starts_from_another_generator(ddpm16: Path, sprite_dir_factory, tm
     with pytest.raises(UserError, match="not a generator folder"):
         train_generator(_cfg(ddpm16, data, tmp_path / "bad", "gan", init=str(ddpm16)), progress=False)
     assert not (tmp_path / "bad").exists()
+    # A GAN generator may start another DDPM's GAN (its target does not involve the DDPM), not a distillation.
+    other = tmp_path / "other-ddpm"
+    save_ddpm(build_unet("tiny", seed=1, sample_size=SIZE), make_scheduler("linear"), other)
+    moved = train_generator(_cfg(other, data, tmp_path / "moved", "gan", steps=1, init=str(gan_run)), progress=False)
+    assert json.loads((moved / "generator.json").read_text())["ddpm_fingerprint"] != meta["ddpm_fingerprint"]
+    with pytest.raises(UserError, match="belongs to another DDPM"):
+        train_generator(_cfg(other, data, tmp_path / "d", "distill", steps=1, init=str(export)), progress=False)
 
 
 def test_export_generator_writes_an_fp16_copy_without_local_paths(ddpm16: Path, gan_run: Path, tmp_path: Path) -> None:

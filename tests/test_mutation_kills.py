@@ -256,7 +256,7 @@ def test_tdpm_generator_samples_by_hand(w_dim: int, predict: str) -> None:
     )
     assert torch.allclose(res.images, expected, rtol=0, atol=1e-6)
     assert (res.method, res.protocol, res.reverse_steps, res.nfe) == ("tdpm", "unconditional", 1 + t, 1 + t)
-    assert res.info == {"t_trunc": t, "generator": "gen-folder", "objective": "mse"}
+    assert res.info == {"t_trunc": t, "reverse_steps": t, "generator": "gen-folder", "objective": "mse"}
 
 
 def test_tdpm_method_refuses_a_missing_or_mismatched_generator() -> None:

@@ -276,3 +276,51 @@ def test_two_processes_match_one(sprite_dir: Path, tmp_path: Path) -> None:
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 4  # written once, not twice
+
+
+# ---------------------------------------------------------------- truncated diffusion models
+
+
+def test_a_truncated_ddpm_records_its_levels_and_refuses_pure_noise(
+    sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--t-max 50 writes trained_levels.json (1..50); a fine-tune of it over levels 20..80 records 1..80; `generate`
+    from pure noise with it is one error line, and the export without the file is a full model."""
+    from cli_helpers import run as run_cli
+
+    from tdpm_dip.models import LEVELS_FILE, trained_levels
+    from tdpm_dip.noise import make_scheduler
+
+    sched = make_scheduler("linear")
+    trunc = train(tiny_cfg(sprite_dir, tmp_path / "trunc", steps=1, t_max=50), progress=False)
+    assert json.loads((trunc / LEVELS_FILE).read_text()) == {"levels": [1, 50]}
+    assert trained_levels(trunc, sched) == (1, 50)
+    wider = train(tiny_cfg(sprite_dir, tmp_path / "ft", steps=1, init=str(trunc), t_min=20, t_max=80), progress=False)
+    assert trained_levels(wider, sched) == (1, 80)
+    full = train(tiny_cfg(sprite_dir, tmp_path / "full", steps=1), progress=False)
+    assert trained_levels(full, sched) == (1, 1000)
+    (full / LEVELS_FILE).unlink()
+    assert trained_levels(full, sched) == (1, 1000)  # a folder without the file: all levels
+
+    for method in ("ddim", "ddpm"):
+        out = tmp_path / f"gen-{method}"
+        args = ["generate", "--model", trunc, "--method", method, "--n", "1", "--out", out, "--device", "cpu"]
+        code, _, err = run_cli(args, capsys)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and "trained on levels 1..50 only" in lines[0], err
+        assert not out.exists()
+    # A chain from a level above the trained ones (paper protocol at t 60) is refused; at t 40 it runs.
+    clean = sprite_dir
+    for t, ok in ((60, False), (40, True)):
+        out = tmp_path / f"den-{t}"
+        args = ["denoise", "--model", trunc, "--clean", clean, "--protocol", "paper", "--method", "ddpm"]
+        code, _, err = run_cli(args + ["--t-noisy", str(t), "--n", "1", "--out", out, "--device", "cpu"], capsys)
+        if ok:
+            assert code == 0, err
+        else:
+            lines = [x for x in err.splitlines() if x.strip()]
+            assert code == 2 and len(lines) == 1 and "chain from level 60" in lines[0] and "1..50 only" in lines[0]
+            assert not out.exists()
+    (trunc / LEVELS_FILE).write_text('{"levels": [0, 50]}')
+    with pytest.raises(UserError, match="outside 1..1000"):
+        trained_levels(trunc, sched)

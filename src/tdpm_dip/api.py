@@ -180,8 +180,7 @@ class Generator:
     @property
     def methods(self) -> list[str]:
         """The generation methods that can run with what is loaded, best first (the first is the default)."""
-        have = {"generator"} if self.ctx.generator is not None else set()
-        return [m.name for m in registry.methods("generate") if set(m.needs) - {"reference"} <= have]
+        return [m.name for m in registry.methods("generate") if set(m.needs) - {"reference"} <= self.ctx.provides]
 
     def generate(
         self,

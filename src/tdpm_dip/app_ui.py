@@ -161,8 +161,10 @@ def _denoise_tab(models: AppModels, max_side: int, examples_dir: str) -> None:
 
 
 def _generate_tab(models: AppModels) -> None:
-    """A seeded grid from a registry generator."""
-    gen = generate_methods()
+    """A seeded grid from a registry generator: those the loaded DDPM can run (a truncated one: amortized TDPM
+    only)."""
+    gen = [m for m in generate_methods() if m.name in models.generator.methods]
+    loaded = models.generator.ctx.generator
 
     def run_generate(
         method: str,
@@ -190,7 +192,12 @@ def _generate_tab(models: AppModels) -> None:
             n = gr.Slider(1, MAX_N, value=4, step=1, label="n (images)", elem_id="generate-n")
             gseed = gr.Number(value=0, precision=0, minimum=0, label="seed (image i uses seed + i)")
             steps = gr.Number(value=50, precision=0, minimum=1, label="steps (ddim)")
-            t_trunc = gr.Number(value=defaults.T_TRUNC, precision=0, minimum=0, label="T_trunc (truncated methods)")
+            t_trunc = gr.Number(
+                value=defaults.T_TRUNC if loaded is None else loaded.t_trunc,
+                precision=0,
+                minimum=0,
+                label="T_trunc (truncated methods; tdpm: its generator's)",
+            )
             gbutton = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
             grid = gr.Image(

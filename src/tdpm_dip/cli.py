@@ -601,7 +601,11 @@ def add_noise_cmd(source: str, sigma: float, n: int | None, size: int, seed: int
     help="Generation DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1).",
 )
 @click.option(
-    "--t-noisy", type=int, default=defaults.T_NOISY, help="Paper protocol: noise level of the images to denoise."
+    "--t-noisy",
+    type=int,
+    default=None,
+    help=f"Paper protocol: noise level of the images to denoise; default: the report's {defaults.T_NOISY}, or the "
+    "highest level the DDPM was trained on when that is lower (the shipped sprite DDPM: 500).",
 )
 @click.option(
     "--dip-preset",

@@ -121,6 +121,15 @@ PRESETS: dict[str, UNetPreset] = {
         norm_num_groups=8,
         description="CPU demo DDPM for 32 px images (0.69M parameters)",
     ),
+    # The shipped sprite DDPM: four times the demo's widths at the same three levels, attention at 8x8.
+    "sprites": UNetPreset(
+        (32, 64, 128),
+        (D, D, AD),
+        (AU, U, U),
+        layers_per_block=1,
+        norm_num_groups=16,
+        description="sprite DDPM for 32 px images (2.7M parameters)",
+    ),
     # TDPM's amortized generator G_psi(z) (generator.py): one call per image, so small; attention-free.
     # A spatial z alone gives a UNet no per-image global variable (GroupNorm removes what i.i.d. noise
     # has of one), and GANs on it collapse to one image; so G_psi also takes a style vector w (above).

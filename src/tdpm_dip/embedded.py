@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .generator import GENERATOR_JSON, load_generator
-from .models import load_ddpm, save_ddpm, unet_size
+from .models import LEVELS_FILE, load_ddpm, save_ddpm, trained_levels, unet_size
 
 DDPM_NAME = "ddpm-sprites32"
 DENOISER_NAME = "ddpm-pokemon64"
@@ -105,9 +105,10 @@ def export_ddpm(src: str | Path, dest: Path | None = None, name: str = DDPM_NAME
     """Copy a trained DDPM (diffusers folder, e.g. `tdpm-dip train`'s RUN/model) into the package as `name`, with
     fp16 weights: half the bytes, and loading upcasts them to the dtype the caller asks for."""
     unet, scheduler = load_ddpm(src)
+    levels = trained_levels(src, scheduler) if (Path(src) / LEVELS_FILE).is_file() else None
     dest = dest or weights_dir() / name
     _name_as_shipped(unet, f"{dest.name}/unet")
-    return _replace_folder(dest, lambda tmp: save_ddpm(unet.half(), scheduler, tmp))
+    return _replace_folder(dest, lambda tmp: save_ddpm(unet.half(), scheduler, tmp, levels))
 
 
 def _name_as_shipped(model: object, name: str) -> None:

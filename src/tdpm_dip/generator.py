@@ -83,6 +83,11 @@ class TDPMGenerator:
         return g_forward(self.unet, z.to(self.unet.dtype), None if w is None else w.to(self.unet.dtype)).float()
 
     @property
+    def reverse_steps(self) -> int:
+        """DDPM steps from T_trunc to 0: generator.json's reverse_steps, else T_trunc (Algorithm 3)."""
+        return int(self.info.get("reverse_steps") or self.t_trunc)
+
+    @property
     def predicts_x0(self) -> bool:
         """Whether the network makes a clean image, to which the forward noise of level T_trunc is added (else it
         makes x_T itself)."""
@@ -103,9 +108,11 @@ class TDPMGenerator:
     def sample(
         self, model: EpsModel, generators: list[torch.Generator], callback: Callable[[int], None] | None = None
     ) -> torch.Tensor:
-        """Amortized TDPM (Zheng et al. 2023): x_T = G_psi(z) (`x_t`), then Algorithm 3's T_trunc posterior steps
-        of the DDPM `model` (`sampling.reverse_chain`), clamped to [-1, 1]."""
-        return reverse_chain(model, self.x_t(model, generators), self.t_trunc, generators, callback).clamp(-1, 1)
+        """Amortized TDPM (Zheng et al. 2023): x_T = G_psi(z) (`x_t`), then the DDPM `model`'s posterior steps
+        from T_trunc to 0 (`sampling.reverse_chain`: Algorithm 3's T_trunc steps, or `reverse_steps` strided ones),
+        clamped to [-1, 1]."""
+        x_t = self.x_t(model, generators)
+        return reverse_chain(model, x_t, self.t_trunc, generators, callback, self.reverse_steps).clamp(-1, 1)
 
 
 def read_generator_info(path: str | os.PathLike) -> dict:
@@ -124,8 +131,13 @@ def read_generator_info(path: str | os.PathLike) -> dict:
         info = json.loads(meta_path.read_text())
         info["t_trunc"], info["image_size"] = int(info["t_trunc"]), int(info["image_size"])
         info["z_shape"] = [int(v) for v in info["z_shape"]]
+        info["reverse_steps"] = int(info.get("reverse_steps") or info["t_trunc"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--generator {p}: unreadable {GENERATOR_JSON} ({type(e).__name__}: {e})") from None
+    if info["t_trunc"] and not 1 <= info["reverse_steps"] <= info["t_trunc"]:
+        raise UserError(
+            f"--generator {p}: reverse_steps must be in 1..T_trunc ({info['t_trunc']}), got {info['reverse_steps']}"
+        )
     if len(info["z_shape"]) != 3:
         raise UserError(f"--generator {p}: z_shape must be [channels, height, width], got {info['z_shape']}")
     return info

@@ -125,9 +125,34 @@ def load_ddpm(
     return unet.to(device).eval(), scheduler
 
 
-def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, out: str | os.PathLike) -> None:
-    """Write a `DDPMPipeline` folder (model_index.json, unet/, scheduler/) that diffusers loads."""
+LEVELS_FILE = "trained_levels.json"
+
+
+def save_ddpm(
+    unet: UNet2DModel, scheduler: DDPMScheduler, out: str | os.PathLike, levels: tuple[int, int] | None = None
+) -> None:
+    """Write a `DDPMPipeline` folder (model_index.json, unet/, scheduler/) that diffusers loads; with `levels`,
+    also trained_levels.json: the noise levels (lo, hi) the network was trained on."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    if levels is not None:
+        (Path(out) / LEVELS_FILE).write_text(json.dumps({"levels": list(levels)}) + "\n")
+
+
+def trained_levels(model: str | os.PathLike, scheduler: DDPMScheduler) -> tuple[int, int]:
+    """The noise levels (lo, hi) a DDPM folder's network was trained on: its trained_levels.json, else all
+    1..T (a hub model, or a folder without the file). A truncated diffusion model (hi < T, Zheng et al. 2023)
+    cannot start a chain from pure noise."""
+    path = Path(model) / LEVELS_FILE
+    T = int(scheduler.config.num_train_timesteps)
+    if not path.is_file():
+        return 1, T
+    try:
+        lo, hi = (int(v) for v in json.loads(path.read_text())["levels"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{model}: unreadable {LEVELS_FILE} ({type(e).__name__}: {e})") from None
+    if not 1 <= lo <= hi <= T:
+        raise UserError(f"{model}: {LEVELS_FILE} says levels {lo}..{hi}, outside 1..{T}")
+    return lo, hi
 
 
 # ---------------------------------------------------------------- a generator made for GANs

@@ -23,7 +23,9 @@ from .errors import UserError
 TASKS = ("denoise", "generate")
 # paper: the report's oracle protocol; blind: only the noisy image; unconditional: generation from N(0, I).
 PROTOCOLS = ("paper", "blind", "unconditional")
-NEEDS = ("generator", "reference")  # inputs a method needs beyond its images and seeds
+# Inputs a method needs beyond its images and seeds; "all-levels": a DDPM trained on every noise level (a chain
+# from pure noise), which a truncated diffusion model is not.
+NEEDS = ("generator", "reference", "all-levels")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Method:
     nfe: str  # network evaluations per image, as a formula for the help text
     rank: int = 100  # order in --help, the app and bench tables: best measured first
     dip: str | None = None  # the DIP settings it fits with (a key of defaults.DIP); None: no DIP
-    needs: tuple[str, ...] = ()  # of NEEDS: "generator" (a trained G_psi), "reference" (images to fit)
+    needs: tuple[str, ...] = ()  # of NEEDS: "generator" (a trained G_psi), "reference" (images to fit), ...
     reads: tuple[str, ...] = ()  # the Job options that change its result (bench keys its cache on them)
     extra: str | None = None  # optional dependency group (pip install 'tdpm-dip[extra]')
 
@@ -187,12 +189,13 @@ METHODS: list[Method] = [
         "generate",
         "unconditional",
         f"{_M}.generate:tdpm",
-        nfe="1 + T_trunc",
+        nfe="1 + reverse steps",
         rank=10,
         needs=("generator",),
         reads=("t_trunc",),
-        help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then T_trunc "
-        "posterior steps; new images, no reference data",
+        help="amortized TDPM: x_T = G_psi(z), z ~ N(0, I), from a trained generator (--generator), then the DDPM's "
+        "posterior steps from T_trunc to 0 (T_trunc of them, or the generator's reverse_steps); new images, no "
+        "reference data",
     ),
     Method(
         "ddim",
@@ -201,6 +204,7 @@ METHODS: list[Method] = [
         f"{_M}.generate:ddim",
         nfe="--ddim-steps",
         rank=20,
+        needs=("all-levels",),
         reads=("ddim_steps", "eta"),
         help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)",
     ),
@@ -211,6 +215,7 @@ METHODS: list[Method] = [
         f"{_M}.generate:ddpm",
         nfe="1000 (T)",
         rank=30,
+        needs=("all-levels",),
         help="ancestral sampling from pure noise, all T steps",
     ),
     Method(

@@ -16,7 +16,7 @@ from .embedded import resolve_model
 from .errors import UserError, check_positive
 from .methods import Context
 from .methods.shard import Shard, launched
-from .models import load_ddpm
+from .models import load_ddpm, trained_levels
 
 AMP_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
@@ -110,13 +110,21 @@ def load_context(
     dev, shard = pick_device(device), None
     if launched():  # accelerate launch / torchrun: this process's device, and its share of the images
         shard, dev = Shard.start(dev)
-    unet, scheduler = load_ddpm(resolve_model(model, task), device=dev)
+    source = resolve_model(model, task)
+    unet, scheduler = load_ddpm(source, device=dev)
     amp = pick_amp(dtype, dev)
     if amp is not None:  # reduced-precision convolutions run fastest on channels-last weights (oneDNN, cuDNN)
         unet = unet.to(memory_format=torch.channels_last)
     preset = pick_dip_preset(dip_preset, dev)
     ctx = Context(
-        unet, scheduler, dip_config(dip_use, preset, dip_iters, dip_lr), dev, amp, batch_size, progress=progress
+        unet,
+        scheduler,
+        dip_config(dip_use, preset, dip_iters, dip_lr),
+        dev,
+        amp,
+        batch_size,
+        progress=progress,
+        levels=trained_levels(source, scheduler),
     )
     if dip_use == "blind":
         ctx.dip_plugin = dip_config("plugin", preset, dip_iters, dip_lr)

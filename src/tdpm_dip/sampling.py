@@ -52,19 +52,33 @@ class EpsModel:
 
 @torch.no_grad()
 def reverse_chain(
-    model: EpsModel, x_t: torch.Tensor, t: int, generators: list[torch.Generator], callback: Callback | None = None
+    model: EpsModel,
+    x_t: torch.Tensor,
+    t: int,
+    generators: list[torch.Generator],
+    callback: Callback | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor:
-    """DDPM ancestral sampling from noise level t to 0: exactly t posterior steps (t = 0: identity).
+    """DDPM ancestral sampling from noise level t to 0 (t = 0: identity).
 
-    Algorithm 3 lines 3-6 when x_t = G_psi(z) and t = T_trunc; the full DDPM sampler when t = T and
-    x_t ~ N(0, I). generators[i] draws the step noise of image i.
+    steps None (or t): exactly t posterior steps, Algorithm 3 lines 3-6 when x_t = G_psi(z) and t = T_trunc;
+    the full DDPM sampler when t = T and x_t ~ N(0, I). steps < t: the true posterior q(x_s | x_t', x0_hat)
+    between the levels round(linspace(t, 0, steps + 1)) (Ho et al. Eq. 7 with abar_t' / abar_s for alpha_t;
+    diffusers' DDPMScheduler with custom timesteps), in `steps` network calls. generators[i] draws the step
+    noise of image i.
     """
     check_level(model.scheduler, t)
+    steps = t if steps is None else steps
+    if t and not 1 <= steps <= t:
+        raise ValueError(f"a reverse chain from level {t} takes 1..{t} steps, got {steps}")
+    levels = sorted({round(t * (steps - i) / steps) for i in range(steps)}, reverse=True) if t else []
     # A private copy: `set_timesteps` elsewhere must not change which step `step` takes.
     sched = DDPMScheduler.from_config(model.scheduler.config)
+    if steps < t:
+        # The posterior step from level s down to the next level is diffusers' step at timestep s - 1.
+        sched.set_timesteps(timesteps=[level - 1 for level in levels], device=x_t.device)
     x = x_t.float()
-    for level in range(t, 0, -1):
-        # The posterior step from level s to s - 1 is diffusers' step at timestep s - 1.
+    for level in levels:
         x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample
         if callback is not None:
             callback(level - 1)

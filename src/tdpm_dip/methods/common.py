@@ -40,8 +40,18 @@ def progress_bar(ctx: Context, total: int, desc: str) -> contextlib.AbstractCont
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
+def check_trained_level(ctx: Context, t: int) -> None:
+    """A chain from a level above those the DDPM was trained on (a truncated DDPM) is a one-line error."""
+    if ctx.levels is not None and t > ctx.levels[1]:
+        raise UserError(
+            f"a reverse chain from level {t}, but this DDPM was trained on levels {ctx.levels[0]}..{ctx.levels[1]} "
+            "only (a truncated diffusion model)"
+        )
+
+
 def chain(ctx: Context, x_t: torch.Tensor, t: int, gens: list[torch.Generator], desc: str) -> torch.Tensor:
     """Reverse chain from level t (`sampling.reverse_chain`), in batches of ctx.batch_size."""
+    check_trained_level(ctx, t)
     out = []
     with progress_bar(ctx, t * math.ceil(x_t.shape[0] / ctx.batch_size), desc) as bar:
         for sl in chunks(x_t.shape[0], ctx.batch_size):

@@ -15,8 +15,20 @@ from .common import chain, chunks, dip_target, fit, image_shape, progress_bar
 from .types import Context, Job, Result
 
 
+def check_from_noise(ctx: Context, method: str) -> None:
+    """A chain from pure noise needs a DDPM trained up to level T: a truncated one (TDPM) starts at T_trunc."""
+    if "all-levels" not in ctx.provides:
+        assert ctx.levels is not None
+        raise UserError(
+            f"--method {method} starts from pure noise at level {num_levels(ctx.scheduler)}, but this DDPM was "
+            f"trained on levels {ctx.levels[0]}..{ctx.levels[1]} only (a truncated diffusion model): use --method "
+            "tdpm with its generator"
+        )
+
+
 def ddpm(ctx: Context, job: Job) -> Result:
     """Table 1, DDPM row: T ancestral steps from N(0, I)."""
+    check_from_noise(ctx, "ddpm")
     gens = image_generators(job.seeds, ctx.device)
     x_T = randn(image_shape(ctx), gens, ctx.device)
     T = num_levels(ctx.scheduler)
@@ -27,6 +39,7 @@ def ddpm(ctx: Context, job: Job) -> Result:
 
 def ddim(ctx: Context, job: Job) -> Result:
     """DDIM (Song et al. 2021) from N(0, I) in `ddim_steps` network evaluations."""
+    check_from_noise(ctx, "ddim")
     steps = job.ddim_steps or defaults.GENERATE_DDIM_STEPS
     gens = image_generators(job.seeds, ctx.device)
     x_T = randn(image_shape(ctx), gens, ctx.device)
@@ -69,7 +82,8 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
 
 
 def tdpm(ctx: Context, job: Job) -> Result:
-    """TDPM sampling (Zheng et al. 2023): one call of the generator, then Algorithm 3's T_trunc steps.
+    """TDPM sampling (Zheng et al. 2023): one call of the generator, then the DDPM's reverse steps from T_trunc
+    (Algorithm 3's T_trunc steps, or the generator's `reverse_steps` strided posterior steps).
 
     z_i = (z_img, w) and the chain's step noise of image i come from seed i. T_trunc is the generator's (job.t_trunc,
     when given, must equal it).
@@ -77,13 +91,13 @@ def tdpm(ctx: Context, job: Job) -> Result:
     gen = ctx.generator
     if gen is None:
         raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
-    t = gen.t_trunc
+    t, steps = gen.t_trunc, gen.reverse_steps
     if job.t_trunc is not None and job.t_trunc != t:
         raise UserError(f"T_trunc {job.t_trunc} does not match the generator's {t} ({gen.path})")
     check_t_trunc(ctx.scheduler, t)
     gens = image_generators(job.seeds, ctx.device)
     n = len(job.seeds)
-    with progress_bar(ctx, t * math.ceil(n / ctx.batch_size), "TDPM reverse") as bar, timer(ctx.device) as tm:
+    with progress_bar(ctx, steps * math.ceil(n / ctx.batch_size), "TDPM reverse") as bar, timer(ctx.device) as tm:
         out = torch.cat(
             [
                 gen.sample(ctx.model, gens[sl], (lambda _: bar.update()) if bar is not None else None)
@@ -95,7 +109,7 @@ def tdpm(ctx: Context, job: Job) -> Result:
         "unconditional",
         out.cpu(),
         tm[0],
-        1 + t,
-        1 + t,
-        info={"t_trunc": t, "generator": gen.path, "objective": gen.info.get("objective")},
+        1 + steps,
+        1 + steps,
+        info={"t_trunc": t, "reverse_steps": steps, "generator": gen.path, "objective": gen.info.get("objective")},
     )

@@ -36,11 +36,23 @@ class Context:
     dip_plugin: DIPConfig | None = None
     # Amortized TDPM's generator G_psi (generator.load_generator), for the DDPM above; None: not loaded.
     generator: TDPMGenerator | None = None
+    # The noise levels (lo, hi) the DDPM was trained on (models.trained_levels); None: all of them.
+    levels: tuple[int, int] | None = None
 
     @property
     def model(self) -> EpsModel:
         """The DDPM as a noise predictor at noise levels (what the samplers take)."""
         return EpsModel(self.unet, self.scheduler, self.amp_dtype)
+
+    @property
+    def provides(self) -> set[str]:
+        """The registry's method needs (registry.NEEDS) that this context meets, "reference" aside."""
+        met = set()
+        if self.generator is not None:
+            met.add("generator")
+        if self.levels is None or self.levels[1] >= int(self.scheduler.config.num_train_timesteps):
+            met.add("all-levels")
+        return met
 
     @property
     def plugin_dip(self) -> DIPConfig:

@@ -35,8 +35,8 @@ from ..config import get_preset
 from ..data import load_images
 from ..errors import UserError
 from ..images import save_grid
-from ..models import build_unet, load_ddpm, save_ddpm, unet_size
-from ..noise import image_generators, make_scheduler, randn
+from ..models import build_unet, load_ddpm, save_ddpm, trained_levels, unet_size
+from ..noise import image_generators, make_scheduler, num_levels, randn
 from ..outputs import staged_dir
 from ..sampling import EpsModel, ddim_chain
 from .loop import (
@@ -243,11 +243,24 @@ def _save_samples(run: Run, step: int) -> None:
         save_grid(x, run.out / "samples" / f"step_{step:06d}.png", upscale=max(1, 64 // cfg.size))
 
 
+def _levels_trained(run: Run) -> tuple[int, int]:
+    """The noise levels the exported network has been trained on: this run's band, widened by the --init
+    model's."""
+    cfg = run.cfg
+    assert isinstance(cfg, TrainConfig)
+    T = num_levels(run.scheduler)
+    lo, hi = cfg.t_min, cfg.t_max or T
+    if cfg.init:
+        init_lo, init_hi = trained_levels(cfg.init, run.scheduler) if Path(cfg.init).is_dir() else (1, T)
+        lo, hi = min(lo, init_lo), max(hi, init_hi)
+    return lo, hi
+
+
 def _export(run: Run) -> Path:
     """The EMA weights as a `DDPMPipeline` folder, out/model (written atomically)."""
     export = run.out / "model"
     if run.main:
         with staged_dir(export) as tmp:
-            save_ddpm(run.ema.model, run.scheduler, tmp)
+            save_ddpm(run.ema.model, run.scheduler, tmp, _levels_trained(run))
     run.accelerator.wait_for_everyone()
     return export

@@ -342,8 +342,14 @@ def _network_kwargs(preset: str, size: int) -> dict:
 def _init_from(gen: UNet2DModel, cfg: GeneratorConfig, ddpm: UNet2DModel, scheduler: DDPMScheduler) -> None:
     """Copy the weights of the generator folder --init into the freshly built G_psi (one-line errors)."""
     start = load_generator(cfg.init, ddpm, scheduler)  # type: ignore[arg-type]
-    if start.info.get("ddpm_fingerprint") not in (None, ddpm_fingerprint(ddpm, scheduler)):
-        raise UserError(f"--init {cfg.init}: that generator was trained for another DDPM")
+    # A GAN's target, the training images noised to T_trunc, does not involve the DDPM, so a GAN generator may
+    # start another DDPM's (same size, checked by load_generator); distillation's target is the DDPM's own DDIM.
+    other_ddpm = start.info.get("ddpm_fingerprint") not in (None, ddpm_fingerprint(ddpm, scheduler))
+    if other_ddpm and (cfg.objective != "gan" or start.info.get("objective") != "gan"):
+        raise UserError(
+            f"--init {cfg.init}: that generator belongs to another DDPM; only a GAN may start from a GAN generator "
+            "of another DDPM"
+        )
     try:
         gen.load_state_dict(start.unet.state_dict())
     except RuntimeError:
@@ -469,7 +475,8 @@ def _save_samples(state: _GenState, run: Run, step: int) -> None:
     cfg = state.cfg
     if run.main and cfg.n_samples > 0:
         size = unet_size(state.ddpm.config)
-        ema = TDPMGenerator(run.ema.model, cfg.t_trunc, (3, size, size), {"predict": cfg.predict}, "EMA")
+        info = {"predict": cfg.predict, "reverse_steps": cfg.reverse_steps or cfg.t_trunc}
+        ema = TDPMGenerator(run.ema.model, cfg.t_trunc, (3, size, size), info, "EMA")
         ddpm = EpsModel(state.ddpm, run.scheduler, {"bf16": torch.bfloat16}.get(run.mixed))
         gens = image_generators([derive_seed(cfg.seed, "samples", i) for i in range(cfg.n_samples)], run.device)
         x = ema.sample(ddpm, gens)
@@ -492,6 +499,7 @@ def _export(run: Run, state: _GenState) -> Path:
                 {
                     "format": FORMAT,
                     "t_trunc": cfg.t_trunc,
+                    "reverse_steps": cfg.reverse_steps or cfg.t_trunc,
                     "z_shape": [3, size, size],
                     "w_dim": state.w_dim,
                     "objective": cfg.objective,

@@ -159,6 +159,13 @@ class GeneratorConfig:
     model: str = field(metadata=option("the DDPM whose truncated chain G_psi feeds: a diffusers folder or hub id"))
     t_trunc: int = field(metadata=option("truncation level T_trunc: G_psi(z) learns q(x_T_trunc)"))
     out: str = field(metadata=option("run folder: config.json, metrics.jsonl, samples/, checkpoints/, generator/"))
+    reverse_steps: int | None = field(
+        default=None,
+        metadata=option(
+            "DDPM steps from T_trunc to 0 when sampling (recorded in generator.json): posterior steps between evenly "
+            "spaced levels, so an image costs 1 + this many network calls; default: T_trunc (Algorithm 3)"
+        ),
+    )
     data: str | None = field(
         default=None,
         metadata=option(
@@ -236,7 +243,9 @@ class GeneratorConfig:
     checkpoint_every: int = field(default=500, metadata=option("steps between checkpoints (0: only at the end)"))
     keep_checkpoints: int = field(default=2, metadata=option("keep this many most recent checkpoints"))
     sample_every: int = field(default=500, metadata=option("steps between sample grids (0: only at the end)"))
-    n_samples: int = field(default=16, metadata=option("images per sample grid: G_psi(z) then T_trunc steps (0: none)"))
+    n_samples: int = field(
+        default=16, metadata=option("images per sample grid: G_psi(z) then the reverse steps (0: none)")
+    )
     resume: bool = field(default=False, metadata=option("continue from the latest checkpoint in --out"))
     overwrite: bool = field(default=False, metadata=option("write into a non-empty --out, replacing its previous run"))
 
@@ -263,6 +272,8 @@ class GeneratorConfig:
             raise UserError(f"--augment must be one of {', '.join(GAN_AUGMENTS)}, got {self.augment!r}")
         if not isinstance(self.t_trunc, int) or self.t_trunc < 0:
             raise UserError(f"--t-trunc must be an integer >= 0, got {self.t_trunc}")
+        if self.reverse_steps is not None and not 1 <= self.reverse_steps <= max(self.t_trunc, 1):
+            raise UserError(f"--reverse-steps must be in 1..T_trunc ({self.t_trunc}), got {self.reverse_steps}")
         for name in (
             "steps",
             "batch_size",

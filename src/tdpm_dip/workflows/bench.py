@@ -208,7 +208,7 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
         ]
         rows += [
             RowSpec(
-                f"TDPM (amortized, T_trunc {t}, {1 + t} NFE)",
+                f"TDPM (amortized, T_trunc {t})",
                 "generate",
                 "tdpm",
                 "unconditional",

@@ -41,7 +41,7 @@ from ..images import save_grid, save_set
 from ..methods import Context, Job, Result, run
 from ..methods.observe import add_noise
 from ..metrics import copy_rate
-from ..models import load_ddpm, unet_size
+from ..models import load_ddpm, trained_levels, unet_size
 from ..noise import check_level, check_t_trunc, num_levels
 from ..outputs import prepare_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, save_figure, table
@@ -82,7 +82,7 @@ class DemoConfig:
     train_lr: float = 2e-3
     preset: str = "demo"  # DDPM preset when training
     sigma: float = defaults.SIGMA  # blind protocol noise (0..255)
-    t_noisy: int = defaults.T_NOISY  # paper protocol noise level
+    t_noisy: int | None = None  # paper protocol noise level; None: the report's 600, or the DDPM's top trained level
     t_trunc: int = defaults.T_TRUNC  # TDPM-DIP T_trunc (generation and paper denoising)
     ddpm_steps: int = defaults.DDPM_STEPS  # generation DDPM steps (< 1000: strided ancestral sampler)
     dip_preset: str = "dip-tiny"
@@ -121,7 +121,7 @@ class DemoConfig:
             raise UserError(f"--sigma must be in (0, 255], got {self.sigma}")
         if self.ddpm_steps > 1000:
             raise UserError(f"--ddpm-steps must be <= 1000, got {self.ddpm_steps}")
-        if not 1 <= self.t_noisy <= 1000:
+        if self.t_noisy is not None and not 1 <= self.t_noisy <= 1000:
             raise UserError(f"--t-noisy must be in [1, 1000], got {self.t_noisy}")
         if not 0 <= self.t_trunc < 1000:
             raise UserError(f"--t-trunc must be in [0, 999], got {self.t_trunc}")
@@ -237,6 +237,7 @@ class DemoRun:
     paper: list[Result] = field(default_factory=list)
     blind: list[Result] = field(default_factory=list)
     noisy: torch.Tensor | None = None
+    t_noisy: int = defaults.T_NOISY  # the paper protocol's level, resolved against the DDPM (_settings)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -346,26 +347,23 @@ def _settings(d: DemoRun) -> None:
     """The levels and step counts of the options against the model's T (one-line errors)."""
     assert d.ctx is not None
     T = num_levels(d.ctx.scheduler)
-    check_level(d.ctx.scheduler, d.cfg.t_noisy, "--t-noisy")
+    top = T if d.ctx.levels is None else d.ctx.levels[1]
+    # The report's level, unless the DDPM was not trained that high (a truncated DDPM).
+    d.t_noisy = min(defaults.T_NOISY, top) if d.cfg.t_noisy is None else d.cfg.t_noisy
+    check_level(d.ctx.scheduler, d.t_noisy, "--t-noisy")
     check_t_trunc(d.ctx.scheduler, d.cfg.t_trunc)
     if d.cfg.ddpm_steps > T:
         raise UserError(f"--ddpm-steps must be <= {T}")
 
 
 def _generate(d: DemoRun) -> None:
-    """DDPM from noise, TDPM-DIP (paper protocol), amortized TDPM with the shipped generator, and DDIM-50 of
-    the model trained here (with the embedded default)."""
+    """DDPM from noise (unless the DDPM is truncated: trained below level T only), TDPM-DIP (paper protocol),
+    amortized TDPM with the shipped generator, and DDIM-50 of the model trained here (with the embedded default)."""
     cfg, ctx, data = d.cfg, d.ctx, d.data
     assert ctx is not None and data is not None
     T = num_levels(ctx.scheduler)
-    with d.phases("generation: DDPM") as note:
-        if cfg.ddpm_steps == T:
-            r = run(ctx, "generate", "unconditional", "ddpm", Job(d.seeds))
-        else:  # a strided ancestral sampler: DDIM with eta = 1
-            r = run(ctx, "generate", "unconditional", "ddim", Job(d.seeds, ddim_steps=cfg.ddpm_steps, eta=1.0))
-            r.method = f"ddpm ({cfg.ddpm_steps} strided steps)"
-        d.gen.append((f"DDPM ({r.reverse_steps} steps)", r))
-        note["note"] = f"{r.reverse_steps} reverse steps, {r.seconds_per_image:.2f} s/img"
+    if "all-levels" in ctx.provides:
+        _generate_from_noise(d, ctx, T)
     with d.phases("generation: TDPM-DIP") as note:
         r = run(ctx, "generate", "paper", "tdpm-dip", Job(d.seeds, reference=data.reference, t_trunc=cfg.t_trunc))
         d.gen.append((f"TDPM-DIP (T_trunc={cfg.t_trunc})", r))
@@ -376,14 +374,28 @@ def _generate(d: DemoRun) -> None:
             ctx.generator = load_generator(shipped, ctx.unet, ctx.scheduler, ctx.device)
             r = run(ctx, "generate", "unconditional", "tdpm", Job(d.seeds))
             d.gen.append((f"TDPM amortized (T_trunc={ctx.generator.t_trunc})", r))
-            note["note"] = f"G_psi(z) + {ctx.generator.t_trunc} steps, {r.seconds_per_image:.3f} s/img"
+            note["note"] = f"G_psi(z) + {ctx.generator.reverse_steps} steps, {r.seconds_per_image:.3f} s/img"
     if d.short_model is not None:
         with d.phases("generation: the model trained here (DDIM 50)") as note:
-            short = dataclasses.replace(ctx, unet=load_ddpm(d.short_model, device=ctx.device)[0])
+            short_unet, short_sched = load_ddpm(d.short_model, device=ctx.device)
+            short = dataclasses.replace(ctx, unet=short_unet, levels=trained_levels(d.short_model, short_sched))
             r = run(short, "generate", "unconditional", "ddim", Job(d.seeds, ddim_steps=50))
             r.method = f"ddim-50, {cfg.steps}-step model"
             d.gen.append((f"DDIM 50, the {cfg.steps}-step model", r))
             note["note"] = f"{r.seconds_per_image:.2f} s/img"
+
+
+def _generate_from_noise(d: DemoRun, ctx: Context, T: int) -> None:
+    """The DDPM row: T ancestral steps, or --ddpm-steps strided ones (DDIM with eta = 1)."""
+    cfg = d.cfg
+    with d.phases("generation: DDPM") as note:
+        if cfg.ddpm_steps == T:
+            r = run(ctx, "generate", "unconditional", "ddpm", Job(d.seeds))
+        else:
+            r = run(ctx, "generate", "unconditional", "ddim", Job(d.seeds, ddim_steps=cfg.ddpm_steps, eta=1.0))
+            r.method = f"ddpm ({cfg.ddpm_steps} strided steps)"
+        d.gen.append((f"DDPM ({r.reverse_steps} steps)", r))
+        note["note"] = f"{r.reverse_steps} reverse steps, {r.seconds_per_image:.2f} s/img"
 
 
 def _denoise(d: DemoRun) -> None:
@@ -391,8 +403,8 @@ def _denoise(d: DemoRun) -> None:
     optional extra, on 8-bit noise."""
     cfg, ctx, data = d.cfg, d.ctx, d.data
     assert ctx is not None and data is not None
-    with d.phases(f"denoising, paper protocol (t={cfg.t_noisy})") as note:
-        job = Job(d.seeds, clean=data.test, t_noisy=cfg.t_noisy, t_trunc=cfg.t_trunc)
+    with d.phases(f"denoising, paper protocol (t={d.t_noisy})") as note:
+        job = Job(d.seeds, clean=data.test, t_noisy=d.t_noisy, t_trunc=cfg.t_trunc)
         d.paper = [run(ctx, "denoise", "paper", m, job) for m in registry.names("denoise", "paper")]
         note["note"] = ", ".join(f"{r.method} {r.seconds_per_image:.2f} s/img" for r in d.paper)
     blind = dataclasses.replace(ctx, dip=dip_config("blind", cfg.dip_preset, cfg.blind_dip_iters))
@@ -479,7 +491,7 @@ def _figures(d: DemoRun) -> dict[str, str]:
         stage / "denoise_paper.png",
         [
             ("clean", data.test),
-            (f"x_{cfg.t_noisy} (noisy)", paper_noisy),
+            (f"x_{d.t_noisy} (noisy)", paper_noisy),
             *[
                 (f"{r.method} (oracle)" if r.dip is not None else f"{r.method} ({r.reverse_steps} steps)", r.images)
                 for r in d.paper
@@ -560,7 +572,8 @@ def _md_header(d: DemoRun, figs: dict[str, str], env: dict) -> list[str]:
         model = (
             f"every figure and row below except the training section and the `ddim-50, {cfg.steps}-step model` "
             "row comes from the **embedded default DDPM** shipped in the package "
-            "(`tdpm_dip/weights/ddpm-sprites32`, trained by `recipes/embedded_default.sh` on 4096 sprites); "
+            "(`tdpm_dip/weights/ddpm-sprites32`, trained by `recipes/embedded_default.sh` on 16384 sprites, on "
+            "noise levels 1..500 only: a truncated DDPM, so no row starts from pure noise with it); "
             f"the `{cfg.preset}` DDPM trained here for {cfg.steps} steps (`train/model`) shows Algorithm 1."
         )
     elif cfg.model is None:
@@ -640,7 +653,7 @@ def _md_generation(d: DemoRun, gen_rows: list[dict]) -> list[str]:
         f"truncated chain's start x_{cfg.t_trunc}), then each method: "
         + "; ".join(label for label, _ in d.gen)
         + ". Amortized TDPM makes new images (the shipped generator's "
-        "G_psi(z), z ~ N(0, I), then T_trunc reverse steps). copy-rate: share of images within 25 dB PSNR of a "
+        "G_psi(z), z ~ N(0, I), then the DDPM's reverse steps from its T_trunc). copy-rate: share of images within 25 dB PSNR of a "
         f'{ref} image (NN PSNR: mean PSNR to the nearest one). TDPM-DIP "generates" copies by construction.',
         "",
         table(gen_rows),
@@ -657,7 +670,7 @@ def _md_denoising(d: DemoRun, figs: dict[str, str], den_rows: list[dict]) -> lis
     lines = [
         "## Denoising",
         "",
-        f"Paper protocol (x0 noised to level t={cfg.t_noisy}, then each method):",
+        f"Paper protocol (x0 noised to level t={d.t_noisy}, then each method):",
         "",
         "![denoising, paper protocol](denoise_paper.png)",
         "",
@@ -711,7 +724,7 @@ def _md_reproduce(d: DemoRun) -> list[str]:
         "## Reproduce single steps with the CLI",
         "",
         "```",
-        f"tdpm-dip denoise{model} --clean {test} --protocol paper --t-noisy {cfg.t_noisy} "
+        f"tdpm-dip denoise{model} --clean {test} --protocol paper --t-noisy {d.t_noisy} "
         f"--dip-preset {paper_dip.preset} --dip-iters {paper_dip.iters} --dip-lr {paper_dip.lr:g} --seed {cfg.seed} "
         "--out den_paper",
         f"tdpm-dip denoise{model} --clean {test} --sigma {cfg.sigma:g} --method ensemble --method tdpm-dip "

@@ -17,6 +17,7 @@ from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma, check_symmetries
 from ..images import save_png
 from ..methods import Job, run
+from ..methods.common import check_trained_level
 from ..methods.observe import NOISE_MODELS, add_noise, blind_sigmas
 from ..methods.shard import is_main_process
 from ..metrics import psnr, ssim
@@ -206,6 +207,8 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     """Clean images noised here (blind: 8-bit or float noise of sigma; paper: x_{t_noisy}), then each method."""
     assert opts.clean is not None  # check(): --clean when --input is not given
     ctx = den.ctx
+    if opts.protocol == "paper":
+        check_trained_level(ctx, opts.t_noisy)  # before any image is read or anything written
     size = unet_size(ctx.unet.config)
     main = is_main_process()  # under a launcher: the only process that writes
     images = load_images(opts.clean, size, limit=opts.n, progress=main)

@@ -16,6 +16,7 @@ from ..errors import UserError, check_positive
 from ..generator import load_generator
 from ..images import save_grid
 from ..methods import Context, Result
+from ..methods.generate import check_from_noise
 from ..methods.shard import is_main_process
 from ..models import unet_size
 from ..noise import check_t_trunc
@@ -45,7 +46,7 @@ class GenerateOptions(RunOptions):
 def _method(opts: GenerateOptions, folder: str | None) -> registry.Method:
     """The method to run: --method, else the best one whose needs are met; checks what it needs."""
     if opts.method is None:
-        have = {"generator"} if folder is not None else set()
+        have = {"generator", "all-levels"} if folder is not None else {"all-levels"}  # levels: checked once loaded
         return next(
             m
             for m in registry.methods("generate")
@@ -85,6 +86,8 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
                 f"{ctx.generator.t_trunc} ({folder}); omit --t-trunc or train a generator for "
                 f"{opts.t_trunc}"
             )
+    if "all-levels" in m.needs:
+        check_from_noise(ctx, m.name)
     if opts.t_trunc is not None:
         check_t_trunc(ctx.scheduler, opts.t_trunc)
     ref = None
