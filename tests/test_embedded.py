@@ -15,7 +15,7 @@ from PIL import Image
 
 from tdpm_dip import embedded
 from tdpm_dip.config import get_preset
-from tdpm_dip.models import load_ddpm
+from tdpm_dip.models import load_ddpm, trained_levels
 
 
 def _safetensors_dtypes(path: Path) -> set[str]:
@@ -47,42 +47,22 @@ def test_default_ddpm_config_and_loading() -> None:
     assert embedded.resolve_model(None) == str(path) and embedded.resolve_model("some/model") == "some/model"
     unet, scheduler = load_ddpm(path)
     assert embedded.default_size() == unet.config.sample_size == 32
-    preset = get_preset("demo").unet_kwargs(32)
+    preset = get_preset("sprites").unet_kwargs(32)
     for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
         assert tuple(np.atleast_1d(unet.config[key])) == tuple(np.atleast_1d(preset[key])), key
     assert next(unet.parameters()).dtype == torch.float32  # fp16 on disk, upcast on load
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_schedule == "linear"
+    assert trained_levels(path, scheduler) == (1, 500)  # a truncated DDPM: amortized TDPM starts below 500
 
 
-def test_generate_without_model_uses_the_embedded_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    outs = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        code, _, err = run(
-            [
-                "generate",
-                "--method",
-                "ddim",
-                "--ddim-steps",
-                "4",
-                "--n",
-                "2",
-                "--seed",
-                "5",
-                "--device",
-                "cpu",
-                "--out",
-                out,
-            ],
-            capsys,
-        )
-        assert code == 0, err
-        outs.append(sorted((out / "images").glob("*.png")))
-        assert json.loads((out / "result.json").read_text())["model"] == str(embedded.default_ddpm())
-    a, b = ([np.asarray(Image.open(p)) for p in ps] for ps in outs)
-    assert [x.shape for x in a] == [(32, 32, 3)] * 2
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded: the same images twice
-    assert not np.array_equal(a[0], a[1])  # and image i depends on seed i
+def test_the_embedded_ddpm_refuses_chains_from_pure_noise(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """It was trained below level 500 only: DDIM and DDPM from pure noise are one error line, nothing written."""
+    for method in ("ddim", "ddpm"):
+        out = tmp_path / method
+        code, _, err = run(["generate", "--method", method, "--n", "2", "--device", "cpu", "--out", out], capsys)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and "levels 1..500 only" in lines[0] and "--method tdpm" in lines[0]
+        assert not out.exists()
 
 
 def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(
@@ -96,8 +76,8 @@ def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(
     assert embedded.resolve_generator("some/model", None) is None  # a user's --model never gets it
     unet, scheduler = load_ddpm(embedded.default_ddpm())
     gen = load_generator(path, unet, scheduler)
-    assert gen.info["ddpm_fingerprint"] == ddpm_fingerprint(unet, scheduler)  # trained on these very weights
-    assert (gen.t_trunc, gen.w_dim, gen.z_shape) == (10, 64, (3, 32, 32))
+    assert gen.info["ddpm_fingerprint"] == ddpm_fingerprint(unet, scheduler)  # paired with these very weights
+    assert (gen.t_trunc, gen.reverse_steps, gen.w_dim, gen.z_shape) == (400, 10, 64, (3, 32, 32))
     assert next(gen.unet.parameters()).dtype == torch.float32  # fp16 on disk, upcast on load
     # No --model, --method or --generator: amortized TDPM with the shipped pair, 1 + 10 calls, seeded.
     outs = []
@@ -106,6 +86,7 @@ def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(
         assert code == 0, err
         res = json.loads((tmp_path / name / "result.json").read_text())
         assert (res["method"], res["nfe"], res["generator"]) == ("tdpm", 11, str(path)), res
+        assert res["model"] == str(embedded.default_ddpm()) and res["t_trunc"] == 400
         outs.append([np.asarray(Image.open(p)) for p in sorted((tmp_path / name / "images").glob("*.png"))])
     assert all(np.array_equal(x, y) for x, y in zip(*outs)) and not np.array_equal(outs[0][0], outs[0][1])
 

@@ -287,3 +287,29 @@ def test_export_generator_writes_an_fp16_copy_without_local_paths(ddpm16: Path, 
     a, b = load_generator(gan_run, unet, sched), load_generator(dest, unet, sched)
     z, w = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, a.w_dim)
     assert (a(z, w) - b(z, w)).abs().max() < 1e-2  # fp16 weights, same network
+
+
+def test_export_pairs_a_gan_generator_with_another_ddpm(
+    ddpm16: Path, gan_run: Path, sprite_dir_factory, tmp_path: Path
+) -> None:
+    """export_generator --ddpm: a GAN generator is recorded as the given DDPM's (the one it was trained beside
+    kept), with the reverse steps asked for; a distilled one refuses another DDPM; bad steps are refused."""
+    from tdpm_dip.embedded import export_generator
+    from tdpm_dip.models import ddpm_fingerprint
+
+    other = tmp_path / "other-ddpm"
+    save_ddpm(build_unet("tiny", seed=3, sample_size=SIZE), make_scheduler("linear"), other)
+    dest = export_generator(gan_run, tmp_path / "paired", ddpm=other, reverse_steps=2)
+    meta, src_meta = (json.loads((d / "generator.json").read_text()) for d in (dest, gan_run))
+    unet, sched = load_ddpm(other)
+    assert meta["ddpm"] == "other-ddpm" and meta["ddpm_fingerprint"] == ddpm_fingerprint(unet, sched)
+    assert meta["trained_with_fingerprint"] == src_meta["ddpm_fingerprint"] != meta["ddpm_fingerprint"]
+    assert load_generator(dest, unet, sched).reverse_steps == 2
+    with pytest.raises(UserError, match="reverse-steps must be in 1..T_trunc"):
+        export_generator(gan_run, tmp_path / "bad", reverse_steps=4)
+    distilled = train_generator(
+        _cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "dist", "distill", steps=1), progress=False
+    )
+    with pytest.raises(UserError, match="belongs to the DDPM it was distilled from"):
+        export_generator(distilled, tmp_path / "d2", ddpm=other)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "d2").exists()

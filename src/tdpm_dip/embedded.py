@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .generator import GENERATOR_JSON, load_generator
-from .models import LEVELS_FILE, load_ddpm, save_ddpm, trained_levels, unet_size
+from .models import LEVELS_FILE, ddpm_fingerprint, load_ddpm, save_ddpm, trained_levels, unet_size
 
 DDPM_NAME = "ddpm-sprites32"
 DENOISER_NAME = "ddpm-pokemon64"
@@ -42,15 +42,16 @@ EXPECTED_SHA256: dict[str, str] = {
     "ddpm-pokemon64/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
     "ddpm-pokemon64/unet/config.json": "713954850d8d1e0cace3c4ca236a4ac42afafcb54c91c3f2a0b025c939ae1896",
     "ddpm-pokemon64/unet/diffusion_pytorch_model.safetensors": "c30628a2745e38a6cedac4a6ffa9877f535643bdbe7e2b1c71845581a0aee63e",
-    "ddpm-sprites32/README.md": "be461ce81ee50d50105c2f30a985559948fc65f20a180204e9a1db430766e8a8",
+    "ddpm-sprites32/README.md": "8ff19ebb46716c4d7cf45974bc83abe297f28606ad0c8ca68783398a4567be4e",
     "ddpm-sprites32/model_index.json": "7e17ddab859d83b3fae2b4ee01b86cf154c2195d228c10b75a3b1eca0c6c0d47",
     "ddpm-sprites32/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
-    "ddpm-sprites32/unet/config.json": "b009c85e9410c2cb8c9a65af1ec2947b872a432b0b2f0f7ee9dedc7c2df5af2d",
-    "ddpm-sprites32/unet/diffusion_pytorch_model.safetensors": "2de51973bbbd0ec76c6524d6a9ccf2cf1b5023acbb7aef1b2c390a4cc507323a",
-    "tdpm-generator-sprites32/README.md": "f529339dce19de442df29c32174d6642ccd9826fcc3239d14d852aeef744056a",
+    "ddpm-sprites32/trained_levels.json": "595cd0af3e5ef9376c610d37a9045c935df85315d3a78120037ad1eaeccbd01a",
+    "ddpm-sprites32/unet/config.json": "262c628af72529c20cd8f576e86e9866236d30ad6c1367f44f5dc8c5f4ef3ad8",
+    "ddpm-sprites32/unet/diffusion_pytorch_model.safetensors": "af1d7082670b404bac22eaf127cdcac9bd2a552b09f58d221e18920cee892f3e",
+    "tdpm-generator-sprites32/README.md": "4a9b5b5f0d791511a160a454eb035be6ec5c13e3046c527a71c87ac7cdba6a92",
     "tdpm-generator-sprites32/config.json": "6af65b37374cebf6eb17504c12efee734dc7bcc2e096a9bceb5b79264d499d5c",
-    "tdpm-generator-sprites32/diffusion_pytorch_model.safetensors": "8b283060e1afa124d5c9bcd8825c7f2df9b8d92767407e6019a16b27bfdd8858",
-    "tdpm-generator-sprites32/generator.json": "9d5bf76d0ef5b2777865f41d13bcfc3c395601db98094b932f68fa68476658e5",
+    "tdpm-generator-sprites32/diffusion_pytorch_model.safetensors": "c98ad392d8c743e9ba25ad17b96e5e8edc85f0e017b49b2293c0726599d45214",
+    "tdpm-generator-sprites32/generator.json": "dbcb4dea8ff84136fd583b8f580840c7eae217e38bdd7356f1b9ae42d491ba2b",
 }
 
 
@@ -131,12 +132,29 @@ def _replace_folder(dest: Path, write: Callable[[Path], object]) -> Path:
     return dest
 
 
-def export_generator(src: str | Path, dest: Path | None = None) -> Path:
+def export_generator(
+    src: str | Path, dest: Path | None = None, ddpm: str | Path | None = None, reverse_steps: int | None = None
+) -> Path:
     """Copy a trained TDPM generator (`tdpm-dip train-generator`'s RUN/generator) into the package with fp16
     weights. Its generator.json keeps every field, but folders are reduced to their names: the paths of
-    the machine that trained it mean nothing on a user's."""
-    gen = load_generator(src)
+    the machine that trained it mean nothing on a user's.
+
+    `ddpm` pairs it with that DDPM (recorded as its ddpm and ddpm_fingerprint; the one it was trained beside
+    stays as trained_with_fingerprint): a GAN generator's target, the training images noised to T_trunc, does
+    not involve the DDPM, so it may serve another of the same size; a distilled one may not. `reverse_steps`
+    sets the posterior steps from T_trunc that sampling takes."""
+    unet, scheduler = load_ddpm(ddpm) if ddpm is not None else (None, None)
+    gen = load_generator(src, unet, scheduler)
     info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
+    if unet is not None and scheduler is not None and ddpm is not None:
+        fp = ddpm_fingerprint(unet, scheduler)
+        if fp != info.get("ddpm_fingerprint") and info.get("objective") != "gan":
+            raise UserError(f"{src}: a distilled generator belongs to the DDPM it was distilled from, not {ddpm}")
+        info.update(ddpm=Path(ddpm).name, ddpm_fingerprint=fp, trained_with_fingerprint=info.get("ddpm_fingerprint"))
+    if reverse_steps is not None:
+        if not 1 <= reverse_steps <= max(gen.t_trunc, 1):
+            raise UserError(f"--reverse-steps must be in 1..T_trunc ({gen.t_trunc}), got {reverse_steps}")
+        info["reverse_steps"] = reverse_steps
     dest = dest or weights_dir() / GENERATOR_NAME
     _name_as_shipped(gen.unet, dest.name)
 
@@ -160,12 +178,14 @@ def _main(argv: list[str] | None = None) -> None:
     )
     eg = sub.add_parser("export-generator", help="copy RUN/generator into the package as fp16 safetensors")
     eg.add_argument("src", help="a trained generator folder (tdpm-dip train-generator's RUN/generator)")
+    eg.add_argument("--ddpm", help="pair it with this DDPM folder (a GAN generator only; default: its own)")
+    eg.add_argument("--reverse-steps", type=int, help="posterior steps from T_trunc when sampling (default: its own)")
     sub.add_parser("hashes", help="print the EXPECTED_SHA256 entries of the files under weights/")
     args = ap.parse_args(argv)
     if args.cmd == "export-ddpm":
         print(export_ddpm(args.src, name=args.name))
     elif args.cmd == "export-generator":
-        print(export_generator(args.src))
+        print(export_generator(args.src, ddpm=args.ddpm, reverse_steps=args.reverse_steps))
     files = shipped_files()
     for name, p in files.items():
         print(f'    "{name}": "{sha256(p)}",')

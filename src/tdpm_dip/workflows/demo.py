@@ -653,8 +653,9 @@ def _md_generation(d: DemoRun, gen_rows: list[dict]) -> list[str]:
         f"truncated chain's start x_{cfg.t_trunc}), then each method: "
         + "; ".join(label for label, _ in d.gen)
         + ". Amortized TDPM makes new images (the shipped generator's "
-        "G_psi(z), z ~ N(0, I), then the DDPM's reverse steps from its T_trunc). copy-rate: share of images within 25 dB PSNR of a "
-        f'{ref} image (NN PSNR: mean PSNR to the nearest one). TDPM-DIP "generates" copies by construction.',
+        "G_psi(z), z ~ N(0, I), then the DDPM's reverse steps from its T_trunc). copy-rate: share of images within "
+        f"25 dB PSNR of a {ref} image (NN PSNR: mean PSNR to the nearest one). "
+        'TDPM-DIP "generates" copies by construction.',
         "",
         table(gen_rows),
     ]
