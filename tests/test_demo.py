@@ -15,7 +15,8 @@ from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
 
-def check_report(run_dir: Path, stdout: str) -> str:
+def check_report(run_dir: Path, stdout: str, from_noise: bool = True) -> str:
+    """The report's figures and rows; `from_noise`: its DDPM was trained on every level (a DDPM-from-noise row)."""
     report = run_dir / "report.md"
     assert stdout.strip().splitlines()[-1] == str(report)
     text = report.read_text()
@@ -27,7 +28,7 @@ def check_report(run_dir: Path, stdout: str) -> str:
     blind = [m.name for m in registry.methods("denoise", "blind") if m.extra is None]  # the demo runs these
     assert [r.split("|")[3].strip() for r in rows if "| paper |" in r] == ["ddpm", "dip", "tdpm-dip"]
     assert [r.split("|")[3].strip() for r in rows if "| blind |" in r] == blind
-    assert any(ln.startswith("| generation | unconditional | ddpm") for ln in text.splitlines())
+    assert any(ln.startswith("| generation | unconditional | ddpm") for ln in text.splitlines()) == from_noise
     assert any(ln.startswith("| generation | paper | tdpm-dip") for ln in text.splitlines())
     assert "oracle" in text and "blind" in text  # the protocols are explained
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -46,16 +47,18 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", *SHRUNK, "--out", out], capsys)
     assert code == 0, err
-    text = check_report(out, stdout)
+    text = check_report(out, stdout, from_noise=False)  # the embedded DDPM is truncated: levels 1..500
     assert "## Training" in text and (out / "train" / "model" / "unet" / "config.json").is_file()
-    assert "embedded default DDPM" in text
+    assert "embedded default DDPM" in text and "levels 1..500 only" in text
+    assert any(ln.startswith("| generation | unconditional | tdpm") for ln in text.splitlines())
+    assert "denoising, paper protocol (t=3)" in err  # --t-noisy given: it wins
     assert any(ln.startswith("| generation | unconditional | ddim-50, 3-step model") for ln in text.splitlines())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["size_used"] == 32  # the embedded model's size, not a training choice
     assert "embedded" in metrics["config"]["model_used"]
     assert len(list((out / "data" / "test").glob("*.png"))) == 2
     assert len(list((out / "data" / "train").glob("*.png"))) == 16
-    for phase in ("data", "load model", "train", "generation: DDPM", "report"):
+    for phase in ("data", "load model", "train", "generation: amortized TDPM", "report"):
         assert f"] {phase}" in err  # each phase announces itself and its time on stderr
 
     # The embedded model fixes the size: another one is refused in one line, before anything is written.
@@ -91,3 +94,16 @@ def test_demo_with_a_given_model_and_data(sprite_dir: Path, tmp_path: Path, caps
     text = check_report(out, stdout)
     assert "## Training" not in text and not (out / "train").exists()
     assert str(model) in text
+
+
+def test_the_paper_level_defaults_to_the_ddpms_top_trained_level() -> None:
+    """--t-noisy omitted: the report's 600, or the top level of a truncated DDPM (the shipped sprite one: 500)."""
+    from tdpm_dip.methods import Context
+    from tdpm_dip.workflows.demo import DemoConfig, DemoRun, _settings
+
+    unet = build_unet("tiny", seed=0, sample_size=16)
+    for levels, given, expected in (((1, 500), None, 500), (None, None, 600), ((1, 500), 3, 3), ((1, 1000), None, 600)):
+        d = DemoRun(DemoConfig(out="x", t_noisy=given), Path("s"), Path("f"), None, "cpu", 1, "")  # type: ignore[arg-type]
+        d.ctx = Context(unet, make_scheduler("linear"), levels=levels)
+        _settings(d)
+        assert d.t_noisy == expected, (levels, given)
