@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tdpm_dip import metrics as M
 from tdpm_dip import registry
 from tdpm_dip.data import make_sprites
-from tdpm_dip.generator import TDPMGenerator, load_generator
+from tdpm_dip.generator import TDPMGenerator, load_generator, read_generator_info
 from tdpm_dip.images import save_grid, save_png
 from tdpm_dip.methods import Context, Job, run
 from tdpm_dip.noise import image_generators, q_sample, randn
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
         shown.append((label, images))
-        steps = load_generator(gen_path).reverse_steps if gen_path else None
+        steps = read_generator_info(gen_path)["reverse_steps"] if gen_path else None
         nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + (steps or 0), "real": steps}[method]
         row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
         if extractor is not None:

@@ -151,7 +151,8 @@ class Denoiser:
 
 
 class Generator:
-    """Image generation with a DDPM: DDPM / DDIM from noise, amortized TDPM (G_psi + T_trunc steps), TDPM-DIP."""
+    """Image generation with a DDPM: DDPM / DDIM from noise, amortized TDPM (G_psi + the DDPM's reverse steps from
+    T_trunc), TDPM-DIP."""
 
     def __init__(self, ctx: Context, shard: Shard | None = None, name: str = "") -> None:
         self.ctx, self.shard, self.name = ctx, shard, name

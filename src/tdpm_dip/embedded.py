@@ -24,7 +24,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, check_reverse_steps
 from .generator import GENERATOR_JSON, load_generator
 from .models import LEVELS_FILE, ddpm_fingerprint, load_ddpm, save_ddpm, trained_levels, unet_size
 
@@ -146,14 +146,14 @@ def export_generator(
     unet, scheduler = load_ddpm(ddpm) if ddpm is not None else (None, None)
     gen = load_generator(src, unet, scheduler)
     info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
-    if unet is not None and scheduler is not None and ddpm is not None:
+    if ddpm is not None:
+        assert unet is not None and scheduler is not None
         fp = ddpm_fingerprint(unet, scheduler)
         if fp != info.get("ddpm_fingerprint") and info.get("objective") != "gan":
             raise UserError(f"{src}: a distilled generator belongs to the DDPM it was distilled from, not {ddpm}")
         info.update(ddpm=Path(ddpm).name, ddpm_fingerprint=fp, trained_with_fingerprint=info.get("ddpm_fingerprint"))
     if reverse_steps is not None:
-        if not 1 <= reverse_steps <= max(gen.t_trunc, 1):
-            raise UserError(f"--reverse-steps must be in 1..T_trunc ({gen.t_trunc}), got {reverse_steps}")
+        check_reverse_steps(reverse_steps, gen.t_trunc)
         info["reverse_steps"] = reverse_steps
     dest = dest or weights_dir() / GENERATOR_NAME
     _name_as_shipped(gen.unet, dest.name)

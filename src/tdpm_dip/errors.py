@@ -22,6 +22,12 @@ def check_sigma(value: float | None, name: str = "--sigma") -> None:
         raise UserError(f"{name} must be in (0, 255] (noise std on the 0..255 scale), got {value}")
 
 
+def check_reverse_steps(value: int | None, t_trunc: int, name: str = "--reverse-steps") -> None:
+    """A TDPM generator's posterior steps from T_trunc to 0: 1 to T_trunc (1 when T_trunc is 0)."""
+    if value is not None and not 1 <= value <= max(t_trunc, 1):
+        raise UserError(f"{name} must be in 1..T_trunc ({t_trunc}), got {value}")
+
+
 def check_symmetries(value: int | None, name: str = "--symmetries") -> None:
     """The ensemble's number of symmetries of the square: 1 to 8."""
     if value is not None and not 1 <= value <= 8:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from .errors import UserError
+from .errors import UserError, check_reverse_steps
 from .models import StyleGenerator, unet_size
 from .noise import num_levels, q_sample, randn
 from .sampling import EpsModel, reverse_chain
@@ -134,10 +134,8 @@ def read_generator_info(path: str | os.PathLike) -> dict:
         info["reverse_steps"] = int(info.get("reverse_steps") or info["t_trunc"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--generator {p}: unreadable {GENERATOR_JSON} ({type(e).__name__}: {e})") from None
-    if info["t_trunc"] and not 1 <= info["reverse_steps"] <= info["t_trunc"]:
-        raise UserError(
-            f"--generator {p}: reverse_steps must be in 1..T_trunc ({info['t_trunc']}), got {info['reverse_steps']}"
-        )
+    if info["t_trunc"]:  # T_trunc 0: no chain, reverse_steps 0
+        check_reverse_steps(info["reverse_steps"], info["t_trunc"], f"--generator {p}: reverse_steps")
     if len(info["z_shape"]) != 3:
         raise UserError(f"--generator {p}: z_shape must be [channels, height, width], got {info['z_shape']}")
     return info

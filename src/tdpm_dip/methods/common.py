@@ -40,12 +40,12 @@ def progress_bar(ctx: Context, total: int, desc: str) -> contextlib.AbstractCont
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
-def check_trained_level(ctx: Context, t: int) -> None:
+def check_trained_level(ctx: Context, t: int, what: str = "a reverse chain", advice: str = "") -> None:
     """A chain from a level above those the DDPM was trained on (a truncated DDPM) is a one-line error."""
     if ctx.levels is not None and t > ctx.levels[1]:
         raise UserError(
-            f"a reverse chain from level {t}, but this DDPM was trained on levels {ctx.levels[0]}..{ctx.levels[1]} "
-            "only (a truncated diffusion model)"
+            f"{what} from level {t}, but this DDPM was trained on levels {ctx.levels[0]}..{ctx.levels[1]} "
+            f"only (a truncated diffusion model){advice}"
         )
 
 

@@ -11,19 +11,18 @@ from ..devices import timer
 from ..errors import UserError
 from ..noise import check_t_trunc, image_generators, num_levels, randn
 from ..sampling import ddim_chain
-from .common import chain, chunks, dip_target, fit, image_shape, progress_bar
+from .common import chain, check_trained_level, chunks, dip_target, fit, image_shape, progress_bar
 from .types import Context, Job, Result
 
 
 def check_from_noise(ctx: Context, method: str) -> None:
     """A chain from pure noise needs a DDPM trained up to level T: a truncated one (TDPM) starts at T_trunc."""
-    if "all-levels" not in ctx.provides:
-        assert ctx.levels is not None
-        raise UserError(
-            f"--method {method} starts from pure noise at level {num_levels(ctx.scheduler)}, but this DDPM was "
-            f"trained on levels {ctx.levels[0]}..{ctx.levels[1]} only (a truncated diffusion model): use --method "
-            "tdpm with its generator"
-        )
+    check_trained_level(
+        ctx,
+        num_levels(ctx.scheduler),
+        f"--method {method} starts a chain from pure noise",
+        ": use --method tdpm with its generator",
+    )
 
 
 def ddpm(ctx: Context, job: Job) -> Result:

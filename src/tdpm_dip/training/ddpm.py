@@ -251,7 +251,7 @@ def _levels_trained(run: Run) -> tuple[int, int]:
     T = num_levels(run.scheduler)
     lo, hi = cfg.t_min, cfg.t_max or T
     if cfg.init:
-        init_lo, init_hi = trained_levels(cfg.init, run.scheduler) if Path(cfg.init).is_dir() else (1, T)
+        init_lo, init_hi = trained_levels(cfg.init, run.scheduler)  # a hub id or a folder without the file: all
         lo, hi = min(lo, init_lo), max(hi, init_hi)
     return lo, hi
 

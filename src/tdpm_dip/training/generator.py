@@ -475,7 +475,7 @@ def _save_samples(state: _GenState, run: Run, step: int) -> None:
     cfg = state.cfg
     if run.main and cfg.n_samples > 0:
         size = unet_size(state.ddpm.config)
-        info = {"predict": cfg.predict, "reverse_steps": cfg.reverse_steps or cfg.t_trunc}
+        info = {"predict": cfg.predict, "reverse_steps": cfg.reverse_steps}  # None: T_trunc
         ema = TDPMGenerator(run.ema.model, cfg.t_trunc, (3, size, size), info, "EMA")
         ddpm = EpsModel(state.ddpm, run.scheduler, {"bf16": torch.bfloat16}.get(run.mixed))
         gens = image_generators([derive_seed(cfg.seed, "samples", i) for i in range(cfg.n_samples)], run.device)

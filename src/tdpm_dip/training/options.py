@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..config import PRESETS, STYLE_PRESETS, get_preset, parse_fill
-from ..errors import UserError
+from ..errors import UserError, check_reverse_steps
 
 NUM_TRAIN_TIMESTEPS = 1000  # T of every scheduler this project trains (the report's, and diffusers' default)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -272,8 +272,7 @@ class GeneratorConfig:
             raise UserError(f"--augment must be one of {', '.join(GAN_AUGMENTS)}, got {self.augment!r}")
         if not isinstance(self.t_trunc, int) or self.t_trunc < 0:
             raise UserError(f"--t-trunc must be an integer >= 0, got {self.t_trunc}")
-        if self.reverse_steps is not None and not 1 <= self.reverse_steps <= max(self.t_trunc, 1):
-            raise UserError(f"--reverse-steps must be in 1..T_trunc ({self.t_trunc}), got {self.reverse_steps}")
+        check_reverse_steps(self.reverse_steps, self.t_trunc)
         for name in (
             "steps",
             "batch_size",
