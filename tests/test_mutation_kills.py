@@ -1248,7 +1248,10 @@ def test_bf16_autocast_reaches_the_networks() -> None:
     assert e16.dtype == torch.float32 and torch.equal(EpsModel(unet, SCHED, torch.float32).eps(x, 10), e32)
     gap = float((e16 - e32).abs().max() / e32.abs().max())
     assert 1e-4 < gap < 0.1, gap
-    target, z = torch.rand(1, 3, 8, 8) * 2 - 1, torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    # A seeded target: the bf16 gap of two DIP steps ranges 0.035 to 0.11 over targets, so the global RNG's state
+    # (what earlier tests drew) decided whether the bound held.
+    target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     cfg = DIPConfig(preset="dip-tiny", iters=2, lr=1e-2)
     a, b = fit_dip(target, z, [0], cfg), fit_dip(target, z, [0], cfg, amp_dtype=torch.bfloat16)
     gap = float((a.output - b.output).abs().max() / a.output.abs().max())
