@@ -358,6 +358,106 @@ def denoise(threads: int, **kwargs: object) -> None:
     run(DenoiseOptions(**kwargs), echo)  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------------------------------------------ restore
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--task",
+    type=click.Choice(["sr", "inpaint"]),
+    required=True,
+    help="sr: super-resolution (the output is the input's size times --scale); inpaint: fill missing pixels.",
+)
+@click.option("--model", default=None, help=DENOISE_MODEL_HELP)
+@click.option(
+    "--input",
+    "input",
+    default=None,
+    help="Your DEGRADED images (folder or file): low-resolution, or with "
+    "missing pixels (then give --mask or --mask-kind).",
+)
+@click.option(
+    "--clean", default=None, help="CLEAN images that are degraded here first (8-bit), so PSNR/SSIM can be measured."
+)
+@click.option(
+    "--reference", default=None, help="With --input: the clean originals (same file names), only to score PSNR/SSIM."
+)
+@click.option("--scale", type=int, default=4, help="sr: the upscaling factor (2 to 8; PIL's bicubic downscaling).")
+@click.option(
+    "--mask",
+    default=None,
+    help="inpaint: a mask file for every image, or a folder of same-named PNGs (white = known; grey levels split at "
+    "50 %; another size is resized with nearest-neighbour, with a warning).",
+)
+@click.option(
+    "--mask-kind",
+    default=None,
+    help=f"inpaint: masks made here from each image's seed and saved beside the outputs: box (a centred hole of 3/8 "
+    f"of each side), half (the right half), random:P (a share P of the pixels, e.g. random:0.8). Default with "
+    f"--clean: {defaults.MASK_KIND}.",
+)
+@click.option(
+    "--sigma",
+    type=float,
+    default=0.0,
+    help="Noise std of the observation on the 0..255 scale (with --clean: the noise added to the low-res or "
+    "masked image before it is saved in 8 bits).",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(registry.names("restore", "blind")),
+    default=(),
+    help="Methods to run (repeat the option). Default: the first that the DDPM can run, best first: "
+    + registry.help_text("restore", "blind")
+    + ".",
+)
+@click.option(
+    "--t-trunc",
+    type=int,
+    default=None,
+    help=f"ccdf and tdpm-dip: the level the start estimate is diffused to. Default: {defaults.RESTORE_T_TRUNC}.",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=defaults.RESTORE_SAMPLES,
+    help="Diffusion methods: chains averaged per image (their mean is the posterior mean, which PSNR rewards).",
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help=f"Network calls per chain. Default: {defaults.RESTORE_STEPS} (ccdf, tdpm-dip), "
+    f"{defaults.RESTORE_FULL_STEPS} (ddnm, diffpir).",
+)
+@click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
+@click.option(
+    "--max-pixels",
+    type=int,
+    default=defaults.RESTORE_MAX_PIXELS,
+    help="Refuse outputs above this many pixels (the cost grows with them).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@dip_options
+@compute_options
+def restore(threads: int, **kwargs: object) -> None:
+    """Restore images: super-resolution or inpainting (blind: only the observation and its operator are used).
+
+    \b
+    Examples:
+      tdpm-dip restore --task sr --scale 4 --input lowres/ --out up4
+      tdpm-dip restore --task inpaint --input photos/ --mask masks/ --out filled
+      tdpm-dip restore --task inpaint --clean test/ --mask-kind random:0.8 --n 8 --method ccdf --method dip --out r80
+    """
+    from .workflows.restore import RestoreOptions  # deferred: --help loads no network library
+    from .workflows.restore import restore as run  # deferred: --help loads no network library
+
+    set_threads(threads)
+    run(RestoreOptions(**kwargs), echo)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------------ bench
 
 

@@ -22,6 +22,19 @@ BLIND_DDIM_STEPS = 10  # blind ddim: network evaluations from t*
 ENSEMBLE_FULL_PIXELS = 256 * 256
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
 
+# ------------------------------------------------------------------ restoration (super-resolution, inpainting)
+RESTORE_T_TRUNC = 200  # ccdf / tdpm-dip: the level the start estimate is diffused to
+RESTORE_STEPS = 10  # ccdf / tdpm-dip: network calls per chain from there
+RESTORE_SAMPLES = 4  # chains averaged per image (the posterior mean, which PSNR rewards)
+RESTORE_ZETA = 1.0  # ccdf / tdpm-dip: DiffPIR's share of fresh noise per step (1: annealed denoising)
+RESTORE_FULL_STEPS = 100  # ddnm / diffpir: network calls per chain from pure noise
+DDNM_ETA = 0.85  # DDNM's DDIM eta
+DIFFPIR_ZETA = 0.25  # DiffPIR's zeta (its super-resolution setting)
+RESTORE_LAMBDA = 1.0  # DiffPIR's lambda: rho_t = lambda sigma_y^2 / sigma_t^2 (noisy observations)
+MASK_KIND = "box"  # inpainting masks made here (--mask-kind): box, half or random:P
+RESTORE_MAX_PIXELS = 512 * 512  # restore: the largest output refused without --max-pixels (the cost grows with it)
+RESTORE_DIP_SEED = 7_368_787  # seed offset of the restoration DIP's input z (independent of the chains' noise)
+
 # ------------------------------------------------------------------ generation
 N_GENERATE = 16  # images per `generate`
 GENERATE_DDIM_STEPS = 110  # generate --method ddim: TDPM-DIP's network evaluations (100 DIP it + T_trunc)
@@ -43,6 +56,7 @@ DIP: dict[str, dict] = {
     "paper": {"iters": 100, "lr": 1e-4},
     "blind": {"iters": 400, "lr": 1e-3, "input_noise": 1.0, "average": 0.95},
     "plugin": {"iters": 200, "lr": 1e-3},
+    "restore": {"iters": 300, "lr": 1e-3, "input_noise": 1.0, "average": 0.95},
 }
 DIP_PRESET_OVERRIDES: dict[tuple[str, str], dict] = {
     ("paper", "dip-tiny"): {"lr": 1e-3},

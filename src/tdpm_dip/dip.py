@@ -10,6 +10,7 @@ is the report's loop (a fresh network and optimiser per image, batch 1) and give
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from .errors import UserError
 from .metrics import mse_per_image, psnr, ssim
 from .models import build_unet
 from .noise import image_generators, randn
+
+# An observation operator inside the DIP's loss: (outputs of images lo..hi, lo, hi) -> their observations.
+Measure = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,12 @@ def fit_dip(
     batched: bool = True,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    measure: Measure | None = None,
 ) -> DIPResult:
     """Algorithm 2 for B images: fit G_psi^b(net_input[b]) to target[b], b = 1..B.
+
+    `measure(outputs, lo, hi)` (images lo..hi of the batch) puts an observation operator inside the loss,
+    MSE(A G_psi(z), y) (Ulyanov et al.'s super-resolution and inpainting); None: the identity.
 
     target, net_input: [B, C, H, W] on the device to use; seeds[b] initialises network b, so
     image b's result does not depend on `batch_size` or `batched`. `reference` (the clean images,
@@ -142,6 +150,7 @@ def fit_dip(
                         ref,
                         amp_dtype,
                         bar.update if bar is not None else None,
+                        None if measure is None else functools.partial(measure, lo=lo, hi=hi),
                     )
                 )
         return DIPResult.concat(parts, tm[0])
@@ -155,7 +164,7 @@ def fit_dip(
     finally:
         if bar is not None:
             bar.close()
-    return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress)
+    return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress, measure)
 
 
 def _fit_group(
@@ -166,6 +175,7 @@ def _fit_group(
     reference: torch.Tensor | None,
     amp_dtype: torch.dtype | None,
     on_step: Callable[[int], None] | None,
+    measure: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DIPResult:
     """Alg. 2 lines 4-9 for len(seeds) networks at once: cfg.iters Adam steps on sum_b MSE(G_b(z_b), x_b)."""
     device = target.device
@@ -181,7 +191,7 @@ def _fit_group(
             x = x + cfg.input_noise * randn(tuple(x.shape[1:]), gens, device, x.dtype)
         with autocast(device, amp_dtype):
             out = forward(x)
-        per_image = mse_per_image(out, target)
+        per_image = mse_per_image(out if measure is None else measure(out.float()), target)
         losses.append(per_image.detach().float())
         o = out.detach().float()
         if reference is not None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy import linalg, ndimage
 
 from .errors import UserError
+from .images import to_uint8
 from .outputs import atomic_path
 
 
@@ -71,6 +72,18 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, win: int = 11, sigma: float = 1.5) 
     c1, c2 = 0.01**2, 0.03**2
     m = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
     return m.flatten(1).mean(1).float()
+
+
+def score_uint8(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(PSNR, SSIM) of one [3, H, W] image in [-1, 1] against its reference, both saved as 8-bit first:
+    scikit-image's defaults on uint8 (data range 255), as restoration benchmarks report them."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = to_uint8(x), to_uint8(ref)
+    return (
+        float(peak_signal_noise_ratio(b, a, data_range=255)),
+        float(structural_similarity(b, a, channel_axis=2, data_range=255)),
+    )
 
 
 def psnr_from_mse(mse: float) -> float:

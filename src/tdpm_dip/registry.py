@@ -20,7 +20,9 @@ from typing import Any
 
 from .errors import UserError
 
-TASKS = ("denoise", "generate")
+TASKS = ("denoise", "generate", "restore")
+# Restoration's operators (operators.py): super-resolution and inpainting.
+OPERATORS = ("sr", "inpaint")
 # paper: the report's oracle protocol; blind: only the noisy image; unconditional: generation from N(0, I).
 PROTOCOLS = ("paper", "blind", "unconditional")
 # Inputs a method needs beyond its images and seeds; "all-levels": a DDPM trained on every noise level (a chain
@@ -43,6 +45,7 @@ class Method:
     needs: tuple[str, ...] = ()  # of NEEDS: "generator" (a trained G_psi), "reference" (images to fit), ...
     reads: tuple[str, ...] = ()  # the Job options that change its result (bench keys its cache on them)
     extra: str | None = None  # optional dependency group (pip install 'tdpm-dip[extra]')
+    operators: tuple[str, ...] = OPERATORS  # restoration: the operators it restores (of OPERATORS)
 
     @property
     def uses_dip(self) -> bool:
@@ -61,6 +64,7 @@ class Method:
 
 _M = "tdpm_dip.methods"
 _BLIND = ("declip",)  # every blind method reads the clipping-aware observation switch
+_RESTORE = ("sigma", "samples", "ddim_steps")  # what the diffusion restorers read
 
 METHODS: list[Method] = [
     # ------------------------------------------------------------------ denoising, the report's protocol
@@ -231,6 +235,94 @@ METHODS: list[Method] = [
         help="the report's TDPM-DIP (paper protocol): G_psi(z) fitted to reference image i noised to T_trunc, "
         "then T_trunc steps, so output i reconstructs reference image i",
     ),
+    # ------------------------------------------------------------------ restoration (blind: only y, A and sigma_y)
+    # ranks: the order of PSNR on 4x super-resolution and inpainting (docs/results.md, restoration)
+    Method(
+        "tdpm-dip",
+        "restore",
+        "blind",
+        f"{_M}.restore:tdpm_dip",
+        nfe="DIP iterations + K steps",
+        rank=10,
+        dip="restore",
+        reads=_RESTORE + ("t_trunc",),
+        help="TDPM-DIP for restoration: a DIP fitted through the operator, diffused to T_trunc, then K truncated "
+        "chains with a data-consistency step after every call, averaged",
+    ),
+    Method(
+        "ccdf",
+        "restore",
+        "blind",
+        f"{_M}.restore:ccdf",
+        nfe="K steps",
+        rank=20,
+        reads=_RESTORE + ("t_trunc",),
+        help="CCDF (Chung et al. 2022): the classical estimate diffused to T_trunc, then the same chains",
+    ),
+    Method(
+        "ddnm",
+        "restore",
+        "blind",
+        f"{_M}.restore:ddnm",
+        nfe="K steps (--steps, default 100)",
+        rank=30,
+        needs=("all-levels",),
+        reads=_RESTORE,
+        help="DDNM (Wang et al. 2023): the full chain from noise, each predicted x0 projected onto the observation",
+    ),
+    Method(
+        "diffpir",
+        "restore",
+        "blind",
+        f"{_M}.restore:diffpir",
+        nfe="K steps (--steps, default 100)",
+        rank=40,
+        needs=("all-levels",),
+        reads=_RESTORE,
+        help="DiffPIR (Zhu et al. 2023): the full chain from noise with a proximal data step (for noisy y)",
+    ),
+    Method(
+        "dip",
+        "restore",
+        "blind",
+        f"{_M}.restore:dip",
+        nfe="DIP iterations",
+        rank=50,
+        dip="restore",
+        reads=("sigma",),
+        help="Deep Image Prior (Ulyanov et al. 2018) with the operator inside its loss",
+    ),
+    Method(
+        "tdpm-dip-nodc",
+        "restore",
+        "blind",
+        f"{_M}.restore:tdpm_dip_nodc",
+        nfe="DIP iterations + K steps",
+        rank=60,
+        dip="restore",
+        reads=_RESTORE + ("t_trunc",),
+        help="the ablation: TDPM-DIP's chains without the data-consistency step",
+    ),
+    Method(
+        "bicubic",
+        "restore",
+        "blind",
+        f"{_M}.restore:bicubic",
+        nfe="0 (no network)",
+        rank=70,
+        operators=("sr",),
+        help="bicubic upscaling (PIL), the classical baseline",
+    ),
+    Method(
+        "biharmonic",
+        "restore",
+        "blind",
+        f"{_M}.restore:biharmonic",
+        nfe="0 (no network)",
+        rank=70,
+        operators=("inpaint",),
+        help="biharmonic inpainting (scikit-image), the classical baseline",
+    ),
 ]
 
 
@@ -244,14 +336,19 @@ def register(method: Method) -> Method:
     return method
 
 
-def methods(task: str, protocol: str | None = None, installed_only: bool = False) -> list[Method]:
-    """Entries of a task (optionally one protocol), best first."""
+def methods(
+    task: str, protocol: str | None = None, installed_only: bool = False, operator: str | None = None
+) -> list[Method]:
+    """Entries of a task (optionally one protocol, or those that restore one operator), best first."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     found = [
         m
         for m in METHODS
-        if m.task == task and (protocol is None or m.protocol == protocol) and (not installed_only or m.installed)
+        if m.task == task
+        and (protocol is None or m.protocol == protocol)
+        and (not installed_only or m.installed)
+        and (operator is None or operator in m.operators)
     ]
     return sorted(found, key=lambda m: (m.rank, m.name))
 

@@ -20,9 +20,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from .devices import autocast
-from .noise import abar, check_level, num_levels
+from .noise import abar, check_level, num_levels, randn
 
 Callback = Callable[[int], None]
+# A data-consistency step: (predicted clean image, level) -> the clean image the next level is drawn from.
+X0Step = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -129,4 +131,61 @@ def ddim_between(
         if clip:
             x0 = x0.clamp(-1, 1)
         x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
+    return x
+
+
+def spaced_levels(t_from: int, steps: int, t_to: int = 0) -> list[int]:
+    """The levels round(linspace(t_from, t_to, steps + 1)), decreasing and without repeats: a chain of (at most)
+    `steps` network calls from level t_from down to t_to."""
+    if not 0 <= t_to <= t_from or steps < 1:
+        raise ValueError(f"a chain from level {t_from} to {t_to} in {steps} steps: need t_from >= t_to, steps >= 1")
+    return sorted({round(t_to + (t_from - t_to) * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
+
+
+@torch.no_grad()
+def sample(
+    model: EpsModel,
+    x: torch.Tensor,
+    levels: list[int],
+    generators: list[torch.Generator],
+    eta: float = 1.0,
+    zeta: float | None = None,
+    x0_step: X0Step | None = None,
+    clip: bool = True,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """The reverse chain over an explicit list of decreasing levels, with a data-consistency step.
+
+    x is x_{levels[0]}. At each level t the model predicts x0 (Eq. 3 solved for x0, clipped to [-1, 1] unless
+    `clip` is off); `x0_step(x0, t)` may replace it (a projection onto the observation: DDNM, Wang et al. 2023;
+    a proximal data step: DiffPIR, Zhu et al. 2023). The next level s is then drawn
+    - by DDIM (Song et al. 2021, Eq. 12) when zeta is None: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps
+      + sigma z, sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s); eta = 1 is the DDPM
+      posterior step, eta = 0 deterministic DDIM;
+    - by DiffPIR's rule otherwise: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) (sqrt(1 - zeta) eps^ + sqrt(zeta) z),
+      with eps^ the noise that x0 implies in x_t (zeta = 1: fresh noise, annealed denoising).
+    One network call per level but the last; when the last level is 0 the result is the final clean estimate.
+    """
+    x = x.float()
+    for hi, lo in zip(levels[:-1], levels[1:]):
+        a_hi, a_lo = abar(model.scheduler, hi), abar(model.scheduler, lo)
+        eps = model.eps(x, hi)
+        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        if x0_step is not None:
+            x0 = x0_step(x0, hi)
+        if lo == 0:
+            x = x0
+        elif zeta is not None:
+            z = randn(tuple(x.shape[1:]), generators, x.device)
+            eps_hat = (x - math.sqrt(a_hi) * x0) / math.sqrt(1 - a_hi) if zeta < 1 else z
+            x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * (math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * z)
+        else:
+            sigma = eta * math.sqrt((1 - a_lo) / (1 - a_hi) * (1 - a_hi / a_lo))
+            x = math.sqrt(a_lo) * x0 + math.sqrt(max(0.0, 1 - a_lo - sigma**2)) * eps
+            if sigma > 0:
+                x = x + sigma * randn(tuple(x.shape[1:]), generators, x.device)
+        if callback is not None:
+            callback(lo)
     return x

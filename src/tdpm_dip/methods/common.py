@@ -11,7 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from ..dip import DIPConfig, DIPResult, fit_dip
+from ..dip import DIPConfig, DIPResult, Measure, fit_dip
 from ..errors import UserError
 from ..models import unet_size
 from ..noise import q_sample
@@ -89,8 +89,12 @@ def fit(
     seeds: list[int],
     reference: torch.Tensor | None,
     cfg: DIPConfig | None = None,
+    measure: Measure | None = None,
+    measure_key: str = "",
 ) -> DIPResult:
     """Algorithm 2 on a batch, memoised in ctx.dip_memo when the caller provides one.
+
+    `measure` puts an observation operator inside the loss (`dip.fit_dip`); `measure_key` names it in the memo.
 
     The blind DIP does not depend on the DDPM, and the dip / tdpm-dip rows fit the same networks:
     a table computes each fit once. DIPResult.seconds keeps the fit's own time for honest timings.
@@ -102,7 +106,7 @@ def fit(
         h = hashlib.sha1()
         for t in (target, z) + ((reference,) if reference is not None else ()):
             h.update(t.detach().float().cpu().numpy().tobytes())
-        key = (h.hexdigest(), tuple(seeds), cfg, str(ctx.amp_dtype), str(ctx.device), ctx.batch_size)
+        key = (h.hexdigest(), tuple(seeds), cfg, str(ctx.amp_dtype), str(ctx.device), ctx.batch_size, measure_key)
         if key in memo:
             return memo[key]
     res = fit_dip(
@@ -114,6 +118,7 @@ def fit(
         batch_size=ctx.batch_size,
         amp_dtype=ctx.amp_dtype,
         progress=ctx.progress,
+        measure=measure,
     )
     if memo is not None:
         memo[key] = res

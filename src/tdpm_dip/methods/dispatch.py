@@ -55,3 +55,37 @@ def run_native(ctx: Context, method: str, job: Job, shard: Shard | None = None) 
     if res.dip is not None:  # a copy: the memoised fit stays as it was
         res.dip = dataclasses.replace(res.dip, output=res.dip.output[..., :h, :w])
     return res
+
+
+def run_restore(ctx: Context, method: str, job: Job, shard: Shard | None = None) -> Result:
+    """Restoration at the images' own size: the observation (and a mask) is padded so that the restored image
+    has a side the UNets accept (replicated edges for a low-resolution image; reflection for inpainting), and
+    the outputs are cropped back to the exact size the operator gives."""
+    y = need(job.observed, "the observed images", method)
+    op = job.operator
+    assert op is not None  # the workflow and the API build restoration jobs with their operator
+    h, w = op.out_size(*y.shape[-2:])
+    m = size_multiple(ctx)
+    f = h // y.shape[-2]  # the scale (1 for inpainting)
+    # Pad the observation by whole pixels of its own grid until the output side is a multiple of m.
+    ph = next(p for p in range(m) if (y.shape[-2] + p) * f % m == 0)
+    pw = next(p for p in range(m) if (y.shape[-1] + p) * f % m == 0)
+    if ph or pw:
+        mode = "replicate" if f > 1 else "reflect"
+        y = _pad(y, ph, pw, mode)
+        op = op.padded(ph, pw)
+        job = dataclasses.replace(job, observed=y, operator=op)
+    res = run(ctx, "restore", "blind", method, job, shard)
+    res.images = res.images[..., :h, :w]
+    res.inputs = need(job.observed, "the observed images", method).cpu()[..., : h // f, : w // f]
+    return res
+
+
+def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
+    """x padded at the bottom and right; reflection in passes when a side is shorter than its padding."""
+    while ph > 0 or pw > 0:
+        dh = ph if mode == "replicate" else min(ph, x.shape[-2] - 1)
+        dw = pw if mode == "replicate" else min(pw, x.shape[-1] - 1)
+        x = torch.nn.functional.pad(x, (0, dw, 0, dh), mode=mode)
+        ph, pw = ph - dh, pw - dw
+    return x

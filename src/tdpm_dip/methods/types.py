@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from .. import defaults
 from ..dip import DIPConfig, DIPResult, dip_defaults
 from ..generator import TDPMGenerator
+from ..operators import Operator
 from ..sampling import EpsModel
 
 _T = TypeVar("_T")
@@ -67,6 +68,7 @@ class Job:
     sigma      blind denoising: per-image noise std on the 0..255 scale (one value: all images).
     clean      paper denoising: the clean images (the oracle); blind: only scores the DIP curves.
     reference  generation under the paper protocol: the images the DIP reconstructs.
+    observed   restoration: the observation y = A x0 (+ n) of `operator` (sigma: its noise, 0..255 scale).
     """
 
     seeds: tuple[int, ...]
@@ -81,6 +83,8 @@ class Job:
     eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral
     symmetries: int | None = None  # ensemble: symmetries averaged, 1..8 (None: by image size, ensemble_size)
     declip: bool = True  # blind: clipping-aware observation model (observe.declip)
+    observed: torch.Tensor | None = None
+    operator: Operator | None = None
 
     def part(self, idx: slice) -> Job:
         """Images idx of this job, with their own seeds (and their own sigma when there is one per image)."""
@@ -97,6 +101,8 @@ class Job:
             clean=cut(self.clean),
             reference=cut(self.reference),
             sigma=sigma,
+            observed=cut(self.observed),
+            operator=None if self.operator is None else self.operator.part(idx),
         )
 
 

@@ -1,0 +1,275 @@
+"""What `tdpm-dip restore` does, without click: super-resolution (--task sr) or inpainting (--task inpaint) of a
+user's files, or of clean images degraded here first (and scored), through the registry's restoration methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import defaults, registry
+from ..api import Restorer, read_mask
+from ..data import list_images, load_native
+from ..errors import UserError, check_positive
+from ..images import save_png
+from ..metrics import score_uint8
+from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask, observe_8bit
+from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
+from ..reporting import labelled_comparison, table, thumbnails
+from .common import RunOptions
+
+Echo = Callable[[str], None]
+RESTORE_TASKS = ("sr", "inpaint")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreOptions(RunOptions):
+    """Every option of `tdpm-dip restore` (the CLI documents each one)."""
+
+    out: str
+    task: str
+    model: str | None = None
+    input: str | None = None  # degraded files: low-resolution images, or images with missing pixels
+    clean: str | None = None  # clean images, degraded here first (scores PSNR/SSIM)
+    reference: str | None = None  # with --input: the clean originals, only to score
+    mask: str | None = None  # inpainting: a mask file for every image, or a folder of same-named masks
+    mask_kind: str | None = None  # inpainting: box | half | random:P, generated per image from its seed
+    scale: int = 4
+    sigma: float = 0.0
+    methods: tuple[str, ...] = ()  # empty: the best method for the task
+    t_trunc: int | None = None
+    samples: int = defaults.RESTORE_SAMPLES
+    steps: int | None = None
+    n: int | None = None
+    max_pixels: int = defaults.RESTORE_MAX_PIXELS
+
+    def check(self) -> RestoreOptions:
+        """Every check that needs no image and no model; returns the options with the methods resolved."""
+        if self.task not in RESTORE_TASKS:
+            raise UserError(f"--task must be one of {', '.join(RESTORE_TASKS)}, got {self.task!r}")
+        if (self.input is None) == (self.clean is None):
+            raise UserError("give exactly one of --input (degraded images) or --clean (images to degrade first)")
+        if self.reference is not None and self.input is None:
+            raise UserError("--reference scores --input files: give it with --input")
+        if self.task == "sr":
+            Downsample(self.scale, self.scale, self.scale)  # the scale's range check
+            if self.mask is not None or self.mask_kind is not None:
+                raise UserError("--mask and --mask-kind are for --task inpaint")
+        else:
+            if self.mask is not None and self.mask_kind is not None:
+                raise UserError("give one of --mask (mask files) or --mask-kind (masks made here)")
+            if self.input is not None and self.mask is None and self.mask_kind is None:
+                raise UserError("inpainting --input needs --mask (white = known) or --mask-kind")
+            check_mask_kind(self.mask_kind or defaults.MASK_KIND)
+        if not 0 <= self.sigma <= 255:
+            raise UserError(f"--sigma must be in [0, 255] (noise std on the 0..255 scale), got {self.sigma}")
+        for m in self.methods:
+            entry = registry.get("restore", "blind", m)
+            if self.task not in entry.operators:
+                raise UserError(f"method {m} does not restore --task {self.task}")
+        check_positive("--samples", self.samples)
+        check_positive("--steps", self.steps)
+        check_positive("--n", self.n)
+        check_positive("--max-pixels", self.max_pixels)
+        for path, what in ((self.input, "--input"), (self.clean, "--clean"), (self.mask, "--mask")):
+            if path is not None and not Path(path).exists():
+                raise UserError(f"{what} {path}: no such file or folder")
+        return self
+
+    def job_options(self) -> dict:
+        return {"t_trunc": self.t_trunc, "samples": self.samples, "ddim_steps": self.steps}
+
+
+@dataclass
+class Observations:
+    """The images to restore: names, observations y, their operators, masks made here, clean images (if known)."""
+
+    names: list[str]
+    observed: list[torch.Tensor]
+    operators: list[Operator]
+    clean: list[torch.Tensor] | None
+    made_masks: bool
+
+
+def restore(opts: RestoreOptions, echo: Echo) -> Path:
+    """Run the command; returns the output folder."""
+    opts = opts.check()
+    refuse_out_dir(opts.out, opts.overwrite)  # before any model or image is loaded
+    obs = _observations(opts)
+    res = Restorer.from_pretrained(
+        opts.model, opts.device, opts.dtype, opts.batch_size, opts.dip_preset, opts.dip_iters, opts.dip_lr, True
+    )
+    methods = opts.methods or tuple(res.methods(opts.task)[:1])
+    for m in methods:
+        if m not in res.methods(opts.task):
+            raise UserError(f"method {m} cannot run with this DDPM (it needs a DDPM trained on every noise level)")
+    echo(f"{len(obs.names)} images: {_describe(opts)}; methods {', '.join(methods)}")
+    out_dir = prepare_out_dir(opts.out, opts.overwrite)  # after every input check
+    seeds = list(range(opts.seed, opts.seed + len(obs.names)))
+    outputs, rows = {}, []
+    for m in methods:
+        outputs[m], seconds, nfe = res.restore_tensors(
+            obs.observed, obs.operators, m, seeds, opts.sigma, **opts.job_options()
+        )
+        rows.append(_row(m, outputs[m], obs.clean, seconds, nfe, opts))
+    _write(out_dir, obs, outputs, rows, opts)
+    return out_dir
+
+
+def _describe(opts: RestoreOptions) -> str:
+    what = f"{opts.scale}x super-resolution" if opts.task == "sr" else "inpainting"
+    return what + (f", noise sigma {opts.sigma:g}" if opts.sigma else "")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _check_pixels(opts: RestoreOptions, names: list[str], sizes: list[tuple[int, int]]) -> None:
+    """Refuse an output above the pixel limit before any work (one line naming the file)."""
+    f = opts.scale if opts.task == "sr" and opts.input is not None else 1
+    for name, (h, w) in zip(names, sizes):
+        if h * f * w * f > opts.max_pixels:
+            raise UserError(
+                f"{name}: the restored image would be {w * f}x{h * f} px, above the limit of {opts.max_pixels} "
+                "pixels (--max-pixels raises it; the cost grows with the pixels)"
+            )
+
+
+def _observations(opts: RestoreOptions) -> Observations:
+    """Read the user's degraded files (and masks), or degrade clean images here (8-bit, with noise sigma)."""
+    files = load_native(opts.input or opts.clean, limit=opts.n)  # type: ignore[arg-type]
+    names = [nm for nm, _ in files]
+    images = [x for _, x in files]
+    _check_pixels(opts, names, [tuple(x.shape[-2:]) for x in images])  # type: ignore[misc]
+    seeds = list(range(opts.seed, opts.seed + len(images)))
+    if opts.input is not None:
+        clean = _references(opts.reference, names) if opts.reference is not None else None
+        ops = _operators(opts, names, images, seeds, observed=True)
+        y = [op.A(x[None])[0] if isinstance(op, Inpaint) else x for op, x in zip(ops, images)]
+        return Observations(names, y, ops, clean, opts.mask is None)
+    if opts.task == "sr":  # a side that is not a multiple of the scale loses its last rows / columns
+        images = [
+            x[..., : x.shape[-2] // opts.scale * opts.scale, : x.shape[-1] // opts.scale * opts.scale] for x in images
+        ]
+    ops = _operators(opts, names, images, seeds, observed=False)
+    y = [observe_8bit(op.A(x[None]), opts.sigma, s)[0] for op, x, s in zip(ops, images, seeds)]
+    return Observations(names, y, ops, images, opts.mask is None)
+
+
+def _operators(
+    opts: RestoreOptions, names: list[str], images: list[torch.Tensor], seeds: list[int], observed: bool
+) -> list[Operator]:
+    """Each image's operator: the scale (of an observed low-res image, or of a clean one), or its mask."""
+    if opts.task == "sr":
+        f = opts.scale if observed else 1
+        return [Downsample(opts.scale, x.shape[-2] * f, x.shape[-1] * f) for x in images]
+    ops: list[Operator] = []
+    masks = _mask_files(opts.mask, names) if opts.mask is not None else None
+    for i, (name, x) in enumerate(zip(names, images)):
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        if masks is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = read_mask(masks[i], size, f"mask of {name}")
+            if masks[i] is not None and _size_of(masks[i]) != size:
+                warnings.warn(f"mask of {name} resized (nearest) to the image's {size[1]}x{size[0]} px", stacklevel=2)
+        else:
+            m = make_mask(opts.mask_kind or defaults.MASK_KIND, *size, seeds[i])[None]
+        if bool(m.all()):
+            warnings.warn(f"{name}: the mask marks every pixel known; the output is the input", stacklevel=2)
+        elif not bool(m.any()):
+            warnings.warn(f"{name}: the mask marks every pixel unknown; the method generates freely", stacklevel=2)
+        ops.append(Inpaint(m[None]))
+    return ops
+
+
+def _size_of(path: Path) -> tuple[int, int]:
+    from PIL import Image  # a mask's size, read without decoding it
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def _mask_files(mask: str, names: list[str]) -> list[Path]:
+    """One mask file for every image, or the same-named PNG of a folder for each (one line if one is missing)."""
+    path = Path(mask)
+    if path.is_file():
+        return [path] * len(names)
+    found = {f.stem: f for f in list_images(path)}
+    missing = [nm for nm in names if nm not in found]
+    if missing:
+        raise UserError(
+            f"--mask {mask}: no mask named like " + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        )
+    return [found[nm] for nm in names]
+
+
+def _references(folder: str, names: list[str]) -> list[torch.Tensor]:
+    refs = dict(load_native(folder))
+    missing = [nm for nm in names if nm not in refs]
+    if missing:
+        raise UserError(f"--reference {folder}: no clean image named like " + ", ".join(missing[:3]))
+    return [refs[nm] for nm in names]
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def _row(
+    method: str,
+    outputs: list[torch.Tensor],
+    clean: list[torch.Tensor] | None,
+    seconds: float,
+    nfe: float,
+    opts: RestoreOptions,
+) -> dict:
+    n = len(outputs)
+    row: dict = {"method": method, "protocol": "blind", "task": _describe(opts), "n": n}
+    if clean is not None:
+        scores = [score_uint8(o, c) for o, c in zip(outputs, clean) if o.shape == c.shape]
+        if len(scores) != n:
+            raise UserError("--reference: a clean image's size differs from its restored image's")
+        row["PSNR"] = sum(p for p, _ in scores) / n
+        row["SSIM"] = sum(s for _, s in scores) / n
+    row.update({"NFE": round(nfe, 1), "s/img": seconds / n})
+    return row
+
+
+def _write(
+    out_dir: Path, obs: Observations, outputs: dict[str, list[torch.Tensor]], rows: list[dict], opts: RestoreOptions
+) -> None:
+    """observed/, mask/ (masks made here), one folder of PNGs per method, comparison.png, metrics.md and .json;
+    built beside `out_dir` and moved in complete."""
+    fig = [("observed", thumbnails(obs.observed))] + [(m, thumbnails(o)) for m, o in outputs.items()]
+    if obs.clean is not None:
+        fig.append(("clean", thumbnails(obs.clean)))
+    per_image = []
+    for i, name in enumerate(obs.names):
+        entry: dict = {"name": name, "size": list(outputs[next(iter(outputs))][i].shape[-2:][::-1])}
+        if obs.clean is not None:
+            for m, o in outputs.items():
+                p, s = score_uint8(o[i], obs.clean[i])
+                entry[m] = {"PSNR": p, "SSIM": s}
+        per_image.append(entry)
+    with staged_dir(out_dir) as tmp:
+        for i, name in enumerate(obs.names):
+            save_png(obs.observed[i], tmp / "observed" / f"{name}.png")
+            if obs.made_masks and isinstance(obs.operators[i], Inpaint):
+                save_png(obs.operators[i].mask[0].expand(3, -1, -1) * 2 - 1, tmp / "mask" / f"{name}.png")  # type: ignore[attr-defined]
+            for m, images in outputs.items():
+                save_png(images[i], tmp / m / f"{name}.png")
+        labelled_comparison(tmp / "comparison.png", fig)
+        title = f"Restoration: {_describe(opts)} (blind protocol: only the observation)"
+        labels = ", ".join(label for label, _ in fig)
+        write_text(tmp / "metrics.md", f"# {title}\n\nRows of comparison.png: {labels}\n\n" + table(rows))
+        write_json(tmp / "metrics.json", {"rows": rows, "options": _options(opts), "images": per_image})
+    print(table(rows))
+    print(out_dir / "comparison.png")
+
+
+def _options(opts: RestoreOptions) -> dict:
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("out", "overwrite")}
