@@ -291,7 +291,7 @@ class Restorer:
         seed: int = 0,
         **options: object,
     ) -> RestoreOutput:
-        """Upscale low-resolution images (paths, PIL images or uint8 arrays) by `scale` (2..8); sigma: their noise
+        """Upscale low-resolution images (paths, PIL images or uint8 arrays) by `scale` (2 or 4); sigma: their noise
         std on the 0..255 scale. Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, t_trunc."""
         given = list(images) if isinstance(images, (list, tuple)) else [images]
         y = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from . import defaults, registry
-from .api import Denoiser, Generator
+from .api import Denoiser, Generator, Restorer
 from .data import ImageInput, make_sprites, pil_to_tensor, read_user_image
 from .embedded import DDPM_NAME, DENOISER_NAME, resolve_generator, resolve_model
 from .errors import UserError, check_positive, check_sigma
@@ -31,7 +31,7 @@ from .methods.observe import add_noise, blind_sigmas
 from .metrics import psnr, ssim
 from .noise import check_t_trunc
 from .registry import Method
-from .runtime import load_context
+from .runtime import dip_config, load_context
 
 MAX_SIDE = 1024  # uploads longer than this on their long side are downscaled (with a notice)
 MAX_N = 64  # images per generated grid
@@ -59,6 +59,11 @@ class AppModels:
     @property
     def ctx(self):
         return self.denoiser.ctx
+
+    def restorer(self) -> Restorer:
+        """The Restorer on the denoiser's DDPM, with the restoration DIP and a fresh DIP memo per request."""
+        ctx = self.denoiser.ctx
+        return Restorer(dataclasses.replace(ctx, dip=dip_config("restore", ctx.dip.preset), dip_memo={}))
 
 
 def load_models(
@@ -220,6 +225,89 @@ def denoise_summary(d: Denoised) -> str:
     if "psnr" in i:
         text += f"; PSNR {i['psnr']:.2f} dB (noisy {i['input_psnr']:.2f} dB), SSIM {i['ssim']:.3f}"
     return "\n\n".join([text] + [f"Note: {n}" for n in d.notices])
+
+
+# ------------------------------------------------------------------------------------------ restore
+
+
+def restore_methods(models: AppModels, task: str) -> list[str]:
+    """The registry's restorers of `task` (sr | inpaint) that the loaded DDPM can run, best first."""
+    return models.restorer().methods(task)
+
+
+def mask_from_editor(value: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """Gradio's image editor value -> (the image, uint8 HWC; the mask, True = known): painted pixels are unknown."""
+    if not value or value.get("background") is None:
+        raise UserError("upload an image and paint the pixels to fill first")
+    bg = np.asarray(value["background"])
+    painted = np.zeros(bg.shape[:2], bool)
+    for layer in value.get("layers") or []:
+        a = np.asarray(layer)
+        if a.ndim == 3 and a.shape[:2] == painted.shape:
+            painted |= (a[..., 3] if a.shape[-1] == 4 else a.max(-1)) > 0
+    rgb = bg[..., :3] if bg.ndim == 3 else np.repeat(bg[..., None], 3, -1)
+    return np.ascontiguousarray(rgb.astype(np.uint8)), ~painted
+
+
+@dataclass
+class Restored:
+    """A restoration result: the observation, the output (uint8 HWC) and what it cost."""
+
+    image: np.ndarray
+    input: np.ndarray
+    info: dict
+
+
+def restore_handler(
+    models: AppModels,
+    task: str,
+    image: ImageInput | None,
+    mask: np.ndarray | None = None,
+    scale: int = 4,
+    method: str | None = None,
+    sigma: float = 0.0,
+    seed: int = 0,
+    max_pixels: int = defaults.RESTORE_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> Restored:
+    """Super-resolution (task sr) or inpainting (task inpaint, `mask`: True = known) of one upload (`api.Restorer`,
+    as `restore --input` does)."""
+    report = progress or (lambda frac, desc: None)
+    if image is None:
+        raise UserError("upload an image first")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"seed must be in 0..2^63 - 1, got {seed}")
+    restorer = models.restorer()
+    names = restorer.methods(task)
+    method = method or names[0]
+    if method not in names:
+        raise UserError(f"unknown method {method!r} for this task; choose {', '.join(names)}")
+    x = read_user_image(image, "image")
+    f = int(scale) if task == "sr" else 1
+    h, w = x.shape[-2:]
+    if h * w * f * f > max_pixels:
+        raise UserError(f"the result would be {w * f}x{h * f} px, above this page's limit of {max_pixels} pixels")
+    report(0.1, f"restoring with {method}")
+    with models.lock:
+        if task == "sr":
+            shown = to_uint8(x)
+            out = restorer.super_resolve(shown, f, method, sigma, seed)
+        else:
+            if mask is None:
+                raise UserError("paint the pixels to fill first")
+            m = torch.from_numpy(mask.astype(np.float32))
+            shown = to_uint8(x * m)
+            out = restorer.inpaint(to_uint8(x), m[None], method, sigma, seed)
+    result = np.asarray(out.images[0])
+    report(1.0, "done")
+    info = {"method": method, "seconds": out.seconds, "nfe": int(out.nfe), "width": result.shape[1]}
+    info |= {"height": result.shape[0], "device": str(restorer.ctx.device), "task": task}
+    return Restored(result, shown, info)
+
+
+def restore_summary(r: Restored) -> str:
+    i = r.info
+    return f"**{i['method']}**: {i['seconds']:.2f} s, NFE {i['nfe']}, {i['width']}x{i['height']} px on {i['device']}"
 
 
 # ------------------------------------------------------------------------------------------ generate

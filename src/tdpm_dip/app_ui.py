@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import defaults
+from . import defaults, registry
 from .app import (
     MAX_N,
     MAX_SIDE,
@@ -24,8 +24,12 @@ from .app import (
     generate_handler,
     generate_methods,
     generate_summary,
+    mask_from_editor,
     method_label,
     parse_sigma,
+    restore_handler,
+    restore_methods,
+    restore_summary,
     write_examples,
 )
 from .errors import UserError
@@ -76,9 +80,99 @@ def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | No
         )
         with gr.Tab("Denoise"):
             _denoise_tab(models, max_side, examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-"))
+        with gr.Tab("Upscale"):
+            _restore_tab(models, "sr")
+        with gr.Tab("Inpaint"):
+            _restore_tab(models, "inpaint")
         with gr.Tab("Generate"):
             _generate_tab(models)
     return page
+
+
+def _restore_tab(models: AppModels, task: str) -> None:
+    """Upscale: upload a low-resolution image and pick the scale. Inpaint: upload an image and paint the pixels to
+    fill in the editor. The methods are the registry's restorers that the loaded DDPM can run."""
+    names = restore_methods(models, task)
+    labels = {m.name: method_label(m) for m in registry.methods("restore", "blind", operator=task)}
+
+    def run(
+        image: object,
+        scale: str,
+        method: str,
+        sigma: float | None,
+        seed: float | None,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
+    ):
+        with _page_errors():
+            mask = None
+            if task == "inpaint":
+                image, mask = mask_from_editor(image)  # type: ignore[arg-type]
+            r = restore_handler(
+                models,
+                task,
+                image,
+                mask,
+                int(scale),
+                method,
+                float(sigma or 0),
+                int(seed or 0),
+                progress=_gr_progress(progress),
+            )
+            png = Path(tempfile.mkdtemp(prefix="tdpm-dip-result-")) / f"{task}_{r.info['method']}.png"
+            save_png(r.image, png)
+            return r.input, r.image, restore_summary(r), str(png)
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            if task == "sr":
+                source = gr.File(
+                    label="low-resolution image", file_types=["image"], height=FILE_HEIGHT, elem_id="sr-upload"
+                )
+            else:
+                source = gr.ImageEditor(
+                    label="image: paint the pixels to fill",
+                    type="numpy",
+                    image_mode="RGB",
+                    brush=gr.Brush(colors=["#ff00ff"], default_size=6),
+                    eraser=False,
+                    layers=False,
+                    height=IMAGE_HEIGHT,
+                    elem_id="inpaint-editor",
+                )
+            scale = gr.Dropdown(["2", "4"], value="4", label="scale", visible=task == "sr", elem_id=f"{task}-scale")
+            method = gr.Dropdown(
+                [(labels[n], n) for n in names],
+                value=names[0],
+                label="method (best first)",
+                elem_id=f"{task}-method",
+                info="NFE: network calls per image (a DIP iteration counts as one)",
+            )
+            sigma = gr.Number(value=0, minimum=0, maximum=255, label="noise std of the image (0..255)")
+            seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id=f"{task}-seed")
+            button = gr.Button("Upscale" if task == "sr" else "Inpaint", variant="primary", elem_id=f"{task}-button")
+        with gr.Column(scale=2):
+            with gr.Row():
+                shown = gr.Image(
+                    label="input",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                    buttons=BUTTONS,
+                    elem_id=f"{task}-input",
+                )
+                result = gr.Image(
+                    label="result",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                    buttons=BUTTONS,
+                    elem_id=f"{task}-result",
+                )
+            summary = gr.Markdown(elem_id=f"{task}-summary")
+            download = gr.File(label="download the result (PNG)", interactive=False, elem_id=f"{task}-download")
+    button.click(run, [source, scale, method, sigma, seed], [shown, result, summary, download])
 
 
 def _denoise_tab(models: AppModels, max_side: int, examples_dir: str) -> None:

@@ -382,7 +382,12 @@ def denoise(threads: int, **kwargs: object) -> None:
 @click.option(
     "--reference", default=None, help="With --input: the clean originals (same file names), only to score PSNR/SSIM."
 )
-@click.option("--scale", type=int, default=4, help="sr: the upscaling factor (2 to 8; PIL's bicubic downscaling).")
+@click.option(
+    "--scale",
+    type=int,
+    default=4,
+    help="sr: the upscaling factor, 2 or 4 (the observation is PIL's bicubic downscaling).",
+)
 @click.option(
     "--mask",
     default=None,
@@ -462,8 +467,15 @@ def restore(threads: int, **kwargs: object) -> None:
 
 
 @cli.command("bench", context_settings=CONTEXT)
-@click.argument("tables", nargs=-1, required=True, type=click.Choice(["table1", "table2", "table3", "table4", "all"]))
-@click.option("--model", required=True, help="DDPM (linear schedule in the report): diffusers folder or hub id.")
+@click.argument(
+    "tables", nargs=-1, required=True, type=click.Choice(["table1", "table2", "table3", "table4", "all", "restore"])
+)
+@click.option(
+    "--model",
+    default=None,
+    help="DDPM (linear schedule in the report): diffusers folder or hub id. Needed by table1..4; restore's "
+    "default is the shipped 64 px Pokemon DDPM.",
+)
 @click.option("--model-cosine", default=None, help="DDPM trained with the cosine schedule (table4).")
 @click.option("--data", required=True, help="Test images: clean images to denoise / reference set for generation.")
 @click.option("--n", "n", type=int, default=defaults.N_IMAGES, help="Number of images (report: 200).")
@@ -539,6 +551,12 @@ def restore(threads: int, **kwargs: object) -> None:
 )
 @click.option("--fig-images", type=int, default=4, help="Images (columns) in the figures; Fig. 3 fits this many.")
 @click.option(
+    "--tasks",
+    default="",
+    help="restore: comma-separated tasks (default: all of sr4, sr2, rand80, box, half, sr4-noisy).",
+)
+@click.option("--dip-seeds", type=int, default=3, help="restore: seeds of the methods with a DIP (mean and spread).")
+@click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False),
@@ -572,10 +590,45 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
     Several processes / GPUs / machines (each row's images are split; rank 0 keeps the cache):
       accelerate launch --multi_gpu --num_processes 8 -m tdpm_dip.cli bench table2 ...
     """
+    set_threads(threads)
+    tasks, dip_seeds = kwargs.pop("tasks"), kwargs.pop("dip_seeds")
+    if "restore" in tables:
+        if len(tables) > 1:
+            raise UserError("bench restore runs alone: give it without table1..4")
+        return _bench_restore(str(tasks), int(dip_seeds), kwargs)  # type: ignore[call-overload]
+    if kwargs["model"] is None:
+        raise UserError("bench table1..4 need --model (the report's DDPM)")
     from .workflows.bench import BenchOptions, bench  # deferred: --help loads no network library
 
-    set_threads(threads)
     bench(BenchOptions(tables=tables, **kwargs), echo)  # type: ignore[arg-type]
+
+
+def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
+    """`bench restore`: the restoration table and figure of every task (workflows.bench_restore)."""
+    from pathlib import Path
+
+    from .api import Restorer  # deferred: --help loads no network library
+    from .workflows.bench_restore import RestoreBench, bench_restore, check_tasks  # deferred: as above
+
+    check_positive("--dip-seeds", dip_seeds)
+    b = RestoreBench(
+        kw["model"],
+        kw["data"],
+        kw["n"],
+        check_tasks(tasks),
+        tuple(m for m in str(kw["methods"]).split(",") if m),
+        kw["samples"],
+        dip_seeds,
+        kw["seed"],
+    )
+    for m in b.methods:
+        registry.get("restore", "blind", m)
+    dip = "auto" if kw["dip_preset"] == "paper-dip" else kw["dip_preset"]  # table2's default is the report's DIP
+    restorer = Restorer.from_pretrained(
+        b.model, kw["device"], kw["dtype"], kw["batch_size"], dip, kw["dip_iters"], kw["dip_lr"], progress=True
+    )
+    b = dataclasses.replace(b, device=str(restorer.ctx.device))
+    bench_restore(b, Path(kw["out"]), restorer, echo)
 
 
 # ------------------------------------------------------------------------------------------ sprites

@@ -143,9 +143,13 @@ def fit_through(ctx: Context, job: Job, cfg: DIPConfig) -> tuple[torch.Tensor, D
 
 
 def dip(ctx: Context, job: Job) -> Result:
-    """Deep Image Prior through the operator (ctx.dip: defaults.DIP["restore"], input noise and output averaging)."""
+    """Deep Image Prior through the operator (ctx.dip: defaults.DIP["restore"], input noise and output averaging),
+    projected onto {A x = y} when y is noise-free."""
     cfg = ctx.dip
     out, res = fit_through(ctx, job, cfg)
+    y, op, sigma_y = _observation(job)
+    if sigma_y == 0:  # a noise-free observation is kept as it is: known pixels come back unchanged
+        out = op.project(out, y).clamp(-1, 1)
     return _result("dip", job, out, res.seconds, cfg.iters, {"dip_iters": cfg.iters}, res)
 
 

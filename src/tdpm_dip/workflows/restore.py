@@ -178,7 +178,7 @@ def _operators(
             if masks[i] is not None and _size_of(masks[i]) != size:
                 warnings.warn(f"mask of {name} resized (nearest) to the image's {size[1]}x{size[0]} px", stacklevel=2)
         else:
-            m = make_mask(opts.mask_kind or defaults.MASK_KIND, *size, seeds[i])[None]
+            m = make_mask(opts.mask_kind or defaults.MASK_KIND, *size, seeds[i])
         if bool(m.all()):
             warnings.warn(f"{name}: the mask marks every pixel known; the output is the input", stacklevel=2)
         elif not bool(m.any()):

@@ -1,0 +1,180 @@
+"""What `tdpm-dip bench restore` does: every restoration method of the registry on clean images degraded here
+(4x and 2x super-resolution, 80 % random pixels, a centred box, the right half, noisy 4x super-resolution),
+scored on 8-bit outputs, with NFE and seconds, into one Markdown table and one labelled figure per task.
+
+Each image's result is cached as it finishes (RUN/restore/cache), so a stopped run resumes where it was; methods
+with a DIP run over several seeds (the DIP varies from run to run) and report their mean and spread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import registry
+from ..api import Restorer
+from ..data import load_images
+from ..errors import UserError
+from ..images import save_png
+from ..metrics import device_name, score_uint8
+from ..operators import Downsample, Inpaint, Operator, make_mask, observe_8bit
+from ..outputs import write_json, write_text
+from ..reporting import labelled_comparison, table
+
+Echo = Callable[[str], None]
+# name -> (operator kind, scale or mask kind, sigma of the observation on 0..255)
+TASKS: dict[str, tuple[str, str, float]] = {
+    "sr4": ("sr", "4", 0.0),
+    "sr2": ("sr", "2", 0.0),
+    "rand80": ("inpaint", "random:0.8", 0.0),
+    "box": ("inpaint", "box", 0.0),
+    "half": ("inpaint", "half", 0.0),
+    "sr4-noisy": ("sr", "4", 10.0),
+}
+
+
+@dataclass(frozen=True)
+class RestoreBench:
+    """What one `bench restore` run measures (every field is in the cache key of its rows)."""
+
+    model: str | None
+    data: str
+    n: int
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    samples: int
+    dip_seeds: int
+    seed: int
+    device: str = "cpu"
+
+
+def _degrade(task: str, clean: torch.Tensor, seeds: list[int]) -> tuple[list[torch.Tensor], list[Operator]]:
+    kind, arg, sigma = TASKS[task]
+    size = clean.shape[-2:]
+    if kind == "sr":
+        ops: list[Operator] = [Downsample(int(arg), *size)] * clean.shape[0]
+    else:
+        ops = [Inpaint(make_mask(arg, *size, s)[None]) for s in seeds]
+    y = [observe_8bit(op.A(x[None]), sigma, s)[0] for op, x, s in zip(ops, clean, seeds)]
+    return y, ops
+
+
+def _key(b: RestoreBench, task: str, method: str, dip_seed: int, restorer: Restorer) -> str:
+    cfg = {"task": TASKS[task], "method": method, "samples": b.samples, "dip_seed": dip_seed, "seed": b.seed}
+    cfg |= {"model": b.model or "shipped", "dip": asdict(restorer.ctx.dip), "dtype": str(restorer.ctx.amp_dtype)}
+    cfg |= {"data": b.data}
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _run_method(
+    b: RestoreBench, restorer: Restorer, task: str, method: str, dip_seed: int, data: tuple, cache: Path
+) -> list[dict]:
+    """Per-image records of one method (one DIP seed), computed in batches; finished images are read back."""
+    names, clean, y, ops = data
+    folder = cache / task / f"{method}-s{dip_seed}-{_key(b, task, method, dip_seed, restorer)}"
+    records: list[dict | None] = [None] * len(names)
+    for i, nm in enumerate(names):
+        f = folder / f"{nm}.json"
+        if f.is_file():
+            records[i] = json.loads(f.read_text())
+    todo = [i for i, r in enumerate(records) if r is None]
+    bs = restorer.ctx.batch_size
+    for lo in range(0, len(todo), bs):
+        idx = todo[lo : lo + bs]
+        seeds = [b.seed + i + 1000 * dip_seed for i in idx]
+        out, seconds, nfe = restorer.restore_tensors(
+            [y[i] for i in idx], [ops[i] for i in idx], method, seeds, TASKS[task][2], samples=b.samples
+        )
+        for k, i in enumerate(idx):
+            p, s = score_uint8(out[k], clean[i])
+            save_png(out[k], folder / f"{names[i]}.png")
+            records[i] = {"PSNR": p, "SSIM": s, "seconds": seconds / len(idx), "nfe": nfe}
+            write_json(folder / f"{names[i]}.json", records[i])
+    return records  # type: ignore[return-value]
+
+
+def _row(method: str, runs: list[list[dict]], n: int) -> dict:
+    """Mean over the images (and, over DIP seeds, the mean and spread of the per-seed means)."""
+    per_seed = [statistics.mean(r["PSNR"] for r in recs) for recs in runs]
+    ssim = statistics.mean(statistics.mean(r["SSIM"] for r in recs) for recs in runs)
+    row: dict = {"method": method, "n": n, "PSNR": round(statistics.mean(per_seed), 2)}
+    if len(runs) > 1:
+        row["PSNR spread (seeds)"] = f"{min(per_seed):.2f}..{max(per_seed):.2f} ({len(runs)} seeds)"
+    row["PSNR std (images)"] = round(statistics.pstdev(r["PSNR"] for r in runs[0]), 2)
+    row |= {"SSIM": round(ssim, 4), "NFE": round(runs[0][0]["nfe"], 1)}
+    row["s/img"] = round(statistics.mean(r["seconds"] for recs in runs for r in recs), 3)
+    return row
+
+
+def bench_restore(b: RestoreBench, out: Path, restorer: Restorer, echo: Echo) -> dict[str, list[dict]]:
+    """Every task's table (RUN/restore/TASK.md) and figure (RUN/restore/TASK.png); returns the rows."""
+    images = load_images(b.data, int(restorer.ctx.unet.config.sample_size), limit=b.n)
+    clean = images.images
+    seeds = list(range(b.seed, b.seed + clean.shape[0]))
+    root = out / "restore"
+    tables: dict[str, list[dict]] = {}
+    for task in b.tasks:
+        y, ops = _degrade(task, clean, seeds)
+        kind = TASKS[task][0]
+        runnable = restorer.methods(kind)
+        methods = [m for m in (b.methods or tuple(runnable)) if m in runnable]
+        rows, shown = [], {}
+        for m in methods:
+            uses_dip = registry.get("restore", "blind", m).uses_dip
+            runs = []
+            for s in range(b.dip_seeds if uses_dip else 1):
+                echo(f"{task}: {m}" + (f" (DIP seed {s})" if uses_dip else ""))
+                runs.append(_run_method(b, restorer, task, m, s, (images.names, clean, y, ops), root / "cache"))
+            rows.append(_row(m, runs, len(images.names)))
+            shown[m] = root / "cache" / task / f"{m}-s0-{_key(b, task, m, 0, restorer)}"
+        tables[task] = rows
+        _write_task(root, task, rows, images.names, clean, y, shown, b)
+    return tables
+
+
+def _write_task(
+    root: Path,
+    task: str,
+    rows: list[dict],
+    names: list[str],
+    clean: torch.Tensor,
+    y: list[torch.Tensor],
+    shown: dict[str, Path],
+    b: RestoreBench,
+) -> None:
+    from ..data import load_image
+
+    k = min(6, len(names))
+    size = clean.shape[-1]
+    observed = torch.stack(
+        [torch.nn.functional.interpolate(v[None], size=(size, size), mode="nearest")[0] for v in y[:k]]
+    )
+    fig = [("observed", observed)]
+    fig += [
+        (m, torch.stack([load_image(folder / f"{nm}.png", None) for nm in names[:k]])) for m, folder in shown.items()
+    ]
+    fig.append(("clean", clean[:k]))
+    labelled_comparison(root / f"{task}.png", fig)
+    kind, arg, sigma = TASKS[task]
+    what = f"{arg}x super-resolution" if kind == "sr" else f"inpainting ({arg})"
+    head = (
+        f"# Restoration: {task} ({what}{f', noise sigma {sigma:g}' if sigma else ''}; blind protocol)\n\n"
+        f"{len(names)} images of {b.data}; PSNR / SSIM on 8-bit outputs (scikit-image); DIP methods over "
+        f"{b.dip_seeds} seeds; {b.samples} chains averaged per diffusion method; {device_name(b.device)}.\n\n"
+        f"Rows of {task}.png: " + ", ".join(label for label, _ in fig) + "\n\n"
+    )
+    write_text(root / f"{task}.md", head + table(rows))
+    print(head + table(rows))
+
+
+def check_tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t for t in text.split(",") if t) or tuple(TASKS)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UserError(f"unknown restoration task {bad[0]!r}; choose {', '.join(TASKS)}")
+    return tasks
