@@ -291,3 +291,45 @@ def test_generate_in_the_browser(server: str, browser: object) -> None:
         assert grid.size == (2 + 2 * (96 + 2), 2 + 2 * (96 + 2))  # n = 4 of 16 px, shown 6x: a 2x2 grid
     summary = browser.find_element(By.ID, "generate-summary").text
     assert "NFE 3" in summary and "4 images (seeds 0..3)" in summary
+
+
+def test_inpaint_in_the_browser(server: str, browser: object, tmp_path: Path) -> None:
+    """Paint a stroke over an upload in the Inpaint tab, run it: the painted pixels change, the others come back
+    exactly as they were."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    original = np.random.default_rng(0).integers(0, 256, (32, 48, 3)).astype(np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(original).save(path)
+    browser.get(server)
+    _wait(browser, lambda d: d.find_elements(By.ID, "denoise-button"), "the page", UI_WAIT)
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == "Inpaint").click()
+    upload = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#inpaint-editor input[type=file]"), "editor")
+    upload[0].send_keys(str(path))
+    canvas = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#inpaint-editor canvas"), "the canvas")[-1]
+    time.sleep(1)  # the editor draws the upload before it takes strokes
+    ActionChains(browser).move_to_element_with_offset(canvas, -60, 0).click_and_hold().move_by_offset(
+        120, 0
+    ).release().perform()
+    _choose(browser, "inpaint-method", "ccdf")
+    browser.find_element(By.ID, "inpaint-button").click()
+
+    def image(elem_id: str) -> np.ndarray | None:
+        imgs = browser.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
+        src = imgs[0].get_attribute("src") if imgs else None
+        if not src:
+            return None
+        with urllib.request.urlopen(src, timeout=30) as r:
+            return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+
+    _wait(browser, lambda d: image("inpaint-result") is not None, "the inpainted image")
+    result = image("inpaint-result")
+    shown = image("inpaint-input")  # the observation: painted pixels are 0
+    assert result is not None and shown is not None and result.shape == original.shape
+    painted = (shown == 0).all(-1) & ~(original == 0).all(-1)
+    assert 10 < painted.sum() < painted.size / 2  # the stroke, not the whole image
+    assert np.array_equal(result[~painted], original[~painted])  # known pixels come back unchanged
+    assert not np.array_equal(result[painted], original[painted])
+    summary = browser.find_element(By.ID, "inpaint-summary").text
+    assert "ccdf" in summary and "48x32 px" in summary

@@ -296,7 +296,8 @@ def restore_handler(
             if mask is None:
                 raise UserError("paint the pixels to fill first")
             m = torch.from_numpy(mask.astype(np.float32))
-            shown = to_uint8(x * m)
+            shown = to_uint8(x)
+            shown[~mask] = 0  # the unknown pixels, black, as the observation files hold them
             out = restorer.inpaint(to_uint8(x), m[None], method, sigma, seed)
     result = np.asarray(out.images[0])
     report(1.0, "done")
