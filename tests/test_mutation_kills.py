@@ -173,7 +173,7 @@ def test_ddim_between_edge_cases() -> None:
             ddim_between(EpsModel(unet, SCHED), x, t_from, t_to, steps)
     with pytest.raises(ValueError) as e:
         ddim_between(EpsModel(unet, SCHED), x, 5, 6, 1)
-    assert str(e.value) == "DDIM from level 5 to 6 in 1 steps: need t_from >= t_to and steps >= 1"
+    assert str(e.value) == "a chain from level 5 to 6 in 1 steps: need t_from >= t_to and steps >= 1"
 
 
 def test_reverse_chain_reports_each_step_and_refuses_bad_levels() -> None:

@@ -61,4 +61,5 @@ DIP: dict[str, dict] = {
 DIP_PRESET_OVERRIDES: dict[tuple[str, str], dict] = {
     ("paper", "dip-tiny"): {"lr": 1e-3},
     ("blind", "dip-tiny"): {"lr": 3e-3},
+    ("restore", "dip-tiny"): {"lr": 3e-3},
 }

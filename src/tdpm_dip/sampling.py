@@ -42,8 +42,13 @@ class EpsModel:
 
     def x0(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """The predicted clean image (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 3 solved for x0)."""
+        return self.x0_eps(x, level)[0]
+
+    def x0_eps(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted x0, predicted eps) of x at level t: one network call."""
         a = abar(self.scheduler, level)
-        return (x - math.sqrt(1 - a) * self.eps(x, level)) / math.sqrt(a)
+        eps = self.eps(x, level)
+        return (x - math.sqrt(1 - a) * eps) / math.sqrt(a), eps
 
     def tweedie(self, y: torch.Tensor, level: int) -> torch.Tensor:
         """E[x0 | x_t] for an observation y = x0 + n on the image's scale (Tweedie's formula, Efron 2011): with
@@ -110,35 +115,23 @@ def ddim_chain(
     return x
 
 
-@torch.no_grad()
 def ddim_between(
     model: EpsModel, x: torch.Tensor, t_from: int, t_to: int, steps: int, clip: bool = False
 ) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0) from level t_from down to level t_to in
-    `steps` network calls, on the levels round(linspace(t_from, t_to)). With t_to = 0 the last step returns
-    the predicted x0. `clip` clamps each predicted x0 to [-1, 1] (diffusers' clip_sample) and keeps eps.
+    `steps` network calls, on the levels round(linspace(t_from, t_to)) (`sample` with eta = 0). With t_to = 0
+    the last step returns the predicted x0. `clip` clamps each predicted x0 to [-1, 1] (diffusers' clip_sample)
+    and keeps eps.
     """
     check_level(model.scheduler, t_from)
     check_level(model.scheduler, t_to)
-    if not 0 <= t_to <= t_from or steps < 1:
-        raise ValueError(f"DDIM from level {t_from} to {t_to} in {steps} steps: need t_from >= t_to and steps >= 1")
-    levels = sorted({round(t_to + (t_from - t_to) * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
-    x = x.float()
-    for hi, lo in zip(levels[:-1], levels[1:]):
-        a_hi, a_lo = abar(model.scheduler, hi), abar(model.scheduler, lo)
-        eps = model.eps(x, hi)
-        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-        x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
-    return x
-
+    return sample(model, x, spaced_levels(t_from, steps, t_to), [], eta=0.0, clip=clip)
 
 def spaced_levels(t_from: int, steps: int, t_to: int = 0) -> list[int]:
     """The levels round(linspace(t_from, t_to, steps + 1)), decreasing and without repeats: a chain of (at most)
     `steps` network calls from level t_from down to t_to."""
     if not 0 <= t_to <= t_from or steps < 1:
-        raise ValueError(f"a chain from level {t_from} to {t_to} in {steps} steps: need t_from >= t_to, steps >= 1")
+        raise ValueError(f"a chain from level {t_from} to {t_to} in {steps} steps: need t_from >= t_to and steps >= 1")
     return sorted({round(t_to + (t_from - t_to) * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
 
 
@@ -169,13 +162,12 @@ def sample(
     x = x.float()
     for hi, lo in zip(levels[:-1], levels[1:]):
         a_hi, a_lo = abar(model.scheduler, hi), abar(model.scheduler, lo)
-        eps = model.eps(x, hi)
-        x0 = (x - math.sqrt(1 - a_hi) * eps) / math.sqrt(a_hi)
+        x0, eps = model.x0_eps(x, hi)
         if clip:
             x0 = x0.clamp(-1, 1)
         if x0_step is not None:
             x0 = x0_step(x0, hi)
-        if lo == 0:
+        if lo == 0 and zeta is not None:
             x = x0
         elif zeta is not None:
             z = randn(tuple(x.shape[1:]), generators, x.device)

@@ -14,6 +14,7 @@ Every Result names the blind protocol: only y, A and sigma_y are known.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -159,11 +160,12 @@ def _full_chain(ctx: Context, job: Job, name: str, steps: int, chain: dict) -> R
     check_trained_level(ctx, T, f"{name} (a chain from pure noise)", "; use ccdf or tdpm-dip, or a DDPM of every level")
     levels = spaced_levels(T, steps)
     h, w = op.out_size(*y.shape[-2:])
+    one = dataclasses.replace(job, samples=1)  # one chain from pure noise, as DDNM and DiffPIR run
     with timer(ctx.device) as tm:
         # From pure noise: x_T = q_sample(0, T) is N(0, (1 - abar_T) I), abar_T ~ 0.
-        out = _chains(ctx, job, y.new_zeros((y.shape[0], y.shape[1], h, w)), levels, chain, desc=name)
-    nfe = (len(levels) - 1) * job.samples
-    return _result(name, job, out, tm[0], nfe, {"steps": len(levels) - 1, "samples": job.samples} | chain)
+        out = _chains(ctx, one, y.new_zeros((y.shape[0], y.shape[1], h, w)), levels, chain, desc=name)
+    nfe = len(levels) - 1
+    return _result(name, job, out, tm[0], nfe, {"steps": nfe, "samples": 1} | chain)
 
 
 def ddnm(ctx: Context, job: Job) -> Result:
