@@ -50,8 +50,13 @@ def run_native(ctx: Context, method: str, job: Job, shard: Shard | None = None) 
         return x
 
     res = run(ctx, "denoise", "blind", method, dataclasses.replace(job, noisy=pad(noisy), clean=pad(job.clean)), shard)
+    return _cropped(res, h, w, noisy.cpu())
+
+
+def _cropped(res: Result, h: int, w: int, inputs: torch.Tensor) -> Result:
+    """A result of padded images cropped back to h x w (the top-left corner, where the images are)."""
     res.images = res.images[..., :h, :w]
-    res.inputs = noisy.cpu()
+    res.inputs = inputs
     if res.dip is not None:  # a copy: the memoised fit stays as it was
         res.dip = dataclasses.replace(res.dip, output=res.dip.output[..., :h, :w])
     return res
@@ -76,9 +81,7 @@ def run_restore(ctx: Context, method: str, job: Job, shard: Shard | None = None)
         op = op.padded(ph, pw)
         job = dataclasses.replace(job, observed=y, operator=op)
     res = run(ctx, "restore", "blind", method, job, shard)
-    res.images = res.images[..., :h, :w]
-    res.inputs = need(job.observed, "the observed images", method).cpu()[..., : h // f, : w // f]
-    return res
+    return _cropped(res, h, w, y.cpu()[..., : h // f, : w // f])
 
 
 def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
