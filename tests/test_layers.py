@@ -15,7 +15,7 @@ import tdpm_dip
 ROOT = Path(tdpm_dip.__file__).parent
 LAYERS = [
     ["errors", "defaults", "registry"],
-    ["config", "noise", "devices", "outputs", "images"],
+    ["config", "noise", "devices", "outputs", "images", "operators"],
     ["data", "models", "metrics"],
     ["dip", "sampling", "generator"],
     ["methods", "training"],

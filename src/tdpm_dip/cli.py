@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import sys
 import types
 import typing
@@ -605,8 +606,6 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
 
 def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
     """`bench restore`: the restoration table and figure of every task (workflows.bench_restore)."""
-    from pathlib import Path
-
     from .api import Restorer  # deferred: --help loads no network library
     from .workflows.bench_restore import RestoreBench, bench_restore, check_tasks  # deferred: as above
 
@@ -628,7 +627,7 @@ def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
         b.model, kw["device"], kw["dtype"], kw["batch_size"], dip, kw["dip_iters"], kw["dip_lr"], progress=True
     )
     b = dataclasses.replace(b, device=str(restorer.ctx.device))
-    bench_restore(b, Path(kw["out"]), restorer, echo)
+    bench_restore(b, pathlib.Path(kw["out"]), restorer, echo)
 
 
 # ------------------------------------------------------------------------------------------ sprites

@@ -77,7 +77,7 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, win: int = 11, sigma: float = 1.5) 
 def score_uint8(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(PSNR, SSIM) of one [3, H, W] image in [-1, 1] against its reference, both saved as 8-bit first:
     scikit-image's defaults on uint8 (data range 255), as restoration benchmarks report them."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # deferred: loaded when scored
 
     a, b = to_uint8(x), to_uint8(ref)
     return (

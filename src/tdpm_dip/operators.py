@@ -213,7 +213,7 @@ def upsample_bicubic(y: torch.Tensor, factor: int) -> torch.Tensor:
 
 def inpaint_biharmonic(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The classical baseline: scikit-image's biharmonic inpainting of the unknown pixels, per image."""
-    from skimage.restoration import inpaint_biharmonic as biharmonic
+    from skimage.restoration import inpaint_biharmonic as biharmonic  # deferred: scikit-image loads on use
 
     out = []
     m = mask.expand(y.shape[0], 1, *y.shape[-2:])

@@ -127,6 +127,7 @@ def ddim_between(
     check_level(model.scheduler, t_to)
     return sample(model, x, spaced_levels(t_from, steps, t_to), [], eta=0.0, clip=clip)
 
+
 def spaced_levels(t_from: int, steps: int, t_to: int = 0) -> list[int]:
     """The levels round(linspace(t_from, t_to, steps + 1)), decreasing and without repeats: a chain of (at most)
     `steps` network calls from level t_from down to t_to."""

@@ -18,7 +18,7 @@ import torch
 
 from .. import registry
 from ..api import Restorer
-from ..data import load_images
+from ..data import load_image, load_images
 from ..errors import UserError
 from ..images import save_png
 from ..metrics import device_name, score_uint8
@@ -147,8 +147,6 @@ def _write_task(
     shown: dict[str, Path],
     b: RestoreBench,
 ) -> None:
-    from ..data import load_image
-
     k = min(6, len(names))
     size = clean.shape[-1]
     observed = torch.stack(
