@@ -313,7 +313,7 @@ class Restorer:
         mk = list(masks) if isinstance(masks, (list, tuple)) else [masks] * len(x)
         if len(mk) != len(x):
             raise UserError(f"{len(mk)} masks for {len(x)} images: give one, or one per image")
-        ops: list[Operator] = [Inpaint(read_mask(m, tuple(im.shape[-2:]))[None]) for m, im in zip(mk, x)]
+        ops: list[Operator] = [Inpaint(read_mask(m, (im.shape[-2], im.shape[-1]))[None]) for m, im in zip(mk, x)]
         y = [op.A(im[None])[0] for op, im in zip(ops, x)]
         return self._output(given, y, ops, "inpaint", method, sigma, seed, options)
 

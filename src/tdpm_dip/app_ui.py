@@ -12,6 +12,7 @@ import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from . import defaults, registry
 from .app import (
@@ -96,7 +97,7 @@ def _restore_tab(models: AppModels, task: str) -> None:
     labels = {m.name: method_label(m) for m in registry.methods("restore", "blind", operator=task)}
 
     def run(
-        image: object,
+        image: Any,
         scale: str,
         method: str,
         sigma: float | None,
@@ -106,7 +107,7 @@ def _restore_tab(models: AppModels, task: str) -> None:
         with _page_errors():
             mask = None
             if task == "inpaint":
-                image, mask = mask_from_editor(image)  # type: ignore[arg-type]
+                image, mask = mask_from_editor(image)
             r = restore_handler(
                 models,
                 task,
@@ -124,6 +125,7 @@ def _restore_tab(models: AppModels, task: str) -> None:
 
     with gr.Row():
         with gr.Column(scale=1):
+            source: gr.File | gr.ImageEditor
             if task == "sr":
                 source = gr.File(
                     label="low-resolution image", file_types=["image"], height=FILE_HEIGHT, elem_id="sr-upload"

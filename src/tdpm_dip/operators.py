@@ -74,7 +74,11 @@ class Identity(Operator):
     def A(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    adjoint = pinv = A
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        return y
 
     def prox(self, x: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor = 0.0) -> torch.Tensor:
         return (y + rho * x) / (1 + rho)
@@ -88,6 +92,12 @@ class Inpaint(Operator):
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         return self.mask * x
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mask * y
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mask * y
 
     def to(self, device: torch.device | str) -> Inpaint:
         return Inpaint(self.mask.to(device))
@@ -105,8 +115,6 @@ class Inpaint(Operator):
             m = torch.nn.functional.pad(m, (0, dw, 0, dh), mode="reflect")
             ph, pw = ph - dh, pw - dw
         return Inpaint(m)
-
-    adjoint = pinv = A
 
     def prox(self, x: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor = 0.0) -> torch.Tensor:
         # Per pixel: (m y + rho x) / (m + rho); rho = 0 keeps x where nothing is known.
@@ -127,13 +135,13 @@ def resize_matrix(size: int, factor: int) -> torch.Tensor:
     """[size // factor, size] float64: PIL's bicubic (a = -0.5) antialiased downscaling of one axis, as a matrix.
 
     Built by resizing the unit vectors with PIL itself (mode "F", no rounding), so A matches
-    `Image.resize(..., Image.BICUBIC)` of the files users and benchmarks make."""
+    `Image.resize(..., Image.Resampling.BICUBIC)` of the files users and benchmarks make."""
     out = size // factor
     cols = []
     for i in range(size):
         e = np.zeros((1, size), np.float32)
         e[0, i] = 1.0
-        img = Image.fromarray(e, mode="F").resize((out, 1), Image.BICUBIC, reducing_gap=None)
+        img = Image.fromarray(e, mode="F").resize((out, 1), Image.Resampling.BICUBIC, reducing_gap=None)
         cols.append(np.asarray(img, np.float64)[0])
     return torch.from_numpy(np.stack(cols, axis=1))
 
@@ -175,8 +183,8 @@ class Downsample(Operator):
 
     def _bases(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         (uh, sh, vth), (uw, sw, vtw) = self._svd
-        d = {"device": x.device, "dtype": x.dtype}
-        return uh.to(**d), vth.to(**d), uw.to(**d), vtw.to(**d), torch.outer(sh, sw).to(**d)
+        dev, dt = x.device, x.dtype
+        return uh.to(dev, dt), vth.to(dev, dt), uw.to(dev, dt), vtw.to(dev, dt), torch.outer(sh, sw).to(dev, dt)
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         uh, vth, uw, vtw, s = self._bases(y)
@@ -205,7 +213,9 @@ def upsample_bicubic(y: torch.Tensor, factor: int) -> torch.Tensor:
     for img in y.detach().float().cpu():
         chans = []
         for c in img.numpy():
-            im = Image.fromarray(c, mode="F").resize((c.shape[1] * factor, c.shape[0] * factor), Image.BICUBIC)
+            im = Image.fromarray(c, mode="F").resize(
+                (c.shape[1] * factor, c.shape[0] * factor), Image.Resampling.BICUBIC
+            )
             chans.append(np.asarray(im))
         out.append(torch.from_numpy(np.stack(chans)))
     return torch.stack(out).to(y.device)

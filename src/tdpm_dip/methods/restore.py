@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from diffusers import DDPMScheduler
 
 from .. import defaults
 from ..devices import timer
@@ -48,7 +49,7 @@ def classical(y: torch.Tensor, op: Operator) -> torch.Tensor:
     return op.pinv(y)
 
 
-def data_step(op: Operator, y: torch.Tensor, sigma_y: float, scheduler: object, lam: float) -> X0Step:
+def data_step(op: Operator, y: torch.Tensor, sigma_y: float, scheduler: DDPMScheduler, lam: float) -> X0Step:
     """The x0 step of the chain: the projection onto {A x = y} when y is noise-free (DDNM), else DiffPIR's
     proximal step argmin ||A x - y||^2 + rho_t ||x - x0||^2 with rho_t = lam sigma_y^2 / sigma_t^2,
     sigma_t^2 = (1 - abar_t) / abar_t (Zhu et al. 2023, Eq. 13): trust y less while the chain's noise is small."""
@@ -56,7 +57,7 @@ def data_step(op: Operator, y: torch.Tensor, sigma_y: float, scheduler: object, 
         return lambda x0, t: op.project(x0, y)
 
     def step(x0: torch.Tensor, t: int) -> torch.Tensor:
-        a = abar(scheduler, t)  # type: ignore[arg-type]
+        a = abar(scheduler, t)
         return op.prox(x0, y, lam * sigma_y**2 * a / (1 - a))
 
     return step

@@ -59,7 +59,7 @@ def _degrade(task: str, clean: torch.Tensor, seeds: list[int]) -> tuple[list[tor
     if kind == "sr":
         ops: list[Operator] = [Downsample(int(arg), *size)] * clean.shape[0]
     else:
-        ops = [Inpaint(make_mask(arg, *size, s)[None]) for s in seeds]
+        ops = [Inpaint(make_mask(arg, int(size[0]), int(size[1]), s)[None]) for s in seeds]
     y = [observe_8bit(op.A(x[None]), sigma, s)[0] for op, x, s in zip(ops, clean, seeds)]
     return y, ops
 
