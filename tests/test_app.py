@@ -241,3 +241,25 @@ def test_a_generator_makes_tdpm_available(tmp_path: Path) -> None:
     assert torch.equal(generate_handler(m, "tdpm", n=2, seed=3).images, g.images)
     with pytest.raises(UserError, match="does not match"):
         generate_handler(m, "tdpm", n=1, t_trunc=5)
+
+
+def test_restore_handlers_upscale_and_inpaint(models: AppModels) -> None:
+    from tdpm_dip.app import mask_from_editor, restore_handler, restore_methods
+
+    low = np.random.default_rng(3).integers(0, 256, (11, 9, 3), dtype=np.uint8)
+    assert restore_methods(models, "sr")[0] == registry.methods("restore", "blind", operator="sr")[0].name
+    r = restore_handler(models, "sr", low, scale=2, method="bicubic")
+    assert r.image.shape == (22, 18, 3) and r.info["nfe"] == 0 and r.info["width"] == 18
+    with pytest.raises(UserError, match="limit"):
+        restore_handler(models, "sr", low, scale=4, method="bicubic", max_pixels=100)
+    with pytest.raises(UserError, match="upload"):
+        restore_handler(models, "sr", None)
+    img = np.random.default_rng(4).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    layer = np.zeros((12, 10, 4), np.uint8)
+    layer[4:8, 3:6, 3] = 255  # a painted rectangle
+    image, mask = mask_from_editor({"background": img, "layers": [layer], "composite": img})
+    assert mask.sum() == 120 - 12 and not mask[4:8, 3:6].any()
+    r = restore_handler(models, "inpaint", image, mask, method="biharmonic")
+    assert np.array_equal(r.image[mask], img[mask]) and (r.input[~mask] == 0).all()
+    with pytest.raises(UserError, match="paint"):
+        mask_from_editor(None)
