@@ -13,7 +13,7 @@ import torch
 
 from .. import defaults, registry
 from ..api import Restorer, read_mask
-from ..data import list_images, load_native
+from ..data import list_images, load_images, load_native
 from ..errors import UserError, check_positive
 from ..images import save_png
 from ..metrics import score_uint8
@@ -99,10 +99,12 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
     """Run the command; returns the output folder."""
     opts = opts.check()
     refuse_out_dir(opts.out, opts.overwrite)  # before any model or image is loaded
-    obs = _observations(opts)
+    obs = _observations(opts) if opts.input is not None else None  # a user's files: checked before the model
     res = Restorer.from_pretrained(
         opts.model, opts.device, opts.dtype, opts.batch_size, opts.dip_preset, opts.dip_iters, opts.dip_lr, True
     )
+    if obs is None:  # clean images are made the model's size first, as `denoise --clean` does
+        obs = _observations(opts, int(res.ctx.unet.config.sample_size))
     methods = opts.methods or tuple(res.methods(opts.task)[:1])
     for m in methods:
         if m not in res.methods(opts.task):
@@ -139,9 +141,15 @@ def _check_pixels(opts: RestoreOptions, names: list[str], sizes: list[tuple[int,
             )
 
 
-def _observations(opts: RestoreOptions) -> Observations:
-    """Read the user's degraded files (and masks), or degrade clean images here (8-bit, with noise sigma)."""
-    files = load_native(opts.input or opts.clean, limit=opts.n)  # type: ignore[arg-type]
+def _observations(opts: RestoreOptions, size: int | None = None) -> Observations:
+    """Read the user's degraded files (and masks) at their own sizes, or degrade clean images here (8-bit, with
+    noise sigma), padded to a square and resized to `size` (the model's)."""
+    if opts.input is not None:
+        files = load_native(opts.input, limit=opts.n)
+    else:
+        assert opts.clean is not None and size is not None  # check(): one of --input and --clean
+        ims = load_images(opts.clean, size, limit=opts.n)
+        files = list(zip(ims.names, ims.images))
     names = [nm for nm, _ in files]
     images = [x for _, x in files]
     _check_pixels(opts, names, [tuple(x.shape[-2:]) for x in images])  # type: ignore[misc]
