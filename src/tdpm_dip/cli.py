@@ -378,7 +378,10 @@ def denoise(threads: int, **kwargs: object) -> None:
     "missing pixels (then give --mask or --mask-kind).",
 )
 @click.option(
-    "--clean", default=None, help="CLEAN images that are degraded here first (8-bit), so PSNR/SSIM can be measured."
+    "--clean",
+    default=None,
+    help="CLEAN images, padded to a square and resized to the model's size, then degraded here (8-bit), so "
+    "PSNR/SSIM can be measured.",
 )
 @click.option(
     "--reference", default=None, help="With --input: the clean originals (same file names), only to score PSNR/SSIM."
