@@ -108,9 +108,29 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+def file_names(root: str | os.PathLike, files: list[Path]) -> list[str]:
+    """The output name of each input file: its path under `root` without the extension (`x/p` for root/x/p.png),
+    so that files of two sub-folders never meet. Files that would share a name (a.png and a.jpg) keep their
+    extension instead (`a.png`, `a.jpg`); names compare case-insensitively (as macOS and Windows folders do), and
+    two that still meet are a one-line UserError naming both files."""
+    root = Path(root)
+    rel = [f.name if root.is_file() else f.relative_to(root).as_posix() for f in files]
+    stems = [r[: -len(Path(r).suffix)] if Path(r).suffix else r for r in rel]
+    count: dict[str, int] = {}
+    for s in stems:
+        count[s.casefold()] = count.get(s.casefold(), 0) + 1
+    names = [s if count[s.casefold()] == 1 else r for s, r in zip(stems, rel)]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        j = seen.setdefault(n.casefold(), i)
+        if j != i:
+            raise UserError(f"{files[j]} and {files[i]} would write the same output {n!r}: rename one of them")
+    return names
+
+
 @dataclass
 class ImageSet:
-    """A stack of preprocessed images and their names (file stems or dataset indices)."""
+    """A stack of preprocessed images and their names (`file_names`, or dataset indices)."""
 
     images: torch.Tensor  # [N, 3, size, size] in [-1, 1]
     names: list[str]
@@ -130,6 +150,7 @@ def load_folder(
     """Load an image folder (imagefolder layout; metadata.csv is optional and not needed)."""
     fill_rgb = parse_fill(fill)
     files = list_images(root)
+    file_name = dict(zip(files, file_names(root, files)))
     tensors: list[torch.Tensor] = []
     names: list[str] = []
     it = files
@@ -145,7 +166,7 @@ def load_folder(
                 raise UserError(f"{e} (use --skip-bad to skip such files)") from None
             warnings.warn(f"skipping {e}", stacklevel=2)
             continue
-        names.append(f.stem)
+        names.append(file_name[f])
     if not tensors:
         raise UserError(f"{root}: no readable images")
     return ImageSet(torch.stack(tensors), names)
@@ -199,13 +220,14 @@ def load_native(
     of a user's files returns images of exactly their size). `skip_bad`: an unreadable file is skipped with a
     warning instead of stopping; the first `limit` readable files are returned."""
     files = list_images(source)
+    file_name = dict(zip(files, file_names(source, files)))
     it = tqdm(files, desc="loading images", unit="img", leave=False) if progress else files
     out: list[tuple[str, torch.Tensor]] = []
     for f in it:
         if limit is not None and len(out) >= limit:
             break
         try:
-            out.append((f.stem, load_image(f, None)))
+            out.append((file_name[f], load_image(f, None)))
         except BadImage as e:
             if not skip_bad:
                 raise UserError(f"{e} (use --skip-bad to skip such files)") from None

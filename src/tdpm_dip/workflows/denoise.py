@@ -139,7 +139,7 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     fig = [("noisy", thumbnails(noisy))] + [(m, thumbnails(outputs[m])) for m in opts.methods]
     per_image = _per_image(names, noisy, outputs, clean)
     for entry, x, s in zip(per_image, noisy, sig):
-        entry.update(size=list(x.shape[-2:]), sigma=s)
+        entry.update(size=f"{x.shape[-1]}x{x.shape[-2]}", sigma=s)  # width x height, as everywhere else
     _write(
         out_dir,
         names,
