@@ -95,3 +95,152 @@ def test_add_noise_on_a_decompression_bomb_is_one_line(
     assert code == 2 and "Traceback" not in err, err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [ln for ln in err.splitlines() if ln]
     assert "bomb.png" in err and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ kinds
+
+
+def test_results_come_back_as_the_inputs_came_in(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Grey stays grey (one channel, no colour noise), alpha passes through unchanged, 16-bit grey stays 16-bit."""
+    root = tmp_path / "in"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    Image.fromarray(gray, "L").save(root / "gray.png")
+    rgba = rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)).save(root / "g16.png")
+    assert Image.open(root / "g16.png").mode == "I;16"
+    code, _, err = run(["denoise", "--model", model, "--input", root, *FAST, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    out = tmp_path / "o" / "tweedie"
+    assert Image.open(out / "gray.png").mode == "L"
+    assert Image.open(out / "g16.png").mode == "I;16"
+    g16 = np.asarray(Image.open(out / "g16.png"))
+    assert len(np.unique(g16 % 257)) > 1  # not 8-bit values scaled up
+    back = Image.open(out / "rgba.png")
+    assert back.mode == "RGBA" and np.array_equal(np.asarray(back)[..., 3], rgba[..., 3])
+    assert Image.open(tmp_path / "o" / "noisy" / "gray.png").mode == "L"
+    kinds = {e["name"]: e["kind"] for e in json.loads((tmp_path / "o" / "metrics.json").read_text())["images"]}
+    assert kinds == {"g16": "grey, 16-bit", "gray": "grey, 8-bit", "rgba": "RGB + alpha, 8-bit"}
+
+
+def test_the_api_hands_back_grey_and_alpha() -> None:
+    from tdpm_dip.api import Denoiser
+    from tdpm_dip.methods import Context
+
+    unet = build_unet("tiny", seed=0, sample_size=SIZE).eval()
+    den = Denoiser(Context(unet, make_scheduler("linear")))
+    gray, rgba = noisy_image(0, mode="L"), noisy_image(1, mode="RGBA")
+    out = den.denoise([gray, rgba, np.asarray(gray)], sigma=25, method="tweedie")
+    assert out.images[0].mode == "L" and out.images[1].mode == "RGBA"
+    assert np.array_equal(np.asarray(out.images[1])[..., 3], np.asarray(rgba)[..., 3])
+    assert out.images[2].shape == (SIZE, SIZE) and out.images[2].dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+
+def test_an_image_over_the_pixel_limit_is_one_line_before_any_work(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    noisy_image(0, (40, 30)).save(tmp_path / "big.png")
+    args = ["denoise", "--model", model, "--input", tmp_path / "big.png", *FAST]
+    code, _, err = run([*args, "--max-megapixels", "0.001", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "big.png is 40x30 px (0.0 Mpx), over the limit of 0.001 Mpx" in err and "--max-megapixels" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = run([*args, "--max-megapixels", "0.0012", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+
+
+def test_mistyped_input_and_unwritable_out_are_reported_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tdpm_dip.workflows.denoise as wf
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(wf, "load_context", no_model)
+    code, _, err = run(["denoise", "--input", tmp_path / "typo", "--sigma", "25", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "typo: no such file or folder" in err, err
+    (tmp_path / "in").mkdir()
+    noisy_image(0).save(tmp_path / "in" / "a.png")
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(["denoise", "--input", tmp_path / "in", "--out", tmp_path / "file" / "o"], capsys)
+    assert code == 2 and "cannot be made" in err, err
+
+
+# ------------------------------------------------------------------------------------------ interrupts
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> list[int]:
+    """Ctrl-C in the call after `calls` calls of Denoiser.denoise_tensors; returns the list of images per call."""
+    from tdpm_dip.api import Denoiser
+
+    real = Denoiser.denoise_tensors
+    seen: list[int] = []
+
+    def counted(self: Denoiser, images: list, *a: object, **k: object) -> object:
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        seen.append(len(images))
+        return real(self, images, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Denoiser, "denoise_tensors", counted)
+    return seen
+
+
+def test_an_interrupt_keeps_finished_images_and_resume_computes_the_rest(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(4):
+        noisy_image(i).save(root / f"im{i}.png")
+    args = ["denoise", "--model", model, "--input", root, *FAST, "--batch-size", "1"]
+    code, _, err = run([*args, "--out", tmp_path / "whole"], capsys)
+    assert code == 0, err
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 2)
+        code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 130 and "2 of 4 images finished" in err and "--resume" in err, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["complete"] is False and metrics["status"].startswith("interrupted: 2 of 4")
+    assert [e["status"] for e in metrics["images"]] == ["done", "done", "not computed", "not computed"]
+    assert tree(tmp_path / "o" / "tweedie") == ["im0.png", "im1.png"]
+    assert metrics["rows"][0]["n"] == 2
+    # a plain re-run refuses the folder; --resume with other options refuses too, naming the option
+    code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run([*args, "--seed", "1", "--resume", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "made with seed 0, not 1" in err, err
+    with monkeypatch.context() as mp:
+        seen = _interrupt_after(mp, 99)
+        code, _, err = run([*args, "--resume", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert seen == [1, 1]  # only the two missing images
+    for rel in tree(tmp_path / "whole"):
+        if rel.endswith(".png") and rel != "comparison.png":
+            assert (tmp_path / "o" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes(), rel
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["complete"] is True and [e["run"] for e in metrics["images"]][:2] == ["earlier (--resume)"] * 2
+
+
+def test_an_interrupted_overwrite_never_mixes_old_and_new(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        noisy_image(i).save(root / f"im{i}.png")
+    args = ["denoise", "--model", model, "--input", root, *FAST, "--batch-size", "1", "--out", tmp_path / "o"]
+    assert run(args, capsys)[0] == 0
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 1)
+        code, _, err = run([*args, "--seed", "5", "--overwrite"], capsys)
+    assert code == 130, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["run"]["seed"] == 5 and [e["status"] for e in metrics["images"]][0] == "done"
+    assert tree(tmp_path / "o" / "tweedie") == ["im0.png"]  # the old im1, im2 are gone with the old run

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 
 from . import defaults, embedded, registry
-from .data import ImageInput, read_user_image
+from .data import ImageInput, ImageKind, read_user_image_kind
 from .embedded import resolve_generator
-from .errors import UserError, check_positive, check_sigma
+from .errors import UserError, check_pixels, check_positive, check_sigma
 from .generator import load_generator
-from .images import to_uint8
+from .images import like, to_uint8
 from .methods import Context, Job, Result, run, run_native
 from .methods.observe import blind_sigmas
 from .methods.shard import Shard
@@ -36,7 +36,8 @@ from .runtime import load_context
 
 @dataclass
 class DenoiseOutput:
-    """Denoised images (the inputs' sizes and types: PIL in, PIL out; arrays in, uint8 arrays out) and their cost."""
+    """Denoised images (the inputs' sizes, types and kinds: PIL in, PIL out; arrays in, arrays out; grey, alpha and
+    16-bit grey as they came) and their cost."""
 
     images: list
     method: str
@@ -59,17 +60,22 @@ class GenerateOutput:
     result: Result = field(repr=False)
 
 
-def _like(x: torch.Tensor, given: object) -> object:
-    """The output in the type of its input: PIL for PIL or a path, a uint8 array for an array."""
-    a = to_uint8(x)
-    return a if isinstance(given, np.ndarray) else Image.fromarray(a)
+def _like(x: torch.Tensor, given: object, kind: ImageKind) -> object:
+    """The output in the type and kind of its input: PIL for PIL or a path, an array for an array; grey stays grey
+    (one channel), an alpha channel comes back unchanged, 16-bit grey stays 16-bit (`images.like`)."""
+    img = like(x, kind.gray, kind.bits, kind.alpha)
+    return np.asarray(img) if isinstance(given, np.ndarray) else img
 
 
 class Denoiser:
     """Blind denoising with a DDPM prior: only the noisy image (and, if known, its noise level) is used."""
 
-    def __init__(self, ctx: Context, shard: Shard | None = None, name: str = "") -> None:
+    def __init__(
+        self, ctx: Context, shard: Shard | None = None, name: str = "", max_pixels: int = defaults.MAX_PIXELS
+    ) -> None:
         self.ctx, self.shard, self.name = ctx, shard, name
+        self.max_pixels = max_pixels  # larger images are refused before any work (`check_pixels`)
+        self.tile: int | None = None  # side of the tiles of large images; None: `methods.dispatch.tile_side`
 
     @classmethod
     def from_pretrained(
@@ -109,7 +115,8 @@ class Denoiser:
         Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, symmetries, t_trunc, declip.
         """
         given = list(images) if isinstance(images, (list, tuple)) else [images]
-        x = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]
+        read = [read_user_image_kind(im, f"image {i}", self.max_pixels) for i, im in enumerate(given)]
+        x = [t for t, _ in read]
         if sigma is None or isinstance(sigma, (int, float)):
             sig = blind_sigmas(x, sigma)
         else:
@@ -120,7 +127,13 @@ class Denoiser:
                 raise UserError(f"{len(sig)} sigmas for {len(x)} images: give one, or one per image")
         out, seconds, nfe = self.denoise_tensors(x, sig, method, list(range(seed, seed + len(x))), **options)
         return DenoiseOutput(
-            [_like(o, g) for o, g in zip(out, given)], method or self.methods[0], sig, sigma is None, seconds, nfe, out
+            [_like(o, g, k) for o, g, (_, k) in zip(out, given, read)],
+            method or self.methods[0],
+            sig,
+            sigma is None,
+            seconds,
+            nfe,
+            out,
         )
 
     def denoise_tensors(
@@ -131,6 +144,8 @@ class Denoiser:
         Images of one size run together (`methods.run_native`), each with its own seed and sigma."""
         name = method or self.methods[0]
         registry.get("denoise", "blind", name)  # an unknown method fails before any work
+        for i, x in enumerate(images):
+            check_pixels(x.shape[-1], x.shape[-2], self.max_pixels, f"image {i}")
         outputs: list[torch.Tensor | None] = [None] * len(images)
         seconds = nfe = 0.0
         sizes = [tuple(x.shape[-2:]) for x in images]
@@ -142,7 +157,7 @@ class Denoiser:
                 sigma=tuple(sigmas[i] for i in idx),
                 **options,  # type: ignore[arg-type]
             )
-            res = run_native(self.ctx, name, job, self.shard)
+            res = run_native(self.ctx, name, job, self.shard, self.tile)
             for k, i in enumerate(idx):
                 outputs[i] = res.images[k]
             seconds += res.seconds

@@ -337,6 +337,19 @@ def generate(threads: int, **kwargs: object) -> None:
 )
 @click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
 @click.option("--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping.")
+@click.option(
+    "--max-megapixels",
+    type=float,
+    default=defaults.MAX_PIXELS / 1e6,
+    help="--input: refuse larger images before any work (a large image runs in tiles, its time in proportion to "
+    "its pixels: about 40-70 s per megapixel and network call on one CPU core).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="--input: keep the images an interrupted run into --out finished (metrics.json marks them) and compute "
+    "only the rest, with the same options.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @compute_options

@@ -20,6 +20,9 @@ BLIND_DDIM_STEPS = 10  # blind ddim: network evaluations from t*
 # blind ensemble: all 8 symmetries up to this many pixels; a larger image averages over fewer, so that it costs about
 # what 8 calls cost at 256 x 256 (a 512 x 512 photo: 2)
 ENSEMBLE_FULL_PIXELS = 256 * 256
+# the largest image `denoise` takes unless told otherwise (--max-megapixels): 16 Mpx, a 4096 x 4096 photo, about 20 min
+# per network call on one CPU core in tiles
+MAX_PIXELS = 16_000_000
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
 
 # ------------------------------------------------------------------ generation
