@@ -244,3 +244,18 @@ def test_an_interrupted_overwrite_never_mixes_old_and_new(
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["run"]["seed"] == 5 and [e["status"] for e in metrics["images"]][0] == "done"
     assert tree(tmp_path / "o" / "tweedie") == ["im0.png"]  # the old im1, im2 are gone with the old run
+
+
+def test_an_image_run_in_tiles_is_its_own_batch(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small image before a large one is written before the large one starts (Ctrl-C keeps it)."""
+    root = tmp_path / "in"
+    root.mkdir()
+    noisy_image(0).save(root / "a_small.png")
+    noisy_image(1, (64, 64)).save(root / "b_large.png")  # over the tiny model's tiles (3 x 16 px)
+    with monkeypatch.context() as mp:
+        seen = _interrupt_after(mp, 1)
+        code, _, err = run(["denoise", "--model", model, "--input", root, *FAST, "--out", tmp_path / "o"], capsys)
+    assert code == 130 and seen == [1], err
+    assert tree(tmp_path / "o" / "tweedie") == ["a_small.png"]

@@ -20,6 +20,9 @@ from .types import Context, Job, Result
 # 192 px: within 0.05 dB; benchmarks/tiles.py).
 TILE_FACTOR = 3
 TILE_OVERLAP_DIVISOR = 4
+# Tiles per batch: at most this many pixels (two 192 px tiles), whatever --batch-size. The UNet's attention over a
+# 192 px tile holds ~150-200 MB (bf16 autocast on a CPU), so 16 at once would take ~3 GB for no gain in speed.
+TILE_BATCH_PIXELS = 2 * 192 * 192
 
 
 def run(ctx: Context, task: str, protocol: str, method: str, job: Job, shard: Shard | None = None) -> Result:
@@ -85,7 +88,8 @@ def run_tiled(ctx: Context, method: str, job: Job, tiling: Tiling, shard: Shard 
         results.append(res)
         return res.images
 
-    out = tiled(one_batch, noisy, tiling, ctx.batch_size * (shard.world if shard is not None else 1), ctx.progress)
+    per_batch = max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2))
+    out = tiled(one_batch, noisy, tiling, per_batch * (shard.world if shard is not None else 1), ctx.progress)
     first = results[0]
     info = dict(first.info) | {"tiles": tiling.count(h, w), "tile": f"{min(tiling.tile, w)}x{min(tiling.tile, h)}"}
     return Result(

@@ -218,9 +218,7 @@ class _FilesRun:
                     self._carry(i, tmp)
         todo = [i for i, f in enumerate(self.files) if f.name not in self.earlier]
         den, opts = self.den, self.opts
-        step = den.ctx.batch_size * (den.shard.world if den.shard is not None else 1)
-        for lo in range(0, len(todo), step):
-            idx = todo[lo : lo + step]
+        for idx in self._batches(todo):
             noisy = [self.files[i].load() for i in idx]
             clean = [self.refs[self.files[i].name].load() for i in idx] if self.refs is not None else None
             seeds = [opts.seed + i for i in idx]
@@ -249,6 +247,21 @@ class _FilesRun:
                 self._thumb(i, "noisy", noisy[k])
                 for m in opts.methods:
                     self._thumb(i, m, outs[m][k])
+
+    def _batches(self, todo: list[int]) -> list[list[int]]:
+        """Images run together: up to a batch (per process) of small ones; an image run in tiles alone, so that
+        it holds the memory of one large image and its result is written as soon as it is done."""
+        step = self.den.ctx.batch_size * (self.den.shard.world if self.den.shard is not None else 1)
+        side = self.den.tile or tile_side(self.den.ctx)
+        out: list[list[int]] = []
+        for i in todo:
+            if max(self.files[i].size) > side:
+                out.append([i])
+            elif out and len(out[-1]) < step and max(self.files[out[-1][0]].size) <= side:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
 
     def _thumb(self, i: int, row: str, x: torch.Tensor) -> None:
         if len(self.thumbs[row]) < self.FIGURE_IMAGES:
