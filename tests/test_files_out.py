@@ -259,3 +259,39 @@ def test_an_image_run_in_tiles_is_its_own_batch(
         code, _, err = run(["denoise", "--model", model, "--input", root, *FAST, "--out", tmp_path / "o"], capsys)
     assert code == 130 and seen == [1], err
     assert tree(tmp_path / "o" / "tweedie") == ["a_small.png"]
+
+
+# ------------------------------------------------------------------------------------------ logs
+
+
+def test_progress_to_a_file_is_occasional_lines_not_frames(tmp_path: Path) -> None:
+    """A command whose stderr is a file prints its progress bars as lines, at most one per 30 s per bar."""
+    import io
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from tdpm_dip.cli import ProgressLines, progress_as_lines
+
+    buf = io.StringIO()
+    lines = ProgressLines(buf)
+    for _ in tqdm(range(5), desc="work", file=lines, mininterval=0, leave=True):
+        pass
+    with tqdm(range(3), desc="gone", file=lines, mininterval=0, leave=False) as bar:
+        for _ in bar:
+            pass
+    text = buf.getvalue()
+    assert "\r" not in text and "\n\n" not in text and text.count("work") >= 2, text
+    assert all(ln.strip() for ln in text.splitlines())
+    old = sys.stderr
+    with open(tmp_path / "log", "w") as f:
+        sys.stderr = f
+        try:
+            with progress_as_lines():
+                assert isinstance(sys.stderr, ProgressLines)
+                for _ in tqdm(range(1000), desc="many"):
+                    pass
+        finally:
+            sys.stderr = old
+    log = (tmp_path / "log").read_text()
+    assert "\r" not in log and log.count("many") <= 3, log

@@ -121,7 +121,7 @@ def _gray_tensor(img: Image.Image) -> torch.Tensor | None:
 
 
 def read_native(
-    path: str | os.PathLike, max_pixels: int | None = None, what: str | None = None
+    path: str | os.PathLike, max_pixels: int | None = None, what: str | None = None, flag: str = "--max-megapixels"
 ) -> tuple[torch.Tensor, ImageKind]:
     """One file at its own size and kind: ([3, H, W] in [-1, 1], ImageKind). 16-bit grey stays 16-bit on the way
     in; transparent areas are composited over white (what the models saw) and the alpha kept in the kind. Raises
@@ -130,7 +130,7 @@ def read_native(
     try:
         with Image.open(path) as im:
             if max_pixels is not None:
-                check_pixels(*im.size, max_pixels, what or str(path))
+                check_pixels(*im.size, max_pixels, what or str(path), flag)
             kind = ImageKind.of(im)
             im.load()
             upright: Image.Image = ImageOps.exif_transpose(im)
@@ -449,7 +449,7 @@ def read_user_image_kind(
         if not path.is_file():
             raise UserError(f"{what}: no such file: {path.name}")
         try:
-            return read_native(path, max_pixels, f"{what} {path.name}")
+            return read_native(path, max_pixels, f"{what} {path.name}", flag="")
         except BadImage as e:
             reason = str(e).removeprefix(f"{path}: ")
             if reason not in ("not an image", "empty file") and "smaller than" not in reason:

@@ -25,6 +25,13 @@ ENSEMBLE_FULL_PIXELS = 256 * 256
 MAX_PIXELS = 16_000_000
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
 
+# ------------------------------------------------------------------ the app: what one request may cost
+APP_MAX_SIDE = 1024  # px on the long side of the image denoised (larger uploads are downscaled)
+APP_MAX_PIXELS = 512 * 512  # pixels of the image denoised (larger uploads are downscaled): ~20 s on one CPU core
+APP_MAX_UPLOAD_PIXELS = 16_000_000  # larger uploads are refused from their header, before any pixel is decoded
+APP_MAX_SECONDS = 120  # a request stops after this (checked between tiles)
+APP_QUEUE_SIZE = 8  # requests waiting at most (one computes at a time)
+
 # ------------------------------------------------------------------ generation
 N_GENERATE = 16  # images per `generate`
 GENERATE_DDIM_STEPS = 110  # generate --method ddim: TDPM-DIP's network evaluations (100 DIP it + T_trunc)

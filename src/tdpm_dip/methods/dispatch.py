@@ -89,7 +89,8 @@ def run_tiled(ctx: Context, method: str, job: Job, tiling: Tiling, shard: Shard 
         return res.images
 
     per_batch = max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2))
-    out = tiled(one_batch, noisy, tiling, per_batch * (shard.world if shard is not None else 1), ctx.progress)
+    batch = per_batch * (shard.world if shard is not None else 1)
+    out = tiled(one_batch, noisy, tiling, batch, ctx.progress, ctx.interrupt)
     first = results[0]
     info = dict(first.info) | {"tiles": tiling.count(h, w), "tile": f"{min(tiling.tile, w)}x{min(tiling.tile, h)}"}
     return Result(

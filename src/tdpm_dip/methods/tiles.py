@@ -72,12 +72,13 @@ def tiled(
     tiling: Tiling,
     batch_size: int,
     progress: bool = False,
+    check: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Apply `fn` to `images` [N, C, H, W] tile by tile and blend the results (same shape as `images`).
 
     `fn(tiles, which)` gets a batch of at most `batch_size` tiles [B, C, th, tw] and, for each, (image index, tile
     index), and returns the processed tiles. Tiles of all images are batched together; the accumulators are the
-    only full-size tensors made here."""
+    only full-size tensors made here. `check`, called before each batch, may raise to stop."""
     n, c, h, w = images.shape
     boxes = tiling.boxes(h, w)
     window = tiling.window(boxes[0][2], boxes[0][3])
@@ -88,6 +89,8 @@ def tiled(
     todo = [(i, k) for i in range(n) for k in range(len(boxes))]
     with tqdm(total=len(todo), desc="tiles", unit="tile", leave=False, disable=not progress) as bar:
         for lo in range(0, len(todo), batch_size):
+            if check is not None:
+                check()
             which = todo[lo : lo + batch_size]
             crops = torch.stack([_crop(images[i], boxes[k]) for i, k in which])
             out = fn(crops, which).float().cpu()

@@ -147,6 +147,13 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     else:  # one image in memory at a time
         sig = [s for f in files for s in blind_sigmas([f.load()], None)]
         echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in sig))
+        jpeg = [f.path.name for f in files if f.path.suffix.lower() in (".jpg", ".jpeg")]
+        if jpeg:
+            echo(
+                f"warning: {jpeg[0]}{f' and {len(jpeg) - 1} more' if len(jpeg) > 1 else ''}: JPEG compression "
+                "removes part of the noise, so the sigma read from a JPEG file comes out low; give --sigma if you "
+                "know it"
+            )
     tiled = sum(max(f.size) > tile_side(den.ctx) for f in files)
     echo(
         f"{len(files)} images from {opts.input}, each denoised at its own size"
