@@ -295,3 +295,11 @@ def test_progress_to_a_file_is_occasional_lines_not_frames(tmp_path: Path) -> No
             sys.stderr = old
     log = (tmp_path / "log").read_text()
     assert "\r" not in log and log.count("many") <= 3, log
+
+
+def test_help_texts_say_what_the_code_does(capsys: pytest.CaptureFixture) -> None:
+    """--dtype auto is bf16 on CPUs that compute bf16 natively (runtime.pick_amp); the DIP defaults name their use."""
+    code, out, _ = run(["denoise", "--help"], capsys)
+    text = " ".join(out.split()).replace("- ", "-")  # click wraps at hyphens
+    assert code == 0 and "auto = bf16 on GPUs and on CPUs that compute bf16 natively" in text
+    assert "(plugin)" not in text and "200 (blind tdpm-dip)" in text
