@@ -60,6 +60,9 @@ class GenerateOutput:
     result: Result = field(repr=False)
 
 
+API_ADVICE = "raise Denoiser.max_pixels to allow it"
+
+
 def _like(x: torch.Tensor, given: object, kind: ImageKind) -> object:
     """The output in the type and kind of its input: PIL for PIL or a path, an array for an array; grey stays grey
     (one channel), an alpha channel comes back unchanged, 16-bit grey stays 16-bit (`images.like`)."""
@@ -115,7 +118,7 @@ class Denoiser:
         Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, symmetries, t_trunc, declip.
         """
         given = list(images) if isinstance(images, (list, tuple)) else [images]
-        read = [read_user_image_kind(im, f"image {i}", self.max_pixels) for i, im in enumerate(given)]
+        read = [read_user_image_kind(im, f"image {i}", self.max_pixels, API_ADVICE) for i, im in enumerate(given)]
         x = [t for t, _ in read]
         if sigma is None or isinstance(sigma, (int, float)):
             sig = blind_sigmas(x, sigma)
@@ -145,7 +148,7 @@ class Denoiser:
         name = method or self.methods[0]
         registry.get("denoise", "blind", name)  # an unknown method fails before any work
         for i, x in enumerate(images):
-            check_pixels(x.shape[-1], x.shape[-2], self.max_pixels, f"image {i}")
+            check_pixels(x.shape[-1], x.shape[-2], self.max_pixels, f"image {i}", API_ADVICE)
         outputs: list[torch.Tensor | None] = [None] * len(images)
         seconds = nfe = 0.0
         sizes = [tuple(x.shape[-2:]) for x in images]

@@ -121,7 +121,10 @@ def _gray_tensor(img: Image.Image) -> torch.Tensor | None:
 
 
 def read_native(
-    path: str | os.PathLike, max_pixels: int | None = None, what: str | None = None, flag: str = "--max-megapixels"
+    path: str | os.PathLike,
+    max_pixels: int | None = None,
+    what: str | None = None,
+    advice: str = "give --max-megapixels to raise it",
 ) -> tuple[torch.Tensor, ImageKind]:
     """One file at its own size and kind: ([3, H, W] in [-1, 1], ImageKind). 16-bit grey stays 16-bit on the way
     in; transparent areas are composited over white (what the models saw) and the alpha kept in the kind. Raises
@@ -130,7 +133,7 @@ def read_native(
     try:
         with Image.open(path) as im:
             if max_pixels is not None:
-                check_pixels(*im.size, max_pixels, what or str(path), flag)
+                check_pixels(*im.size, max_pixels, what or str(path), advice)
             kind = ImageKind.of(im)
             im.load()
             upright: Image.Image = ImageOps.exif_transpose(im)
@@ -441,15 +444,16 @@ def read_user_image(image: ImageInput, what: str = "image", max_pixels: int | No
 
 
 def read_user_image_kind(
-    image: ImageInput, what: str = "image", max_pixels: int | None = None
+    image: ImageInput, what: str = "image", max_pixels: int | None = None, advice: str = ""
 ) -> tuple[torch.Tensor, ImageKind]:
-    """`read_user_image` with the image's kind (grey, alpha, bits), so that its result comes back alike."""
+    """`read_user_image` with the image's kind (grey, alpha, bits), so that its result comes back alike; over
+    `max_pixels` a one-line UserError ending with `advice` (how to raise the limit, where there is a way)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise UserError(f"{what}: no such file: {path.name}")
         try:
-            return read_native(path, max_pixels, f"{what} {path.name}", flag="")
+            return read_native(path, max_pixels, f"{what} {path.name}", advice)
         except BadImage as e:
             reason = str(e).removeprefix(f"{path}: ")
             if reason not in ("not an image", "empty file") and "smaller than" not in reason:
@@ -464,7 +468,7 @@ def read_user_image_kind(
     if not isinstance(image, Image.Image):
         raise UserError(f"{what}: not an image ({type(image).__name__})")
     if max_pixels is not None:
-        check_pixels(*image.size, max_pixels, what, flag="")
+        check_pixels(*image.size, max_pixels, what, advice)
     if min(image.size) < MIN_SIDE:
         raise UserError(f"{what}: image is {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px")
     kind = ImageKind.of(image).with_alpha(image)

@@ -5,7 +5,8 @@ paper.py     the report's oracle denoising protocol
 generate.py  generation: DDPM / DDIM from noise, amortized TDPM, TDPM-DIP (paper protocol)
 common.py    what they share: batching, chains grouped by level, the memoised DIP fit
 shard.py     a job's images split over the processes of `accelerate launch`
-dispatch.py  run(ctx, task, protocol, method, job): the registry's lookup, on one process or several
+dispatch.py  run(ctx, task, protocol, method, job): the registry's lookup, on one process or several;
+             run_native: blind denoising at the images' own size, large ones in tiles (tiles.py)
 """
 
 from .dispatch import run, run_native
