@@ -34,7 +34,12 @@ def main() -> None:
     ap.add_argument("--symmetries", type=int, default=1, help="ensemble symmetries (the same whole and tiled)")
     ap.add_argument("--cost-sides", default="", help="comma-separated sides for the cost per megapixel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--batch-size", type=int, default=8, help="tiles at once")
+    ap.add_argument("--batch-size", type=int, default=8, help="images at once")
+    ap.add_argument(
+        "--no-declip",
+        action="store_true",
+        help="no declip draws: whole and tiled then see the same observation (the tiles draw their own excess)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     den = Denoiser.from_pretrained(None, "cpu", "auto", args.batch_size)
@@ -49,7 +54,9 @@ def main() -> None:
         for label, tile in (("whole", 10**9), ("tiled", None)):
             den.tile = tile
             t0 = time.perf_counter()
-            out, _, _ = den.denoise_tensors([y], [args.sigma], "ensemble", [0], symmetries=args.symmetries)
+            out, _, _ = den.denoise_tensors(
+                [y], [args.sigma], "ensemble", [0], symmetries=args.symmetries, declip=not args.no_declip
+            )
             seconds = time.perf_counter() - t0
             scores[label] = peak_signal_noise_ratio(clean, to_uint8(out[0]), data_range=255)
             print(f"{path.name} | {label} | {scores[label]:.3f} dB | {seconds:.1f} s", flush=True)

@@ -303,3 +303,10 @@ def test_help_texts_say_what_the_code_does(capsys: pytest.CaptureFixture) -> Non
     text = " ".join(out.split()).replace("- ", "-")  # click wraps at hyphens
     assert code == 0 and "auto = bf16 on GPUs and on CPUs that compute bf16 natively" in text
     assert "(plugin)" not in text and "200 (blind tdpm-dip)" in text
+
+
+def test_prepare_data_names_both_files_that_share_a_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = colliding_folder(tmp_path / "in")
+    code, _, err = run(["prepare-data", "--source", root, "--test", "1", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "a.jpg and" in err and "a.png share the name 'a'" in err

@@ -39,9 +39,11 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
     if size < 0:
         raise UserError(f"--size must be >= 0, got {size}")
     if Path(source).exists():
-        files = {p.stem: p for p in list_images(source)}
-        if len(files) != len(list_images(source)):
-            raise UserError(f"{source}: two images share a name (their stems must differ)")
+        files: dict[str, Path] = {}
+        for p in list_images(source):  # the split is by name: two files of one name are one image twice
+            if p.stem in files:
+                raise UserError(f"{files[p.stem]} and {p} share the name {p.stem!r} (their stems must differ)")
+            files[p.stem] = p
         images = None
     else:
         hub = load_hub(source, size or 64)
