@@ -310,3 +310,31 @@ def test_prepare_data_names_both_files_that_share_a_name(tmp_path: Path, capsys:
     code, _, err = run(["prepare-data", "--source", root, "--test", "1", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert "a.jpg and" in err and "a.png share the name 'a'" in err
+
+
+def _png16_rgb(path: Path, a: np.ndarray) -> Path:
+    """A 48-bit RGB PNG (PIL writes none): signature, IHDR, one zlib IDAT of unfiltered rows, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = a.shape
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_16_bit_rgb_read_as_8_bits_says_so(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    _png16_rgb(tmp_path / "in" / "rgb16.png", rng.integers(0, 65536, (SIZE, SIZE, 3), dtype=np.uint16))
+    with pytest.warns(UserWarning, match="rgb16.png: 16 bits per sample, read and written with 8"):
+        code, _, err = run(
+            ["denoise", "--model", model, "--input", tmp_path / "in", *FAST, "--out", tmp_path / "o"], capsys
+        )
+    assert code == 0, err
