@@ -835,7 +835,7 @@ def _main(argv: list[str] | None) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
-        click.echo("interrupted: earlier outputs are intact", err=True)
+        click.echo("interrupted: finished outputs are kept, nothing half-written", err=True)
         sys.exit(143 if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated) else 130)
     except click.ClickException as e:
         e.show()

@@ -44,9 +44,10 @@ def size_multiple(ctx: Context) -> int:
 
 
 def tile_side(ctx: Context) -> int:
-    """Side of the tiles of a large image: TILE_FACTOR times the DDPM's trained size, a side the UNets accept."""
+    """Side of the tiles of a large image: TILE_FACTOR times the DDPM's trained size, rounded up to a side the UNets
+    accept, and at least two of those multiples (a deep UNet's tile is not all padding)."""
     m = size_multiple(ctx)
-    return max(m, TILE_FACTOR * unet_size(ctx.unet.config) // m * m)
+    return max(2 * m, -(-TILE_FACTOR * unet_size(ctx.unet.config) // m) * m)
 
 
 def run_native(ctx: Context, method: str, job: Job, shard: Shard | None = None, tile: int | None = None) -> Result:

@@ -161,7 +161,8 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     )
     out_dir = prepare_out_dir(opts.out, opts.overwrite or opts.resume) if main else Path(opts.out)
     key = _run_key(opts, den)
-    earlier = _earlier(out_dir, key, files, opts.methods) if opts.resume and main else {}
+    # every process reads it: under a launcher they must all skip the same images (they run the batches together)
+    earlier = _earlier(out_dir, key, files, opts.methods) if opts.resume else {}
     if earlier:
         echo(f"--resume: {len(earlier)} of {len(files)} images are done in {out_dir}; computing the rest")
     # 2. a batch of images at a time, each result written as it is made
