@@ -338,3 +338,15 @@ def test_16_bit_rgb_read_as_8_bits_says_so(model: Path, tmp_path: Path, capsys: 
             ["denoise", "--model", model, "--input", tmp_path / "in", *FAST, "--out", tmp_path / "o"], capsys
         )
     assert code == 0, err
+
+
+def test_sigma_estimated_from_a_jpeg_comes_with_a_warning(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "in").mkdir()
+    noisy_image(0, (32, 32)).save(tmp_path / "in" / "a.jpg", quality=90)
+    args = ["denoise", "--model", model, "--input", tmp_path / "in", "--method", "tweedie", "--threads", "1"]
+    code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 0 and "a.jpg: JPEG compression removes part of the noise" in err, err
+    code, _, err = run([*args, "--sigma", "25", "--out", tmp_path / "o2"], capsys)
+    assert code == 0 and "JPEG" not in err, err
