@@ -74,7 +74,7 @@ GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: it holds an array (no tuple equality, no hash)
 class ImageKind:
     """How a user's image stores its pixels, so that its result is handed back the same way (`images.like`):
     one channel or three, an alpha channel (passed through unchanged), 8 or 16 bits per sample."""
@@ -297,7 +297,7 @@ def load_images(
     return load_hub(str(source), size, fill, limit=limit)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NativeFile:
     """A user's file to denoise at its own size: its output name (`file_names`), path, size (w, h) and kind."""
 
