@@ -105,15 +105,16 @@ def budget_text(max_side: int, max_seconds: float) -> str:
 
 def _session_alive(holder: dict, request: gr.Request | None) -> Callable[[], bool]:
     """Whether the visitor who sent `request` still waits for it: Gradio marks a request's job dead when its page
-    disconnects (Queue.clean_events); nothing to ask outside a queued request."""
+    disconnects (Queue.clean_events) and drops it from the active jobs when it is cancelled (/cancel), while the
+    handler's thread runs on. Outside a queued request (or another Gradio's internals) there is nothing to ask."""
 
     def alive() -> bool:
         page, session = holder.get("page"), getattr(request, "session_hash", None)
-        queue = getattr(page, "_queue", None)
-        if queue is None or session is None:
+        active = getattr(getattr(page, "_queue", None), "active_jobs", None)
+        if active is None or session is None:
             return True
-        jobs = [ev for job_set in getattr(queue, "active_jobs", []) if job_set for ev in job_set]
-        return all(getattr(ev, "alive", True) for ev in jobs if getattr(ev, "session_hash", None) == session)
+        mine = [ev for job_set in active if job_set for ev in job_set if getattr(ev, "session_hash", None) == session]
+        return any(getattr(ev, "alive", True) for ev in mine)
 
     return alive
 
