@@ -27,7 +27,7 @@ NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to
 
 # ------------------------------------------------------------------ the app: what one request may cost
 APP_MAX_SIDE = 1024  # px on the long side of the image denoised (larger uploads are downscaled)
-APP_MAX_PIXELS = 512 * 512  # pixels of the image denoised (larger uploads are downscaled): ~20 s on one CPU core
+APP_MAX_PIXELS = 512 * 512  # pixels of the image denoised (larger uploads are downscaled): 27-33 s, the default method
 APP_MAX_UPLOAD_PIXELS = 16_000_000  # larger uploads are refused from their header, before any pixel is decoded
 APP_MAX_SECONDS = 120  # a request stops after this (checked between tiles)
 APP_QUEUE_SIZE = 8  # requests waiting at most (one computes at a time)
