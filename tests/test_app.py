@@ -239,8 +239,45 @@ def test_a_generator_makes_tdpm_available(tmp_path: Path) -> None:
     g = generate_handler(m, "tdpm", n=2, seed=3)
     assert g.info["nfe"] == 4 and g.images.shape == (2, 3, SIZE, SIZE)
     assert torch.equal(generate_handler(m, "tdpm", n=2, seed=3).images, g.images)
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(UserError) as e:  # a T_trunc the generator was not trained for: no server path
         generate_handler(m, "tdpm", n=1, t_trunc=5)
+    assert str(e.value) == "T_trunc 5 does not match the loaded generator's 3" and str(tmp_path) not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ budget and messages
+
+
+def test_requests_keep_to_their_budget(models: AppModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large upload is denoised at the pixel budget; past the time budget the work stops between tiles with one
+    line; a visitor who left cancels it; an upload over the upload limit is refused from its header."""
+    from tdpm_dip import app
+
+    noisy, _ = _noisy_png(tmp_path, 120, 160, seed=5)
+    d = denoise_handler(models, str(noisy), "tweedie", sigma=25.0, max_pixels=60 * 80)
+    assert d.image.shape == (60, 80, 3) and "Mpx" in d.notices[0]
+    with pytest.raises(UserError, match="more than the 0 s a request may take here"):
+        denoise_handler(models, str(noisy), "tweedie", sigma=25.0, max_seconds=0)
+    with pytest.raises(app.Cancelled):
+        denoise_handler(models, str(noisy), "tweedie", sigma=25.0, alive=lambda: False)
+    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 1000)
+    with pytest.raises(UserError) as e:
+        denoise_handler(models, str(noisy), "tweedie", sigma=25.0)
+    assert str(e.value).startswith("noisy image noisy5.png is 160x120 px") and "--" not in str(e.value)
+
+
+def test_page_messages_are_for_the_page(models: AppModels, tmp_path: Path) -> None:
+    """No CLI options, no exception names, no Python-level failure for out-of-range numbers."""
+    noisy, _ = _noisy_png(tmp_path, 24, 24, seed=6)
+    for seed in (2**70, -1, "x"):
+        with pytest.raises(UserError, match="seed must be"):
+            denoise_handler(models, str(noisy), "tweedie", sigma=25.0, seed=seed)  # type: ignore[arg-type]
+        with pytest.raises(UserError, match="seed must be"):
+            generate_handler(models, "ddim", n=1, seed=seed, steps=2)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="steps must be in 1..1000"):
+        generate_handler(models, "ddim", n=1, steps=10**9)
+    with pytest.raises(UserError) as e:
+        denoise_handler(models, np.full((24, 24, 3), 128, np.uint8), "tweedie")
+    assert "--sigma" not in str(e.value) and "enter its sigma" in str(e.value)
 
 
 def test_restore_handlers_upscale_and_inpaint(models: AppModels) -> None:

@@ -126,7 +126,7 @@ def good_folder(tmp_path: Path) -> Path:
 
 def test_sorted_deterministic_order(good_folder: Path) -> None:
     a, b = load_images(good_folder, 16), load_images(good_folder, 16)
-    assert a.names == ["a", "b", "c"]
+    assert a.names == ["a", "b", "sub/c"]  # the path under the folder: sub-folders never collide
     assert torch.equal(a.images, b.images) and a.images.shape == (3, 3, 16, 16)
     assert a.images.min() >= -1 and a.images.max() <= 1
 
@@ -145,7 +145,7 @@ def test_bad_files_name_the_path(good_folder: Path, kind: str) -> None:
         load_images(good_folder, 16)
     with pytest.warns(UserWarning, match="zz_bad.png"):
         kept = load_images(good_folder, 16, skip_bad=True)
-    assert kept.names == ["a", "b", "c"]
+    assert kept.names == ["a", "b", "sub/c"]
 
 
 def test_empty_and_missing_folders(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ def test_the_shipped_generator_belongs_to_the_shipped_ddpm_and_is_the_default(
         assert code == 0, err
         res = json.loads((tmp_path / name / "result.json").read_text())
         assert (res["method"], res["nfe"], res["generator"]) == ("tdpm", 11, str(path)), res
+        assert res["reverse_steps"] == 10  # the chain's steps, as the model card says; the generator's call is in nfe
         assert res["model"] == str(embedded.default_ddpm()) and res["t_trunc"] == 400
         outs.append([np.asarray(Image.open(p)) for p in sorted((tmp_path / name / "images").glob("*.png"))])
     assert all(np.array_equal(x, y) for x, y in zip(*outs)) and not np.array_equal(outs[0][0], outs[0][1])

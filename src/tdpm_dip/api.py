@@ -13,6 +13,7 @@ run the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -25,11 +26,11 @@ import torch
 from PIL import Image
 
 from . import defaults, embedded, registry
-from .data import ImageInput, read_user_image
+from .data import ImageInput, ImageKind, read_user_image_kind
 from .embedded import resolve_generator
-from .errors import UserError, check_positive, check_sigma
+from .errors import UserError, check_pixels, check_positive, check_sigma
 from .generator import load_generator
-from .images import to_uint8
+from .images import like, to_uint8
 from .methods import Context, Job, Result, run, run_native, run_restore
 from .methods.observe import blind_sigmas
 from .methods.shard import Shard
@@ -40,7 +41,8 @@ from .runtime import load_context
 
 @dataclass
 class DenoiseOutput:
-    """Denoised images (the inputs' sizes and types: PIL in, PIL out; arrays in, uint8 arrays out) and their cost."""
+    """Denoised images (the inputs' sizes, types and kinds: PIL in, PIL out; arrays in, arrays out; grey, alpha and
+    16-bit grey as they came) and their cost."""
 
     images: list
     method: str
@@ -63,17 +65,25 @@ class GenerateOutput:
     result: Result = field(repr=False)
 
 
-def _like(x: torch.Tensor, given: object) -> object:
-    """The output in the type of its input: PIL for PIL or a path, a uint8 array for an array."""
-    a = to_uint8(x)
-    return a if isinstance(given, np.ndarray) else Image.fromarray(a)
+API_ADVICE = "raise Denoiser.max_pixels to allow it"
+
+
+def _like(x: torch.Tensor, given: object, kind: ImageKind) -> object:
+    """The output in the type and kind of its input: PIL for PIL or a path, an array for an array; grey stays grey
+    (one channel), an alpha channel comes back unchanged, 16-bit grey stays 16-bit (`images.like`)."""
+    img = like(x, kind.gray, kind.bits, kind.alpha)
+    return np.asarray(img) if isinstance(given, np.ndarray) else img
 
 
 class Denoiser:
     """Blind denoising with a DDPM prior: only the noisy image (and, if known, its noise level) is used."""
 
-    def __init__(self, ctx: Context, shard: Shard | None = None, name: str = "") -> None:
+    def __init__(
+        self, ctx: Context, shard: Shard | None = None, name: str = "", max_pixels: int = defaults.MAX_PIXELS
+    ) -> None:
         self.ctx, self.shard, self.name = ctx, shard, name
+        self.max_pixels = max_pixels  # larger images are refused before any work (`check_pixels`)
+        self.tile: int | None = None  # side of the tiles of large images; None: `methods.dispatch.tile_side`
 
     @classmethod
     def from_pretrained(
@@ -113,7 +123,8 @@ class Denoiser:
         Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, symmetries, t_trunc, declip.
         """
         given = list(images) if isinstance(images, (list, tuple)) else [images]
-        x = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]
+        read = [read_user_image_kind(im, f"image {i}", self.max_pixels, API_ADVICE) for i, im in enumerate(given)]
+        x = [t for t, _ in read]
         if sigma is None or isinstance(sigma, (int, float)):
             sig = blind_sigmas(x, sigma)
         else:
@@ -124,7 +135,13 @@ class Denoiser:
                 raise UserError(f"{len(sig)} sigmas for {len(x)} images: give one, or one per image")
         out, seconds, nfe = self.denoise_tensors(x, sig, method, list(range(seed, seed + len(x))), **options)
         return DenoiseOutput(
-            [_like(o, g) for o, g in zip(out, given)], method or self.methods[0], sig, sigma is None, seconds, nfe, out
+            [_like(o, g, k) for o, g, (_, k) in zip(out, given, read)],
+            method or self.methods[0],
+            sig,
+            sigma is None,
+            seconds,
+            nfe,
+            out,
         )
 
     def denoise_tensors(
@@ -135,6 +152,8 @@ class Denoiser:
         Images of one size run together (`methods.run_native`), each with its own seed and sigma."""
         name = method or self.methods[0]
         registry.get("denoise", "blind", name)  # an unknown method fails before any work
+        for i, x in enumerate(images):
+            check_pixels(x.shape[-1], x.shape[-2], self.max_pixels, f"image {i}", API_ADVICE)
         outputs: list[torch.Tensor | None] = [None] * len(images)
         seconds = nfe = 0.0
         sizes = [tuple(x.shape[-2:]) for x in images]
@@ -146,7 +165,7 @@ class Denoiser:
                 sigma=tuple(sigmas[i] for i in idx),
                 **options,  # type: ignore[arg-type]
             )
-            res = run_native(self.ctx, name, job, self.shard)
+            res = run_native(self.ctx, name, job, self.shard, self.tile)
             for k, i in enumerate(idx):
                 outputs[i] = res.images[k]
             seconds += res.seconds
@@ -294,9 +313,12 @@ class Restorer:
         """Upscale low-resolution images (paths, PIL images or uint8 arrays) by `scale` (2 or 4); sigma: their noise
         std on the 0..255 scale. Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, t_trunc."""
         given = list(images) if isinstance(images, (list, tuple)) else [images]
-        y = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]
+        read = [read_user_image_kind(im, f"image {i}") for i, im in enumerate(given)]
+        y = [x for x, _ in read]
+        # An alpha channel has the input's size, not the output's: it is not carried over.
+        kinds = [dataclasses.replace(k, alpha=None) for _, k in read]
         ops: list[Operator] = [Downsample(scale, x.shape[-2] * scale, x.shape[-1] * scale) for x in y]
-        return self._output(given, y, ops, "sr", method, sigma, seed, options)
+        return self._output(given, kinds, y, ops, "sr", method, sigma, seed, options)
 
     def inpaint(
         self,
@@ -309,17 +331,19 @@ class Restorer:
     ) -> RestoreOutput:
         """Fill the unknown pixels of images; masks: one for all or one per image, white (1) = known."""
         given = list(images) if isinstance(images, (list, tuple)) else [images]
-        x = [read_user_image(im, f"image {i}") for i, im in enumerate(given)]
+        read = [read_user_image_kind(im, f"image {i}") for i, im in enumerate(given)]
+        x = [im for im, _ in read]
         mk = list(masks) if isinstance(masks, (list, tuple)) else [masks] * len(x)
         if len(mk) != len(x):
             raise UserError(f"{len(mk)} masks for {len(x)} images: give one, or one per image")
         ops: list[Operator] = [Inpaint(read_mask(m, (im.shape[-2], im.shape[-1]))[None]) for m, im in zip(mk, x)]
         y = [op.A(im[None])[0] for op, im in zip(ops, x)]
-        return self._output(given, y, ops, "inpaint", method, sigma, seed, options)
+        return self._output(given, [k for _, k in read], y, ops, "inpaint", method, sigma, seed, options)
 
     def _output(
         self,
         given: list,
+        kinds: list[ImageKind],
         y: list[torch.Tensor],
         ops: list[Operator],
         operator: str,
@@ -330,7 +354,7 @@ class Restorer:
     ) -> RestoreOutput:
         name = method or self.methods(operator)[0]
         out, seconds, nfe = self.restore_tensors(y, ops, name, list(range(seed, seed + len(y))), sigma, **options)
-        return RestoreOutput([_like(o, g) for o, g in zip(out, given)], name, seconds, nfe, out)
+        return RestoreOutput([_like(o, g, k) for o, g, k in zip(out, given, kinds)], name, seconds, nfe, out)
 
     def restore_tensors(
         self,

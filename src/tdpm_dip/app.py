@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +31,53 @@ from .generator import load_generator
 from .images import make_grid, save_png, to_uint8
 from .methods.observe import add_noise, blind_sigmas
 from .metrics import psnr, ssim
-from .noise import check_t_trunc
+from .noise import check_t_trunc, num_levels
 from .registry import Method
 from .runtime import dip_config, load_context
 
-MAX_SIDE = 1024  # uploads longer than this on their long side are downscaled (with a notice)
+# What one request may cost (the page states them): an upload is read only up to MAX_UPLOAD_PIXELS (a larger one
+# is refused from its header, before its pixels are decoded), then denoised at up to MAX_PIXELS (larger ones are
+# downscaled, with a notice) and stopped after MAX_SECONDS; QUEUE_SIZE requests wait at most, one computes.
+MAX_SIDE = defaults.APP_MAX_SIDE
+MAX_PIXELS = defaults.APP_MAX_PIXELS
+MAX_UPLOAD_PIXELS = defaults.APP_MAX_UPLOAD_PIXELS
+MAX_SECONDS = defaults.APP_MAX_SECONDS
+QUEUE_SIZE = defaults.APP_QUEUE_SIZE
 MAX_N = 64  # images per generated grid
+MAX_SEED = 2**63 - 1 - MAX_N  # image i uses seed + i: every seed a torch generator takes
+
+
+class Cancelled(Exception):
+    """The visitor left: the work for a request nobody waits for stops between tiles."""
+
+
+def budget_check(max_seconds: float, alive: Callable[[], bool] | None = None) -> Callable[[], None]:
+    """A `Context.interrupt` for one request: a one-line UserError past `max_seconds`, Cancelled once `alive`
+    says the visitor has gone."""
+    deadline = time.monotonic() + max_seconds
+
+    def check() -> None:
+        if alive is not None and not alive():
+            raise Cancelled
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"stopped: this image needs more than the {max_seconds:g} s a request may take here; "
+                "try a smaller image or a cheaper method"
+            )
+
+    return check
+
+
+def check_seed(seed: object, n: int = 1) -> int:
+    """The page's seed: an integer in 0..MAX_SEED (image i uses seed + i)."""
+    try:
+        value = int(seed)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"seed must be a whole number, got {seed!r}") from None
+    if not 0 <= value <= MAX_SEED - n:
+        raise UserError(f"seed must be in 0..{MAX_SEED - n}, got {value}")
+    return value
+
 
 Progress = Callable[[float, str], None]  # (fraction done, what is being done)
 
@@ -111,17 +154,18 @@ def method_label(m: Method) -> str:
 # ------------------------------------------------------------------------------------------ images
 
 
-def fit_side(x: torch.Tensor, max_side: int) -> tuple[torch.Tensor, str | None]:
-    """Downscale [3, H, W] so that its long side is at most `max_side` (Lanczos, aspect kept);
-    returns the image and a notice when it was downscaled."""
+def fit_side(x: torch.Tensor, max_side: int, max_pixels: int | None = None) -> tuple[torch.Tensor, str | None]:
+    """Downscale [3, H, W] so that its long side is at most `max_side` and its area at most `max_pixels` (Lanczos,
+    aspect kept); returns the image and a notice when it was downscaled."""
     h, w = x.shape[-2:]
-    if max(h, w) <= max_side:
+    scale = min(1.0, max_side / max(h, w), math.sqrt(max_pixels / (h * w)) if max_pixels else 1.0)
+    if scale >= 1.0:
         return x, None
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
     small = Image.fromarray(to_uint8(x)).resize(size, Image.Resampling.LANCZOS)
+    limit = f"{max_side} px" + (f" and {max_pixels / 1e6:.2g} Mpx" if max_pixels else "")
     return pil_to_tensor(small), (
-        f"the upload is {w}x{h} px, over the {max_side} px limit: denoised at "
+        f"the upload is {w}x{h} px, over the {limit} limit: denoised at "
         f"{size[0]}x{size[1]} px (downscaling also lowers the noise level)"
     )
 
@@ -157,11 +201,16 @@ def denoise_handler(
     method: str | None = None,
     sigma: float | None = None,
     clean: ImageInput | None = None,
-    seed: int = 0,
+    seed: float = 0,
     max_side: int = MAX_SIDE,
     progress: Progress | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_seconds: float = MAX_SECONDS,
+    alive: Callable[[], bool] | None = None,
 ) -> Denoised:
-    """Blind denoising of one upload at its own size (`api.Denoiser`, as `denoise --input` does).
+    """Blind denoising of one upload at its own size (`api.Denoiser`, as `denoise --input` does), within the
+    request's budget: at most `max_pixels` (larger uploads downscaled) and `max_seconds` (checked between tiles);
+    `alive() == False` (the visitor left) stops it too (`Cancelled`).
 
     sigma None: estimated (`observe.blind_sigmas`). `clean`, when given, only scores PSNR/SSIM.
     """
@@ -174,21 +223,24 @@ def denoise_handler(
         raise UserError("upload a noisy image first")
     check_positive("max side", max_side)
     check_sigma(sigma, "sigma")
+    seed = check_seed(seed)
+    check = budget_check(max_seconds, alive)
     report(0.0, "reading the image")
-    x, notice = fit_side(read_user_image(noisy, "noisy image"), max_side)
+    x, notice = fit_side(read_user_image(noisy, "noisy image", MAX_UPLOAD_PIXELS), max_side, max_pixels)
     ref = None
     if clean is not None:
-        ref = fit_side(read_user_image(clean, "clean image"), max_side)[0]
+        ref = fit_side(read_user_image(clean, "clean image", MAX_UPLOAD_PIXELS), max_side, max_pixels)[0]
         if ref.shape != x.shape:
             raise UserError(
                 f"the clean image is {ref.shape[-1]}x{ref.shape[-2]} px, the noisy one "
                 f"{x.shape[-1]}x{x.shape[-2]} px: they must have the same size"
             )
     report(0.05, "estimating sigma" if sigma is None else "denoising")
-    sig = blind_sigmas([x], sigma)
+    sig = blind_sigmas([x], sigma, "enter its sigma")
     with models.lock:
+        check()  # the wait for the lock counts: a request nobody waits for any more does not start
         # A fresh DIP memo per request: the shared context must not keep every upload's fit alive.
-        den = dataclasses.replace(models.denoiser.ctx, dip_memo={})
+        den = dataclasses.replace(models.denoiser.ctx, dip_memo={}, interrupt=check, progress=False)
         report(0.1, f"denoising with {method}")
         (out,), seconds, nfe = Denoiser(den, models.denoiser.shard).denoise_tensors([x], sig, method, [seed])
     if not torch.isfinite(out).all():
@@ -327,7 +379,7 @@ def generate_handler(
     models: AppModels,
     method: str | None = None,
     n: int = 4,
-    seed: int = 0,
+    seed: float = 0,
     steps: float | None = None,
     t_trunc: float | None = None,
     progress: Progress | None = None,
@@ -338,16 +390,20 @@ def generate_handler(
     method = method or models.generator.methods[0]
     if method not in names:
         raise UserError(f"unknown generation method {method!r}; choose {', '.join(names)}")
-    n, seed = int(n), int(seed)
+    n = int(n)
     if not 1 <= n <= MAX_N:
         raise UserError(f"n must be in 1..{MAX_N}, got {n}")
-    if seed < 0:
-        raise UserError(f"seed must be >= 0, got {seed}")
+    seed = check_seed(seed, n)
+    levels = num_levels(models.generator.ctx.scheduler)
     if steps is not None:
         steps = int(steps)
-        check_positive("steps", steps)
+        if not 1 <= steps <= levels:
+            raise UserError(f"steps must be in 1..{levels}, got {steps}")
+    loaded = models.generator.ctx.generator
     if t_trunc is not None:
         t_trunc = check_t_trunc(models.generator.ctx.scheduler, int(t_trunc))
+        if method == "tdpm" and loaded is not None and t_trunc != loaded.t_trunc:
+            raise UserError(f"T_trunc {t_trunc} does not match the loaded generator's {loaded.t_trunc}")
     with models.lock:
         report(0.0, f"generating {n} images with {method}")
         res = models.generator.generate(n, seed, method, ddim_steps=steps, t_trunc=t_trunc).result

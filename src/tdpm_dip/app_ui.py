@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import defaults, registry
 from .app import (
     MAX_N,
+    MAX_PIXELS,
+    MAX_SECONDS,
     MAX_SIDE,
+    MAX_UPLOAD_PIXELS,
+    QUEUE_SIZE,
     AppModels,
+    Cancelled,
     denoise_handler,
     denoise_methods,
     denoise_summary,
@@ -59,38 +65,108 @@ def _page_errors() -> Iterator[None]:
         yield
     except UserError as e:
         raise gr.Error(str(e), title="Cannot do that", duration=None, print_exception=False) from None
+    except Cancelled:  # nobody is waiting for the answer
+        raise gr.Error("cancelled: the page was closed", print_exception=False) from None
     except gr.Error:
         raise
-    except Exception as e:
+    except Exception:
         traceback.print_exc()
-        raise gr.Error(f"internal error ({type(e).__name__}): {e}", duration=None, print_exception=False) from None
+        raise gr.Error(
+            "internal error: the server could not finish this request (its console has the details)",
+            duration=None,
+            print_exception=False,
+        ) from None
+
+
+class Results:
+    """The folder of one server's result PNGs (downloads): at most KEEP files, removed with the server."""
+
+    KEEP = 16
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="tdpm-dip-results-"))
+        self.count = 0
+
+    def path(self, name: str) -> Path:
+        """A new file's path (its own sub-folder, so the download keeps `name`); the oldest beyond KEEP go."""
+        self.count += 1
+        old = sorted(self.folder.iterdir(), key=lambda p: int(p.name))[: max(0, self.count - self.KEEP)]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+        sub = self.folder / str(self.count)
+        sub.mkdir()
+        return sub / name
+
+
+def budget_text(max_side: int, max_seconds: float) -> str:
+    """What one request may cost, as the page states it."""
+    pixels = min(MAX_PIXELS, max_side * max_side)
+    return (
+        f"Each request: uploads up to {MAX_UPLOAD_PIXELS / 1e6:g} Mpx, denoised at up to {pixels / 1e6:.2g} Mpx "
+        f"and {max_side} px a side (larger ones are downscaled, with a notice); it stops after {max_seconds:g} s. "
+        f"One request computes at a time and at most {QUEUE_SIZE} wait; closing the page cancels yours. "
+        f"Upscaled and inpainted results are at most {defaults.APP_RESTORE_MAX_PIXELS / 1e6:.2g} Mpx."
+    )
+
+
+def _session_alive(holder: dict, request: gr.Request | None) -> Callable[[], bool]:
+    """Whether the visitor who sent `request` still waits for it: Gradio marks a request's job dead when its page
+    disconnects (Queue.clean_events) and drops it from the active jobs when it is cancelled (/cancel), while the
+    handler's thread runs on. Outside a queued request (or another Gradio's internals) there is nothing to ask."""
+
+    def alive() -> bool:
+        page, session = holder.get("page"), getattr(request, "session_hash", None)
+        active = getattr(getattr(page, "_queue", None), "active_jobs", None)
+        if active is None or session is None:
+            return True
+        mine = [ev for job_set in active if job_set for ev in job_set if getattr(ev, "session_hash", None) == session]
+        return any(getattr(ev, "alive", True) for ev in mine)
+
+    return alive
 
 
 def _gr_progress(progress: gr.Progress):
     return lambda frac, desc: progress(frac, desc=desc)
 
 
-def build_ui(models: AppModels, max_side: int = MAX_SIDE, examples_dir: str | None = None) -> gr.Blocks:
-    """The page: a Denoise tab and a Generate tab, their method lists read from the registry."""
+def build_ui(
+    models: AppModels,
+    max_side: int = MAX_SIDE,
+    examples_dir: str | None = None,
+    results: Results | None = None,
+    max_seconds: float = MAX_SECONDS,
+) -> gr.Blocks:
+    """The page: Denoise, Upscale, Inpaint and Generate tabs, their method lists read from the registry."""
     den, gen = (Path(m.name).name or m.name for m in (models.denoiser, models.generator))
+    results = results or Results()
+    holder: dict = {}  # the page, for the handlers' "is the visitor still there" check
     with gr.Blocks(title="tdpm-dip", analytics_enabled=False) as page:
         gr.Markdown(
             f"# tdpm-dip\nDenoise with DDPM **{den}**, generate with **{gen}**, on {models.ctx.device}. "
             "Blind denoising uses the noisy image only. Everything runs on this machine; nothing is sent "
-            "elsewhere."
+            "elsewhere.\n\n" + budget_text(max_side, max_seconds),
+            elem_id="budget",
         )
         with gr.Tab("Denoise"):
-            _denoise_tab(models, max_side, examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-"))
+            _denoise_tab(
+                models,
+                max_side,
+                examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-"),
+                results,
+                max_seconds,
+                holder,
+            )
         with gr.Tab("Upscale"):
-            _restore_tab(models, "sr")
+            _restore_tab(models, "sr", results)
         with gr.Tab("Inpaint"):
-            _restore_tab(models, "inpaint")
+            _restore_tab(models, "inpaint", results)
         with gr.Tab("Generate"):
             _generate_tab(models)
+    holder["page"] = page
     return page
 
 
-def _restore_tab(models: AppModels, task: str) -> None:
+def _restore_tab(models: AppModels, task: str, results: Results) -> None:
     """Upscale: upload a low-resolution image and pick the scale. Inpaint: upload an image and paint the pixels to
     fill in the editor. The methods are the registry's restorers that the loaded DDPM can run."""
     names = restore_methods(models, task)
@@ -116,10 +192,11 @@ def _restore_tab(models: AppModels, task: str) -> None:
                 int(scale),
                 method,
                 float(sigma or 0),
-                int(seed or 0),
+                int(seed) if seed is not None else 0,
+                defaults.APP_RESTORE_MAX_PIXELS,
                 progress=_gr_progress(progress),
             )
-            png = Path(tempfile.mkdtemp(prefix="tdpm-dip-result-")) / f"{task}_{r.info['method']}.png"
+            png = results.path(f"{task}_{r.info['method']}.png")
             save_png(r.image, png)
             return r.input, r.image, restore_summary(r), str(png)
 
@@ -177,7 +254,9 @@ def _restore_tab(models: AppModels, task: str) -> None:
     button.click(run, [source, scale, method, sigma, seed], [shown, result, summary, download])
 
 
-def _denoise_tab(models: AppModels, max_side: int, examples_dir: str) -> None:
+def _denoise_tab(
+    models: AppModels, max_side: int, examples_dir: str, results: Results, max_seconds: float, holder: dict
+) -> None:
     """Upload (or pick an example), choose a blind method and sigma; the result at the upload's size."""
     den = denoise_methods()
 
@@ -187,14 +266,24 @@ def _denoise_tab(models: AppModels, max_side: int, examples_dir: str) -> None:
         method: str,
         sigma: str | None,
         seed: float | None,
+        request: gr.Request,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
     ):
         with _page_errors():
             d = denoise_handler(
-                models, noisy, method, parse_sigma(sigma), clean, int(seed or 0), max_side, _gr_progress(progress)
+                models,
+                noisy,
+                method,
+                parse_sigma(sigma),
+                clean,
+                seed if seed is not None else 0,
+                max_side,
+                _gr_progress(progress),
+                max_seconds=max_seconds,
+                alive=_session_alive(holder, request),
             )
             stem = Path(noisy).stem if noisy else "image"
-            png = Path(tempfile.mkdtemp(prefix="tdpm-dip-result-")) / f"{stem}_{d.info['method']}.png"
+            png = results.path(f"{stem}_{d.info['method']}.png")
             save_png(d.image, png)
             return d.input, d.image, denoise_summary(d), str(png)
 
@@ -271,7 +360,9 @@ def _generate_tab(models: AppModels) -> None:
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
     ):
         with _page_errors():
-            g = generate_handler(models, method, int(n), int(seed or 0), steps, t_trunc, _gr_progress(progress))
+            g = generate_handler(
+                models, method, int(n), seed if seed is not None else 0, steps, t_trunc, _gr_progress(progress)
+            )
             return g.grid, generate_summary(g)
 
     with gr.Row():
@@ -309,12 +400,20 @@ def _generate_tab(models: AppModels) -> None:
     gbutton.click(run_generate, [gmethod, n, gseed, steps, t_trunc], [grid, gsummary])
 
 
-def launch(models: AppModels, host: str = "127.0.0.1", port: int = 7860, max_side: int = MAX_SIDE) -> None:
-    """Serve the page until Ctrl-C: one request computes at a time, no share link, no analytics."""
+def launch(
+    models: AppModels,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_side: int = MAX_SIDE,
+    max_seconds: float = MAX_SECONDS,
+) -> None:
+    """Serve the page until Ctrl-C: one request computes at a time, at most QUEUE_SIZE wait, each within its budget
+    (`budget_text`); no share link, no analytics; the server's temporary folders go with it."""
     examples_dir = tempfile.mkdtemp(prefix="tdpm-dip-examples-")
-    page = build_ui(models, max_side, examples_dir)
-    page.queue(default_concurrency_limit=1)
+    results = Results()
     try:
+        page = build_ui(models, max_side, examples_dir, results, max_seconds)
+        page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
         page.launch(
             server_name=host,
             server_port=port,
@@ -329,3 +428,6 @@ def launch(models: AppModels, host: str = "127.0.0.1", port: int = 7860, max_sid
         )
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {str(e).splitlines()[0]}") from None
+    finally:
+        for folder in (examples_dir, results.folder):
+            shutil.rmtree(folder, ignore_errors=True)

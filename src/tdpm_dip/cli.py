@@ -8,7 +8,9 @@ code 2; Ctrl-C is exit code 130, SIGTERM 143, with earlier outputs intact (resul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import pathlib
 import sys
@@ -46,11 +48,17 @@ def echo(msg: str) -> None:
         click.echo(msg, err=True)
 
 
+# What each use of the DIP in defaults.DIP is, in --help's words.
+DIP_USES = {"paper": "paper protocol", "blind": "blind dip", "plugin": "blind tdpm-dip"}
+
+
 def _dip_default_text(field: str) -> str:
     """The DIP defaults of defaults.DIP, rendered for --help (the table is their only home)."""
-    text = ", ".join(f"{cfg[field]:g} ({use})" for use, cfg in defaults.DIP.items())
+    text = ", ".join(f"{cfg[field]:g} ({DIP_USES.get(use, use)})" for use, cfg in defaults.DIP.items())
     over = [
-        f"{v[field]:g} ({use}, {preset})" for (use, preset), v in defaults.DIP_PRESET_OVERRIDES.items() if field in v
+        f"{v[field]:g} ({DIP_USES.get(use, use)}, {preset})"
+        for (use, preset), v in defaults.DIP_PRESET_OVERRIDES.items()
+        if field in v
     ]
     return text + (f"; {', '.join(over)}" if over else "")
 
@@ -69,7 +77,8 @@ def compute_options(f: F) -> F:
                 "--dtype",
                 type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                 default="auto",
-                help="Autocast dtype for networks: auto = bf16 on GPU, fp32 on CPU.",
+                help="Autocast dtype for networks: auto = bf16 on GPUs and on CPUs that compute bf16 natively "
+                "(AVX512-BF16 or AMX), else fp32.",
             ),
             click.option(
                 "--batch-size",
@@ -338,6 +347,19 @@ def generate(threads: int, **kwargs: object) -> None:
 )
 @click.option("--n", "n", type=int, default=None, help="Use only the first N images.")
 @click.option("--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping.")
+@click.option(
+    "--max-megapixels",
+    type=float,
+    default=defaults.MAX_PIXELS / 1e6,
+    help="--input: refuse larger images before any work (a large image runs in tiles, its time in proportion to "
+    "its pixels: about 40-70 s per megapixel and network call on one CPU core).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="--input: keep the images an interrupted run into --out finished (metrics.json marks them) and compute "
+    "only the rest, with the same options.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @dip_options
 @compute_options
@@ -836,8 +858,16 @@ def demo_cmd(device: str, threads: int, size: int | None, **kwargs: object) -> N
 @click.option(
     "--max-side",
     type=int,
-    default=1024,
-    help="Uploads longer than this (px) on their long side are downscaled first, with a notice.",
+    default=defaults.APP_MAX_SIDE,
+    help="Uploads longer than this (px) on their long side are downscaled first, with a notice (and any over "
+    f"{defaults.APP_MAX_PIXELS / 1e6:.2g} Mpx whatever their side; uploads over "
+    f"{defaults.APP_MAX_UPLOAD_PIXELS / 1e6:g} Mpx are refused).",
+)
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=defaults.APP_MAX_SECONDS,
+    help="A denoising request stops after this many seconds (checked between tiles), with a one-line message.",
 )
 @click.option(
     "--dip-preset",
@@ -857,6 +887,7 @@ def app_cmd(
     host: str,
     port: int,
     max_side: int,
+    max_seconds: float,
     dip_preset: str,
     device: str,
     threads: int,
@@ -878,19 +909,80 @@ def app_cmd(
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")
     check_positive("--max-side", max_side)
+    check_positive("--max-seconds", max_seconds)
     set_threads(threads)
     models = load_models(model, generator, device, dip_preset)
     from .app_ui import launch  # gradio: only once the checks passed and the models are loaded
 
     echo(f"serving on http://{host}:{port} (Ctrl-C stops it)")
-    launch(models, host, port, max_side)
+    launch(models, host, port, max_side, max_seconds)
 
 
 # ------------------------------------------------------------------------------------------ entry point
 
 
+class ProgressLines(io.TextIOBase):
+    """stderr when it is a file or a pipe: a progress bar's carriage-return frames become lines (tqdm draws one
+    every PROGRESS_LINE_SECONDS there), and the blank frames that erase a finished bar are dropped."""
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self.stream = stream
+        self.at_frame = False  # the last write was a frame turned into a line
+
+    def write(self, s: str) -> int:
+        if "\r" in s:
+            frames = [f.rstrip() for f in s.split("\r")]
+            text = "".join(f + "\n" for f in frames if f.strip())
+            self.at_frame = bool(text) or self.at_frame
+        elif s == "\n" and self.at_frame:  # a bar left on screen ends with a newline it already has here
+            text, self.at_frame = "", False
+        else:
+            text, self.at_frame = s, False
+        self.stream.write(text)
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+PROGRESS_LINE_SECONDS = 30
+
+
+@contextlib.contextmanager
+def progress_as_lines() -> typing.Iterator[None]:
+    """While a command runs with stderr not a terminal (a log file, a pipe), progress bars print a line every
+    PROGRESS_LINE_SECONDS instead of carriage-return frames many times a second."""
+    if sys.stderr is None or sys.stderr.isatty():
+        yield
+        return
+    old, old_env = sys.stderr, os.environ.get("TQDM_MININTERVAL")
+    os.environ["TQDM_MININTERVAL"] = os.environ.get("TQDM_MININTERVAL", str(PROGRESS_LINE_SECONDS))
+    sys.stderr = ProgressLines(old)
+    try:
+        yield
+    finally:
+        sys.stderr = old
+        if old_env is None:
+            os.environ.pop("TQDM_MININTERVAL", None)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with progress_as_lines():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (exit code 143 instead of 130)
             cli.main(args=argv, prog_name="tdpm-dip", standalone_mode=False)
@@ -898,7 +990,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
-        click.echo("interrupted: earlier outputs are intact", err=True)
+        click.echo("interrupted: finished outputs are kept, nothing half-written", err=True)
         sys.exit(143 if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated) else 130)
     except click.ClickException as e:
         e.show()

@@ -7,6 +7,7 @@ Random horizontal flips are a training-time augmentation and live in `train.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .config import WHITE, parse_fill
-from .errors import UserError
+from .errors import UserError, check_pixels
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIN_SIDE = 8
@@ -69,6 +70,89 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return a / 127.5 - 1.0
 
 
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: it holds an array (no tuple equality, no hash)
+class ImageKind:
+    """How a user's image stores its pixels, so that its result is handed back the same way (`images.like`):
+    one channel or three, an alpha channel (passed through unchanged), 8 or 16 bits per sample."""
+
+    gray: bool = False
+    bits: int = 8
+    alpha: np.ndarray | None = None  # the input's alpha channel (H, W), as stored
+    reduced: bool = False  # 16 bits per sample that PIL reads as 8 (16-bit RGB): the result has 8
+
+    @classmethod
+    def of(cls, img: Image.Image) -> ImageKind:
+        """The kind of an opened image (before or after `load`: the header tells the 16-bit RGB case)."""
+        rawmode = next((t[3] for t in getattr(img, "tile", None) or [] if isinstance(t[3], str)), "")
+        reduced = img.mode in ("RGB", "RGBA") and ";16" in rawmode
+        gray = img.mode in GRAY_MODES or (img.mode == "P" and _gray_palette(img))
+        bits = 16 if img.mode in ("I;16", "I;16B", "I;16L", "I") else 8
+        return cls(gray, bits, None, reduced)
+
+    def with_alpha(self, img: Image.Image) -> ImageKind:
+        """This kind with the alpha channel of the loaded `img`, when it has one."""
+        if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+            a = img if img.mode in ALPHA_MODES else img.convert("RGBA")
+            return dataclasses.replace(self, alpha=np.asarray(a.getchannel("A")).copy())
+        return self
+
+
+def _gray_palette(img: Image.Image) -> bool:
+    pal = img.getpalette() or []
+    return bool(pal) and all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
+
+
+def _gray_tensor(img: Image.Image) -> torch.Tensor | None:
+    """A 16-bit (or 32-bit, float) grey image as [3, H, W] in [-1, 1] without passing through 8 bits; None for
+    other modes. 16-bit files span 0..65535, float ones 0..1 (or 0..255 when larger)."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return None
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if a.max() <= 1.0 else 255.0
+    else:  # I;16 always spans 0..65535; 32-bit I holds a 16-bit PNG, or 8-bit values
+        top = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
+    x = torch.from_numpy(np.clip(a / top, 0.0, 1.0)).float() * 2 - 1
+    return x[None].expand(3, -1, -1).contiguous()
+
+
+def read_native(
+    path: str | os.PathLike,
+    max_pixels: int | None = None,
+    what: str | None = None,
+    advice: str = "give --max-megapixels to raise it",
+) -> tuple[torch.Tensor, ImageKind]:
+    """One file at its own size and kind: ([3, H, W] in [-1, 1], ImageKind). 16-bit grey stays 16-bit on the way
+    in; transparent areas are composited over white (what the models saw) and the alpha kept in the kind. Raises
+    BadImage naming the path; above `max_pixels` a UserError, from the header, before any pixel is decoded."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if max_pixels is not None:
+                check_pixels(*im.size, max_pixels, what or str(path), advice)
+            kind = ImageKind.of(im)
+            im.load()
+            upright: Image.Image = ImageOps.exif_transpose(im)
+            if min(upright.size) < MIN_SIDE:
+                raise BadImage(f"{path}: image is {upright.size[0]}x{upright.size[1]} px, smaller than {MIN_SIDE} px")
+            kind = kind.with_alpha(upright)
+            x = _gray_tensor(upright)
+            if x is None:
+                x = pil_to_tensor(to_rgb(upright))
+    except (BadImage, UserError):
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = "not an image" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0] or type(e).__name__
+        if path.stat().st_size == 0 if path.exists() else False:
+            reason = "empty file"
+        raise BadImage(f"{path}: {reason}") from None
+    return x, kind
+
+
 def load_image(path: str | os.PathLike, size: int | None, fill: tuple[int, int, int] = WHITE) -> torch.Tensor:
     """Read one image file as [3, size, size] in [-1, 1] (size None: as it is, [3, H, W]); raises
     BadImage naming the path."""
@@ -108,9 +192,29 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+def file_names(root: str | os.PathLike, files: list[Path]) -> list[str]:
+    """The output name of each input file: its path under `root` without the extension (`x/p` for root/x/p.png),
+    so that files of two sub-folders never meet. Files that would share a name (a.png and a.jpg) keep their
+    extension instead (`a.png`, `a.jpg`); names compare case-insensitively (as macOS and Windows folders do), and
+    two that still meet are a one-line UserError naming both files."""
+    root = Path(root)
+    rel = [f.name if root.is_file() else f.relative_to(root).as_posix() for f in files]
+    stems = [r[: -len(Path(r).suffix)] if Path(r).suffix else r for r in rel]
+    count: dict[str, int] = {}
+    for s in stems:
+        count[s.casefold()] = count.get(s.casefold(), 0) + 1
+    names = [s if count[s.casefold()] == 1 else r for s, r in zip(stems, rel)]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        j = seen.setdefault(n.casefold(), i)
+        if j != i:
+            raise UserError(f"{files[j]} and {files[i]} would write the same output {n!r}: rename one of them")
+    return names
+
+
 @dataclass
 class ImageSet:
-    """A stack of preprocessed images and their names (file stems or dataset indices)."""
+    """A stack of preprocessed images and their names (`file_names`, or dataset indices)."""
 
     images: torch.Tensor  # [N, 3, size, size] in [-1, 1]
     names: list[str]
@@ -130,6 +234,7 @@ def load_folder(
     """Load an image folder (imagefolder layout; metadata.csv is optional and not needed)."""
     fill_rgb = parse_fill(fill)
     files = list_images(root)
+    file_name = dict(zip(files, file_names(root, files)))
     tensors: list[torch.Tensor] = []
     names: list[str] = []
     it = files
@@ -145,7 +250,7 @@ def load_folder(
                 raise UserError(f"{e} (use --skip-bad to skip such files)") from None
             warnings.warn(f"skipping {e}", stacklevel=2)
             continue
-        names.append(f.stem)
+        names.append(file_name[f])
     if not tensors:
         raise UserError(f"{root}: no readable images")
     return ImageSet(torch.stack(tensors), names)
@@ -192,27 +297,58 @@ def load_images(
     return load_hub(str(source), size, fill, limit=limit)
 
 
-def load_native(
-    source: str | os.PathLike, limit: int | None = None, progress: bool = False, skip_bad: bool = False
-) -> list[tuple[str, torch.Tensor]]:
-    """Image files at their own size and aspect: (name, [3, H, W] in [-1, 1]) pairs (blind denoising
-    of a user's files returns images of exactly their size). `skip_bad`: an unreadable file is skipped with a
-    warning instead of stopping; the first `limit` readable files are returned."""
+@dataclass(frozen=True, eq=False)
+class NativeFile:
+    """A user's file to denoise at its own size: its output name (`file_names`), path, size (w, h) and kind."""
+
+    name: str
+    path: Path
+    size: tuple[int, int]
+    kind: ImageKind
+
+    def load(self) -> torch.Tensor:
+        """[3, H, W] in [-1, 1] (`read_native`)."""
+        return read_native(self.path)[0]
+
+
+def scan_native(
+    source: str | os.PathLike,
+    limit: int | None = None,
+    progress: bool = False,
+    skip_bad: bool = False,
+    max_pixels: int | None = None,
+) -> list[NativeFile]:
+    """Every file of `source` checked (decoded once, then let go, so that memory holds one image at a time) before
+    any work: its size against `max_pixels` from the header first, then its pixels. `skip_bad`: an unreadable file
+    is skipped with a warning instead of stopping; the first `limit` readable files are returned."""
     files = list_images(source)
-    it = tqdm(files, desc="loading images", unit="img", leave=False) if progress else files
-    out: list[tuple[str, torch.Tensor]] = []
+    file_name = dict(zip(files, file_names(source, files)))
+    it = tqdm(files, desc="reading images", unit="img", leave=False) if progress else files
+    out: list[NativeFile] = []
     for f in it:
         if limit is not None and len(out) >= limit:
             break
         try:
-            out.append((f.stem, load_image(f, None)))
+            x, kind = read_native(f, max_pixels, str(f))
         except BadImage as e:
             if not skip_bad:
                 raise UserError(f"{e} (use --skip-bad to skip such files)") from None
             warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        if kind.reduced:
+            warnings.warn(f"{f}: 16 bits per sample, read and written with 8 (16-bit RGB)", stacklevel=2)
+        out.append(NativeFile(file_name[f], f, (x.shape[-1], x.shape[-2]), kind))
     if not out:
         raise UserError(f"{source}: no readable images")
     return out
+
+
+def load_native(
+    source: str | os.PathLike, limit: int | None = None, progress: bool = False, skip_bad: bool = False
+) -> list[tuple[str, torch.Tensor]]:
+    """Image files at their own size and aspect: (name, [3, H, W] in [-1, 1]) pairs, all in memory
+    (`scan_native` then loads one at a time)."""
+    return [(f.name, f.load()) for f in scan_native(source, limit, progress, skip_bad)]
 
 
 def hash_split(names: list[str], holdout: float, salt: str = "tdpm-dip") -> tuple[list[int], list[int]]:
@@ -301,15 +437,23 @@ def make_sprites(n: int, size: int = 64, seed: int = 0) -> ImageSet:
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
-def read_user_image(image: ImageInput, what: str = "image") -> torch.Tensor:
+def read_user_image(image: ImageInput, what: str = "image", max_pixels: int | None = None) -> torch.Tensor:
     """One user image -> [3, H, W] in [-1, 1] at its own size; a bad file is a one-line `UserError` that names
     the file (not a temporary upload path)."""
+    return read_user_image_kind(image, what, max_pixels)[0]
+
+
+def read_user_image_kind(
+    image: ImageInput, what: str = "image", max_pixels: int | None = None, advice: str = ""
+) -> tuple[torch.Tensor, ImageKind]:
+    """`read_user_image` with the image's kind (grey, alpha, bits), so that its result comes back alike; over
+    `max_pixels` a one-line UserError ending with `advice` (how to raise the limit, where there is a way)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise UserError(f"{what}: no such file: {path.name}")
         try:
-            return load_image(path, None)
+            return read_native(path, max_pixels, f"{what} {path.name}", advice)
         except BadImage as e:
             reason = str(e).removeprefix(f"{path}: ")
             if reason not in ("not an image", "empty file") and "smaller than" not in reason:
@@ -320,9 +464,13 @@ def read_user_image(image: ImageInput, what: str = "image") -> torch.Tensor:
             raise UserError(
                 f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} {image.shape}"
             )
-        image = Image.fromarray(image)
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if not isinstance(image, Image.Image):
         raise UserError(f"{what}: not an image ({type(image).__name__})")
+    if max_pixels is not None:
+        check_pixels(*image.size, max_pixels, what, advice)
     if min(image.size) < MIN_SIDE:
         raise UserError(f"{what}: image is {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px")
-    return pil_to_tensor(to_rgb(image))
+    kind = ImageKind.of(image).with_alpha(image)
+    x = _gray_tensor(image)
+    return (pil_to_tensor(to_rgb(image)) if x is None else x), kind

@@ -20,6 +20,9 @@ BLIND_DDIM_STEPS = 10  # blind ddim: network evaluations from t*
 # blind ensemble: all 8 symmetries up to this many pixels; a larger image averages over fewer, so that it costs about
 # what 8 calls cost at 256 x 256 (a 512 x 512 photo: 2)
 ENSEMBLE_FULL_PIXELS = 256 * 256
+# the largest image `denoise` takes unless told otherwise (--max-megapixels): 16 Mpx, a 4096 x 4096 photo, about 20 min
+# per network call on one CPU core in tiles
+MAX_PIXELS = 16_000_000
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
 
 # ------------------------------------------------------------------ restoration (super-resolution, inpainting)
@@ -34,6 +37,14 @@ RESTORE_LAMBDA = 1.0  # DiffPIR's lambda: rho_t = lambda sigma_y^2 / sigma_t^2 (
 MASK_KIND = "box"  # inpainting masks made here (--mask-kind): box, half or random:P
 RESTORE_MAX_PIXELS = 512 * 512  # restore: the largest output refused without --max-pixels (the cost grows with it)
 RESTORE_DIP_SEED = 7_368_787  # seed offset of the restoration DIP's input z (independent of the chains' noise)
+
+# ------------------------------------------------------------------ the app: what one request may cost
+APP_MAX_SIDE = 1024  # px on the long side of the image denoised (larger uploads are downscaled)
+APP_MAX_PIXELS = 512 * 512  # pixels of the image denoised (larger uploads are downscaled): 27-33 s, the default method
+APP_MAX_UPLOAD_PIXELS = 16_000_000  # larger uploads are refused from their header, before any pixel is decoded
+APP_MAX_SECONDS = 120  # a request stops after this (checked between tiles)
+APP_QUEUE_SIZE = 8  # requests waiting at most (one computes at a time)
+APP_RESTORE_MAX_PIXELS = 256 * 256  # pixels of an upscaled or inpainted result (larger requests are refused)
 
 # ------------------------------------------------------------------ generation
 N_GENERATE = 16  # images per `generate`

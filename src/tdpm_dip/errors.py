@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+SECONDS_PER_MEGAPIXEL = 70  # blind denoising, one network call, one CPU core (docs/results.md, tiled inference)
+
 
 class UserError(Exception):
     """Bad input (path, image, model, number): reported as a one-line message, exit code 2."""
@@ -32,3 +34,16 @@ def check_symmetries(value: int | None, name: str = "--symmetries") -> None:
     """The ensemble's number of symmetries of the square: 1 to 8."""
     if value is not None and not 1 <= value <= 8:
         raise UserError(f"{name} must be 1 to 8 (the symmetries of the square), got {value}")
+
+
+def check_pixels(
+    width: int, height: int, limit: int, what: str, advice: str = "give --max-megapixels to raise it"
+) -> None:
+    """An image to denoise within the pixel limit (its cost grows with its pixels: tiles at ~70 s per megapixel and
+    network call on one CPU core)."""
+    if width * height > limit:
+        raise UserError(
+            f"{what} is {width}x{height} px ({width * height / 1e6:.1f} Mpx), over the limit of "
+            f"{limit / 1e6:g} Mpx (it would take about {width * height / 1e6 * SECONDS_PER_MEGAPIXEL / 60:.0f} min "
+            f"on one CPU core){f': {advice}' if advice else ''}"
+        )

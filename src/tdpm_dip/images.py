@@ -26,11 +26,38 @@ def save_png(x: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
         Image.fromarray(a).save(tmp, format="PNG")
 
 
+def like(x: torch.Tensor, gray: bool = False, bits: int = 8, alpha: np.ndarray | None = None) -> Image.Image:
+    """A [-1, 1] tensor [3, H, W] as a PIL image of a given kind (`data.ImageKind`): grey (the mean of the
+    channels: a grey input's channels differ only by the denoiser's errors) or RGB, 8 or 16 bits (grey only: PIL
+    writes no 16-bit RGB), with the input's alpha channel attached unchanged."""
+    v = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    if gray:
+        g = v.mean(0).numpy()
+        if bits == 16 and alpha is None:
+            return Image.fromarray((g * 65535.0).round().astype(np.uint16))
+        img = Image.fromarray((g * 255.0).round().astype(np.uint8), "L")
+    else:
+        img = Image.fromarray(to_uint8(x), "RGB")
+    if alpha is not None:
+        a = alpha if alpha.dtype == np.uint8 else (alpha.astype(np.float64) / 257.0).round().astype(np.uint8)
+        img.putalpha(Image.fromarray(a, "L"))
+    return img
+
+
+def save_like(
+    x: torch.Tensor, path: str | os.PathLike, gray: bool = False, bits: int = 8, alpha: np.ndarray | None = None
+) -> None:
+    """Save one result as a PNG of its input's kind (`like`), atomically."""
+    img = like(x, gray, bits, alpha)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
 def save_set(images: torch.Tensor, names: list[str], folder: str | os.PathLike) -> None:
     """Write an image set as PNGs named `{index:05d}_{name}.png` (lossless: the tensors come from 8-bit
     images, so reading the folder back gives the same tensors)."""
     for i, (x, name) in enumerate(zip(images, names)):
-        save_png(x, Path(folder) / f"{i:05d}_{name}.png")
+        save_png(x, Path(folder) / f"{i:05d}_{name.replace('/', '_')}.png")  # one folder: the index keeps names apart
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:

@@ -64,6 +64,11 @@ def refuse_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
         raise UserError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty (use --overwrite to write into it)")
+    base = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if base is not None and not base.is_dir():
+        raise UserError(f"{out}: cannot be made ({base} is a file)")
+    if base is not None and not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: cannot write there ({base} is not writable)")
 
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -162,11 +167,15 @@ def recover_swap(final: str | os.PathLike) -> None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """`dst` as a hard link to `src` (a copy where the file system has none)."""
     try:
         os.link(src, dst)
     except OSError:  # no hard links on this file system
         shutil.copy2(src, dst)
+
+
+_link_or_copy = link_or_copy
 
 
 def _carry(src: Path, dst: Path) -> None:

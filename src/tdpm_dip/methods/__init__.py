@@ -7,7 +7,8 @@ restore.py   restoration (super-resolution, inpainting): classical, DIP, DDNM, D
 common.py    what they share: batching, chains grouped by level, the memoised DIP fit
 shard.py     a job's images split over the processes of `accelerate launch`
 dispatch.py  run(ctx, task, protocol, method, job): the registry's lookup, on one process or several;
-             run_native / run_restore: the same at the images' own sizes
+             run_native: blind denoising at the images' own size, large ones in tiles (tiles.py);
+             run_restore: restoration at the images' own sizes
 """
 
 from .dispatch import run, run_native, run_restore

@@ -122,7 +122,7 @@ def _wavelet_sigma(y: np.ndarray) -> float:
     return float(np.median(np.abs(d)) / 0.6745)
 
 
-def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None) -> list[float]:
+def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None, ask: str = "give --sigma") -> list[float]:
     """The given sigma for every image [3, H, W] (sizes may differ), or each image's own estimate
     (`estimate_sigma`); an estimate of ~0 means a clean-looking image, which blind denoising refuses."""
     check_sigma(sigma)
@@ -130,7 +130,7 @@ def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None) -> list[float]:
         return [float(sigma)] * len(noisy)
     est = [estimate_sigma(x[None])[0] for x in noisy]
     if est and min(est) < 0.5:
-        raise UserError("the estimated noise level is ~0: these images look clean; give --sigma")
+        raise UserError(f"the estimated noise level is ~0: these images look clean; {ask}")
     return est
 
 

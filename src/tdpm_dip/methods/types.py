@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -39,6 +40,9 @@ class Context:
     generator: TDPMGenerator | None = None
     # The noise levels (lo, hi) the DDPM was trained on (models.trained_levels); None: all of them.
     levels: tuple[int, int] | None = None
+    # Called between the tiles of a large image (and the batches of a --input run): raises to stop the work, e.g.
+    # the app's time budget or a visitor who left. None: nothing to check (Ctrl-C needs no check).
+    interrupt: Callable[[], None] | None = None
 
     @property
     def model(self) -> EpsModel:

@@ -11,10 +11,10 @@ import numpy as np
 from PIL import Image
 
 from ..config import WHITE
-from ..data import BadImage, list_images, load_hub, square_resize, to_rgb
+from ..data import BadImage, file_names, list_images, load_hub, square_resize, to_rgb
 from ..errors import UserError, check_positive, check_sigma
 from ..images import save_png
-from ..outputs import prepare_out_dir, staged_dir, write_text
+from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_text
 
 
 def name_rank(name: str) -> int:
@@ -39,9 +39,11 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
     if size < 0:
         raise UserError(f"--size must be >= 0, got {size}")
     if Path(source).exists():
-        files = {p.stem: p for p in list_images(source)}
-        if len(files) != len(list_images(source)):
-            raise UserError(f"{source}: two images share a name (their stems must differ)")
+        files: dict[str, Path] = {}
+        for p in list_images(source):  # the split is by name: two files of one name are one image twice
+            if p.stem in files:
+                raise UserError(f"{files[p.stem]} and {p} share the name {p.stem!r} (their stems must differ)")
+            files[p.stem] = p
         images = None
     else:
         hub = load_hub(source, size or 64)
@@ -70,8 +72,8 @@ def _square(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(square_resize(to_rgb(im), size, WHITE))
-    except (OSError, BadImage) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
+    except (OSError, BadImage, Image.DecompressionBombError) as e:  # a bomb is no OSError: one line too
+        raise UserError(f"{path}: not a readable image ({str(e).splitlines()[0] or type(e).__name__})") from None
 
 
 def add_noise_files(
@@ -85,12 +87,15 @@ def add_noise_files(
     check_positive("--n", n)
     check_positive("--size", size)
     files = list_images(source)[:n]
+    names = file_names(source, files)  # sub-folders kept; a.png and a.jpg both written
+    refuse_out_dir(out, overwrite)  # before any image is read
+    clean = [_square(f, size) for f in files]  # every file read (size x size each) before the folder is made
     out_dir = prepare_out_dir(out, overwrite)
     rng = np.random.default_rng(seed)
     with staged_dir(out_dir) as tmp:
-        for f in files:
-            x = _square(f, size).astype(np.float64)
+        for a, name in zip(clean, names):
+            x = a.astype(np.float64)
             y = np.clip(np.round(x + rng.normal(0, sigma, x.shape)), 0, 255).astype(np.uint8)
-            save_png(x.astype(np.uint8), tmp / "clean" / f"{f.stem}.png")
-            save_png(y, tmp / "noisy" / f"{f.stem}.png")
+            save_png(x.astype(np.uint8), tmp / "clean" / f"{name}.png")
+            save_png(y, tmp / "noisy" / f"{name}.png")
     return out_dir

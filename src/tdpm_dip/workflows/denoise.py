@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,18 +13,19 @@ import torch
 
 from .. import defaults, registry
 from ..api import Denoiser
-from ..data import load_images, load_native
+from ..data import ImageKind, NativeFile, load_images, read_native, scan_native
 from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma, check_symmetries
-from ..images import save_png
+from ..images import save_like, save_png
 from ..methods import Job, run
 from ..methods.common import check_trained_level
+from ..methods.dispatch import tile_side
 from ..methods.observe import NOISE_MODELS, add_noise, blind_sigmas
 from ..methods.shard import is_main_process
 from ..metrics import psnr, ssim
 from ..models import unet_size
 from ..noise import check_t_trunc
-from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
+from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
 from .common import RunOptions
@@ -52,6 +54,8 @@ class DenoiseOptions(RunOptions):
     symmetries: int | None = None  # ensemble: None = by image size (methods.blind.ensemble_size)
     n: int | None = None
     skip_bad: bool = False  # --input: skip unreadable files with a warning
+    resume: bool = False  # --input: keep the images an interrupted run into --out finished, compute the rest
+    max_megapixels: float = defaults.MAX_PIXELS / 1e6  # --input: larger images are refused before any work
 
     def check(self) -> DenoiseOptions:
         """Every check that needs no image and no model (one-line UserErrors); returns the options with the
@@ -77,6 +81,17 @@ class DenoiseOptions(RunOptions):
         check_symmetries(self.symmetries)
         check_positive("--n", self.n)
         check_sigma(self.sigma)
+        check_positive("--max-megapixels", self.max_megapixels)
+        if self.resume and self.input is None:
+            raise UserError("--resume continues a run on --input files: give it with --input")
+        if self.resume and self.overwrite:
+            raise UserError("give --resume (keep what an earlier run finished) or --overwrite (start afresh), not both")
+        for flag, path in (("--input", self.input), ("--clean", self.clean), ("--reference", self.reference)):
+            hub_id = (
+                flag == "--clean" and not path.startswith((".", "/", "~")) and path.count("/") == 1 if path else False
+            )
+            if path is not None and not hub_id and not Path(path).exists():  # before the model loads (seconds)
+                raise UserError(f"{flag} {path}: no such file or folder")
         return dataclasses.replace(self, methods=methods)
 
     def job_options(self) -> dict:
@@ -93,7 +108,7 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
     """Run the command; returns the output folder (under a launcher, every process runs; rank 0 writes)."""
     opts = opts.check()
     if is_main_process():
-        refuse_out_dir(opts.out, opts.overwrite)  # before any model or image is loaded
+        refuse_out_dir(opts.out, opts.overwrite or opts.resume)  # before any model or image is loaded
     ctx, shard = load_context(
         opts.model,
         opts.device,
@@ -107,7 +122,7 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
     )
     if opts.t_trunc is not None:
         check_t_trunc(ctx.scheduler, opts.t_trunc)
-    den = Denoiser(ctx, shard, opts.model or DENOISER_NAME)
+    den = Denoiser(ctx, shard, opts.model or DENOISER_NAME, round(opts.max_megapixels * 1e6))
     if opts.input is not None:
         return _denoise_files(den, opts, echo)
     return _denoise_clean(den, opts, echo)
@@ -117,87 +132,282 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
 
 
 def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
-    """Blind denoising of noisy files, each at its own size and aspect; image i uses seed SEED+i."""
+    """Blind denoising of noisy files, each at its own size, aspect and kind; image i uses seed SEED+i.
+
+    1. every file is read and checked (pixel limit, readability) and its sigma estimated, one at a time;
+    2. the images run a batch at a time, each result written as soon as it is made;
+    3. Ctrl-C keeps the finished images, marked in metrics.json; `--resume` computes only the missing ones."""
     assert opts.input is not None  # denoise() comes here with --input only
     main = is_main_process()  # under a launcher: the only process that writes
-    files = load_native(opts.input, limit=opts.n, progress=main, skip_bad=opts.skip_bad)
-    names = [name for name, _ in files]
-    noisy = [x for _, x in files]
-    clean = _references(opts.reference, files) if opts.reference is not None else None
-    sig = blind_sigmas(noisy, opts.sigma)
-    if opts.sigma is None:
+    # 1. read and check every input before any work
+    files = scan_native(opts.input, opts.n, main, opts.skip_bad, den.max_pixels)
+    refs = _references(opts.reference, files, den.max_pixels) if opts.reference is not None else None
+    if opts.sigma is not None:
+        sig = [float(opts.sigma)] * len(files)
+    else:  # one image in memory at a time
+        sig = [s for f in files for s in blind_sigmas([f.load()], None)]
         echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in sig))
-    echo(f"{len(files)} images from {opts.input}, each denoised at its own size")
-    out_dir = prepare_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)  # after every input check
-    seeds = list(range(opts.seed, opts.seed + len(files)))
-    outputs, rows = {}, []
-    for m in opts.methods:
-        outputs[m], seconds, nfe = den.denoise_tensors(noisy, sig, m, seeds, **opts.job_options())
-        rows.append(_files_row(m, outputs[m], noisy, clean, sig, seconds, nfe, den))
-    if not main:
-        return out_dir
-    fig = [("noisy", thumbnails(noisy))] + [(m, thumbnails(outputs[m])) for m in opts.methods]
-    per_image = _per_image(names, noisy, outputs, clean)
-    for entry, x, s in zip(per_image, noisy, sig):
-        entry.update(size=list(x.shape[-2:]), sigma=s)
-    _write(
-        out_dir,
-        names,
-        noisy,
-        outputs,
-        fig,
-        "Denoising (blind protocol; your files, each at its own size)",
-        rows,
-        {"images": per_image, "sigma": sig},
+        jpeg = [f.path.name for f in files if f.path.suffix.lower() in (".jpg", ".jpeg")]
+        if jpeg:
+            echo(
+                f"warning: {jpeg[0]}{f' and {len(jpeg) - 1} more' if len(jpeg) > 1 else ''}: JPEG compression "
+                "removes part of the noise, so the sigma read from a JPEG file comes out low; give --sigma if you "
+                "know it"
+            )
+    tiled = sum(max(f.size) > tile_side(den.ctx) for f in files)
+    echo(
+        f"{len(files)} images from {opts.input}, each denoised at its own size"
+        + (f" ({tiled} in tiles of {tile_side(den.ctx)} px)" if tiled else "")
     )
+    out_dir = prepare_out_dir(opts.out, opts.overwrite or opts.resume) if main else Path(opts.out)
+    key = _run_key(opts, den)
+    # every process reads it: under a launcher they must all skip the same images (they run the batches together)
+    earlier = _earlier(out_dir, key, files, opts.methods) if opts.resume else {}
+    if earlier:
+        echo(f"--resume: {len(earlier)} of {len(files)} images are done in {out_dir}; computing the rest")
+    # 2. a batch of images at a time, each result written as it is made
+    run = _FilesRun(den, opts, files, sig, refs, earlier)
+    if not main:
+        run.compute(None)
+        return out_dir
+    interrupted: KeyboardInterrupt | None = None
+    with staged_dir(out_dir) as tmp:
+        try:
+            run.compute(tmp)
+        except KeyboardInterrupt as e:  # 3. keep what is finished; the swap below runs with signals held back
+            interrupted = e
+        run.write(tmp, out_dir, key)
+    if interrupted is not None:
+        echo(
+            f"interrupted: {run.done_count} of {len(files)} images finished, kept in {out_dir} (metrics.json marks "
+            "them); add --resume to compute the rest"
+        )
+        raise interrupted
+    print(table(run.rows()))
+    print(out_dir / "comparison.png")
     return out_dir
 
 
-def _references(folder: str, files: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """The clean originals of the noisy files, matched by file name and size (one-line error otherwise)."""
-    refs = dict(load_native(folder))
-    missing = [nm for nm, x in files if nm not in refs or refs[nm].shape != x.shape]
+class _FilesRun:
+    """The state of a --input run: each image's entry in metrics.json, and the figure's first images."""
+
+    FIGURE_IMAGES = 8
+
+    def __init__(
+        self,
+        den: Denoiser,
+        opts: DenoiseOptions,
+        files: list[NativeFile],
+        sig: list[float],
+        refs: dict[str, NativeFile] | None,
+        earlier: dict[str, dict],
+    ) -> None:
+        self.den, self.opts, self.files, self.sig, self.refs, self.earlier = den, opts, files, sig, refs, earlier
+        self.entries: list[dict] = [
+            earlier.get(f.name)
+            or {"name": f.name, "size": f"{f.size[0]}x{f.size[1]}", "kind": _kind_label(f.kind), "sigma": s}
+            for f, s in zip(files, sig)
+        ]
+        for e in self.entries:
+            e["status"] = "done" if e["name"] in earlier else "not computed"
+            e["run"] = "earlier (--resume)" if e["name"] in earlier else "this"
+        self.thumbs: dict[str, dict[int, torch.Tensor]] = {"noisy": {}, **{m: {} for m in opts.methods}}
+
+    @property
+    def done_count(self) -> int:
+        return sum(e["status"] == "done" for e in self.entries)
+
+    def compute(self, tmp: Path | None) -> None:
+        """Denoise the images not done yet, a batch at a time; with `tmp` (the main process), write each result
+        there as soon as its batch is done, and carry over the results of an earlier run."""
+        if tmp is not None:
+            for i, f in enumerate(self.files):
+                if f.name in self.earlier:
+                    self._carry(i, tmp)
+        todo = [i for i, f in enumerate(self.files) if f.name not in self.earlier]
+        den, opts = self.den, self.opts
+        for idx in self._batches(todo):
+            noisy = [self.files[i].load() for i in idx]
+            clean = [self.refs[self.files[i].name].load() for i in idx] if self.refs is not None else None
+            seeds = [opts.seed + i for i in idx]
+            outs = {}
+            for m in opts.methods:
+                out, seconds, nfe = den.denoise_tensors(
+                    noisy, [self.sig[i] for i in idx], m, seeds, **opts.job_options()
+                )
+                outs[m] = [_as_written(o, self.files[i].kind) for o, i in zip(out, idx)]
+                for i in idx:
+                    self.entries[i][m] = {"seconds": seconds / len(idx), "NFE": nfe}
+            if tmp is None:
+                continue
+            for k, i in enumerate(idx):
+                f, e = self.files[i], self.entries[i]
+                _save(noisy[k], tmp / "noisy" / f"{f.name}.png", f.kind)
+                for m in opts.methods:
+                    _save(outs[m][k], tmp / m / f"{f.name}.png", f.kind)
+                    if clean is not None:
+                        c = _as_written(clean[k], f.kind)[None]
+                        e[m] |= {"PSNR": float(psnr(outs[m][k][None], c)), "SSIM": float(ssim(outs[m][k][None], c))}
+                if clean is not None:
+                    c, y = _as_written(clean[k], f.kind)[None], _as_written(noisy[k], f.kind)[None]
+                    e["input"] = {"PSNR": float(psnr(y, c)), "SSIM": float(ssim(y, c))}
+                e["status"] = "done"
+                self._thumb(i, "noisy", noisy[k])
+                for m in opts.methods:
+                    self._thumb(i, m, outs[m][k])
+
+    def _batches(self, todo: list[int]) -> list[list[int]]:
+        """Images run together: up to a batch (per process) of small ones; an image run in tiles alone, so that
+        it holds the memory of one large image and its result is written as soon as it is done."""
+        step = self.den.ctx.batch_size * (self.den.shard.world if self.den.shard is not None else 1)
+        side = self.den.tile or tile_side(self.den.ctx)
+        out: list[list[int]] = []
+        for i in todo:
+            if max(self.files[i].size) > side:
+                out.append([i])
+            elif out and len(out[-1]) < step and max(self.files[out[-1][0]].size) <= side:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    def _thumb(self, i: int, row: str, x: torch.Tensor) -> None:
+        if len(self.thumbs[row]) < self.FIGURE_IMAGES:
+            self.thumbs[row][i] = thumbnails([x])[0]
+
+    def _carry(self, i: int, tmp: Path) -> None:
+        """An image done by an earlier run: its files into the new outputs (hard links), its thumbnails."""
+        name = self.files[i].name
+        for row in ("noisy", *self.opts.methods):
+            src, dst = Path(self.opts.out) / row / f"{name}.png", tmp / row / f"{name}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(src, dst)
+            if len(self.thumbs[row]) < self.FIGURE_IMAGES:
+                self.thumbs[row][i] = thumbnails([read_native(dst)[0]])[0]
+
+    def rows(self) -> list[dict]:
+        """One table row per method, over the images done: mean scores, NFE, seconds per image."""
+        done = [e for e in self.entries if e["status"] == "done"]
+        rows = []
+        for m in self.opts.methods:
+            row: dict = {
+                "method": m,
+                "protocol": "blind",
+                "n": len(done),
+                "noise": "your files",
+                "sigma": self.sig[0] if len(set(self.sig)) == 1 else "per image (estimated)",
+            }
+            if self.refs is not None and done:
+                for score in ("PSNR", "SSIM"):
+                    row[score] = sum(e[m][score] for e in done) / len(done)
+                row["input PSNR"] = sum(e["input"]["PSNR"] for e in done) / len(done)
+            row |= {
+                "NFE": round(sum(e[m]["NFE"] for e in done) / max(1, len(done)), 1),
+                "s/img": sum(e[m]["seconds"] for e in done) / max(1, len(done)),
+                "device": str(self.den.ctx.device),
+                "model": Path(self.den.name).name or self.den.name,
+            }
+            rows.append(row)
+        return rows
+
+    def write(self, tmp: Path, out_dir: Path, key: dict) -> None:
+        """comparison.png, metrics.md and metrics.json of what is done (all of it, unless interrupted)."""
+        n, done = len(self.files), self.done_count
+        status = "complete" if done == n else f"interrupted: {done} of {n} images done (--resume computes the rest)"
+        shown = sorted(self.thumbs["noisy"])
+        if shown:
+            fig = [(row, torch.stack([t[i] for i in shown])) for row, t in self.thumbs.items()]
+            labelled_comparison(tmp / "comparison.png", fig)
+        rows = self.rows()
+        write_text(
+            tmp / "metrics.md",
+            "# Denoising (blind protocol; your files, each at its own size)\n\n"
+            + ("" if done == n else f"**{status}**\n\n")
+            + "Rows of comparison.png: noisy, "
+            + ", ".join(self.opts.methods)
+            + "\n\n"
+            + table(rows),
+        )
+        write_json(
+            tmp / "metrics.json",
+            {
+                "status": status,
+                "complete": done == n,
+                "run": key,
+                "rows": rows,
+                "images": self.entries,
+                "sigma": self.sig,
+            },
+        )
+
+
+def _kind_label(kind: ImageKind) -> str:
+    return ("grey" if kind.gray else "RGB") + (" + alpha" if kind.alpha is not None else "") + f", {kind.bits}-bit"
+
+
+def _as_written(x: torch.Tensor, kind: ImageKind) -> torch.Tensor:
+    """A result as its file holds it (before rounding): a grey image's channels averaged into one."""
+    return x.mean(0, keepdim=True).expand_as(x) if kind.gray else x
+
+
+def _save(x: torch.Tensor, path: Path, kind: ImageKind) -> None:
+    save_like(x, path, kind.gray, kind.bits, kind.alpha)
+
+
+def _run_key(opts: DenoiseOptions, den: Denoiser) -> dict:
+    """What decides a --input run's results: a --resume run must match it (device, threads and batch size do
+    not change results: image i uses seed SEED+i whatever the batch)."""
+    return {
+        "input": str(Path(opts.input or "").resolve()),
+        "model": den.name,
+        "methods": list(opts.methods),
+        "sigma": opts.sigma,
+        "seed": opts.seed,
+        "dtype": str(den.ctx.amp_dtype),
+        **opts.job_options(),
+    }
+
+
+def _earlier(out_dir: Path, key: dict, files: list[NativeFile], methods: tuple[str, ...]) -> dict[str, dict]:
+    """Entries of the images an earlier run with the same options finished in `out_dir` (their files present)."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--resume: {path} is unreadable; start afresh with --overwrite") from None
+    if not isinstance(old, dict) or "run" not in old:
+        raise UserError(f"--resume: {out_dir} holds no --input run of this version; start afresh with --overwrite")
+    diff = [k for k in key if old["run"].get(k) != key[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"--resume: {out_dir} was made with {k} {old['run'].get(k)!r}, not {key[k]!r}; give the same options, "
+            "or --overwrite to start afresh"
+        )
+    names = {f.name for f in files}
+    done = {}
+    for e in old.get("images", []):
+        if e.get("status") == "done" and e.get("name") in names:
+            rows = ("noisy", *methods)
+            if all((out_dir / r / f"{e['name']}.png").is_file() for r in rows):
+                done[e["name"]] = e
+    return done
+
+
+def _references(folder: str, files: list[NativeFile], max_pixels: int) -> dict[str, NativeFile]:
+    """The clean originals of the noisy files, matched by name (path under the folder) and size (one-line error
+    otherwise)."""
+    refs = {f.name: f for f in scan_native(folder, max_pixels=max_pixels)}
+    missing = [f.name for f in files if f.name not in refs or refs[f.name].size != f.size]
     if missing:
         raise UserError(
             f"--reference {folder}: no clean image of the same name and size for "
             + ", ".join(missing[:3])
             + (" ..." if len(missing) > 3 else "")
         )
-    return [refs[nm] for nm, _ in files]
-
-
-def _files_row(
-    method: str,
-    outputs: list[torch.Tensor],
-    noisy: list[torch.Tensor],
-    clean: list[torch.Tensor] | None,
-    sig: list[float],
-    seconds: float,
-    nfe: float,
-    den: Denoiser,
-) -> dict:
-    """One table row for a method on files of mixed sizes: scores per image, then the mean."""
-    n = len(noisy)
-    row: dict = {
-        "method": method,
-        "protocol": "blind",
-        "n": n,
-        "noise": "your files",
-        "sigma": sig[0] if len(set(sig)) == 1 else "per image (estimated)",
-    }
-    if clean is not None:
-        row["PSNR"] = sum(float(psnr(o[None], c[None])) for o, c in zip(outputs, clean)) / n
-        row["SSIM"] = sum(float(ssim(o[None], c[None])) for o, c in zip(outputs, clean)) / n
-        row["input PSNR"] = sum(float(psnr(x[None], c[None])) for x, c in zip(noisy, clean)) / n
-    row.update(
-        {
-            "NFE": round(nfe, 1),
-            "s/img": seconds / n,
-            "device": str(den.ctx.device),
-            "model": Path(den.name).name or den.name,
-        }
-    )
-    return row
+    return refs
 
 
 # ------------------------------------------------------------------------------------------ clean images

@@ -125,7 +125,8 @@ def _write(
                 "n": opts.n,
                 "seconds": res.seconds,
                 "s_per_img": res.seconds_per_image,
-                "reverse_steps": res.reverse_steps,
+                # the DDPM's reverse steps (a generator's strided chain: its own count, not the NFE below)
+                "reverse_steps": res.info.get("reverse_steps", res.reverse_steps),
                 "device": str(ctx.device),
                 "model": resolve_model(opts.model),
                 "dip": dataclasses.asdict(ctx.dip) if m.uses_dip else None,
