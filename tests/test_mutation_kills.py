@@ -1053,7 +1053,9 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(monkeypatch: pytes
 
     calls: list[dict] = []
 
-    def fake_fit_dip(target, z, seeds, cfg, reference=None, batch_size=16, amp_dtype=None, progress=False):
+    def fake_fit_dip(
+        target, z, seeds, cfg, reference=None, batch_size=16, amp_dtype=None, progress=False, measure=None
+    ):
         calls.append(
             {
                 "cfg": cfg,
