@@ -44,9 +44,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = bench_mod.Bench.run_row
 
-    def spy(self, spec):
+    def spy(self, spec, part=None):
         seen.append(spec.label)
-        return original(self, spec)
+        return original(self, spec, part)
 
     monkeypatch.setattr(bench_mod.Bench, "run_row", spy)
     return seen
@@ -270,3 +270,92 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
     assert [sp.method for sp in bench_mod.table_specs("table2", chosen)] == ["tweedie", "ddpm"]  # registry order
     t3 = bench_mod.table_specs("table3", blind)
     assert t3[-1].t_trunc is None and all(sp.protocol == "blind" for sp in t3)
+
+
+def _without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "s/img"} for r in rows]
+
+
+def test_a_killed_row_resumes_per_image(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped in the middle of a row (here by an exception raised in the dispatch, as a kill would
+    stop it) keeps the images it finished; run again, it computes only the missing images, and its tables
+    equal those of an uninterrupted run."""
+    data = sprite_dir_factory(4, 16)
+
+    def args(out: Path, *extra: str) -> list[str]:
+        a = _args(tiny_model, data, out, "table2", "--t-noisy", "8", *extra)
+        a[a.index("--n") + 1] = "3"
+        a[a.index("--batch-size") + 1] = "1"
+        return a
+
+    whole = tmp_path / "whole"
+    main(args(whole))
+    reference = json.loads((whole / "table2.json").read_text())["rows"]
+
+    computed: list[tuple[str, tuple[int, ...]]] = []
+    original = bench_mod.run
+
+    def counting(ctx, task, protocol, method, job, shard=None):
+        computed.append((method, job.seeds))
+        return original(ctx, task, protocol, method, job, shard)
+
+    def killed_at_the_fifth_image(ctx, task, protocol, method, job, shard=None):
+        if len(computed) == 4:  # DDPM's 3 images and the first DIP image are done
+            raise KeyboardInterrupt
+        return counting(ctx, task, protocol, method, job, shard)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(bench_mod, "run", killed_at_the_fifth_image)
+    with pytest.raises(SystemExit) as e:
+        main(args(run))
+    assert e.value.code == 130  # the CLI's answer to Ctrl-C
+    assert computed == [("ddpm", (0,)), ("ddpm", (1,)), ("ddpm", (2,)), ("dip", (0,))]
+    assert not (run / "table2.json").exists()
+
+    # What is done so far, without computing anything.
+    monkeypatch.setattr(bench_mod, "run", counting)
+    computed.clear()
+    main(args(run, "--progress"))
+    assert computed == []
+    done = {r["method"]: (r["n done"], r["of n"]) for r in json.loads((run / "progress.json").read_text())["rows"]}
+    assert done == {"ddpm": (3, 3), "dip": (1, 3), "tdpm-dip": (0, 3)}
+    assert "PARTIAL" in (run / "progress.md").read_text()
+
+    # The re-run computes the missing images only, and gives the uninterrupted run's numbers.
+    main(args(run))
+    assert computed == [("dip", (1,)), ("dip", (2,)), ("tdpm-dip", (0,)), ("tdpm-dip", (1,)), ("tdpm-dip", (2,))]
+    rows = json.loads((run / "table2.json").read_text())["rows"]
+    assert _without_times(rows) == _without_times(reference)
+    assert all(r["PSNR sd"] is not None and r["PSNR sd"] >= 0 for r in rows)
+
+    # Every image is cached: a run with a new setting that leaves the images alone (interleaved rows, a larger n
+    # that adds one image) computes only the new image of each row, row by row in turn.
+    computed.clear()
+    more = args(run, "--interleave")
+    more[more.index("--n") + 1] = "4"
+    main(more)
+    assert computed == [("ddpm", (3,)), ("dip", (3,)), ("tdpm-dip", (3,))]
+
+
+def test_paper_methods_pick_rows_and_interleave(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, calls: list[str]
+) -> None:
+    """--methods picks paper rows too (the expensive DDPM row can run last, in a second command), and
+    --interleave advances the rows together, one batch of each in turn."""
+    data = sprite_dir_factory(4, 16)
+    run = tmp_path / "run"
+    a = _args(tiny_model, data, run, "table2", "--t-noisy", "8", "--methods", "dip,tdpm-dip", "--interleave")
+    a[a.index("--batch-size") + 1] = "1"
+    main(a)
+    assert calls == ["DIP", "TDPM-DIP", "DIP", "TDPM-DIP"]
+    assert [r["method"] for r in json.loads((run / "table2.json").read_text())["rows"]] == ["dip", "tdpm-dip"]
+    calls.clear()
+    a = _args(tiny_model, data, run, "table2", "--t-noisy", "8")
+    a[a.index("--batch-size") + 1] = "1"
+    main(a)
+    assert calls == ["DDPM", "DDPM"]
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, data, run, "table2", "--methods", "tweedie"))  # a blind method, paper protocol
+    assert e.value.code == 2

@@ -389,8 +389,12 @@ def denoise(threads: int, **kwargs: object) -> None:
 @click.option(
     "--methods",
     default="",
-    help="blind table2/table4: comma-separated methods to run (default: every blind method of the "
-    "registry whose extra is installed: " + ", ".join(registry.names("denoise", "blind")) + ").",
+    help="table2/table4: comma-separated methods to run (default: every method of the protocol; blind: those "
+    "whose extra is installed: "
+    + ", ".join(registry.names("denoise", "blind"))
+    + "; paper: "
+    + ", ".join(registry.names("denoise", "paper"))
+    + ").",
 )
 @click.option(
     "--t-noisy", type=int, default=defaults.T_NOISY, help="paper: noise level of the noisy images (report: 600)."
@@ -442,7 +446,21 @@ def denoise(threads: int, **kwargs: object) -> None:
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Run folder. Re-running into it skips rows already computed (RUN/cache).",
+    help="Run folder. Each image is cached as its batch finishes (RUN/cache/images): re-running into it "
+    "computes only the images not yet finished (use --batch-size 1 to lose at most one image to a kill).",
+)
+@click.option(
+    "--interleave",
+    is_flag=True,
+    help="The rows advance together, one batch of each in turn, so that a run stopped early has the same "
+    "images done in every row (default: row after row).",
+)
+@click.option(
+    "--progress",
+    "progress_only",
+    is_flag=True,
+    help="Compute nothing: write RUN/progress.md and .json, per row the images finished so far and the mean "
+    "and standard deviation of their PSNR / SSIM.",
 )
 @click.option(
     "--dip-preset",
@@ -465,7 +483,8 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
     table4  linear vs cosine schedule (needs --model-cosine)
     \b
     Defaults are the report's settings; shrink --n, --dip-preset, --dip-iters, --ddpm-steps for CPU
-    runs (every table says what was shrunk). Interrupted runs resume: finished rows are cached.
+    runs (every table says what was shrunk). Interrupted runs resume: finished images are cached, and a
+    re-run computes only the missing ones (--progress reports them without computing).
     \b
     Example (CPU):
       tdpm-dip bench table2 --model M --data test/ --n 8 --dip-preset dip-small --out runs/bench
