@@ -322,6 +322,10 @@ def test_a_killed_row_resumes_per_image(
     done = {r["method"]: (r["n done"], r["of n"]) for r in json.loads((run / "progress.json").read_text())["rows"]}
     assert done == {"ddpm": (3, 3), "dip": (1, 3), "tdpm-dip": (0, 3)}
     assert "PARTIAL" in (run / "progress.md").read_text()
+    with open(run / "progress_images.csv") as f:
+        per_image = list(csv.DictReader(f))
+    assert [(r["method"], r["image"]) for r in per_image] == [("ddpm", "0"), ("ddpm", "1"), ("ddpm", "2"), ("dip", "0")]
+    assert all(math.isfinite(float(r["PSNR"])) for r in per_image)
 
     # The re-run computes the missing images only, and gives the uninterrupted run's numbers.
     main(args(run))

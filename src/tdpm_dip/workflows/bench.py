@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -505,6 +506,7 @@ class Bench:
                 "info": _json_safe(info),
                 "metrics": self._image_metrics(spec, i, res.images[j], None if res.inputs is None else res.inputs[j]),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "load average": _loadavg(),
             }
             with atomic_path(self.cache / "images" / f"{key}.safetensors") as tmp:
                 save_file(tensors, str(tmp))
@@ -657,6 +659,36 @@ class Bench:
                         self.finish_row(key, info, spec)
                     self.computed.append(key)
 
+    def image_records(self, specs: list[RowSpec]) -> list[dict]:
+        """One line per cached image of each distinct row: its metrics, time and when it finished."""
+        out, seen = [], set()
+        for spec in specs:
+            key = self.key(spec)[0]
+            if key in seen:
+                continue
+            seen.add(key)
+            for i in range(self.row_n(spec)):
+                k = self.image_key(spec, i)
+                if not self.image_cached(k):
+                    continue
+                r = self.load_image(k)[0]
+                load = r.get("load average")
+                out.append(
+                    {
+                        "row": spec.label,
+                        "schedule": _schedule_name(self.context(spec.model)),
+                        "method": spec.method,
+                        "t_trunc": r["info"].get("t_trunc"),
+                        "image": i,
+                        "seed": r["seed"],
+                        **r["metrics"],
+                        "s": round(r["seconds"], 2),
+                        "finished": r["finished"],
+                        "load average": " ".join(map(str, load)) if load else None,
+                    }
+                )
+        return out
+
     def progress(self, specs: list[RowSpec]) -> list[dict]:
         """Per distinct row: the images finished so far (n done of N) and their metrics' mean and standard
         deviation, from the per-image cache; nothing is computed."""
@@ -693,6 +725,13 @@ class Bench:
                 )
             rows.append(row)
         return rows
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _sd(values: torch.Tensor) -> float | None:
@@ -1190,6 +1229,7 @@ def write_progress(tables: list[str], bench: Bench) -> list[dict]:
     lines += [markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r))), ""]
     write_text(bench.out / "progress.md", "\n".join(lines))
     write_json(bench.out / "progress.json", {"title": title, "header": h, "rows": rows})
+    write_text(bench.out / "progress_images.csv", _csv(bench.image_records(specs)))
     return rows
 
 
