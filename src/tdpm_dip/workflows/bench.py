@@ -871,7 +871,7 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
     if bench.reference is not None:
         # What copies of the --data images score against the reference set: the floor a method that
         # reconstructs them (TDPM-DIP under the paper protocol) approaches.
-        real = {"row": f"real: the {bench.s.n} --data images themselves", "protocol": "-", "method": "real"}
+        real: dict = {"row": f"real: the {bench.s.n} --data images themselves", "protocol": "-", "method": "real"}
         real["n"] = bench.s.n
         real.update(gm(bench.images, copies=False))
         rows.append(real)
