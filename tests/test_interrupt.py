@@ -488,7 +488,11 @@ def test_kill_9_mid_row_then_bench_rerun(sprite_dir: Path, model: Path, tmp_path
         c.wait_for_text("PAUSED in tdpm_dip.methods.paper.chain")
         assert len(rows()) == 2 and "running TDPM-DIP" in c.text(), c.text()[-3000:]
         c.kill()
-    finished = {p.name: p.read_bytes() for p in (out / "cache").iterdir() if not p.name.endswith(".tmp")}
+    finished = {
+        p.relative_to(out / "cache"): p.read_bytes()
+        for p in (out / "cache").rglob("*")
+        if p.is_file() and not p.name.endswith(".tmp")
+    }
     assert len(rows()) == 2 and not (out / "table2.md").exists()
     with child(args, tmp_path / "log2.txt") as c:
         assert c.wait() == 0, c.text()[-3000:]

@@ -527,8 +527,14 @@ def restore(threads: int, **kwargs: object) -> None:
 @click.option(
     "--methods",
     default="",
-    help="blind table2/table4: comma-separated methods to run (default: every blind method of the "
-    "registry whose extra is installed: " + ", ".join(registry.names("denoise", "blind")) + ").",
+    help="table1/table2/table4: comma-separated methods whose rows run (default: all; blind: those whose extra is "
+    "installed: "
+    + ", ".join(registry.names("denoise", "blind"))
+    + "; paper: "
+    + ", ".join(registry.names("denoise", "paper"))
+    + "; table1: "
+    + ", ".join(registry.names("generate"))
+    + "). Cheap rows first, the expensive ones in a second command.",
 )
 @click.option(
     "--t-noisy", type=int, default=defaults.T_NOISY, help="paper: noise level of the noisy images (report: 600)."
@@ -575,6 +581,12 @@ def restore(threads: int, **kwargs: object) -> None:
     help="table1: a generator folder (tdpm-dip train-generator) for this --model; one amortized TDPM row "
     "per folder, at its T_trunc (repeat the option: the report's T_trunc 0, 5, 10, 50).",
 )
+@click.option(
+    "--reference-data",
+    default=None,
+    help="table1: the real images that FID, KID, precision / recall and SWD compare against (e.g. held-out test "
+    "images; default: --data). Copy-rate stays against --data, and a row scores the --data images themselves.",
+)
 @click.option("--fig-images", type=int, default=4, help="Images (columns) in the figures; Fig. 3 fits this many.")
 @click.option(
     "--tasks",
@@ -586,7 +598,21 @@ def restore(threads: int, **kwargs: object) -> None:
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Run folder. Re-running into it skips rows already computed (RUN/cache).",
+    help="Run folder. Each image is cached as its batch finishes (RUN/cache/images): re-running into it "
+    "computes only the images not yet finished (use --batch-size 1 to lose at most one image to a kill).",
+)
+@click.option(
+    "--interleave",
+    is_flag=True,
+    help="The rows advance together, one batch of each in turn, so that a run stopped early has the same "
+    "images done in every row (default: row after row).",
+)
+@click.option(
+    "--progress",
+    "progress_only",
+    is_flag=True,
+    help="Compute nothing: write RUN/progress.md and .json, per row the images finished so far and the mean "
+    "and standard deviation of their PSNR / SSIM.",
 )
 @click.option(
     "--dip-preset",
@@ -609,7 +635,8 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
     table4  linear vs cosine schedule (needs --model-cosine)
     \b
     Defaults are the report's settings; shrink --n, --dip-preset, --dip-iters, --ddpm-steps for CPU
-    runs (every table says what was shrunk). Interrupted runs resume: finished rows are cached.
+    runs (every table says what was shrunk). Interrupted runs resume: finished images are cached, and a
+    re-run computes only the missing ones (--progress reports them without computing).
     \b
     Example (CPU):
       tdpm-dip bench table2 --model M --data test/ --n 8 --dip-preset dip-small --out runs/bench

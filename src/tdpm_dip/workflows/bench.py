@@ -5,8 +5,13 @@ registry's dispatch (`methods.run`: nothing here fits a DIP or runs a chain itse
 metrics, timings and images -- is cached in RUN/cache/<key>.json + .safetensors, where the key hashes
 everything that determines the row: the spec, the options its method reads (`registry.Method.reads`), the
 model's weights, the images, n, the seeds, the DIP settings, the device and dtype. Re-running into the same RUN skips
-finished rows, so an interrupted run resumes, and tables that share a row (Table 2's rows are Table 4's linear rows)
-compute it once.
+finished rows, and tables that share a row (Table 2's rows are Table 4's linear rows) compute it once.
+
+A row runs in parts of one batch, and each image is cached as its part finishes, in RUN/cache/images/<key>.json +
+.safetensors, keyed on the row's key with the data set and n replaced by that image and its seed (image i depends
+only on them). A killed run, run again, computes only the images it had not finished; a larger n adds only the new
+images. `--progress` reports the images done per row (mean and sd so far) without computing; `--interleave` advances
+the rows together, so that a run stopped early has the same images done in every row.
 
 Every table states its protocol and which of the report's settings were shrunk, and shows the
 report's own number next to each row ("report ..." columns, from anchors.md: paper protocol,
@@ -21,6 +26,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +39,13 @@ from tqdm.auto import tqdm
 
 from .. import defaults, registry
 from ..data import load_images
-from ..dip import DIPConfig, dip_defaults
+from ..dip import DIPConfig, DIPResult, dip_defaults
 from ..errors import UserError, check_positive, check_sigma
 from ..generator import TDPMGenerator, generator_fingerprint, load_generator, read_generator_info
 from ..methods import Context, Job, Result, run
 from ..methods.observe import add_noise
 from ..methods.shard import Shard, is_main_process
+from ..methods.types import concat_results
 from ..metrics import (
     copy_rate,
     data_hash,
@@ -47,7 +55,9 @@ from ..metrics import (
     inception_extractor,
     kid,
     precision_recall,
+    psnr,
     reference_features,
+    ssim,
     swd,
 )
 from ..models import count_params, ddpm_fingerprint, unet_size
@@ -125,12 +135,13 @@ class BenchSettings:
     noise: str = defaults.NOISE_MODEL  # blind: observation model of observe.add_noise
     declip: bool = True  # blind: the clipping-aware observation (observe.declip)
     blind_ddim_steps: int = defaults.BLIND_DDIM_STEPS  # blind ddim: steps from t*
-    methods: tuple[str, ...] = ()  # blind denoising rows to run (empty: every blind method of the registry)
+    methods: tuple[str, ...] = ()  # table1/2/4: the rows' methods to run (empty: every method of the protocol)
     ddpm_steps: int = REPORT_DDPM_STEPS
     ddim_steps: int | None = None  # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
     fid: bool = False
     fid_weights: str | None = None
     generators: dict[int, str] = field(default_factory=dict)  # table1: T_trunc -> generator folder (tdpm rows)
+    reference_data: str | None = None  # table1: the reference set of FID/KID/precision/recall/SWD (None: --data)
     fig_images: int = 4
     dip: dict[str, DIPConfig] = field(default_factory=lambda: {"paper": REPORT_DIP})
 
@@ -165,7 +176,7 @@ def _denoise_rows(s: BenchSettings, model: str) -> list[RowSpec]:
     """Every denoiser of the registry under the protocol (blind: those whose extra is installed, or --methods)."""
     rows = []
     for m in registry.methods("denoise", s.protocol, installed_only=True):
-        if s.protocol == "blind" and s.methods and m.name not in s.methods:
+        if s.methods and m.name not in s.methods:
             continue
         t = (s.paper_t_trunc if s.protocol == "paper" else s.t_trunc) if "t_trunc" in m.reads else None
         # The report's numbers are the paper protocol's: beside a blind row they would mislead.
@@ -217,7 +228,7 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
             )
             for t, g in sorted(s.generators.items())
         ]
-        return rows + [
+        rows += [
             RowSpec(
                 "TDPM-DIP (paper; reconstructs --data)",
                 "generate",
@@ -227,6 +238,7 @@ def table_specs(name: str, s: BenchSettings) -> list[RowSpec]:
                 report=_report_generation(REPORT_GENERATION["tdpm-dip"]),
             )
         ]
+        return [r for r in rows if r.method in s.methods] if s.methods else rows
     if name == "table2":
         return _denoise_rows(s, "linear")
     if name == "table3":
@@ -315,6 +327,10 @@ class Bench:
         self._data_hashes: dict[int, str] = {}
         self._generators: dict[str, tuple[TDPMGenerator, str]] = {}  # folder -> (generator, fingerprint)
         self.computed: list[str] = []  # keys of rows run (not read from the cache) by this object
+        self.computed_images: list[tuple[str, int]] = []  # (row key, image index) computed by this object
+        # table1's reference set for FID / KID / precision / recall / SWD (None: the --data images)
+        self.reference: torch.Tensor | None = None
+        self._image_hashes: dict[int, str] = {}
 
     @property
     def main(self) -> bool:
@@ -405,12 +421,8 @@ class Bench:
     def cached(self, key: str) -> bool:
         return (self.cache / f"{key}.json").is_file() and (self.cache / f"{key}.safetensors").is_file()
 
-    def run_row(self, spec: RowSpec) -> Result:
-        """Run one row through the registry's dispatch."""
-        gen = self.generator(spec.generator)[0] if spec.generator is not None else None
-        ctx = dataclasses.replace(
-            self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"), generator=gen
-        )
+    def job(self, spec: RowSpec) -> Job:
+        """The row's whole Job: its n images, image i with seed SEED + i."""
         n = self.row_n(spec)
         clean = self.images[:n]
         seeds = tuple(range(self.s.seed, self.s.seed + n))
@@ -420,14 +432,148 @@ class Bench:
             images = {"clean": clean}
         else:  # blind: the noisy observation of the clean images (which only score the DIP curves)
             images = {"noisy": add_noise(clean, self.s.sigma, list(seeds), self.s.noise), "clean": clean}
-        job = Job(
+        return Job(
             seeds,
             noisy=images.get("noisy"),
             clean=images.get("clean"),
             reference=images.get("reference"),
             **self.options(spec),
         )
+
+    def run_row(self, spec: RowSpec, part: slice | None = None) -> Result:
+        """Run one row (or its images `part`) through the registry's dispatch."""
+        gen = self.generator(spec.generator)[0] if spec.generator is not None else None
+        ctx = dataclasses.replace(
+            self.context(spec.model), dip=self.dip_cfg(spec), dip_plugin=self.s.dip.get("plugin"), generator=gen
+        )
+        job = self.job(spec)
+        if part is not None:
+            job = job.part(part)
         return run(ctx, spec.task, spec.protocol, spec.method, job, self.shard)
+
+    # -------------------------------------------------------------------------- per-image cache
+
+    def image_hash(self, i: int) -> str:
+        if i not in self._image_hashes:
+            self._image_hashes[i] = data_hash(self.images[i : i + 1])
+        return self._image_hashes[i]
+
+    def image_key(self, spec: RowSpec, i: int) -> str:
+        """The cache key of image i of a row: the row's key with the whole data set and n replaced by image
+        i itself and its seed (image i depends only on them: `Job`), so rows of another n, or an n that
+        grows, share their finished images."""
+        _, info = self.key(spec)
+        d = {k: v for k, v in info.items() if k not in ("data", "n")}
+        d.update(per_image=1, image=self.image_hash(i), seed=self.s.seed + i)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
+
+    def image_cached(self, key: str) -> bool:
+        d = self.cache / "images"
+        return (d / f"{key}.json").is_file() and (d / f"{key}.safetensors").is_file()
+
+    def _save_images(self, spec: RowSpec, lo: int, res: Result) -> None:
+        """One cache entry per image of a part (images lo, lo + 1, ... of the row)."""
+        m = int(res.images.shape[0])
+        for j in range(m):
+            i = lo + j
+            key = self.image_key(spec, i)
+            tensors = {"image": res.images[j]}
+            if res.inputs is not None:
+                tensors["input"] = res.inputs[j]
+            if res.dip is not None:
+                tensors["dip_output"] = res.dip.output[j]
+                tensors["dip_loss"] = res.dip.loss[:, j]
+                if res.dip.psnr is not None:
+                    tensors["dip_psnr"] = res.dip.psnr[:, j]
+                if res.dip.ssim is not None:
+                    tensors["dip_ssim"] = res.dip.ssim[:, j]
+            info, tinfo = _image_info(res.info, m, j)
+            tensors.update({f"info.{k}": v for k, v in tinfo.items()})
+            tensors = {k: v.detach().float().cpu().clone().contiguous() for k, v in tensors.items()}
+            record = {
+                "key": key,
+                "row": self.key(spec)[0],
+                "label": spec.label,
+                "index": i,
+                "seed": self.s.seed + i,
+                "method": res.method,
+                "protocol": res.protocol,
+                "reverse_steps": res.reverse_steps,
+                "nfe": res.nfe,
+                "seconds": res.seconds / m,  # the part's compute time, shared by its images
+                "dip_seconds": res.dip.seconds / m if res.dip is not None else None,
+                "ssim_iters": list(res.dip.ssim_iters) if res.dip is not None else None,
+                "batch size": self.context(spec.model).batch_size,  # images computed together
+                "info": _json_safe(info),
+                "metrics": self._image_metrics(spec, i, res.images[j], None if res.inputs is None else res.inputs[j]),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "load average": _loadavg(),
+            }
+            with atomic_path(self.cache / "images" / f"{key}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            write_json(self.cache / "images" / f"{key}.json", record)
+
+    def _image_metrics(self, spec: RowSpec, i: int, image: torch.Tensor, inp: torch.Tensor | None) -> dict:
+        if spec.task != "denoise":
+            return {}
+        clean = self.images[i : i + 1]
+        out = {"PSNR": float(psnr(image[None], clean)[0]), "SSIM": float(ssim(image[None], clean)[0])}
+        if inp is not None and spec.protocol == "blind":
+            out["input PSNR"] = float(psnr(inp[None], clean)[0])
+        return out
+
+    def load_image(self, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        d = self.cache / "images"
+        return json.loads((d / f"{key}.json").read_text()), load_file(d / f"{key}.safetensors")
+
+    def _image_result(self, key: str) -> Result:
+        """The Result of one cached image (as a part of one image), for `concat_results`."""
+        rec, t = self.load_image(key)
+        dip = None
+        if "dip_output" in t:
+            dip = DIPResult(
+                t["dip_output"][None],
+                t["dip_loss"][:, None],
+                t["dip_psnr"][:, None] if "dip_psnr" in t else None,
+                t["dip_ssim"][:, None] if "dip_ssim" in t else None,
+                list(rec["ssim_iters"] or []),
+                rec["dip_seconds"] or 0.0,
+            )
+        info = dict(rec["info"])
+        info.update({k[5:]: v[None] for k, v in t.items() if k.startswith("info.")})
+        return Result(
+            rec["method"],
+            rec["protocol"],
+            t["image"][None],
+            rec["seconds"],
+            rec["reverse_steps"],
+            rec["nfe"],
+            t["input"][None] if "input" in t else None,
+            dip,
+            info,
+        )
+
+    def missing_images(self, spec: RowSpec) -> list[int]:
+        return [i for i in range(self.row_n(spec)) if not self.image_cached(self.image_key(spec, i))]
+
+    def parts(self, missing: list[int]) -> list[slice]:
+        """The missing images in parts of at most one batch (per process), aligned on the batches of a
+        whole run ([0, B), [B, 2B), ...: the same batches, hence the same outputs, as an uninterrupted run)."""
+        size = self.context("linear").batch_size * (self.shard.world if self.shard is not None else 1)
+        out: list[slice] = []
+        for i in missing:
+            last = out[-1] if out else None
+            if last is not None and last.stop == i and i % size != 0:
+                out[-1] = slice(last.start, i + 1)
+            else:
+                out.append(slice(i, i + 1))
+        return out
+
+    def finish_row(self, key: str, info: dict, spec: RowSpec) -> None:
+        """Assemble a row whose images are all cached into its row entry (what the tables read)."""
+        n = self.row_n(spec)
+        res = concat_results([self._image_result(self.image_key(spec, i)) for i in range(n)])
+        self._save(key, info, spec, res)
 
     def _save(self, key: str, keyinfo: dict, spec: RowSpec, res: Result) -> None:
         n = res.images.shape[0]
@@ -439,11 +585,15 @@ class Bench:
             tensors["dip_output"] = res.dip.output
         # Own copies: safetensors refuses tensors that share memory (the DIP row's images are its DIP output).
         tensors = {k: v.detach().float().cpu().clone().contiguous() for k, v in tensors.items()}
+        metrics = _json_safe(result_row(res, clean))
+        if clean is not None:  # the spread over the images
+            metrics["PSNR sd"] = _sd(psnr(res.images, clean))
+            metrics["SSIM sd"] = _sd(ssim(res.images, clean))
         record = {
             "key": key,
             "keyed_on": keyinfo,
             "device": self.device_name,
-            "metrics": _json_safe(result_row(res, clean)),
+            "metrics": metrics,
             "info": _json_safe(res.info),
             "seconds": res.seconds,
             "curves": res.dip.mean_curves() if res.dip is not None else None,
@@ -457,28 +607,156 @@ class Bench:
         record = json.loads((self.cache / f"{key}.json").read_text())
         return record, load_file(self.cache / f"{key}.safetensors")
 
-    def run(self, specs: list[RowSpec]) -> None:
-        """Run every spec not yet cached (each distinct key once), with a progress bar.
+    def run(self, specs: list[RowSpec], interleave: bool = False) -> None:
+        """Run every image of every spec not yet cached (each distinct row once), with a progress bar.
 
-        Under a launcher every process runs every row on its share of the images; the main process alone
-        reads the cache, decides which rows are left, and saves them.
+        A row runs in parts of one batch and caches each image as its part finishes (RUN/cache/images), so
+        a killed run, run again, computes only the images it had not finished; a row whose images are all
+        cached is assembled into its row entry (RUN/cache/<key>.json). `interleave`: the rows advance
+        together, one batch of each in turn, so that a run stopped early has the same images done in every
+        row; otherwise row after row.
+
+        Under a launcher every process runs every part on its share of the images; the main process alone
+        reads the cache, decides what is left, and saves it.
         """
-        todo: dict[str, tuple[RowSpec, dict]] = {}
+        todo: dict[str, tuple[RowSpec, dict, list[slice]]] = {}
         for spec in sorted(specs, key=lambda sp: sp.model):  # one model slot at a time
             key, info = self.key(spec)
             if key not in todo and not (self.main and self.cached(key)):
-                todo[key] = (spec, info)
+                todo[key] = (spec, info, self.parts(self.missing_images(spec)) if self.main else [])
         if self.shard is not None:
             todo = self.shard.broadcast(todo)  # the cache is the main process's (other machines may not see it)
         done = len({self.key(sp)[0] for sp in specs}) - len(todo)
         if done:
             self.echo(f"{done} row(s) found in {self.cache}: not recomputed")
-        for key, (spec, info) in tqdm(todo.items(), desc="bench rows", unit="row", disable=not (todo and self.main)):
-            self.echo(f"running {spec.label} ({spec.task}, {spec.protocol}, model {spec.model}, n={self.row_n(spec)})")
-            res = self.run_row(spec)
-            if self.main:
-                self._save(key, info, spec, res)
-            self.computed.append(key)
+        for spec, _, parts in todo.values():
+            n, left = self.row_n(spec), sum(p.stop - p.start for p in parts)
+            if left < n:
+                self.echo(f"{spec.label} ({spec.model}): {n - left} of {n} images found in {self.cache}/images")
+        queue = [(key, j) for key, (_, _, parts) in todo.items() for j in range(len(parts))]
+        if interleave:
+            queue.sort(key=lambda kj: kj[1])  # stable: part 0 of every row, then part 1, ...
+        remaining = {key: len(parts) for key, (_, _, parts) in todo.items()}
+        for key, (spec, info, parts) in todo.items():
+            if not parts and self.main:
+                self.finish_row(key, info, spec)
+        total = sum(p.stop - p.start for _, _, parts in todo.values() for p in parts)
+        with tqdm(total=total, desc="bench images", unit="img", disable=not (total and self.main)) as bar:
+            for key, j in queue:
+                spec, info, parts = todo[key]
+                part = parts[j]
+                self.echo(
+                    f"running {spec.label} ({spec.task}, {spec.protocol}, model {spec.model}): images "
+                    f"{part.start}..{part.stop - 1} of {self.row_n(spec)}"
+                )
+                res = self.run_row(spec, part)
+                if self.main:
+                    self._save_images(spec, part.start, res)
+                self.computed_images += [(key, i) for i in range(part.start, part.stop)]
+                bar.update(part.stop - part.start)
+                remaining[key] -= 1
+                if remaining[key] == 0:
+                    if self.main:
+                        self.finish_row(key, info, spec)
+                    self.computed.append(key)
+
+    def image_records(self, specs: list[RowSpec]) -> list[dict]:
+        """One line per cached image of each distinct row: its metrics, time and when it finished."""
+        out, seen = [], set()
+        for spec in specs:
+            key = self.key(spec)[0]
+            if key in seen:
+                continue
+            seen.add(key)
+            for i in range(self.row_n(spec)):
+                k = self.image_key(spec, i)
+                if not self.image_cached(k):
+                    continue
+                r = self.load_image(k)[0]
+                load = r.get("load average")
+                out.append(
+                    {
+                        "row": spec.label,
+                        "schedule": _schedule_name(self.context(spec.model)),
+                        "method": spec.method,
+                        "t_trunc": r["info"].get("t_trunc"),
+                        "image": i,
+                        "seed": r["seed"],
+                        **r["metrics"],
+                        "s": round(r["seconds"], 2),
+                        "finished": r["finished"],
+                        "load average": " ".join(map(str, load)) if load else None,
+                    }
+                )
+        return out
+
+    def progress(self, specs: list[RowSpec]) -> list[dict]:
+        """Per distinct row: the images finished so far (n done of N) and their metrics' mean and standard
+        deviation, from the per-image cache; nothing is computed."""
+        rows, seen = [], set()
+        for spec in specs:
+            key = self.key(spec)[0]
+            if key in seen:
+                continue
+            seen.add(key)
+            recs = [
+                self.load_image(k)[0]
+                for i in range(self.row_n(spec))
+                if self.image_cached(k := self.image_key(spec, i))
+            ]
+            row: dict = {
+                "row": spec.label,
+                "schedule": _schedule_name(self.context(spec.model)),
+                "method": spec.method,
+                "protocol": spec.protocol,
+                "n done": len(recs),
+                "of n": self.row_n(spec),
+            }
+            for m in ("PSNR", "SSIM", "input PSNR"):
+                vals = [r["metrics"][m] for r in recs if m in r["metrics"]]
+                if vals:
+                    row[m] = sum(vals) / len(vals)
+                    row[f"{m} sd"] = _sd(torch.tensor(vals))
+            row.update(dict(spec.report))
+            if recs:
+                row["reverse steps"] = max(r["reverse_steps"] for r in recs)
+                row["s/img"] = sum(r["seconds"] for r in recs) / len(recs)
+                row["finished (first, last)"] = (
+                    f"{min(r['finished'] for r in recs)}, {max(r['finished'] for r in recs)}"
+                )
+            rows.append(row)
+        return rows
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _sd(values: torch.Tensor) -> float | None:
+    """Sample standard deviation over the images (None for one image)."""
+    v = values.double().flatten()
+    return float(v.std(unbiased=True)) if v.numel() > 1 else None
+
+
+def _image_info(info: dict, m: int, j: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Image j's share of a part's info (m images): a per-image list or tensor gives its own entry, any
+    other value is the part's (`types._merge_info` joins them back)."""
+    plain: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in info.items():
+        if isinstance(v, torch.Tensor):
+            if v.ndim and v.shape[0] == m:
+                tensors[k] = v[j]
+            else:
+                plain[k] = v
+        elif isinstance(v, list) and len(v) == m:
+            plain[k] = v[j]
+        else:
+            plain[k] = v
+    return plain, tensors
 
 
 # ------------------------------------------------------------------------------------------ assembling
@@ -490,10 +768,12 @@ def _denoise_row(spec: RowSpec, record: dict, sched_name: str) -> dict:
     row = {"row": spec.label, "schedule": sched_name, "protocol": m.pop("protocol"), "method": m.pop("method"), "n": n}
     if "PSNR" in m:
         row[f"PSNR@{n}"] = m.pop("PSNR")
+        row["PSNR sd"] = m.pop("PSNR sd", None)  # over the images (rows cached before it was kept: None)
     rep = dict(spec.report)
     row["report PSNR"] = rep.get("report PSNR")
     if "SSIM" in m:
         row[f"SSIM@{n}"] = m.pop("SSIM")
+        row["SSIM sd"] = m.pop("SSIM sd", None)
     row["report SSIM"] = rep.get("report SSIM")
     for k in ("input PSNR", "t_noisy", "sigma", "t_star", "t_trunc", "samples"):
         if k in m:
@@ -523,8 +803,10 @@ class _GenMetrics:
                 self.fid_note = f"FID not computed: {e}"
                 bench.echo(self.fid_note)
 
-    def __call__(self, images: torch.Tensor) -> dict:
-        ref = self.b.images
+    def __call__(self, images: torch.Tensor, copies: bool = True) -> dict:
+        """FID, KID, precision / recall and SWD against the reference set (--reference-data, else --data);
+        copy-rate and nearest PSNR against the --data images (those TDPM-DIP reconstructs), unless not `copies`."""
+        ref = self.b.reference if self.b.reference is not None else self.b.images
         out: dict = {}
         if self.extractor is not None:
             n = images.shape[0]
@@ -547,9 +829,10 @@ class _GenMetrics:
                 out["precision"] = out["recall"] = None
         s = swd(images, ref, seed=0)
         out["SWD x1e3"] = 1e3 * s["swd_avg"]
-        cr = copy_rate(images, ref)
-        out["copy-rate"] = cr["rate"]
-        out["nearest PSNR"] = sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"])
+        if copies:
+            cr = copy_rate(images, self.b.images)
+            out["copy-rate"] = cr["rate"]
+            out["nearest PSNR"] = sum(cr["nearest_psnr"]) / len(cr["nearest_psnr"])
         return out
 
 
@@ -585,6 +868,13 @@ def _generation_rows(bench: Bench, specs: list[RowSpec], gm: _GenMetrics) -> lis
         row["report speed-up (steps)"] = rep.get("report speed-up (steps)")
         row["report speed-up (time)"] = rep.get("report speed-up (time)")
         rows.append(row)
+    if bench.reference is not None:
+        # What copies of the --data images score against the reference set: the floor a method that
+        # reconstructs them (TDPM-DIP under the paper protocol) approaches.
+        real: dict = {"row": f"real: the {bench.s.n} --data images themselves", "protocol": "-", "method": "real"}
+        real["n"] = bench.s.n
+        real.update(gm(bench.images, copies=False))
+        rows.append(real)
     return rows
 
 
@@ -595,8 +885,10 @@ COLUMN_ORDER = (
     "method",
     "n",
     "PSNR@",
+    "PSNR sd",
     "report PSNR",
     "SSIM@",
+    "SSIM sd",
     "report SSIM",
     "FID@",
     "report FID@1k",
@@ -770,10 +1062,14 @@ def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, Row
             _, t = bench.load(bench.key(sp)[0])
             grid += [t["images"][:k], t["dip_output"][:k]]
             caps.append(f"TDPM-DIP T_trunc={sp.t_trunc}, its DIP output G_psi(z)")
-        comparison_figure(bench.out / "fig3.png", grid, max_images=k)
-        figs.append(
-            ("fig3.png", "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: " + "; ".join(caps))
-        )
+        if grid:
+            comparison_figure(bench.out / "fig3.png", grid, max_images=k)
+            figs.append(
+                (
+                    "fig3.png",
+                    "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: " + "; ".join(caps),
+                )
+            )
     else:
         rows, caps = [bench.images[:k]], ["clean"]
         last_inputs = None
@@ -834,11 +1130,16 @@ def write_table(
         rows = _generation_rows(bench, specs, gm)
         if gm.fid_note:
             notes.append(gm.fid_note)
+        ref = (
+            f"the {bench.reference.shape[0]} --reference-data images ({bench.s.reference_data})"
+            if bench.reference is not None
+            else "the --data images"
+        )
         if bench.s.fid and gm.extractor is not None:
             notes.append(
-                f"FID@{bench.s.n} against the --data images (report: FID@1k); with few images it is "
+                f"FID@{bench.s.n} against {ref} (report: FID@1k); with few images it is "
                 "strongly biased upwards. KID: unbiased polynomial-kernel MMD^2 (100 subsets), the same "
-                "features; about 0 for samples of the --data distribution. precision / recall: improved "
+                "features; about 0 for samples of the reference distribution. precision / recall: improved "
                 "precision and recall (Kynkaanniemi et al. 2019, k = 3) on the same features: the share "
                 "of samples that look real / of real images the samples cover"
             )
@@ -850,8 +1151,8 @@ def write_table(
             )
         notes.append(
             "SWD: ProGAN's sliced Wasserstein distance x1e3 on 7x7 Laplacian-pyramid patches (levels "
-            "down to 16 px), against the --data images; copy-rate: share of images whose nearest --data "
-            "image (L2) is >= 25 dB PSNR away; nearest PSNR: its mean"
+            f"down to 16 px), against {ref}; copy-rate: share of images whose nearest --data "
+            "image (L2) is at PSNR >= 25 dB; nearest PSNR: its mean"
         )
         notes.append(
             "TDPM-DIP generation under the paper protocol fits G_psi to noised --data images: it "
@@ -898,15 +1199,17 @@ def write_table(
     return rows
 
 
-def run_bench(tables: list[str], bench: Bench) -> dict[str, list[dict]]:
-    """Run the rows of `tables` (cached rows are skipped), then write each table's files into bench.out."""
+def run_bench(tables: list[str], bench: Bench, interleave: bool = False) -> dict[str, list[dict]]:
+    """Run the rows of `tables` (cached images and rows are skipped), then write each table's files into
+    bench.out. `interleave`: see `Bench.run`."""
     specs = {name: table_specs(name, bench.s) for name in tables}
-    extra = {f"fig3-{sp.t_trunc}": sp for sp in fig3_specs(bench.s)} if "table1" in tables else {}
+    fig3 = "table1" in tables and (not bench.s.methods or "tdpm-dip" in bench.s.methods)
+    extra = {f"fig3-{sp.t_trunc}": sp for sp in fig3_specs(bench.s)} if fig3 else {}
     for name in tables:
         for sp in specs[name]:
             if sp.model != "linear":
                 bench.context(sp.model)  # fail early when --model-cosine is missing
-    bench.run([sp for name in tables for sp in specs[name]] + list(extra.values()))
+    bench.run([sp for name in tables for sp in specs[name]] + list(extra.values()), interleave=interleave)
     if not bench.main:
         return {}  # under a launcher the main process writes the tables
     gm = _GenMetrics(bench) if "table1" in tables else None
@@ -915,6 +1218,25 @@ def run_bench(tables: list[str], bench: Bench) -> dict[str, list[dict]]:
         staged = copy.copy(bench)
         staged.out = tmp
         return {name: write_table(staged, name, specs[name], extra, gm) for name in tables}
+
+
+def write_progress(tables: list[str], bench: Bench) -> list[dict]:
+    """RUN/progress.md and .json: per row of `tables`, the images finished so far (n done of N), the mean and
+    standard deviation of their PSNR / SSIM, s/img and when they finished. Computes nothing."""
+    specs = [sp for name in tables for sp in table_specs(name, bench.s)]
+    rows = bench.progress(specs)
+    complete = all(r["n done"] == r["of n"] for r in rows)
+    title = "Bench progress: " + ", ".join(tables) + ("" if complete else " (PARTIAL: some rows are not finished)")
+    h, _ = header(bench, tables[0], specs)
+    lines = [f"# {title}", "", f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
+    lines += [f"- {k}: {v}" for k, v in h.items() if k in ("protocol", "data", "n", "device", "dtype", "t_noisy")]
+    lines += [f"- {k}: {v}" for k, v in h.items() if k.startswith("DIP (")]
+    lines += ["- mean and sd (sample standard deviation) over the images done; s/img: their compute time", ""]
+    lines += [markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r))), ""]
+    write_text(bench.out / "progress.md", "\n".join(lines))
+    write_json(bench.out / "progress.json", {"title": title, "header": h, "rows": rows})
+    write_text(bench.out / "progress_images.csv", _csv(bench.image_records(specs)))
+    return rows
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -951,6 +1273,7 @@ __all__ = [
     "parse_ints",
     "run_bench",
     "table_specs",
+    "write_progress",
 ]
 
 
@@ -971,7 +1294,7 @@ class BenchOptions(RunOptions):
     sigma: float = defaults.SIGMA
     noise: str = defaults.NOISE_MODEL
     declip: bool = True
-    methods: str = ""  # comma-separated blind methods (empty: all installed)
+    methods: str = ""  # comma-separated table2/table4 methods of the protocol (empty: all installed)
     t_noisy: int = REPORT_T_NOISY
     t_trunc: int | None = None
     t_truncs: str = ",".join(map(str, REPORT_T_TRUNCS))
@@ -983,6 +1306,9 @@ class BenchOptions(RunOptions):
     generators: tuple[str, ...] = ()
     fig_images: int = 4
     dip_preset: str = "paper-dip"  # the report's, on any device (shrink it for CPU runs)
+    interleave: bool = False  # rows advance together, one batch each in turn (Bench.run)
+    reference_data: str | None = None  # table1: reference set of the distribution metrics (None: --data)
+    progress_only: bool = False  # compute nothing: write RUN/progress.{md,json} (write_progress)
 
     def settings(self, device: torch.device) -> BenchSettings:
         """The checked settings of the run (one-line UserErrors for every bad option that needs no model)."""
@@ -990,10 +1316,13 @@ class BenchOptions(RunOptions):
             check_positive("--" + name.replace("_", "-"), getattr(self, name))
         check_sigma(self.sigma)
         chosen = tuple(m for m in self.methods.replace(" ", "").split(",") if m)
-        valid = registry.names("denoise", "blind")
+        valid = list(dict.fromkeys(registry.names("denoise", self.protocol) + registry.names("generate")))
         unknown = [m for m in chosen if m not in valid]
         if unknown:
-            raise UserError(f"--methods: unknown blind method(s) {', '.join(unknown)}; choose from {', '.join(valid)}")
+            raise UserError(
+                f"--methods: unknown method(s) {', '.join(unknown)} for --protocol {self.protocol}; choose from "
+                + ", ".join(valid)
+            )
         preset = pick_dip_preset(self.dip_preset, device)
         cfgs = {use: dip_config(use, preset, self.dip_iters, self.dip_lr) for use in ("paper", "blind", "plugin")}
         return BenchSettings(
@@ -1013,6 +1342,7 @@ class BenchOptions(RunOptions):
             fid=self.fid,
             fid_weights=self.fid_weights,
             generators=_generators_by_t_trunc(self.generators),
+            reference_data=self.reference_data,
             fig_images=self.fig_images,
             dip=cfgs,
         )
@@ -1057,7 +1387,14 @@ def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
 
     b = Bench(settings, context, opts.data, load_data, out_dir, models, echo=echo, shard=shard)
     _check_levels(b.context("linear").scheduler, opts, settings)
-    run_bench(names, b)
+    if opts.reference_data is not None and "table1" in names and main:
+        b.reference = load_images(opts.reference_data, b.size, progress=True).images
+    if opts.progress_only:
+        if main:
+            write_progress(names, b)
+            print((out_dir / "progress.md").read_text())
+        return out_dir
+    run_bench(names, b, interleave=opts.interleave)
     if main:
         for name in names:
             print((out_dir / f"{name}.md").read_text())
