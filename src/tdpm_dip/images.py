@@ -19,6 +19,17 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return a.permute(*range(a.dim() - 3), -2, -1, -3).numpy()
 
 
+def pad_bottom_right(x: torch.Tensor, ph: int, pw: int, mode: str = "reflect") -> torch.Tensor:
+    """x padded by ph rows at the bottom and pw columns at the right. Reflection pads less than the side it
+    reflects, so a small image is padded in passes."""
+    while ph > 0 or pw > 0:
+        dh = ph if mode != "reflect" else min(ph, x.shape[-2] - 1)
+        dw = pw if mode != "reflect" else min(pw, x.shape[-1] - 1)
+        x = torch.nn.functional.pad(x, (0, dw, 0, dh), mode=mode)
+        ph, pw = ph - dh, pw - dw
+    return x
+
+
 def save_png(x: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
     """Save one image ([-1,1] CHW tensor or uint8 HWC array) as PNG, atomically."""
     a = to_uint8(x) if isinstance(x, torch.Tensor) else x

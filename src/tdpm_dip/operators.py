@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .images import pad_bottom_right
 
 SCALES = (2, 4)  # the super-resolution factors offered (the shipped model's prior was measured at these)
 
@@ -109,12 +110,7 @@ class Inpaint(Operator):
         return "inpaint:" + hashlib.sha1(self.mask.detach().cpu().numpy().tobytes()).hexdigest()
 
     def padded(self, ph: int, pw: int) -> Inpaint:
-        m = self.mask
-        while ph > 0 or pw > 0:  # reflected, as the image is
-            dh, dw = min(ph, m.shape[-2] - 1), min(pw, m.shape[-1] - 1)
-            m = torch.nn.functional.pad(m, (0, dw, 0, dh), mode="reflect")
-            ph, pw = ph - dh, pw - dw
-        return Inpaint(m)
+        return Inpaint(pad_bottom_right(self.mask, ph, pw))  # reflected, as the image is
 
     def prox(self, x: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor = 0.0) -> torch.Tensor:
         # Per pixel: (m y + rho x) / (m + rho); rho = 0 keeps x where nothing is known.

@@ -8,6 +8,7 @@ import torch
 
 from .. import registry
 from ..config import get_preset
+from ..images import pad_bottom_right
 from ..models import unet_size
 from .common import need
 from .shard import Shard
@@ -122,11 +123,7 @@ def _run_padded(ctx: Context, method: str, job: Job, shard: Shard | None = None)
         return run(ctx, "denoise", "blind", method, job, shard)
 
     def pad(x: torch.Tensor | None) -> torch.Tensor | None:
-        # Reflection pads less than the side it reflects: a small image (side < m) is padded in passes.
-        while x is not None and (x.shape[-2] < h + ph or x.shape[-1] < w + pw):
-            dh, dw = min(h + ph - x.shape[-2], x.shape[-2] - 1), min(w + pw - x.shape[-1], x.shape[-1] - 1)
-            x = torch.nn.functional.pad(x, (0, dw, 0, dh), mode="reflect")
-        return x
+        return None if x is None else pad_bottom_right(x, ph, pw)
 
     res = run(ctx, "denoise", "blind", method, dataclasses.replace(job, noisy=pad(noisy), clean=pad(job.clean)), shard)
     return _cropped(res, h, w, noisy.cpu())
@@ -156,18 +153,8 @@ def run_restore(ctx: Context, method: str, job: Job, shard: Shard | None = None)
     pw = next(p for p in range(m) if (y.shape[-1] + p) * f % m == 0)
     if ph or pw:
         mode = "replicate" if f > 1 else "reflect"
-        y = _pad(y, ph, pw, mode)
+        y = pad_bottom_right(y, ph, pw, mode)
         op = op.padded(ph, pw)
         job = dataclasses.replace(job, observed=y, operator=op)
     res = run(ctx, "restore", "blind", method, job, shard)
     return _cropped(res, h, w, y.cpu()[..., : h // f, : w // f])
-
-
-def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
-    """x padded at the bottom and right; reflection in passes when a side is shorter than its padding."""
-    while ph > 0 or pw > 0:
-        dh = ph if mode == "replicate" else min(ph, x.shape[-2] - 1)
-        dw = pw if mode == "replicate" else min(pw, x.shape[-1] - 1)
-        x = torch.nn.functional.pad(x, (0, dw, 0, dh), mode=mode)
-        ph, pw = ph - dh, pw - dw
-    return x

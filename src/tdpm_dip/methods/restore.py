@@ -109,20 +109,21 @@ def _result(
 # ---------------------------------------------------------------------------------------- methods
 
 
-def bicubic(ctx: Context, job: Job) -> Result:
-    """PIL's bicubic upscaling of the low-resolution image."""
+def _classical_result(ctx: Context, job: Job, name: str) -> Result:
     y, op, _ = _observation(job)
     with timer(ctx.device) as tm:
         out = classical(y, op)
-    return _result("bicubic", job, out, tm[0], 0, {})
+    return _result(name, job, out, tm[0], 0, {})
+
+
+def bicubic(ctx: Context, job: Job) -> Result:
+    """PIL's bicubic upscaling of the low-resolution image."""
+    return _classical_result(ctx, job, "bicubic")
 
 
 def biharmonic(ctx: Context, job: Job) -> Result:
     """scikit-image's biharmonic inpainting of the unknown pixels."""
-    y, op, _ = _observation(job)
-    with timer(ctx.device) as tm:
-        out = classical(y, op)
-    return _result("biharmonic", job, out, tm[0], 0, {})
+    return _classical_result(ctx, job, "biharmonic")
 
 
 def fit_through(ctx: Context, job: Job, cfg: DIPConfig) -> tuple[torch.Tensor, DIPResult]:

@@ -180,11 +180,7 @@ def _operators(
     for i, (name, x) in enumerate(zip(names, images)):
         size = (int(x.shape[-2]), int(x.shape[-1]))
         if masks is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                m = read_mask(masks[i], size, f"mask of {name}")
-            if masks[i] is not None and _size_of(masks[i]) != size:
-                warnings.warn(f"mask of {name} resized (nearest) to the image's {size[1]}x{size[0]} px", stacklevel=2)
+            m = read_mask(masks[i], size, f"mask of {name}")  # another size: resized, with a warning naming it
         else:
             m = make_mask(opts.mask_kind or defaults.MASK_KIND, *size, seeds[i])
         if bool(m.all()):
@@ -193,13 +189,6 @@ def _operators(
             warnings.warn(f"{name}: the mask marks every pixel unknown; the method generates freely", stacklevel=2)
         ops.append(Inpaint(m[None]))
     return ops
-
-
-def _size_of(path: Path) -> tuple[int, int]:
-    from PIL import Image  # a mask's size, read without decoding it
-
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
 
 
 def _mask_files(mask: str, names: list[str]) -> list[Path]:
