@@ -132,9 +132,9 @@ def test_eps_model_x0_and_eps_by_hand() -> None:
     assert e.dtype == torch.float32 and torch.allclose(e, unet64.coef(2) * x)
 
 
-def test_ddim_chain_accepts_one_to_T_steps_and_reports_each_timestep() -> None:
+def test_ddim_chain_accepts_one_to_T_steps_and_reports_each_level() -> None:
     """One step from pure noise is x0 = clip((x - sqrt(1 - abar_T) eps) / sqrt(abar_T)) (the predicted clean image);
-    the callback sees each diffusers timestep; 0 or T + 1 steps are refused."""
+    the callback sees each level reached (the network was called at T); 0 or T + 1 steps are refused."""
     unet = eps_linear(1e-3)
     x_T = 0.5 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     seen: list[int] = []
@@ -143,10 +143,10 @@ def test_ddim_chain_accepts_one_to_T_steps_and_reports_each_timestep() -> None:
     eps = unet.coef(999) * x_T.double()
     expected = ((x_T.double() - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
     assert ((got.double() - expected).abs() <= x0_rounding(x_T.double(), eps, a)).all()
-    assert seen == [999] == unet.timesteps
+    assert seen == [0] and unet.timesteps == [999]
     seen.clear()
     ddim_chain(EpsModel(eps_zero(), SCHED), x_T, 4, image_generators([0, 1]), callback=seen.append)
-    assert seen == [999, 749, 499, 249]
+    assert seen == [750, 500, 250, 0]
     assert ddim_chain(EpsModel(eps_zero(), SCHED), x_T, 1000, image_generators([0, 1])).shape == x_T.shape
     for steps in (0, 1001):
         with pytest.raises(ValueError, match=r"DDIM steps must be in \[1, 1000\]"):

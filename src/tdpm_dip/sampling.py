@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from .devices import autocast
 from .noise import abar, check_level, num_levels, randn
@@ -45,10 +45,11 @@ class EpsModel:
         return self.x0_eps(x, level)[0]
 
     def x0_eps(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted x0, predicted eps) of x at level t: one network call."""
-        a = abar(self.scheduler, level)
+        """(predicted x0, predicted eps) of x at level t: one network call; x0 in float32 scalars in diffusers'
+        order, so the chains below are the library's schedulers to the last bit."""
+        a = torch.tensor(abar(self.scheduler, level), dtype=torch.float32)
         eps = self.eps(x, level)
-        return (x - math.sqrt(1 - a) * eps) / math.sqrt(a), eps
+        return (x - (1 - a) ** 0.5 * eps) / a**0.5, eps
 
     def tweedie(self, y: torch.Tensor, level: int) -> torch.Tensor:
         """E[x0 | x_t] for an observation y = x0 + n on the image's scale (Tweedie's formula, Efron 2011): with
@@ -57,7 +58,6 @@ class EpsModel:
         return y - math.sqrt((1 - a) / a) * self.eps(math.sqrt(a) * y, level)
 
 
-@torch.no_grad()
 def reverse_chain(
     model: EpsModel,
     x_t: torch.Tensor,
@@ -66,33 +66,22 @@ def reverse_chain(
     callback: Callback | None = None,
     steps: int | None = None,
 ) -> torch.Tensor:
-    """DDPM ancestral sampling from noise level t to 0 (t = 0: identity).
+    """DDPM ancestral sampling from noise level t to 0 (t = 0: identity): `sample` with the posterior step.
 
     steps None (or t): exactly t posterior steps, Algorithm 3 lines 3-6 when x_t = G_psi(z) and t = T_trunc;
     the full DDPM sampler when t = T and x_t ~ N(0, I). steps < t: the true posterior q(x_s | x_t', x0_hat)
-    between the levels round(linspace(t, 0, steps + 1)) (Ho et al. Eq. 7 with abar_t' / abar_s for alpha_t;
-    diffusers' DDPMScheduler with custom timesteps), in `steps` network calls. generators[i] draws the step
-    noise of image i.
+    between the levels round(linspace(t, 0, steps + 1)) (Ho et al. Eq. 7 with abar_t' / abar_s for alpha_t), in
+    `steps` network calls. generators[i] draws the step noise of image i.
     """
     check_level(model.scheduler, t)
     steps = t if steps is None else steps
     if t and not 1 <= steps <= t:
         raise ValueError(f"a reverse chain from level {t} takes 1..{t} steps, got {steps}")
-    levels = sorted({round(t * (steps - i) / steps) for i in range(steps)}, reverse=True) if t else []
-    # A private copy: `set_timesteps` elsewhere must not change which step `step` takes.
-    sched = DDPMScheduler.from_config(model.scheduler.config)
-    if steps < t:
-        # The posterior step from level s down to the next level is diffusers' step at timestep s - 1.
-        sched.set_timesteps(timesteps=[level - 1 for level in levels], device=x_t.device)
-    x = x_t.float()
-    for level in levels:
-        x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample
-        if callback is not None:
-            callback(level - 1)
-    return x
+    if not t:
+        return x_t.float()
+    return sample(model, x_t, spaced_levels(t, steps), generators, rule=ddpm_step, callback=callback)
 
 
-@torch.no_grad()
 def ddim_chain(
     model: EpsModel,
     x_T: torch.Tensor,
@@ -101,18 +90,12 @@ def ddim_chain(
     eta: float = 0.0,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021) from pure noise in `steps` network evaluations ("trailing" spacing,
-    so the first step is at the last training timestep)."""
-    if not 1 <= steps <= num_levels(model.scheduler):
-        raise ValueError(f"DDIM steps must be in [1, {num_levels(model.scheduler)}]")
-    ddim = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
-    ddim.set_timesteps(steps, device=x_T.device)
-    x = x_T.float()
-    for ts in ddim.timesteps:
-        x = ddim.step(model.eps(x, ts + 1), ts, x, eta=eta, generator=generators).prev_sample
-        if callback is not None:
-            callback(int(ts))
-    return x
+    """DDIM (Song et al. 2021) from pure noise in `steps` network evaluations, on the levels round(T - i T / steps)
+    (diffusers' "trailing" spacing: the first call is at level T)."""
+    T = num_levels(model.scheduler)
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be in [1, {T}]")
+    return sample(model, x_T, spaced_levels(T, steps), generators, rule=ddim_step(eta), callback=callback)
 
 
 def ddim_between(
@@ -125,7 +108,7 @@ def ddim_between(
     """
     check_level(model.scheduler, t_from)
     check_level(model.scheduler, t_to)
-    return sample(model, x, spaced_levels(t_from, steps, t_to), [], eta=0.0, clip=clip)
+    return sample(model, x, spaced_levels(t_from, steps, t_to), [], rule=ddim_step(0.0), clip=clip)
 
 
 def spaced_levels(t_from: int, steps: int, t_to: int = 0) -> list[int]:
@@ -136,49 +119,96 @@ def spaced_levels(t_from: int, steps: int, t_to: int = 0) -> list[int]:
     return sorted({round(t_to + (t_from - t_to) * (steps - i) / steps) for i in range(steps + 1)}, reverse=True)
 
 
+# How a chain draws x_s from x_t once the model has predicted (x0, eps) at level t: (x_t, x0, eps, abar_t, abar_s,
+# noise) -> x_s, where noise() draws z ~ N(0, I) from the images' generators (only when the rule needs it, so
+# a rule that adds no noise leaves the random streams where they were).
+StepRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, Callable[[], torch.Tensor]], torch.Tensor]
+
+
+def ddpm_step(
+    x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a_t: float, a_s: float, noise: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """The DDPM posterior q(x_s | x_t, x0) (Ho et al. 2020, Eqs. 6-7, with alpha = abar_t / abar_s for a strided
+    chain): mean sqrt(abar_s) beta / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_s) / (1 - abar_t) x_t, variance
+    beta~ = (1 - abar_s) / (1 - abar_t) beta ("fixed_small"); no noise on the last step (s = 0). This is the
+    true posterior step; the report's printed update (its 1/sqrt(abar_t) and beta_t z) has typos."""
+    # float32 scalars in diffusers' DDPMScheduler order, so the chain is the library's to the last bit.
+    a_t32, a_s32 = torch.tensor(a_t, dtype=torch.float32), torch.tensor(a_s, dtype=torch.float32)
+    beta = 1 - a_t32 / a_s32
+    mean = (a_s32**0.5 * beta) / (1 - a_t32) * x0 + (a_t32 / a_s32) ** 0.5 * (1 - a_s32) / (1 - a_t32) * x
+    if a_s == 1:
+        return mean
+    return mean + ((1 - a_s32) / (1 - a_t32) * beta).clamp(min=1e-20) ** 0.5 * noise()
+
+
+def ddim_step(eta: float = 0.0) -> StepRule:
+    """DDIM (Song et al. 2021, Eq. 12): x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z with
+    sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s); eta = 1 matches the DDPM posterior
+    when x0 is left as predicted, eta = 0 is deterministic. eps is the network's, also when x0 was clipped or
+    corrected (as diffusers' DDIMScheduler and DDNM, Wang et al. 2023, keep it)."""
+
+    def step(
+        x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a_t: float, a_s: float, noise: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        a_t32, a_s32 = torch.tensor(a_t, dtype=torch.float32), torch.tensor(a_s, dtype=torch.float32)
+        sigma = eta * ((1 - a_s32) / (1 - a_t32) * (1 - a_t32 / a_s32)) ** 0.5
+        x = a_s32**0.5 * x0 + (1 - a_s32 - sigma**2).clamp(min=0) ** 0.5 * eps
+        return x + sigma * noise() if eta > 0 else x
+
+    return step
+
+
+def diffpir_step(zeta: float) -> StepRule:
+    """DiffPIR's re-noising (Zhu et al. 2023, Alg. 1): x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) (sqrt(1 - zeta)
+    eps^ + sqrt(zeta) z), eps^ the noise that x0 implies in x_t (zeta = 1: fresh noise, annealed denoising);
+    the last step (s = 0) returns x0."""
+
+    def step(
+        x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a_t: float, a_s: float, noise: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        if a_s == 1:
+            return x0
+        z = noise()
+        eps_hat = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t) if zeta < 1 else z
+        return math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * (math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * z)
+
+    return step
+
+
 @torch.no_grad()
 def sample(
     model: EpsModel,
     x: torch.Tensor,
     levels: list[int],
     generators: list[torch.Generator],
-    eta: float = 1.0,
-    zeta: float | None = None,
+    rule: StepRule = ddpm_step,
     x0_step: X0Step | None = None,
     clip: bool = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """The reverse chain over an explicit list of decreasing levels, with a data-consistency step.
+    """The reverse chain over an explicit list of decreasing levels: Algorithm 3, DDPM, DDIM and the restoration
+    chains are all calls of it.
 
     x is x_{levels[0]}. At each level t the model predicts x0 (Eq. 3 solved for x0, clipped to [-1, 1] unless
     `clip` is off); `x0_step(x0, t)` may replace it (a projection onto the observation: DDNM, Wang et al. 2023;
-    a proximal data step: DiffPIR, Zhu et al. 2023). The next level s is then drawn
-    - by DDIM (Song et al. 2021, Eq. 12) when zeta is None: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps
-      + sigma z, sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s); eta = 1 is the DDPM
-      posterior step, eta = 0 deterministic DDIM;
-    - by DiffPIR's rule otherwise: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) (sqrt(1 - zeta) eps^ + sqrt(zeta) z),
-      with eps^ the noise that x0 implies in x_t (zeta = 1: fresh noise, annealed denoising).
-    One network call per level but the last; when the last level is 0 the result is the final clean estimate.
+    a proximal data step: DiffPIR, Zhu et al. 2023); `rule` then draws the next level s (`ddpm_step`,
+    `ddim_step(eta)`, `diffpir_step(zeta)`). One network call per level but the last, so a chain's NFE is
+    len(levels) - 1; when the last level is 0 the result is the final clean estimate. `callback(s)` runs after
+    each step.
     """
     x = x.float()
+    shape, device = tuple(x.shape[1:]), x.device
+
+    def noise() -> torch.Tensor:
+        return randn(shape, generators, device)
+
     for hi, lo in zip(levels[:-1], levels[1:]):
-        a_hi, a_lo = abar(model.scheduler, hi), abar(model.scheduler, lo)
         x0, eps = model.x0_eps(x, hi)
         if clip:
             x0 = x0.clamp(-1, 1)
         if x0_step is not None:
             x0 = x0_step(x0, hi)
-        if lo == 0 and zeta is not None:
-            x = x0
-        elif zeta is not None:
-            z = randn(tuple(x.shape[1:]), generators, x.device)
-            eps_hat = (x - math.sqrt(a_hi) * x0) / math.sqrt(1 - a_hi) if zeta < 1 else z
-            x = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * (math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * z)
-        else:
-            sigma = eta * math.sqrt((1 - a_lo) / (1 - a_hi) * (1 - a_hi / a_lo))
-            x = math.sqrt(a_lo) * x0 + math.sqrt(max(0.0, 1 - a_lo - sigma**2)) * eps
-            if sigma > 0:
-                x = x + sigma * randn(tuple(x.shape[1:]), generators, x.device)
+        x = rule(x, x0, eps, abar(model.scheduler, hi), abar(model.scheduler, lo), noise)
         if callback is not None:
             callback(lo)
     return x

@@ -26,7 +26,7 @@ from ..devices import timer
 from ..dip import DIPConfig, DIPResult
 from ..noise import abar, image_generators, num_levels, q_sample, randn
 from ..operators import Downsample, Inpaint, Operator, inpaint_biharmonic, upsample_bicubic
-from ..sampling import X0Step, sample, spaced_levels
+from ..sampling import X0Step, ddim_step, diffpir_step, sample, spaced_levels
 from .common import check_trained_level, chunks, fit, need, progress_bar
 from .types import Context, Job, Result
 
@@ -74,7 +74,7 @@ def _chains(
 ) -> torch.Tensor:
     """The mean of job.samples chains over `levels` from `start` forward-diffused to levels[0] (image i, chain k
     draws from seed i's generator, so the result does not depend on the batch), each a data step per call.
-    `chain`: the sampler's eta or zeta (`sampling.sample`)."""
+    `chain`: {"eta": DDIM's eta} or {"zeta": DiffPIR's zeta} (`sampling.ddim_step`, `diffpir_step`)."""
     y, op, sigma_y = _observation(job)
     gens = image_generators(job.seeds, ctx.device)
     out = torch.zeros_like(start)
@@ -92,8 +92,8 @@ def _chains(
                     x,
                     levels,
                     gens[sl],
+                    rule=ddim_step(chain["eta"]) if "eta" in chain else diffpir_step(chain["zeta"]),
                     x0_step=step,
-                    **chain,
                     callback=(lambda _: bar.update()) if bar is not None else None,
                 )
     return (out / job.samples).clamp(-1, 1)
