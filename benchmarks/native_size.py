@@ -21,8 +21,8 @@ from PIL import Image
 
 from tdpm_dip.data import list_images, pil_to_tensor, to_rgb
 from tdpm_dip.methods import Context, Job, run_native
-from tdpm_dip.methods.observe import add_noise
 from tdpm_dip.metrics import psnr, ssim
+from tdpm_dip.noise import add_noise
 from tdpm_dip.outputs import markdown_table
 from tdpm_dip.runtime import load_context
 

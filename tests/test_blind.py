@@ -22,9 +22,9 @@ from tdpm_dip.methods import Context, Job, run_native
 from tdpm_dip.methods.blind import ensemble_estimate as ensemble_tweedie
 from tdpm_dip.methods.blind import start_level
 from tdpm_dip.methods.blind import tweedie_estimate as tweedie
-from tdpm_dip.methods.observe import add_noise, declip, estimate_sigma
+from tdpm_dip.methods.observe import declip, estimate_sigma
 from tdpm_dip.models import build_unet, save_ddpm
-from tdpm_dip.noise import abar, make_scheduler, sigma_to_level
+from tdpm_dip.noise import abar, add_noise, make_scheduler, sigma_to_level
 
 SIZE = 16
 

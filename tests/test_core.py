@@ -12,10 +12,9 @@ from tdpm_dip.data import make_sprites
 from tdpm_dip.dip import DIPConfig, fit_dip
 from tdpm_dip.errors import UserError
 from tdpm_dip.methods import Context
-from tdpm_dip.methods.observe import add_noise
 from tdpm_dip.metrics import psnr
 from tdpm_dip.models import build_unet
-from tdpm_dip.noise import abar, chain_timesteps, image_generators, make_scheduler, q_sample, randn, sigma_to_level
+from tdpm_dip.noise import abar, add_noise, image_generators, make_scheduler, q_sample, randn, rescale, sigma_to_level
 from tdpm_dip.sampling import EpsModel, ddim_chain, reverse_chain
 
 SIZE = 16
@@ -53,7 +52,10 @@ def test_noise_levels_follow_the_report_convention() -> None:
     assert abar(s, 0) == 1.0
     assert abar(s, 1) == pytest.approx(float(s.alphas_cumprod[0]))
     assert abar(s, 600) == pytest.approx(float(s.alphas_cumprod[599]))
-    assert chain_timesteps(3) == [2, 1, 0] and chain_timesteps(0) == []
+    y = torch.full((1, 3, 2, 2), 0.5)
+    assert torch.equal(rescale(s, y, 600), math.sqrt(float(s.alphas_cumprod[599])) * y)
+    assert torch.allclose(rescale(s, rescale(s, y, 10), 600, 10), rescale(s, y, 600), atol=1e-7)
+    assert torch.equal(rescale(s, y, 0), y)
     x0, eps = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
     assert torch.allclose(q_sample(s, x0, 0, eps), x0)
 

@@ -478,7 +478,8 @@ def test_dip_mean_curves_average_over_the_images() -> None:
 
 
 def test_blind_sigmas_given_or_estimated_per_image() -> None:
-    from tdpm_dip.methods.observe import add_noise, blind_sigmas
+    from tdpm_dip.methods.observe import blind_sigmas
+    from tdpm_dip.noise import add_noise
 
     grey = torch.zeros(1, 3, 64, 64)
     noisy = [add_noise(grey, s, [i], "float")[0] for i, s in enumerate((10.0, 40.0))]
@@ -572,7 +573,8 @@ def test_wavelet_sigma_needs_200_coefficients_else_takes_them_all() -> None:
 def test_sigma_estimate_of_saturated_images_at_small_noise(sigma: float) -> None:
     """Where 8-bit rounding matters most (a pixel leaves the bound only when |n| > 0.5): within 4 % on white and
     black images; the estimate is the same from float32 or float64 pixels."""
-    from tdpm_dip.methods.observe import add_noise, estimate_sigma, sigma_255
+    from tdpm_dip.methods.observe import estimate_sigma, sigma_255
+    from tdpm_dip.noise import add_noise
 
     for clean, seed in ((torch.ones(1, 3, 128, 128), 0), (-torch.ones(1, 3, 128, 128), 1)):
         y = add_noise(clean, sigma, [seed], "clipped")
@@ -1205,7 +1207,7 @@ def test_add_noise_by_hand() -> None:
     """y = x0 + (2 sigma / 255) n on [-1, 1], n of image i drawn from seed i + 104729 (the bench's noisy files and
     published tables are reproducible from the seeds); "clipped" (the default) stores it in 8 bits:
     round(127.5 (y + 1)), clipped to 0..255."""
-    from tdpm_dip.methods.observe import add_noise
+    from tdpm_dip.noise import add_noise
 
     clean = torch.linspace(-1, 1, 2 * 3 * 8 * 8).view(2, 3, 8, 8)
     n = draw((3, 8, 8), gens([5 + 104729, 9 + 104729]))
@@ -1220,7 +1222,7 @@ def test_add_noise_by_hand() -> None:
     assert str(e.value) == "noise model must be one of clipped, float, got 'poisson'"
     with pytest.raises(UserError) as e:
         add_noise(clean, 300.0, [5, 9])
-    assert str(e.value) == "sigma must be in (0, 255] (noise std on the 0..255 scale), got 300.0"
+    assert str(e.value) == "sigma must be in [0, 255] (noise std on the 0..255 scale), got 300.0"
 
 
 def test_declip_keeps_the_observations_precision_and_blind_methods_need_y() -> None:
@@ -1349,7 +1351,8 @@ def test_progress_labels_of_the_paper_and_generation_chains(monkeypatch: pytest.
 def test_start_level_by_hand_where_abar_is_far_from_one() -> None:
     """At T0 = 300 (abar 0.40) the rule's ratio ((1 - abar_T0) + e) / abar_T0 differs from any other reading of
     it; a ratio beyond the schedule gives T - 1 (the largest truncation level), a tiny one level 1."""
-    from tdpm_dip.methods.blind import level_for_ratio, start_level
+    from tdpm_dip.methods.blind import start_level
+    from tdpm_dip.noise import level_for_ratio
 
     ac = linear_abar()
     ratio = ((1 - ac) / ac).tolist()
@@ -1364,7 +1367,8 @@ def test_start_level_by_hand_where_abar_is_far_from_one() -> None:
 
 def test_blind_sigmas_accepts_low_noise() -> None:
     """An estimate of 1 (noise std 1 on 0..255) is low, not absent: it is used, not refused."""
-    from tdpm_dip.methods.observe import add_noise, blind_sigmas
+    from tdpm_dip.methods.observe import blind_sigmas
+    from tdpm_dip.noise import add_noise
 
     (est,) = blind_sigmas([add_noise(torch.zeros(1, 3, 64, 64), 1.0, [0], "float")[0]], None)
     assert 0.8 < est < 1.2
@@ -1506,7 +1510,7 @@ def test_blind_tdpm_dip_progress_bar_says_tdpm_reverse(monkeypatch: pytest.Monke
 
 def test_add_noise_draws_in_the_images_dtype() -> None:
     """A float64 clean image gets noise drawn as float64 from seed + 104729 (not float32 noise widened)."""
-    from tdpm_dip.methods.observe import add_noise
+    from tdpm_dip.noise import add_noise
 
     clean = torch.linspace(-0.5, 0.5, 3 * 4 * 4, dtype=torch.float64).view(1, 3, 4, 4)
     n = torch.randn((3, 4, 4), generator=gens([5 + 104729])[0], dtype=torch.float64)
@@ -1518,7 +1522,7 @@ def test_sigma_to_level_and_job_sigmas_messages() -> None:
     """The exact one-line messages: a noise std outside (0, 255] names "sigma"; a job with neither one sigma nor one
     per image says so."""
     from tdpm_dip.methods import Job
-    from tdpm_dip.methods.observe import job_sigmas
+    from tdpm_dip.methods.blind import job_sigmas
 
     for bad in (0, 256.0):
         with pytest.raises(UserError) as e:

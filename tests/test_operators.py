@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from tdpm_dip.errors import UserError
+from tdpm_dip.noise import add_noise
 from tdpm_dip.operators import (
     Downsample,
     Identity,
@@ -15,7 +16,6 @@ from tdpm_dip.operators import (
     check_mask_kind,
     inpaint_biharmonic,
     make_mask,
-    observe_8bit,
     upsample_bicubic,
 )
 
@@ -98,6 +98,8 @@ def test_classical_baselines_and_8bit_observation() -> None:
         filled * mask, x * mask, atol=1e-5
     )
     assert float((filled - x).abs().max()) < 0.05  # a linear ramp is biharmonic
-    y = observe_8bit(x, 10.0, 0)
+    y = add_noise(x, 10.0, [0])
     assert torch.equal(y, torch.round((y + 1) * 127.5) / 127.5 - 1)  # 8-bit levels
-    assert torch.equal(y, observe_8bit(x, 10.0, 0)) and not torch.equal(y, observe_8bit(x, 10.0, 1))
+    assert torch.equal(y, add_noise(x, 10.0, [0])) and not torch.equal(y, add_noise(x, 10.0, [1]))
+    quantised = add_noise(x, 0.0, [0])  # sigma 0: a noise-free 8-bit file
+    assert torch.equal(quantised, torch.round((x + 1) * 127.5).clamp(0, 255) / 127.5 - 1)

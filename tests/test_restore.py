@@ -23,7 +23,7 @@ from tdpm_dip.methods import Context, Job, run_restore
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import abar, image_generators, make_scheduler, q_sample, randn
 from tdpm_dip.operators import Downsample, Inpaint, make_mask
-from tdpm_dip.sampling import EpsModel, sample, spaced_levels
+from tdpm_dip.sampling import EpsModel, ddim_step, diffpir_step, sample, spaced_levels
 
 SIZE = 16
 NETWORK = ("tdpm-dip", "ccdf", "ddnm", "diffpir", "tdpm-dip-nodc")
@@ -104,7 +104,7 @@ def test_sampler_step_is_ddim_and_the_x0_step_is_applied(ctx: Context) -> None:
         seen.append(t)
         return x0 * 0.5
 
-    out = sample(model, x, [30, 10], image_generators([1]), eta=0.0, x0_step=step)
+    out = sample(model, x, [30, 10], image_generators([1]), rule=ddim_step(0.0), x0_step=step)
     a30, a10 = abar(ctx.scheduler, 30), abar(ctx.scheduler, 10)
     eps = model.eps(x, 30)
     x0 = ((x - math.sqrt(1 - a30) * eps) / math.sqrt(a30)).clamp(-1, 1) * 0.5
@@ -115,7 +115,14 @@ def test_sampler_step_is_ddim_and_the_x0_step_is_applied(ctx: Context) -> None:
     y = torch.zeros_like(x)
     full = Inpaint(torch.ones(1, 1, SIZE, SIZE))
     start = q_sample(ctx.scheduler, y, 20, randn((3, SIZE, SIZE), image_generators([2])))
-    got = sample(model, start, [20, 10, 0], image_generators([3]), zeta=1.0, x0_step=lambda a, t: full.project(a, y))
+    got = sample(
+        model,
+        start,
+        [20, 10, 0],
+        image_generators([3]),
+        rule=diffpir_step(1.0),
+        x0_step=lambda a, t: full.project(a, y),
+    )
     assert torch.equal(got, y)
 
 

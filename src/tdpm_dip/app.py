@@ -29,9 +29,9 @@ from .embedded import DDPM_NAME, DENOISER_NAME, resolve_generator, resolve_model
 from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
 from .images import make_grid, save_png, to_uint8
-from .methods.observe import add_noise, blind_sigmas
+from .methods.observe import blind_sigmas
 from .metrics import psnr, ssim
-from .noise import check_t_trunc, num_levels
+from .noise import add_noise, check_t_trunc, num_levels
 from .registry import Method
 from .runtime import dip_config, load_context
 

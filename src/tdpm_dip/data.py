@@ -8,7 +8,6 @@ Random horizontal flips are a training-time augmentation and live in `train.py`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import warnings
@@ -349,16 +348,6 @@ def load_native(
     """Image files at their own size and aspect: (name, [3, H, W] in [-1, 1]) pairs, all in memory
     (`scan_native` then loads one at a time)."""
     return [(f.name, f.load()) for f in scan_native(source, limit, progress, skip_bad)]
-
-
-def hash_split(names: list[str], holdout: float, salt: str = "tdpm-dip") -> tuple[list[int], list[int]]:
-    """Deterministic split by a hash of each name: (kept indices, held-out indices)."""
-    keep: list[int] = []
-    held: list[int] = []
-    for i, n in enumerate(names):
-        h = int(hashlib.sha1(f"{salt}:{n}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if h < holdout else keep).append(i)
-    return keep, held
 
 
 # ---------------------------------------------------------------- procedural sprites (the demo data)

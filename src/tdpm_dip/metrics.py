@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import platform
 import warnings
@@ -84,10 +83,6 @@ def score_uint8(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
         float(peak_signal_noise_ratio(b, a, data_range=255)),
         float(structural_similarity(b, a, channel_axis=2, data_range=255)),
     )
-
-
-def psnr_from_mse(mse: float) -> float:
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
 # ------------------------------------------------------------------------------------- input ranges

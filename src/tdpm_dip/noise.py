@@ -17,6 +17,8 @@ from diffusers import DDPMScheduler
 
 from .errors import UserError, check_sigma
 
+# The 8-bit observation models (`add_noise`): what a saved file holds, or the float noise of denoising papers.
+NOISE_MODELS = ("clipped", "float")
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 
 
@@ -65,9 +67,21 @@ def q_sample(scheduler: DDPMScheduler, x0: torch.Tensor, t: int, eps: torch.Tens
     return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
 
 
-def chain_timesteps(t: int) -> list[int]:
-    """Diffusers timesteps of the reverse chain from level t to 0: [t-1, ..., 0] (t steps)."""
-    return list(range(t - 1, -1, -1))
+def rescale(scheduler: DDPMScheduler, x: torch.Tensor, t: int, t_from: int = 0) -> torch.Tensor:
+    """x carried from level t_from's signal scale to level t's: sqrt(abar_t / abar_t_from) x. With t_from = 0, an
+    observation y = x0 + n read as x_t = sqrt(abar_t) y (its noise then has x_t's variance when n matches t)."""
+    return math.sqrt(abar(scheduler, t) / abar(scheduler, t_from)) * x
+
+
+def level_for_ratio(scheduler: DDPMScheduler, ratio: float, nearest: bool = False) -> int:
+    """The level t >= 1 whose noise-to-signal variance (1 - abar_t) / abar_t matches `ratio`: the nearest one, or
+    (nearest False) the smallest one that reaches it, at most T - 1."""
+    ac = scheduler.alphas_cumprod.double()
+    r = (1 - ac) / ac
+    if nearest:
+        return int((r - ratio).abs().argmin()) + 1
+    idx = int(torch.searchsorted(r, torch.tensor([ratio], dtype=torch.float64)).item())
+    return min(idx + 1, num_levels(scheduler) - 1)
 
 
 def sigma_to_level(scheduler: DDPMScheduler, sigma255: float) -> int:
@@ -77,10 +91,7 @@ def sigma_to_level(scheduler: DDPMScheduler, sigma255: float) -> int:
     statistics of x_t when (1 - abar_t) / abar_t = s^2.
     """
     check_sigma(sigma255, "sigma")
-    ac = scheduler.alphas_cumprod.double()
-    ratio = (1 - ac) / ac
-    target = (2.0 * sigma255 / 255.0) ** 2
-    return int((ratio - target).abs().argmin()) + 1
+    return level_for_ratio(scheduler, (2.0 * sigma255 / 255.0) ** 2, nearest=True)
 
 
 # ---------------------------------------------------------------- per-image randomness
@@ -102,3 +113,21 @@ def randn(
 ) -> torch.Tensor:
     """[len(generators), *shape] standard normal noise, row i drawn from generators[i]."""
     return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
+
+
+def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str = "clipped") -> torch.Tensor:
+    """The observation y of clean images in [-1, 1]: Gaussian noise of std sigma on the 0..255 scale.
+
+    clipped: what a saved noisy file holds, round(clip(255 x + n)) / 255 in 8 bits (the default);
+    float: the unclipped y = x0 + n of denoising papers. The noise of image i comes from seed i; sigma 0 leaves
+    only the 8-bit rounding (a noise-free observation file).
+    """
+    if model not in NOISE_MODELS:
+        raise UserError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {model!r}")
+    if not 0 <= sigma255 <= 255:
+        raise UserError(f"sigma must be in [0, 255] (noise std on the 0..255 scale), got {sigma255}")
+    gens = image_generators([s + 104729 for s in seeds], clean.device)
+    y = clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
+    if model == "clipped":
+        y = torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0
+    return y

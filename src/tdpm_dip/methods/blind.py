@@ -14,7 +14,6 @@ Each is listed in `registry.METHODS`; every Result names the blind protocol.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,13 +23,42 @@ from diffusers import DDPMScheduler
 from .. import defaults
 from ..devices import timer
 from ..errors import UserError, check_symmetries
-from ..noise import abar, check_t_trunc, image_generators, num_levels, randn
+from ..noise import abar, check_t_trunc, image_generators, level_for_ratio, randn, rescale, sigma_to_level
 from ..sampling import ddim_between
 from .common import by_level, chains_by_level, chunks, dip_target, fit, need
-from .observe import blind_info, observation, one_or_each
+from .observe import DRAW_STRIDE, declip
 from .types import Context, Job, Result
 
 # ---------------------------------------------------------------------------------------- estimators
+
+
+# ------------------------------------------------------------------- the observation as the methods see it
+
+
+def job_sigmas(job: Job, n: int) -> list[float]:
+    """One noise std per image of the job (a job may give one for all)."""
+    if len(job.sigma) not in (1, n):
+        raise ValueError("one sigma, or one per image")
+    return [float(v) for v in job.sigma] if len(job.sigma) == n else [float(job.sigma[0])] * n
+
+
+def observation(ctx: Context, job: Job, draw: int = 0) -> tuple[torch.Tensor, list[float], list[int]]:
+    """(y as the diffusion methods see it, sigma per image, t* per image). `draw` > 0: another independent
+    draw of declip's excess for the same images (an ensemble averages over several)."""
+    noisy = need(job.noisy, "the noisy images", "blind denoising").to(ctx.device)
+    sig = job_sigmas(job, noisy.shape[0])
+    y = declip(noisy, sig, [s + DRAW_STRIDE * draw for s in job.seeds]) if job.declip else noisy
+    return y, sig, [sigma_to_level(ctx.scheduler, s) for s in sig]
+
+
+def one_or_each(values: list) -> object:
+    """A value shared by every image once, else the per-image list (how Result.info records them)."""
+    return values[0] if len(set(values)) == 1 else values
+
+
+def blind_info(sig: list[float], t_star: list[int], job: Job) -> dict:
+    """What every blind Result records: sigma, t* and whether the observation was declipped."""
+    return {"sigma": one_or_each(sig), "t_star": one_or_each(t_star), "declip": job.declip}
 
 
 def tweedie_estimate(ctx: Context, y: torch.Tensor, levels: list[int]) -> torch.Tensor:
@@ -66,14 +94,6 @@ def ensemble_estimate(ctx: Context, observations: list[torch.Tensor], levels: li
     )
     assert isinstance(out, torch.Tensor)  # a sum of k >= 1 tensors
     return out / len(observations)
-
-
-def level_for_ratio(scheduler: DDPMScheduler, ratio: float) -> int:
-    """Smallest level t >= 1 whose (1 - abar_t) / abar_t reaches `ratio` (a noise-to-signal variance)."""
-    ac = scheduler.alphas_cumprod.double()
-    r = (1 - ac) / ac
-    idx = int(torch.searchsorted(r, torch.tensor([ratio], dtype=torch.float64)).item())
-    return min(idx + 1, num_levels(scheduler) - 1)
 
 
 def start_level(scheduler: DDPMScheduler, t_target: int, fit_mse: float, cap: int) -> int:
@@ -133,9 +153,7 @@ def ddpm(ctx: Context, job: Job) -> Result:
     with timer(ctx.device) as tm:
         out = (
             sum(
-                chains_by_level(
-                    ctx, t_star, gens, lambda idx, t: math.sqrt(abar(ctx.scheduler, t)) * y[idx], "DDPM reverse"
-                )
+                chains_by_level(ctx, t_star, gens, lambda idx, t: rescale(ctx.scheduler, y[idx], t), "DDPM reverse")
                 for _ in range(job.samples)
             )
             / job.samples
@@ -155,9 +173,7 @@ def ddim(ctx: Context, job: Job) -> Result:
     with timer(ctx.device) as tm:
         for t, idx in by_level(t_star).items():
             for sl in chunks(len(idx), ctx.batch_size):
-                out[idx[sl]] = ddim_between(
-                    ctx.model, math.sqrt(abar(ctx.scheduler, t)) * y[idx[sl]], t, 0, min(steps, t)
-                )
+                out[idx[sl]] = ddim_between(ctx.model, rescale(ctx.scheduler, y[idx[sl]], t), t, 0, min(steps, t))
     info = blind_info(sig, t_star, job) | {"ddim_steps": steps}
     return Result("ddim", "blind", out.clamp(-1, 1).cpu(), tm[0], steps, steps, job.noisy.cpu(), info=info)
 
@@ -239,7 +255,8 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     """Algorithms 2 and 3 with the oracle replaced by the blind estimate (the "plugin" DIP settings).
 
     The report builds the DIP target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z from the clean x0.
-    Blind, the best one-network estimate of x0 is the posterior mean x_hat = `ensemble_estimate`(y):
+    Blind, the best one-network estimate of x0 is the posterior mean x_hat = `ensemble_estimate`(y) over the
+    ensemble's symmetries (`ensemble_size`: job.symmetries, or 8 fewer on large images):
     it takes x0's place in Alg. 2 (T = the report's T_trunc), unchanged otherwise. Alg. 3 then
     runs reverse steps from G_psi(z), K times, and the K chains are averaged: each is a sample of x0,
     their mean approaches the posterior mean. The chain starts where the noise covers what the DIP
@@ -249,8 +266,9 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     y, sig, t_star = observation(ctx, job)
     assert job.noisy is not None  # observation() needs it
     cfg = ctx.plugin_dip
+    k = ensemble_size(job.symmetries, *y.shape[-2:])
     with timer(ctx.device) as tm0:
-        x_hat = ensemble_estimate(ctx, [y] * 8, t_star)
+        x_hat = ensemble_estimate(ctx, [y] * k, t_star)
     # 2. Algorithm 2 on x_T built from it
     t0 = check_t_trunc(ctx.scheduler, defaults.T_TRUNC if job.t_trunc is None else job.t_trunc)
     gens = image_generators(job.seeds, ctx.device)
@@ -263,10 +281,9 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
         levels = [start_level(ctx.scheduler, t0, e, t) for e, t in zip(fit_mse, t_star)]
     else:
         levels = [t0] * len(t_star)
-    a0 = abar(ctx.scheduler, t0)
 
     def start(idx: list[int], t: int) -> torch.Tensor:  # G_psi(z) read as x_t: rescaled from level T0's signal
-        return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]
+        return rescale(ctx.scheduler, res.output[idx], t, t0)
 
     # 4. Algorithm 3, K chains averaged
     with timer(ctx.device) as tm:
@@ -285,7 +302,7 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
         out.clamp(-1, 1).cpu(),
         tm0[0] + res.seconds + tm[0],
         cfg.iters + T,
-        8 + cfg.iters + T * job.samples,
+        k + cfg.iters + T * job.samples,
         job.noisy.cpu(),
         res,
         info,

@@ -14,30 +14,11 @@ import torch
 from scipy import ndimage, special
 
 from ..errors import UserError, check_sigma
-from ..noise import image_generators, randn, sigma_to_level
-from .common import need
-from .types import Context, Job
+from ..noise import image_generators, randn
 
-NOISE_MODELS = ("clipped", "float")
 SATURATED_WINDOW = 9  # px: the neighbourhood in which a saturated region is recognised
 MIN_SAMPLES = 200  # pixels (or wavelet coefficients) below which an estimate is not trusted
 DRAW_STRIDE = 1_000_003  # seed offset between declip draws of one image (a prime, far from any image's seed)
-
-
-def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str = "clipped") -> torch.Tensor:
-    """The observation y of clean images in [-1, 1]: Gaussian noise of std sigma on the 0..255 scale.
-
-    clipped: what a saved noisy file holds, round(clip(255 x + n)) / 255 in 8 bits (the default);
-    float: the unclipped y = x0 + n of denoising papers. The noise of image i comes from seed i.
-    """
-    if model not in NOISE_MODELS:
-        raise UserError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {model!r}")
-    check_sigma(sigma255, "sigma")
-    gens = image_generators([s + 104729 for s in seeds], clean.device)
-    y = clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
-    if model == "clipped":
-        y = torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0
-    return y
 
 
 def declip(noisy: torch.Tensor, sigma255: list[float], seeds: list[int]) -> torch.Tensor:
@@ -132,29 +113,3 @@ def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None, ask: str = "giv
     if est and min(est) < 0.5:
         raise UserError(f"the estimated noise level is ~0: these images look clean; {ask}")
     return est
-
-
-def job_sigmas(job: Job, n: int) -> list[float]:
-    """One noise std per image of the job (a job may give one for all)."""
-    if len(job.sigma) not in (1, n):
-        raise ValueError("one sigma, or one per image")
-    return [float(v) for v in job.sigma] if len(job.sigma) == n else [float(job.sigma[0])] * n
-
-
-def observation(ctx: Context, job: Job, draw: int = 0) -> tuple[torch.Tensor, list[float], list[int]]:
-    """(y as the diffusion methods see it, sigma per image, t* per image). `draw` > 0: another independent
-    draw of declip's excess for the same images (an ensemble averages over several)."""
-    noisy = need(job.noisy, "the noisy images", "blind denoising").to(ctx.device)
-    sig = job_sigmas(job, noisy.shape[0])
-    y = declip(noisy, sig, [s + DRAW_STRIDE * draw for s in job.seeds]) if job.declip else noisy
-    return y, sig, [sigma_to_level(ctx.scheduler, s) for s in sig]
-
-
-def one_or_each(values: list) -> object:
-    """A value shared by every image once, else the per-image list (how Result.info records them)."""
-    return values[0] if len(set(values)) == 1 else values
-
-
-def blind_info(sig: list[float], t_star: list[int], job: Job) -> dict:
-    """What every blind Result records: sigma, t* and whether the observation was declipped."""
-    return {"sigma": one_or_each(sig), "t_star": one_or_each(t_star), "declip": job.declip}

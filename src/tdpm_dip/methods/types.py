@@ -136,7 +136,7 @@ class Result:
 def _merge_info(parts: list[tuple[int, dict]]) -> dict:
     """One info dict for consecutive parts: tensors are joined; a value that is one per image (a list
     as long as the part) or one per part becomes one per image, and one value again if all are equal
-    (the single-process convention of observe.one_or_each)."""
+    (the single-process convention of blind.one_or_each)."""
     out: dict = {}
     for key in parts[0][1]:
         vals = [(n, d[key]) for n, d in parts]

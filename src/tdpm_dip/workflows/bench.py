@@ -43,7 +43,6 @@ from ..dip import DIPConfig, DIPResult, dip_defaults
 from ..errors import UserError, check_positive, check_sigma
 from ..generator import TDPMGenerator, generator_fingerprint, load_generator, read_generator_info
 from ..methods import Context, Job, Result, run
-from ..methods.observe import add_noise
 from ..methods.shard import Shard, is_main_process
 from ..methods.types import concat_results
 from ..metrics import (
@@ -61,7 +60,7 @@ from ..metrics import (
     swd,
 )
 from ..models import count_params, ddpm_fingerprint, unet_size
-from ..noise import check_level, check_t_trunc, num_levels
+from ..noise import add_noise, check_level, check_t_trunc, num_levels
 from ..outputs import atomic_path, markdown_table, staged_dir, write_json, write_text
 from ..reporting import comparison_figure, cost_figure, curves_figure, result_row
 from ..runtime import dip_config, load_context, pick_device, pick_dip_preset

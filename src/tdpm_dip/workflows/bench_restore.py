@@ -22,7 +22,8 @@ from ..data import load_image, load_images
 from ..errors import UserError
 from ..images import save_png
 from ..metrics import device_name, score_uint8
-from ..operators import Downsample, Inpaint, Operator, make_mask, observe_8bit
+from ..noise import add_noise
+from ..operators import Downsample, Inpaint, Operator, make_mask
 from ..outputs import write_json, write_text
 from ..reporting import labelled_comparison, table
 
@@ -60,7 +61,7 @@ def _degrade(task: str, clean: torch.Tensor, seeds: list[int]) -> tuple[list[tor
         ops: list[Operator] = [Downsample(int(arg), *size)] * clean.shape[0]
     else:
         ops = [Inpaint(make_mask(arg, int(size[0]), int(size[1]), s)[None]) for s in seeds]
-    y = [observe_8bit(op.A(x[None]), sigma, s)[0] for op, x, s in zip(ops, clean, seeds)]
+    y = [add_noise(op.A(x[None]), sigma, [s])[0] for op, x, s in zip(ops, clean, seeds)]
     return y, ops
 
 

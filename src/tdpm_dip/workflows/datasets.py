@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..config import WHITE
 from ..data import BadImage, file_names, list_images, load_hub, square_resize, to_rgb
 from ..errors import UserError, check_positive, check_sigma
-from ..images import save_png
+from ..images import save_png, to_uint8
+from ..noise import add_noise
 from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_text
 
 
@@ -82,7 +84,7 @@ def add_noise_files(
     """OUT/clean and OUT/noisy: the first n images of `source` (sorted by name) at size x size, and the same with
     Gaussian noise of std sigma on 0..255, rounded and clipped to 8 bits, as a saved noisy file holds.
 
-    The noise of all images comes, in file order, from one numpy generator seeded with `seed`."""
+    Image i's noise comes from seed + i alone (`noise.add_noise`, the model the bench and the tests share)."""
     check_sigma(sigma)
     check_positive("--n", n)
     check_positive("--size", size)
@@ -91,11 +93,10 @@ def add_noise_files(
     refuse_out_dir(out, overwrite)  # before any image is read
     clean = [_square(f, size) for f in files]  # every file read (size x size each) before the folder is made
     out_dir = prepare_out_dir(out, overwrite)
-    rng = np.random.default_rng(seed)
     with staged_dir(out_dir) as tmp:
-        for a, name in zip(clean, names):
-            x = a.astype(np.float64)
-            y = np.clip(np.round(x + rng.normal(0, sigma, x.shape)), 0, 255).astype(np.uint8)
-            save_png(x.astype(np.uint8), tmp / "clean" / f"{name}.png")
-            save_png(y, tmp / "noisy" / f"{name}.png")
+        for i, (a, name) in enumerate(zip(clean, names)):
+            x = torch.from_numpy(a).permute(2, 0, 1).float()[None] / 127.5 - 1
+            y = add_noise(x, sigma, [seed + i])[0]
+            save_png(a, tmp / "clean" / f"{name}.png")
+            save_png(to_uint8(y), tmp / "noisy" / f"{name}.png")
     return out_dir

@@ -39,10 +39,9 @@ from ..errors import UserError
 from ..generator import load_generator
 from ..images import save_grid, save_set
 from ..methods import Context, Job, Result, run
-from ..methods.observe import add_noise
 from ..metrics import copy_rate
 from ..models import load_ddpm, trained_levels, unet_size
-from ..noise import check_level, check_t_trunc, num_levels
+from ..noise import add_noise, check_level, check_t_trunc, num_levels
 from ..outputs import prepare_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, save_figure, table
 from ..runtime import dip_config, load_context

@@ -20,11 +20,11 @@ from ..images import save_like, save_png
 from ..methods import Job, run
 from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
-from ..methods.observe import NOISE_MODELS, add_noise, blind_sigmas
+from ..methods.observe import blind_sigmas
 from ..methods.shard import is_main_process
 from ..metrics import psnr, ssim
 from ..models import unet_size
-from ..noise import check_t_trunc
+from ..noise import NOISE_MODELS, add_noise, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context

@@ -17,7 +17,8 @@ from ..data import list_images, load_images, load_native
 from ..errors import UserError, check_positive
 from ..images import save_png
 from ..metrics import score_uint8
-from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask, observe_8bit
+from ..noise import add_noise
+from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
 from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import labelled_comparison, table, thumbnails
 from .common import RunOptions
@@ -164,7 +165,7 @@ def _observations(opts: RestoreOptions, size: int | None = None) -> Observations
             x[..., : x.shape[-2] // opts.scale * opts.scale, : x.shape[-1] // opts.scale * opts.scale] for x in images
         ]
     ops = _operators(opts, names, images, seeds, observed=False)
-    y = [observe_8bit(op.A(x[None]), opts.sigma, s)[0] for op, x, s in zip(ops, images, seeds)]
+    y = [add_noise(op.A(x[None]), opts.sigma, [s])[0] for op, x, s in zip(ops, images, seeds)]
     return Observations(names, y, ops, images, opts.mask is None)
 
 
