@@ -209,11 +209,22 @@ def _deliver(results: Results, name: str, shown: Any, image: Any, summary: str) 
     return shown, image, summary, str(png)
 
 
+def _tab_layout(
+    controls: Callable[[], tuple[list[Any], gr.Button]], prefix: str, download: str, run: Callable[..., Any]
+) -> None:
+    """The layout the Denoise, Upscale and Inpaint tabs share: on the left the controls that `controls` makes (the
+    inputs of `run`, in the order of its arguments, and its button), on the right `_result_column`, `run`'s
+    outputs."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            inputs, button = controls()
+        outputs = _result_column(prefix, download)
+    button.click(run, inputs, outputs)
+
+
 def _restore_tab(models: AppModels, task: str, results: Results) -> None:
     """Upscale: upload a low-resolution image and pick the scale. Inpaint: upload an image and paint the pixels to
     fill in the editor. The methods are the registry's restorers that the loaded DDPM can run."""
-    names = restore_methods(models, task)
-    labels = {m.name: method_label(m) for m in registry.methods("restore", "blind", operator=task)}
 
     def run(
         image: Any,
@@ -241,25 +252,29 @@ def _restore_tab(models: AppModels, task: str, results: Results) -> None:
             )
             return _deliver(results, f"{task}_{r.info['method']}.png", r.input, r.image, restore_summary(r))
 
-    with gr.Row():
-        with gr.Column(scale=1):
-            source = _restore_source(task)
-            scales = [str(s) for s in defaults.SR_SCALES]
-            scale = gr.Dropdown(
-                scales, value=str(defaults.SR_SCALE), label="scale", visible=task == "sr", elem_id=f"{task}-scale"
-            )
-            method = _method_dropdown(
-                [(labels[n], n) for n in names],
-                names[0],
-                "method (best first)",
-                f"{task}-method",
-                "NFE: network calls per image (a DIP iteration counts as one)",
-            )
-            sigma = gr.Number(value=0, minimum=0, maximum=255, label="noise std of the image (0..255)")
-            seed = _seed(f"{task}-seed")
-            button = gr.Button("Upscale" if task == "sr" else "Inpaint", variant="primary", elem_id=f"{task}-button")
-        outputs = _result_column(task, "download the result (PNG)")
-    button.click(run, [source, scale, method, sigma, seed], outputs)
+    _tab_layout(lambda: _restore_controls(models, task), task, "download the result (PNG)", run)
+
+
+def _restore_controls(models: AppModels, task: str) -> tuple[list[Any], gr.Button]:
+    """The image, the scale (sr), the method, the observation's noise and the seed, and the button."""
+    names = restore_methods(models, task)
+    labels = {m.name: method_label(m) for m in registry.methods("restore", "blind", operator=task)}
+    source = _restore_source(task)
+    scales = [str(s) for s in defaults.SR_SCALES]
+    scale = gr.Dropdown(
+        scales, value=str(defaults.SR_SCALE), label="scale", visible=task == "sr", elem_id=f"{task}-scale"
+    )
+    method = _method_dropdown(
+        [(labels[n], n) for n in names],
+        names[0],
+        "method (best first)",
+        f"{task}-method",
+        "NFE: network calls per image (a DIP iteration counts as one)",
+    )
+    sigma = gr.Number(value=0, minimum=0, maximum=255, label="noise std of the image (0..255)")
+    seed = _seed(f"{task}-seed")
+    button = gr.Button("Upscale" if task == "sr" else "Inpaint", variant="primary", elem_id=f"{task}-button")
+    return [source, scale, method, sigma, seed], button
 
 
 def _restore_source(task: str) -> gr.File | gr.ImageEditor:
@@ -282,7 +297,6 @@ def _denoise_tab(
     models: AppModels, max_side: int, examples_dir: str, results: Results, max_seconds: float, holder: dict
 ) -> None:
     """Upload (or pick an example), choose a blind method and sigma; the result at the upload's size."""
-    den = denoise_methods()
 
     def run_denoise(
         noisy: str | None,
@@ -309,39 +323,41 @@ def _denoise_tab(
             stem = Path(noisy).stem if noisy else "image"
             return _deliver(results, f"{stem}_{d.info['method']}.png", d.input, d.image, denoise_summary(d))
 
-    with gr.Row():
-        with gr.Column(scale=1):
-            noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT, elem_id="noisy-upload")
-            clean_file = gr.File(
-                label="clean image (optional: PSNR/SSIM)",
-                file_types=["image"],
-                height=FILE_HEIGHT,
-                elem_id="clean-upload",
-            )
-            method = _method_dropdown(
-                [(method_label(m), m.name) for m in den],
-                den[0].name,
-                "method (best first)",
-                "denoise-method",
-                "NFE: network calls per image; the first is the recommended default",
-            )
-            # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
-            sigma = gr.Textbox(
-                value="",
-                label="sigma (noise std on 0..255; blank = estimated)",
-                placeholder="estimated",
-                max_lines=1,
-                elem_id="sigma",
-            )
-            seed = _seed("denoise-seed")
-            button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
-            gr.Examples(
-                write_examples(examples_dir),
-                inputs=[noisy_file, clean_file],
-                label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals",
-            )
-        outputs = _result_column("denoise", "download the result (PNG, the input's size)")
-    button.click(run_denoise, [noisy_file, clean_file, method, sigma, seed], outputs)
+    download = "download the result (PNG, the input's size)"
+    _tab_layout(lambda: _denoise_controls(examples_dir), "denoise", download, run_denoise)
+
+
+def _denoise_controls(examples_dir: str) -> tuple[list[Any], gr.Button]:
+    """The noisy image, an optional clean one, the method (the registry's blind denoisers, the recommended one
+    first), sigma and the seed, the button, and the examples written into `examples_dir`."""
+    den = denoise_methods()
+    noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT, elem_id="noisy-upload")
+    clean_file = gr.File(
+        label="clean image (optional: PSNR/SSIM)", file_types=["image"], height=FILE_HEIGHT, elem_id="clean-upload"
+    )
+    method = _method_dropdown(
+        [(method_label(m), m.name) for m in den],
+        den[0].name,
+        "method (best first)",
+        "denoise-method",
+        "NFE: network calls per image; the first is the recommended default",
+    )
+    # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
+    sigma = gr.Textbox(
+        value="",
+        label="sigma (noise std on 0..255; blank = estimated)",
+        placeholder="estimated",
+        max_lines=1,
+        elem_id="sigma",
+    )
+    seed = _seed("denoise-seed")
+    button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
+    gr.Examples(
+        write_examples(examples_dir),
+        inputs=[noisy_file, clean_file],
+        label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals",
+    )
+    return [noisy_file, clean_file, method, sigma, seed], button
 
 
 def _generate_tab(models: AppModels) -> None:
