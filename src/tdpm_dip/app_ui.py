@@ -166,11 +166,65 @@ def build_ui(
     return page
 
 
+def _image(label: str, elem_id: str, height: int = IMAGE_HEIGHT) -> gr.Image:
+    """A read-only image on the page, shown whole, with download and fullscreen buttons."""
+    return gr.Image(
+        label=label,
+        type="numpy",
+        format="png",
+        interactive=False,
+        height=height,
+        buttons=BUTTONS,
+        elem_id=elem_id,
+    )
+
+
+def _method_dropdown(choices: list[tuple[str, str]], value: str, label: str, elem_id: str, info: str) -> gr.Dropdown:
+    """The registry's methods of a tab, as (label with its NFE, name) pairs."""
+    return gr.Dropdown(choices, value=value, label=label, elem_id=elem_id, info=info)
+
+
+def _seed(elem_id: str | None, label: str = "seed") -> gr.Number:
+    """A non-negative integer seed, 0 at first."""
+    return gr.Number(value=0, precision=0, minimum=0, label=label, elem_id=elem_id)
+
+
+def _result_column(prefix: str, download: str) -> list[Any]:
+    """The right-hand column of the Denoise, Upscale and Inpaint tabs: the input as the method saw it beside the
+    result, a summary and the result's PNG. Returns them in that order, the outputs of the tab's button."""
+    with gr.Column(scale=2):
+        with gr.Row():
+            shown = _image("input", f"{prefix}-input")
+            result = _image("result", f"{prefix}-result")
+        summary = gr.Markdown(elem_id=f"{prefix}-summary")
+        png = gr.File(label=download, interactive=False, elem_id=f"{prefix}-download")
+    return [shown, result, summary, png]
+
+
+def _deliver(results: Results, name: str, shown: Any, image: Any, summary: str) -> tuple[Any, Any, str, str]:
+    """What `_result_column` shows of one result: the input, the result, its summary and its PNG, saved under
+    `name` for the download."""
+    png = results.path(name)
+    save_png(image, png)
+    return shown, image, summary, str(png)
+
+
+def _tab_layout(
+    controls: Callable[[], tuple[list[Any], gr.Button]], prefix: str, download: str, run: Callable[..., Any]
+) -> None:
+    """The layout the Denoise, Upscale and Inpaint tabs share: on the left the controls that `controls` makes (the
+    inputs of `run`, in the order of its arguments, and its button), on the right `_result_column`, `run`'s
+    outputs."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            inputs, button = controls()
+        outputs = _result_column(prefix, download)
+    button.click(run, inputs, outputs)
+
+
 def _restore_tab(models: AppModels, task: str, results: Results) -> None:
     """Upscale: upload a low-resolution image and pick the scale. Inpaint: upload an image and paint the pixels to
     fill in the editor. The methods are the registry's restorers that the loaded DDPM can run."""
-    names = restore_methods(models, task)
-    labels = {m.name: method_label(m) for m in registry.methods("restore", "blind", operator=task)}
 
     def run(
         image: Any,
@@ -196,69 +250,53 @@ def _restore_tab(models: AppModels, task: str, results: Results) -> None:
                 defaults.APP_RESTORE_MAX_PIXELS,
                 progress=_gr_progress(progress),
             )
-            png = results.path(f"{task}_{r.info['method']}.png")
-            save_png(r.image, png)
-            return r.input, r.image, restore_summary(r), str(png)
+            return _deliver(results, f"{task}_{r.info['method']}.png", r.input, r.image, restore_summary(r))
 
-    with gr.Row():
-        with gr.Column(scale=1):
-            source: gr.File | gr.ImageEditor
-            if task == "sr":
-                source = gr.File(
-                    label="low-resolution image", file_types=["image"], height=FILE_HEIGHT, elem_id="sr-upload"
-                )
-            else:
-                source = gr.ImageEditor(
-                    label="image: paint the pixels to fill",
-                    type="numpy",
-                    image_mode="RGB",
-                    brush=gr.Brush(colors=["#ff00ff"], default_size=6),
-                    eraser=False,
-                    layers=False,
-                    height=IMAGE_HEIGHT,
-                    elem_id="inpaint-editor",
-                )
-            scale = gr.Dropdown(["2", "4"], value="4", label="scale", visible=task == "sr", elem_id=f"{task}-scale")
-            method = gr.Dropdown(
-                [(labels[n], n) for n in names],
-                value=names[0],
-                label="method (best first)",
-                elem_id=f"{task}-method",
-                info="NFE: network calls per image (a DIP iteration counts as one)",
-            )
-            sigma = gr.Number(value=0, minimum=0, maximum=255, label="noise std of the image (0..255)")
-            seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id=f"{task}-seed")
-            button = gr.Button("Upscale" if task == "sr" else "Inpaint", variant="primary", elem_id=f"{task}-button")
-        with gr.Column(scale=2):
-            with gr.Row():
-                shown = gr.Image(
-                    label="input",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    height=IMAGE_HEIGHT,
-                    buttons=BUTTONS,
-                    elem_id=f"{task}-input",
-                )
-                result = gr.Image(
-                    label="result",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    height=IMAGE_HEIGHT,
-                    buttons=BUTTONS,
-                    elem_id=f"{task}-result",
-                )
-            summary = gr.Markdown(elem_id=f"{task}-summary")
-            download = gr.File(label="download the result (PNG)", interactive=False, elem_id=f"{task}-download")
-    button.click(run, [source, scale, method, sigma, seed], [shown, result, summary, download])
+    _tab_layout(lambda: _restore_controls(models, task), task, "download the result (PNG)", run)
+
+
+def _restore_controls(models: AppModels, task: str) -> tuple[list[Any], gr.Button]:
+    """The image, the scale (sr), the method, the observation's noise and the seed, and the button."""
+    names = restore_methods(models, task)
+    labels = {m.name: method_label(m) for m in registry.methods("restore", "blind", operator=task)}
+    source = _restore_source(task)
+    scales = [str(s) for s in defaults.SR_SCALES]
+    scale = gr.Dropdown(
+        scales, value=str(defaults.SR_SCALE), label="scale", visible=task == "sr", elem_id=f"{task}-scale"
+    )
+    method = _method_dropdown(
+        [(labels[n], n) for n in names],
+        names[0],
+        "method (best first)",
+        f"{task}-method",
+        "NFE: network calls per image (a DIP iteration counts as one)",
+    )
+    sigma = gr.Number(value=0, minimum=0, maximum=255, label="noise std of the image (0..255)")
+    seed = _seed(f"{task}-seed")
+    button = gr.Button("Upscale" if task == "sr" else "Inpaint", variant="primary", elem_id=f"{task}-button")
+    return [source, scale, method, sigma, seed], button
+
+
+def _restore_source(task: str) -> gr.File | gr.ImageEditor:
+    """sr: a file upload of the low-resolution image; inpaint: an editor in which the pixels to fill are painted."""
+    if task == "sr":
+        return gr.File(label="low-resolution image", file_types=["image"], height=FILE_HEIGHT, elem_id="sr-upload")
+    return gr.ImageEditor(
+        label="image: paint the pixels to fill",
+        type="numpy",
+        image_mode="RGB",
+        brush=gr.Brush(colors=["#ff00ff"], default_size=6),
+        eraser=False,
+        layers=False,
+        height=IMAGE_HEIGHT,
+        elem_id="inpaint-editor",
+    )
 
 
 def _denoise_tab(
     models: AppModels, max_side: int, examples_dir: str, results: Results, max_seconds: float, holder: dict
 ) -> None:
     """Upload (or pick an example), choose a blind method and sigma; the result at the upload's size."""
-    den = denoise_methods()
 
     def run_denoise(
         noisy: str | None,
@@ -283,66 +321,43 @@ def _denoise_tab(
                 alive=_session_alive(holder, request),
             )
             stem = Path(noisy).stem if noisy else "image"
-            png = results.path(f"{stem}_{d.info['method']}.png")
-            save_png(d.image, png)
-            return d.input, d.image, denoise_summary(d), str(png)
+            return _deliver(results, f"{stem}_{d.info['method']}.png", d.input, d.image, denoise_summary(d))
 
-    with gr.Row():
-        with gr.Column(scale=1):
-            noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT, elem_id="noisy-upload")
-            clean_file = gr.File(
-                label="clean image (optional: PSNR/SSIM)",
-                file_types=["image"],
-                height=FILE_HEIGHT,
-                elem_id="clean-upload",
-            )
-            method = gr.Dropdown(
-                [(method_label(m), m.name) for m in den],
-                value=den[0].name,
-                label="method (best first)",
-                elem_id="denoise-method",
-                info="NFE: network calls per image; the first is the recommended default",
-            )
-            # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
-            sigma = gr.Textbox(
-                value="",
-                label="sigma (noise std on 0..255; blank = estimated)",
-                placeholder="estimated",
-                max_lines=1,
-                elem_id="sigma",
-            )
-            seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="denoise-seed")
-            button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
-            gr.Examples(
-                write_examples(examples_dir),
-                inputs=[noisy_file, clean_file],
-                label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals",
-            )
-        with gr.Column(scale=2):
-            with gr.Row():
-                shown_input = gr.Image(
-                    label="input",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    height=IMAGE_HEIGHT,
-                    buttons=BUTTONS,
-                    elem_id="denoise-input",
-                )
-                result = gr.Image(
-                    label="result",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    height=IMAGE_HEIGHT,
-                    buttons=BUTTONS,
-                    elem_id="denoise-result",
-                )
-            summary = gr.Markdown(elem_id="denoise-summary")
-            download = gr.File(
-                label="download the result (PNG, the input's size)", interactive=False, elem_id="denoise-download"
-            )
-    button.click(run_denoise, [noisy_file, clean_file, method, sigma, seed], [shown_input, result, summary, download])
+    download = "download the result (PNG, the input's size)"
+    _tab_layout(lambda: _denoise_controls(examples_dir), "denoise", download, run_denoise)
+
+
+def _denoise_controls(examples_dir: str) -> tuple[list[Any], gr.Button]:
+    """The noisy image, an optional clean one, the method (the registry's blind denoisers, the recommended one
+    first), sigma and the seed, the button, and the examples written into `examples_dir`."""
+    den = denoise_methods()
+    noisy_file = gr.File(label="noisy image", file_types=["image"], height=FILE_HEIGHT, elem_id="noisy-upload")
+    clean_file = gr.File(
+        label="clean image (optional: PSNR/SSIM)", file_types=["image"], height=FILE_HEIGHT, elem_id="clean-upload"
+    )
+    method = _method_dropdown(
+        [(method_label(m), m.name) for m in den],
+        den[0].name,
+        "method (best first)",
+        "denoise-method",
+        "NFE: network calls per image; the first is the recommended default",
+    )
+    # A text field: a blank gr.Number reaches the server as 0, and blank must mean "estimate it".
+    sigma = gr.Textbox(
+        value="",
+        label="sigma (noise std on 0..255; blank = estimated)",
+        placeholder="estimated",
+        max_lines=1,
+        elem_id="sigma",
+    )
+    seed = _seed("denoise-seed")
+    button = gr.Button("Denoise", variant="primary", elem_id="denoise-button")
+    gr.Examples(
+        write_examples(examples_dir),
+        inputs=[noisy_file, clean_file],
+        label="examples: procedural sprites with 8-bit noise, sigma 25, and their originals",
+    )
+    return [noisy_file, clean_file, method, sigma, seed], button
 
 
 def _generate_tab(models: AppModels) -> None:
@@ -369,16 +384,16 @@ def _generate_tab(models: AppModels) -> None:
         with gr.Column(scale=1):
             # The best method that what is loaded can run: amortized TDPM with a generator (the shipped one by
             # default); without one it would only fail.
-            gmethod = gr.Dropdown(
+            gmethod = _method_dropdown(
                 [(method_label(m), m.name) for m in gen],
-                value=models.generator.methods[0],
-                label="method",
-                elem_id="generate-method",
-                info="NFE: network calls per image",
+                models.generator.methods[0],
+                "method",
+                "generate-method",
+                "NFE: network calls per image",
             )
             n = gr.Slider(1, MAX_N, value=4, step=1, label="n (images)", elem_id="generate-n")
-            gseed = gr.Number(value=0, precision=0, minimum=0, label="seed (image i uses seed + i)")
-            steps = gr.Number(value=50, precision=0, minimum=1, label="steps (ddim)")
+            gseed = _seed(None, "seed (image i uses seed + i)")
+            steps = gr.Number(value=defaults.QUICK_DDIM_STEPS, precision=0, minimum=1, label="steps (ddim)")
             t_trunc = gr.Number(
                 value=defaults.T_TRUNC if loaded is None else loaded.t_trunc,
                 precision=0,
@@ -387,23 +402,15 @@ def _generate_tab(models: AppModels) -> None:
             )
             gbutton = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
-            grid = gr.Image(
-                label="samples",
-                type="numpy",
-                format="png",
-                interactive=False,
-                height=2 * IMAGE_HEIGHT,
-                buttons=BUTTONS,
-                elem_id="generate-grid",
-            )
+            grid = _image("samples", "generate-grid", height=2 * IMAGE_HEIGHT)
             gsummary = gr.Markdown(elem_id="generate-summary")
     gbutton.click(run_generate, [gmethod, n, gseed, steps, t_trunc], [grid, gsummary])
 
 
 def launch(
     models: AppModels,
-    host: str = "127.0.0.1",
-    port: int = 7860,
+    host: str = defaults.APP_HOST,
+    port: int = defaults.APP_PORT,
     max_side: int = MAX_SIDE,
     max_seconds: float = MAX_SECONDS,
 ) -> None:

@@ -24,6 +24,9 @@ ENSEMBLE_FULL_PIXELS = 256 * 256
 # per network call on one CPU core in tiles
 MAX_PIXELS = 16_000_000
 NOISE_MODEL = "clipped"  # what a saved noisy file holds: rounded and clipped to 8 bits
+# noise added here (--noise): clipped = a saved 8-bit file; float = the unclipped x + n of denoising papers
+NOISE_MODELS = ("clipped", "float")
+DENOISE_PROTOCOL = "blind"  # `denoise`: only the noisy image is used (paper: the report's oracle)
 
 # ------------------------------------------------------------------ restoration (super-resolution, inpainting)
 RESTORE_T_TRUNC = 200  # ccdf / tdpm-dip: the level the start estimate is diffused to
@@ -34,6 +37,8 @@ RESTORE_FULL_STEPS = 100  # ddnm / diffpir: network calls per chain from pure no
 DDNM_ETA = 0.85  # DDNM's DDIM eta
 DIFFPIR_ZETA = 0.25  # DiffPIR's zeta (its super-resolution setting)
 RESTORE_LAMBDA = 1.0  # DiffPIR's lambda: rho_t = lambda sigma_y^2 / sigma_t^2 (noisy observations)
+SR_SCALES = (2, 4)  # super-resolution factors offered (the shipped model's prior was measured at these)
+SR_SCALE = 4  # the default factor
 MASK_KIND = "box"  # inpainting masks made here (--mask-kind): box, half or random:P
 RESTORE_MAX_PIXELS = 512 * 512  # restore: the largest output refused without --max-pixels (the cost grows with it)
 RESTORE_DIP_SEED = 7_368_787  # seed offset of the restoration DIP's input z (independent of the chains' noise)
@@ -45,15 +50,38 @@ APP_MAX_UPLOAD_PIXELS = 16_000_000  # larger uploads are refused from their head
 APP_MAX_SECONDS = 120  # a request stops after this (checked between tiles)
 APP_QUEUE_SIZE = 8  # requests waiting at most (one computes at a time)
 APP_RESTORE_MAX_PIXELS = 256 * 256  # pixels of an upscaled or inpainted result (larger requests are refused)
+APP_HOST = "127.0.0.1"  # this machine only (0.0.0.0 opens the app to the network)
+APP_PORT = 7860
 
 # ------------------------------------------------------------------ generation
 N_GENERATE = 16  # images per `generate`
 GENERATE_DDIM_STEPS = 110  # generate --method ddim: TDPM-DIP's network evaluations (100 DIP it + T_trunc)
+QUICK_DDIM_STEPS = 50  # a short DDIM chain from pure noise: the app's Generate tab, the demo's row of its own DDPM
+
+# ------------------------------------------------------------------ bench
+BENCH_TABLES = ("table1", "table2", "table3", "table4")  # the report's tables (bench all: every one)
+BENCH_PROTOCOL = "paper"  # the report's tables are the paper protocol's
+BENCH_DIP_PRESET = "paper-dip"  # the report's DIP, on any device (shrink it for CPU runs)
+BENCH_FIG_IMAGES = 4  # images (columns) in the figures; the report's Fig. 3 fits this many
+
+# ------------------------------------------------------------------ the demo: minutes on two CPU cores
+DEMO_N = 8  # test images denoised, and images generated
+DEMO_STEPS = 200  # training steps of the small DDPM (Algorithm 1)
+DEMO_TRAIN_BATCH = 16  # its batch
+DEMO_PRESET = "demo"  # its UNet preset (config.PRESETS)
+DEMO_TRAIN_IMAGES = 256  # procedural sprites in its training set
+DEMO_SIZE = 32  # image side when training (a given model fixes its own; the embedded default is 32 px)
+DEMO_DIP_PRESET = "dip-tiny"
+DEMO_BLIND_DIP_ITERS = 200  # the blind DIP's iterations (and the blind TDPM-DIP's plug-in fit)
 
 # ------------------------------------------------------------------ compute
 BATCH_SIZE = 16  # images processed (and DIPs fitted) at once
+# autocast dtype of the networks (--dtype): auto = bf16 where the device computes it natively, else fp32
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 # ------------------------------------------------------------------ Algorithm 2 (the DIP)
+# The DIP networks G_psi (config.PRESETS), smallest first; paper-dip is the report's (61.5M).
+DIP_PRESETS = ("dip-tiny", "dip-small", "paper-dip-noattn", "paper-dip")
 # Per use (protocol) and, where a preset needs its own, per preset; `dip.dip_defaults` builds a DIPConfig.
 #   paper   the report's Algorithm 2: Adam lr 1e-4, 100 iterations, the last output.
 #   blind   G_psi(z) fitted to the noisy y: a larger step, input noise as strong as the input itself

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import defaults
 from .errors import UserError
 
 TASKS = ("denoise", "generate", "restore")
@@ -148,7 +149,7 @@ METHODS: list[Method] = [
         "denoise",
         "blind",
         f"{_M}.blind:ddim",
-        nfe="n (--ddim-steps, default 10)",
+        nfe=f"n (--ddim-steps, default {defaults.BLIND_DDIM_STEPS})",
         rank=30,
         reads=_BLIND + ("ddim_steps",),
         help="a deterministic DDIM chain from t* in n steps",
@@ -264,7 +265,7 @@ METHODS: list[Method] = [
         "restore",
         "blind",
         f"{_M}.restore:ddnm",
-        nfe="steps (--steps, default 100; one chain)",
+        nfe=f"steps (--steps, default {defaults.RESTORE_FULL_STEPS}; one chain)",
         rank=30,
         needs=("all-levels",),
         reads=_RESTORE,
@@ -275,7 +276,7 @@ METHODS: list[Method] = [
         "restore",
         "blind",
         f"{_M}.restore:diffpir",
-        nfe="steps (--steps, default 100; one chain)",
+        nfe=f"steps (--steps, default {defaults.RESTORE_FULL_STEPS}; one chain)",
         rank=40,
         needs=("all-levels",),
         reads=_RESTORE,
@@ -356,6 +357,13 @@ def methods(
 def names(task: str, protocol: str | None = None) -> list[str]:
     """Method names of a task, best first, each once (a name may run under several protocols)."""
     return list(dict.fromkeys(m.name for m in methods(task, protocol)))
+
+
+def protocols(task: str) -> list[str]:
+    """The protocols a task's methods run under, in the order of PROTOCOLS (the CLI's --protocol choices)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}")
+    return [p for p in PROTOCOLS if any(m.task == task and m.protocol == p for m in METHODS)]
 
 
 def get(task: str, protocol: str, name: str) -> Method:

@@ -259,18 +259,10 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack) -
     betas = (0.0, 0.99) if cfg.objective == "gan" else (0.9, 0.999)  # StyleGAN2's Adam for the GAN
     optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=betas)
     state = _GenState(cfg, ddpm, w_dim=style_dim(gen.config))
-    extra_modules: dict[str, torch.nn.Module] = {}
-    extra_optimizers: dict[str, torch.optim.Optimizer] = {}
-    images = torch.empty(0)  # distill: the pairs' targets, made once the run folder is open (they are cached there)
-    if cfg.objective == "gan":
-        assert cfg.data is not None  # GeneratorConfig.validate: the GAN needs --data
-        data = load_images(cfg.data, size, cfg.fill, cfg.skip_bad, cfg.limit, progress=progress and main)
-        images = place_images(data, device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
-            disc = Discriminator(size, cfg.disc_channels).to(device).train()
-        extra_modules = {"discriminator": disc}
-        extra_optimizers = {"disc_optimizer": torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=betas)}
+    # distill: the pairs are the targets, made once the run folder is open (they are cached there)
+    images, extra_modules, extra_optimizers = (
+        _gan_data(cfg, size, device, betas, progress and main) if cfg.objective == "gan" else (torch.empty(0), {}, {})
+    )
     n = images.shape[0] if cfg.objective == "gan" else cfg.pairs
     if cfg.batch_size > n:
         raise UserError(
@@ -310,6 +302,20 @@ def _setup(cfg: GeneratorConfig, progress: bool, folder: contextlib.ExitStack) -
         state.z, state.w = z.to(device), None if w is None else w.to(device)
         run = dataclasses.replace(run, images=x.to(device))
     return run, state
+
+
+def _gan_data(
+    cfg: GeneratorConfig, size: int, device: torch.device, betas: tuple[float, float], progress: bool
+) -> tuple[torch.Tensor, dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
+    """The GAN's real images (placed on the device) and its discriminator with its Adam, seeded apart from G_psi,
+    as the networks and optimizers `start_run` checkpoints beside G_psi."""
+    assert cfg.data is not None  # GeneratorConfig.validate: the GAN needs --data
+    images = place_images(load_images(cfg.data, size, cfg.fill, cfg.skip_bad, cfg.limit, progress=progress), device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        disc = Discriminator(size, cfg.disc_channels).to(device).train()
+    optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=betas)
+    return images, {"discriminator": disc}, {"disc_optimizer": optimizer}
 
 
 def _frozen_ddpm(cfg: GeneratorConfig, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler, int]:

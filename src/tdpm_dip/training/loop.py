@@ -4,8 +4,9 @@ It uses `accelerate` for device placement, mixed precision and `accelerate launc
 (the EMA is what is sampled and exported); atomic safetensors checkpoints (no pickle) with the optimizer,
 the LR schedule and any networks trained beside the main one; `--resume` from the latest checkpoint;
 metrics.jsonl with a NaN stop; sample grids. Every random draw of step i comes from generators seeded by
-(seed, i) (`derive_seed`), never from global state, so a resumed run repeats an uninterrupted one exactly on
-the CPU, and the global batch does not depend on the number of processes.
+(seed, i) (`seeding.derive_seed`), never from global state, so a resumed run repeats an uninterrupted one
+exactly on the CPU, and the global batch does not depend on the number of processes. What --resume and
+--overwrite do to the run folder is `run_folder`'s.
 
 A trainer gives `start_run` its networks and optimizer and `run_loop` a step function; this module does the rest.
 """
@@ -15,21 +16,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import math
 import platform
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import accelerate
 import diffusers
-import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DModel
@@ -41,39 +40,14 @@ from .. import __version__
 from ..data import ImageSet
 from ..errors import UserError
 from ..models import count_params
-from ..outputs import prepare_out_dir, staged_dir, write_json, write_text
+from ..outputs import staged_dir, write_json
+from .run_folder import FolderOptions, TrainingDiverged, check_out_dir, open_run_folder
+
+# derive_seed and batch_indices are the trainers' too: they import the whole loop from here
+from .seeding import batch_indices as batch_indices
+from .seeding import derive_seed as derive_seed
 
 CKPT_RE = re.compile(r"step_(\d+)")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------- randomness: a pure function of (seed, step)
-
-
-def derive_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for draw `index` of a named stream; independent streams, no global RNG involved."""
-    tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
-    a, b = np.random.SeedSequence([seed, tag, index]).generate_state(2)
-    return (int(a) << 31) ^ int(b)
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "order", epoch)))
-
-
-def batch_indices(step: int, n_images: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Dataset indices of the global batch of 0-based step `step` (Algorithm 1 line 2, x0 ~ q(x0)).
-
-    Each epoch is a fresh permutation seeded by (seed, epoch) and cut into n_images // batch_size
-    batches (the remainder is dropped, so every batch has the same size); nothing to checkpoint.
-    """
-    per_epoch = n_images // batch_size
-    epoch, pos = divmod(step, per_epoch)
-    return _epoch_permutation(seed, epoch, n_images)[pos * batch_size : (pos + 1) * batch_size]
 
 
 # ---------------------------------------------------------------- EMA
@@ -264,62 +238,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def check_out_dir(out: Path, allow_existing: bool) -> None:
-    """Read-only version of prepare_out_dir, for the processes that do not write."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not allow_existing:
-        raise UserError(f"{out}: exists and is not empty (use --resume to continue its run, or --overwrite)")
-
-
-@contextlib.contextmanager
-def _run_folder(cfg: LoopOptions, out: Path, owned: tuple[str, ...]) -> Iterator[Path]:
-    """Where the main process writes the run: `out` itself, except for --overwrite of an earlier run.
-
-    That one is built beside it and replaces the earlier run's files (`owned`, whole) only when it is
-    complete (`staged_dir`): interrupted or failed, it is discarded and the earlier run, checkpoints
-    included, stays as it was; a later --resume continues that one. Other files in `out` are kept. A new
-    run or --resume writes in `out`, where every checkpoint is complete once written (--resume restarts
-    from the latest)."""
-    if not (cfg.overwrite and out.is_dir() and any(out.iterdir())):
-        yield out
-        return
-    with staged_dir(out, owned=owned) as work:
-        try:
-            yield work
-        except TrainingDiverged as e:
-            raise TrainingDiverged(
-                f"{e} (that checkpoint was in the discarded --overwrite run: {out} still holds the earlier run)"
-            ) from None
-
-
-def _remove_cut_writes(out: Path) -> None:
-    """--resume after a kill -9: delete what that process was writing (staged checkpoints or export,
-    temporary files); complete files are never named like these."""
-    for folder in (out, out / "checkpoints", out / "samples"):
-        for p in folder.iterdir() if folder.is_dir() else []:
-            if not (p.name.startswith(".") and (".partial." in p.name or p.name.endswith(".tmp"))):
-                continue
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint: those steps are trained again."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except ValueError:
-            pass  # a line cut short by a crash
-    write_text(path, "".join(line + "\n" for line in keep))
-
-
 def _resume_mismatch(saved: dict, cfg: LoopOptions, n_images: int, must_match: tuple[str, ...]) -> list[str]:
     # An option newer than the checkpoint is absent from it: that run had the option's default.
     default = {f.name: f.default for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
@@ -333,10 +251,9 @@ def _resume_mismatch(saved: dict, cfg: LoopOptions, n_images: int, must_match: t
     return diffs
 
 
-class LoopOptions(Protocol):
+class LoopOptions(FolderOptions, Protocol):
     """The options the shared loop reads (TrainConfig and generator.GeneratorConfig both have them)."""
 
-    out: str
     steps: int
     batch_size: int
     seed: int
@@ -345,8 +262,6 @@ class LoopOptions(Protocol):
     keep_checkpoints: int
     sample_every: int
     n_samples: int
-    resume: bool
-    overwrite: bool
 
 
 @dataclass(frozen=True)
@@ -459,28 +374,6 @@ def run_loop(
                 log.t_last = time.perf_counter()  # it/s measures training, not saving or sampling
     finally:
         bar.close()
-
-
-def open_run_folder(
-    cfg: LoopOptions,
-    out: Path,
-    folder: contextlib.ExitStack,
-    accelerator: Accelerator,
-    start: int,
-    owned: tuple[str, ...],
-    config_json: dict,
-) -> Path:
-    """Where the main process writes the run (`_run_folder`, entered into `folder`): prepared, cleaned
-    after a cut --resume (partial writes removed, metrics after the checkpoint dropped), config.json written."""
-    if accelerator.is_main_process:
-        out = folder.enter_context(_run_folder(cfg, out, owned))
-        prepare_out_dir(out, overwrite=cfg.resume or cfg.overwrite)
-        if cfg.resume:
-            _remove_cut_writes(out)
-            _truncate_metrics(out / "metrics.jsonl", start)
-        write_json(out / "config.json", config_json)
-    accelerator.wait_for_everyone()
-    return out
 
 
 def resume_run(
@@ -626,43 +519,19 @@ def start_run(
     extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> tuple[Run, list]:
     """What every trainer does once its networks and optimizer exist: restore the latest checkpoint (--resume),
-    open the run folder with its config.json (the options, `algorithm`, where it resumed from, the device and
-    versions, plus `describe`), and prepare the networks with accelerate.
+    open the run folder with its config.json (`_config_json`), and prepare the networks with accelerate.
 
     Returns the Run and the prepared `extra_modules` then `extra_optimizers`, in their order."""
     extra_modules, extra_optimizers = extra_modules or {}, extra_optimizers or {}
     start, resumed_from = resume_run(
         cfg, Path(cfg.out), n_images, unet, ema, optimizer, lr_scheduler, must_match, extra_modules, extra_optimizers
     )
-    device = accelerator.device
-    out = open_run_folder(
-        cfg,
-        Path(cfg.out),
-        folder,
-        accelerator,
-        start,
-        owned,
-        {
-            "config": run_config,
-            "algorithm": algorithm,
-            "resumed_from": str(resumed_from) if resumed_from else None,
-            "device": str(device),
-            "device_name": device_name(device),
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": mixed,
-            "params": count_params(unet),
-            **describe,
-            "scheduler": dict(scheduler.config),
-            "versions": versions(),
-        },
-    )
+    config_json = _config_json(accelerator, mixed, scheduler, unet, run_config, algorithm, describe, resumed_from)
+    out = open_run_folder(cfg, Path(cfg.out), folder, accelerator, start, owned, config_json)
     model, optimizer, *extras = accelerator.prepare(
         unet, optimizer, *extra_modules.values(), *extra_optimizers.values()
     )
-    if resumed_from is not None and accelerator.scaler is not None:
-        saved_scaler = json.loads((resumed_from / "training_state.json").read_text()).get("grad_scaler")
-        if saved_scaler:
-            accelerator.scaler.load_state_dict(saved_scaler)
+    _restore_scaler(accelerator, resumed_from)
     run = Run(
         cfg,
         out,
@@ -683,3 +552,40 @@ def start_run(
         extra_optimizers,
     )
     return run, extras
+
+
+def _config_json(
+    accelerator: Accelerator,
+    mixed: str,
+    scheduler: DDPMScheduler,
+    unet: torch.nn.Module,
+    run_config: dict,
+    algorithm: str,
+    describe: dict,
+    resumed_from: Path | None,
+) -> dict:
+    """The run's config.json: the options, `algorithm`, where it resumed from, the device and versions, plus
+    `describe` (what the trainer adds)."""
+    device = accelerator.device
+    return {
+        "config": run_config,
+        "algorithm": algorithm,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "device": str(device),
+        "device_name": device_name(device),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": mixed,
+        "params": count_params(unet),
+        **describe,
+        "scheduler": dict(scheduler.config),
+        "versions": versions(),
+    }
+
+
+def _restore_scaler(accelerator: Accelerator, resumed_from: Path | None) -> None:
+    """fp16: the gradient scaler's state of the checkpoint resumed from (accelerate makes the scaler in `prepare`,
+    so it is restored after it, unlike the rest of the checkpoint)."""
+    if resumed_from is not None and accelerator.scaler is not None:
+        saved_scaler = json.loads((resumed_from / "training_state.json").read_text()).get("grad_scaler")
+        if saved_scaler:
+            accelerator.scaler.load_state_dict(saved_scaler)

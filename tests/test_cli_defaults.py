@@ -1,0 +1,65 @@
+"""The CLI reads its choices and defaults from one place: the registry and `defaults` (plain data, so that
+`--help` loads no torch), which agree with the modules that compute with them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+
+from tdpm_dip import config, defaults, operators, registry, runtime
+from tdpm_dip.cli import cli
+from tdpm_dip.methods import observe
+from tdpm_dip.workflows import bench, demo
+
+
+def params(command: str) -> dict[str, click.Parameter]:
+    return {p.name: p for p in cli.commands[command].params if p.name}
+
+
+def choices(command: str, name: str) -> list[str]:
+    kind = params(command)[name].type
+    assert isinstance(kind, click.Choice)
+    return list(kind.choices)
+
+
+def test_plain_data_choices_match_the_modules_that_use_them() -> None:
+    assert defaults.NOISE_MODELS == observe.NOISE_MODELS
+    assert defaults.SR_SCALES == operators.SCALES
+    assert defaults.DTYPES == runtime.AMP_CHOICES
+    assert defaults.BENCH_TABLES == bench.TABLE_NAMES
+    assert set(defaults.DIP_PRESETS) <= set(config.PRESETS)
+    assert defaults.DEMO_DIP_PRESET in defaults.DIP_PRESETS and defaults.DEMO_PRESET in config.PRESETS
+    assert defaults.NOISE_MODEL in defaults.NOISE_MODELS and defaults.SR_SCALE in defaults.SR_SCALES
+
+
+def test_protocol_operator_and_preset_choices_come_from_the_registry_and_defaults() -> None:
+    assert registry.protocols("denoise") == ["paper", "blind"]
+    assert registry.protocols("generate") == ["paper", "unconditional"]
+    assert choices("denoise", "protocol") == registry.protocols("denoise")
+    assert params("denoise")["protocol"].default == defaults.DENOISE_PROTOCOL
+    assert choices("bench", "protocol") == registry.protocols("denoise")
+    assert choices("restore", "task") == list(registry.OPERATORS)
+    assert choices("restore", "methods") == registry.names("restore", "blind")
+    for command in ("denoise", "bench"):
+        assert choices(command, "noise") == list(defaults.NOISE_MODELS)
+    for command in ("denoise", "restore", "generate", "bench"):
+        assert choices(command, "dtype") == list(defaults.DTYPES)
+    assert choices("demo", "dip_preset") == list(defaults.DIP_PRESETS)
+    assert choices("bench", "tables")[: len(defaults.BENCH_TABLES)] == list(defaults.BENCH_TABLES)
+
+
+def test_the_demo_options_default_to_the_demo_config() -> None:
+    cfg = demo.DemoConfig(out="x")
+    for name in ("n", "steps", "train_images", "sigma", "ddpm_steps", "dip_preset", "dip_iters", "blind_dip_iters"):
+        assert params("demo")[name].default == getattr(cfg, name), name
+    assert demo.DIP_PRESETS == defaults.DIP_PRESETS
+
+
+def test_python_m_runs_the_cli() -> None:
+    """`python -m tdpm_dip.cli` (how accelerate launch and torchrun start it) is `tdpm-dip`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tdpm_dip.cli", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("tdpm-dip, version")
