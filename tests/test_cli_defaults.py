@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import click
+import pytest
+import torch
 
 from tdpm_dip import config, defaults, operators, registry, runtime
 from tdpm_dip.cli import cli
-from tdpm_dip.methods import observe
+from tdpm_dip.errors import UserError
+from tdpm_dip.noise import add_noise
 from tdpm_dip.workflows import bench, demo
 
 
@@ -25,9 +28,13 @@ def choices(command: str, name: str) -> list[str]:
 
 
 def test_plain_data_choices_match_the_modules_that_use_them() -> None:
-    assert defaults.NOISE_MODELS == observe.NOISE_MODELS
-    assert defaults.SR_SCALES == operators.SCALES
-    assert defaults.DTYPES == runtime.AMP_CHOICES
+    for bad in ("poisson", ""):
+        with pytest.raises(UserError, match="noise model must be one of clipped, float"):
+            add_noise(torch.zeros(1, 3, 2, 2), 1.0, [0], bad)
+    with pytest.raises(UserError, match="the scale must be 2 or 4"):
+        operators.check_scale(3)
+    with pytest.raises(UserError, match="--dtype must be one of auto, fp32, bf16, fp16"):
+        runtime.pick_amp("fp64", torch.device("cpu"))
     assert defaults.BENCH_TABLES == bench.TABLE_NAMES
     assert set(defaults.DIP_PRESETS) <= set(config.PRESETS)
     assert defaults.DEMO_DIP_PRESET in defaults.DIP_PRESETS and defaults.DEMO_PRESET in config.PRESETS

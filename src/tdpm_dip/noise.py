@@ -15,10 +15,9 @@ from collections.abc import Sequence
 import torch
 from diffusers import DDPMScheduler
 
+from . import defaults
 from .errors import UserError, check_sigma
 
-# The 8-bit observation models (`add_noise`): what a saved file holds, or the float noise of denoising papers.
-NOISE_MODELS = ("clipped", "float")
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 
 
@@ -122,8 +121,8 @@ def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str
     float: the unclipped y = x0 + n of denoising papers. The noise of image i comes from seed i; sigma 0 leaves
     only the 8-bit rounding (a noise-free observation file).
     """
-    if model not in NOISE_MODELS:
-        raise UserError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {model!r}")
+    if model not in defaults.NOISE_MODELS:
+        raise UserError(f"noise model must be one of {', '.join(defaults.NOISE_MODELS)}, got {model!r}")
     if not 0 <= sigma255 <= 255:
         raise UserError(f"sigma must be in [0, 255] (noise std on the 0..255 scale), got {sigma255}")
     gens = image_generators([s + 104729 for s in seeds], clean.device)

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import defaults
 from .errors import UserError
 from .images import pad_bottom_right
-
-SCALES = (2, 4)  # the super-resolution factors offered (the shipped model's prior was measured at these)
 
 
 class Operator:
@@ -120,9 +119,9 @@ class Inpaint(Operator):
 
 
 def check_scale(scale: int) -> int:
-    """A super-resolution factor: one of SCALES (a one-line error otherwise)."""
-    if scale not in SCALES:
-        raise UserError(f"the scale must be {' or '.join(map(str, SCALES))}, got {scale}")
+    """A super-resolution factor: one of defaults.SR_SCALES (a one-line error otherwise)."""
+    if scale not in defaults.SR_SCALES:
+        raise UserError(f"the scale must be {' or '.join(map(str, defaults.SR_SCALES))}, got {scale}")
     return scale
 
 

@@ -18,8 +18,6 @@ from .methods import Context
 from .methods.shard import Shard, launched
 from .models import load_ddpm, trained_levels
 
-AMP_CHOICES = ("auto", "fp32", "bf16", "fp16")
-
 
 def pick_device(name: str) -> torch.device:
     """'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'; a one-line UserError otherwise."""
@@ -47,8 +45,8 @@ def cpu_has_bf16() -> bool:
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision for the networks: 'auto' is bf16 autocast on GPUs and on CPUs that compute bf16 natively
     (there the UNets run 2-4x faster at the same PSNR to 0.01 dB), else fp32."""
-    if name not in AMP_CHOICES:
-        raise UserError(f"--dtype must be one of {', '.join(AMP_CHOICES)}, got {name!r}")
+    if name not in defaults.DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(defaults.DTYPES)}, got {name!r}")
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

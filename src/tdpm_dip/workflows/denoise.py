@@ -24,7 +24,7 @@ from ..methods.observe import blind_sigmas
 from ..methods.shard import is_main_process
 from ..metrics import psnr, ssim
 from ..models import unet_size
-from ..noise import NOISE_MODELS, add_noise, check_t_trunc
+from ..noise import add_noise, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
@@ -66,8 +66,8 @@ class DenoiseOptions(RunOptions):
             raise UserError("--reference scores --input files: give it with --input")
         if self.protocol == "paper" and self.clean is None:
             raise UserError("the paper protocol builds its DIP target from the clean image: it needs --clean")
-        if self.noise not in NOISE_MODELS:
-            raise UserError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {self.noise!r}")
+        if self.noise not in defaults.NOISE_MODELS:
+            raise UserError(f"--noise must be one of {', '.join(defaults.NOISE_MODELS)}, got {self.noise!r}")
         default = (
             registry.names("denoise", "paper")
             if self.protocol == "paper"
