@@ -30,7 +30,7 @@ from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
 from .images import make_grid, save_png, to_uint8
 from .methods.observe import blind_sigmas
-from .metrics import psnr, ssim
+from .metrics import scores
 from .noise import add_noise, check_t_trunc, num_levels
 from .registry import Method
 from .runtime import dip_config, load_context
@@ -195,6 +195,22 @@ class Denoised:
     notices: list[str]
 
 
+def _read_pair(
+    noisy: ImageInput, clean: ImageInput | None, max_side: int, max_pixels: int
+) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """(the upload within the page's size budget, its clean version or None, a notice if it was downscaled)."""
+    x, notice = fit_side(read_user_image(noisy, "noisy image", MAX_UPLOAD_PIXELS), max_side, max_pixels)
+    if clean is None:
+        return x, None, notice
+    ref = fit_side(read_user_image(clean, "clean image", MAX_UPLOAD_PIXELS), max_side, max_pixels)[0]
+    if ref.shape != x.shape:
+        raise UserError(
+            f"the clean image is {ref.shape[-1]}x{ref.shape[-2]} px, the noisy one "
+            f"{x.shape[-1]}x{x.shape[-2]} px: they must have the same size"
+        )
+    return x, ref, notice
+
+
 def denoise_handler(
     models: AppModels,
     noisy: ImageInput | None,
@@ -226,15 +242,7 @@ def denoise_handler(
     seed = check_seed(seed)
     check = budget_check(max_seconds, alive)
     report(0.0, "reading the image")
-    x, notice = fit_side(read_user_image(noisy, "noisy image", MAX_UPLOAD_PIXELS), max_side, max_pixels)
-    ref = None
-    if clean is not None:
-        ref = fit_side(read_user_image(clean, "clean image", MAX_UPLOAD_PIXELS), max_side, max_pixels)[0]
-        if ref.shape != x.shape:
-            raise UserError(
-                f"the clean image is {ref.shape[-1]}x{ref.shape[-2]} px, the noisy one "
-                f"{x.shape[-1]}x{x.shape[-2]} px: they must have the same size"
-            )
+    x, ref, notice = _read_pair(noisy, clean, max_side, max_pixels)
     report(0.05, "estimating sigma" if sigma is None else "denoising")
     sig = blind_sigmas([x], sigma, "enter its sigma")
     with models.lock:
@@ -257,11 +265,8 @@ def denoise_handler(
         "device": str(den.device),
     }
     if ref is not None:
-        info.update(
-            psnr=float(psnr(out[None], ref[None])),
-            ssim=float(ssim(out[None], ref[None])),
-            input_psnr=float(psnr(x[None], ref[None])),
-        )
+        s = scores(out, ref)
+        info.update(psnr=s["PSNR"], ssim=s["SSIM"], input_psnr=scores(x, ref)["PSNR"])
     report(1.0, "done")
     return Denoised(to_uint8(out), to_uint8(x), info, [notice] if notice else [])
 

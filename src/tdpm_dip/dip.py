@@ -112,7 +112,7 @@ def fit_dip(
     seeds: list[int],
     cfg: DIPConfig = DIPConfig(),
     reference: torch.Tensor | None = None,
-    batch_size: int = 16,
+    batch_size: int = defaults.BATCH_SIZE,
     batched: bool = True,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,

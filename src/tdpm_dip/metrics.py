@@ -73,6 +73,12 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, win: int = 11, sigma: float = 1.5) 
     return m.flatten(1).mean(1).float()
 
 
+def scores(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """{"PSNR": dB, "SSIM": ...} of one [-1, 1] image [C, H, W] against its clean version: what the denoise
+    command's metrics, its --input table and the app record for every output."""
+    return {"PSNR": float(psnr(x[None], ref[None])), "SSIM": float(ssim(x[None], ref[None]))}
+
+
 def score_uint8(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(PSNR, SSIM) of one [3, H, W] image in [-1, 1] against its reference, both saved as 8-bit first:
     scikit-image's defaults on uint8 (data range 255), as restoration benchmarks report them."""

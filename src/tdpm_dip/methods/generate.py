@@ -11,7 +11,8 @@ from ..devices import timer
 from ..errors import UserError
 from ..noise import check_t_trunc, image_generators, num_levels, randn
 from ..sampling import ddim_chain
-from .common import chain, check_trained_level, chunks, dip_target, fit, image_shape, progress_bar
+from .common import chain, check_trained_level, chunks, image_shape, progress_bar
+from .paper import oracle_tdpm
 from .types import Context, Job, Result
 
 
@@ -53,7 +54,7 @@ def ddim(ctx: Context, job: Job) -> Result:
 
 
 def tdpm_dip(ctx: Context, job: Job) -> Result:
-    """Table 1, TDPM-DIP row: Alg. 2 on x_T built from reference image i and z_i, then Alg. 3."""
+    """Table 1, TDPM-DIP row: the oracle TDPM-DIP (`paper.oracle_tdpm`) on reference image i and z_i."""
     n = len(job.seeds)
     if job.reference is None or job.reference.shape[0] < n:
         raise UserError(
@@ -64,15 +65,13 @@ def tdpm_dip(ctx: Context, job: Job) -> Result:
     gens = image_generators(job.seeds, ctx.device)
     x0 = job.reference[:n].to(ctx.device)
     z = randn(image_shape(ctx), gens, ctx.device)
-    res = fit(ctx, dip_target(ctx.scheduler, x0, t_trunc, z), z, list(job.seeds), None)
-    with timer(ctx.device) as tm:
-        out = chain(ctx, res.output, t_trunc, gens, "TDPM reverse") if t_trunc else res.output
+    out, res, seconds = oracle_tdpm(ctx, x0, z, gens, job, t_trunc, score=False)
     iters = ctx.dip.iters
     return Result(
         "tdpm-dip",
         "paper",
         out.cpu(),
-        res.seconds + tm[0],
+        seconds,
         iters + t_trunc,
         iters + t_trunc,
         dip=res,

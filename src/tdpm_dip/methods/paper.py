@@ -9,6 +9,7 @@ import torch
 
 from .. import defaults
 from ..devices import timer
+from ..dip import DIPResult
 from ..noise import check_level, check_t_trunc, image_generators, q_sample, randn
 from .common import chain, dip_target, fit, image_shape, need
 from .types import Context, Job, Result
@@ -33,18 +34,29 @@ def ddpm(ctx: Context, job: Job) -> Result:
     )
 
 
-def _tdpm(ctx: Context, job: Job, method: str, t: int) -> Result:
-    """Alg. 2 on the oracle target x_T (built from x0 and the DIP input z), then Alg. 3 (T steps)."""
-    clean, gens, z, x_noisy = _draws(ctx, job)
-    res = fit(ctx, dip_target(ctx.scheduler, clean, t, z), z, list(job.seeds), clean)
+def oracle_tdpm(
+    ctx: Context, x0: torch.Tensor, z: torch.Tensor, gens: list[torch.Generator], job: Job, t: int, score: bool
+) -> tuple[torch.Tensor, DIPResult, float]:
+    """The paper protocol's TDPM-DIP, for denoising (Table 2) and generation (Table 1) alike: Alg. 2 fits G_psi(z)
+    to the oracle target x_T = sqrt(abar_T) x0 + sqrt(1 - abar_T) z, then Alg. 3 runs T reverse steps from it
+    (T = 0: the DIP alone). `score`: the DIP curves are scored against x0. Returns (x0_hat, the fit, seconds of
+    the fit and the chain, the scoring of the curves left out)."""
+    res = fit(ctx, dip_target(ctx.scheduler, x0, t, z), z, list(job.seeds), x0 if score else None)
     with timer(ctx.device) as tm:
         out = chain(ctx, res.output, t, gens, "TDPM reverse") if t else res.output
+    return out, res, res.seconds + tm[0]
+
+
+def _tdpm(ctx: Context, job: Job, method: str, t: int) -> Result:
+    """Table 2: the oracle TDPM-DIP (`oracle_tdpm`) on the clean images, z also the forward noise of x_{t_noisy}."""
+    clean, gens, z, x_noisy = _draws(ctx, job)
+    out, res, seconds = oracle_tdpm(ctx, clean, z, gens, job, t, score=True)
     iters = ctx.dip.iters
     return Result(
         method,
         "paper",
         out.cpu(),
-        res.seconds + tm[0],
+        seconds,
         iters + t,
         iters + t,
         x_noisy.cpu(),

@@ -22,7 +22,7 @@ from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
 from ..methods.observe import blind_sigmas
 from ..methods.shard import is_main_process
-from ..metrics import psnr, ssim
+from ..metrics import scores
 from ..models import unet_size
 from ..noise import add_noise, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
@@ -246,11 +246,9 @@ class _FilesRun:
                 for m in opts.methods:
                     _save(outs[m][k], tmp / m / f"{f.name}.png", f.kind)
                     if clean is not None:
-                        c = _as_written(clean[k], f.kind)[None]
-                        e[m] |= {"PSNR": float(psnr(outs[m][k][None], c)), "SSIM": float(ssim(outs[m][k][None], c))}
+                        e[m] |= scores(outs[m][k], _as_written(clean[k], f.kind))
                 if clean is not None:
-                    c, y = _as_written(clean[k], f.kind)[None], _as_written(noisy[k], f.kind)[None]
-                    e["input"] = {"PSNR": float(psnr(y, c)), "SSIM": float(ssim(y, c))}
+                    e["input"] = scores(_as_written(noisy[k], f.kind), _as_written(clean[k], f.kind))
                 e["status"] = "done"
                 self._thumb(i, "noisy", noisy[k])
                 for m in opts.methods:
@@ -480,10 +478,9 @@ def _per_image(
     for i, name in enumerate(names):
         row: dict = {"name": name}
         if clean is not None:
-            c = clean[i][None]
-            row["input"] = {"PSNR": float(psnr(noisy[i][None], c)), "SSIM": float(ssim(noisy[i][None], c))}
+            row["input"] = scores(noisy[i], clean[i])
             for m, images in outputs.items():
-                row[m] = {"PSNR": float(psnr(images[i][None], c)), "SSIM": float(ssim(images[i][None], c))}
+                row[m] = scores(images[i], clean[i])
         rows.append(row)
     return rows
 
