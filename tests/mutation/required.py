@@ -1,5 +1,5 @@
 """The four mutants the project requires its tests to kill, checked one by one (docs/mutation.md); the first in two
-forms (inside EpsModel.eps, where every sampler gets it, and in reverse_chain alone).
+forms (inside EpsModel.eps, where every sampler gets it, and in the sampler's loop alone).
 
 mutmut's operators do not write these exact faults (an off-by-one timestep, a dropped rescale, a crop from the wrong
 corner), so each is applied here by hand to a copy of src/ and the exact tests are run against it; every one must
@@ -26,10 +26,10 @@ MUTANTS = [
         "return self.unet(x.to(self.unet.dtype), level).sample.float()",
     ),
     (
-        "... and the same fault in reverse_chain alone (eps at level + 1: the UNet at diffusers timestep ts + 1)",
+        "... and the same fault in the one sampler alone (x0 and eps predicted at level + 1: the UNet at ts + 1)",
         "sampling.py",
-        "x = sched.step(model.eps(x, level), level - 1, x, generator=generators).prev_sample",
-        "x = sched.step(model.eps(x, level + 1), level - 1, x, generator=generators).prev_sample",
+        "x0, eps = model.x0_eps(x, hi)",
+        "x0, eps = model.x0_eps(x, hi + 1)",
     ),
     (
         "declip: -1.0 + excess instead of -1.0 - excess",
@@ -40,7 +40,7 @@ MUTANTS = [
     (
         "blind tdpm-dip starts its chains from G(z) without the sqrt(abar_t / abar_T0) rescale",
         "methods/blind.py",
-        "return math.sqrt(abar(ctx.scheduler, t) / a0) * res.output[idx]",
+        "return rescale(ctx.scheduler, res.output[idx], t, t0)",
         "return res.output[idx]",
     ),
     (
