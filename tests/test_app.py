@@ -300,3 +300,24 @@ def test_restore_handlers_upscale_and_inpaint(models: AppModels) -> None:
     assert np.array_equal(r.image[mask], img[mask]) and (r.input[~mask] == 0).all()
     with pytest.raises(UserError, match="paint"):
         mask_from_editor(None)
+
+
+def test_restore_requests_stop_inside_the_work(models: AppModels) -> None:
+    """Restoration keeps to the request's budget: past it, one line; a visitor who leaves stops it after the
+    DIP step or chain step under way (not after the whole method)."""
+    from tdpm_dip import app
+    from tdpm_dip.app import restore_handler
+
+    low = np.random.default_rng(5).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    with pytest.raises(UserError, match="more than the 0 s a request may take here"):
+        restore_handler(models, "sr", low, scale=2, method="ccdf", max_seconds=0)
+    for method in ("ccdf", "dip"):
+        checks: list[int] = []
+
+        def alive(checks: list[int] = checks) -> bool:
+            checks.append(1)
+            return len(checks) < 3  # the check at the lock, one step, then the visitor has gone
+
+        with pytest.raises(app.Cancelled):
+            restore_handler(models, "sr", low, scale=2, method=method, alive=alive)
+        assert len(checks) == 3, method

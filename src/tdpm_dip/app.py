@@ -103,10 +103,12 @@ class AppModels:
     def ctx(self):
         return self.denoiser.ctx
 
-    def restorer(self) -> Restorer:
-        """The Restorer on the denoiser's DDPM, with the restoration DIP and a fresh DIP memo per request."""
+    def restorer(self, interrupt: Callable[[], None] | None = None) -> Restorer:
+        """The Restorer on the denoiser's DDPM, with the restoration DIP, a fresh DIP memo per request and the
+        request's stop check (`budget_check`; it runs after every DIP step and chain step)."""
         ctx = self.denoiser.ctx
-        return Restorer(dataclasses.replace(ctx, dip=dip_config("restore", ctx.dip.preset), dip_memo={}))
+        dip = dip_config("restore", ctx.dip.preset)
+        return Restorer(dataclasses.replace(ctx, dip=dip, dip_memo={}, interrupt=interrupt, progress=False))
 
 
 def load_models(
@@ -326,15 +328,19 @@ def restore_handler(
     seed: int = 0,
     max_pixels: int = defaults.RESTORE_MAX_PIXELS,
     progress: Progress | None = None,
+    max_seconds: float = MAX_SECONDS,
+    alive: Callable[[], bool] | None = None,
 ) -> Restored:
     """Super-resolution (task sr) or inpainting (task inpaint, `mask`: True = known) of one upload (`api.Restorer`,
-    as `restore --input` does)."""
+    as `restore --input` does), within the request's `max_seconds` (checked after every DIP and chain step);
+    `alive() == False` (the visitor left) stops it too (`Cancelled`)."""
     report = progress or (lambda frac, desc: None)
     if image is None:
         raise UserError("upload an image first")
     if not 0 <= seed < 2**63:
         raise UserError(f"seed must be in 0..2^63 - 1, got {seed}")
-    restorer = models.restorer()
+    check = budget_check(max_seconds, alive)
+    restorer = models.restorer(check)
     names = restorer.methods(task)
     method = method or names[0]
     if method not in names:
@@ -346,6 +352,7 @@ def restore_handler(
         raise UserError(f"the result would be {w * f}x{h * f} px, above this page's limit of {max_pixels} pixels")
     report(0.1, f"restoring with {method}")
     with models.lock:
+        check()  # the wait for the lock counts: a request nobody waits for any more does not start
         if task == "sr":
             shown = to_uint8(x)
             out = restorer.super_resolve(shown, f, method, sigma, seed)

@@ -157,9 +157,9 @@ def build_ui(
                 holder,
             )
         with gr.Tab("Upscale"):
-            _restore_tab(models, "sr", results)
+            _restore_tab(models, "sr", results, max_seconds, holder)
         with gr.Tab("Inpaint"):
-            _restore_tab(models, "inpaint", results)
+            _restore_tab(models, "inpaint", results, max_seconds, holder)
         with gr.Tab("Generate"):
             _generate_tab(models)
     holder["page"] = page
@@ -222,7 +222,7 @@ def _tab_layout(
     button.click(run, inputs, outputs)
 
 
-def _restore_tab(models: AppModels, task: str, results: Results) -> None:
+def _restore_tab(models: AppModels, task: str, results: Results, max_seconds: float, holder: dict) -> None:
     """Upscale: upload a low-resolution image and pick the scale. Inpaint: upload an image and paint the pixels to
     fill in the editor. The methods are the registry's restorers that the loaded DDPM can run."""
 
@@ -232,6 +232,7 @@ def _restore_tab(models: AppModels, task: str, results: Results) -> None:
         method: str,
         sigma: float | None,
         seed: float | None,
+        request: gr.Request,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
     ):
         with _page_errors():
@@ -249,6 +250,8 @@ def _restore_tab(models: AppModels, task: str, results: Results) -> None:
                 int(seed) if seed is not None else 0,
                 defaults.APP_RESTORE_MAX_PIXELS,
                 progress=_gr_progress(progress),
+                max_seconds=max_seconds,
+                alive=_session_alive(holder, request),
             )
             return _deliver(results, f"{task}_{r.info['method']}.png", r.input, r.image, restore_summary(r))
 

@@ -117,6 +117,7 @@ def fit_dip(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     measure: Measure | None = None,
+    interrupt: Callable[[], None] | None = None,
 ) -> DIPResult:
     """Algorithm 2 for B images: fit G_psi^b(net_input[b]) to target[b], b = 1..B.
 
@@ -135,6 +136,13 @@ def fit_dip(
     bar = None
     if progress:
         bar = tqdm(total=cfg.iters * len(seeds), desc=f"DIP fit ({cfg.preset})", unit="img-it", leave=False)
+
+    def on_step(n: int) -> None:  # after every Adam step: the bar, and the caller's stop check (a time budget)
+        if bar is not None:
+            bar.update(n)
+        if interrupt is not None:
+            interrupt()
+
     try:
         parts = []
         with timer(target.device) as tm:
@@ -149,7 +157,7 @@ def fit_dip(
                         cfg,
                         ref,
                         amp_dtype,
-                        bar.update if bar is not None else None,
+                        on_step if bar is not None or interrupt is not None else None,
                         None if measure is None else functools.partial(measure, lo=lo, hi=hi),
                     )
                 )
@@ -164,7 +172,7 @@ def fit_dip(
     finally:
         if bar is not None:
             bar.close()
-    return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress, measure)
+    return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress, measure, interrupt)
 
 
 def _fit_group(

@@ -124,6 +124,7 @@ def fit(
         amp_dtype=ctx.amp_dtype,
         progress=ctx.progress,
         measure=measure,
+        interrupt=ctx.interrupt,
     )
     if memo is not None:
         memo[key] = res

@@ -80,6 +80,13 @@ def _chains(
     out = torch.zeros_like(start)
     calls = (len(levels) - 1) * job.samples
     with progress_bar(ctx, calls * math.ceil(start.shape[0] / ctx.batch_size), desc) as bar:
+
+        def after_step(_: int) -> None:  # the bar, and the caller's stop check (the app's time budget)
+            if bar is not None:
+                bar.update()
+            if ctx.interrupt is not None:
+                ctx.interrupt()
+
         for sl in chunks(start.shape[0], ctx.batch_size):
             part = op.part(sl)
             step = data_step(part, y[sl], sigma_y, ctx.scheduler, defaults.RESTORE_LAMBDA) if consistent else None
@@ -94,7 +101,7 @@ def _chains(
                     gens[sl],
                     rule=ddim_step(chain["eta"]) if "eta" in chain else diffpir_step(chain["zeta"]),
                     x0_step=step,
-                    callback=(lambda _: bar.update()) if bar is not None else None,
+                    callback=after_step,
                 )
     return (out / job.samples).clamp(-1, 1)
 
