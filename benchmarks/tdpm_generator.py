@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -124,7 +125,7 @@ def _context(model: Path | str) -> Context:
     return ctx
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="the sprite DDPM (diffusers folder)")
     p.add_argument("--train-seed", type=int, default=0, help="seed of the DDPM's training sprites")
@@ -158,25 +159,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--objectives-only", action="store_true", help="skip the DDPM/DDIM baseline rows")
     p.add_argument("--out", type=Path, default=Path("runs/tdpm-gen"))
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return p
 
-    base = _context(args.model)
-    size = int(base.unet.config.sample_size)
-    train = make_sprites(args.train_images, size, seed=args.train_seed).images
-    held = make_sprites(args.n, size, seed=args.heldout_seed).images
-    data_dir = args.out / "train-sprites"
-    if not data_dir.is_dir():
-        for i, x in enumerate(train):
-            save_png(x, data_dir / f"sprite{i:05d}.png")
-    try:
-        extractor = M.inception_extractor(batch_size=32)
-    except Exception as e:
-        print(f"FID/KID not computed: {e}", file=sys.stderr)
-        extractor = None
 
-    # label -> (generator folder, training cost, T_trunc)
+class RowSpec(NamedTuple):
+    """One row: `method` is a registry generation method, or "real" (`_from_real`); `gen_path` a generator
+    folder (tdpm and real rows), `model_path` another DDPM than --model (--extra-model rows)."""
+
+    label: str
+    method: str
+    kw: dict
+    gen_path: Path | None
+    model_path: str | None
+
+
+# label -> (generator folder, training cost, T_trunc)
+Generators = dict[str, tuple[Path, dict, int]]
+
+
+def _generators(args: argparse.Namespace, data_dir: Path) -> Generators:
+    """One generator per --objectives entry (trained here, or reused from OUT) and per --generator folder."""
     gens = {}
     for obj in (o for o in args.objectives.split(",") if o):
         path, cost = _train(args, obj, data_dir)
@@ -185,90 +187,123 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((path / "generator.json").read_text())
         how = meta["objective"] + (", fine-tuned" if meta.get("init") else "")
         gens[f"TDPM amortized ({how}, T_trunc {meta['t_trunc']})"] = (path, _run_cost(path), int(meta["t_trunc"]))
-    seeds = list(range(args.seed, args.seed + args.n))
-    rows = []
+    return gens
+
+
+def _row_specs(args: argparse.Namespace, base: Context, gens: Generators) -> list[RowSpec]:
+    """The DDPM and DDIM baselines (none for a truncated DDPM), each generator's tdpm row and its chain from
+    real sprites, then the --extra-model rows."""
     extra = dict(e.split("=", 1) for e in args.extra_model)
     from_noise = "all-levels" in base.provides
     if not from_noise:
         print(f"{args.model} is a truncated DDPM (levels {base.levels}): no DDPM or DDIM rows", file=sys.stderr)
-    specs = (
-        []
-        if args.objectives_only or not from_noise
-        else ([("DDPM-1000", "ddpm", {}, None, None)] if args.ddpm_steps else [])
-        + [
-            (f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
-            ("DDIM-50", "ddim", {"ddim_steps": 50}, None, None),
+    specs = []
+    if not args.objectives_only and from_noise:
+        if args.ddpm_steps:
+            specs.append(RowSpec("DDPM-1000", "ddpm", {}, None, None))
+        specs += [
+            RowSpec(f"DDIM-{1 + args.t_trunc}", "ddim", {"ddim_steps": 1 + args.t_trunc}, None, None),
+            RowSpec("DDIM-50", "ddim", {"ddim_steps": 50}, None, None),
         ]
-    )
     for label, (path, _, _) in gens.items():
-        specs += [(label, "tdpm", {}, path, None), (f"{label}: from noised training sprites", "real", {}, path, None)]
+        specs += [
+            RowSpec(label, "tdpm", {}, path, None),
+            RowSpec(f"{label}: from noised training sprites", "real", {}, path, None),
+        ]
     for name, path in extra.items():
         specs += [
-            (f"DDPM-1000 ({name})", "ddpm", {}, None, path),
-            (f"DDIM-50 ({name})", "ddim", {"ddim_steps": 50}, None, path),
+            RowSpec(f"DDPM-1000 ({name})", "ddpm", {}, None, path),
+            RowSpec(f"DDIM-50 ({name})", "ddim", {"ddim_steps": 50}, None, path),
         ]
-    shown: list[tuple[str, torch.Tensor]] = [("held-out sprites", held)]
-    for label, method, kw, gen_path, model_path in specs:
-        cache = (
-            args.out
-            / "rows"
-            / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".safetensors")
-        )
-        if cache.is_file():
-            rec = load_file(cache)
-            images, seconds = rec["images"], float(rec["seconds"])
-        else:
-            ctx = _context(model_path) if model_path else base
-            gen = load_generator(gen_path, ctx.unet, ctx.scheduler) if gen_path else None
-            if method == "real":
-                assert gen is not None
-                t0 = time.perf_counter()
-                images = _from_real(ctx, gen, train[: args.n], seeds)
-                seconds = time.perf_counter() - t0
-            else:
-                ctx = dataclasses.replace(ctx, generator=gen)
-                protocol = registry.find("generate", method).protocol
-                res = run(ctx, "generate", protocol, method, Job(tuple(seeds), **kw))
-                images, seconds = res.images, res.seconds
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
-        shown.append((label, images))
-        steps = read_generator_info(gen_path)["reverse_steps"] if gen_path else None
-        nfe = {"ddpm": 1000, "ddim": kw.get("ddim_steps"), "tdpm": 1 + (steps or 0), "real": steps}[method]
-        row = {"row": label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
-        if extractor is not None:
-            feats = M.extract_features(images, extractor)  # once, for FID and KID
-            row["FID"] = M.fid(images, held, extractor, args.out, features=feats)
-            row["KID"] = M.kid(images, held, extractor, args.out, subset_size=min(100, args.n), seed=0, features=feats)[
-                "kid"
-            ]
-            pr = M.precision_recall(feats, M.reference_features(held, extractor, args.out))
-            row["precision"], row["recall"] = pr["precision"], pr["recall"]
-        row["SWD x1e3"] = 1e3 * M.swd(images, held)["swd_avg"]
-        cr = M.copy_rate(images, train)
-        row["copy-rate"], row["NN-PSNR"] = cr["rate"], sum(cr["nearest_psnr"]) / args.n
-        if method == "tdpm":
-            seconds = gens[label][1]["seconds"]
-            row["train s"] = None if seconds is None else round(seconds, 1)
-            row["train steps"] = gens[label][1]["steps"]
-        rows.append(row)
-        save_grid(images[:64], args.out / "grids" / f"{cache.stem}.png", upscale=2)
-        print(json.dumps(row), flush=True)
-    labelled_comparison(args.out / "comparison.png", shown, max_images=8, upscale=2)
-    ref_row = {"row": f"a second real set (sprites, seed {args.heldout_seed + 1})", "n": args.n}
-    second = make_sprites(args.n, held.shape[-1], seed=args.heldout_seed + 1).images
+    return specs
+
+
+def _row_cache(out: Path, label: str) -> Path:
+    """Where a row's images and seconds are kept: OUT/rows/<its label, spaces as _, no commas or parentheses>."""
+    return out / "rows" / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".safetensors")
+
+
+def _row_images(
+    args: argparse.Namespace, base: Context, spec: RowSpec, train: torch.Tensor, seeds: list[int]
+) -> tuple[torch.Tensor, float]:
+    """A row's images and seconds: read from OUT/rows, or generated (image i from seed i) and saved there."""
+    cache = _row_cache(args.out, spec.label)
+    if cache.is_file():
+        rec = load_file(cache)
+        return rec["images"], float(rec["seconds"])
+    ctx = _context(spec.model_path) if spec.model_path else base
+    gen = load_generator(spec.gen_path, ctx.unet, ctx.scheduler) if spec.gen_path else None
+    if spec.method == "real":
+        assert gen is not None
+        t0 = time.perf_counter()
+        images = _from_real(ctx, gen, train[: args.n], seeds)
+        seconds = time.perf_counter() - t0
+    else:
+        ctx = dataclasses.replace(ctx, generator=gen)
+        protocol = registry.find("generate", spec.method).protocol
+        res = run(ctx, "generate", protocol, spec.method, Job(tuple(seeds), **spec.kw))
+        images, seconds = res.images, res.seconds
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.contiguous(), "seconds": torch.tensor(seconds)}, str(cache))
+    return images, seconds
+
+
+def _distribution(
+    images: torch.Tensor, held: torch.Tensor, extractor: M.TorchExtractor | None, args: argparse.Namespace
+) -> dict:
+    """FID, KID and improved precision / recall (with an extractor; one extraction serves all three) and SWD
+    x1e3 of `images` against the held-out sprites."""
+    out: dict = {}
     if extractor is not None:
-        feats = M.extract_features(second, extractor)
-        ref_row["FID"] = M.fid(second, held, extractor, args.out, features=feats)
-        ref_row["KID"] = M.kid(second, held, extractor, args.out, subset_size=min(100, args.n), seed=0, features=feats)[
+        feats = M.extract_features(images, extractor)  # once, for FID and KID
+        out["FID"] = M.fid(images, held, extractor, args.out, features=feats)
+        out["KID"] = M.kid(images, held, extractor, args.out, subset_size=min(100, args.n), seed=0, features=feats)[
             "kid"
         ]
         pr = M.precision_recall(feats, M.reference_features(held, extractor, args.out))
-        ref_row["precision"], ref_row["recall"] = pr["precision"], pr["recall"]
-    ref_row["SWD x1e3"] = 1e3 * M.swd(second, held)["swd_avg"]
+        out["precision"], out["recall"] = pr["precision"], pr["recall"]
+    out["SWD x1e3"] = 1e3 * M.swd(images, held)["swd_avg"]
+    return out
+
+
+def _score_row(
+    args: argparse.Namespace,
+    spec: RowSpec,
+    images: torch.Tensor,
+    seconds: float,
+    ref: tuple[torch.Tensor, torch.Tensor, M.TorchExtractor | None],
+    gens: Generators,
+) -> dict:
+    """A row of the table: NFE and s/img, `_distribution` against the held-out sprites, copy-rate and NN-PSNR to
+    the training sprites, and a generator's training cost. `ref`: (held-out sprites, training sprites, extractor)."""
+    held, train, extractor = ref
+    steps = read_generator_info(spec.gen_path)["reverse_steps"] if spec.gen_path else None
+    nfe = {"ddpm": 1000, "ddim": spec.kw.get("ddim_steps"), "tdpm": 1 + (steps or 0), "real": steps}[spec.method]
+    row = {"row": spec.label, "n": args.n, "NFE": nfe, "s/img": seconds / args.n}
+    row.update(_distribution(images, held, extractor, args))
+    cr = M.copy_rate(images, train)
+    row["copy-rate"], row["NN-PSNR"] = cr["rate"], sum(cr["nearest_psnr"]) / args.n
+    if spec.method == "tdpm":
+        train_s = gens[spec.label][1]["seconds"]
+        row["train s"] = None if train_s is None else round(train_s, 1)
+        row["train steps"] = gens[spec.label][1]["steps"]
+    return row
+
+
+def _real_row(
+    args: argparse.Namespace, held: torch.Tensor, train: torch.Tensor, extractor: M.TorchExtractor | None
+) -> dict:
+    """What real data reaches: a second set of sprites (seed --heldout-seed + 1) against the held-out ones."""
+    row: dict = {"row": f"a second real set (sprites, seed {args.heldout_seed + 1})", "n": args.n}
+    second = make_sprites(args.n, held.shape[-1], seed=args.heldout_seed + 1).images
+    row.update(_distribution(second, held, extractor, args))
     # What a new real sprite scores: the NN-PSNR of never-trained-on sprites to the training set.
-    ref_row["NN-PSNR"] = sum(M.copy_rate(held, train)["nearest_psnr"]) / args.n
-    rows.append(ref_row)
+    row["NN-PSNR"] = sum(M.copy_rate(held, train)["nearest_psnr"]) / args.n
+    return row
+
+
+def _write_results(args: argparse.Namespace, rows: list[dict]) -> None:
+    """OUT/results.json (rows, arguments, load average, device) and OUT/results.md; prints the table."""
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     write_json(
@@ -284,6 +319,45 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, columns)
     write_text(args.out / "results.md", table + "\n")
     print(table)
+
+
+def _extractor() -> M.TorchExtractor | None:
+    """InceptionV3 features for FID / KID / precision / recall (the `fid` extra), or None without it."""
+    try:
+        return M.inception_extractor(batch_size=32)
+    except Exception as e:
+        print(f"FID/KID not computed: {e}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    base = _context(args.model)
+    size = int(base.unet.config.sample_size)
+    train = make_sprites(args.train_images, size, seed=args.train_seed).images
+    held = make_sprites(args.n, size, seed=args.heldout_seed).images
+    data_dir = args.out / "train-sprites"
+    if not data_dir.is_dir():
+        for i, x in enumerate(train):
+            save_png(x, data_dir / f"sprite{i:05d}.png")
+    extractor = _extractor()
+    gens = _generators(args, data_dir)
+    seeds = list(range(args.seed, args.seed + args.n))
+    rows = []
+    shown: list[tuple[str, torch.Tensor]] = [("held-out sprites", held)]
+    for spec in _row_specs(args, base, gens):
+        images, seconds = _row_images(args, base, spec, train, seeds)
+        shown.append((spec.label, images))
+        row = _score_row(args, spec, images, seconds, (held, train, extractor), gens)
+        rows.append(row)
+        save_grid(images[:64], args.out / "grids" / f"{_row_cache(args.out, spec.label).stem}.png", upscale=2)
+        print(json.dumps(row), flush=True)
+    labelled_comparison(args.out / "comparison.png", shown, max_images=8, upscale=2)
+    rows.append(_real_row(args, held, train, extractor))
+    _write_results(args, rows)
     return 0
 
 

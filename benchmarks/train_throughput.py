@@ -15,8 +15,10 @@ import argparse
 import contextlib
 import json
 import platform
+from collections.abc import Callable
 
 import torch
+from diffusers import DDPMScheduler
 
 from tdpm_dip.config import PRESETS
 from tdpm_dip.devices import synchronize, timer
@@ -25,9 +27,15 @@ from tdpm_dip.noise import make_scheduler
 from tdpm_dip.training.ddpm import diffusion_loss, step_draws
 from tdpm_dip.training.loop import EMA, resolve_mixed_precision
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision -> autocast dtype
+
 
 def count_step_flops(
-    unet: torch.nn.Module, scheduler, size: int, device: torch.device, amp: contextlib.AbstractContextManager
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    size: int,
+    device: torch.device,
+    amp: contextlib.AbstractContextManager,
 ) -> int:
     """Model FLOPs of one forward+backward at batch 1 (the optimizer and EMA are negligible)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -43,7 +51,7 @@ def count_step_flops(
     return counter.get_total_flops()
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
     ap.add_argument("--batch-size", type=int, default=32)
@@ -57,7 +65,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         ap.error("--batch-size and --steps must be > 0, --warmup >= 0")
+    return args
 
+
+def _setup_device(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The device and the mixed precision the training loop would pick there (auto: none on the CPU)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,27 +78,32 @@ def main() -> None:
         if device.type == "cuda"
         else ("no" if args.mixed_precision == "auto" else args.mixed_precision)
     )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as training/ddpm.py does
         torch.backends.cudnn.allow_tf32 = True
+    return device, mixed
 
-    def amp() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
-    scheduler = make_scheduler("linear")
-    unet = build_unet(args.preset, seed=0, sample_size=args.size).to(device).train()
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+def _train_step(
+    args: argparse.Namespace, unet: torch.nn.Module, scheduler: DDPMScheduler, device: torch.device, mixed: str
+) -> Callable[[int], None]:
+    """Step i of `tdpm_dip.training.ddpm` (draws, flips, eps-MSE, backward, clipping, AdamW, EMA) on a fixed set
+    of random images, batch i taken from them in turn."""
+    amp_dtype = AMP_DTYPES.get(mixed)
     ema = EMA(unet, 0.999)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed == "fp16")
     images = torch.rand(max(args.batch_size, 64), 3, args.size, args.size, device=device) * 2 - 1
-    flops_per_image = count_step_flops(unet, scheduler, args.size, device, amp())
 
     def step(i: int) -> None:
         flips, t, eps = step_draws(i, args.batch_size, args.size, 0, None, device)
         x0 = images[torch.arange(i, i + args.batch_size, device=device) % len(images)]
         x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-        with amp():
+        with _autocast(device, amp_dtype):
             loss = diffusion_loss(unet, scheduler, x0, t, eps)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -96,6 +113,11 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         ema.update(unet)
 
+    return step
+
+
+def _time_steps(step: Callable[[int], None], args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds of --steps steps after --warmup untimed ones (peak memory counted from the first timed step)."""
     for i in range(args.warmup):
         step(i)
     synchronize(device)
@@ -104,7 +126,18 @@ def main() -> None:
     with timer(device) as tm:
         for i in range(args.steps):
             step(args.warmup + i)
-    dt = tm[0]
+    return tm[0]
+
+
+def main() -> None:
+    args = _parse_args()
+    device, mixed = _setup_device(args)
+    amp_dtype = AMP_DTYPES.get(mixed)
+    scheduler = make_scheduler("linear")
+    unet = build_unet(args.preset, seed=0, sample_size=args.size).to(device).train()
+    step = _train_step(args, unet, scheduler, device, mixed)
+    flops_per_image = count_step_flops(unet, scheduler, args.size, device, _autocast(device, amp_dtype))
+    dt = _time_steps(step, args, device)
 
     img_s = args.steps * args.batch_size / dt
     res = {

@@ -18,7 +18,7 @@ from tdpm_dip.cli import main
 from tdpm_dip.dip import DIPConfig
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler, sigma_to_level
-from tdpm_dip.workflows import bench as bench_mod
+from tdpm_dip.workflows import bench_cache, bench_tables
 
 
 def installed_blind_methods() -> list[str]:
@@ -42,13 +42,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Labels of the rows actually run (not read from the cache)."""
     seen: list[str] = []
-    original = bench_mod.Bench.run_row
+    original = bench_cache.Bench.run_row
 
     def spy(self, spec, part=None):
         seen.append(spec.label)
         return original(self, spec, part)
 
-    monkeypatch.setattr(bench_mod.Bench, "run_row", spy)
+    monkeypatch.setattr(bench_cache.Bench, "run_row", spy)
     return seen
 
 
@@ -203,7 +203,9 @@ def test_table1_generation_metrics(
     from tdpm_dip.data import load_images
     from tdpm_dip.metrics import TorchExtractor
     from tdpm_dip.runtime import dip_config, load_context
-    from tdpm_dip.workflows.bench import Bench, BenchSettings, run_bench
+    from tdpm_dip.workflows.bench import run_bench
+    from tdpm_dip.workflows.bench_cache import Bench
+    from tdpm_dip.workflows.bench_tables import BenchSettings
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
@@ -245,32 +247,32 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
     """Tables are derived from the settings and the registry, not listed by hand: table4's linear rows are
     table2's (so they share cached rows), table3 follows --t-truncs, blind tables follow the registry and
     --methods, and table1's DDIM rows run at amortized TDPM's NFE (1 + T_trunc) and at 50."""
-    s = bench_mod.BenchSettings(t_truncs=(0, 3, 7))
-    t2 = bench_mod.table_specs("table2", s)
-    t4 = bench_mod.table_specs("table4", s)
+    s = bench_tables.BenchSettings(t_truncs=(0, 3, 7))
+    t2 = bench_tables.table_specs("table2", s)
+    t4 = bench_tables.table_specs("table4", s)
     assert t4[: len(t2)] == t2 and {sp.model for sp in t4[len(t2) :]} == {"cosine"}
-    assert [(sp.method, sp.t_trunc) for sp in bench_mod.table_specs("table3", s)] == [
+    assert [(sp.method, sp.t_trunc) for sp in bench_tables.table_specs("table3", s)] == [
         ("dip", None),
         ("tdpm-dip", 3),
         ("tdpm-dip", 7),
     ]
-    t1 = bench_mod.table_specs("table1", dataclasses.replace(s, dip={"paper": DIPConfig(iters=40)}, t_trunc=6))
+    t1 = bench_tables.table_specs("table1", dataclasses.replace(s, dip={"paper": DIPConfig(iters=40)}, t_trunc=6))
     assert [(sp.method, sp.steps) for sp in t1[1:3]] == [("ddim", 1 + 6), ("ddim", 50)]
-    t1g = bench_mod.table_specs("table1", dataclasses.replace(s, generators={10: "g10", 5: "g5"}, ddim_steps=20))
+    t1g = bench_tables.table_specs("table1", dataclasses.replace(s, generators={10: "g10", 5: "g5"}, ddim_steps=20))
     assert [(sp.method, sp.t_trunc, sp.generator) for sp in t1g if sp.method == "tdpm"] == [
         ("tdpm", 5, "g5"),
         ("tdpm", 10, "g10"),
     ]
     assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
-    cheap = bench_mod.table_specs("table1", dataclasses.replace(s, methods=("ddim", "tdpm-dip")))
+    cheap = bench_tables.table_specs("table1", dataclasses.replace(s, methods=("ddim", "tdpm-dip")))
     assert [sp.method for sp in cheap] == ["ddim", "ddim", "tdpm-dip"]  # table1's DDPM row left for later
-    blind = bench_mod.BenchSettings(protocol="blind")
+    blind = bench_tables.BenchSettings(protocol="blind")
     installed = installed_blind_methods()
-    assert [sp.method for sp in bench_mod.table_specs("table2", blind)] == installed
+    assert [sp.method for sp in bench_tables.table_specs("table2", blind)] == installed
     assert [m.name for m in registry.methods("denoise", "blind", installed_only=True)] == installed
     chosen = dataclasses.replace(blind, methods=("tweedie", "ddpm"))
-    assert [sp.method for sp in bench_mod.table_specs("table2", chosen)] == ["tweedie", "ddpm"]  # registry order
-    t3 = bench_mod.table_specs("table3", blind)
+    assert [sp.method for sp in bench_tables.table_specs("table2", chosen)] == ["tweedie", "ddpm"]  # registry order
+    t3 = bench_tables.table_specs("table3", blind)
     assert t3[-1].t_trunc is None and all(sp.protocol == "blind" for sp in t3)
 
 
@@ -297,7 +299,7 @@ def test_a_killed_row_resumes_per_image(
     reference = json.loads((whole / "table2.json").read_text())["rows"]
 
     computed: list[tuple[str, tuple[int, ...]]] = []
-    original = bench_mod.run
+    original = bench_cache.run
 
     def counting(ctx, task, protocol, method, job, shard=None):
         computed.append((method, job.seeds))
@@ -309,7 +311,7 @@ def test_a_killed_row_resumes_per_image(
         return counting(ctx, task, protocol, method, job, shard)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(bench_mod, "run", killed_at_the_fifth_image)
+    monkeypatch.setattr(bench_cache, "run", killed_at_the_fifth_image)
     with pytest.raises(SystemExit) as e:
         main(args(run))
     assert e.value.code == 130  # the CLI's answer to Ctrl-C
@@ -317,7 +319,7 @@ def test_a_killed_row_resumes_per_image(
     assert not (run / "table2.json").exists()
 
     # What is done so far, without computing anything.
-    monkeypatch.setattr(bench_mod, "run", counting)
+    monkeypatch.setattr(bench_cache, "run", counting)
     computed.clear()
     main(args(run, "--progress"))
     assert computed == []

@@ -14,7 +14,7 @@ from tdpm_dip import config, defaults, operators, registry, runtime
 from tdpm_dip.cli import cli
 from tdpm_dip.errors import UserError
 from tdpm_dip.noise import add_noise
-from tdpm_dip.workflows import bench, demo
+from tdpm_dip.workflows import demo
 
 
 def params(command: str) -> dict[str, click.Parameter]:
@@ -35,7 +35,6 @@ def test_plain_data_choices_match_the_modules_that_use_them() -> None:
         operators.check_scale(3)
     with pytest.raises(UserError, match="--dtype must be one of auto, fp32, bf16, fp16"):
         runtime.pick_amp("fp64", torch.device("cpu"))
-    assert defaults.BENCH_TABLES == bench.TABLE_NAMES
     assert set(defaults.DIP_PRESETS) <= set(config.PRESETS)
     assert defaults.DEMO_DIP_PRESET in defaults.DIP_PRESETS and defaults.DEMO_PRESET in config.PRESETS
     assert defaults.NOISE_MODEL in defaults.NOISE_MODELS and defaults.SR_SCALE in defaults.SR_SCALES
