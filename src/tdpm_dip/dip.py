@@ -121,12 +121,10 @@ def fit_dip(
 ) -> DIPResult:
     """Algorithm 2 for B images: fit G_psi^b(net_input[b]) to target[b], b = 1..B.
 
-    `measure(outputs, lo, hi)` (images lo..hi of the batch) puts an observation operator inside the loss,
-    MSE(A G_psi(z), y) (Ulyanov et al.'s super-resolution and inpainting); None: the identity.
-
-    target, net_input: [B, C, H, W] on the device to use; seeds[b] initialises network b, so
-    image b's result does not depend on `batch_size` or `batched`. `reference` (the clean images,
-    when known) adds PSNR/SSIM curves. Returns the fitted outputs and curves (`DIPResult`).
+    target, net_input: [B, C, H, W] on the device to use; seeds[b] initialises network b, so image b's result does
+    not depend on `batch_size` or `batched`. `reference` (the clean images, when known) adds PSNR/SSIM curves.
+    `measure(outputs, lo, hi)` puts an observation operator inside the loss, MSE(A G_psi(z), y) (Ulyanov et al.'s
+    super-resolution and inpainting). `interrupt()` runs after every step. Returns the outputs and curves.
     """
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
@@ -136,12 +134,6 @@ def fit_dip(
     bar = None
     if progress:
         bar = tqdm(total=cfg.iters * len(seeds), desc=f"DIP fit ({cfg.preset})", unit="img-it", leave=False)
-
-    def on_step(n: int) -> None:  # after every Adam step: the bar, and the caller's stop check (a time budget)
-        if bar is not None:
-            bar.update(n)
-        if interrupt is not None:
-            interrupt()
 
     try:
         parts = []
@@ -157,7 +149,7 @@ def fit_dip(
                         cfg,
                         ref,
                         amp_dtype,
-                        on_step if bar is not None or interrupt is not None else None,
+                        _on_step(bar, interrupt),
                         None if measure is None else functools.partial(measure, lo=lo, hi=hi),
                     )
                 )
@@ -173,6 +165,21 @@ def fit_dip(
         if bar is not None:
             bar.close()
     return fit_dip(target, net_input, seeds, cfg, reference, batch_size, False, amp_dtype, progress, measure, interrupt)
+
+
+def _on_step(bar: tqdm | None, interrupt: Callable[[], None] | None) -> Callable[[int], None] | None:
+    """What runs after every Adam step of n images: the progress bar, and the caller's stop check (a time
+    budget, a visitor who left); None when there is neither."""
+    if bar is None and interrupt is None:
+        return None
+
+    def step(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+        if interrupt is not None:
+            interrupt()
+
+    return step
 
 
 def _fit_group(
