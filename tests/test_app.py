@@ -321,3 +321,23 @@ def test_restore_requests_stop_inside_the_work(models: AppModels) -> None:
         with pytest.raises(app.Cancelled):
             restore_handler(models, "sr", low, scale=2, method=method, alive=alive)
         assert len(checks) == 3, method
+
+
+def test_the_download_keeps_the_uploads_kind(models: AppModels, tmp_path: Path) -> None:
+    """A grey upload comes back grey and an RGBA one with its alpha unchanged (downscaled with the image when the
+    upload is over the page's budget); the page itself shows RGB."""
+    y, _ = _noisy_png(tmp_path, 20, 24, seed=7)
+    rgb = np.asarray(Image.open(y))
+    grey = tmp_path / "grey.png"
+    Image.fromarray(rgb.mean(2).round().astype(np.uint8), "L").save(grey)
+    d = denoise_handler(models, str(grey), "tweedie", sigma=25.0)
+    assert d.file is not None and d.file.mode == "L" and d.file.size == (24, 20) and d.image.shape == (20, 24, 3)
+    alpha = np.random.default_rng(1).integers(0, 256, (20, 24), dtype=np.uint8)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(rgba)
+    d = denoise_handler(models, str(rgba), "tweedie", sigma=25.0)
+    assert d.file is not None and d.file.mode == "RGBA"
+    assert np.array_equal(np.asarray(d.file)[..., 3], alpha)
+    small = denoise_handler(models, str(rgba), "tweedie", sigma=25.0, max_pixels=10 * 12)
+    assert small.file is not None and small.file.size == (small.image.shape[1], small.image.shape[0])
+    assert np.asarray(small.file).shape[-1] == 4

@@ -24,11 +24,11 @@ from PIL import Image
 
 from . import defaults, registry
 from .api import Denoiser, Generator, Restorer
-from .data import ImageInput, make_sprites, pil_to_tensor, read_user_image
+from .data import ImageInput, ImageKind, make_sprites, pil_to_tensor, read_user_image, read_user_image_kind
 from .embedded import DDPM_NAME, DENOISER_NAME, resolve_generator, resolve_model
 from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
-from .images import make_grid, save_png, to_uint8
+from .images import like, make_grid, save_png, to_uint8
 from .methods.observe import blind_sigmas
 from .metrics import scores
 from .noise import add_noise, check_t_trunc, num_levels
@@ -189,28 +189,35 @@ def parse_sigma(text: str | float | None) -> float | None:
 
 @dataclass
 class Denoised:
-    """A denoising result: both images as uint8 HWC arrays of the same size, and what it cost."""
+    """A denoising result: both images as uint8 HWC arrays of the same size (what the page shows), the result as
+    the download holds it (the upload's kind: grey stays grey, alpha and 16-bit grey come back), and its cost."""
 
     image: np.ndarray
     input: np.ndarray
     info: dict
     notices: list[str]
+    file: Image.Image | None = None
 
 
 def _read_pair(
     noisy: ImageInput, clean: ImageInput | None, max_side: int, max_pixels: int
-) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
-    """(the upload within the page's size budget, its clean version or None, a notice if it was downscaled)."""
-    x, notice = fit_side(read_user_image(noisy, "noisy image", MAX_UPLOAD_PIXELS), max_side, max_pixels)
+) -> tuple[torch.Tensor, ImageKind, torch.Tensor | None, str | None]:
+    """(the upload within the page's size budget, its kind, its clean version or None, a notice if it was
+    downscaled; a downscaled upload's alpha channel is downscaled with it)."""
+    full, kind = read_user_image_kind(noisy, "noisy image", MAX_UPLOAD_PIXELS)
+    x, notice = fit_side(full, max_side, max_pixels)
+    if notice and kind.alpha is not None:
+        size = (x.shape[-1], x.shape[-2])
+        kind = dataclasses.replace(kind, alpha=np.asarray(Image.fromarray(kind.alpha).resize(size, Image.Resampling.LANCZOS)))
     if clean is None:
-        return x, None, notice
+        return x, kind, None, notice
     ref = fit_side(read_user_image(clean, "clean image", MAX_UPLOAD_PIXELS), max_side, max_pixels)[0]
     if ref.shape != x.shape:
         raise UserError(
             f"the clean image is {ref.shape[-1]}x{ref.shape[-2]} px, the noisy one "
             f"{x.shape[-1]}x{x.shape[-2]} px: they must have the same size"
         )
-    return x, ref, notice
+    return x, kind, ref, notice
 
 
 def denoise_handler(
@@ -244,7 +251,7 @@ def denoise_handler(
     seed = check_seed(seed)
     check = budget_check(max_seconds, alive)
     report(0.0, "reading the image")
-    x, ref, notice = _read_pair(noisy, clean, max_side, max_pixels)
+    x, kind, ref, notice = _read_pair(noisy, clean, max_side, max_pixels)
     report(0.05, "estimating sigma" if sigma is None else "denoising")
     sig = blind_sigmas([x], sigma, "enter its sigma")
     with models.lock:
@@ -270,7 +277,8 @@ def denoise_handler(
         s = scores(out, ref)
         info.update(psnr=s["PSNR"], ssim=s["SSIM"], input_psnr=scores(x, ref)["PSNR"])
     report(1.0, "done")
-    return Denoised(to_uint8(out), to_uint8(x), info, [notice] if notice else [])
+    file = like(out, kind.gray, kind.bits, kind.alpha)
+    return Denoised(to_uint8(out), to_uint8(x), info, [notice] if notice else [], file)
 
 
 def denoise_summary(d: Denoised) -> str:

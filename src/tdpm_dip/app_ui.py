@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from . import defaults, registry
 from .app import (
     MAX_N,
@@ -41,6 +43,7 @@ from .app import (
 )
 from .errors import UserError
 from .images import save_png
+from .outputs import atomic_path
 
 # Before gradio is imported: its usage analytics and version check stay off.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -201,11 +204,17 @@ def _result_column(prefix: str, download: str) -> list[Any]:
     return [shown, result, summary, png]
 
 
-def _deliver(results: Results, name: str, shown: Any, image: Any, summary: str) -> tuple[Any, Any, str, str]:
+def _deliver(
+    results: Results, name: str, shown: Any, image: Any, summary: str, file: Image.Image | None = None
+) -> tuple[Any, Any, str, str]:
     """What `_result_column` shows of one result: the input, the result, its summary and its PNG, saved under
-    `name` for the download."""
+    `name` for the download (`file` when given: the result in its upload's kind, grey, alpha or 16 bits)."""
     png = results.path(name)
-    save_png(image, png)
+    if file is None:
+        save_png(image, png)
+    else:
+        with atomic_path(png) as tmp:
+            file.save(tmp, format="PNG")
     return shown, image, summary, str(png)
 
 
@@ -324,7 +333,8 @@ def _denoise_tab(
                 alive=_session_alive(holder, request),
             )
             stem = Path(noisy).stem if noisy else "image"
-            return _deliver(results, f"{stem}_{d.info['method']}.png", d.input, d.image, denoise_summary(d))
+            name = f"{stem}_{d.info['method']}.png"
+            return _deliver(results, name, d.input, d.image, denoise_summary(d), d.file)
 
     download = "download the result (PNG, the input's size)"
     _tab_layout(lambda: _denoise_controls(examples_dir), "denoise", download, run_denoise)
