@@ -1,15 +1,14 @@
-"""The noise predictor in the report's level convention, and the reverse chains (Algorithm 3 and its baselines).
+"""The noise predictor in the report's level convention, and the one reverse sampler (Algorithm 3 and the rest).
 
 `EpsModel` wraps a diffusers UNet once (as k-diffusion's `DiscreteEpsDDPMDenoiser` does): it maps a noise
-level t to the diffusers timestep t - 1 and applies autocast, so the samplers below never see either.
+level t to the diffusers timestep t - 1 and applies autocast, so the sampler below never sees either.
 Samplers take the EpsModel; they never own the network.
 
-All chains use diffusers schedulers' true posterior steps. The report's printed update (its
-1/sqrt(abar_t) and beta_t z) has typos; `DDPMScheduler.step` is the DDPM posterior mean
-1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) plus sqrt(beta~_t) z (Ho et al., Alg. 2),
-written through the predicted x0 with clipping.
+`sample` runs a chain over an explicit list of levels with a step rule: the DDPM posterior (`ddpm_step`, Ho et al.
+Eq. 7; the report's printed update, its 1/sqrt(abar_t) and beta_t z, has typos), DDIM (`ddim_step`) or DiffPIR's
+re-noising (`diffpir_step`), and an optional data step on each predicted x0. `reverse_chain` (Algorithm 3, DDPM),
+`ddim_chain` and `ddim_between` are calls of it.
 """
-
 from __future__ import annotations
 
 import math
