@@ -208,7 +208,9 @@ def _read_pair(
     x, notice = fit_side(full, max_side, max_pixels)
     if notice and kind.alpha is not None:
         size = (x.shape[-1], x.shape[-2])
-        kind = dataclasses.replace(kind, alpha=np.asarray(Image.fromarray(kind.alpha).resize(size, Image.Resampling.LANCZOS)))
+        kind = dataclasses.replace(
+            kind, alpha=np.asarray(Image.fromarray(kind.alpha).resize(size, Image.Resampling.LANCZOS))
+        )
     if clean is None:
         return x, kind, None, notice
     ref = fit_side(read_user_image(clean, "clean image", MAX_UPLOAD_PIXELS), max_side, max_pixels)[0]

@@ -9,6 +9,7 @@ Eq. 7; the report's printed update, its 1/sqrt(abar_t) and beta_t z, has typos),
 re-noising (`diffpir_step`), and an optional data step on each predicted x0. `reverse_chain` (Algorithm 3, DDPM),
 `ddim_chain` and `ddim_between` are calls of it.
 """
+
 from __future__ import annotations
 
 import math
