@@ -186,7 +186,6 @@ def test_ensemble_averages_its_own_declip_draw_per_symmetry(make_ctx: Callable[.
     """Symmetry j of the ensemble sees declip's draw j (seeds + 1000003 j): with eps = c x every symmetry's estimate
     is k y_j, so the ensemble is k times the mean of 8 independent declipped observations, clamped (k < 1 keeps
     many declipped pixels inside [-1, 1], where one draw used 8 times would differ)."""
-
     y = noisy_8bit(SIZE, SIZE, seed=7, n=2)
     seeds = [3, 9]
     unet = eps_linear()
@@ -545,7 +544,6 @@ def test_paper_and_generation_methods_depend_only_on_their_own_seed(
 ) -> None:
     """Every paper-protocol and generation method of the registry: image i alone (batch size 1) equals
     image i among others (batch size 4), ancestral DDPM chains included."""
-
     for m in registry.methods(task, protocol):
         full = run(ctx, task, protocol, m.name, _job_for(m, sprites, (3, 4, 5, 6))).images
         alone = run(

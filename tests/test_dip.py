@@ -274,7 +274,6 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(
     """common.fit fits once per (target, z, reference, seeds, DIP settings, amp dtype, device, batch size) when the
     context has a memo, and every time without one; it hands fit_dip the caller's settings (else ctx.dip) and the
     context's batch size, dtype and progress flag."""
-
     calls: list[dict] = []
 
     def fake_fit_dip(

@@ -85,7 +85,6 @@ def test_run_native_pads_to_the_ddpms_multiple_when_it_is_the_deepest(make_ctx: 
 def test_run_native_pads_an_image_smaller_than_the_networks_multiple(make_ctx: Callable[..., Context]) -> None:
     """A 9x9 image for networks whose sides must be multiples of 32 (six levels, as the report's DDPM):
     reflection pads in passes; the crop gives back the 9x9 observation exactly (eps = 0)."""
-
     net = eps_zero()
     net.config["block_out_channels"] = (8, 8, 8, 8, 8, 8)
     ctx = make_ctx(net, make_scheduler("linear"), batch_size=2)
@@ -103,7 +102,6 @@ def test_native_size_keeps_the_exact_size_and_aspect(ctx: Context, monkeypatch: 
     # Content: every output pixel comes from its own input pixel (the crop undoes the reflect pad, 13 -> 14
     # columns here). With the identity denoiser (eps = 0, tests/stubs.py) the ensemble returns the declipped y
     # clamped, i.e. y itself.
-
     ident = dataclasses.replace(ctx, unet=eps_zero(), dip_memo={})
     res = run_native(ident, "ensemble", Job((0,), noisy=y, sigma=(25.0,)))
     assert torch.allclose(res.images, y, rtol=0, atol=1e-6)

@@ -82,7 +82,6 @@ def test_schedulers_are_the_published_schedules() -> None:
 def test_make_scheduler_config_is_the_shipped_checkpoints() -> None:
     """What training writes into a checkpoint's scheduler/ (a DDPMPipeline folder that diffusers reads) is the
     configuration of the shipped DDPMs, key for key: variance_type "fixed_small", clip_sample, epsilon, linear betas."""
-
     config = dict(make_scheduler().config)
     paths = sorted((Path(tdpm_dip.__file__).parent / "weights").glob("*/scheduler/scheduler_config.json"))
     assert "ddpm-sprites32" in [p.parts[-3] for p in paths]

@@ -195,7 +195,6 @@ def wavelet_sigma_by_hand(y: np.ndarray) -> tuple[int, float]:
 def test_wavelet_sigma_leaves_out_the_blocks_clipped_pixels_touch() -> None:
     """On an odd-sized, non-square image with clipped pixels inside and on its borders;
     pixels at 1 or 254 are not clipped. The support is checked on pywt."""
-
     rng = np.random.default_rng(0)
     y = np.clip(np.round(128 + rng.normal(0, 20, (33, 26, 3))), 1, 254)
     spots = [
@@ -227,7 +226,6 @@ def test_wavelet_sigma_leaves_out_every_coefficient_a_clipped_pixel_touches() ->
     """db2's diagonal coefficient (a, b) depends on pixels 2a-2 .. 2a+1 and 2b-2 .. 2b+1 (the test above checks it
     on pywt): one clipped pixel at (11, 11) reaches coefficients 5 and 6 each way, four in all, and none of them may
     enter the estimate."""
-
     rng = np.random.default_rng(1)
     y = np.round(128 + rng.normal(0, 20, (32, 32, 1)))
     y[11, 11, 0] = 255.0
@@ -240,7 +238,6 @@ def test_wavelet_sigma_leaves_out_every_coefficient_a_clipped_pixel_touches() ->
 def test_wavelet_sigma_needs_200_coefficients_else_takes_them_all() -> None:
     """41 clipped pixels leave exactly 200 of the 17 x 17 coefficients untouched: enough. Clipped pixels everywhere
     leave none: the estimate falls back to all coefficients (an underestimate, but a number)."""
-
     rng = np.random.default_rng(3)
     y = np.clip(np.round(128 + rng.normal(0, 20, (32, 32, 1))), 1, 254)
     spots = [(i, j) for i in range(4, 27, 4) for j in range(4, 27, 2)][:40] + [(14, 12)]
@@ -260,7 +257,6 @@ def test_wavelet_sigma_at_the_far_border_of_odd_sizes() -> None:
     symmetric extension: with row 30 and column 28 clipped, the last row and column of coefficients stay out of the
     estimate. Which coefficients a pixel reaches is read off pywt (the impulse response), not from the code under
     test."""
-
     rng = np.random.default_rng(2)
     y = np.clip(np.round(128 + rng.normal(0, 20, (33, 31, 1))), 1, 254)
     y[30, :, 0] = 255.0
