@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from by_hand import draw, gens
-from stubs import SIZE, eps_zero
+from stubs import SIZE
 
 from tdpm_dip import dip
 from tdpm_dip.data import make_sprites
@@ -293,7 +293,7 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(
 
     monkeypatch.setattr(common, "fit_dip", fake_fit_dip)
     cfg, other = DIPConfig(preset="dip-tiny", iters=3), DIPConfig(preset="dip-tiny", iters=4)
-    ctx = make_ctx(eps_zero(), dip=cfg, batch_size=3, progress=True)
+    ctx = make_ctx(dip=cfg, batch_size=3, progress=True)
     t, z, ref = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     first = common.fit(ctx, t, z, [1, 2], ref)
     assert calls == [

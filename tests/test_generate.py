@@ -10,7 +10,7 @@ import pytest
 import torch
 from by_hand import SCHED, T0, abar, ddpm_chain_by_hand, draw, gens
 from jobs import generate as generate_images
-from stubs import PATTERN, SIZE, FakeFit, StubUNet, eps_linear, eps_zero
+from stubs import PATTERN, SIZE, FakeFit, StubUNet, eps_linear
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.errors import UserError
@@ -47,7 +47,7 @@ def test_generate_ddim_draws_x_T_then_steps_with_the_jobs_eta(make_ctx: Callable
         assert torch.allclose(res.images, expected, rtol=0, atol=1e-6), eta
         assert (res.method, res.protocol, res.reverse_steps, res.nfe) == ("ddim", "unconditional", 3, 3)
         assert res.info == {"ddim_steps": 3} and unet.timesteps == [999, 666, 332] * 2  # "trailing" spacing
-    res = run(make_ctx(eps_zero(), batch_size=4), "generate", "unconditional", "ddim", Job((0,)))
+    res = run(make_ctx(batch_size=4), "generate", "unconditional", "ddim", Job((0,)))
     assert res.nfe == 110 and res.info == {"ddim_steps": 110}
 
 
@@ -82,12 +82,12 @@ def test_generate_tdpm_dip_fits_the_reference_target_then_runs_the_chain(
     assert res.reverse_steps == res.nfe == 100 and res.info["t_trunc"] == 0
     for ref in (None, reference[:1]):
         with pytest.raises(UserError) as e:
-            run(make_ctx(eps_zero()), "generate", "paper", "tdpm-dip", Job(tuple(seeds), reference=ref))
+            run(make_ctx(), "generate", "paper", "tdpm-dip", Job(tuple(seeds), reference=ref))
         assert str(e.value) == (
             "TDPM-DIP generation follows the paper protocol: it needs --reference-data with at "
             "least --n images (each output reconstructs one of them)"
         )
-    run(make_ctx(eps_zero()), "generate", "paper", "tdpm-dip", Job(tuple(seeds), reference=reference[:2]))
+    run(make_ctx(), "generate", "paper", "tdpm-dip", Job(tuple(seeds), reference=reference[:2]))
 
 
 def test_image_i_depends_only_on_seed_i(make_ctx: Callable[..., Context]) -> None:

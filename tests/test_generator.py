@@ -16,7 +16,7 @@ from cli_helpers import run as run_cli
 from diffusers import UNet2DModel
 from jobs import generate
 from safetensors.torch import load_file
-from stubs import StubG, StubUNet, eps_linear, eps_zero
+from stubs import StubG, StubUNet, eps_linear, tiny_unet
 
 from tdpm_dip.errors import UserError
 from tdpm_dip.generator import TDPMGenerator, draw_latents, load_generator, style_dim
@@ -378,17 +378,17 @@ def test_tdpm_generator_samples_by_hand(w_dim: int, predict: str, make_ctx: Call
 def test_tdpm_method_refuses_a_missing_or_mismatched_generator(make_ctx: Callable[..., Context]) -> None:
     """`tdpm` needs a generator, made for the job's T_trunc; the messages are what the CLI prints."""
     with pytest.raises(UserError) as e:
-        run(make_ctx(eps_zero()), "generate", "unconditional", "tdpm", Job((0,)))
+        run(make_ctx(), "generate", "unconditional", "tdpm", Job((0,)))
     assert str(e.value) == "method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)"
     gen = TDPMGenerator(StubG(), 5, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
     with pytest.raises(UserError) as e:
-        run(make_ctx(eps_zero(), generator=gen), "generate", "unconditional", "tdpm", Job((0,), t_trunc=3))
+        run(make_ctx(generator=gen), "generate", "unconditional", "tdpm", Job((0,), t_trunc=3))
     assert str(e.value) == "T_trunc 3 does not match the generator's 5 (g)"
-    res = run(make_ctx(eps_zero(), generator=gen), "generate", "unconditional", "tdpm", Job((0,), t_trunc=5))
+    res = run(make_ctx(generator=gen), "generate", "unconditional", "tdpm", Job((0,), t_trunc=5))
     assert res.info["t_trunc"] == 5 and res.info["objective"] is None
     bad = TDPMGenerator(StubG(), 1000, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
     with pytest.raises(UserError, match="T_trunc must be an integer in"):
-        run(make_ctx(eps_zero(), generator=bad), "generate", "unconditional", "tdpm", Job((0,)))
+        run(make_ctx(generator=bad), "generate", "unconditional", "tdpm", Job((0,)))
 
 
 def test_amortized_sampler_clamps_a_chain_of_no_steps_and_casts_to_the_networks_dtype() -> None:
@@ -400,11 +400,11 @@ def test_amortized_sampler_clamps_a_chain_of_no_steps_and_casts_to_the_networks_
     z = draw((3, 8, 8), g)
     big = TDPMGenerator(StubG(), 0, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
     big.unet.forward = lambda z, t, class_labels=None: SimpleNamespace(sample=6 * z)  # type: ignore[method-assign]
-    out = big.sample(EpsModel(eps_zero(), SCHED), image_generators([1, 2]))
+    out = big.sample(EpsModel(tiny_unet(), SCHED), image_generators([1, 2]))
     assert torch.equal(out, (6 * z).clamp(-1, 1)) and (6 * z).abs().max() > 2
-    assert torch.equal(gen.sample(EpsModel(eps_zero(), SCHED), image_generators([1, 2])), (0.5 * z).clamp(-1, 1))
+    assert torch.equal(gen.sample(EpsModel(tiny_unet(), SCHED), image_generators([1, 2])), (0.5 * z).clamp(-1, 1))
     unet = build_unet("generator-small", seed=0, sample_size=8).to(torch.bfloat16).eval()
     bf = TDPMGenerator(unet, 0, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
     assert bf.w_dim > 0
-    x = bf.x_t(EpsModel(eps_zero(), SCHED), image_generators([1, 2]))
+    x = bf.x_t(EpsModel(tiny_unet(), SCHED), image_generators([1, 2]))
     assert x.dtype == torch.float32 and x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from by_hand import T_STAR_25, declip_by_hand, noisy_8bit, tweedie_factor
-from stubs import eps_linear, eps_zero
+from stubs import eps_linear, tiny_unet
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.dip import DIPConfig, DIPResult
@@ -39,7 +39,7 @@ def test_run_native_maps_every_pixel_back_to_its_place(make_ctx: Callable[..., C
     pixels and fails."""
     y = noisy_8bit(13, 19, seed=7, n=2)
     seeds = (11, 12)
-    unet = eps_zero()
+    unet = tiny_unet(zero=True)
     res = run_native(make_ctx(unet), "tweedie", Job(seeds, noisy=y, sigma=(25.0,)))
     assert res.images.shape == (2, 3, 13, 19)
     assert unet.shapes == [(2, 3, 16, 24)]  # padded to a multiple of 8 (the default DIP preset's 4 levels)
@@ -61,7 +61,7 @@ def test_run_native_always_hands_the_networks_a_multiple_and_crops_back(
     2^(levels - 1) of the deepest network (here the DIP presets': dip-tiny has 2 levels, paper-dip 4, so 8), and
     the output is the input's own pixels (eps = 0: the declipped observation, clamped, i.e. y)."""
     y = noisy_8bit(h, w, seed=h + w, n=2)
-    unet = eps_zero()
+    unet = tiny_unet(zero=True)
     ctx = make_ctx(unet, dip=DIPConfig(preset="dip-tiny"), dip_plugin=DIPConfig(preset="paper-dip"))
     res = run_native(ctx, "tweedie", Job((0, 1), noisy=y, sigma=(25.0,), declip=False))
     assert res.images.shape == (2, 3, h, w) and torch.equal(res.images, y) and torch.equal(res.inputs, y)
@@ -71,8 +71,7 @@ def test_run_native_always_hands_the_networks_a_multiple_and_crops_back(
 
 def test_run_native_pads_to_the_ddpms_multiple_when_it_is_the_deepest(make_ctx: Callable[..., Context]) -> None:
     """A six-level DDPM (sides multiple of 32) next to two-level DIPs: 20 x 40 is run at 32 x 64."""
-    net = eps_zero()
-    net.config["block_out_channels"] = (8,) * 6
+    net = tiny_unet(levels=6, zero=True)
     ctx = make_ctx(net, dip=DIPConfig(preset="dip-tiny"), dip_plugin=DIPConfig(preset="dip-tiny"))
     y = noisy_8bit(20, 40, seed=9)
     res = run_native(ctx, "tweedie", Job((0,), noisy=y, sigma=(25.0,), declip=False))
@@ -85,8 +84,7 @@ def test_run_native_pads_to_the_ddpms_multiple_when_it_is_the_deepest(make_ctx: 
 def test_run_native_pads_an_image_smaller_than_the_networks_multiple(make_ctx: Callable[..., Context]) -> None:
     """A 9x9 image for networks whose sides must be multiples of 32 (six levels, as the report's DDPM):
     reflection pads in passes; the crop gives back the 9x9 observation exactly (eps = 0)."""
-    net = eps_zero()
-    net.config["block_out_channels"] = (8, 8, 8, 8, 8, 8)
+    net = tiny_unet(levels=6, zero=True)
     ctx = make_ctx(net, make_scheduler("linear"), batch_size=2)
     y = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
     res = run_native(ctx, "tweedie", Job((0, 1), noisy=y, sigma=(25.0,), declip=False))
@@ -100,9 +98,9 @@ def test_native_size_keeps_the_exact_size_and_aspect(ctx: Context, monkeypatch: 
         assert res.images.shape == y.shape == (1, 3, 20, 13)
         assert torch.isfinite(res.images).all()
     # Content: every output pixel comes from its own input pixel (the crop undoes the reflect pad, 13 -> 14
-    # columns here). With the identity denoiser (eps = 0, tests/stubs.py) the ensemble returns the declipped y
-    # clamped, i.e. y itself.
-    ident = dataclasses.replace(ctx, unet=eps_zero(), dip_memo={})
+    # columns here). With the identity denoiser (a UNet whose eps is 0, tests/stubs.py) the ensemble returns the
+    # declipped y clamped, i.e. y itself.
+    ident = dataclasses.replace(ctx, unet=tiny_unet(zero=True), dip_memo={})
     res = run_native(ident, "ensemble", Job((0,), noisy=y, sigma=(25.0,)))
     assert torch.allclose(res.images, y, rtol=0, atol=1e-6)
     # tdpm-dip, with a DIP that fits its target x_T0 exactly: the chain starts at T0 from sqrt(abar_T0) y +
@@ -136,7 +134,7 @@ class FakeShard:
 
 def test_run_native_hands_the_shard_every_job(make_ctx: Callable[..., Context]) -> None:
     """Under `accelerate launch` each process runs its share: run_native passes the shard on, padded or not."""
-    ctx = make_ctx(eps_zero(), dip=DIPConfig(preset="dip-tiny"), dip_plugin=DIPConfig(preset="dip-tiny"))
+    ctx = make_ctx(tiny_unet(zero=True), dip=DIPConfig(preset="dip-tiny"), dip_plugin=DIPConfig(preset="dip-tiny"))
     shard = FakeShard()
     for h, w in ((16, 16), (13, 19)):
         y = noisy_8bit(h, w, seed=3)

@@ -14,7 +14,7 @@ import torch
 from by_hand import DECLIP_SALT, draw, gens
 from scipy import optimize, special
 from skimage.restoration import estimate_sigma as wavelet
-from stubs import SIZE, eps_zero
+from stubs import SIZE
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.errors import UserError
@@ -121,11 +121,11 @@ def test_declip_keeps_the_observations_precision_and_blind_methods_need_y(make_c
     got = declip(y, [7.0], [2])
     assert got.dtype == torch.float64 and torch.allclose(got, 1.0 + excess, rtol=1e-12, atol=0)
     with pytest.raises(UserError) as e:
-        run(make_ctx(eps_zero()), "denoise", "blind", "tweedie", Job((0,), sigma=(25.0,)))
+        run(make_ctx(), "denoise", "blind", "tweedie", Job((0,), sigma=(25.0,)))
     assert str(e.value) == "method blind denoising needs the noisy images"
     with pytest.raises(ValueError, match="one sigma, or one per image"):
         run(
-            make_ctx(eps_zero()),
+            make_ctx(),
             "denoise",
             "blind",
             "tweedie",

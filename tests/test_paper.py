@@ -10,7 +10,7 @@ import pytest
 import torch
 from by_hand import T0, abar, after_first_draw, ddpm_chain_by_hand, draw, gens
 from jobs import denoise_paper
-from stubs import PATTERN, SIZE, FakeFit, eps_linear, eps_zero
+from stubs import PATTERN, SIZE, FakeFit, eps_linear
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.dip import DIPConfig
@@ -53,13 +53,13 @@ def test_paper_protocol_methods_by_hand(monkeypatch: pytest.MonkeyPatch, make_ct
         assert (res.method, res.protocol, res.reverse_steps, res.nfe) == (method, "paper", 100 + t, 100 + t)
         assert torch.allclose(res.inputs, x_tn, rtol=0, atol=1e-6) and res.dip.seconds == 100.0
         assert res.seconds >= 100.0 and res.info == {"t_noisy": 30, "t_trunc": t}
-    res = run(make_ctx(eps_zero()), "denoise", "paper", "ddpm", Job(tuple(seeds), clean=clean, t_noisy=3))
+    res = run(make_ctx(), "denoise", "paper", "ddpm", Job(tuple(seeds), clean=clean, t_noisy=3))
     assert (res.method, res.protocol, res.reverse_steps, res.nfe, res.info) == ("ddpm", "paper", 3, 3, {"t_noisy": 3})
     with pytest.raises(UserError) as e:
-        run(make_ctx(eps_zero()), "denoise", "paper", "ddpm", Job(tuple(seeds), clean=clean, t_noisy=1001))
+        run(make_ctx(), "denoise", "paper", "ddpm", Job(tuple(seeds), clean=clean, t_noisy=1001))
     assert str(e.value) == "t_noisy must be an integer in [0, 1000], got 1001"
     with pytest.raises(UserError) as e:
-        run(make_ctx(eps_zero()), "denoise", "paper", "ddpm", Job(tuple(seeds)))
+        run(make_ctx(), "denoise", "paper", "ddpm", Job(tuple(seeds)))
     assert str(e.value) == "method paper denoising needs the clean images"
 
 

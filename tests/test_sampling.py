@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from by_hand import AC, SCHED, abar, ddim_by_hand, ddpm_chain_by_hand, draw, gens, noisy_8bit
-from stubs import eps_linear, eps_zero
+from stubs import eps_linear, eps_zero, tiny_unet
 
 from tdpm_dip.errors import UserError
 from tdpm_dip.methods import Context, Job, run
@@ -92,11 +92,11 @@ def test_strided_reverse_chain_is_the_posterior_between_its_levels_by_hand() -> 
 def test_reverse_chain_reports_each_step_and_refuses_bad_levels() -> None:
     seen: list[int] = []
     x = torch.zeros(1, 3, 4, 4)
-    reverse_chain(EpsModel(eps_zero(), SCHED), x, 3, image_generators([0]), callback=seen.append)
+    reverse_chain(EpsModel(tiny_unet(), SCHED), x, 3, image_generators([0]), callback=seen.append)
     assert seen == [2, 1, 0]
     for t in (-1, 1001):
         with pytest.raises(UserError):
-            reverse_chain(EpsModel(eps_zero(), SCHED), x, t, image_generators([0]))
+            reverse_chain(EpsModel(tiny_unet(), SCHED), x, t, image_generators([0]))
 
 
 def test_reverse_chain_takes_exactly_t_steps_with_the_posterior_step() -> None:
