@@ -1,4 +1,7 @@
-"""Shared test fixtures: small, generic, CPU-only. Tests never touch the network."""
+"""Shared test fixtures: small, generic, CPU-only. Tests never touch the network.
+
+Helpers live in plain modules beside this file (pytest puts tests/ on sys.path): stubs.py (networks), by_hand.py
+(closed forms), jobs.py (running one method), cli_helpers.py (the CLI in-process)."""
 
 from __future__ import annotations
 
@@ -9,12 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.images import save_png
+
+if TYPE_CHECKING:
+    from tdpm_dip.methods import Context
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -49,3 +56,22 @@ def sprite_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 def sprite_dir(sprite_dir_factory: Callable[..., Path]) -> Path:
     """8 sprites of 16x16 px (shared across tests: do not write into it)."""
     return sprite_dir_factory(8, 16)
+
+
+@pytest.fixture(scope="session")
+def make_ctx() -> Callable[..., Context]:
+    """`make_ctx(unet=None, scheduler=None, dip=None, **fields)` -> a methods.Context, the one way the tests build
+    one. unet: a tiny real UNet2DModel (stubs.tiny_unet) unless given; scheduler: the 1000-step linear schedule the
+    closed forms use (by_hand.SCHED); dip and any other field (batch_size, dip_plugin, generator, progress, ...):
+    Context's defaults unless given."""
+    from by_hand import SCHED
+    from stubs import tiny_unet
+
+    from tdpm_dip.methods import Context
+
+    def make(unet=None, scheduler=None, dip=None, **fields) -> Context:
+        if dip is not None:
+            fields["dip"] = dip
+        return Context(tiny_unet() if unet is None else unet, SCHED if scheduler is None else scheduler, **fields)
+
+    return make

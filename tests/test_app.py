@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_helpers import run
 from PIL import Image
-from stubs import eps_zero
+from stubs import tiny_unet
 
 from tdpm_dip import registry
 from tdpm_dip.api import Denoiser
@@ -82,10 +82,13 @@ def test_denoise_keeps_the_uploads_size(models: AppModels, tmp_path: Path) -> No
     # the same image given as an array, and the default method (the registry's first)
     d2 = denoise_handler(models, np.asarray(Image.open(noisy)), None, sigma=25.0)
     assert d2.info["method"] == denoise_methods()[0].name and d2.image.shape == (21, 30, 3)
-    # Content: with the identity denoiser (eps = 0, tests/stubs.py) the page shows the upload itself, pixel for
-    # pixel (declipped pixels are clamped back): the pad to the networks' sides is cropped off at the right corner.
+    # Content: with the identity denoiser (a real UNet whose eps is 0, tests/stubs.py) the page shows the upload
+    # itself, pixel for pixel (declipped pixels are clamped back): the pad to the networks' sides is cropped off at
+    # the right corner.
     ident = AppModels(
-        Denoiser(dataclasses.replace(models.ctx, unet=eps_zero(), dip_memo={})), models.generator, models.model
+        Denoiser(dataclasses.replace(models.ctx, unet=tiny_unet(zero=True), dip_memo={})),
+        models.generator,
+        models.model,
     )
     for method in ("tweedie", "ensemble"):
         d3 = denoise_handler(ident, str(noisy), method, sigma=25.0)

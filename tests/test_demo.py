@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from cli_helpers import DEMO_SHRUNK as SHRUNK
 from cli_helpers import run
 
 from tdpm_dip import registry
+from tdpm_dip.methods import Context
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
@@ -103,14 +105,13 @@ def test_demo_with_a_given_model_and_data(sprite_dir: Path, tmp_path: Path, caps
     assert str(model) in text
 
 
-def test_the_paper_level_defaults_to_the_ddpms_top_trained_level() -> None:
+def test_the_paper_level_defaults_to_the_ddpms_top_trained_level(make_ctx: Callable[..., Context]) -> None:
     """--t-noisy omitted: the report's 600, or the top level of a truncated DDPM (the shipped sprite one: 500)."""
-    from tdpm_dip.methods import Context
     from tdpm_dip.workflows.demo import DemoConfig, DemoRun, _settings
 
     unet = build_unet("tiny", seed=0, sample_size=16)
     for levels, given, expected in (((1, 500), None, 500), (None, None, 600), ((1, 500), 3, 3), ((1, 1000), None, 600)):
         d = DemoRun(DemoConfig(out="x", t_noisy=given), Path("s"), Path("f"), None, "cpu", 1, "")  # type: ignore[arg-type]
-        d.ctx = Context(unet, make_scheduler("linear"), levels=levels)
+        d.ctx = make_ctx(unet, make_scheduler("linear"), levels=levels)
         _settings(d)
         assert d.t_noisy == expected, (levels, given)

@@ -4,6 +4,7 @@ unique), bad inputs are one line and exit 2 before any work, and a run's outputs
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 from tdpm_dip.data import file_names
 from tdpm_dip.errors import UserError
+from tdpm_dip.methods import Context
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
 
@@ -125,12 +127,11 @@ def test_results_come_back_as_the_inputs_came_in(model: Path, tmp_path: Path, ca
     assert kinds == {"g16": "grey, 16-bit", "gray": "grey, 8-bit", "rgba": "RGB + alpha, 8-bit"}
 
 
-def test_the_api_hands_back_grey_and_alpha() -> None:
+def test_the_api_hands_back_grey_and_alpha(make_ctx: Callable[..., Context]) -> None:
     from tdpm_dip.api import Denoiser
-    from tdpm_dip.methods import Context
 
     unet = build_unet("tiny", seed=0, sample_size=SIZE).eval()
-    den = Denoiser(Context(unet, make_scheduler("linear")))
+    den = Denoiser(make_ctx(unet, make_scheduler("linear")))
     gray, rgba = noisy_image(0, mode="L"), noisy_image(1, mode="RGBA")
     out = den.denoise([gray, rgba, np.asarray(gray)], sigma=25, method="tweedie")
     assert out.images[0].mode == "L" and out.images[1].mode == "RGBA"

@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from by_hand import SCHED, abar, ddpm_chain_by_hand, draw, gens
 from cli_helpers import run as run_cli
 from diffusers import UNet2DModel
 from jobs import generate
 from safetensors.torch import load_file
+from stubs import StubG, StubUNet, eps_linear, tiny_unet
 
 from tdpm_dip.errors import UserError
-from tdpm_dip.generator import load_generator, style_dim
-from tdpm_dip.methods import Context
+from tdpm_dip.generator import TDPMGenerator, draw_latents, load_generator, style_dim
+from tdpm_dip.methods import Context, Job, run
 from tdpm_dip.models import build_unet, load_ddpm, save_ddpm
-from tdpm_dip.noise import make_scheduler
+from tdpm_dip.noise import image_generators, make_scheduler
+from tdpm_dip.sampling import EpsModel
 from tdpm_dip.training.generator import Discriminator, make_pairs, minibatch_stddev, train_generator
 from tdpm_dip.training.options import GeneratorConfig
 
@@ -141,11 +147,13 @@ class _Counting(torch.nn.Module):
         return self.net(*a, **k)
 
 
-def test_tdpm_sampler_makes_1_plus_t_trunc_network_calls(ddpm16: Path, gan_run: Path) -> None:
+def test_tdpm_sampler_makes_1_plus_t_trunc_network_calls(
+    ddpm16: Path, gan_run: Path, make_ctx: Callable[..., Context]
+) -> None:
     unet, sched = load_ddpm(ddpm16)
     gen = load_generator(gan_run, unet, sched)
     counted_ddpm, counted_gen = _Counting(unet), _Counting(gen.unet)
-    ctx = Context(
+    ctx = make_ctx(
         counted_ddpm,
         sched,
         batch_size=8,
@@ -155,12 +163,12 @@ def test_tdpm_sampler_makes_1_plus_t_trunc_network_calls(ddpm16: Path, gan_run: 
     assert res.nfe == 1 + 3 and res.info["t_trunc"] == 3
     assert (counted_gen.calls, counted_ddpm.calls) == (1, 3)  # one batch: 1 generator call, T_trunc chain steps
     assert res.images.shape == (3, 3, SIZE, SIZE) and res.images.abs().max() <= 1
-    again = generate(Context(unet, sched, batch_size=1, generator=gen), "tdpm", [1])
+    again = generate(make_ctx(unet, sched, batch_size=1, generator=gen), "tdpm", [1])
     assert torch.allclose(again.images[0], res.images[1], atol=1e-5)  # image i depends on seed i only
 
 
 def test_reverse_steps_stride_the_chain_from_t_trunc(
-    ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path
+    ddpm16: Path, sprite_dir_factory, tmp_path: Path, gan_run: Path, make_ctx: Callable[..., Context]
 ) -> None:
     """A generator trained with --reverse-steps k records it; sampling then costs 1 + k calls, the DDPM at the
     levels round(linspace(T_trunc, 0, k + 1)) only."""
@@ -181,7 +189,7 @@ def test_reverse_steps_stride_the_chain_from_t_trunc(
             seen.append(int(t))
             return unet(x, t, **k)
 
-    res = generate(Context(Recording(), sched, batch_size=8, generator=gen), "tdpm", [0, 1])
+    res = generate(make_ctx(Recording(), sched, batch_size=8, generator=gen), "tdpm", [0, 1])
     assert res.nfe == 1 + 3 and res.info["reverse_steps"] == 3 and res.info["t_trunc"] == 12
     assert seen == [11, 7, 3]  # levels 12, 8, 4 at diffusers timesteps level - 1
     with pytest.raises(UserError, match="reverse-steps must be in 1..T_trunc"):
@@ -313,3 +321,90 @@ def test_export_pairs_a_gan_generator_with_another_ddpm(
     with pytest.raises(UserError, match="belongs to the DDPM it was distilled from"):
         export_generator(distilled, tmp_path / "d2", ddpm=other)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "d2").exists()
+
+
+# ------------------------------------------------------------------------------------------ the sampler by hand
+
+
+def tdpm_by_hand(
+    unet: StubUNet, seeds: list[int], t: int, z_shape: tuple[int, ...], w_dim: int, predict_x0: bool
+) -> torch.Tensor:
+    """Amortized TDPM of each image from its own generator: z_img, then w, then (predict x0) eps; x_T = G(z, w) or
+    sqrt(abar_t) G(z, w) + sqrt(1 - abar_t) eps; then t DDPM posterior steps on the same generator; clamped."""
+    out = []
+    for s in seeds:
+        g = gens([s])
+        z = draw(z_shape, g)
+        x = 0.5 * z
+        if w_dim:
+            x = x + draw((w_dim,), g).mean(1).view(-1, 1, 1, 1)
+        if predict_x0:
+            x = math.sqrt(abar(t)) * x + math.sqrt(1 - abar(t)) * draw(z_shape, g)
+        out.append(ddpm_chain_by_hand(unet, x, t, g).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("w_dim, predict", [(0, "x_T"), (4, "x_T"), (4, "x0")])
+def test_tdpm_generator_samples_by_hand(w_dim: int, predict: str, make_ctx: Callable[..., Context]) -> None:
+    """TDPMGenerator.sample: G_psi at timestep 0 on (z_img, w) drawn from image i's generator, the forward noise of
+    level T_trunc added when it predicts x0, then T_trunc DDPM steps; the same through `generate --method tdpm`, in
+    batches, with its cost and info."""
+    z_shape, t, seeds = (3, 8, 8), 5, [3, 4, 5]
+    net = StubG(w_dim)
+    gen = TDPMGenerator(net, t, z_shape, {"predict": predict, "objective": "mse"}, "gen-folder")  # type: ignore[arg-type]
+    unet = eps_linear()
+    expected = tdpm_by_hand(eps_linear(), seeds, t, z_shape, w_dim, predict == "x0")
+    seen: list[int] = []
+    got = gen.sample(EpsModel(unet, SCHED), image_generators(seeds), seen.append)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+    assert seen == [4, 3, 2, 1, 0] and unet.timesteps == [4, 3, 2, 1, 0]
+    assert [ts for ts, _ in net.calls] == [0] and (net.calls[0][1] is None) == (w_dim == 0)
+    z, w = draw_latents(z_shape, w_dim, image_generators(seeds), "cpu")
+    g = gens(seeds)
+    assert torch.equal(z, draw(z_shape, g)) and (w is None if not w_dim else torch.equal(w, draw((w_dim,), g)))
+
+    res = run(
+        make_ctx(eps_linear(), batch_size=2, generator=gen),
+        "generate",
+        "unconditional",
+        "tdpm",
+        Job(tuple(seeds)),
+    )
+    assert torch.allclose(res.images, expected, rtol=0, atol=1e-6)
+    assert (res.method, res.protocol, res.reverse_steps, res.nfe) == ("tdpm", "unconditional", 1 + t, 1 + t)
+    assert res.info == {"t_trunc": t, "reverse_steps": t, "generator": "gen-folder", "objective": "mse"}
+
+
+def test_tdpm_method_refuses_a_missing_or_mismatched_generator(make_ctx: Callable[..., Context]) -> None:
+    """`tdpm` needs a generator, made for the job's T_trunc; the messages are what the CLI prints."""
+    with pytest.raises(UserError) as e:
+        run(make_ctx(), "generate", "unconditional", "tdpm", Job((0,)))
+    assert str(e.value) == "method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)"
+    gen = TDPMGenerator(StubG(), 5, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
+    with pytest.raises(UserError) as e:
+        run(make_ctx(generator=gen), "generate", "unconditional", "tdpm", Job((0,), t_trunc=3))
+    assert str(e.value) == "T_trunc 3 does not match the generator's 5 (g)"
+    res = run(make_ctx(generator=gen), "generate", "unconditional", "tdpm", Job((0,), t_trunc=5))
+    assert res.info["t_trunc"] == 5 and res.info["objective"] is None
+    bad = TDPMGenerator(StubG(), 1000, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="T_trunc must be an integer in"):
+        run(make_ctx(generator=bad), "generate", "unconditional", "tdpm", Job((0,)))
+
+
+def test_amortized_sampler_clamps_a_chain_of_no_steps_and_casts_to_the_networks_dtype() -> None:
+    """T_trunc = 0: the sample is G(z) itself, clamped to [-1, 1] (with steps, the last DDPM step already returns a
+    clipped x0). A generator network in bf16 gets its latents in bf16 and returns float32."""
+    net = StubG()
+    gen = TDPMGenerator(net, 0, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
+    g = gens([1, 2])
+    z = draw((3, 8, 8), g)
+    big = TDPMGenerator(StubG(), 0, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
+    big.unet.forward = lambda z, t, class_labels=None: SimpleNamespace(sample=6 * z)  # type: ignore[method-assign]
+    out = big.sample(EpsModel(tiny_unet(), SCHED), image_generators([1, 2]))
+    assert torch.equal(out, (6 * z).clamp(-1, 1)) and (6 * z).abs().max() > 2
+    assert torch.equal(gen.sample(EpsModel(tiny_unet(), SCHED), image_generators([1, 2])), (0.5 * z).clamp(-1, 1))
+    unet = build_unet("generator-small", seed=0, sample_size=8).to(torch.bfloat16).eval()
+    bf = TDPMGenerator(unet, 0, (3, 8, 8), {}, "g")  # type: ignore[arg-type]
+    assert bf.w_dim > 0
+    x = bf.x_t(EpsModel(tiny_unet(), SCHED), image_generators([1, 2]))
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()

@@ -1,4 +1,5 @@
-"""Metrics: PSNR/SSIM pinned to scikit-image, FID's Frechet distance and cache, SWD, copy-rate."""
+"""Metrics: PSNR/SSIM pinned to scikit-image, FID's Frechet distance and cache, SWD, copy-rate, KID and
+precision / recall by hand."""
 
 from __future__ import annotations
 
@@ -67,6 +68,18 @@ def test_uint8_and_unit_inputs() -> None:
         assert float(M.ssim(xb[i : i + 1], xa[i : i + 1])) == pytest.approx(sk, abs=1e-5)
     u = torch.rand(1, 3, 8, 8)
     assert torch.allclose(M.to_unit(M.from_unit(u)), u, atol=1e-6)
+
+
+def test_psnr_of_identical_and_out_of_range_images() -> None:
+    """Identical images: the MSE floor of 1e-12 gives 120 dB, not infinity; values outside [-1, 1] are clamped
+    before the comparison (metrics are taken on displayable images)."""
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.allclose(M.psnr(x, x), torch.full((2,), 120.0))
+    assert torch.allclose(M.psnr(x.clamp(-1, 1) * 3, (x * 3).clamp(-1, 1)), torch.full((2,), 120.0))
+    ref = torch.zeros(1, 3, 8, 8)
+    assert torch.allclose(M.psnr(torch.full((1, 3, 8, 8), 5.0), ref), torch.tensor([10 * math.log10(4.0)]))
+    y = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(M.ssim(y, y), torch.ones(2), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ FID
@@ -207,6 +220,26 @@ def test_copy_rate() -> None:
     assert mixed["rate"] == 0.5
 
 
+def test_copy_rate_counts_a_psnr_at_the_threshold_and_any_chunking() -> None:
+    """A copy is an image whose PSNR to its nearest training image is >= the threshold: an image 1/32 away
+    everywhere on the [0, 1] scale (MSE 2^-10, PSNR 10 log10(1024)) copies at that threshold. The chunk size only
+    bounds memory."""
+    train = torch.arange(30.0).view(10, 3, 1, 1) / 16 - 1  # dyadic values: the arithmetic below is exact
+    images = train[[4, 1, 7]] + 1 / 16  # 1/32 on the [0, 1] scale; the next image is 3/16 away
+    at = float(10 * torch.log10(torch.tensor(1024.0)))
+    res = M.copy_rate(images, train, threshold_db=at)
+    assert res == {
+        "rate": 1.0,
+        "copies": 3,
+        "nearest": [4, 1, 7],
+        "nearest_psnr": pytest.approx([at] * 3),
+        "threshold_db": at,
+    }
+    many = torch.cat([images] * 4)  # 12 images of 3 pixels each, chunks of 5
+    small = M.copy_rate(many, train, threshold_db=at + 0.1, chunk=5)
+    assert small["nearest"] == [4, 1, 7] * 4 and small["copies"] == 0 and small["rate"] == 0.0
+
+
 def test_device_name() -> None:
     name = M.device_name("cpu")
     assert isinstance(name, str) and "CPU" in name and len(name) > 5
@@ -276,6 +309,53 @@ def test_kid_matches_a_direct_computation_and_separates_distributions() -> None:
         M.polynomial_mmd2(x[:1], y)
 
 
+def test_kid_protocol_subsets_and_seed() -> None:
+    """KID (Binkowski et al.): by default 100 subsets of min(1000, m, n) features of each set, drawn without
+    replacement from a generator seeded with 0. Subsets of every feature are permutations of the sets, so every
+    subset gives the unbiased MMD^2 of the full sets (std 0). Features are read as float64 whatever their dtype."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 4)), rng.standard_normal((30, 4)) + 0.3
+    full = M.kid_from_features(x, y[:20], subsets=5, subset_size=1000)
+    assert full["subset_size"] == 20 and full["subsets"] == 5
+    assert full["kid"] == pytest.approx(M.polynomial_mmd2(x, y[:20]), rel=1e-12) and full["kid_std"] < 1e-12
+    assert M.kid_from_features(x, y, subsets=2)["subset_size"] == 20  # the smaller set bounds the subsets
+    assert M.kid_from_features(y, x, subsets=3, subset_size=25)["subset_size"] == 20
+    d = M.kid_from_features(x, y)
+    assert d["subsets"] == 100 and d == M.kid_from_features(x, y, 100, 1000, 0)
+    assert M.kid_from_features(x, y, 4, 10) == M.kid_from_features(x, y, 4, 10, seed=0)
+    assert M.kid_from_features(x, y, 4, 10, seed=1) != M.kid_from_features(x, y, 4, 10, seed=0)
+    assert M.kid_from_features(x.astype(np.float32), y.astype(np.float32), 4, 10) == M.kid_from_features(
+        x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64), 4, 10
+    )
+    big = rng.standard_normal((1001, 2))
+    assert M.kid_from_features(big, big + 0.1, subsets=1)["subset_size"] == 1000
+    # MMD^2 with two samples per set, by hand: k(a, b) = (a.b / D + 1)^3
+    a, b = np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 1.0], [-1.0, 0.0]])
+    k = lambda u, v: (u @ v / 2 + 1) ** 3
+    by_hand = 2 * k(a[0], a[1]) / 2 + 2 * k(b[0], b[1]) / 2 - 2 * np.mean([k(u, v) for u in a for v in b])
+    assert M.polynomial_mmd2(a, b) == pytest.approx(by_hand, rel=1e-12)
+    for m, n in ((1, 2), (2, 1)):
+        with pytest.raises(ValueError) as e:
+            M.polynomial_mmd2(a[:m], b[:n])
+        assert str(e.value) == "KID needs at least 2 images in each set"
+
+
+def test_kid_of_images_passes_its_protocol_on() -> None:
+    """metrics.kid: the images' features against the reference's, with the caller's subsets, size and seed."""
+
+    class Flat:
+        name = "flatten-test"
+
+        def __call__(self, images: torch.Tensor) -> torch.Tensor:
+            return images.flatten(1)[:, :6].double()
+
+    g = torch.Generator().manual_seed(0)
+    imgs, ref = torch.rand(12, 3, 4, 4, generator=g), torch.rand(15, 3, 4, 4, generator=g)
+    fx, fy = imgs.flatten(1)[:, :6].double().numpy(), ref.flatten(1)[:, :6].double().numpy()
+    assert M.kid(imgs, ref, Flat(), subsets=3, subset_size=8, seed=5) == M.kid_from_features(fx, fy, 3, 8, 5)
+    assert M.kid(imgs, ref, Flat()) == M.kid_from_features(fx, fy, 100, 1000, 0)
+
+
 def test_precision_recall_of_constructed_feature_sets() -> None:
     """Improved precision / recall (k = 3): identical sets 1 / 1; far-apart sets 0 / 0; a generator collapsed
     to one real point looks real (precision 1) but covers almost nothing (recall ~ 1/n of the real set)."""
@@ -291,3 +371,21 @@ def test_precision_recall_of_constructed_feature_sets() -> None:
     assert half["precision"] == 1.0 and 0.3 < half["recall"] < 1.0
     with pytest.raises(ValueError, match="more than 3 samples"):
         M.precision_recall(real[:3], real)
+
+
+def test_precision_recall_on_sets_with_known_radii() -> None:
+    """Points on a line, k = 3: the radius of a point is the distance to its 3rd nearest other point. Real
+    {0, 1, ..., 9}: radius 2 inside, 3 at the ends. A fake point at distance exactly the radius is inside (<=);
+    integer (or float32) features are read as float64."""
+    real = [[i] for i in range(10)]  # integers, as a list
+    fake = np.array([[-3.0], [12.0], [4.5], [30.0], [-3.5]], dtype=np.float32)
+    # -3: 3 from real point 0 (radius 3): inside; 12: 3 from 9 (radius 3): inside; 4.5: inside; 30, -3.5: outside.
+    res = M.precision_recall(fake, real, k=3)
+    assert res == {"precision": 3 / 5, "recall": pytest.approx(res["recall"]), "k": 3}
+    # Recall: fake radii (k = 3 among 5 fake points): -3.5 -> 16.0 (to 12), -3 -> 15.0, 4.5 -> 16.5, 12 -> 15.5,
+    # 30 -> 33.5; real points within a fake ball: all ten (within 15 of -3).
+    assert res["recall"] == 1.0
+    assert M.precision_recall(fake, real, k=1)["precision"] == 1 / 5  # radius 1: only 4.5 (0.5 from 4 and 5)
+    with pytest.raises(ValueError, match="with k = 3 need more than 3 samples"):
+        M.precision_recall(fake[:3], real, k=3)
+    assert M.precision_recall(fake[:4], real[:4], k=3)["k"] == 3  # four samples of one feature each are enough

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ NETWORK = ("tdpm-dip", "ccdf", "ddnm", "diffpir", "tdpm-dip-nodc")
 
 
 @pytest.fixture(scope="module")
-def ctx() -> Context:
-    return Context(
+def ctx(make_ctx: Callable[..., Context]) -> Context:
+    return make_ctx(
         build_unet("tiny", seed=0, sample_size=SIZE),
         make_scheduler("linear"),
         DIPConfig(preset="dip-tiny", iters=3, lr=1e-3, input_noise=1.0, average=0.9),

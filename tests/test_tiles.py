@@ -3,6 +3,8 @@ results that do not depend on the batch size, and cost that grows with the pixel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -44,19 +46,19 @@ def test_a_pixelwise_function_tiled_equals_it_untiled() -> None:
 
 
 @pytest.fixture(scope="module")
-def ctx() -> Context:
+def ctx(make_ctx: Callable[..., Context]) -> Context:
     unet = build_unet("tiny", seed=0, sample_size=16).eval()
-    return Context(unet, make_scheduler("linear"), batch_size=4)
+    return make_ctx(unet, make_scheduler("linear"), batch_size=4)
 
 
-def test_large_images_run_in_tiles_whatever_the_batch_size(ctx: Context) -> None:
+def test_large_images_run_in_tiles_whatever_the_batch_size(ctx: Context, make_ctx: Callable[..., Context]) -> None:
     """A 40x56 image over 32 px tiles: tiled (the info says how), the input's size, and the same images at batch
     size 1 and 4 (tile k of image i uses its own seed)."""
     y = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
     job = Job((3, 4), noisy=y, sigma=(25.0,))
     res = run_native(ctx, "ensemble", job, tile=32)
     assert res.images.shape == y.shape and res.info["tiles"] == Tiling(32, 8).count(40, 56)
-    one = run_native(Context(ctx.unet, ctx.scheduler, batch_size=1), "ensemble", job, tile=32)
+    one = run_native(make_ctx(ctx.unet, ctx.scheduler, batch_size=1), "ensemble", job, tile=32)
     assert torch.allclose(res.images, one.images, atol=1e-5)
     assert tile_side(ctx) == TILE_FACTOR * 16  # a few times the trained size
     small = run_native(ctx, "ensemble", Job((3,), noisy=y[:1, :, :24, :24], sigma=(25.0,)))
