@@ -277,10 +277,11 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(
     calls: list[dict] = []
 
     def fake_fit_dip(
-        target, z, seeds, cfg, reference=None, batch_size=16, amp_dtype=None, progress=False, measure=None
+        target, z, seeds, cfg, reference=None, batch_size=16, amp_dtype=None, progress=False, measure=None, **kw
     ):
         calls.append(
             {
+                "interrupt": kw.get("interrupt"),
                 "cfg": cfg,
                 "batch_size": batch_size,
                 "amp_dtype": amp_dtype,
@@ -297,7 +298,8 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(
     t, z, ref = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     first = common.fit(ctx, t, z, [1, 2], ref)
     assert calls == [
-        {"cfg": cfg, "batch_size": 3, "amp_dtype": None, "progress": True, "reference": ref, "seeds": [1, 2]}
+        {"interrupt": None, "cfg": cfg, "batch_size": 3, "amp_dtype": None, "progress": True, "reference": ref}
+        | {"seeds": [1, 2]}
     ]
     assert common.fit(ctx, t.clone(), z.clone(), [1, 2], ref.clone()) is first and len(calls) == 1
     variants = [
@@ -320,3 +322,6 @@ def test_dip_fits_are_memoised_per_input_settings_and_context(
     common.fit(no_memo, t, z, [1, 2], ref)
     common.fit(no_memo, t, z, [1, 2], ref)
     assert len(calls) == n + 2
+    stop = dataclasses.replace(no_memo, interrupt=lambda: None)  # the context's stop check reaches every DIP step
+    common.fit(stop, t, z, [1, 2], ref)
+    assert calls[-1]["interrupt"] is stop.interrupt
