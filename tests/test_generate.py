@@ -14,7 +14,7 @@ from stubs import PATTERN, SIZE, FakeFit, StubUNet, eps_linear
 
 from tdpm_dip.data import make_sprites
 from tdpm_dip.errors import UserError
-from tdpm_dip.methods import Context, Job, generate, run
+from tdpm_dip.methods import Context, Job, paper, run
 from tdpm_dip.models import build_unet
 from tdpm_dip.noise import image_generators, make_scheduler, randn
 from tdpm_dip.sampling import EpsModel, ddim_chain
@@ -58,7 +58,7 @@ def test_generate_tdpm_dip_fits_the_reference_target_then_runs_the_chain(
     and z_i (image i's first draw), G fitted to it (no reference curves), then T_trunc steps on the same generator;
     T_trunc = 0 returns G(z). Cost: DIP iterations + T_trunc."""
     fake = FakeFit()
-    monkeypatch.setattr(generate, "fit", fake)
+    monkeypatch.setattr(paper, "fit", fake)  # generation's TDPM-DIP is the paper protocol's pipeline
     reference = make_sprites(3, SIZE, seed=1).images
     seeds = [4, 5]
     unet = eps_linear()

@@ -13,7 +13,7 @@ from tdpm_dip import dip
 from tdpm_dip.data import make_sprites
 from tdpm_dip.dip import DIPConfig
 from tdpm_dip.generator import TDPMGenerator
-from tdpm_dip.methods import Context, Job, blind, common, generate, paper, run
+from tdpm_dip.methods import Context, Job, blind, common, paper, run
 
 
 class RecordingBar:
@@ -118,8 +118,7 @@ def test_progress_labels_of_the_paper_and_generation_chains(
     """Each chain's bar says what it runs: paper ddpm "DDPM reverse", TDPM-DIP "TDPM reverse", generation ddpm
     "DDPM 1000 steps"; every Result carries the seconds it took."""
     monkeypatch.setattr(common, "tqdm", RecordingBar)
-    monkeypatch.setattr(paper, "fit", FakeFit())
-    monkeypatch.setattr(generate, "fit", FakeFit())
+    monkeypatch.setattr(paper, "fit", FakeFit())  # generation's TDPM-DIP runs paper.oracle_tdpm too
     ctx = make_ctx(eps_zero(), progress=True)  # the stub: generation ddpm runs all 1000 steps
     clean = make_sprites(2, SIZE, seed=2).images
     for task, protocol, method, job, desc, total in (
