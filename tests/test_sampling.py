@@ -17,7 +17,7 @@ from tdpm_dip.errors import UserError
 from tdpm_dip.methods import Context, Job, run
 from tdpm_dip.models import build_unet
 from tdpm_dip.noise import image_generators, make_scheduler, randn
-from tdpm_dip.sampling import EpsModel, ddim_between, ddim_chain, reverse_chain
+from tdpm_dip.sampling import EpsModel, ddim_between, ddim_chain, diffpir_step, reverse_chain, sample
 
 # ------------------------------------------------------------------------------------------ EpsModel
 
@@ -244,3 +244,40 @@ def test_ddim_chain_with_eta_one_adds_the_ancestral_noise() -> None:
         var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - var) * eps + math.sqrt(var) * draw((3, 4, 4), g).double()
     assert torch.allclose(got, x.float(), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the sampler's data step
+
+
+def test_sample_applies_the_x0_step_at_each_level_and_diffpir_renoises_by_hand() -> None:
+    """`x0_step(x0, t)` sees each level's clipped x0 and its output is what the rule uses; DiffPIR's rule
+    (Zhu et al. 2023): x_s = sqrt(abar_s) x0' + sqrt(1 - abar_s) (sqrt(1 - zeta) eps^ + sqrt(zeta) z), eps^ the noise
+    x0' implies in x_t, z from the image's generator; the last step (s = 0) returns x0'."""
+    unet = eps_linear(1e-3)
+    model = EpsModel(unet, SCHED)
+    x = 0.3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    seen: list[int] = []
+
+    def halve(x0: torch.Tensor, t: int) -> torch.Tensor:
+        seen.append(t)
+        return 0.5 * x0
+
+    zeta = 0.3
+    got = sample(model, x, [40, 20, 0], gens([7, 8]), rule=diffpir_step(zeta), x0_step=halve)
+    assert seen == [40, 20]
+    g, want = gens([7, 8]), x.double()
+    for hi, lo in ((40, 20), (20, 0)):
+        eps = unet.coef(hi - 1) * want
+        x0 = 0.5 * ((want - math.sqrt(1 - abar(hi)) * eps) / math.sqrt(abar(hi))).clamp(-1, 1)
+        if lo == 0:
+            want = x0
+            break
+        eps_hat = (want - math.sqrt(abar(hi)) * x0) / math.sqrt(1 - abar(hi))
+        z = draw((3, 4, 4), g).double()
+        want = math.sqrt(abar(lo)) * x0 + math.sqrt(1 - abar(lo)) * (
+            math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * z
+        )
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    # zeta = 1: fresh noise only (annealed denoising), whatever x_t was
+    a = sample(model, x, [40, 20], gens([7, 8]), rule=diffpir_step(1.0), x0_step=lambda x0, t: torch.zeros_like(x0))
+    assert torch.allclose(a, math.sqrt(1 - abar(20)) * draw((3, 4, 4), gens([7, 8])), atol=1e-6)
