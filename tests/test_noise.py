@@ -15,6 +15,7 @@ import tdpm_dip
 from tdpm_dip.errors import UserError
 from tdpm_dip.noise import (
     abar,
+    add_noise,
     check_level,
     check_t_trunc,
     image_generators,
@@ -142,3 +143,15 @@ def test_image_generators_and_randn_draw_per_image_streams() -> None:
     assert x.dtype == torch.float32 and x.device.type == "cpu"
     for i, s in enumerate((4, 5, 6)):
         assert torch.equal(x[i], torch.randn((2, 3), generator=torch.Generator().manual_seed(s)))
+
+
+def test_add_noise_takes_sigma_from_0_to_255() -> None:
+    """sigma 0 is a noise-free 8-bit file (only the rounding), fractional and 255 are allowed; outside [0, 255] a
+    one-line error."""
+    x = torch.linspace(-1, 1, 3 * 4 * 4).view(1, 3, 4, 4)
+    assert torch.equal(add_noise(x, 0.0, [1]), torch.round((x + 1) * 127.5) / 127.5 - 1)
+    for ok in (0.5, 255.0):
+        assert add_noise(x, ok, [1]).shape == x.shape
+    for bad in (-0.5, 255.5):
+        with pytest.raises(UserError, match=r"sigma must be in \[0, 255\]"):
+            add_noise(x, bad, [1])
