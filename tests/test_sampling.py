@@ -17,7 +17,7 @@ from tdpm_dip.errors import UserError
 from tdpm_dip.methods import Context, Job, run
 from tdpm_dip.models import build_unet
 from tdpm_dip.noise import image_generators, make_scheduler, randn
-from tdpm_dip.sampling import EpsModel, ddim_between, ddim_chain, diffpir_step, reverse_chain, sample
+from tdpm_dip.sampling import EpsModel, ddim_between, ddim_chain, ddim_step, diffpir_step, reverse_chain, sample
 
 # ------------------------------------------------------------------------------------------ EpsModel
 
@@ -281,3 +281,14 @@ def test_sample_applies_the_x0_step_at_each_level_and_diffpir_renoises_by_hand()
     # zeta = 1: fresh noise only (annealed denoising), whatever x_t was
     a = sample(model, x, [40, 20], gens([7, 8]), rule=diffpir_step(1.0), x0_step=lambda x0, t: torch.zeros_like(x0))
     assert torch.allclose(a, math.sqrt(1 - abar(20)) * draw((3, 4, 4), gens([7, 8])), atol=1e-6)
+
+
+def test_ddim_step_is_deterministic_by_default() -> None:
+    """ddim_step() is DDIM with eta = 0: no noise is drawn and x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps."""
+    x, x0, eps = torch.full((1, 3, 2, 2), 0.2), torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), -0.1)
+
+    def no_noise() -> torch.Tensor:
+        raise AssertionError("eta 0 draws no noise")
+
+    got = ddim_step()(x, x0, eps, abar(30), abar(10), no_noise)
+    assert torch.allclose(got, math.sqrt(abar(10)) * x0 + math.sqrt(1 - abar(10)) * eps, atol=1e-6)
