@@ -1,4 +1,4 @@
-"""Device helpers shared by the compute modules (which device and dtype to use is decided in cli.py)."""
+"""Device helpers shared by the compute modules (which device and dtype to use is decided at the edges: runtime.py)."""
 
 from __future__ import annotations
 
