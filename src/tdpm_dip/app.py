@@ -30,7 +30,7 @@ from .errors import UserError, check_positive, check_sigma
 from .generator import load_generator
 from .images import like, make_grid, save_png, to_uint8
 from .methods.observe import blind_sigmas
-from .metrics import scores
+from .metrics import psnr, scores
 from .noise import add_noise, check_t_trunc, num_levels
 from .registry import Method
 from .runtime import dip_config, load_context
@@ -277,7 +277,7 @@ def denoise_handler(
     }
     if ref is not None:
         s = scores(out, ref)
-        info.update(psnr=s["PSNR"], ssim=s["SSIM"], input_psnr=scores(x, ref)["PSNR"])
+        info.update(psnr=s["PSNR"], ssim=s["SSIM"], input_psnr=float(psnr(x[None], ref[None])))
     report(1.0, "done")
     file = like(out, kind.gray, kind.bits, kind.alpha)
     return Denoised(to_uint8(out), to_uint8(x), info, [notice] if notice else [], file)

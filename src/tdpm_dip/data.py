@@ -119,6 +119,18 @@ def _gray_tensor(img: Image.Image) -> torch.Tensor | None:
     return x[None].expand(3, -1, -1).contiguous()
 
 
+# What PIL raises on a file it cannot read as an image (a decompression bomb is no OSError).
+_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _unreadable(path: Path, e: Exception) -> BadImage:
+    """The one-line BadImage for a file PIL could not read: "not an image", "empty file" or PIL's first line."""
+    reason = "not an image" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0] or type(e).__name__
+    if path.exists() and path.stat().st_size == 0:
+        reason = "empty file"
+    return BadImage(f"{path}: {reason}")
+
+
 def read_native(
     path: str | os.PathLike,
     max_pixels: int | None = None,
@@ -144,11 +156,8 @@ def read_native(
                 x = pil_to_tensor(to_rgb(upright))
     except (BadImage, UserError):
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = "not an image" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0] or type(e).__name__
-        if path.stat().st_size == 0 if path.exists() else False:
-            reason = "empty file"
-        raise BadImage(f"{path}: {reason}") from None
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
     return x, kind
 
 
@@ -167,11 +176,8 @@ def load_image(path: str | os.PathLike, size: int | None, fill: tuple[int, int, 
             rgb = to_rgb(upright, fill)
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = "not an image" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0] or type(e).__name__
-        if path.stat().st_size == 0 if path.exists() else False:
-            reason = "empty file"
-        raise BadImage(f"{path}: {reason}") from None
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
     return pil_to_tensor(rgb if size is None else square_resize(rgb, size, fill))
 
 

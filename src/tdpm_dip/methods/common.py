@@ -49,20 +49,28 @@ def check_trained_level(ctx: Context, t: int, what: str = "a reverse chain", adv
         )
 
 
+def after_each_step(ctx: Context, bar: tqdm | None) -> Callable[[int], None] | None:
+    """A sampler's callback: advance the bar and run `ctx.interrupt` after every step (a chain is tens to hundreds of
+    network calls: the app's time budget cannot wait for its end); None when there is neither."""
+    if bar is None and ctx.interrupt is None:
+        return None
+
+    def step(_: int) -> None:
+        if bar is not None:
+            bar.update()
+        if ctx.interrupt is not None:
+            ctx.interrupt()
+
+    return step
+
+
 def chain(ctx: Context, x_t: torch.Tensor, t: int, gens: list[torch.Generator], desc: str) -> torch.Tensor:
     """Reverse chain from level t (`sampling.reverse_chain`), in batches of ctx.batch_size; `ctx.interrupt` runs
-    after every step (a chain is hundreds of network calls: the app's time budget cannot wait for its end)."""
+    after every step (`after_each_step`)."""
     check_trained_level(ctx, t)
     out = []
     with progress_bar(ctx, t * math.ceil(x_t.shape[0] / ctx.batch_size), desc) as bar:
-
-        def step(_: object) -> None:
-            if bar is not None:
-                bar.update()
-            if ctx.interrupt is not None:
-                ctx.interrupt()
-
-        callback = step if bar is not None or ctx.interrupt is not None else None
+        callback = after_each_step(ctx, bar)
         for sl in chunks(x_t.shape[0], ctx.batch_size):
             out.append(reverse_chain(ctx.model, x_t[sl], t, gens[sl], callback=callback))
     return torch.cat(out)

@@ -27,7 +27,7 @@ from ..dip import DIPConfig, DIPResult
 from ..noise import abar, image_generators, num_levels, q_sample, randn
 from ..operators import Downsample, Inpaint, Operator, inpaint_biharmonic, upsample_bicubic
 from ..sampling import X0Step, ddim_step, diffpir_step, sample, spaced_levels
-from .common import check_trained_level, chunks, fit, need, progress_bar
+from .common import after_each_step, check_trained_level, chunks, fit, need, progress_bar
 from .types import Context, Job, Result
 
 
@@ -80,13 +80,6 @@ def _chains(
     out = torch.zeros_like(start)
     calls = (len(levels) - 1) * job.samples
     with progress_bar(ctx, calls * math.ceil(start.shape[0] / ctx.batch_size), desc) as bar:
-
-        def after_step(_: int) -> None:  # the bar, and the caller's stop check (the app's time budget)
-            if bar is not None:
-                bar.update()
-            if ctx.interrupt is not None:
-                ctx.interrupt()
-
         for sl in chunks(start.shape[0], ctx.batch_size):
             part = op.part(sl)
             step = data_step(part, y[sl], sigma_y, ctx.scheduler, defaults.RESTORE_LAMBDA) if consistent else None
@@ -101,7 +94,7 @@ def _chains(
                     gens[sl],
                     rule=ddim_step(chain["eta"]) if "eta" in chain else diffpir_step(chain["zeta"]),
                     x0_step=step,
-                    callback=after_step,
+                    callback=after_each_step(ctx, bar),
                 )
     return (out / job.samples).clamp(-1, 1)
 

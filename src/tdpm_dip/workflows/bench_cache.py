@@ -281,7 +281,7 @@ class Bench:
             return {}
         out = scores(image, self.images[i])
         if inp is not None and spec.protocol == "blind":
-            out["input PSNR"] = scores(inp, self.images[i])["PSNR"]
+            out["input PSNR"] = float(psnr(inp[None], self.images[i : i + 1])[0])
         return out
 
     def load_image(self, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
