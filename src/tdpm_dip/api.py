@@ -144,6 +144,15 @@ class Denoiser:
             out,
         )
 
+    def run(self, job: Job, method: str, protocol: str = "blind") -> Result:
+        """One denoising method on one job: the path of `denoise_tensors`, of the CLI's `--input` and `--clean`
+        runs and of the app. Blind jobs run at the images' own size (`methods.run_native`: padded, or in tiles
+        beyond the tile side); paper jobs (the report's oracle protocol, which needs `job.clean`) at the model's
+        size."""
+        if protocol == "blind":
+            return run_native(self.ctx, method, job, self.shard, self.tile)
+        return run(self.ctx, "denoise", protocol, method, job, self.shard)
+
     def denoise_tensors(
         self, images: list[torch.Tensor], sigmas: list[float], method: str | None, seeds: list[int], **options: object
     ) -> tuple[list[torch.Tensor], float, float]:
@@ -165,7 +174,7 @@ class Denoiser:
                 sigma=tuple(sigmas[i] for i in idx),
                 **options,  # type: ignore[arg-type]
             )
-            res = run_native(self.ctx, name, job, self.shard, self.tile)
+            res = self.run(job, name)
             for k, i in enumerate(idx):
                 outputs[i] = res.images[k]
             seconds += res.seconds

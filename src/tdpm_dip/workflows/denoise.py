@@ -17,7 +17,7 @@ from ..data import ImageKind, NativeFile, load_images, read_native, scan_native
 from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma, check_symmetries
 from ..images import save_like, save_png
-from ..methods import Job, run
+from ..methods import Job
 from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
 from ..methods.observe import blind_sigmas
@@ -432,7 +432,7 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
         noise_label = f"{opts.noise}, sigma {sigma:g}"
         job = Job(seeds, noisy=noisy, sigma=(sigma,), clean=x0, **opts.job_options())
     out_dir = prepare_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)  # after every input check
-    results = [run(ctx, "denoise", opts.protocol, m, job, den.shard) for m in opts.methods]
+    results = [den.run(job, m, opts.protocol) for m in opts.methods]
     if not main:
         return out_dir
     labels = {
