@@ -52,3 +52,48 @@ def test_bench_restore_writes_tables_and_resumes_per_image(
     calls.clear()
     br.bench_restore(b, tmp_path / "run", restorer, lambda _: None)
     assert calls == []  # everything cached: nothing recomputed
+
+
+def test_bench_restore_kid_leaves_the_restored_images_out_of_its_reference(
+    tmp_path: Path, sprite_dir_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from tdpm_dip.errors import UserError
+    from tdpm_dip.metrics import TorchExtractor
+
+    model = tmp_path / "ddpm"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
+    data = sprite_dir_factory(7, 16)
+    restorer = Restorer.from_pretrained(str(model), device="cpu", dtype="fp32", dip_preset="dip-tiny", dip_iters=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    seen: list[int] = []
+
+    def extractor(weights: str | None) -> TorchExtractor:
+        ext = TorchExtractor(net, "conv")
+        real = ext.__call__
+
+        class Counting:
+            def __call__(self, images: torch.Tensor) -> torch.Tensor:
+                seen.append(images.shape[0])
+                return real(images)
+
+        return Counting()  # type: ignore[return-value]
+
+    monkeypatch.setattr(br, "inception_extractor", extractor)
+    b = br.RestoreBench(str(model), str(data), 4, ("box",), ("biharmonic", "ccdf"), 1, 1, 0, fid=True)
+    rows = br.bench_restore(b, tmp_path / "run", restorer, lambda _: None)["box"]
+    assert seen[0] == 3  # the 7 images but the 4 restored ones
+    assert seen[1:] == [4, 4, 4]  # each method's outputs, then the clean images
+    assert [r["method"] for r in rows] == ["biharmonic", "ccdf", "the clean images themselves"]
+    kids = [r["KID"] for r in rows]
+    assert all(isinstance(k, float) for k in kids) and len(set(kids)) == 3  # computed per row, not copied
+    assert "KID" in (tmp_path / "run" / "restore" / "box.md").read_text()
+    with pytest.raises(UserError, match="KID needs real images"):
+        br.bench_restore(
+            br.RestoreBench(str(model), str(data), 7, ("box",), ("biharmonic",), 1, 1, 0, fid=True),
+            tmp_path / "run2",
+            restorer,
+            lambda _: None,
+        )

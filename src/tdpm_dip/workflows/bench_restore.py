@@ -21,7 +21,7 @@ from ..api import Restorer
 from ..data import load_image, load_images
 from ..errors import UserError
 from ..images import save_png
-from ..metrics import device_name, score_uint8
+from ..metrics import device_name, extract_features, inception_extractor, kid_from_features, score_uint8
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, make_mask
 from ..outputs import write_json, write_text
@@ -52,6 +52,9 @@ class RestoreBench:
     dip_seeds: int
     seed: int
     device: str = "cpu"
+    fid: bool = False  # KID of every row against `reference_data` (InceptionV3 features, the `fid` extra)
+    fid_weights: str | None = None
+    reference_data: str | None = None  # KID's real images (default: --data); the restored images are left out
 
 
 def _degrade(task: str, clean: torch.Tensor, seeds: list[int]) -> tuple[list[torch.Tensor], list[Operator]]:
@@ -112,10 +115,33 @@ def _row(method: str, runs: list[list[dict]], n: int) -> dict:
     return row
 
 
+class _Kid:
+    """KID (Binkowski et al. 2018) of a row's outputs against real images that were not restored: the
+    reference set's InceptionV3 features are extracted once, the outputs' per row. It says whether what a
+    method invents (a hole, a missing half) looks like the images, which PSNR against one answer does not."""
+
+    def __init__(self, b: RestoreBench, names: list[str], size: int, echo: Echo) -> None:
+        self.extractor = inception_extractor(b.fid_weights)
+        source = b.reference_data or b.data
+        ref = load_images(source, size)
+        same = Path(source).resolve() == Path(b.data).resolve()
+        keep = [i for i, nm in enumerate(ref.names) if not (same and nm in set(names))]
+        if len(keep) < 2:
+            raise UserError(f"--reference-data {source}: KID needs real images other than the restored ones")
+        self.n_ref = len(keep)
+        self.ref = extract_features(ref.images[keep], self.extractor)
+        echo(f"KID against {self.n_ref} real images of {source}" + (" (the restored ones left out)" if same else ""))
+
+    def __call__(self, images: torch.Tensor, seed: int) -> tuple[float, float]:
+        k = kid_from_features(extract_features(images, self.extractor), self.ref, seed=seed)
+        return k["kid"], k["kid_std"]
+
+
 def bench_restore(b: RestoreBench, out: Path, restorer: Restorer, echo: Echo) -> dict[str, list[dict]]:
     """Every task's table (RUN/restore/TASK.md) and figure (RUN/restore/TASK.png); returns the rows."""
     images = load_images(b.data, int(restorer.ctx.unet.config.sample_size), limit=b.n)
     clean = images.images
+    kid = _Kid(b, images.names, int(clean.shape[-1]), echo) if b.fid else None
     seeds = list(range(b.seed, b.seed + clean.shape[0]))
     root = out / "restore"
     tables: dict[str, list[dict]] = {}
@@ -133,6 +159,13 @@ def bench_restore(b: RestoreBench, out: Path, restorer: Restorer, echo: Echo) ->
                 runs.append(_run_method(b, restorer, task, m, s, (images.names, clean, y, ops), root / "cache"))
             rows.append(_row(m, runs, len(images.names)))
             shown[m] = root / "cache" / task / f"{m}-s0-{_key(b, task, m, 0, restorer)}"
+            if kid is not None:  # the first seed's outputs, as written (8-bit PNGs)
+                outs = torch.stack([load_image(shown[m] / f"{nm}.png", None) for nm in images.names])
+                rows[-1]["KID"], rows[-1]["KID std"] = (round(v, 4) for v in kid(outs, b.seed))
+        if kid is not None:
+            real = kid(clean, b.seed)
+            rows.append({"method": "the clean images themselves", "n": len(images.names)})
+            rows[-1]["KID"], rows[-1]["KID std"] = round(real[0], 4), round(real[1], 4)
         tables[task] = rows
         _write_task(root, task, rows, images.names, clean, y, shown, b)
     return tables
@@ -165,7 +198,16 @@ def _write_task(
         f"# Restoration: {task} ({what}{f', noise sigma {sigma:g}' if sigma else ''}; blind protocol)\n\n"
         f"{len(names)} images of {b.data}; PSNR / SSIM on 8-bit outputs (scikit-image); DIP methods over "
         f"{b.dip_seeds} seeds; {b.samples} chains averaged per diffusion method; {device_name(b.device)}.\n\n"
-        f"Rows of {task}.png: " + ", ".join(label for label, _ in fig) + "\n\n"
+        + (
+            "KID: InceptionV3 features of the first seed's 8-bit outputs against the real images of "
+            f"{b.reference_data or b.data} that were not restored (100 subsets; about 0 when the outputs look like "
+            "them; the last row is the floor at this n).\n\n"
+            if b.fid
+            else ""
+        )
+        + f"Rows of {task}.png: "
+        + ", ".join(label for label, _ in fig)
+        + "\n\n"
     )
     write_text(root / f"{task}.md", head + table(rows))
     print(head + table(rows))
