@@ -85,7 +85,12 @@ def prepare_data_cmd(source: str, test: int, size: int, out: str, overwrite: boo
 @click.option("--sigma", type=float, required=True, help="Gaussian noise std on the 0..255 scale.")
 @first_n_option()
 @click.option("--size", type=int, default=64, help="Side in pixels (padded to a square with white, Lanczos).")
-@click.option("--seed", type=int, default=1234, help="Seed of the one generator that draws every image's noise.")
+@click.option(
+    "--seed",
+    type=int,
+    default=1234,
+    help="Image i's noise is drawn from seed SEED+i alone, as denoise --clean draws it.",
+)
 @out_option("Output folder: clean/ and noisy/.")
 @overwrite_option()
 def add_noise_cmd(source: str, sigma: float, n: int | None, size: int, seed: int, out: str, overwrite: bool) -> None:
