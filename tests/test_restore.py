@@ -228,3 +228,57 @@ def test_cli_restore_writes_outputs_and_scores(tiny: str, tmp_path: Path, capsys
         dest = tmp_path / "bad"
         code, _, err = run_cli(["restore", "--model", tiny, "--device", "cpu", *bad, "--out", dest], capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1 and not dest.exists(), (bad, err)
+
+
+def test_restore_interrupt_keeps_finished_images_and_resume_computes_the_rest(
+    tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for i, x in enumerate(make_sprites(4, SIZE, seed=5).images):
+        Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(clean / f"s{i}.png")
+    args = ["restore", "--task", "sr", "--scale", "2", "--model", tiny, "--clean", clean, "--method", "bicubic"]
+    args += ["--method", "ccdf", "--samples", "1", "--steps", "2", "--device", "cpu", "--batch-size", "1"]
+    assert run_cli([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    real = Restorer.restore_tensors
+    seen: list[int] = []
+
+    def counted(stop: int) -> Callable[..., object]:
+        def call(self: Restorer, observed: list, *a: object, **k: object) -> object:
+            if len(seen) == stop:
+                raise KeyboardInterrupt  # Ctrl-C inside the third image's first method
+            seen.append(len(observed))
+            return real(self, observed, *a, **k)  # type: ignore[arg-type]
+
+        return call
+
+    monkeypatch.setattr(Restorer, "restore_tensors", counted(4))
+    code, _, err = run_cli([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 130 and "2 of 4 images finished" in err and "--resume" in err, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (
+        metrics["complete"] is False and [e["status"] for e in metrics["images"]] == ["done"] * 2 + ["not computed"] * 2
+    )
+    assert sorted(p.name for p in (tmp_path / "o" / "ccdf").iterdir()) == ["s0.png", "s1.png"]
+    assert [r["n"] for r in metrics["rows"]] == [2, 2] and all(r["PSNR"] > 0 for r in metrics["rows"])
+    # --resume with other options refuses, naming the option; with the same ones it computes only the rest
+    code, _, err = run_cli([*args, "--seed", "1", "--resume", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "made with seed 0, not 1" in err, err
+    seen.clear()
+    monkeypatch.setattr(Restorer, "restore_tensors", counted(99))
+    code, _, err = run_cli([*args, "--resume", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert seen == [1] * 4  # two images, two methods each
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (
+        metrics["complete"] is True
+        and [e["run"] for e in metrics["images"]] == ["earlier (--resume)"] * 2 + ["this"] * 2
+    )
+    for m in ("bicubic", "ccdf"):
+        for i in range(4):
+            assert (tmp_path / "o" / m / f"s{i}.png").read_bytes() == (
+                tmp_path / "whole" / m / f"s{i}.png"
+            ).read_bytes()
+            assert metrics["images"][i][m]["PSNR"] == pytest.approx(whole["images"][i][m]["PSNR"])
+    assert [r["PSNR"] for r in metrics["rows"]] == pytest.approx([r["PSNR"] for r in whole["rows"]])

@@ -392,7 +392,7 @@ def _interrupt(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> None:
     monkeypatch.setattr(importlib.import_module(module), name, boom)
 
 
-@pytest.mark.parametrize("where", [("tdpm_dip.workflows.denoise", "run"), ("tdpm_dip.reporting", "comparison_figure")])
+@pytest.mark.parametrize("where", [("tdpm_dip.methods.dispatch", "run"), ("tdpm_dip.reporting", "comparison_figure")])
 def test_interrupted_denoise_keeps_earlier_outputs(
     where: tuple[str, str],
     model: Path,

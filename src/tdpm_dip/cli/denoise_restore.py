@@ -211,6 +211,12 @@ def denoise(threads: int, **kwargs: object) -> None:
     default=defaults.RESTORE_MAX_PIXELS,
     help="Refuse outputs above this many pixels (the cost grows with them).",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep the images an interrupted run into --out finished (metrics.json marks them) and compute only the "
+    "rest, with the same options.",
+)
 @out_option()
 @dip_options
 @compute_options

@@ -4,6 +4,7 @@ user's files, or of clean images degraded here first (and scored), through the r
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,13 +14,13 @@ import torch
 
 from .. import defaults, registry
 from ..api import Restorer, read_mask
-from ..data import list_images, load_images, load_native
+from ..data import list_images, load_image, load_images, load_native
 from ..errors import UserError, check_positive
 from ..images import save_png
 from ..metrics import score_uint8
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
-from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
+from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import labelled_comparison, table, thumbnails
 from .common import RunOptions
 
@@ -47,6 +48,7 @@ class RestoreOptions(RunOptions):
     steps: int | None = None
     n: int | None = None
     max_pixels: int = defaults.RESTORE_MAX_PIXELS
+    resume: bool = False  # keep the images an interrupted run into --out finished, compute the rest
 
     def check(self) -> RestoreOptions:
         """Every check that needs no image and no model; returns the options with the methods resolved."""
@@ -76,6 +78,8 @@ class RestoreOptions(RunOptions):
         check_positive("--steps", self.steps)
         check_positive("--n", self.n)
         check_positive("--max-pixels", self.max_pixels)
+        if self.resume and self.overwrite:
+            raise UserError("give --resume (keep what an earlier run finished) or --overwrite (start afresh), not both")
         for path, what in ((self.input, "--input"), (self.clean, "--clean"), (self.mask, "--mask")):
             if path is not None and not Path(path).exists():
                 raise UserError(f"{what} {path}: no such file or folder")
@@ -97,9 +101,11 @@ class Observations:
 
 
 def restore(opts: RestoreOptions, echo: Echo) -> Path:
-    """Run the command; returns the output folder."""
+    """Run the command; returns the output folder. The images run a batch at a time (every method on a batch
+    before the next); Ctrl-C keeps the finished ones, marked in metrics.json, and `--resume` computes the rest."""
     opts = opts.check()
-    refuse_out_dir(opts.out, opts.overwrite)  # before any model or image is loaded
+    keep = opts.overwrite or opts.resume
+    refuse_out_dir(opts.out, keep)  # before any model or image is loaded
     obs = _observations(opts) if opts.input is not None else None  # a user's files: checked before the model
     res = Restorer.from_pretrained(
         opts.model, opts.device, opts.dtype, opts.batch_size, opts.dip_preset, opts.dip_iters, opts.dip_lr, True
@@ -111,15 +117,25 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
         if m not in res.methods(opts.task):
             raise UserError(f"method {m} cannot run with this DDPM (it needs a DDPM trained on every noise level)")
     echo(f"{len(obs.names)} images: {_describe(opts)}; methods {', '.join(methods)}")
-    out_dir = prepare_out_dir(opts.out, opts.overwrite)  # after every input check
-    seeds = list(range(opts.seed, opts.seed + len(obs.names)))
-    outputs, rows = {}, []
-    for m in methods:
-        outputs[m], seconds, nfe = res.restore_tensors(
-            obs.observed, obs.operators, m, seeds, opts.sigma, **opts.job_options()
+    out_dir = prepare_out_dir(opts.out, keep)  # after every input check
+    run = _Run(res, opts, obs, methods)
+    if opts.resume and run.carry(out_dir):
+        echo(f"--resume: {run.done_count} of {len(obs.names)} images are done in {out_dir}; computing the rest")
+    interrupted: KeyboardInterrupt | None = None
+    with staged_dir(out_dir) as tmp:
+        try:
+            run.compute()
+        except KeyboardInterrupt as e:  # keep what is finished; the swap below runs with signals held back
+            interrupted = e
+        run.write(tmp)
+    if interrupted is not None:
+        echo(
+            f"interrupted: {run.done_count} of {len(obs.names)} images finished, kept in {out_dir} (metrics.json "
+            "marks them); add --resume to compute the rest"
         )
-        rows.append(_row(m, outputs[m], obs.clean, seconds, nfe, opts))
-    _write(out_dir, obs, outputs, rows, opts)
+        raise interrupted
+    print(table(run.rows()))
+    print(out_dir / "comparison.png")
     return out_dir
 
 
@@ -217,57 +233,154 @@ def _references(folder: str, names: list[str]) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def _row(
-    method: str,
-    outputs: list[torch.Tensor],
-    clean: list[torch.Tensor] | None,
-    seconds: float,
-    nfe: float,
-    opts: RestoreOptions,
-) -> dict:
-    n = len(outputs)
-    row: dict = {"method": method, "protocol": "blind", "task": _describe(opts), "n": n}
-    if clean is not None:
-        scores = [score_uint8(o, c) for o, c in zip(outputs, clean) if o.shape == c.shape]
-        if len(scores) != n:
-            raise UserError("--reference: a clean image's size differs from its restored image's")
-        row["PSNR"] = sum(p for p, _ in scores) / n
-        row["SSIM"] = sum(s for _, s in scores) / n
-    row.update({"NFE": round(nfe, 1), "s/img": seconds / n})
-    return row
+class _Run:
+    """The images of one `restore` run: each method's output per image, and each image's metrics.json entry."""
 
+    def __init__(self, res: Restorer, opts: RestoreOptions, obs: Observations, methods: tuple[str, ...]) -> None:
+        self.res, self.opts, self.obs, self.methods = res, opts, obs, methods
+        n = len(obs.names)
+        self.outputs: dict[str, list[torch.Tensor | None]] = {m: [None] * n for m in methods}
+        self.entries: list[dict] = [{"name": nm, "status": "not computed"} for nm in obs.names]
+        self.earlier: Path | None = None  # the folder of an earlier run whose finished images are carried over
 
-def _write(
-    out_dir: Path, obs: Observations, outputs: dict[str, list[torch.Tensor]], rows: list[dict], opts: RestoreOptions
-) -> None:
-    """observed/, mask/ (masks made here), one folder of PNGs per method, comparison.png, metrics.md and .json;
-    built beside `out_dir` and moved in complete."""
-    fig = [("observed", thumbnails(obs.observed))] + [(m, thumbnails(o)) for m, o in outputs.items()]
-    if obs.clean is not None:
-        fig.append(("clean", thumbnails(obs.clean)))
-    per_image = []
-    for i, name in enumerate(obs.names):
-        entry: dict = {"name": name, "size": list(outputs[next(iter(outputs))][i].shape[-2:][::-1])}
-        if obs.clean is not None:
-            for m, o in outputs.items():
-                p, s = score_uint8(o[i], obs.clean[i])
-                entry[m] = {"PSNR": p, "SSIM": s}
-        per_image.append(entry)
-    with staged_dir(out_dir) as tmp:
+    @property
+    def done_count(self) -> int:
+        return sum(e["status"] == "done" for e in self.entries)
+
+    def carry(self, out_dir: Path) -> bool:
+        """Take over the images an earlier run with the same options finished in `out_dir` (their files
+        present); a run made with other options is refused with one line."""
+        path = out_dir / "metrics.json"
+        if not path.is_file():
+            return False
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"--resume: {path} is unreadable; start afresh with --overwrite") from None
+        key = _run_key(self.opts)
+        if not isinstance(old, dict) or "run" not in old:
+            raise UserError(f"--resume: {out_dir} holds no restore run of this version; start afresh with --overwrite")
+        diff = [k for k in key if old["run"].get(k) != key[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(
+                f"--resume: {out_dir} was made with {k} {old['run'].get(k)!r}, not {key[k]!r}; give the same "
+                "options, or --overwrite to start afresh"
+            )
+        earlier = {e.get("name"): e for e in old.get("images", []) if e.get("status") == "done"}
+        for i, nm in enumerate(self.obs.names):
+            files = [out_dir / m / f"{nm}.png" for m in self.methods]
+            if nm in earlier and all(f.is_file() for f in files):
+                for m, f in zip(self.methods, files):
+                    self.outputs[m][i] = load_image(f, None)
+                self.entries[i] = earlier[nm] | {"run": "earlier (--resume)"}
+        self.earlier = out_dir
+        return self.done_count > 0
+
+    def compute(self) -> None:
+        """Every method on a batch of the images not done yet, then the next batch (image i uses seed SEED+i,
+        whatever the batch)."""
+        todo = [i for i, e in enumerate(self.entries) if e["status"] != "done"]
+        obs, opts, bs = self.obs, self.opts, self.res.ctx.batch_size
+        for lo in range(0, len(todo), bs):
+            idx = todo[lo : lo + bs]
+            entries: list[dict] = [{"name": obs.names[i], "run": "this"} for i in idx]
+            for m in self.methods:
+                outs, seconds, nfe = self.res.restore_tensors(
+                    [obs.observed[i] for i in idx],
+                    [obs.operators[i] for i in idx],
+                    m,
+                    [opts.seed + i for i in idx],
+                    opts.sigma,
+                    **opts.job_options(),
+                )
+                for k, i in enumerate(idx):
+                    self.outputs[m][i] = outs[k]
+                    entries[k][m] = {"seconds": seconds / len(idx), "NFE": nfe}
+                    if obs.clean is not None:
+                        entries[k][m] |= dict(zip(("PSNR", "SSIM"), _score(outs[k], obs.clean[i])))
+            for k, i in enumerate(idx):
+                size = list(self.outputs[self.methods[0]][i].shape[-2:][::-1])  # type: ignore[union-attr]
+                self.entries[i] = entries[k] | {"size": size, "status": "done"}
+
+    def rows(self) -> list[dict]:
+        """One table row per method: mean scores, NFE and seconds over the images done."""
+        done = [e for e in self.entries if e["status"] == "done"]
+        rows = []
+        for m in self.methods:
+            row: dict = {"method": m, "protocol": "blind", "task": _describe(self.opts), "n": len(done)}
+            if self.obs.clean is not None and done:
+                row["PSNR"] = sum(e[m]["PSNR"] for e in done) / len(done)
+                row["SSIM"] = sum(e[m]["SSIM"] for e in done) / len(done)
+            n = max(1, len(done))
+            row |= {
+                "NFE": round(sum(e[m]["NFE"] for e in done) / n, 1),
+                "s/img": sum(e[m]["seconds"] for e in done) / n,
+            }
+            rows.append(row)
+        return rows
+
+    def write(self, tmp: Path) -> None:
+        """observed/, mask/ (masks made here), one folder of PNGs per method (the images done), comparison.png,
+        metrics.md and metrics.json."""
+        obs, n = self.obs, len(self.obs.names)
+        done = [i for i, e in enumerate(self.entries) if e["status"] == "done"]
+        status = (
+            "complete"
+            if len(done) == n
+            else f"interrupted: {len(done)} of {n} images done (--resume computes the rest)"
+        )
         for i, name in enumerate(obs.names):
             save_png(obs.observed[i], tmp / "observed" / f"{name}.png")
             if obs.made_masks and isinstance(obs.operators[i], Inpaint):
                 save_png(obs.operators[i].mask[0].expand(3, -1, -1) * 2 - 1, tmp / "mask" / f"{name}.png")  # type: ignore[attr-defined]
-            for m, images in outputs.items():
-                save_png(images[i], tmp / m / f"{name}.png")
-        labelled_comparison(tmp / "comparison.png", fig)
-        title = f"Restoration: {_describe(opts)} (blind protocol: only the observation)"
+        for m, outs in self.outputs.items():
+            for i in done:
+                dst = tmp / m / f"{obs.names[i]}.png"
+                if self.earlier is not None and self.entries[i]["run"] != "this":  # the earlier file, as it was
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    link_or_copy(self.earlier / m / dst.name, dst)
+                else:
+                    save_png(outs[i], dst)  # type: ignore[arg-type]
+        fig = [("observed", thumbnails([obs.observed[i] for i in done]))] if done else []
+        fig += [(m, thumbnails([o[i] for i in done])) for m, o in self.outputs.items()] if done else []  # type: ignore[misc]
+        if obs.clean is not None and done:
+            fig.append(("clean", thumbnails([obs.clean[i] for i in done])))
+        if fig:
+            labelled_comparison(tmp / "comparison.png", fig)
+        title = f"Restoration: {_describe(self.opts)} (blind protocol: only the observation)"
         labels = ", ".join(label for label, _ in fig)
-        write_text(tmp / "metrics.md", f"# {title}\n\nRows of comparison.png: {labels}\n\n" + table(rows))
-        write_json(tmp / "metrics.json", {"rows": rows, "options": _options(opts), "images": per_image})
-    print(table(rows))
-    print(out_dir / "comparison.png")
+        head = f"# {title}\n\n" + ("" if len(done) == n else f"**{status}**\n\n")
+        write_text(tmp / "metrics.md", head + f"Rows of comparison.png: {labels}\n\n" + table(self.rows()))
+        write_json(
+            tmp / "metrics.json",
+            {
+                "status": status,
+                "complete": len(done) == n,
+                "run": _run_key(self.opts),
+                "rows": self.rows(),
+                "options": _options(self.opts),
+                "images": self.entries,
+            },
+        )
+
+
+def _score(x: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
+    if x.shape != clean.shape:
+        raise UserError("--reference: a clean image's size differs from its restored image's")
+    return score_uint8(x, clean)
+
+
+def _run_key(opts: RestoreOptions) -> dict:
+    """What decides a run's results: a --resume run must match it (device, threads and batch size do not change
+    them: image i uses seed SEED+i whatever the batch)."""
+    skip = ("out", "overwrite", "resume", "n", "device", "batch_size")
+    key = {k: v for k, v in _options(opts).items() if k not in skip}
+    for k in ("input", "clean", "reference", "mask"):
+        if key.get(k) is not None:
+            key[k] = str(Path(key[k]).resolve())
+    return json.loads(json.dumps(key))  # tuples as lists, as metrics.json reads back
 
 
 def _options(opts: RestoreOptions) -> dict:
-    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("out", "overwrite")}
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("out", "overwrite", "resume")}
