@@ -344,3 +344,38 @@ def test_the_download_keeps_the_uploads_kind(models: AppModels, tmp_path: Path) 
     small = denoise_handler(models, str(rgba), "tweedie", sigma=25.0, max_pixels=10 * 12)
     assert small.file is not None and small.file.size == (small.image.shape[1], small.image.shape[0])
     assert np.asarray(small.file).shape[-1] == 4
+
+
+def test_a_closed_handler_stops_its_work() -> None:
+    """The page's handlers are generators over work in a thread: Gradio closes a generator when its page
+    disconnects or the request is cancelled, and the work must then see alive() False and stop; finished work
+    yields its result, and its errors reach the handler."""
+    import threading
+    import time
+
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from tdpm_dip.app_ui import RESULT_OUTPUTS, _in_worker
+
+    stopped = threading.Event()
+
+    def forever(alive) -> str:
+        while alive():
+            time.sleep(0.01)
+        stopped.set()
+        return "never shown"
+
+    handler = _in_worker(forever)
+    first = next(handler)  # "no change" while the work runs
+    assert len(first) == RESULT_OUTPUTS and all(u == gr.skip() for u in first)
+    assert not stopped.is_set()
+    handler.close()  # what Gradio does on /cancel and on a disconnect
+    assert stopped.wait(5)
+    assert list(_in_worker(lambda alive: ("a", "b", "c", "d")))[-1] == ("a", "b", "c", "d")
+
+    def fails(alive) -> None:
+        raise gr.Error("one line")
+
+    with pytest.raises(gr.Error, match="one line"):
+        list(_in_worker(fails))

@@ -153,6 +153,12 @@ def test_a_cancelled_request_frees_the_server(server: tuple[str, Path], tmp_path
     job.cancel()  # (gradio_client may wait here for the server's answer)
     out = _denoise(server[0], small)
     assert time.monotonic() - t0 < MAX_SECONDS / 2 and np.asarray(Image.open(out[1])).shape[:2] == (24, 24)
+    # the cancelled request's work stopped (not only its place in the queue): the server's console says so
+    log = server[1].parent / "server.log"
+    deadline = time.monotonic() + 10
+    while "its work stopped" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
 
 
 def test_bad_seeds_are_one_line(server: tuple[str, Path], tmp_path: Path) -> None:

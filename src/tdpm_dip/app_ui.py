@@ -7,9 +7,12 @@ The page talks only to its own server: analytics off, no share link, localhost u
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +54,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr
 
 IMAGE_HEIGHT = 360  # px on the page (images are shown whole, scaled to fit)
+POLL_SECONDS = 0.25  # a handler yields this often while its work runs, so that Gradio can close it
+RESULT_OUTPUTS = 4  # what `_result_column` shows: input, result, summary, PNG
 FILE_HEIGHT = 140
 BUTTONS: list = ["download", "fullscreen"]  # no "share": it would upload the image to a third party
 # Small images (a 32 px model's samples, a thumbnail) fill their box, pixels kept sharp to show the noise.
@@ -112,20 +117,34 @@ def budget_text(max_side: int, max_seconds: float) -> str:
     )
 
 
-def _session_alive(holder: dict, request: gr.Request | None) -> Callable[[], bool]:
-    """Whether the visitor who sent `request` still waits for it: Gradio marks a request's job dead when its page
-    disconnects (Queue.clean_events) and drops it from the active jobs when it is cancelled (/cancel), while the
-    handler's thread runs on. Outside a queued request (or another Gradio's internals) there is nothing to ask."""
+def _in_worker(work: Callable[[Callable[[], bool]], Any]) -> Iterator[Any]:
+    """A handler as a generator: `work(alive)` runs in a thread (with the request's context, for its progress
+    bar) while this yields "no change" every POLL_SECONDS, then yields its result. Gradio closes a generator
+    handler when its visitor's page disconnects or the request is cancelled (/cancel); the close lands here, and
+    `alive()` turns False, so the work stops at its next check (between tiles, DIP iterations or chain steps)."""
+    stop = threading.Event()
+    box: dict = {}
 
-    def alive() -> bool:
-        page, session = holder.get("page"), getattr(request, "session_hash", None)
-        active = getattr(getattr(page, "_queue", None), "active_jobs", None)
-        if active is None or session is None:
-            return True
-        mine = [ev for job_set in active if job_set for ev in job_set if getattr(ev, "session_hash", None) == session]
-        return any(getattr(ev, "alive", True) for ev in mine)
+    def target() -> None:
+        try:
+            box["value"] = work(lambda: not stop.is_set())
+        except BaseException as e:  # raised again below, in the handler, where the page's errors are made
+            box["error"] = e
+        if stop.is_set():  # the server's console says that the work of a request nobody waits for stopped
+            print("a request was cancelled or its page closed: its work stopped", file=sys.stderr, flush=True)
 
-    return alive
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(POLL_SECONDS)
+            if thread.is_alive():
+                yield tuple(gr.skip() for _ in range(RESULT_OUTPUTS))
+    finally:
+        stop.set()
+    if "error" in box:
+        raise box["error"]
+    yield box["value"]
 
 
 def _gr_progress(progress: gr.Progress):
@@ -142,7 +161,6 @@ def build_ui(
     """The page: Denoise, Upscale, Inpaint and Generate tabs, their method lists read from the registry."""
     den, gen = (Path(m.name).name or m.name for m in (models.denoiser, models.generator))
     results = results or Results()
-    holder: dict = {}  # the page, for the handlers' "is the visitor still there" check
     with gr.Blocks(title="tdpm-dip", analytics_enabled=False) as page:
         gr.Markdown(
             f"# tdpm-dip\nDenoise with DDPM **{den}**, generate with **{gen}**, on {models.ctx.device}. "
@@ -157,15 +175,13 @@ def build_ui(
                 examples_dir or tempfile.mkdtemp(prefix="tdpm-dip-examples-"),
                 results,
                 max_seconds,
-                holder,
             )
         with gr.Tab("Upscale"):
-            _restore_tab(models, "sr", results, max_seconds, holder)
+            _restore_tab(models, "sr", results, max_seconds)
         with gr.Tab("Inpaint"):
-            _restore_tab(models, "inpaint", results, max_seconds, holder)
+            _restore_tab(models, "inpaint", results, max_seconds)
         with gr.Tab("Generate"):
             _generate_tab(models)
-    holder["page"] = page
     return page
 
 
@@ -231,7 +247,7 @@ def _tab_layout(
     button.click(run, inputs, outputs)
 
 
-def _restore_tab(models: AppModels, task: str, results: Results, max_seconds: float, holder: dict) -> None:
+def _restore_tab(models: AppModels, task: str, results: Results, max_seconds: float) -> None:
     """Upscale: upload a low-resolution image and pick the scale. Inpaint: upload an image and paint the pixels to
     fill in the editor. The methods are the registry's restorers that the loaded DDPM can run."""
 
@@ -241,28 +257,28 @@ def _restore_tab(models: AppModels, task: str, results: Results, max_seconds: fl
         method: str,
         sigma: float | None,
         seed: float | None,
-        request: gr.Request,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
-    ):
-        with _page_errors():
-            mask = None
-            if task == "inpaint":
-                image, mask = mask_from_editor(image)
-            r = restore_handler(
-                models,
-                task,
-                image,
-                mask,
-                int(scale),
-                method,
-                float(sigma or 0),
-                int(seed) if seed is not None else 0,
-                defaults.APP_RESTORE_MAX_PIXELS,
-                progress=_gr_progress(progress),
-                max_seconds=max_seconds,
-                alive=_session_alive(holder, request),
-            )
-            return _deliver(results, f"{task}_{r.info['method']}.png", r.input, r.image, restore_summary(r))
+    ) -> Iterator[Any]:
+        def work(alive: Callable[[], bool]) -> Any:
+            with _page_errors():
+                source, mask = mask_from_editor(image) if task == "inpaint" else (image, None)
+                r = restore_handler(
+                    models,
+                    task,
+                    source,
+                    mask,
+                    int(scale),
+                    method,
+                    float(sigma or 0),
+                    int(seed) if seed is not None else 0,
+                    defaults.APP_RESTORE_MAX_PIXELS,
+                    progress=_gr_progress(progress),
+                    max_seconds=max_seconds,
+                    alive=alive,
+                )
+                return _deliver(results, f"{task}_{r.info['method']}.png", r.input, r.image, restore_summary(r))
+
+        yield from _in_worker(work)
 
     _tab_layout(lambda: _restore_controls(models, task), task, "download the result (PNG)", run)
 
@@ -305,9 +321,7 @@ def _restore_source(task: str) -> gr.File | gr.ImageEditor:
     )
 
 
-def _denoise_tab(
-    models: AppModels, max_side: int, examples_dir: str, results: Results, max_seconds: float, holder: dict
-) -> None:
+def _denoise_tab(models: AppModels, max_side: int, examples_dir: str, results: Results, max_seconds: float) -> None:
     """Upload (or pick an example), choose a blind method and sigma; the result at the upload's size."""
 
     def run_denoise(
@@ -316,25 +330,26 @@ def _denoise_tab(
         method: str,
         sigma: str | None,
         seed: float | None,
-        request: gr.Request,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
-    ):
-        with _page_errors():
-            d = denoise_handler(
-                models,
-                noisy,
-                method,
-                parse_sigma(sigma),
-                clean,
-                seed if seed is not None else 0,
-                max_side,
-                _gr_progress(progress),
-                max_seconds=max_seconds,
-                alive=_session_alive(holder, request),
-            )
-            stem = Path(noisy).stem if noisy else "image"
-            name = f"{stem}_{d.info['method']}.png"
-            return _deliver(results, name, d.input, d.image, denoise_summary(d), d.file)
+    ) -> Iterator[Any]:
+        def work(alive: Callable[[], bool]) -> Any:
+            with _page_errors():
+                d = denoise_handler(
+                    models,
+                    noisy,
+                    method,
+                    parse_sigma(sigma),
+                    clean,
+                    seed if seed is not None else 0,
+                    max_side,
+                    _gr_progress(progress),
+                    max_seconds=max_seconds,
+                    alive=alive,
+                )
+                stem = Path(noisy).stem if noisy else "image"
+                return _deliver(results, f"{stem}_{d.info['method']}.png", d.input, d.image, denoise_summary(d), d.file)
+
+        yield from _in_worker(work)
 
     download = "download the result (PNG, the input's size)"
     _tab_layout(lambda: _denoise_controls(examples_dir), "denoise", download, run_denoise)
