@@ -1,5 +1,6 @@
 """The README's restoration figure from a `tdpm-dip bench restore` run: for 4x super-resolution and a centred box
-hole, the observation, the classical start, CCDF, TDPM-DIP and the clean image, each row labelled.
+hole, the observation, the classical start, CCDF (the mean of its chains), one of those chains alone (a posterior
+sample, recomputed here from the same seed), TDPM-DIP and the clean image, each row labelled.
 
     python benchmarks/restore_figure.py RUN --data TEST_IMAGES --out docs/restore_hero.png
 RUN is the bench's --out folder (its restore/cache holds every method's PNGs, DIP seed 0)."""
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from tdpm_dip import Restorer
 from tdpm_dip.data import load_image, load_images
 from tdpm_dip.reporting import labelled_comparison
 from tdpm_dip.workflows.bench_restore import TASKS, _degrade
 
 ROWS = [("classical", {"sr": "bicubic", "inpaint": "biharmonic"}), ("ccdf", None), ("tdpm-dip", None)]
+SAMPLE = "ccdf: one chain"  # the row after ccdf: its first chain alone (image i's seed draws it first)
 
 
 def _folder(cache: Path, task: str, method: str) -> Path:
@@ -31,20 +34,25 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--tasks", default="sr4,box")
     ap.add_argument("--k", type=int, default=3, help="images per task")
+    ap.add_argument("--model", default=None, help="the DDPM of the bench run (default: the shipped one)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    restorer = Restorer.from_pretrained(a.model, device="cpu")
     images = load_images(a.data, 64, limit=a.k)
     cache = a.run / "restore" / "cache"
     rows: dict[str, list[torch.Tensor]] = {}
     for task in a.tasks.split(","):
         kind = TASKS[task][0]
-        y, _ = _degrade(task, images.images, list(range(a.k)))
+        y, ops = _degrade(task, images.images, list(range(a.k)))
         observed = [torch.nn.functional.interpolate(v[None], size=(64, 64), mode="nearest")[0] for v in y]
         rows.setdefault(f"observed ({a.tasks.replace(',', ' / ')})", []).extend(observed)
         for label, by_kind in ROWS:
             method = by_kind[kind] if by_kind else label
             folder = _folder(cache, task, method)
             rows.setdefault(label, []).extend(load_image(folder / f"{n}.png", None) for n in images.names)
+            if label == "ccdf":  # bench restore's seeds: image i uses seed i (DIP seed 0)
+                one, _, _ = restorer.restore_tensors(y, ops, "ccdf", list(range(a.k)), TASKS[task][2], samples=1)
+                rows.setdefault(SAMPLE, []).extend(one)
         rows.setdefault("clean", []).extend(images.images)
     labelled_comparison(a.out, [(k, torch.stack(v)) for k, v in rows.items()], max_images=2 * a.k, upscale=2)
     print(a.out)
