@@ -63,6 +63,8 @@ def test_large_images_run_in_tiles_whatever_the_batch_size(ctx: Context, make_ct
     assert tile_side(ctx) == TILE_FACTOR * 16  # a few times the trained size
     small = run_native(ctx, "ensemble", Job((3,), noisy=y[:1, :, :24, :24], sigma=(25.0,)))
     assert "tiles" not in small.info  # fits in a tile: run whole
+    exact = run_native(ctx, "ensemble", Job((3,), noisy=y[:1, :, :32, :24], sigma=(25.0,)), tile=32)
+    assert "tiles" not in exact.info  # a side of exactly one tile: whole too
 
 
 def test_tiled_ensemble_keeps_the_whole_images_symmetries(ctx: Context) -> None:
