@@ -103,3 +103,16 @@ def test_image_i_depends_only_on_seed_i(make_ctx: Callable[..., Context]) -> Non
     x_T = randn((3, 8, 8), image_generators([10]))
     d = ddim_chain(EpsModel(unet, s), x_T, 4, image_generators([10]))
     assert d.shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_a_truncated_ddpm_refuses_a_chain_from_pure_noise(make_ctx: Callable[..., Context], method: str) -> None:
+    """A DDPM trained on levels 1..500 cannot start at level 1000: one line naming the method, the levels and the
+    way out (amortized TDPM starts at T_trunc); a DDPM of every level runs."""
+    with pytest.raises(UserError) as e:
+        run(make_ctx(levels=(1, 500)), "generate", "unconditional", method, Job((0,), ddim_steps=2))
+    assert str(e.value) == (
+        f"--method {method} starts a chain from pure noise from level 1000, but this DDPM was trained on levels "
+        "1..500 only (a truncated diffusion model): use --method tdpm with its generator"
+    )
+    assert run(make_ctx(levels=(1, 1000)), "generate", "unconditional", "ddim", Job((0,), ddim_steps=2)).nfe == 2
