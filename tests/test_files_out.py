@@ -217,6 +217,10 @@ def test_an_interrupt_keeps_finished_images_and_resume_computes_the_rest(
     assert code == 2 and "--overwrite" in err
     code, _, err = run([*args, "--seed", "1", "--resume", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "made with seed 0, not 1" in err, err
+    (tmp_path / "other").mkdir()  # a folder that holds no denoise run is not replaced
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run([*args, "--resume", "--out", tmp_path / "other"], capsys)
+    assert code == 2 and "holds no denoise run" in err and tree(tmp_path / "other") == ["notes.txt"], err
     with monkeypatch.context() as mp:
         seen = _interrupt_after(mp, 99)
         code, _, err = run([*args, "--resume", "--out", tmp_path / "o"], capsys)

@@ -264,6 +264,11 @@ def test_restore_interrupt_keeps_finished_images_and_resume_computes_the_rest(
     # --resume with other options refuses, naming the option; with the same ones it computes only the rest
     code, _, err = run_cli([*args, "--seed", "1", "--resume", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "made with seed 0, not 1" in err, err
+    other = tmp_path / "other"  # a folder that holds no restore run is not replaced
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run_cli([*args, "--resume", "--out", other], capsys)
+    assert code == 2 and "holds no restore run" in err and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     seen.clear()
     monkeypatch.setattr(Restorer, "restore_tensors", counted(99))
     code, _, err = run_cli([*args, "--resume", "--out", tmp_path / "o"], capsys)

@@ -370,6 +370,8 @@ def _earlier(out_dir: Path, key: dict, files: list[NativeFile], methods: tuple[s
     """Entries of the images an earlier run with the same options finished in `out_dir` (their files present)."""
     path = out_dir / "metrics.json"
     if not path.is_file():
+        if out_dir.is_dir() and any(out_dir.iterdir()):  # not ours to replace
+            raise UserError(f"--resume: {out_dir} holds no denoise run (no metrics.json); choose another --out")
         return {}
     try:
         old = json.loads(path.read_text())

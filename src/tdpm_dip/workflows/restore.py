@@ -252,6 +252,8 @@ class _Run:
         present); a run made with other options is refused with one line."""
         path = out_dir / "metrics.json"
         if not path.is_file():
+            if out_dir.is_dir() and any(out_dir.iterdir()):  # not ours to replace
+                raise UserError(f"--resume: {out_dir} holds no restore run (no metrics.json); choose another --out")
             return False
         try:
             old = json.loads(path.read_text())
