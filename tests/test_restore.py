@@ -253,6 +253,12 @@ def test_restore_interrupt_keeps_finished_images_and_resume_computes_the_rest(
         return call
 
     monkeypatch.setattr(Restorer, "restore_tensors", counted(4))
+    # an interrupted --overwrite of a finished run leaves that run as it was, byte for byte
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "whole").rglob("*")) if p.is_file()}
+    code, _, err = run_cli([*args, "--seed", "3", "--overwrite", "--out", tmp_path / "whole"], capsys)
+    assert code == 130 and "as they were" in err, err
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "whole").rglob("*")) if p.is_file()} == before
+    seen.clear()
     code, _, err = run_cli([*args, "--out", tmp_path / "o"], capsys)
     assert code == 130 and "2 of 4 images finished" in err and "--resume" in err, err
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())

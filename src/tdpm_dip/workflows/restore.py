@@ -117,17 +117,26 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
         if m not in res.methods(opts.task):
             raise UserError(f"method {m} cannot run with this DDPM (it needs a DDPM trained on every noise level)")
     echo(f"{len(obs.names)} images: {_describe(opts)}; methods {', '.join(methods)}")
+    # Ctrl-C keeps this run's finished images, unless that would replace an earlier run (--overwrite): then the
+    # earlier outputs stay as they were
+    replaces = not opts.resume and Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
     out_dir = prepare_out_dir(opts.out, keep)  # after every input check
     run = _Run(res, opts, obs, methods)
     if opts.resume and run.carry(out_dir):
         echo(f"--resume: {run.done_count} of {len(obs.names)} images are done in {out_dir}; computing the rest")
     interrupted: KeyboardInterrupt | None = None
-    with staged_dir(out_dir) as tmp:
-        try:
-            run.compute()
-        except KeyboardInterrupt as e:  # keep what is finished; the swap below runs with signals held back
-            interrupted = e
-        run.write(tmp)
+    try:
+        with staged_dir(out_dir) as tmp:
+            try:
+                run.compute()
+            except KeyboardInterrupt as e:
+                if replaces:
+                    raise  # out of the staged block: the earlier outputs stay
+                interrupted = e  # the finished images are swapped in below, with signals held back
+            run.write(tmp)
+    except KeyboardInterrupt:
+        echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
+        raise
     if interrupted is not None:
         echo(
             f"interrupted: {run.done_count} of {len(obs.names)} images finished, kept in {out_dir} (metrics.json "
