@@ -220,7 +220,7 @@ def test_an_interrupt_keeps_finished_images_and_resume_computes_the_rest(
     (tmp_path / "other").mkdir()  # a folder that holds no denoise run is not replaced
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, _, err = run([*args, "--resume", "--out", tmp_path / "other"], capsys)
-    assert code == 2 and "holds no denoise run" in err and tree(tmp_path / "other") == ["notes.txt"], err
+    assert code == 2 and "holds no denoise --input run" in err and tree(tmp_path / "other") == ["notes.txt"], err
     with monkeypatch.context() as mp:
         seen = _interrupt_after(mp, 99)
         code, _, err = run([*args, "--resume", "--out", tmp_path / "o"], capsys)

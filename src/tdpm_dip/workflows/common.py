@@ -1,10 +1,14 @@
-"""What the commands' options share: the DIP, the device and dtype, batching, seeds, the output folder."""
+"""What the commands' options share: the DIP, the device and dtype, batching, seeds, the output folder; and what
+their per-image runs share: an earlier run to resume, and the line an interrupt leaves."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import defaults
+from ..errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,3 +23,36 @@ class RunOptions:
     batch_size: int = defaults.BATCH_SIZE
     seed: int = 0
     overwrite: bool = False
+
+
+def earlier_run(out_dir: Path, key: dict, command: str) -> dict | None:
+    """The metrics.json of an earlier `command` run in `out_dir` that `--resume` may continue, or None when the
+    folder is new or empty. One-line errors: a folder that holds something else (not ours to replace), an
+    unreadable or older metrics.json, or a run made with other options (`key`: the options that decide results)."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            raise UserError(f"--resume: {out_dir} holds no {command} run (no metrics.json); choose another --out")
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--resume: {path} is unreadable; start afresh with --overwrite") from None
+    if not isinstance(old, dict) or "run" not in old:
+        raise UserError(f"--resume: {out_dir} holds no {command} run of this version; start afresh with --overwrite")
+    diff = [k for k in key if old["run"].get(k) != key[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"--resume: {out_dir} was made with {k} {old['run'].get(k)!r}, not {key[k]!r}; give the same options, "
+            "or --overwrite to start afresh"
+        )
+    return old
+
+
+def interrupted_line(done: int, n: int, out_dir: Path) -> str:
+    """What a per-image run says when Ctrl-C stops it after `done` of `n` images."""
+    return (
+        f"interrupted: {done} of {n} images finished, kept in {out_dir} (metrics.json marks them); add --resume to "
+        "compute the rest"
+    )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..noise import add_noise, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
-from .common import RunOptions
+from .common import RunOptions, earlier_run, interrupted_line
 
 Echo = Callable[[str], None]
 
@@ -178,10 +177,7 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
             interrupted = e
         run.write(tmp, out_dir, key)
     if interrupted is not None:
-        echo(
-            f"interrupted: {run.done_count} of {len(files)} images finished, kept in {out_dir} (metrics.json marks "
-            "them); add --resume to compute the rest"
-        )
+        echo(interrupted_line(run.done_count, len(files), out_dir))
         raise interrupted
     print(table(run.rows()))
     print(out_dir / "comparison.png")
@@ -368,24 +364,9 @@ def _run_key(opts: DenoiseOptions, den: Denoiser) -> dict:
 
 def _earlier(out_dir: Path, key: dict, files: list[NativeFile], methods: tuple[str, ...]) -> dict[str, dict]:
     """Entries of the images an earlier run with the same options finished in `out_dir` (their files present)."""
-    path = out_dir / "metrics.json"
-    if not path.is_file():
-        if out_dir.is_dir() and any(out_dir.iterdir()):  # not ours to replace
-            raise UserError(f"--resume: {out_dir} holds no denoise run (no metrics.json); choose another --out")
+    old = earlier_run(out_dir, key, "denoise --input")
+    if old is None:
         return {}
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"--resume: {path} is unreadable; start afresh with --overwrite") from None
-    if not isinstance(old, dict) or "run" not in old:
-        raise UserError(f"--resume: {out_dir} holds no --input run of this version; start afresh with --overwrite")
-    diff = [k for k in key if old["run"].get(k) != key[k]]
-    if diff:
-        k = diff[0]
-        raise UserError(
-            f"--resume: {out_dir} was made with {k} {old['run'].get(k)!r}, not {key[k]!r}; give the same options, "
-            "or --overwrite to start afresh"
-        )
     names = {f.name for f in files}
     done = {}
     for e in old.get("images", []):

@@ -22,7 +22,7 @@ from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import labelled_comparison, table, thumbnails
-from .common import RunOptions
+from .common import RunOptions, earlier_run, interrupted_line
 
 Echo = Callable[[str], None]
 RESTORE_TASKS = ("sr", "inpaint")
@@ -138,10 +138,7 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
         echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
         raise
     if interrupted is not None:
-        echo(
-            f"interrupted: {run.done_count} of {len(obs.names)} images finished, kept in {out_dir} (metrics.json "
-            "marks them); add --resume to compute the rest"
-        )
+        echo(interrupted_line(run.done_count, len(obs.names), out_dir))
         raise interrupted
     print(table(run.rows()))
     print(out_dir / "comparison.png")
@@ -259,25 +256,9 @@ class _Run:
     def carry(self, out_dir: Path) -> bool:
         """Take over the images an earlier run with the same options finished in `out_dir` (their files
         present); a run made with other options is refused with one line."""
-        path = out_dir / "metrics.json"
-        if not path.is_file():
-            if out_dir.is_dir() and any(out_dir.iterdir()):  # not ours to replace
-                raise UserError(f"--resume: {out_dir} holds no restore run (no metrics.json); choose another --out")
+        old = earlier_run(out_dir, _run_key(self.opts), "restore")
+        if old is None:
             return False
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise UserError(f"--resume: {path} is unreadable; start afresh with --overwrite") from None
-        key = _run_key(self.opts)
-        if not isinstance(old, dict) or "run" not in old:
-            raise UserError(f"--resume: {out_dir} holds no restore run of this version; start afresh with --overwrite")
-        diff = [k for k in key if old["run"].get(k) != key[k]]
-        if diff:
-            k = diff[0]
-            raise UserError(
-                f"--resume: {out_dir} was made with {k} {old['run'].get(k)!r}, not {key[k]!r}; give the same "
-                "options, or --overwrite to start afresh"
-            )
         earlier = {e.get("name"): e for e in old.get("images", []) if e.get("status") == "done"}
         for i, nm in enumerate(self.obs.names):
             files = [out_dir / m / f"{nm}.png" for m in self.methods]
