@@ -12,13 +12,18 @@ from tdpm_dip.noise import make_scheduler
 from tdpm_dip.workflows import bench_restore as br
 
 
+def _tiny(tmp_path: Path) -> tuple[Path, Restorer]:
+    """A tiny 16 px DDPM folder and a Restorer on it (a 2-iteration dip-tiny DIP)."""
+    model = tmp_path / "ddpm"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
+    return model, Restorer.from_pretrained(str(model), device="cpu", dtype="fp32", dip_preset="dip-tiny", dip_iters=2)
+
+
 def test_bench_restore_writes_tables_and_resumes_per_image(
     tmp_path: Path, sprite_dir_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tmp_path / "ddpm"
-    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
+    model, restorer = _tiny(tmp_path)
     data = sprite_dir_factory(4, 16)
-    restorer = Restorer.from_pretrained(str(model), device="cpu", dtype="fp32", dip_preset="dip-tiny", dip_iters=2)
     restorer.ctx.batch_size = 2
     b = br.RestoreBench(str(model), str(data), 4, ("sr2", "box"), ("bicubic", "biharmonic", "ccdf"), 1, 1, 0)
     calls: list[int] = []
@@ -62,10 +67,8 @@ def test_bench_restore_kid_leaves_the_restored_images_out_of_its_reference(
     from tdpm_dip.errors import UserError
     from tdpm_dip.metrics import TorchExtractor
 
-    model = tmp_path / "ddpm"
-    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), model)
+    model, restorer = _tiny(tmp_path)
     data = sprite_dir_factory(7, 16)
-    restorer = Restorer.from_pretrained(str(model), device="cpu", dtype="fp32", dip_preset="dip-tiny", dip_iters=2)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     seen: list[int] = []
