@@ -373,6 +373,7 @@ def test_tdpm_generator_samples_by_hand(w_dim: int, predict: str, make_ctx: Call
     assert torch.allclose(res.images, expected, rtol=0, atol=1e-6)
     assert (res.method, res.protocol, res.reverse_steps, res.nfe) == ("tdpm", "unconditional", 1 + t, 1 + t)
     assert res.info == {"t_trunc": t, "reverse_steps": t, "generator": "gen-folder", "objective": "mse"}
+    assert isinstance(res.seconds, float) and res.seconds >= 0  # its time is measured (the bench's s/img)
 
 
 def test_tdpm_method_refuses_a_missing_or_mismatched_generator(make_ctx: Callable[..., Context]) -> None:
