@@ -80,6 +80,7 @@ def _chains(
     out = torch.zeros_like(start)
     calls = (len(levels) - 1) * job.samples
     with progress_bar(ctx, calls * math.ceil(start.shape[0] / ctx.batch_size), desc) as bar:
+        callback = after_each_step(ctx, bar)
         for sl in chunks(start.shape[0], ctx.batch_size):
             part = op.part(sl)
             step = data_step(part, y[sl], sigma_y, ctx.scheduler, defaults.RESTORE_LAMBDA) if consistent else None
@@ -94,7 +95,7 @@ def _chains(
                     gens[sl],
                     rule=ddim_step(chain["eta"]) if "eta" in chain else diffpir_step(chain["zeta"]),
                     x0_step=step,
-                    callback=after_each_step(ctx, bar),
+                    callback=callback,
                 )
     return (out / job.samples).clamp(-1, 1)
 

@@ -125,12 +125,12 @@ class _Kid:
         source = b.reference_data or b.data
         ref = load_images(source, size)
         same = Path(source).resolve() == Path(b.data).resolve()
-        keep = [i for i, nm in enumerate(ref.names) if not (same and nm in set(names))]
+        restored = set(names) if same else set()
+        keep = [i for i, nm in enumerate(ref.names) if nm not in restored]
         if len(keep) < 2:
             raise UserError(f"--reference-data {source}: KID needs real images other than the restored ones")
-        self.n_ref = len(keep)
         self.ref = extract_features(ref.images[keep], self.extractor)
-        echo(f"KID against {self.n_ref} real images of {source}" + (" (the restored ones left out)" if same else ""))
+        echo(f"KID against {len(keep)} real images of {source}" + (" (the restored ones left out)" if same else ""))
 
     def __call__(self, images: torch.Tensor, seed: int) -> tuple[float, float]:
         k = kid_from_features(extract_features(images, self.extractor), self.ref, seed=seed)

@@ -4,6 +4,7 @@ their per-image runs share: an earlier run to resume, and the line an interrupt 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +26,18 @@ class RunOptions:
     overwrite: bool = False
 
 
-def earlier_run(out_dir: Path, key: dict, command: str) -> dict | None:
-    """The metrics.json of an earlier `command` run in `out_dir` that `--resume` may continue, or None when the
-    folder is new or empty. One-line errors: a folder that holds something else (not ours to replace), an
-    unreadable or older metrics.json, or a run made with other options (`key`: the options that decide results)."""
+def finished_earlier(
+    out_dir: Path, key: dict, command: str, names: Iterable[str], folders: Iterable[str]
+) -> dict[str, dict]:
+    """`--resume`: the metrics.json entries, by name, of the images among `names` that an earlier `command` run in
+    `out_dir` finished, with their PNG present in each of `folders`; {} when the folder is new or empty. One-line
+    errors: a folder that holds something else (not ours to replace), an unreadable or older metrics.json, or a
+    run made with other options (`key`: the options that decide results)."""
     path = out_dir / "metrics.json"
     if not path.is_file():
         if out_dir.is_dir() and any(out_dir.iterdir()):
             raise UserError(f"--resume: {out_dir} holds no {command} run (no metrics.json); choose another --out")
-        return None
+        return {}
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -47,7 +51,19 @@ def earlier_run(out_dir: Path, key: dict, command: str) -> dict | None:
             f"--resume: {out_dir} was made with {k} {old['run'].get(k)!r}, not {key[k]!r}; give the same options, "
             "or --overwrite to start afresh"
         )
-    return old
+    wanted, folders = set(names), tuple(folders)
+    return {
+        e["name"]: e
+        for e in old.get("images", [])
+        if e.get("status") == "done"
+        and e.get("name") in wanted
+        and all((out_dir / f / f"{e['name']}.png").is_file() for f in folders)
+    }
+
+
+def run_status(done: int, n: int) -> str:
+    """metrics.json's `status` of a per-image run with `done` of `n` images finished."""
+    return "complete" if done == n else f"interrupted: {done} of {n} images done (--resume computes the rest)"
 
 
 def interrupted_line(done: int, n: int, out_dir: Path) -> str:

@@ -27,7 +27,7 @@ from ..noise import add_noise, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
-from .common import RunOptions, earlier_run, interrupted_line
+from .common import RunOptions, finished_earlier, interrupted_line, run_status
 
 Echo = Callable[[str], None]
 
@@ -307,7 +307,7 @@ class _FilesRun:
     def write(self, tmp: Path, out_dir: Path, key: dict) -> None:
         """comparison.png, metrics.md and metrics.json of what is done (all of it, unless interrupted)."""
         n, done = len(self.files), self.done_count
-        status = "complete" if done == n else f"interrupted: {done} of {n} images done (--resume computes the rest)"
+        status = run_status(done, n)
         shown = sorted(self.thumbs["noisy"])
         if shown:
             fig = [(row, torch.stack([t[i] for i in shown])) for row, t in self.thumbs.items()]
@@ -364,17 +364,7 @@ def _run_key(opts: DenoiseOptions, den: Denoiser) -> dict:
 
 def _earlier(out_dir: Path, key: dict, files: list[NativeFile], methods: tuple[str, ...]) -> dict[str, dict]:
     """Entries of the images an earlier run with the same options finished in `out_dir` (their files present)."""
-    old = earlier_run(out_dir, key, "denoise --input")
-    if old is None:
-        return {}
-    names = {f.name for f in files}
-    done = {}
-    for e in old.get("images", []):
-        if e.get("status") == "done" and e.get("name") in names:
-            rows = ("noisy", *methods)
-            if all((out_dir / r / f"{e['name']}.png").is_file() for r in rows):
-                done[e["name"]] = e
-    return done
+    return finished_earlier(out_dir, key, "denoise --input", (f.name for f in files), ("noisy", *methods))
 
 
 def _references(folder: str, files: list[NativeFile], max_pixels: int) -> dict[str, NativeFile]:

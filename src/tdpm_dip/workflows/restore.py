@@ -22,7 +22,7 @@ from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import labelled_comparison, table, thumbnails
-from .common import RunOptions, earlier_run, interrupted_line
+from .common import RunOptions, finished_earlier, interrupted_line, run_status
 
 Echo = Callable[[str], None]
 RESTORE_TASKS = ("sr", "inpaint")
@@ -256,15 +256,11 @@ class _Run:
     def carry(self, out_dir: Path) -> bool:
         """Take over the images an earlier run with the same options finished in `out_dir` (their files
         present); a run made with other options is refused with one line."""
-        old = earlier_run(out_dir, _run_key(self.opts), "restore")
-        if old is None:
-            return False
-        earlier = {e.get("name"): e for e in old.get("images", []) if e.get("status") == "done"}
+        earlier = finished_earlier(out_dir, _run_key(self.opts), "restore", self.obs.names, self.methods)
         for i, nm in enumerate(self.obs.names):
-            files = [out_dir / m / f"{nm}.png" for m in self.methods]
-            if nm in earlier and all(f.is_file() for f in files):
-                for m, f in zip(self.methods, files):
-                    self.outputs[m][i] = load_image(f, None)
+            if nm in earlier:
+                for m in self.methods:
+                    self.outputs[m][i] = load_image(out_dir / m / f"{nm}.png", None)
                 self.entries[i] = earlier[nm] | {"run": "earlier (--resume)"}
         self.earlier = out_dir
         return self.done_count > 0
@@ -317,11 +313,7 @@ class _Run:
         metrics.md and metrics.json."""
         obs, n = self.obs, len(self.obs.names)
         done = [i for i, e in enumerate(self.entries) if e["status"] == "done"]
-        status = (
-            "complete"
-            if len(done) == n
-            else f"interrupted: {len(done)} of {n} images done (--resume computes the rest)"
-        )
+        status, rows = run_status(len(done), n), self.rows()
         for i, name in enumerate(obs.names):
             save_png(obs.observed[i], tmp / "observed" / f"{name}.png")
             if obs.made_masks and isinstance(obs.operators[i], Inpaint):
@@ -334,23 +326,24 @@ class _Run:
                     link_or_copy(self.earlier / m / dst.name, dst)
                 else:
                     save_png(outs[i], dst)  # type: ignore[arg-type]
-        fig = [("observed", thumbnails([obs.observed[i] for i in done]))] if done else []
-        fig += [(m, thumbnails([o[i] for i in done])) for m, o in self.outputs.items()] if done else []  # type: ignore[misc]
-        if obs.clean is not None and done:
-            fig.append(("clean", thumbnails([obs.clean[i] for i in done])))
-        if fig:
+        fig: list[tuple[str, torch.Tensor]] = []
+        if done:
+            fig.append(("observed", thumbnails([obs.observed[i] for i in done])))
+            fig += [(m, thumbnails([o[i] for i in done])) for m, o in self.outputs.items()]  # type: ignore[misc]
+            if obs.clean is not None:
+                fig.append(("clean", thumbnails([obs.clean[i] for i in done])))
             labelled_comparison(tmp / "comparison.png", fig)
         title = f"Restoration: {_describe(self.opts)} (blind protocol: only the observation)"
         labels = ", ".join(label for label, _ in fig)
         head = f"# {title}\n\n" + ("" if len(done) == n else f"**{status}**\n\n")
-        write_text(tmp / "metrics.md", head + f"Rows of comparison.png: {labels}\n\n" + table(self.rows()))
+        write_text(tmp / "metrics.md", head + f"Rows of comparison.png: {labels}\n\n" + table(rows))
         write_json(
             tmp / "metrics.json",
             {
                 "status": status,
                 "complete": len(done) == n,
                 "run": _run_key(self.opts),
-                "rows": self.rows(),
+                "rows": rows,
                 "options": _options(self.opts),
                 "images": self.entries,
             },
