@@ -46,21 +46,20 @@ def test_noise_levels_follow_the_report_convention() -> None:
 def test_level_checks_accept_exactly_their_range_and_say_so() -> None:
     """A noise level is an integer in [0, T]; T_trunc one in [0, T - 1]. The messages are what the CLI prints."""
     s = make_scheduler("linear", 100)
-    for t in (0, 1, 99, 100):
-        assert check_level(s, t) == t
-    for t in (-1, 101, 2.0):
-        with pytest.raises(UserError) as e:
-            check_level(s, t)  # type: ignore[arg-type]
-        assert str(e.value) == f"t must be an integer in [0, 100], got {t}"
+    cases = [
+        (check_level, (0, 1, 99, 100), (-1, 101, 2.0), "t must be an integer in [0, 100]"),
+        (check_t_trunc, (0, 1, 98, 99), (-1, 100, 5.0), "T_trunc must be an integer in [0, 99]"),
+    ]
+    for check, good, bad, message in cases:
+        for t in good:
+            assert check(s, t) == t
+        for t in bad:
+            with pytest.raises(UserError) as e:
+                check(s, t)  # type: ignore[arg-type]
+            assert str(e.value) == f"{message}, got {t}"
     with pytest.raises(UserError) as e:
         check_level(s, 101, "--t-noisy")
     assert str(e.value) == "--t-noisy must be an integer in [0, 100], got 101"
-    for t in (0, 1, 98, 99):
-        assert check_t_trunc(s, t) == t
-    for t in (-1, 100, 5.0):
-        with pytest.raises(UserError) as e:
-            check_t_trunc(s, t)  # type: ignore[arg-type]
-        assert str(e.value) == f"T_trunc must be an integer in [0, 99], got {t}"
 
 
 # ------------------------------------------------------------------------------------------ schedules

@@ -38,6 +38,12 @@ class RecordingBar:
         self.close()
 
 
+def _one_finished_bar(total: int, desc: str, unit: str) -> None:
+    """Exactly one bar was made: `desc` counting `total` `unit`s, run to its total, closed, and not left behind."""
+    (bar,) = RecordingBar.bars
+    assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (total, desc, unit, False, total, True)
+
+
 def test_progress_bars_count_every_step_when_asked(
     monkeypatch: pytest.MonkeyPatch, make_ctx: Callable[..., Context]
 ) -> None:
@@ -56,26 +62,10 @@ def test_progress_bars_count_every_step_when_asked(
         dip_plugin=DIPConfig(preset="dip-tiny", iters=3),
     )
     run(ctx, "denoise", "blind", "ddpm", Job((0, 1, 2), noisy=y, sigma=(25.0,), samples=1))
-    (bar,) = RecordingBar.bars
-    assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (
-        T_STAR_25 * 2,
-        "DDPM reverse",
-        "step",
-        False,
-        T_STAR_25 * 2,
-        True,
-    )
+    _one_finished_bar(T_STAR_25 * 2, "DDPM reverse", "step")
     RecordingBar.bars = []
     run(ctx, "denoise", "blind", "dip", Job((0, 1, 2), noisy=y, sigma=(25.0,)))
-    (bar,) = RecordingBar.bars
-    assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (
-        2 * 3,
-        "DIP fit (dip-tiny)",
-        "img-it",
-        False,
-        2 * 3,
-        True,
-    )
+    _one_finished_bar(2 * 3, "DIP fit (dip-tiny)", "img-it")
     RecordingBar.bars = []
     run(ctx, "denoise", "blind", "tdpm-dip", Job((0, 1, 2), noisy=y, sigma=(25.0,), samples=1, t_trunc=3))
     assert [(b.desc, b.total, b.n) for b in RecordingBar.bars] == [
@@ -91,15 +81,7 @@ def test_progress_bars_count_every_step_when_asked(
         "tdpm",
         Job((0, 1, 2)),
     )
-    (bar,) = RecordingBar.bars
-    assert (bar.total, bar.desc, bar.unit, bar.leave, bar.n, bar.closed) == (
-        4 * 2,
-        "TDPM reverse",
-        "step",
-        False,
-        4 * 2,
-        True,
-    )
+    _one_finished_bar(4 * 2, "TDPM reverse", "step")
     RecordingBar.bars = []
     run(
         make_ctx(eps_zero(), dip=DIPConfig(preset="dip-tiny", iters=2)),
