@@ -2,11 +2,12 @@
 
 Seams: the first --n test files (64 px) upsampled to --side px (Lanczos), 8-bit noise of sigma --sigma (numpy
 seed 0), denoised by the shipped denoiser's `ensemble` whole and in tiles (`methods.dispatch.run_native`, the
-default tiles), with the same symmetries (--symmetries); prints PSNR of each against the upsampled clean image
-and their difference. Cost: seconds per megapixel of the tiled default at each --cost-sides (one image each, one
-network call per pixel: --symmetries 1).
+default tiles, or each side of --tiles), with the same symmetries (--symmetries); prints PSNR of each against the
+upsampled clean image and their difference, over the whole image, over the pixels that no tile sees with its full
+context (within every covering tile's blending ramp: where a seam would show) and over the rest. Cost: seconds
+per megapixel of the tiles at each --cost-sides (one image each, one network call per pixel: --symmetries 1).
 
-    python benchmarks/tiles.py --data data/pokemon/test --n 4 --side 512 --cost-sides 512,1024,3000
+    python benchmarks/tiles.py --data data/pokemon/test --n 8 --side 512 --tiles 192,256 --cost-sides 512,3000
 """
 
 from __future__ import annotations
@@ -23,6 +24,28 @@ from skimage.metrics import peak_signal_noise_ratio
 from tdpm_dip.api import Denoiser
 from tdpm_dip.data import list_images, pil_to_tensor
 from tdpm_dip.images import to_uint8
+from tdpm_dip.methods.dispatch import TILE_OVERLAP_DIVISOR, tile_side
+from tdpm_dip.methods.tiles import Tiling
+
+
+def seam_pixels(side: int, tile: int) -> np.ndarray:
+    """[side, side] True where every tile covering the pixel is within its blending ramp (no tile sees the pixel
+    with its full context): where a seam would show. The image's own border is left out (the whole image has it
+    too)."""
+    tiling = Tiling(tile, tile // TILE_OVERLAP_DIVISOR)
+    best = np.zeros((side, side))
+    window = tiling.window(tile, tile).numpy()
+    for y, x, th, tw in tiling.boxes(side, side):
+        best[y : y + th, x : x + tw] = np.maximum(best[y : y + th, x : x + tw], window[:th, :tw])
+    r = tiling.overlap
+    inner = np.zeros((side, side), dtype=bool)
+    inner[r:-r, r:-r] = True
+    return (best < 1) & inner
+
+
+def psnr_where(clean: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
+    err = (clean.astype(np.float64) - out.astype(np.float64))[mask]
+    return float(10 * np.log10(255.0**2 / np.mean(err**2)))
 
 
 def main() -> None:
@@ -33,6 +56,9 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=25.0, help="noise std on 0..255")
     ap.add_argument("--symmetries", type=int, default=1, help="ensemble symmetries (the same whole and tiled)")
     ap.add_argument("--cost-sides", default="", help="comma-separated sides for the cost per megapixel")
+    ap.add_argument(
+        "--tiles", default="", help="comma-separated tile sides for the seam test and the cost (default: the default)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--batch-size", type=int, default=8, help="images at once")
     ap.add_argument(
@@ -45,36 +71,53 @@ def main() -> None:
     den = Denoiser.from_pretrained(None, "cpu", "auto", args.batch_size)
     den.max_pixels = 10**9
     rng = np.random.default_rng(0)
-    diffs = []
+    tiles = [int(t) for t in args.tiles.split(",") if t] or [None]
+    diffs: dict[int | None, list[float]] = {t: [] for t in tiles}
     for path in list_images(args.data)[: args.n]:
         clean = np.asarray(Image.open(path).convert("RGB").resize((args.side, args.side), Image.Resampling.LANCZOS))
         noisy = np.clip(np.round(clean + rng.normal(0, args.sigma, clean.shape)), 0, 255).astype(np.uint8)
         y = pil_to_tensor(Image.fromarray(noisy))
-        scores = {}
-        for label, tile in (("whole", 10**9), ("tiled", None)):
+        scores, outs = {}, {}
+        for label, tile in [("whole", 10**9)] + [(f"tiled {t or 'default'}", t) for t in tiles]:
             den.tile = tile
             t0 = time.perf_counter()
             out, _, _ = den.denoise_tensors(
                 [y], [args.sigma], "ensemble", [0], symmetries=args.symmetries, declip=not args.no_declip
             )
             seconds = time.perf_counter() - t0
-            scores[label] = peak_signal_noise_ratio(clean, to_uint8(out[0]), data_range=255)
+            outs[label] = to_uint8(out[0])
+            scores[label] = peak_signal_noise_ratio(clean, outs[label], data_range=255)
             print(f"{path.name} | {label} | {scores[label]:.3f} dB | {seconds:.1f} s", flush=True)
-        diffs.append(scores["tiled"] - scores["whole"])
-        print(f"{path.name} | tiled - whole | {diffs[-1]:+.3f} dB | load {os.getloadavg()[0]:.2f}", flush=True)
-    if diffs:
-        print(
-            f"mean tiled - whole over {len(diffs)} images: {np.mean(diffs):+.3f} dB (max |d| {np.abs(diffs).max():.3f})"
-        )
-    den.tile = None
-    for side in [int(s) for s in args.cost_sides.split(",") if s]:
+        for t in tiles:
+            label = f"tiled {t or 'default'}"
+            diffs[t].append(scores[label] - scores["whole"])
+            band = seam_pixels(args.side, t or tile_side(den.ctx))
+            # a seam would show near the tiles' edges: compare those pixels with the rest of the image
+            d_band = (
+                psnr_where(clean, outs[label], band) - psnr_where(clean, outs["whole"], band) if band.any() else 0.0
+            )
+            d_rest = psnr_where(clean, outs[label], ~band) - psnr_where(clean, outs["whole"], ~band)
+            print(
+                f"{path.name} | {label} - whole | {diffs[t][-1]:+.3f} dB | near tile edges {d_band:+.3f} dB, "
+                f"elsewhere {d_rest:+.3f} dB ({band.mean():.0%} of the image near edges) | "
+                f"load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    for t, d in diffs.items():
+        if d:
+            print(
+                f"tiles {t or 'default'}: mean tiled - whole over {len(d)} images: {np.mean(d):+.3f} dB "
+                f"(max |d| {np.abs(d).max():.3f})"
+            )
+    for tile, side in [(t, int(s)) for t in tiles for s in args.cost_sides.split(",") if s]:
+        den.tile = tile
         y = pil_to_tensor(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
         t0 = time.perf_counter()
         den.denoise_tensors([y], [args.sigma], "ensemble", [0], symmetries=1)
         seconds = time.perf_counter() - t0
         print(
-            f"cost | {side}x{side} | {seconds:.1f} s | {seconds / (side * side / 1e6):.1f} s/Mpx | "
-            f"load {os.getloadavg()[0]:.2f}",
+            f"cost | tiles {tile or 'default'} | {side}x{side} | {seconds:.1f} s | "
+            f"{seconds / (side * side / 1e6):.1f} s/Mpx | load {os.getloadavg()[0]:.2f}",
             flush=True,
         )
 

@@ -415,6 +415,37 @@ def test_interrupted_denoise_keeps_earlier_outputs(
     assert_no_leftovers(tmp_path)
 
 
+def test_interrupted_clean_denoise_keeps_the_finished_images(
+    model: Path, sprite_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tdpm_dip.api import Denoiser
+
+    args = ["denoise", "--model", model, "--clean", sprite_dir, "--n", "3", *FAST_DENOISE, "--method", "tdpm-dip"]
+    args += ["--batch-size", "1"]
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    real, calls = Denoiser.run, []
+
+    def counted(self: Denoiser, *a: object, **k: object) -> object:
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the second image's second method
+        calls.append(1)
+        return real(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Denoiser, "run", counted)
+    out = tmp_path / "o"
+    code, _, err = run([*args, "--out", out], capsys)
+    assert code == 130 and "1 of 3 images finished" in err and "Traceback" not in err, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] is False and metrics["status"] == "interrupted: 1 of 3 images done"
+    assert [r["n"] for r in metrics["rows"]] == [1, 1] and [e["name"] for e in metrics["images"]] == ["sprite00000"]
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["images"][0] == whole["images"][0]  # the same image as in the uninterrupted run
+    for m in ("dip", "tdpm-dip"):
+        assert sorted(p.name for p in (out / m).iterdir()) == ["sprite00000.png"]
+        assert (out / m / "sprite00000.png").read_bytes() == (tmp_path / "whole" / m / "sprite00000.png").read_bytes()
+    assert_no_leftovers(tmp_path)
+
+
 def test_interrupted_generate_keeps_earlier_outputs(
     model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,6 +458,50 @@ def test_interrupted_generate_keeps_earlier_outputs(
     code, _, err = run([*args, "--seed", "5", "--overwrite"], capsys)
     assert code == 130, err
     assert files_under(out) == before
+    assert_no_leftovers(tmp_path)
+
+
+def test_generate_interrupt_keeps_finished_images_and_resume_makes_the_rest(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tdpm_dip.api import Generator
+
+    args = ["generate", "--model", model, "--method", "ddim", "--ddim-steps", "2", "--n", "3", "--batch-size", "1"]
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    real, seen = Generator.generate, []
+
+    def counted(stop: int):
+        def call(self: Generator, n: int, *a: object, **k: object) -> object:
+            if len(seen) == stop:
+                raise KeyboardInterrupt  # Ctrl-C inside the third image
+            seen.append(n)
+            return real(self, n, *a, **k)  # type: ignore[arg-type]
+
+        return call
+
+    monkeypatch.setattr(Generator, "generate", counted(2))
+    out = tmp_path / "o"
+    code, _, err = run([*args, "--out", out], capsys)
+    assert code == 130 and "2 of 3 images finished" in err and "--resume" in err, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["complete"] is False and [e["status"] for e in result["images"]] == ["done", "done", "not computed"]
+    assert (
+        sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+        and (out / "grid.png").is_file()
+    )
+    # --resume with other options refuses, naming the option; with the same ones it makes only the rest
+    code, _, err = run([*args, "--ddim-steps", "3", "--resume", "--out", out], capsys)
+    assert code == 2 and "made with ddim_steps 2, not 3" in err, err
+    seen.clear()
+    monkeypatch.setattr(Generator, "generate", counted(99))
+    code, _, err = run([*args, "--resume", "--out", out], capsys)
+    assert code == 0 and seen == [1], err
+    result = json.loads((out / "result.json").read_text())
+    assert result["complete"] is True and result["made_here"] == 1
+    assert [e["run"] for e in result["images"]] == ["earlier (--resume)"] * 2 + ["this"]
+    for i in range(3):
+        name = f"images/{i:05d}.png"
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert_no_leftovers(tmp_path)
 
 

@@ -77,6 +77,12 @@ def train_generator_cmd(**kwargs: object) -> None:
     "--reference-data", default=None, help="Images whose noised versions the DIP fits (tdpm-dip, paper protocol)."
 )
 @click.option("--out", default="generated", type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep the images an interrupted run into --out finished (result.json marks them) and make only the rest, "
+    "with the same options (image i is the same whatever the batch: seed SEED+i).",
+)
 @dip_options
 @compute_options
 def generate(threads: int, **kwargs: object) -> None:

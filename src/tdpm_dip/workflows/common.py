@@ -27,16 +27,21 @@ class RunOptions:
 
 
 def finished_earlier(
-    out_dir: Path, key: dict, command: str, names: Iterable[str], folders: Iterable[str]
+    out_dir: Path,
+    key: dict,
+    command: str,
+    names: Iterable[str],
+    folders: Iterable[str],
+    record: str = "metrics.json",
 ) -> dict[str, dict]:
-    """`--resume`: the metrics.json entries, by name, of the images among `names` that an earlier `command` run in
-    `out_dir` finished, with their PNG present in each of `folders`; {} when the folder is new or empty. One-line
-    errors: a folder that holds something else (not ours to replace), an unreadable or older metrics.json, or a
-    run made with other options (`key`: the options that decide results)."""
-    path = out_dir / "metrics.json"
+    """`--resume`: the entries, by name, of the images among `names` that an earlier `command` run in `out_dir`
+    finished (its `record` file lists them), with their PNG present in each of `folders`; {} when the folder is
+    new or empty. One-line errors: a folder that holds something else (not ours to replace), an unreadable or
+    older record, or a run made with other options (`key`: the options that decide results)."""
+    path = out_dir / record
     if not path.is_file():
         if out_dir.is_dir() and any(out_dir.iterdir()):
-            raise UserError(f"--resume: {out_dir} holds no {command} run (no metrics.json); choose another --out")
+            raise UserError(f"--resume: {out_dir} holds no {command} run (no {record}); choose another --out")
         return {}
     try:
         old = json.loads(path.read_text())
@@ -61,14 +66,16 @@ def finished_earlier(
     }
 
 
-def run_status(done: int, n: int) -> str:
-    """metrics.json's `status` of a per-image run with `done` of `n` images finished."""
-    return "complete" if done == n else f"interrupted: {done} of {n} images done (--resume computes the rest)"
+def run_status(done: int, n: int, resumable: bool = True) -> str:
+    """The `status` in a per-image run's record (metrics.json, result.json) with `done` of `n` images finished."""
+    if done == n:
+        return "complete"
+    return f"interrupted: {done} of {n} images done" + (" (--resume computes the rest)" if resumable else "")
 
 
-def interrupted_line(done: int, n: int, out_dir: Path) -> str:
-    """What a per-image run says when Ctrl-C stops it after `done` of `n` images."""
+def interrupted_line(done: int, n: int, out_dir: Path, record: str = "metrics.json") -> str:
+    """What a per-image run says when Ctrl-C stops it after `done` of `n` images (`record` lists them)."""
     return (
-        f"interrupted: {done} of {n} images finished, kept in {out_dir} (metrics.json marks them); add --resume to "
+        f"interrupted: {done} of {n} images finished, kept in {out_dir} ({record} marks them); add --resume to "
         "compute the rest"
     )

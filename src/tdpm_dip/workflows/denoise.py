@@ -16,11 +16,12 @@ from ..data import ImageKind, NativeFile, load_images, read_native, scan_native
 from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma, check_symmetries
 from ..images import save_like, save_png
-from ..methods import Job
+from ..methods import Job, Result
 from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
 from ..methods.observe import blind_sigmas
 from ..methods.shard import is_main_process
+from ..methods.types import concat_results
 from ..metrics import scores
 from ..models import unet_size
 from ..noise import add_noise, check_t_trunc
@@ -404,10 +405,18 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
         noisy = add_noise(x0, sigma, list(seeds), opts.noise)
         noise_label = f"{opts.noise}, sigma {sigma:g}"
         job = Job(seeds, noisy=noisy, sigma=(sigma,), clean=x0, **opts.job_options())
+    # Ctrl-C keeps the finished images, unless that would replace an earlier run (--overwrite)
+    replaces = Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
     out_dir = prepare_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)  # after every input check
-    results = [den.run(job, m, opts.protocol) for m in opts.methods]
+    results, interrupted = _in_batches(den, job, opts)
+    if interrupted is not None and (replaces or not main or not results):
+        if main and replaces:
+            echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
+        raise interrupted
     if not main:
         return out_dir
+    n_all, done = len(seeds), int(results[0].images.shape[0])
+    x0, names = x0[:done], images.names[:done]
     labels = {
         "data": Path(opts.clean).name or opts.clean,
         "model": Path(den.name).name or den.name,
@@ -422,18 +431,48 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     if ctx.dip_plugin is not None:
         dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
     outputs = {r.method: r.images for r in results}
+    status = run_status(done, n_all, resumable=False)  # --resume is for --input runs
     _write(
         out_dir,
-        images.names,
+        names,
         inputs,
         outputs,
         fig,
-        f"Denoising ({opts.protocol} protocol; noise: {noise_label})",
+        f"Denoising ({opts.protocol} protocol; noise: {noise_label})" + ("" if done == n_all else f"\n\n**{status}**"),
         rows,
-        {"noise": noise_label, "dip": dips, "curves": curves, "images": _per_image(images.names, inputs, outputs, x0)},
+        {
+            "status": status,
+            "complete": done == n_all,
+            "noise": noise_label,
+            "dip": dips,
+            "curves": curves,
+            "images": _per_image(names, inputs, outputs, x0),
+        },
         curves,
     )
+    if interrupted is not None:
+        echo(f"interrupted: {done} of {n_all} images finished, kept in {out_dir} (metrics.json marks the run)")
+        raise interrupted
     return out_dir
+
+
+def _in_batches(den: Denoiser, job: Job, opts: DenoiseOptions) -> tuple[list[Result], KeyboardInterrupt | None]:
+    """Every method on a batch (per process) of the images, then the next batch (the batches a single call would
+    form, so the results are the same); on Ctrl-C, each method's results on the images every method finished."""
+    step = den.ctx.batch_size * (den.shard.world if den.shard is not None else 1)
+    parts: dict[str, list[Result]] = {m: [] for m in opts.methods}
+    interrupted = None
+    try:
+        for lo in range(0, len(job.seeds), step):
+            part = job.part(slice(lo, lo + step))
+            for m in opts.methods:
+                parts[m].append(den.run(part, m, opts.protocol))
+    except KeyboardInterrupt as e:
+        interrupted = e
+    batches = min(len(p) for p in parts.values())
+    if batches == 0:
+        return [], interrupted
+    return [concat_results(p[:batches]) for p in parts.values()], interrupted
 
 
 # ------------------------------------------------------------------------------------------ writing
