@@ -48,7 +48,7 @@ def psnr_where(clean: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / np.mean(err**2)))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="clean 64 px images (e.g. data/pokemon/test)")
     ap.add_argument("--n", type=int, default=4, help="images for the seam test (0: none)")
@@ -66,23 +66,41 @@ def main() -> None:
         action="store_true",
         help="no declip draws: whole and tiled then see the same observation (the tiles draw their own excess)",
     )
-    args = ap.parse_args()
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="also run the whole image with another seed (another declip draw): how far two whole runs differ",
+    )
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     den = Denoiser.from_pretrained(None, "cpu", "auto", args.batch_size)
     den.max_pixels = 10**9
     rng = np.random.default_rng(0)
     tiles = [int(t) for t in args.tiles.split(",") if t] or [None]
+    seams(args, den, rng, tiles)
+    cost(args, den, rng, tiles)
+
+
+def seams(args: argparse.Namespace, den: Denoiser, rng: np.random.Generator, tiles: list[int | None]) -> None:
+    """The seam test: each image whole and in tiles (and, with --control, whole with another seed)."""
     diffs: dict[int | None, list[float]] = {t: [] for t in tiles}
+    control: list[float] = []
     for path in list_images(args.data)[: args.n]:
         clean = np.asarray(Image.open(path).convert("RGB").resize((args.side, args.side), Image.Resampling.LANCZOS))
         noisy = np.clip(np.round(clean + rng.normal(0, args.sigma, clean.shape)), 0, 255).astype(np.uint8)
         y = pil_to_tensor(Image.fromarray(noisy))
         scores, outs = {}, {}
-        for label, tile in [("whole", 10**9)] + [(f"tiled {t or 'default'}", t) for t in tiles]:
+        runs = [("whole", 10**9, 0)] + [(f"tiled {t or 'default'}", t, 0) for t in tiles]
+        runs += [("whole, seed 1", 10**9, 1)] if args.control else []
+        for label, tile, seed in runs:
             den.tile = tile
             t0 = time.perf_counter()
             out, _, _ = den.denoise_tensors(
-                [y], [args.sigma], "ensemble", [0], symmetries=args.symmetries, declip=not args.no_declip
+                [y], [args.sigma], "ensemble", [seed], symmetries=args.symmetries, declip=not args.no_declip
             )
             seconds = time.perf_counter() - t0
             outs[label] = to_uint8(out[0])
@@ -103,12 +121,21 @@ def main() -> None:
                 f"load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
+        if args.control:
+            control.append(scores["whole, seed 1"] - scores["whole"])
+            print(f"{path.name} | whole, seed 1 - whole | {control[-1]:+.3f} dB", flush=True)
+    if control:
+        print(f"another seed, whole: mean {np.mean(control):+.3f} dB (max |d| {np.abs(control).max():.3f})")
     for t, d in diffs.items():
         if d:
             print(
                 f"tiles {t or 'default'}: mean tiled - whole over {len(d)} images: {np.mean(d):+.3f} dB "
                 f"(max |d| {np.abs(d).max():.3f})"
             )
+
+
+def cost(args: argparse.Namespace, den: Denoiser, rng: np.random.Generator, tiles: list[int | None]) -> None:
+    """Seconds per megapixel at each --cost-sides, a random image each."""
     for tile, side in [(t, int(s)) for t in tiles for s in args.cost_sides.split(",") if s]:
         den.tile = tile
         y = pil_to_tensor(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))

@@ -16,9 +16,9 @@ from .tiles import TILE_SEED_STRIDE, Tiling, tiled
 from .types import Context, Job, Result
 
 # Large images run in tiles of TILE_FACTOR x the DDPM's trained size (a 64 px model: 192 px tiles), neighbours
-# sharing a TILE_OVERLAP_DIVISOR-th of a tile (48 px), blended over that overlap. Smaller tiles are faster (128 px:
-# half the time) but see too little of an image to match it whole (-0.5 dB on a 64 px image upsampled to 512 px;
-# 192 px: within 0.05 dB; benchmarks/tiles.py).
+# sharing a TILE_OVERLAP_DIVISOR-th of a tile (48 px), blended over that overlap. Smaller tiles are faster but see
+# too little of an upsampled image to match it whole; larger ones cost more and come no closer to the whole image
+# (benchmarks/tiles.py; the figures are in docs/results.md).
 TILE_FACTOR = 3
 TILE_OVERLAP_DIVISOR = 4
 # Tiles per batch: at most this many pixels (two 192 px tiles), whatever --batch-size. The UNet's attention over a

@@ -395,16 +395,8 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     main = is_main_process()  # under a launcher: the only process that writes
     images = load_images(opts.clean, size, limit=opts.n, progress=main)
     echo(f"{len(images)} images from {opts.clean}, padded to square and resized to {size}x{size} (the model's size)")
-    seeds = tuple(range(opts.seed, opts.seed + len(images)))
     x0 = images.images
-    if opts.protocol == "paper":
-        job = Job(seeds, clean=x0, t_noisy=opts.t_noisy, t_trunc=opts.t_trunc)
-        noise_label = f"paper (x_{opts.t_noisy} from the clean image)"
-    else:
-        sigma = defaults.SIGMA if opts.sigma is None else opts.sigma
-        noisy = add_noise(x0, sigma, list(seeds), opts.noise)
-        noise_label = f"{opts.noise}, sigma {sigma:g}"
-        job = Job(seeds, noisy=noisy, sigma=(sigma,), clean=x0, **opts.job_options())
+    job, noise_label = _clean_job(opts, x0, tuple(range(opts.seed, opts.seed + len(images))))
     # Ctrl-C keeps the finished images, unless that would replace an earlier run (--overwrite)
     replaces = Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
     out_dir = prepare_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)  # after every input check
@@ -415,21 +407,18 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
         raise interrupted
     if not main:
         return out_dir
-    n_all, done = len(seeds), int(results[0].images.shape[0])
+    n_all, done = len(images), int(results[0].images.shape[0])
     x0, names = x0[:done], images.names[:done]
-    labels = {
-        "data": Path(opts.clean).name or opts.clean,
-        "model": Path(den.name).name or den.name,
-        "device": str(ctx.device),
-    }
+    labels = {"data": Path(opts.clean).name or opts.clean, "model": Path(den.name).name or den.name}
+    labels["device"] = str(ctx.device)
     rows = [result_row(r, x0, noise=noise_label, **labels) for r in results]
     inputs = results[0].inputs
     assert inputs is not None  # every denoiser returns its inputs
     fig = [("clean", x0), ("noisy", inputs)] + [(r.method, r.images) for r in results]
     curves = {r.method: r.dip.mean_curves() for r in results if r.dip is not None}
-    dips = {"dip": dataclasses.asdict(ctx.dip)}
-    if ctx.dip_plugin is not None:
-        dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
+    dips = {"dip": dataclasses.asdict(ctx.dip)} | (
+        {"tdpm-dip (plugin)": dataclasses.asdict(ctx.dip_plugin)} if ctx.dip_plugin is not None else {}
+    )
     outputs = {r.method: r.images for r in results}
     status = run_status(done, n_all, resumable=False)  # --resume is for --input runs
     _write(
@@ -454,6 +443,18 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
         echo(f"interrupted: {done} of {n_all} images finished, kept in {out_dir} (metrics.json marks the run)")
         raise interrupted
     return out_dir
+
+
+def _clean_job(opts: DenoiseOptions, x0: torch.Tensor, seeds: tuple[int, ...]) -> tuple[Job, str]:
+    """The job of a --clean run and how its noise is labelled: the paper protocol's x_{t_noisy} is made by the
+    method from the clean image; blind noise (8-bit or float, image i from seed i) is added here."""
+    if opts.protocol == "paper":
+        return Job(seeds, clean=x0, t_noisy=opts.t_noisy, t_trunc=opts.t_trunc), (
+            f"paper (x_{opts.t_noisy} from the clean image)"
+        )
+    sigma = defaults.SIGMA if opts.sigma is None else opts.sigma
+    noisy = add_noise(x0, sigma, list(seeds), opts.noise)
+    return Job(seeds, noisy=noisy, sigma=(sigma,), clean=x0, **opts.job_options()), f"{opts.noise}, sigma {sigma:g}"
 
 
 def _in_batches(den: Denoiser, job: Job, opts: DenoiseOptions) -> tuple[list[Result], KeyboardInterrupt | None]:

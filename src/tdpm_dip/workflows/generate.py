@@ -84,31 +84,12 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
         refuse_out_dir(opts.out, keep)  # before any model is loaded
     m = _method(opts, resolve_generator(opts.model, opts.generator))  # --generator, or the shipped one
     folder = resolve_generator(opts.model, opts.generator) if "generator" in m.needs else None
-    ctx, shard = load_context(
-        opts.model, opts.device, opts.dtype, opts.batch_size, "paper", opts.dip_preset, opts.dip_iters, opts.dip_lr
-    )
-    if folder is not None:
-        ctx.generator = load_generator(folder, ctx.unet, ctx.scheduler, ctx.device)
-        if opts.t_trunc is not None and opts.t_trunc != ctx.generator.t_trunc:
-            raise UserError(
-                f"--t-trunc {opts.t_trunc} does not match the generator's T_trunc "
-                f"{ctx.generator.t_trunc} ({folder}); omit --t-trunc or train a generator for "
-                f"{opts.t_trunc}"
-            )
-    if "all-levels" in m.needs:
-        check_from_noise(ctx, m.name)
-    if opts.t_trunc is not None:
-        check_t_trunc(ctx.scheduler, opts.t_trunc)
-    ref = None
-    if opts.reference_data is not None:
-        ref = load_images(opts.reference_data, unet_size(ctx.unet.config), limit=opts.n).images
-        if ref.shape[0] < opts.n:
-            raise UserError(f"--reference-data has {ref.shape[0]} images, fewer than --n {opts.n}")
+    gen, ref = _load(opts, m, folder)
     # Ctrl-C keeps this run's finished images, unless that would replace an earlier run (--overwrite): then the
     # earlier outputs stay as they were
     replaces = not opts.resume and Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
     out_dir = prepare_out_dir(opts.out, keep) if main else Path(opts.out)  # after every input check
-    run = _Run(Generator(ctx, shard, opts.model or "embedded default"), opts, m, ref, folder)
+    run = _Run(gen, opts, m, ref, folder)
     # every process reads it: under a launcher they must all skip the same images (they run the batches together)
     if opts.resume and run.carry(out_dir):
         echo(f"--resume: {run.done_count} of {opts.n} images are done in {out_dir}; making the rest")
@@ -134,9 +115,34 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     res = run.result
     echo(
         f"{m.name} ({m.protocol} protocol): {opts.n} images"
-        + (f", {res.seconds_per_image:.2f} s/img on {ctx.device}" if res is not None else " (all made earlier)")
+        + (f", {res.seconds_per_image:.2f} s/img on {gen.ctx.device}" if res is not None else " (all made earlier)")
     )
     return out_dir / "grid.png"
+
+
+def _load(opts: GenerateOptions, m: registry.Method, folder: str | None) -> tuple[Generator, torch.Tensor | None]:
+    """The DDPM (and generator) with what the method needs checked, and the reference images (tdpm-dip)."""
+    ctx, shard = load_context(
+        opts.model, opts.device, opts.dtype, opts.batch_size, "paper", opts.dip_preset, opts.dip_iters, opts.dip_lr
+    )
+    if folder is not None:
+        ctx.generator = load_generator(folder, ctx.unet, ctx.scheduler, ctx.device)
+        if opts.t_trunc is not None and opts.t_trunc != ctx.generator.t_trunc:
+            raise UserError(
+                f"--t-trunc {opts.t_trunc} does not match the generator's T_trunc "
+                f"{ctx.generator.t_trunc} ({folder}); omit --t-trunc or train a generator for "
+                f"{opts.t_trunc}"
+            )
+    if "all-levels" in m.needs:
+        check_from_noise(ctx, m.name)
+    if opts.t_trunc is not None:
+        check_t_trunc(ctx.scheduler, opts.t_trunc)
+    ref = None
+    if opts.reference_data is not None:
+        ref = load_images(opts.reference_data, unet_size(ctx.unet.config), limit=opts.n).images
+        if ref.shape[0] < opts.n:
+            raise UserError(f"--reference-data has {ref.shape[0]} images, fewer than --n {opts.n}")
+    return Generator(ctx, shard, opts.model or "embedded default"), ref
 
 
 class _Run:
