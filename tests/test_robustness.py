@@ -495,7 +495,7 @@ def test_generate_interrupt_keeps_finished_images_and_resume_makes_the_rest(
     seen.clear()
     monkeypatch.setattr(Generator, "generate", counted(99))
     code, _, err = run([*args, "--resume", "--out", out], capsys)
-    assert code == 0 and seen == [1], err
+    assert code == 0 and seen == [1] and "3 images (2 made earlier)" in err, err
     result = json.loads((out / "result.json").read_text())
     assert result["complete"] is True and result["made_here"] == 1
     assert [e["run"] for e in result["images"]] == ["earlier (--resume)"] * 2 + ["this"]

@@ -113,9 +113,11 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
         echo(interrupted_line(run.done_count, opts.n, out_dir, "result.json"))
         raise interrupted
     res = run.result
+    made = sum(run.made)
     echo(
         f"{m.name} ({m.protocol} protocol): {opts.n} images"
-        + (f", {res.seconds_per_image:.2f} s/img on {gen.ctx.device}" if res is not None else " (all made earlier)")
+        + (f" ({opts.n - made} made earlier)" if made < opts.n else "")
+        + (f", {res.seconds_per_image:.2f} s/img on {gen.ctx.device}" if res is not None else "")
     )
     return out_dir / "grid.png"
 
