@@ -4,12 +4,14 @@ their per-image runs share: an earlier run to resume, and the line an interrupt 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .. import defaults
 from ..errors import UserError
+from ..outputs import staged_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,3 +81,38 @@ def interrupted_line(done: int, n: int, out_dir: Path, record: str = "metrics.js
         f"interrupted: {done} of {n} images finished, kept in {out_dir} ({record} marks them); add --resume to "
         "compute the rest"
     )
+
+
+class PerImageRun(Protocol):
+    """A run of one command over images, computed a batch at a time (restore, generate)."""
+
+    @property
+    def done_count(self) -> int: ...
+
+    def compute(self) -> None: ...
+
+    def write(self, tmp: Path) -> None: ...
+
+
+def keep_finished(
+    run: PerImageRun, out_dir: Path, n: int, replaces: bool, echo: Callable[[str], None], record: str = "metrics.json"
+) -> None:
+    """Compute `run` and write its outputs into a staged folder that replaces `out_dir` complete. On Ctrl-C the
+    finished images are written and swapped in (signals held back) and the interrupt goes on, unless that would
+    replace an earlier run (`replaces`: --overwrite of a non-empty folder): then the earlier outputs stay."""
+    interrupted: KeyboardInterrupt | None = None
+    try:
+        with staged_dir(out_dir) as tmp:
+            try:
+                run.compute()
+            except KeyboardInterrupt as e:
+                if replaces:
+                    raise  # out of the staged block: the earlier outputs stay
+                interrupted = e
+            run.write(tmp)
+    except KeyboardInterrupt:
+        echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
+        raise
+    if interrupted is not None:
+        echo(interrupted_line(run.done_count, n, out_dir, record))
+        raise interrupted

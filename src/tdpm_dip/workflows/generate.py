@@ -23,10 +23,10 @@ from ..methods.shard import is_main_process
 from ..methods.types import concat_results
 from ..models import unet_size
 from ..noise import check_t_trunc
-from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json
+from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, write_json
 from ..reporting import save_images
 from ..runtime import load_context
-from .common import RunOptions, finished_earlier, interrupted_line, run_status
+from .common import RunOptions, finished_earlier, keep_finished, run_status
 
 Echo = Callable[[str], None]
 GRID_SIDE = 128  # px per image in grid.png: small models' images are upscaled until a person can see them
@@ -96,22 +96,7 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     if not main:
         run.compute()
         return out_dir / "grid.png"
-    interrupted: KeyboardInterrupt | None = None
-    try:
-        with staged_dir(out_dir) as tmp:
-            try:
-                run.compute()
-            except KeyboardInterrupt as e:
-                if replaces:
-                    raise  # out of the staged block: the earlier outputs stay
-                interrupted = e  # the finished images are swapped in below, with signals held back
-            run.write(tmp)
-    except KeyboardInterrupt:
-        echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
-        raise
-    if interrupted is not None:
-        echo(interrupted_line(run.done_count, opts.n, out_dir, "result.json"))
-        raise interrupted
+    keep_finished(run, out_dir, opts.n, replaces, echo, "result.json")
     res = run.result
     made = sum(run.made)
     echo(

@@ -20,9 +20,9 @@ from ..images import save_png
 from ..metrics import score_uint8
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
-from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
+from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, write_json, write_text
 from ..reporting import labelled_comparison, table, thumbnails
-from .common import RunOptions, finished_earlier, interrupted_line, run_status
+from .common import RunOptions, finished_earlier, keep_finished, run_status
 
 Echo = Callable[[str], None]
 RESTORE_TASKS = ("sr", "inpaint")
@@ -124,22 +124,7 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
     run = _Run(res, opts, obs, methods)
     if opts.resume and run.carry(out_dir):
         echo(f"--resume: {run.done_count} of {len(obs.names)} images are done in {out_dir}; computing the rest")
-    interrupted: KeyboardInterrupt | None = None
-    try:
-        with staged_dir(out_dir) as tmp:
-            try:
-                run.compute()
-            except KeyboardInterrupt as e:
-                if replaces:
-                    raise  # out of the staged block: the earlier outputs stay
-                interrupted = e  # the finished images are swapped in below, with signals held back
-            run.write(tmp)
-    except KeyboardInterrupt:
-        echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
-        raise
-    if interrupted is not None:
-        echo(interrupted_line(run.done_count, len(obs.names), out_dir))
-        raise interrupted
+    keep_finished(run, out_dir, len(obs.names), replaces, echo)
     print(table(run.rows()))
     print(out_dir / "comparison.png")
     return out_dir
