@@ -266,12 +266,12 @@ def test_table_specs_follow_the_settings_and_the_registry() -> None:
     assert [sp.steps for sp in t1g if sp.method == "ddim"][1:] == [50, 20]
     cheap = bench_tables.table_specs("table1", dataclasses.replace(s, methods=("ddim", "tdpm-dip")))
     assert [sp.method for sp in cheap] == ["ddim", "ddim", "tdpm-dip"]  # table1's DDPM row left for later
-    # shrunk, the DDPM row runs the strided sampler (method ddim, eta 1), and still --methods ddpm picks it
+    # shrunk, the DDPM row runs the strided sampler (method ddim, eta 1): --methods ddpm picks it, and so does ddim
     strided = dataclasses.replace(s, ddpm_steps=100)
     only = bench_tables.table_specs("table1", dataclasses.replace(strided, methods=("ddpm",)))
     assert [(sp.label, sp.method, sp.steps, sp.eta) for sp in only] == [("DDPM (strided, 100 steps)", "ddim", 100, 1.0)]
     ddims = bench_tables.table_specs("table1", dataclasses.replace(strided, methods=("ddim",)))
-    assert [sp.eta for sp in ddims] == [0.0, 0.0]
+    assert [sp.eta for sp in ddims] == [1.0, 0.0, 0.0]
     blind = bench_tables.BenchSettings(protocol="blind")
     installed = installed_blind_methods()
     assert [sp.method for sp in bench_tables.table_specs("table2", blind)] == installed

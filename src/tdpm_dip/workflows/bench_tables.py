@@ -56,7 +56,7 @@ class RowSpec:
     eta: float = 0.0  # generation with ddim: 0 deterministic, 1 strided DDPM
     n: int | None = None  # None: --n
     report: tuple = ()  # ((column, value), ...)
-    selected_by: str | None = None  # the --methods name that selects this row (None: its method)
+    also_selected_by: tuple[str, ...] = ()  # --methods names that select this row besides its method
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _table1_ddpm_row(s: BenchSettings) -> RowSpec:
             steps=s.ddpm_steps,
             eta=1.0,
             report=report,
-            selected_by="ddpm",  # DDPM's row, run by the DDIM sampler: --methods ddpm picks it, ddim does not
+            also_selected_by=("ddpm",),  # DDPM's row, run by the DDIM sampler: --methods ddpm or ddim picks it
         )
     return RowSpec("DDPM-1000", "generate", "ddpm", "unconditional", steps=defaults.DDPM_STEPS, report=report)
 
@@ -172,7 +172,7 @@ def _table1(s: BenchSettings) -> list[RowSpec]:
             report=_report_generation(REPORT_GENERATION["tdpm-dip"]),
         )
     )
-    return [r for r in rows if (r.selected_by or r.method) in s.methods] if s.methods else rows
+    return [r for r in rows if {r.method, *r.also_selected_by} & set(s.methods)] if s.methods else rows
 
 
 def _t_trunc_row(s: BenchSettings, t: int) -> RowSpec:
