@@ -11,7 +11,7 @@ from ..config import get_preset
 from ..images import pad_bottom_right
 from ..models import unet_size
 from .common import need
-from .shard import Shard
+from .shard import Shard, images_per_step
 from .tiles import TILE_SEED_STRIDE, Tiling, tiled
 from .types import Context, Job, Result
 
@@ -91,7 +91,7 @@ def run_tiled(ctx: Context, method: str, job: Job, tiling: Tiling, shard: Shard 
         return res.images
 
     per_batch = max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2))
-    batch = per_batch * (shard.world if shard is not None else 1)
+    batch = images_per_step(per_batch, shard)
     out = tiled(one_batch, noisy, tiling, batch, ctx.progress, ctx.interrupt)
     first = results[0]
     info = dict(first.info) | {"tiles": tiling.count(h, w), "tile": f"{min(tiling.tile, w)}x{min(tiling.tile, h)}"}

@@ -44,6 +44,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def images_per_step(batch_size: int, shard: Shard | None) -> int:
+    """Images that one step of a run over batches takes at once: a batch per process."""
+    return batch_size * (shard.world if shard is not None else 1)
+
+
 def owned_batches(n: int, batch_size: int, rank: int, world: int) -> list[range]:
     """The batches of images 0..n-1 that process `rank` of `world` runs: whole batches of `batch_size`
     (as one process would form them), contiguous, the first n_batches % world processes one more."""

@@ -32,7 +32,7 @@ from ..dip import DIPConfig, DIPResult
 from ..errors import UserError
 from ..generator import TDPMGenerator, generator_fingerprint, load_generator
 from ..methods import Context, Job, Result, run
-from ..methods.shard import Shard
+from ..methods.shard import Shard, images_per_step
 from ..methods.types import concat_results
 from ..metrics import data_hash, device_name, psnr, scores, ssim
 from ..models import ddpm_fingerprint, unet_size
@@ -321,7 +321,7 @@ class Bench:
     def parts(self, missing: list[int]) -> list[slice]:
         """The missing images in parts of at most one batch (per process), aligned on the batches of a
         whole run ([0, B), [B, 2B), ...: the same batches, hence the same outputs, as an uninterrupted run)."""
-        size = self.context("linear").batch_size * (self.shard.world if self.shard is not None else 1)
+        size = images_per_step(self.context("linear").batch_size, self.shard)
         out: list[slice] = []
         for i in missing:
             last = out[-1] if out else None

@@ -75,16 +75,15 @@ def run_status(done: int, n: int, resumable: bool = True) -> str:
     return f"interrupted: {done} of {n} images done" + (" (--resume computes the rest)" if resumable else "")
 
 
-def interrupted_line(done: int, n: int, out_dir: Path, record: str = "metrics.json") -> str:
+def interrupted_line(done: int, n: int, out_dir: Path, record: str = "metrics.json", resumable: bool = True) -> str:
     """What a per-image run says when Ctrl-C stops it after `done` of `n` images (`record` lists them)."""
-    return (
-        f"interrupted: {done} of {n} images finished, kept in {out_dir} ({record} marks them); add --resume to "
-        "compute the rest"
+    return f"interrupted: {done} of {n} images finished, kept in {out_dir} ({record} marks them)" + (
+        "; add --resume to compute the rest" if resumable else ""
     )
 
 
 class PerImageRun(Protocol):
-    """A run of one command over images, computed a batch at a time (restore, generate)."""
+    """A run of one command over images, computed a batch at a time (restore, generate, denoise --clean)."""
 
     @property
     def done_count(self) -> int: ...
@@ -95,11 +94,20 @@ class PerImageRun(Protocol):
 
 
 def keep_finished(
-    run: PerImageRun, out_dir: Path, n: int, replaces: bool, echo: Callable[[str], None], record: str = "metrics.json"
+    run: PerImageRun,
+    out_dir: Path,
+    n: int,
+    echo: Callable[[str], None],
+    *,
+    resume: bool,
+    record: str = "metrics.json",
+    resumable: bool = True,
 ) -> None:
     """Compute `run` and write its outputs into a staged folder that replaces `out_dir` complete. On Ctrl-C the
     finished images are written and swapped in (signals held back) and the interrupt goes on, unless that would
-    replace an earlier run (`replaces`: --overwrite of a non-empty folder): then the earlier outputs stay."""
+    replace an earlier run (--overwrite of a non-empty folder; with `resume` its images are part of this run):
+    then the earlier outputs stay. `resumable`: the command has --resume, and its interrupt line says so."""
+    replaces = not resume and any(out_dir.iterdir())
     interrupted: KeyboardInterrupt | None = None
     try:
         with staged_dir(out_dir) as tmp:
@@ -114,5 +122,5 @@ def keep_finished(
         echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
         raise
     if interrupted is not None:
-        echo(interrupted_line(run.done_count, n, out_dir, record))
+        echo(interrupted_line(run.done_count, n, out_dir, record, resumable))
         raise interrupted

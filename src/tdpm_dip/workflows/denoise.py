@@ -20,7 +20,7 @@ from ..methods import Job, Result
 from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
 from ..methods.observe import blind_sigmas
-from ..methods.shard import is_main_process
+from ..methods.shard import images_per_step, is_main_process
 from ..methods.types import concat_results
 from ..metrics import scores
 from ..models import unet_size
@@ -28,7 +28,7 @@ from ..noise import add_noise, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
-from .common import RunOptions, finished_earlier, interrupted_line, run_status
+from .common import RunOptions, finished_earlier, interrupted_line, keep_finished, run_status
 
 Echo = Callable[[str], None]
 
@@ -254,7 +254,7 @@ class _FilesRun:
     def _batches(self, todo: list[int]) -> list[list[int]]:
         """Images run together: up to a batch (per process) of small ones; an image run in tiles alone, so that
         it holds the memory of one large image and its result is written as soon as it is done."""
-        step = self.den.ctx.batch_size * (self.den.shard.world if self.den.shard is not None else 1)
+        step = images_per_step(self.den.ctx.batch_size, self.den.shard)
         side = self.den.tile or tile_side(self.den.ctx)
         out: list[list[int]] = []
         for i in todo:
@@ -386,63 +386,78 @@ def _references(folder: str, files: list[NativeFile], max_pixels: int) -> dict[s
 
 
 def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
-    """Clean images noised here (blind: 8-bit or float noise of sigma; paper: x_{t_noisy}), then each method."""
+    """Clean images noised here (blind: 8-bit or float noise of sigma; paper: x_{t_noisy}), then each method, a
+    batch at a time; Ctrl-C keeps the images every method finished (no --resume: that is for --input runs)."""
     assert opts.clean is not None  # check(): --clean when --input is not given
-    ctx = den.ctx
     if opts.protocol == "paper":
-        check_trained_level(ctx, opts.t_noisy)  # before any image is read or anything written
-    size = unet_size(ctx.unet.config)
+        check_trained_level(den.ctx, opts.t_noisy)  # before any image is read or anything written
+    size = unet_size(den.ctx.unet.config)
     main = is_main_process()  # under a launcher: the only process that writes
     images = load_images(opts.clean, size, limit=opts.n, progress=main)
     echo(f"{len(images)} images from {opts.clean}, padded to square and resized to {size}x{size} (the model's size)")
-    x0 = images.images
-    job, noise_label = _clean_job(opts, x0, tuple(range(opts.seed, opts.seed + len(images))))
-    # Ctrl-C keeps the finished images, unless that would replace an earlier run (--overwrite)
-    replaces = Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
+    run = _CleanRun(den, opts, images.images, images.names)
     out_dir = prepare_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)  # after every input check
-    results, interrupted = _in_batches(den, job, opts)
-    if interrupted is not None and (replaces or not main or not results):
-        if main and replaces:
-            echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
-        raise interrupted
     if not main:
+        run.compute()
         return out_dir
-    n_all, done = len(images), int(results[0].images.shape[0])
-    x0, names = x0[:done], images.names[:done]
-    labels = {"data": Path(opts.clean).name or opts.clean, "model": Path(den.name).name or den.name}
-    labels["device"] = str(ctx.device)
-    rows = [result_row(r, x0, noise=noise_label, **labels) for r in results]
-    inputs = results[0].inputs
-    assert inputs is not None  # every denoiser returns its inputs
-    fig = [("clean", x0), ("noisy", inputs)] + [(r.method, r.images) for r in results]
-    curves = {r.method: r.dip.mean_curves() for r in results if r.dip is not None}
-    dips = {"dip": dataclasses.asdict(ctx.dip)} | (
-        {"tdpm-dip (plugin)": dataclasses.asdict(ctx.dip_plugin)} if ctx.dip_plugin is not None else {}
-    )
-    outputs = {r.method: r.images for r in results}
-    status = run_status(done, n_all, resumable=False)  # --resume is for --input runs
-    _write(
-        out_dir,
-        names,
-        inputs,
-        outputs,
-        fig,
-        f"Denoising ({opts.protocol} protocol; noise: {noise_label})" + ("" if done == n_all else f"\n\n**{status}**"),
-        rows,
-        {
-            "status": status,
-            "complete": done == n_all,
-            "noise": noise_label,
-            "dip": dips,
-            "curves": curves,
-            "images": _per_image(names, inputs, outputs, x0),
-        },
-        curves,
-    )
-    if interrupted is not None:
-        echo(f"interrupted: {done} of {n_all} images finished, kept in {out_dir} (metrics.json marks the run)")
-        raise interrupted
+    keep_finished(run, out_dir, len(images), echo, resume=False, resumable=False)
+    print(out_dir / "comparison.png")
     return out_dir
+
+
+class _CleanRun:
+    """A --clean run: every method on a batch (per process) of the images, then the next batch (the batches one
+    call over all of them would form, so the results are the same); each method's results kept per batch."""
+
+    def __init__(self, den: Denoiser, opts: DenoiseOptions, x0: torch.Tensor, names: list[str]) -> None:
+        self.den, self.opts, self.x0, self.names = den, opts, x0, names
+        self.job, self.noise_label = _clean_job(opts, x0, tuple(range(opts.seed, opts.seed + len(names))))
+        self.parts: dict[str, list[Result]] = {m: [] for m in opts.methods}
+
+    @property
+    def batches_done(self) -> int:
+        """Batches that every method finished."""
+        return min(len(p) for p in self.parts.values())
+
+    @property
+    def done_count(self) -> int:
+        return sum(int(r.images.shape[0]) for r in self.parts[self.opts.methods[0]][: self.batches_done])
+
+    def compute(self) -> None:
+        step = images_per_step(self.den.ctx.batch_size, self.den.shard)
+        for lo in range(0, len(self.job.seeds), step):
+            part = self.job.part(slice(lo, lo + step))
+            for m in self.opts.methods:
+                self.parts[m].append(self.den.run(part, m, self.opts.protocol))
+
+    def write(self, tmp: Path) -> None:
+        """The run folder (`_write`) of the images every method finished; nothing when none did."""
+        k, n_all, done, ctx, opts = self.batches_done, len(self.names), self.done_count, self.den.ctx, self.opts
+        if k == 0:
+            return
+        results = [concat_results(p[:k]) for p in self.parts.values()]
+        x0, names = self.x0[:done], self.names[:done]
+        labels = {
+            "data": Path(opts.clean or "").name or opts.clean,
+            "model": Path(self.den.name).name or self.den.name,
+            "device": str(ctx.device),
+        }
+        rows = [result_row(r, x0, noise=self.noise_label, **labels) for r in results]
+        inputs = results[0].inputs
+        assert inputs is not None  # every denoiser returns its inputs
+        fig = [("clean", x0), ("noisy", inputs)] + [(r.method, r.images) for r in results]
+        curves = {r.method: r.dip.mean_curves() for r in results if r.dip is not None}
+        dips = {"dip": dataclasses.asdict(ctx.dip)}
+        if ctx.dip_plugin is not None:
+            dips["tdpm-dip (plugin)"] = dataclasses.asdict(ctx.dip_plugin)
+        outputs = {r.method: r.images for r in results}
+        status = run_status(done, n_all, resumable=False)
+        title = f"Denoising ({opts.protocol} protocol; noise: {self.noise_label})"
+        extra = {"status": status, "complete": done == n_all, "noise": self.noise_label, "dip": dips, "curves": curves}
+        extra["images"] = _per_image(names, inputs, outputs, x0)
+        _write(tmp, names, inputs, outputs, fig, title + ("" if done == n_all else f"\n\n**{status}**"), rows, extra)
+        if curves:
+            curves_figure(tmp / "dip_curves.png", curves)
 
 
 def _clean_job(opts: DenoiseOptions, x0: torch.Tensor, seeds: tuple[int, ...]) -> tuple[Job, str]:
@@ -455,25 +470,6 @@ def _clean_job(opts: DenoiseOptions, x0: torch.Tensor, seeds: tuple[int, ...]) -
     sigma = defaults.SIGMA if opts.sigma is None else opts.sigma
     noisy = add_noise(x0, sigma, list(seeds), opts.noise)
     return Job(seeds, noisy=noisy, sigma=(sigma,), clean=x0, **opts.job_options()), f"{opts.noise}, sigma {sigma:g}"
-
-
-def _in_batches(den: Denoiser, job: Job, opts: DenoiseOptions) -> tuple[list[Result], KeyboardInterrupt | None]:
-    """Every method on a batch (per process) of the images, then the next batch (the batches a single call would
-    form, so the results are the same); on Ctrl-C, each method's results on the images every method finished."""
-    step = den.ctx.batch_size * (den.shard.world if den.shard is not None else 1)
-    parts: dict[str, list[Result]] = {m: [] for m in opts.methods}
-    interrupted = None
-    try:
-        for lo in range(0, len(job.seeds), step):
-            part = job.part(slice(lo, lo + step))
-            for m in opts.methods:
-                parts[m].append(den.run(part, m, opts.protocol))
-    except KeyboardInterrupt as e:
-        interrupted = e
-    batches = min(len(p) for p in parts.values())
-    if batches == 0:
-        return [], interrupted
-    return [concat_results(p[:batches]) for p in parts.values()], interrupted
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -499,7 +495,7 @@ def _per_image(
 
 
 def _write(
-    out_dir: Path,
+    tmp: Path,
     names: list[str],
     noisy: list[torch.Tensor] | torch.Tensor,
     outputs: Mapping[str, list[torch.Tensor] | torch.Tensor],
@@ -507,22 +503,17 @@ def _write(
     title: str,
     rows: list[dict],
     extra: dict,
-    curves: dict | None = None,
 ) -> None:
-    """The run folder: noisy/ and one folder of PNGs per method, comparison.png, dip_curves.png (when a DIP
-    ran), metrics.md and metrics.json; built beside `out_dir` and moved in complete."""
-    with staged_dir(out_dir) as tmp:
-        for i, name in enumerate(names):
-            save_png(noisy[i], tmp / "noisy" / f"{name}.png")
-            for m, images in outputs.items():
-                save_png(images[i], tmp / m / f"{name}.png")
-        labelled_comparison(tmp / "comparison.png", fig)
-        if curves:
-            curves_figure(tmp / "dip_curves.png", curves)
-        write_text(
-            tmp / "metrics.md",
-            f"# {title}\n\nRows of comparison.png: " + ", ".join(label for label, _ in fig) + "\n\n" + table(rows),
-        )
-        write_json(tmp / "metrics.json", {"rows": rows, **extra})
+    """The run folder, written into the staged `tmp`: noisy/ and one folder of PNGs per method, comparison.png,
+    metrics.md and metrics.json."""
+    for i, name in enumerate(names):
+        save_png(noisy[i], tmp / "noisy" / f"{name}.png")
+        for m, images in outputs.items():
+            save_png(images[i], tmp / m / f"{name}.png")
+    labelled_comparison(tmp / "comparison.png", fig)
+    write_text(
+        tmp / "metrics.md",
+        f"# {title}\n\nRows of comparison.png: " + ", ".join(label for label, _ in fig) + "\n\n" + table(rows),
+    )
+    write_json(tmp / "metrics.json", {"rows": rows, **extra})
     print(table(rows))
-    print(out_dir / "comparison.png")

@@ -19,7 +19,7 @@ from ..generator import load_generator
 from ..images import save_grid
 from ..methods import Result
 from ..methods.generate import check_from_noise
-from ..methods.shard import is_main_process
+from ..methods.shard import images_per_step, is_main_process
 from ..methods.types import concat_results
 from ..models import unet_size
 from ..noise import check_t_trunc
@@ -85,9 +85,6 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     m = _method(opts, resolve_generator(opts.model, opts.generator))  # --generator, or the shipped one
     folder = resolve_generator(opts.model, opts.generator) if "generator" in m.needs else None
     gen, ref = _load(opts, m, folder)
-    # Ctrl-C keeps this run's finished images, unless that would replace an earlier run (--overwrite): then the
-    # earlier outputs stay as they were
-    replaces = not opts.resume and Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
     out_dir = prepare_out_dir(opts.out, keep) if main else Path(opts.out)  # after every input check
     run = _Run(gen, opts, m, ref, folder)
     # every process reads it: under a launcher they must all skip the same images (they run the batches together)
@@ -96,7 +93,7 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     if not main:
         run.compute()
         return out_dir / "grid.png"
-    keep_finished(run, out_dir, opts.n, replaces, echo, "result.json")
+    keep_finished(run, out_dir, opts.n, echo, resume=opts.resume, record="result.json")
     res = run.result
     made = sum(run.made)
     echo(
@@ -183,8 +180,7 @@ class _Run:
 
     def compute(self) -> None:
         """The images not done yet, a batch (per process) at a time."""
-        shard = self.gen.shard
-        step = self.gen.ctx.batch_size * (shard.world if shard is not None else 1)
+        step = images_per_step(self.gen.ctx.batch_size, self.gen.shard)
         todo = [i for i in range(self.opts.n) if self.images[i] is None]
         runs = [todo[k : k + step] for k in range(0, len(todo), step)]
         # consecutive images run together (a batch of consecutive seeds, as one call over all would form it)

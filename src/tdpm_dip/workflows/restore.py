@@ -117,14 +117,11 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
         if m not in res.methods(opts.task):
             raise UserError(f"method {m} cannot run with this DDPM (it needs a DDPM trained on every noise level)")
     echo(f"{len(obs.names)} images: {_describe(opts)}; methods {', '.join(methods)}")
-    # Ctrl-C keeps this run's finished images, unless that would replace an earlier run (--overwrite): then the
-    # earlier outputs stay as they were
-    replaces = not opts.resume and Path(opts.out).is_dir() and any(Path(opts.out).iterdir())
     out_dir = prepare_out_dir(opts.out, keep)  # after every input check
     run = _Run(res, opts, obs, methods)
     if opts.resume and run.carry(out_dir):
         echo(f"--resume: {run.done_count} of {len(obs.names)} images are done in {out_dir}; computing the rest")
-    keep_finished(run, out_dir, len(obs.names), replaces, echo)
+    keep_finished(run, out_dir, len(obs.names), echo, resume=opts.resume)
     print(table(run.rows()))
     print(out_dir / "comparison.png")
     return out_dir
