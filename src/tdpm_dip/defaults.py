@@ -36,9 +36,8 @@ RESTORE_ZETA = 1.0  # ccdf / tdpm-dip: DiffPIR's share of fresh noise per step (
 RESTORE_FULL_STEPS = 100  # ddnm / diffpir: network calls per chain from pure noise
 DDNM_ETA = 0.85  # DDNM's DDIM eta
 DIFFPIR_ZETA = 0.25  # DiffPIR's zeta (its super-resolution setting)
-RESTORE_LAMBDA = (
-    0.3  # DiffPIR's lambda: rho_t = lambda sigma_y^2 / sigma_t^2 (noisy observations); chosen on training images
-)
+# DiffPIR's lambda: rho_t = lambda sigma_y^2 / sigma_t^2 (noisy observations); chosen on training images
+RESTORE_LAMBDA = 0.3
 SR_SCALES = (2, 4)  # super-resolution factors offered (the shipped model's prior was measured at these)
 SR_SCALE = 4  # the default factor
 MASK_KIND = "box"  # inpainting masks made here (--mask-kind): box, half or random:P

@@ -167,7 +167,7 @@ def recover_swap(final: str | os.PathLike) -> None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
-def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """`dst` as a hard link to `src` (a copy where the file system has none)."""
     try:
         os.link(src, dst)
@@ -175,7 +175,11 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copy2(src, dst)
 
 
-_link_or_copy = link_or_copy
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """`dst`, its folder made if need be, as a hard link to `src` (a copy where the file system has none): how an
+    earlier run's finished file is carried into a new run's staged folder."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    _link_or_copy(src, dst)
 
 
 def _carry(src: Path, dst: Path) -> None:

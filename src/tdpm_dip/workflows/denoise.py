@@ -275,7 +275,6 @@ class _FilesRun:
         name = self.files[i].name
         for row in ("noisy", *self.opts.methods):
             src, dst = Path(self.opts.out) / row / f"{name}.png", tmp / row / f"{name}.png"
-            dst.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(src, dst)
             if len(self.thumbs[row]) < self.FIGURE_IMAGES:
                 self.thumbs[row][i] = thumbnails([read_native(dst)[0]])[0]

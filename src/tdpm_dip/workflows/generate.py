@@ -16,7 +16,7 @@ from ..data import load_image, load_images
 from ..embedded import resolve_generator, resolve_model
 from ..errors import UserError, check_positive
 from ..generator import load_generator
-from ..images import save_grid
+from ..images import save_grid, save_png
 from ..methods import Result
 from ..methods.generate import check_from_noise
 from ..methods.shard import images_per_step, is_main_process
@@ -24,7 +24,6 @@ from ..methods.types import concat_results
 from ..models import unet_size
 from ..noise import check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, write_json
-from ..reporting import save_images
 from ..runtime import load_context
 from .common import RunOptions, finished_earlier, keep_finished, run_status
 
@@ -207,9 +206,8 @@ class _Run:
         for i in done:
             dst = tmp / "images" / f"{self.names[i]}.png"
             if self.made[i]:
-                save_images(self.images[i][None], [self.names[i]], tmp / "images")  # type: ignore[index]
+                save_png(self.images[i], dst)  # type: ignore[arg-type]
             else:  # the earlier file, as it was
-                dst.parent.mkdir(parents=True, exist_ok=True)
                 link_or_copy(self.earlier / "images" / dst.name, dst)  # type: ignore[operator]
         if done:
             save_grid(torch.stack([self.images[i] for i in done]), tmp / "grid.png", upscale=upscale)  # type: ignore[misc]

@@ -304,7 +304,6 @@ class _Run:
             for i in done:
                 dst = tmp / m / f"{obs.names[i]}.png"
                 if self.earlier is not None and self.entries[i]["run"] != "this":  # the earlier file, as it was
-                    dst.parent.mkdir(parents=True, exist_ok=True)
                     link_or_copy(self.earlier / m / dst.name, dst)
                 else:
                     save_png(outs[i], dst)  # type: ignore[arg-type]
