@@ -583,3 +583,18 @@ def test_ctrl_c_on_a_real_process(sprite_dir: Path, tmp_path: Path) -> None:
             p.name for p in ck.iterdir()
         }
     assert_no_leftovers(tmp_path)
+
+
+def test_denoise_overwrite_replaces_every_method_folder_and_runs_a_repeated_method_once(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / "a.png")
+    out = tmp_path / "o"
+    args = ["denoise", "--model", model, "--input", src, "--sigma", "25", "--device", "cpu", "--out", out]
+    assert run([*args, "--method", "tweedie", "--method", "ensemble"], capsys)[0] == 0
+    code, _, err = run([*args, "--method", "tweedie", "--method", "tweedie", "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "metrics.json", "metrics.md", "noisy", "tweedie"]
+    assert [r["method"] for r in json.loads((out / "metrics.json").read_text())["rows"]] == ["tweedie"]

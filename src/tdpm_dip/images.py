@@ -55,6 +55,11 @@ def like(x: torch.Tensor, gray: bool = False, bits: int = 8, alpha: np.ndarray |
     return img
 
 
+def as_written(x: torch.Tensor, gray: bool) -> torch.Tensor:
+    """A result as its file will hold it (before rounding): a grey image's channels averaged into one (`like`)."""
+    return x.mean(0, keepdim=True).expand_as(x) if gray else x
+
+
 def save_like(
     x: torch.Tensor, path: str | os.PathLike, gray: bool = False, bits: int = 8, alpha: np.ndarray | None = None
 ) -> None:

@@ -227,6 +227,9 @@ def inpaint_biharmonic(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if known.all():
             out.append(img)
             continue
+        if not known.any():  # nothing to interpolate from: the pseudo-inverse's flat grey
+            out.append(torch.zeros_like(img))
+            continue
         a = ((img.permute(1, 2, 0).numpy() + 1.0) / 2.0).astype(np.float64)
         rec = biharmonic(a, ~known, channel_axis=-1)
         out.append(torch.from_numpy(rec).float().permute(2, 0, 1) * 2.0 - 1.0)

@@ -95,6 +95,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that the same clean-up runs."""
 
 
+def reported(e: KeyboardInterrupt) -> KeyboardInterrupt:
+    """Mark an interrupt whose command already said what it kept: the CLI then adds no generic line of its own."""
+    e.tdpm_dip_reported = True  # type: ignore[attr-defined]
+    return e
+
+
+def was_reported(e: BaseException) -> bool:
+    """Whether `e`, or the interrupt it wraps (click turns Ctrl-C into Abort), was marked by `reported`."""
+    return any(getattr(x, "tdpm_dip_reported", False) for x in (e, e.__cause__, e.__context__))
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 

@@ -54,6 +54,8 @@ def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 def pick_dip_preset(name: str, device: torch.device) -> str:
     """'auto': the report's DIP on a GPU; on a CPU, where it takes about a minute per image, dip-small."""
+    if name not in ("auto", *defaults.DIP_PRESETS):
+        raise UserError(f"--dip-preset must be one of auto, {', '.join(defaults.DIP_PRESETS)}, got {name!r}")
     if name != "auto":
         return name
     return "paper-dip" if device.type == "cuda" else "dip-small"

@@ -111,7 +111,13 @@ def compute_options(f: F) -> F:
                 default=0,
                 help=THREADS_HELP + " (threads that wait on a busy machine are many times slower than one).",
             ),
-            click.option("--seed", type=int, default=0, help="Image i uses seed SEED+i, whatever the batch size."),
+            click.option(
+                "--seed",
+                type=int,
+                default=0,
+                help="Image i uses seed SEED+i, whatever the batch size. The arithmetic still rounds differently for "
+                "another batch size: the same image comes out within a grey level in fp32, a few under bf16.",
+            ),
             overwrite_option(),
         ]
     ):

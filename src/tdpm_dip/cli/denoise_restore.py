@@ -19,6 +19,10 @@ from .common import (
     set_threads,
 )
 
+skip_bad_option = click.option(
+    "--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping."
+)
+
 # ------------------------------------------------------------------------------------------ denoise
 
 
@@ -88,7 +92,7 @@ from .common import (
     "over fewer, in proportion to its pixels (a 512x512 image over 2), so that it costs about what 256x256 does.",
 )
 @first_n_option()
-@click.option("--skip-bad", is_flag=True, help="--input: skip unreadable files with a warning instead of stopping.")
+@skip_bad_option
 @click.option(
     "--max-megapixels",
     type=float,
@@ -158,8 +162,9 @@ def denoise(threads: int, **kwargs: object) -> None:
 @click.option(
     "--mask",
     default=None,
-    help="inpaint: a mask file for every image, or a folder of same-named PNGs (white = known; grey levels split at "
-    "50 %; another size is resized with nearest-neighbour, with a warning).",
+    help="inpaint: a mask file for every image, or a folder with a mask at each input's path under --input, any "
+    "image format (white = known; grey levels split at 50 %; another size is resized with nearest-neighbour, with a "
+    "warning).",
 )
 @click.option(
     "--mask-kind",
@@ -211,6 +216,7 @@ def denoise(threads: int, **kwargs: object) -> None:
     default=defaults.RESTORE_MAX_PIXELS,
     help="Refuse outputs above this many pixels (the cost grows with them).",
 )
+@skip_bad_option
 @click.option(
     "--resume",
     is_flag=True,

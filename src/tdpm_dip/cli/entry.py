@@ -16,7 +16,7 @@ import typing
 import click
 
 from ..errors import UserError
-from ..outputs import Terminated, sigterm_as_interrupt
+from ..outputs import Terminated, sigterm_as_interrupt, was_reported
 from .common import cli
 
 
@@ -90,7 +90,8 @@ def _main(argv: list[str] | None) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
-        click.echo("interrupted: finished outputs are kept, nothing half-written", err=True)
+        if not was_reported(e):  # the command's own line says what it kept
+            click.echo("interrupted: finished outputs are kept, nothing half-written", err=True)
         sys.exit(143 if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated) else 130)
     except click.ClickException as e:
         e.show()

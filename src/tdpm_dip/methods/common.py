@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..dip import DIPConfig, DIPResult, Measure, fit_dip
 from ..errors import UserError
 from ..models import unet_size
-from ..noise import q_sample
+from ..noise import num_levels, q_sample
 from ..sampling import reverse_chain
 from .types import Context
 
@@ -41,7 +41,10 @@ def progress_bar(ctx: Context, total: int, desc: str) -> contextlib.AbstractCont
 
 
 def check_trained_level(ctx: Context, t: int, what: str = "a reverse chain", advice: str = "") -> None:
-    """A chain from a level above those the DDPM was trained on (a truncated DDPM) is a one-line error."""
+    """A chain from a level above those the DDPM has, or was trained on (a truncated DDPM), is a one-line error."""
+    T = num_levels(ctx.scheduler)
+    if t > T:
+        raise UserError(f"{what} from level {t}, but this DDPM has levels 1..{T}{advice}")
     if ctx.levels is not None and t > ctx.levels[1]:
         raise UserError(
             f"{what} from level {t}, but this DDPM was trained on levels {ctx.levels[0]}..{ctx.levels[1]} "

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from .. import defaults
 from ..errors import UserError
-from ..outputs import staged_dir
+from ..outputs import reported, staged_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,17 +100,20 @@ def keep_finished(
     echo: Callable[[str], None],
     *,
     resume: bool,
+    owned: Iterable[str],
     record: str = "metrics.json",
     resumable: bool = True,
 ) -> None:
     """Compute `run` and write its outputs into a staged folder that replaces `out_dir` complete. On Ctrl-C the
     finished images are written and swapped in (signals held back) and the interrupt goes on, unless that would
     replace an earlier run (--overwrite of a non-empty folder; with `resume` its images are part of this run):
-    then the earlier outputs stay. `resumable`: the command has --resume, and its interrupt line says so."""
+    then the earlier outputs stay. `owned`: every entry the command can write (its method folders, figures,
+    records), replaced or removed whole even where this run writes no such entry (`outputs.staged_dir`).
+    `resumable`: the command has --resume, and its interrupt line says so."""
     replaces = not resume and any(out_dir.iterdir())
     interrupted: KeyboardInterrupt | None = None
     try:
-        with staged_dir(out_dir) as tmp:
+        with staged_dir(out_dir, owned) as tmp:
             try:
                 run.compute()
             except KeyboardInterrupt as e:
@@ -118,9 +121,9 @@ def keep_finished(
                     raise  # out of the staged block: the earlier outputs stay
                 interrupted = e
             run.write(tmp)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         echo(f"interrupted: the earlier outputs in {out_dir} are as they were (--overwrite)")
-        raise
+        raise reported(e) from None
     if interrupted is not None:
         echo(interrupted_line(run.done_count, n, out_dir, record, resumable))
-        raise interrupted
+        raise reported(interrupted)

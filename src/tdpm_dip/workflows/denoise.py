@@ -15,7 +15,7 @@ from ..api import Denoiser
 from ..data import ImageKind, NativeFile, load_images, read_native, scan_native
 from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma, check_symmetries
-from ..images import save_like, save_png
+from ..images import as_written, save_like, save_png
 from ..methods import Job, Result
 from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
@@ -25,12 +25,15 @@ from ..methods.types import concat_results
 from ..metrics import scores
 from ..models import unet_size
 from ..noise import add_noise, check_t_trunc
-from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, staged_dir, write_json, write_text
+from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, reported, staged_dir, write_json, write_text
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
 from .common import RunOptions, finished_earlier, interrupted_line, keep_finished, run_status
 
 Echo = Callable[[str], None]
+# Every entry a denoise run can write: an --overwrite run replaces them all, so no method folder of an earlier run
+# is left beside the new one.
+OWNED = ("noisy", *registry.names("denoise"), "comparison.png", "metrics.md", "metrics.json", "dip_curves.png")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +76,7 @@ class DenoiseOptions(RunOptions):
             if self.protocol == "paper"
             else [m.name for m in registry.methods("denoise", "blind", installed_only=True)][:1]
         )
-        methods = self.methods or tuple(default)
+        methods = tuple(dict.fromkeys(self.methods or default))  # a method named twice runs once
         for m in methods:
             registry.get("denoise", self.protocol, m)  # an unknown or other-protocol method fails here
         check_positive("--samples", self.samples)
@@ -171,7 +174,7 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
         run.compute(None)
         return out_dir
     interrupted: KeyboardInterrupt | None = None
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, OWNED) as tmp:
         try:
             run.compute(tmp)
         except KeyboardInterrupt as e:  # 3. keep what is finished; the swap below runs with signals held back
@@ -179,7 +182,7 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
         run.write(tmp, out_dir, key)
     if interrupted is not None:
         echo(interrupted_line(run.done_count, len(files), out_dir))
-        raise interrupted
+        raise reported(interrupted)
     print(table(run.rows()))
     print(out_dir / "comparison.png")
     return out_dir
@@ -232,7 +235,7 @@ class _FilesRun:
                 out, seconds, nfe = den.denoise_tensors(
                     noisy, [self.sig[i] for i in idx], m, seeds, **opts.job_options()
                 )
-                outs[m] = [_as_written(o, self.files[i].kind) for o, i in zip(out, idx)]
+                outs[m] = [as_written(o, self.files[i].kind.gray) for o, i in zip(out, idx)]
                 for i in idx:
                     self.entries[i][m] = {"seconds": seconds / len(idx), "NFE": nfe}
             if tmp is None:
@@ -243,9 +246,9 @@ class _FilesRun:
                 for m in opts.methods:
                     _save(outs[m][k], tmp / m / f"{f.name}.png", f.kind)
                     if clean is not None:
-                        e[m] |= scores(outs[m][k], _as_written(clean[k], f.kind))
+                        e[m] |= scores(outs[m][k], as_written(clean[k], f.kind.gray))
                 if clean is not None:
-                    e["input"] = scores(_as_written(noisy[k], f.kind), _as_written(clean[k], f.kind))
+                    e["input"] = scores(as_written(noisy[k], f.kind.gray), as_written(clean[k], f.kind.gray))
                 e["status"] = "done"
                 self._thumb(i, "noisy", noisy[k])
                 for m in opts.methods:
@@ -339,11 +342,6 @@ def _kind_label(kind: ImageKind) -> str:
     return ("grey" if kind.gray else "RGB") + (" + alpha" if kind.alpha is not None else "") + f", {kind.bits}-bit"
 
 
-def _as_written(x: torch.Tensor, kind: ImageKind) -> torch.Tensor:
-    """A result as its file holds it (before rounding): a grey image's channels averaged into one."""
-    return x.mean(0, keepdim=True).expand_as(x) if kind.gray else x
-
-
 def _save(x: torch.Tensor, path: Path, kind: ImageKind) -> None:
     save_like(x, path, kind.gray, kind.bits, kind.alpha)
 
@@ -399,7 +397,7 @@ def _denoise_clean(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     if not main:
         run.compute()
         return out_dir
-    keep_finished(run, out_dir, len(images), echo, resume=False, resumable=False)
+    keep_finished(run, out_dir, len(images), echo, resume=False, owned=OWNED, resumable=False)
     print(out_dir / "comparison.png")
     return out_dir
 

@@ -28,6 +28,8 @@ from ..runtime import load_context
 from .common import RunOptions, finished_earlier, keep_finished, run_status
 
 Echo = Callable[[str], None]
+# Every entry a generate run can write: an --overwrite run replaces them all.
+OWNED = ("images", "grid.png", "dip_output_grid.png", "result.json")
 GRID_SIDE = 128  # px per image in grid.png: small models' images are upscaled until a person can see them
 
 
@@ -92,7 +94,7 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     if not main:
         run.compute()
         return out_dir / "grid.png"
-    keep_finished(run, out_dir, opts.n, echo, resume=opts.resume, record="result.json")
+    keep_finished(run, out_dir, opts.n, echo, resume=opts.resume, owned=OWNED, record="result.json")
     res = run.result
     made = sum(run.made)
     echo(

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import defaults, registry
 from ..api import Restorer, read_mask
-from ..data import list_images, load_image, load_images, load_native
+from ..data import ImageKind, list_images, load_image, load_images, read_native, scan_native
 from ..errors import UserError, check_positive
-from ..images import save_png
+from ..images import as_written, save_like, save_png
 from ..metrics import score_uint8
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
@@ -26,6 +27,9 @@ from .common import RunOptions, finished_earlier, keep_finished, run_status
 
 Echo = Callable[[str], None]
 RESTORE_TASKS = ("sr", "inpaint")
+# Every entry a restore run can write: an --overwrite run replaces them all, so no method folder of an earlier run
+# (another task, other masks) is left beside the new one.
+OWNED = ("observed", "mask", *registry.names("restore"), "comparison.png", "metrics.md", "metrics.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,7 @@ class RestoreOptions(RunOptions):
     steps: int | None = None
     n: int | None = None
     max_pixels: int = defaults.RESTORE_MAX_PIXELS
+    skip_bad: bool = False  # --input: skip unreadable files with a warning
     resume: bool = False  # keep the images an interrupted run into --out finished, compute the rest
 
     def check(self) -> RestoreOptions:
@@ -83,7 +88,7 @@ class RestoreOptions(RunOptions):
         for path, what in ((self.input, "--input"), (self.clean, "--clean"), (self.mask, "--mask")):
             if path is not None and not Path(path).exists():
                 raise UserError(f"{what} {path}: no such file or folder")
-        return self
+        return dataclasses.replace(self, methods=tuple(dict.fromkeys(self.methods)))  # a method named twice runs once
 
     def job_options(self) -> dict:
         return {"t_trunc": self.t_trunc, "samples": self.samples, "ddim_steps": self.steps}
@@ -98,6 +103,10 @@ class Observations:
     operators: list[Operator]
     clean: list[torch.Tensor] | None
     made_masks: bool
+    kinds: list[ImageKind] | None = None  # --input: how each file stores its pixels, so its outputs come back alike
+
+    def kind(self, i: int) -> ImageKind:
+        return self.kinds[i] if self.kinds is not None else ImageKind()
 
 
 def restore(opts: RestoreOptions, echo: Echo) -> Path:
@@ -121,7 +130,7 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
     run = _Run(res, opts, obs, methods)
     if opts.resume and run.carry(out_dir):
         echo(f"--resume: {run.done_count} of {len(obs.names)} images are done in {out_dir}; computing the rest")
-    keep_finished(run, out_dir, len(obs.names), echo, resume=opts.resume)
+    keep_finished(run, out_dir, len(obs.names), echo, resume=opts.resume, owned=OWNED)
     print(table(run.rows()))
     print(out_dir / "comparison.png")
     return out_dir
@@ -149,8 +158,10 @@ def _check_pixels(opts: RestoreOptions, names: list[str], sizes: list[tuple[int,
 def _observations(opts: RestoreOptions, size: int | None = None) -> Observations:
     """Read the user's degraded files (and masks) at their own sizes, or degrade clean images here (8-bit, with
     noise sigma), padded to a square and resized to `size` (the model's)."""
+    kinds = None
     if opts.input is not None:
-        files = load_native(opts.input, limit=opts.n)
+        found = scan_native(opts.input, opts.n, skip_bad=opts.skip_bad)
+        files, kinds = [(f.name, f.load()) for f in found], [f.kind for f in found]
     else:
         assert opts.clean is not None and size is not None  # check(): one of --input and --clean
         ims = load_images(opts.clean, size, limit=opts.n)
@@ -160,10 +171,10 @@ def _observations(opts: RestoreOptions, size: int | None = None) -> Observations
     _check_pixels(opts, names, [tuple(x.shape[-2:]) for x in images])  # type: ignore[misc]
     seeds = list(range(opts.seed, opts.seed + len(images)))
     if opts.input is not None:
-        clean = _references(opts.reference, names) if opts.reference is not None else None
         ops = _operators(opts, names, images, seeds, observed=True)
+        clean = _references(opts.reference, names, ops, images) if opts.reference is not None else None
         y = [op.A(x[None])[0] if isinstance(op, Inpaint) else x for op, x in zip(ops, images)]
-        return Observations(names, y, ops, clean, opts.mask is None)
+        return Observations(names, y, ops, clean, opts.mask is None, kinds)
     if opts.task == "sr":  # a side that is not a multiple of the scale loses its last rows / columns
         images = [
             x[..., : x.shape[-2] // opts.scale * opts.scale, : x.shape[-1] // opts.scale * opts.scale] for x in images
@@ -191,17 +202,42 @@ def _operators(
         if bool(m.all()):
             warnings.warn(f"{name}: the mask marks every pixel known; the output is the input", stacklevel=2)
         elif not bool(m.any()):
-            warnings.warn(f"{name}: the mask marks every pixel unknown; the method generates freely", stacklevel=2)
+            warnings.warn(
+                f"{name}: the mask marks every pixel unknown: nothing constrains the output (the classical start is "
+                "flat grey)",
+                stacklevel=2,
+            )
         ops.append(Inpaint(m[None]))
     return ops
 
 
+def _named_like(folder: Path, names: list[str]) -> dict[str, Path]:
+    """The file of `folder` for each of `names` (the inputs' output names, `data.file_names`): the file at the same
+    path under the folder, whatever its extension (`x/p` finds x/p.png); an input that kept its extension (`p.jpg`
+    beside `p.png`) takes that name's file, or the one without it. Names with no file are left out."""
+    files = list_images(folder)
+    by_stem = {f.relative_to(folder).with_suffix("").as_posix().casefold(): f for f in files}
+    by_name = {f.relative_to(folder).as_posix().casefold(): f for f in files}
+    found = {}
+    for nm in names:
+        f = by_name.get(nm.casefold()) or by_stem.get(nm.casefold()) or by_stem.get(_stem(nm).casefold())
+        if f is not None:
+            found[nm] = f
+    return found
+
+
+def _stem(name: str) -> str:
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix else name
+
+
 def _mask_files(mask: str, names: list[str]) -> list[Path]:
-    """One mask file for every image, or the same-named PNG of a folder for each (one line if one is missing)."""
+    """One mask file for every image, or the same-named file of a folder for each (`_named_like`; one line if one
+    is missing)."""
     path = Path(mask)
     if path.is_file():
         return [path] * len(names)
-    found = {f.stem: f for f in list_images(path)}
+    found = _named_like(path, names)
     missing = [nm for nm in names if nm not in found]
     if missing:
         raise UserError(
@@ -210,12 +246,24 @@ def _mask_files(mask: str, names: list[str]) -> list[Path]:
     return [found[nm] for nm in names]
 
 
-def _references(folder: str, names: list[str]) -> list[torch.Tensor]:
-    refs = dict(load_native(folder))
-    missing = [nm for nm in names if nm not in refs]
+def _references(folder: str, names: list[str], ops: list[Operator], observed: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The clean originals of the inputs, matched by name (`_named_like`) and checked against the size each
+    restored image will have, before any work (one line naming the first that does not fit)."""
+    root = Path(folder)
+    found = {nm: root for nm in names} if root.is_file() and len(names) == 1 else _named_like(root, names)
+    missing = [nm for nm in names if nm not in found]
     if missing:
         raise UserError(f"--reference {folder}: no clean image named like " + ", ".join(missing[:3]))
-    return [refs[nm] for nm in names]
+    refs = []
+    for nm, op, y in zip(names, ops, observed):
+        x = read_native(found[nm])[0]
+        want = op.out_size(*y.shape[-2:])
+        if tuple(x.shape[-2:]) != tuple(want):
+            raise UserError(
+                f"--reference {found[nm]}: {x.shape[-1]}x{x.shape[-2]} px, but {nm} restores to {want[1]}x{want[0]}"
+            )
+        refs.append(x)
+    return refs
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -267,8 +315,9 @@ class _Run:
                 for k, i in enumerate(idx):
                     self.outputs[m][i] = outs[k]
                     entries[k][m] = {"seconds": seconds / len(idx), "NFE": nfe}
-                    if obs.clean is not None:
-                        entries[k][m] |= dict(zip(("PSNR", "SSIM"), _score(outs[k], obs.clean[i])))
+                    if obs.clean is not None:  # scored as written: a grey file's channels averaged
+                        out = as_written(outs[k], obs.kind(i).gray)
+                        entries[k][m] |= dict(zip(("PSNR", "SSIM"), score_uint8(out, obs.clean[i])))
             for k, i in enumerate(idx):
                 size = list(self.outputs[self.methods[0]][i].shape[-2:][::-1])  # type: ignore[union-attr]
                 self.entries[i] = entries[k] | {"size": size, "status": "done"}
@@ -290,6 +339,12 @@ class _Run:
             rows.append(row)
         return rows
 
+    def _output_kind(self, i: int) -> tuple[bool, int, np.ndarray | None]:
+        """(grey, bits, alpha) of image i's outputs: its file's kind; an alpha channel only where the output has
+        the input's size (inpainting: it passes through unchanged; a super-resolved image has none)."""
+        kind = self.obs.kind(i)
+        return kind.gray, kind.bits, kind.alpha if isinstance(self.obs.operators[i], Inpaint) else None
+
     def write(self, tmp: Path) -> None:
         """observed/, mask/ (masks made here), one folder of PNGs per method (the images done), comparison.png,
         metrics.md and metrics.json."""
@@ -297,7 +352,8 @@ class _Run:
         done = [i for i, e in enumerate(self.entries) if e["status"] == "done"]
         status, rows = run_status(len(done), n), self.rows()
         for i, name in enumerate(obs.names):
-            save_png(obs.observed[i], tmp / "observed" / f"{name}.png")
+            kind = obs.kind(i)
+            save_like(obs.observed[i], tmp / "observed" / f"{name}.png", kind.gray, kind.bits, kind.alpha)
             if obs.made_masks and isinstance(obs.operators[i], Inpaint):
                 save_png(obs.operators[i].mask[0].expand(3, -1, -1) * 2 - 1, tmp / "mask" / f"{name}.png")  # type: ignore[attr-defined]
         for m, outs in self.outputs.items():
@@ -306,7 +362,7 @@ class _Run:
                 if self.earlier is not None and self.entries[i]["run"] != "this":  # the earlier file, as it was
                     link_or_copy(self.earlier / m / dst.name, dst)
                 else:
-                    save_png(outs[i], dst)  # type: ignore[arg-type]
+                    save_like(outs[i], dst, *self._output_kind(i))  # type: ignore[arg-type]
         fig: list[tuple[str, torch.Tensor]] = []
         if done:
             fig.append(("observed", thumbnails([obs.observed[i] for i in done])))
@@ -331,16 +387,10 @@ class _Run:
         )
 
 
-def _score(x: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
-    if x.shape != clean.shape:
-        raise UserError("--reference: a clean image's size differs from its restored image's")
-    return score_uint8(x, clean)
-
-
 def _run_key(opts: RestoreOptions) -> dict:
     """What decides a run's results: a --resume run must match it (device, threads and batch size do not change
     them: image i uses seed SEED+i whatever the batch)."""
-    skip = ("out", "overwrite", "resume", "n", "device", "batch_size")
+    skip = ("out", "overwrite", "resume", "n", "device", "batch_size", "skip_bad")
     key = {k: v for k, v in _options(opts).items() if k not in skip}
     for k in ("input", "clean", "reference", "mask"):
         if key.get(k) is not None:
