@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tdpm_dip import Denoiser, Generator
+from tdpm_dip import Denoiser, Generator, Restorer
 from tdpm_dip.errors import UserError
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
@@ -64,6 +64,53 @@ def test_generate_gives_seeded_pil_images(tiny: str) -> None:
     assert np.array_equal(np.asarray(a.images[1]), np.asarray(b.images[0]))  # image i uses seed SEED + i
     with pytest.raises(UserError, match="needs a generator"):
         gen.generate(1, method="tdpm")
+
+
+def test_arguments_a_caller_may_get_wrong_are_one_line_errors(tiny: str) -> None:
+    den = Denoiser.from_pretrained(tiny, device="cpu", dtype="fp32")
+    noisy = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    # numpy numbers are numbers; a string is not a list of sigmas
+    assert den.denoise(noisy, sigma=np.float32(25), method="tweedie").sigma == [25.0]
+    assert den.denoise([noisy, noisy], sigma=np.array([10, 20]), method="tweedie").sigma == [10.0, 20.0]
+    for bad, msg in [
+        ({"sigma": "25"}, "sigma must be a number"),
+        ({"sigma": [10, "x"]}, "sigma must be a number"),
+        ({"seed": 2**70}, "seed must be a whole number"),
+        ({"seed": 1.5}, "seed must be a whole number"),
+        ({"foo": 1}, "unknown option 'foo'"),
+    ]:
+        with pytest.raises(UserError, match=msg):
+            den.denoise([noisy, noisy], method="tweedie", **bad)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="expected an 8-bit image array"):
+        den.denoise(np.zeros((16, 16, 5), np.uint8), sigma=25)
+    gen = Generator.from_pretrained(tiny, device="cpu", dtype="fp32")
+    for args, kw, msg in [((1.5,), {}, "n must be a whole number"), ((1,), {"seed": 1.5}, "seed must")]:
+        with pytest.raises(UserError, match=msg):
+            gen.generate(*args, ddim_steps=2, **kw)  # type: ignore[arg-type]
+
+
+def test_restorer_limits_and_empty_calls(tiny: str) -> None:
+    r = Restorer.from_pretrained(tiny, device="cpu", dtype="fp32", dip_preset="dip-tiny")
+    assert r.super_resolve([], scale=2).images == [] and r.inpaint([], []).images == []
+    low = np.zeros((40, 40, 3), np.uint8)
+    r.max_pixels = 100 * 100
+    with pytest.raises(UserError, match="would be 160x160 px, above the limit of 10000"):
+        r.super_resolve(low, scale=4, method="bicubic")
+    assert r.super_resolve(low, scale=2, method="bicubic").images[0].shape == (80, 80, 3)
+    with pytest.raises(UserError, match="C <= 4"):
+        r.inpaint(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 5), np.uint8), method="biharmonic")
+
+
+def test_semi_transparent_pixels_keep_their_colours(tiny: str) -> None:
+    """The alpha channel is kept aside and put back: the colours under it must not be washed toward the white that
+    fully transparent pixels are shown as."""
+    den = Denoiser.from_pretrained(tiny, device="cpu", dtype="fp32")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[...] = (200, 30, 30, 128)
+    rgba[:4, :4, 3] = 0  # fully transparent: shown to the model as white, its colour invisible either way
+    out = den.denoise(rgba, sigma=5, method="tweedie").tensors[0]
+    mean = ((out[:, 8:, 8:].mean((1, 2)) + 1) * 127.5).tolist()
+    assert abs(mean[0] - 200) < 25 and mean[1] < 80 and mean[2] < 80, mean  # composited over white: ~(228, 143, 143)
 
 
 def test_the_readme_python_example_runs_as_written(tmp_path: Path) -> None:

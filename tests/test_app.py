@@ -379,3 +379,15 @@ def test_a_closed_handler_stops_its_work() -> None:
 
     with pytest.raises(gr.Error, match="one line"):
         list(_in_worker(fails))
+
+
+def test_a_downscale_notice_names_only_the_limits_the_upload_passes() -> None:
+    from tdpm_dip.app import fit_side
+
+    x = torch.zeros(3, 500, 600)
+    small, notice = fit_side(x, 1024, 512 * 512)
+    assert notice is not None and "over the 0.26 Mpx limit" in notice and "1024" not in notice
+    assert small.shape[-2] * small.shape[-1] <= 512 * 512
+    _, notice = fit_side(torch.zeros(3, 100, 2000), 1024, 512 * 512)
+    assert notice is not None and "over the 1024 px limit" in notice and "Mpx" not in notice
+    assert fit_side(torch.zeros(3, 64, 64), 1024, 512 * 512)[1] is None

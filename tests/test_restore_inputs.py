@@ -40,6 +40,14 @@ def _half_mask(h: int = SIZE, w: int = SIZE) -> Image.Image:
     return Image.fromarray(m)
 
 
+def _one_image(tmp_path: Path, name: str = "a.png") -> Path:
+    """A folder `in` holding one random 16 px RGB file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_rgb(0)).save(src / name)
+    return src
+
+
 def _kinds(folder: Path) -> Path:
     """A grey, an RGBA and a 16-bit grey file."""
     folder.mkdir()
@@ -102,9 +110,7 @@ def test_masks_are_matched_like_the_outputs_are_named(tiny: str, tmp_path: Path,
 def test_unreadable_files_all_unknown_masks_and_repeated_methods(
     tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.fromarray(_rgb(0)).save(src / "ok.png")
+    src = _one_image(tmp_path, "ok.png")
     (src / "broken.png").write_bytes(b"not an image")
     sr = ["--task", "sr", "--scale", "2", "--input", src, "--method", "bicubic"]
     code, _, err = _restore(tiny, [*sr, "--out", tmp_path / "a"], capsys)
@@ -147,9 +153,7 @@ def test_a_reference_of_the_wrong_size_is_refused_before_any_work(
 def test_overwrite_replaces_every_output_of_an_earlier_run(
     tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.fromarray(_rgb(0)).save(src / "a.png")
+    src = _one_image(tmp_path)
     out = tmp_path / "o"
     args = ["--task", "inpaint", "--input", src, "--mask-kind", "box", "--method", "biharmonic", "--method", "ccdf"]
     assert _restore(tiny, [*args, "--out", out], capsys)[0] == 0
@@ -169,9 +173,7 @@ def test_overwrite_replaces_every_output_of_an_earlier_run(
 
 
 def test_option_texts(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.fromarray(_rgb(0)).save(src / "a.png")
+    src = _one_image(tmp_path)
     sr = ["--task", "sr", "--scale", "2", "--input", src, "--out", tmp_path / "o"]
     # a level above the DDPM's own is not called a truncated model's limit
     code, _, err = _restore(tiny, [*sr, "--t-trunc", "5000"], capsys)
@@ -184,9 +186,7 @@ def test_option_texts(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) 
 def test_an_interrupt_says_one_thing(
     tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.fromarray(_rgb(0)).save(src / "a.png")
+    src = _one_image(tmp_path)
     out = tmp_path / "o"
     sr = ["--task", "sr", "--scale", "2", "--input", src, "--method", "bicubic", "--out", out]
     assert _restore(tiny, sr, capsys)[0] == 0

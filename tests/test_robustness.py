@@ -598,3 +598,10 @@ def test_denoise_overwrite_replaces_every_method_folder_and_runs_a_repeated_meth
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "metrics.json", "metrics.md", "noisy", "tweedie"]
     assert [r["method"] for r in json.loads((out / "metrics.json").read_text())["rows"]] == ["tweedie"]
+
+
+def test_prepare_data_names_a_missing_local_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for source in ("/no/such/folder", "./missing", "no-such-folder"):
+        code, _, err = run(["prepare-data", "--source", source, "--out", tmp_path / "o"], capsys)
+        assert_user_error(code, err, "no such file or folder")
+        assert not (tmp_path / "o").exists()

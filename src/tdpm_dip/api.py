@@ -14,6 +14,7 @@ run the same code.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -66,6 +67,49 @@ class GenerateOutput:
 
 
 API_ADVICE = "raise Denoiser.max_pixels to allow it"
+# The Job fields each call takes as keyword options (the rest of its Job comes from the call's own arguments).
+DENOISE_OPTIONS = ("samples", "ddim_steps", "symmetries", "t_trunc", "declip")
+RESTORE_OPTIONS = ("samples", "ddim_steps", "t_trunc")
+GENERATE_OPTIONS = ("ddim_steps", "eta", "t_trunc")
+# |seed + i| stays below this: room for the offsets that tiles and declip's draws add to an image's seed.
+SEED_LIMIT = 2**62
+
+
+def _is_number(v: object, whole: bool = False) -> bool:
+    """A real number (numpy's too), or an integer with `whole`; never a bool."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral if whole else numbers.Real)
+
+
+def _checked_call(seed: object, n: int, options: dict, allowed: tuple[str, ...]) -> int:
+    """The seed of a call over n images (image i uses seed + i), and its options, checked before any work:
+    one-line UserErrors for an unknown option or a seed that is not a whole number in range."""
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r}; the options are {', '.join(allowed)}")
+    if not _is_number(seed, whole=True) or not -SEED_LIMIT <= int(cast(int, seed)) <= SEED_LIMIT - n:
+        raise UserError(f"seed must be a whole number from -2^62 to 2^62 - n, got {seed!r}")
+    return int(cast(int, seed))
+
+
+def _sigmas(sigma: object, n: int) -> float | list[float] | None:
+    """`sigma` as one number (or None: estimate) or one per image, each in (0, 255]; a one-line UserError
+    otherwise (a string is not split into characters)."""
+    if sigma is None:
+        return None
+    if _is_number(sigma):
+        check_sigma(float(cast(float, sigma)), "sigma")
+        return float(cast(float, sigma))
+    if isinstance(sigma, (str, bytes)) or not isinstance(sigma, (Sequence, np.ndarray)):
+        raise UserError(f"sigma must be a number, or one number per image, got {sigma!r}")
+    values = []
+    for v in sigma:
+        if not _is_number(v):
+            raise UserError(f"sigma must be a number, or one number per image, got {v!r} among them")
+        check_sigma(float(v), "sigma")
+        values.append(float(v))
+    if len(values) != n:
+        raise UserError(f"{len(values)} sigmas for {n} images: give one, or one per image")
+    return values
 
 
 def _like(x: torch.Tensor, given: object, kind: ImageKind) -> object:
@@ -123,16 +167,11 @@ class Denoiser:
         Image i uses seed SEED + i. `options` are Job fields: samples, ddim_steps, symmetries, t_trunc, declip.
         """
         given = list(images) if isinstance(images, (list, tuple)) else [images]
+        seed = _checked_call(seed, len(given), options, DENOISE_OPTIONS)
+        wanted = _sigmas(sigma, len(given))
         read = [read_user_image_kind(im, f"image {i}", self.max_pixels, API_ADVICE) for i, im in enumerate(given)]
         x = [t for t, _ in read]
-        if sigma is None or isinstance(sigma, (int, float)):
-            sig = blind_sigmas(x, sigma)
-        else:
-            sig = [float(v) for v in sigma]
-            for v in sig:
-                check_sigma(v, "sigma")
-            if len(sig) != len(x):
-                raise UserError(f"{len(sig)} sigmas for {len(x)} images: give one, or one per image")
+        sig = wanted if isinstance(wanted, list) else blind_sigmas(x, wanted, "give sigma")
         out, seconds, nfe = self.denoise_tensors(x, sig, method, list(range(seed, seed + len(x))), **options)
         return DenoiseOutput(
             [_like(o, g, k) for o, g, (_, k) in zip(out, given, read)],
@@ -225,7 +264,10 @@ class Generator:
     ) -> GenerateOutput:
         """n new images (image i uses seed SEED + i). `options` are Job fields: ddim_steps, eta, t_trunc.
         TDPM-DIP (paper protocol) reconstructs `reference` images instead."""
+        if not _is_number(n, whole=True):
+            raise UserError(f"n must be a whole number, got {n!r}")
         check_positive("n", n)
+        seed = _checked_call(seed, n, options, GENERATE_OPTIONS)
         name = method or self.methods[0]
         m = registry.find("generate", name)
         if "generator" in m.needs and self.ctx.generator is None:
@@ -266,6 +308,8 @@ def read_mask(mask: ImageInput | torch.Tensor, size: tuple[int, int], what: str 
             except (OSError, ValueError):
                 raise UserError(f"{what} {path.name}: not a readable image") from None
         if isinstance(mask, np.ndarray):
+            if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] > 4):
+                raise UserError(f"{what}: expected an array (H, W) or (H, W, C) with C <= 4, got shape {mask.shape}")
             mask = Image.fromarray(mask if mask.dtype == np.uint8 else (np.asarray(mask) > 0).astype(np.uint8) * 255)
         if not isinstance(mask, Image.Image):
             raise UserError(f"{what}: not an image ({type(mask).__name__})")
@@ -281,8 +325,11 @@ def read_mask(mask: ImageInput | torch.Tensor, size: tuple[int, int], what: str 
 class Restorer:
     """Super-resolution and inpainting with a DDPM prior (blind: only the observation, its operator and its noise)."""
 
-    def __init__(self, ctx: Context, shard: Shard | None = None, name: str = "") -> None:
+    def __init__(
+        self, ctx: Context, shard: Shard | None = None, name: str = "", max_pixels: int = defaults.RESTORE_MAX_PIXELS
+    ) -> None:
         self.ctx, self.shard, self.name = ctx, shard, name
+        self.max_pixels = max_pixels  # larger restored images are refused before any work (the cost grows with them)
 
     @classmethod
     def from_pretrained(
@@ -362,6 +409,7 @@ class Restorer:
         options: dict,
     ) -> RestoreOutput:
         name = method or self.methods(operator)[0]
+        seed = _checked_call(seed, len(y), options, RESTORE_OPTIONS)
         out, seconds, nfe = self.restore_tensors(y, ops, name, list(range(seed, seed + len(y))), sigma, **options)
         return RestoreOutput([_like(o, g, k) for o, g, k in zip(out, given, kinds)], name, seconds, nfe, out)
 
@@ -376,7 +424,19 @@ class Restorer:
     ) -> tuple[list[torch.Tensor], float, float]:
         """Observations [3, h, w] in [-1, 1] and their operators -> (restored tensors, seconds, mean NFE per image).
 
-        Images of one size and operator kind run together (`methods.run_restore`), each with its own seed."""
+        Images of one size and operator kind run together (`methods.run_restore`), each with its own seed; a
+        restored image above `max_pixels` is refused before any work."""
+        if not observed:
+            return [], 0.0, 0.0
+        if not _is_number(sigma):
+            raise UserError(f"sigma must be a number, got {sigma!r}")
+        for i, (x, o) in enumerate(zip(observed, operators)):
+            h, w = o.out_size(*x.shape[-2:])
+            if h * w > self.max_pixels:
+                raise UserError(
+                    f"image {i}: the restored image would be {w}x{h} px, above the limit of {self.max_pixels} pixels "
+                    "(raise Restorer.max_pixels to allow it; the cost grows with the pixels)"
+                )
         if not 0 <= sigma <= 255:
             raise UserError(f"sigma must be in [0, 255] (noise std on the 0..255 scale), got {sigma}")
         kind = "sr" if isinstance(operators[0], Downsample) else "inpaint"

@@ -165,9 +165,13 @@ def fit_side(x: torch.Tensor, max_side: int, max_pixels: int | None = None) -> t
         return x, None
     size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
     small = Image.fromarray(to_uint8(x)).resize(size, Image.Resampling.LANCZOS)
-    limit = f"{max_side} px" + (f" and {max_pixels / 1e6:.2g} Mpx" if max_pixels else "")
+    over = []  # only the limits the upload passes
+    if max(h, w) > max_side:
+        over.append(f"{max_side} px")
+    if max_pixels and h * w > max_pixels:
+        over.append(f"{max_pixels / 1e6:.2g} Mpx")
     return pil_to_tensor(small), (
-        f"the upload is {w}x{h} px, over the {limit} limit: denoised at "
+        f"the upload is {w}x{h} px, over the {' and '.join(over)} limit: denoised at "
         f"{size[0]}x{size[1]} px (downscaling also lowers the noise level)"
     )
 

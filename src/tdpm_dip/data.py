@@ -50,6 +50,18 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     return img.convert("RGB")
 
 
+def to_rgb_own_colours(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """8-bit RGB of a user's image whose alpha is kept aside and put back on its result (`ImageKind.alpha`): each
+    pixel keeps its own colour, and only the fully transparent ones, whose colour nothing shows, become
+    `background` (what the models saw around the artwork). Compositing every pixel would wash the colours of
+    semi-transparent ones toward the background, and the alpha put back would not undo it."""
+    if not (img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)):
+        return to_rgb(img, background)
+    rgba = np.asarray(img.convert("RGBA")).copy()
+    rgba[rgba[..., 3] == 0, :3] = background
+    return Image.fromarray(np.ascontiguousarray(rgba[..., :3]), "RGB")
+
+
 def square_resize(img: Image.Image, size: int, fill: tuple[int, int, int] = WHITE) -> Image.Image:
     """Pad to a centred square with `fill`, then resize to size x size with Lanczos."""
     w, h = img.size
@@ -138,7 +150,8 @@ def read_native(
     advice: str = "give --max-megapixels to raise it",
 ) -> tuple[torch.Tensor, ImageKind]:
     """One file at its own size and kind: ([3, H, W] in [-1, 1], ImageKind). 16-bit grey stays 16-bit on the way
-    in; transparent areas are composited over white (what the models saw) and the alpha kept in the kind. Raises
+    in; fully transparent pixels are shown as white (what the models saw), the others keep their own colours, and
+    the alpha is kept in the kind (`to_rgb_own_colours`). Raises
     BadImage naming the path; above `max_pixels` a UserError, from the header, before any pixel is decoded."""
     path = Path(path)
     try:
@@ -153,7 +166,7 @@ def read_native(
             kind = kind.with_alpha(upright)
             x = _gray_tensor(upright)
             if x is None:
-                x = pil_to_tensor(to_rgb(upright))
+                x = pil_to_tensor(to_rgb_own_colours(upright))
     except (BadImage, UserError):
         raise
     except _READ_ERRORS as e:
@@ -286,6 +299,12 @@ def load_hub(
     return ImageSet(torch.stack(tensors), [f"{i:06d}" for i in range(n)])
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a hub dataset (`owner/name`, no such local path) rather than a local path."""
+    text = str(source)
+    return not Path(source).exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
 def load_images(
     source: str | os.PathLike,
     size: int = 64,
@@ -297,7 +316,7 @@ def load_images(
     """A local path (folder or single file) or, when no such path exists, a hub dataset id."""
     if limit is not None and limit <= 0:
         raise UserError(f"the number of images must be positive, got {limit}")
-    if Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    if not is_hub_id(source):
         return load_folder(source, size, fill, skip_bad, limit, progress)
     return load_hub(str(source), size, fill, limit=limit)
 
@@ -455,7 +474,7 @@ def read_user_image_kind(
                 reason = f"not a readable image ({reason})"
             raise UserError(f"{what} {path.name}: {reason}") from None
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] > 4):
             raise UserError(
                 f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} {image.shape}"
             )
@@ -468,4 +487,4 @@ def read_user_image_kind(
         raise UserError(f"{what}: image is {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px")
     kind = ImageKind.of(image).with_alpha(image)
     x = _gray_tensor(image)
-    return (pil_to_tensor(to_rgb(image)) if x is None else x), kind
+    return (pil_to_tensor(to_rgb_own_colours(image)) if x is None else x), kind

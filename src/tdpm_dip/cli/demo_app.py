@@ -156,12 +156,14 @@ def app_cmd(
     device: str,
     threads: int,
 ) -> None:
-    """Serve a browser app for denoising and generation (needs: pip install 'tdpm-dip[app]').
+    """Serve a browser app for denoising, restoration and generation (needs: pip install 'tdpm-dip[app]').
 
     \b
     Denoise: upload a noisy image (or pick an example), choose a blind method (best first),
     leave sigma blank to estimate it; the result keeps the upload's size, with its time, NFE,
-    PSNR/SSIM against an optional clean image, and a PNG download. Generate: a seeded grid.
+    PSNR/SSIM against an optional clean image, and a PNG download. Upscale: 2x or 4x
+    super-resolution. Inpaint: paint the pixels to fill; the others come back unchanged.
+    Generate: a seeded grid.
     The server talks only to its browser page: no analytics, no share link.
     \b
     Example:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..config import WHITE
-from ..data import BadImage, file_names, list_images, load_hub, square_resize, to_rgb
+from ..data import BadImage, file_names, is_hub_id, list_images, load_hub, square_resize, to_rgb
 from ..errors import UserError, check_positive, check_sigma
 from ..images import save_png, to_uint8
 from ..noise import add_noise
@@ -40,7 +40,7 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
     check_positive("--test", test)
     if size < 0:
         raise UserError(f"--size must be >= 0, got {size}")
-    if Path(source).exists():
+    if not is_hub_id(source):  # a local path (a missing one is a one-line error in list_images)
         files: dict[str, Path] = {}
         for p in list_images(source):  # the split is by name: two files of one name are one image twice
             if p.stem in files:

@@ -12,7 +12,7 @@ import torch
 
 from .. import defaults, registry
 from ..api import Denoiser
-from ..data import ImageKind, NativeFile, load_images, read_native, scan_native
+from ..data import ImageKind, NativeFile, is_hub_id, load_images, read_native, scan_native
 from ..embedded import DENOISER_NAME
 from ..errors import UserError, check_positive, check_sigma, check_symmetries
 from ..images import as_written, save_like, save_png
@@ -90,9 +90,7 @@ class DenoiseOptions(RunOptions):
         if self.resume and self.overwrite:
             raise UserError("give --resume (keep what an earlier run finished) or --overwrite (start afresh), not both")
         for flag, path in (("--input", self.input), ("--clean", self.clean), ("--reference", self.reference)):
-            hub_id = (
-                flag == "--clean" and not path.startswith((".", "/", "~")) and path.count("/") == 1 if path else False
-            )
+            hub_id = flag == "--clean" and path is not None and is_hub_id(path)
             if path is not None and not hub_id and not Path(path).exists():  # before the model loads (seconds)
                 raise UserError(f"{flag} {path}: no such file or folder")
         return dataclasses.replace(self, methods=methods)

@@ -119,6 +119,7 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
     res = Restorer.from_pretrained(
         opts.model, opts.device, opts.dtype, opts.batch_size, opts.dip_preset, opts.dip_iters, opts.dip_lr, True
     )
+    res.max_pixels = opts.max_pixels  # checked here already, per file, with the CLI's wording (`_check_pixels`)
     if obs is None:  # clean images are made the model's size first, as `denoise --clean` does
         obs = _observations(opts, int(res.ctx.unet.config.sample_size))
     methods = opts.methods or tuple(res.methods(opts.task)[:1])
