@@ -97,6 +97,9 @@ def test_restorer_limits_and_empty_calls(tiny: str) -> None:
     with pytest.raises(UserError, match="would be 160x160 px, above the limit of 10000"):
         r.super_resolve(low, scale=4, method="bicubic")
     assert r.super_resolve(low, scale=2, method="bicubic").images[0].shape == (80, 80, 3)
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 12, 4), dtype=np.uint8), "RGBA")
+    up = r.super_resolve(rgba, scale=2, method="bicubic").images[0]  # the alpha is upscaled with the colours
+    assert up.mode == "RGBA" and up.size == (24, 20)
     with pytest.raises(UserError, match="C <= 4"):
         r.inpaint(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 5), np.uint8), method="biharmonic")
 

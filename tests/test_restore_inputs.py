@@ -64,9 +64,12 @@ def test_outputs_keep_each_files_kind(tiny: str, tmp_path: Path, capsys: pytest.
     code, _, err = _restore(tiny, ["--task", "sr", "--scale", "2", "--input", src, "--out", tmp_path / "sr"], capsys)
     assert code == 0, err
     modes = {p.stem: Image.open(p).mode for p in (tmp_path / "sr" / "ccdf").iterdir()}
-    # a super-resolved image has no alpha of its size: RGB; grey stays grey, 16-bit grey stays 16-bit
-    assert modes == {"grey": "L", "alpha": "RGB", "deep": "I;16"}, modes
+    # grey stays grey, 16-bit grey stays 16-bit, the alpha is upscaled with the colours
+    assert modes == {"grey": "L", "alpha": "RGBA", "deep": "I;16"}, modes
     assert Image.open(tmp_path / "sr" / "ccdf" / "grey.png").size == (2 * SIZE, 2 * SIZE)
+    alpha_in = Image.open(src / "alpha.png").getchannel("A")
+    alpha_out = np.asarray(Image.open(tmp_path / "sr" / "ccdf" / "alpha.png").getchannel("A"))
+    assert np.array_equal(alpha_out, np.asarray(alpha_in.resize((2 * SIZE, 2 * SIZE), Image.Resampling.BICUBIC)))
     mask = tmp_path / "half.png"
     _half_mask().save(mask)
     args = ["--task", "inpaint", "--input", src, "--mask", mask, "--method", "ccdf", "--method", "biharmonic"]

@@ -31,7 +31,7 @@ from .data import ImageInput, ImageKind, read_user_image_kind
 from .embedded import resolve_generator
 from .errors import UserError, check_pixels, check_positive, check_sigma
 from .generator import load_generator
-from .images import like, to_uint8
+from .images import like, to_uint8, upscale_alpha
 from .methods import Context, Job, Result, run, run_native, run_restore
 from .methods.observe import blind_sigmas
 from .methods.shard import Shard
@@ -371,8 +371,7 @@ class Restorer:
         given = list(images) if isinstance(images, (list, tuple)) else [images]
         read = [read_user_image_kind(im, f"image {i}") for i, im in enumerate(given)]
         y = [x for x, _ in read]
-        # An alpha channel has the input's size, not the output's: it is not carried over.
-        kinds = [dataclasses.replace(k, alpha=None) for _, k in read]
+        kinds = [dataclasses.replace(k, alpha=upscale_alpha(k.alpha, scale)) for _, k in read]
         ops: list[Operator] = [Downsample(scale, x.shape[-2] * scale, x.shape[-1] * scale) for x in y]
         return self._output(given, kinds, y, ops, "sr", method, sigma, seed, options)
 

@@ -60,6 +60,20 @@ def as_written(x: torch.Tensor, gray: bool) -> torch.Tensor:
     return x.mean(0, keepdim=True).expand_as(x) if gray else x
 
 
+def upscale_alpha(alpha: np.ndarray | None, factor: int) -> np.ndarray | None:
+    """An alpha channel (H, W) resized to (factor H, factor W) with PIL's bicubic, in its own dtype: the alpha of a
+    super-resolved image, whose colours the restoration upscales."""
+    if alpha is None or factor == 1:
+        return alpha
+    h, w = alpha.shape
+    size = (w * factor, h * factor)
+    if alpha.dtype == np.uint8:
+        return np.asarray(Image.fromarray(alpha, "L").resize(size, Image.Resampling.BICUBIC))
+    big = Image.fromarray(alpha.astype(np.float32), "F").resize(size, Image.Resampling.BICUBIC)
+    top = float(np.iinfo(alpha.dtype).max) if alpha.dtype.kind in "ui" else 1.0
+    return np.clip(np.asarray(big).round(), 0, top).astype(alpha.dtype)
+
+
 def save_like(
     x: torch.Tensor, path: str | os.PathLike, gray: bool = False, bits: int = 8, alpha: np.ndarray | None = None
 ) -> None:

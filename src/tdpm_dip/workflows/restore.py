@@ -17,7 +17,7 @@ from .. import defaults, registry
 from ..api import Restorer, read_mask
 from ..data import ImageKind, list_images, load_image, load_images, read_native, scan_native
 from ..errors import UserError, check_positive
-from ..images import as_written, save_like, save_png
+from ..images import as_written, save_like, save_png, upscale_alpha
 from ..metrics import score_uint8
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
@@ -341,10 +341,10 @@ class _Run:
         return rows
 
     def _output_kind(self, i: int) -> tuple[bool, int, np.ndarray | None]:
-        """(grey, bits, alpha) of image i's outputs: its file's kind; an alpha channel only where the output has
-        the input's size (inpainting: it passes through unchanged; a super-resolved image has none)."""
-        kind = self.obs.kind(i)
-        return kind.gray, kind.bits, kind.alpha if isinstance(self.obs.operators[i], Inpaint) else None
+        """(grey, bits, alpha) of image i's outputs: its file's kind; inpainting passes the alpha through
+        unchanged, super-resolution upscales it (bicubic) with the colours."""
+        kind, op = self.obs.kind(i), self.obs.operators[i]
+        return kind.gray, kind.bits, upscale_alpha(kind.alpha, op.factor) if isinstance(op, Downsample) else kind.alpha
 
     def write(self, tmp: Path) -> None:
         """observed/, mask/ (masks made here), one folder of PNGs per method (the images done), comparison.png,
