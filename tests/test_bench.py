@@ -243,6 +243,20 @@ def test_bench_errors(tiny_model: Path, sprite_dir_factory, tmp_path: Path) -> N
     assert e.value.code == 2
 
 
+def test_bench_refuses_methods_with_no_row_and_models_of_the_wrong_schedule(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = sprite_dir_factory(4, 16)
+    with pytest.raises(SystemExit) as e:  # ddim is a table1 row: table2 would be written empty
+        main(_args(tiny_model, data, tmp_path / "a", "table2", "--methods", "ddim"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no row of table2 runs them" in err and not (tmp_path / "a").exists(), err
+    with pytest.raises(SystemExit) as e:  # the linear test model given as the cosine one
+        main(_args(tiny_model, data, tmp_path / "b", "table4", "--model-cosine", str(tiny_model)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has the linear schedule, not cosine" in err, err
+
+
 def test_table_specs_follow_the_settings_and_the_registry() -> None:
     """Tables are derived from the settings and the registry, not listed by hand: table4's linear rows are
     table2's (so they share cached rows), table3 follows --t-truncs, blind tables follow the registry and

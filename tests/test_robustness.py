@@ -605,3 +605,21 @@ def test_prepare_data_names_a_missing_local_folder(tmp_path: Path, capsys: pytes
         code, _, err = run(["prepare-data", "--source", source, "--out", tmp_path / "o"], capsys)
         assert_user_error(code, err, "no such file or folder")
         assert not (tmp_path / "o").exists()
+
+
+def test_generate_ddim_steps_above_the_levels_and_train_out_inside_data(
+    model: Path, sprite_dir_factory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "g"
+    args = ["generate", "--model", model, "--method", "ddim", "--n", "1", "--device", "cpu", "--out", out]
+    code, _, err = run([*args, "--ddim-steps", "5000"], capsys)
+    assert_user_error(code, err, "--ddim-steps must be in 1..1000")
+    assert not out.exists()
+    data = sprite_dir_factory(4, SIZE)
+    for inside in (data / "run", data):
+        code, _, err = run(["train", "--data", data, *FAST_TRAIN, "--out", inside, "--overwrite"], capsys)
+        assert_user_error(code, err, "is inside --data")
+    assert not (data / "run").exists()
+    gen = ["train-generator", "--model", model, "--t-trunc", "5", "--objective", "distill", "--ddim-steps", "5000"]
+    code, _, err = run([*gen, "--out", tmp_path / "gen"], capsys)
+    assert_user_error(code, err, "--ddim-steps must be in [1, 1000]")

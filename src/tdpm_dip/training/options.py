@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import PRESETS, STYLE_PRESETS, get_preset, parse_fill
 from ..errors import UserError, check_reverse_steps
@@ -18,6 +19,16 @@ AUGMENTS = ("flip", "d4")
 OBJECTIVES = ("gan", "distill")
 GAN_AUGMENTS = ("none", "diffaug")
 GAN_PREDICTS = ("x_T", "x0")
+
+
+def check_out_outside_data(data: str | None, out: str) -> None:
+    """A run folder inside the training images' folder would add its own sample grids to the data of every later
+    run there: a one-line UserError."""
+    if data is None or not Path(data).is_dir():
+        return
+    root, run = Path(data).resolve(), Path(out).resolve()
+    if run == root or root in run.parents:
+        raise UserError(f"--out {out} is inside --data {data}: its sample grids would become training images")
 
 
 def option(text: str, choices: tuple[str, ...] | None = None) -> dict:
@@ -102,6 +113,7 @@ class TrainConfig:
             raise UserError("--data is required (an image folder or a hub dataset id)")
         if not str(self.out).strip():
             raise UserError("--out is required (the run folder)")
+        check_out_outside_data(self.data, self.out)
         preset = get_preset(self.preset)
         if self.schedule not in ("linear", "cosine"):
             raise UserError(f"--schedule must be linear or cosine, got {self.schedule!r}")
@@ -258,6 +270,7 @@ class GeneratorConfig:
             raise UserError("--model is required (the DDPM)")
         if not str(self.out).strip():
             raise UserError("--out is required (the run folder)")
+        check_out_outside_data(self.data, self.out)
         if self.objective not in OBJECTIVES:
             raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "gan" and not (self.data and str(self.data).strip()):
@@ -284,6 +297,8 @@ class GeneratorConfig:
             "keep_checkpoints",
         ):
             positive_int("--" + name.replace("_", "-"), getattr(self, name))
+        if self.ddim_steps > NUM_TRAIN_TIMESTEPS:  # a DDIM chain has at most one step per level
+            raise UserError(f"--ddim-steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.ddim_steps}")
         if self.limit is not None:
             positive_int("--limit", self.limit)
         for name in ("lr", "disc_lr"):

@@ -12,6 +12,7 @@ The work is split by subject:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..errors import UserError, check_positive, check_sigma
 from ..generator import read_generator_info
 from ..methods import Context
 from ..methods.shard import Shard, is_main_process
-from ..noise import check_level, check_t_trunc, num_levels
+from ..noise import SCHEDULES, check_level, check_t_trunc, num_levels
 from ..runtime import dip_config, load_context, pick_device, pick_dip_preset
 from .bench_cache import Bench
 from .bench_report import write_progress, write_tables
@@ -161,6 +162,7 @@ def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
     if "table4" in names and opts.model_cosine is None:
         raise UserError("table4 compares schedules: it needs --model-cosine")
     settings = opts.settings(pick_device(opts.device))
+    _check_rows(names, settings)
     main = is_main_process()  # under a launcher: the only process that reads and writes RUN
     out_dir = check_out_dir(opts.out, opts.overwrite) if main else Path(opts.out)
     models = {"linear": opts.model, "cosine": opts.model_cosine}
@@ -168,9 +170,14 @@ def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
 
     def load(slot: str) -> tuple[Context, Shard | None]:
         echo(f"loading {models[slot]}")
-        return load_context(
+        ctx, shard = load_context(
             models[slot], opts.device, opts.dtype, opts.batch_size, "paper", paper.preset, paper.iters, paper.lr
         )
+        schedule = ctx.scheduler.config.beta_schedule
+        if "table4" in names and schedule != SCHEDULES[slot]:  # table4's rows compare the two schedules
+            flag = "--model" if slot == "linear" else "--model-cosine"
+            raise UserError(f"table4 compares schedules: {flag} {models[slot]} has the {schedule} schedule, not {slot}")
+        return ctx, shard
 
     linear, shard = load("linear")
     loaded = {"linear": linear}
@@ -196,6 +203,19 @@ def bench(opts: BenchOptions, echo: Callable[[str], None]) -> Path:
             print((out_dir / f"{name}.md").read_text())
         echo(f"tables and figures in {out_dir}")
     return out_dir
+
+
+def _check_rows(names: list[str], s: BenchSettings) -> None:
+    """--methods must select a row of at least one of the tables asked for (else the run would write empty ones)."""
+    if not s.methods or any(table_specs(name, s) for name in names):
+        return
+    every = dataclasses.replace(s, methods=())
+    rows = dict.fromkeys(
+        m for name in names for sp in table_specs(name, every) for m in (sp.method, *sp.also_selected_by)
+    )
+    raise UserError(
+        f"--methods {','.join(s.methods)}: no row of {', '.join(names)} runs them; choose from {', '.join(rows)}"
+    )
 
 
 def _check_levels(scheduler: DDPMScheduler, opts: BenchOptions, s: BenchSettings) -> None:
