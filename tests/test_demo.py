@@ -102,7 +102,11 @@ def test_demo_with_a_given_model_and_data(sprite_dir: Path, tmp_path: Path, caps
     assert code == 0, err
     text = check_report(out, stdout)
     assert "## Training" not in text and not (out / "train").exists()
-    assert str(model) in text
+    assert str(model) in text and "note: --model is" not in stdout + err
+    # a --size the model does not have is said, not silently replaced
+    args = ["demo", *SHRUNK, "--size", "32", "--model", model, "--data", sprite_dir, "--out", out, "--overwrite"]
+    code, stdout, err = run(args, capsys)
+    assert code == 0 and "--model is 16 px, so the demo runs at 16 px, not --size 32" in stdout + err, err
 
 
 def test_the_paper_level_defaults_to_the_ddpms_top_trained_level(make_ctx: Callable[..., Context]) -> None:

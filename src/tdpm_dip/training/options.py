@@ -47,7 +47,10 @@ class TrainConfig:
 
     data: str = field(metadata=option("image folder, single image or hub dataset id (e.g. huggan/pokemon)"))
     out: str = field(metadata=option("run folder: config.json, metrics.jsonl, samples/, checkpoints/, model/"))
-    preset: str = field(default="small", metadata=option(f"UNet preset: {', '.join(PRESETS)}"))
+    preset: str = field(
+        default="small",
+        metadata=option(f"UNet preset: {', '.join(PRESETS)} (not used with --init, whose network is trained on)"),
+    )
     init: str | None = field(
         default=None,
         metadata=option(

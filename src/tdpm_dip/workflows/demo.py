@@ -114,6 +114,8 @@ def _load_model(d: DemoRun) -> None:
         d.ctx = _context(d, source)
         d.size = unet_size(d.ctx.unet.config)
         note["note"] = f"{source}, {d.size}x{d.size}"
+    if d.cfg.model is not None and d.size != d.cfg.size:  # --size is for a model trained here
+        d.phases.echo(f"note: --model is {d.size} px, so the demo runs at {d.size} px, not --size {d.cfg.size}")
     d.model_label = d.cfg.model or "embedded default (tdpm_dip/weights/ddpm-sprites32)"
 
 
