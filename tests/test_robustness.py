@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import run
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
@@ -623,3 +623,49 @@ def test_generate_ddim_steps_above_the_levels_and_train_out_inside_data(
     gen = ["train-generator", "--model", model, "--t-trunc", "5", "--objective", "distill", "--ddim-steps", "5000"]
     code, _, err = run([*gen, "--out", tmp_path / "gen"], capsys)
     assert_user_error(code, err, "--ddim-steps must be in [1, 1000]")
+
+
+def test_inputs_inside_out_are_refused_and_resume_never_drops_finished_images(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "o"
+    noisy = out / "noisy"  # the layout add-noise writes: denoise --out o would replace o/noisy
+    noisy.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(noisy / f"{i}.jpg")
+    before = files_under(noisy)
+    den = ["denoise", "--model", model, "--sigma", "10", "--method", "tweedie", "--device", "cpu"]
+    code, _, err = run([*den, "--input", noisy, "--out", out, "--overwrite"], capsys)
+    assert_user_error(code, err, "is inside --out")
+    sr = ["restore", "--model", model, "--task", "sr", "--scale", "2", "--method", "bicubic", "--device", "cpu"]
+    code, _, err = run([*sr, "--input", noisy, "--out", out, "--overwrite"], capsys)
+    assert_user_error(code, err, "is inside --out")
+    assert files_under(noisy) == before  # the inputs untouched
+    # a complete 3-image run; --resume with --n 2 would drop the third: refused, the run kept
+    done = tmp_path / "done"
+    assert run([*den, "--input", noisy, "--out", done], capsys)[0] == 0
+    kept = files_under(done)
+    code, _, err = run([*den, "--input", noisy, "--out", done, "--resume", "--n", "2"], capsys)
+    assert_user_error(code, err, "would drop")
+    assert files_under(done) == kept
+
+
+def test_add_noise_reads_images_upright_and_checks_its_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to show
+    img.save(src / "r.jpg", exif=exif.tobytes(), quality=95)
+    code, _, err = run(["add-noise", "--input", src, "--sigma", "5", "--size", "40", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    with Image.open(src / "r.jpg") as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float64)  # 24 wide, 40 high
+    clean = np.asarray(Image.open(tmp_path / "o" / "clean" / "r.png"), dtype=np.float64)
+    # padded to a square: the upright image's 40 rows fill the height, its 24 columns sit in the middle
+    assert np.abs(clean[:, 8:32] - upright).mean() < 3, np.abs(clean[:, 8:32] - upright).mean()
+    for size in ("3", "100000"):
+        code, _, err = run(
+            ["add-noise", "--input", src, "--sigma", "5", "--size", size, "--out", tmp_path / "b"], capsys
+        )
+        assert_user_error(code, err, "--size must be in 8..4000")

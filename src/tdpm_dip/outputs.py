@@ -71,6 +71,21 @@ def refuse_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
         raise UserError(f"{out}: cannot write there ({base} is not writable)")
 
 
+def refuse_inputs_inside(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """A run replaces its own entries of --out whole (`staged_dir`): an input inside --out (say --input OUT/noisy,
+    the layout `add-noise` writes) would be deleted by it. A one-line UserError naming the option, before any
+    work. `inputs`: {option: path or None}."""
+    root = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == root or root in p.parents:
+            raise UserError(
+                f"{flag} {path} is inside --out {out}, whose outputs would replace it: choose another --out"
+            )
+
+
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Create an output folder; refuse a non-empty one unless `overwrite` (then `staged_dir` replaces the
     command's own outputs when the new ones are complete; files we did not write stay)."""

@@ -59,6 +59,15 @@ def finished_earlier(
             "or --overwrite to start afresh"
         )
     wanted, folders = set(names), tuple(folders)
+    dropped = [
+        e.get("name") for e in old.get("images", []) if e.get("status") == "done" and e.get("name") not in wanted
+    ]
+    if dropped:  # the new run's folder would no longer hold them
+        raise UserError(
+            f"--resume: {out_dir} holds {len(dropped)} finished image(s) this run would drop ({dropped[0]}"
+            + (" ..." if len(dropped) > 1 else "")
+            + "): give the same --n and inputs, or another --out"
+        )
     return {
         e["name"]: e
         for e in old.get("images", [])

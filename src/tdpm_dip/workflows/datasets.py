@@ -9,14 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..config import WHITE
-from ..data import BadImage, file_names, is_hub_id, list_images, load_hub, square_resize, to_rgb
+from ..data import MIN_SIDE, BadImage, file_names, is_hub_id, list_images, load_hub, square_resize, to_rgb
 from ..errors import UserError, check_positive, check_sigma
 from ..images import save_png, to_uint8
 from ..noise import add_noise
-from ..outputs import prepare_out_dir, refuse_out_dir, staged_dir, write_text
+from ..outputs import prepare_out_dir, refuse_inputs_inside, refuse_out_dir, staged_dir, write_text
+
+# add-noise's largest --size: one image of this side is ~100 MB as floats, and denoise refuses larger ones
+# by default (its --max-megapixels, 16).
+MAX_NOISE_SIDE = 4000
 
 
 def name_rank(name: str) -> int:
@@ -73,7 +77,7 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
 def _square(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            return np.asarray(square_resize(to_rgb(im), size, WHITE))
+            return np.array(square_resize(to_rgb(ImageOps.exif_transpose(im)), size, WHITE))  # upright, as shown
     except (OSError, BadImage, Image.DecompressionBombError) as e:  # a bomb is no OSError: one line too
         raise UserError(f"{path}: not a readable image ({str(e).splitlines()[0] or type(e).__name__})") from None
 
@@ -87,10 +91,12 @@ def add_noise_files(
     Image i's noise comes from seed + i alone (`noise.add_noise`, the model the bench and the tests share)."""
     check_sigma(sigma)
     check_positive("--n", n)
-    check_positive("--size", size)
+    if not MIN_SIDE <= size <= MAX_NOISE_SIDE:
+        raise UserError(f"--size must be in {MIN_SIDE}..{MAX_NOISE_SIDE} px (what denoise reads), got {size}")
     files = list_images(source)[:n]
     names = file_names(source, files)  # sub-folders kept; a.png and a.jpg both written
     refuse_out_dir(out, overwrite)  # before any image is read
+    refuse_inputs_inside(out, {"--input": source})
     clean = [_square(f, size) for f in files]  # every file read (size x size each) before the folder is made
     out_dir = prepare_out_dir(out, overwrite)
     with staged_dir(out_dir) as tmp:

@@ -25,7 +25,16 @@ from ..methods.types import concat_results
 from ..metrics import scores
 from ..models import unet_size
 from ..noise import add_noise, check_t_trunc
-from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, reported, staged_dir, write_json, write_text
+from ..outputs import (
+    link_or_copy,
+    prepare_out_dir,
+    refuse_inputs_inside,
+    refuse_out_dir,
+    reported,
+    staged_dir,
+    write_json,
+    write_text,
+)
 from ..reporting import curves_figure, labelled_comparison, result_row, table, thumbnails
 from ..runtime import load_context
 from .common import RunOptions, finished_earlier, interrupted_line, keep_finished, run_status
@@ -110,6 +119,7 @@ def denoise(opts: DenoiseOptions, echo: Echo) -> Path:
     opts = opts.check()
     if is_main_process():
         refuse_out_dir(opts.out, opts.overwrite or opts.resume)  # before any model or image is loaded
+        refuse_inputs_inside(opts.out, {"--input": opts.input, "--clean": opts.clean, "--reference": opts.reference})
     ctx, shard = load_context(
         opts.model,
         opts.device,

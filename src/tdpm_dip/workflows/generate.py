@@ -23,7 +23,7 @@ from ..methods.shard import images_per_step, is_main_process
 from ..methods.types import concat_results
 from ..models import unet_size
 from ..noise import check_t_trunc, num_levels
-from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, write_json
+from ..outputs import link_or_copy, prepare_out_dir, refuse_inputs_inside, refuse_out_dir, write_json
 from ..runtime import load_context
 from .common import RunOptions, finished_earlier, keep_finished, run_status
 
@@ -83,6 +83,7 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     main = is_main_process()  # under a launcher: the only process that writes
     if main:
         refuse_out_dir(opts.out, keep)  # before any model is loaded
+        refuse_inputs_inside(opts.out, {"--reference-data": opts.reference_data})
     m = _method(opts, resolve_generator(opts.model, opts.generator))  # --generator, or the shipped one
     folder = resolve_generator(opts.model, opts.generator) if "generator" in m.needs else None
     gen, ref = _load(opts, m, folder)

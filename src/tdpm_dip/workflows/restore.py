@@ -21,7 +21,7 @@ from ..images import as_written, save_like, save_png, upscale_alpha
 from ..metrics import score_uint8
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, check_mask_kind, make_mask
-from ..outputs import link_or_copy, prepare_out_dir, refuse_out_dir, write_json, write_text
+from ..outputs import link_or_copy, prepare_out_dir, refuse_inputs_inside, refuse_out_dir, write_json, write_text
 from ..reporting import labelled_comparison, table, thumbnails
 from .common import RunOptions, finished_earlier, keep_finished, run_status
 
@@ -115,6 +115,9 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
     opts = opts.check()
     keep = opts.overwrite or opts.resume
     refuse_out_dir(opts.out, keep)  # before any model or image is loaded
+    refuse_inputs_inside(
+        opts.out, {"--input": opts.input, "--clean": opts.clean, "--mask": opts.mask, "--reference": opts.reference}
+    )
     obs = _observations(opts) if opts.input is not None else None  # a user's files: checked before the model
     res = Restorer.from_pretrained(
         opts.model, opts.device, opts.dtype, opts.batch_size, opts.dip_preset, opts.dip_iters, opts.dip_lr, True
