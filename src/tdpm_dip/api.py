@@ -35,7 +35,7 @@ from .images import like, to_uint8, upscale_alpha
 from .methods import Context, Job, Result, run, run_native, run_restore
 from .methods.observe import blind_sigmas
 from .methods.shard import Shard
-from .noise import check_t_trunc, num_levels
+from .noise import check_steps, check_t_trunc
 from .operators import Downsample, Inpaint, Operator
 from .runtime import load_context
 
@@ -274,9 +274,11 @@ class Generator:
             raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
         if options.get("t_trunc") is not None:  # options are Job fields: t_trunc is an int or None
             check_t_trunc(self.ctx.scheduler, int(cast(int, options["t_trunc"])))
-        steps, T = options.get("ddim_steps"), num_levels(self.ctx.scheduler)
-        if steps is not None and not (_is_number(steps, whole=True) and 1 <= int(cast(int, steps)) <= T):
-            raise UserError(f"ddim_steps must be a whole number in 1..{T} (this DDPM's levels), got {steps!r}")
+        steps = options.get("ddim_steps")
+        if steps is not None:
+            if not _is_number(steps, whole=True):
+                raise UserError(f"ddim_steps must be a whole number, got {steps!r}")
+            check_steps(self.ctx.scheduler, int(cast(int, steps)), "ddim_steps")
         job = Job(tuple(range(seed, seed + n)), reference=reference, **options)  # type: ignore[arg-type]
         res = run(self.ctx, "generate", m.protocol, name, job, self.shard)
         return GenerateOutput(

@@ -54,6 +54,14 @@ def check_t_trunc(scheduler: DDPMScheduler, t_trunc: int) -> int:
     return t_trunc
 
 
+def check_steps(scheduler: DDPMScheduler, steps: int, name: str = "--ddim-steps") -> int:
+    """A chain's step count: 1..T, one network call per level at most."""
+    T = num_levels(scheduler)
+    if not 1 <= steps <= T:
+        raise UserError(f"{name} must be in 1..{T} (this DDPM's levels), got {steps}")
+    return steps
+
+
 def abar(scheduler: DDPMScheduler, t: int) -> float:
     """abar_t in the report's 1-based convention (abar_0 = 1)."""
     check_level(scheduler, t)

@@ -71,16 +71,18 @@ def refuse_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
         raise UserError(f"{out}: cannot write there ({base} is not writable)")
 
 
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies under it (links and `..` resolved)."""
+    p, root = Path(path).resolve(), Path(folder).resolve()
+    return p == root or root in p.parents
+
+
 def refuse_inputs_inside(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
     """A run replaces its own entries of --out whole (`staged_dir`): an input inside --out (say --input OUT/noisy,
     the layout `add-noise` writes) would be deleted by it. A one-line UserError naming the option, before any
     work. `inputs`: {option: path or None}."""
-    root = Path(out).resolve()
     for flag, path in inputs.items():
-        if path is None:
-            continue
-        p = Path(path).resolve()
-        if p == root or root in p.parents:
+        if path is not None and is_within(path, out):
             raise UserError(
                 f"{flag} {path} is inside --out {out}, whose outputs would replace it: choose another --out"
             )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import PRESETS, STYLE_PRESETS, get_preset, parse_fill
 from ..errors import UserError, check_reverse_steps
+from ..outputs import is_within
 
 NUM_TRAIN_TIMESTEPS = 1000  # T of every scheduler this project trains (the report's, and diffusers' default)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -24,10 +25,7 @@ GAN_PREDICTS = ("x_T", "x0")
 def check_out_outside_data(data: str | None, out: str) -> None:
     """A run folder inside the training images' folder would add its own sample grids to the data of every later
     run there: a one-line UserError."""
-    if data is None or not Path(data).is_dir():
-        return
-    root, run = Path(data).resolve(), Path(out).resolve()
-    if run == root or root in run.parents:
+    if data is not None and Path(data).is_dir() and is_within(out, data):
         raise UserError(f"--out {out} is inside --data {data}: its sample grids would become training images")
 
 

@@ -22,7 +22,7 @@ from ..methods.generate import check_from_noise
 from ..methods.shard import images_per_step, is_main_process
 from ..methods.types import concat_results
 from ..models import unet_size
-from ..noise import check_t_trunc, num_levels
+from ..noise import check_steps, check_t_trunc
 from ..outputs import link_or_copy, prepare_out_dir, refuse_inputs_inside, refuse_out_dir, write_json
 from ..runtime import load_context
 from .common import RunOptions, finished_earlier, keep_finished, run_status
@@ -123,9 +123,7 @@ def _load(opts: GenerateOptions, m: registry.Method, folder: str | None) -> tupl
         check_from_noise(ctx, m.name)
     if opts.t_trunc is not None:
         check_t_trunc(ctx.scheduler, opts.t_trunc)
-    T = num_levels(ctx.scheduler)
-    if m.name == "ddim" and opts.ddim_steps > T:  # before the output folder is made
-        raise UserError(f"--ddim-steps must be in 1..{T} (this DDPM's levels), got {opts.ddim_steps}")
+    check_steps(ctx.scheduler, opts.ddim_steps)  # as the API will, but before the output folder is made
     ref = None
     if opts.reference_data is not None:
         ref = load_images(opts.reference_data, unet_size(ctx.unet.config), limit=opts.n).images
