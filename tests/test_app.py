@@ -169,6 +169,25 @@ def test_generate_grid_is_seeded(models: AppModels) -> None:
         generate_handler(models, "tdpm-dip", n=1)
 
 
+def test_generate_requests_keep_to_their_budget(models: AppModels) -> None:
+    """Generation keeps to the request's budget as denoising does: past it, one line; a visitor who leaves stops
+    it after the network call under way (for ddim and ddpm, not after the whole chain)."""
+    from tdpm_dip import app
+
+    with pytest.raises(UserError, match="more than the 0 s a request may take here"):
+        generate_handler(models, "ddim", n=1, steps=3, max_seconds=0)
+    for method in ("ddim", "ddpm"):
+        checks: list[int] = []
+
+        def alive(checks: list[int] = checks) -> bool:
+            checks.append(1)
+            return len(checks) < 3  # the check at the lock, one step, then the visitor has gone
+
+        with pytest.raises(app.Cancelled):
+            generate_handler(models, method, n=1, steps=5, alive=alive)
+        assert len(checks) == 3, method
+
+
 SEEN: dict = {}
 
 

@@ -52,6 +52,11 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = check_report(out, stdout, from_noise=False)  # the embedded DDPM is truncated: levels 1..500
     assert "## Training" in text and (out / "train" / "model" / "unet" / "config.json").is_file()
     assert "embedded default DDPM" in text and "levels 1..500 only" in text
+    # The report's commands name the demo's model: denoise's own default is another one.
+    from tdpm_dip.embedded import default_ddpm
+
+    reproduce = text[text.index("## Reproduce single steps") :].split("```")[1]
+    assert reproduce.count(f"--model {default_ddpm('generate')} ") == 2, reproduce
     assert any(ln.startswith("| generation | unconditional | tdpm") for ln in text.splitlines())
     assert "denoising, paper protocol (t=3)" in err  # --t-noisy given: it wins
     assert any(ln.startswith("| generation | unconditional | ddim-50, 3-step model") for ln in text.splitlines())

@@ -86,6 +86,21 @@ def test_add_noise_writes_every_input_once(tmp_path: Path, capsys: pytest.Captur
     assert tree(tmp_path / "o" / "clean") == tree(tmp_path / "o" / "noisy")
 
 
+def test_add_noise_reads_files_as_the_models_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """add-noise's clean file is what training and the bench read from the same file (`data.load_image`), down to
+    the reduced-scale decoding of a large JPEG, so a noisy file and its clean original are one image."""
+    from tdpm_dip.data import load_image
+    from tdpm_dip.images import to_uint8
+
+    big = tmp_path / "in" / "big.jpg"
+    big.parent.mkdir()
+    noisy_image(3, (600, 400)).save(big, quality=90)
+    code, _, err = run(["add-noise", "--input", big, "--sigma", "10", "--size", "32", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    written = np.asarray(Image.open(tmp_path / "o" / "clean" / "big.png"))
+    assert np.array_equal(written, to_uint8(load_image(big, 32)))
+
+
 def test_add_noise_on_a_decompression_bomb_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,6 +111,11 @@ def test_frechet_distance_closed_form_and_singular() -> None:
     m2, s2 = M.feature_stats(rng.normal(size=(6, 16)) + 0.5)
     d = M.frechet_distance(m1, s1, m2, s2)
     assert math.isfinite(d) and d > 0
+    # ... and equal to the general matrix square root's trace, as pytorch-fid takes it (rank 9 of 24 here).
+    m3, s3 = M.feature_stats(rng.normal(size=(10, 24)))
+    m4, s4 = M.feature_stats(rng.normal(size=(30, 24)) * 2 + 0.1)
+    direct = float(((m3 - m4) ** 2).sum() + np.trace(s3) + np.trace(s4) - 2 * np.trace(linalg.sqrtm(s3 @ s4).real))
+    assert M.frechet_distance(m3, s3, m4, s4) == pytest.approx(direct, rel=1e-7)
     # An exactly singular product (zero covariances) is fine too.
     z = np.zeros((4, 4))
     assert M.frechet_distance(np.zeros(4), z, np.ones(4), z) == pytest.approx(4.0, abs=1e-4)

@@ -98,7 +98,7 @@ def test_progress_labels_of_the_paper_and_generation_chains(
     monkeypatch: pytest.MonkeyPatch, make_ctx: Callable[..., Context]
 ) -> None:
     """Each chain's bar says what it runs: paper ddpm "DDPM reverse", TDPM-DIP "TDPM reverse", generation ddpm
-    "DDPM 1000 steps"; every Result carries the seconds it took."""
+    "DDPM 1000 steps", generation ddim "DDIM n steps"; every Result carries the seconds it took."""
     monkeypatch.setattr(common, "tqdm", RecordingBar)
     monkeypatch.setattr(paper, "fit", FakeFit())  # generation's TDPM-DIP runs paper.oracle_tdpm too
     ctx = make_ctx(eps_zero(), progress=True)  # the stub: generation ddpm runs all 1000 steps
@@ -108,7 +108,7 @@ def test_progress_labels_of_the_paper_and_generation_chains(
         ("denoise", "paper", "tdpm-dip", Job((0, 1), clean=clean, t_noisy=7, t_trunc=3), "TDPM reverse", 3),
         ("generate", "paper", "tdpm-dip", Job((0, 1), reference=clean, t_trunc=4), "TDPM reverse", 4),
         ("generate", "unconditional", "ddpm", Job((0, 1)), "DDPM 1000 steps", 1000),
-        ("generate", "unconditional", "ddim", Job((0, 1), ddim_steps=2), None, None),
+        ("generate", "unconditional", "ddim", Job((0, 1), ddim_steps=2), "DDIM 2 steps", 2),
     ):
         RecordingBar.bars = []
         res = run(ctx, task, protocol, method, job)

@@ -297,6 +297,9 @@ def test_a_truncated_ddpm_records_its_levels_and_refuses_pure_noise(
     assert trained_levels(trunc, sched) == (1, 50)
     wider = train(tiny_cfg(sprite_dir, tmp_path / "ft", steps=1, init=str(trunc), t_min=20, t_max=80), progress=False)
     assert trained_levels(wider, sched) == (1, 80)
+    # config.json names the preset a fresh network was built from, and none for a fine-tune (--init's network)
+    assert json.loads((trunc.parent / "config.json").read_text())["config"]["preset"] == "tiny"
+    assert json.loads((wider.parent / "config.json").read_text())["config"]["preset"] is None
     full = train(tiny_cfg(sprite_dir, tmp_path / "full", steps=1), progress=False)
     assert trained_levels(full, sched) == (1, 1000)
     (full / LEVELS_FILE).unlink()

@@ -114,9 +114,9 @@ class AppModels:
 def load_models(
     model: str | None = None, generator: str | None = None, device: str = "auto", dip_preset: str = "auto"
 ) -> AppModels:
-    """The DDPMs the page uses: `--model` for both tabs, or the embedded defaults (the Pokemon denoiser for the
-    Denoise tab; the sprite DDPM and its generator for the Generate tab). Denoising takes the context
-    `denoise --input` uses (blind DIP settings, plug-in DIP for blind TDPM-DIP)."""
+    """The DDPMs the page uses: `--model` for every tab, or the embedded defaults (the Pokemon denoiser for the
+    Denoise, Upscale and Inpaint tabs; the sprite DDPM and its generator for the Generate tab). Denoising takes
+    the context `denoise --input` uses (blind DIP settings, plug-in DIP for blind TDPM-DIP)."""
     if generator is not None and not Path(generator).is_dir():
         raise UserError(f"--generator {generator}: no such folder")
     folder = resolve_generator(model, generator)
@@ -409,8 +409,11 @@ def generate_handler(
     steps: float | None = None,
     t_trunc: float | None = None,
     progress: Progress | None = None,
+    max_seconds: float = MAX_SECONDS,
+    alive: Callable[[], bool] | None = None,
 ) -> Generated:
-    """n images of a registry generator from pure noise (image i uses seed SEED+i), as one grid."""
+    """n images of a registry generator from pure noise (image i uses seed SEED+i), as one grid, within the
+    request's `max_seconds` (checked after every network call of the chain); `alive() == False` stops it too."""
     report = progress or (lambda frac, desc: None)
     names = [m.name for m in generate_methods()]
     method = method or models.generator.methods[0]
@@ -430,9 +433,13 @@ def generate_handler(
         t_trunc = check_t_trunc(models.generator.ctx.scheduler, int(t_trunc))
         if method == "tdpm" and loaded is not None and t_trunc != loaded.t_trunc:
             raise UserError(f"T_trunc {t_trunc} does not match the loaded generator's {loaded.t_trunc}")
+    check = budget_check(max_seconds, alive)
     with models.lock:
+        check()  # the wait for the lock counts: a request nobody waits for any more does not start
         report(0.0, f"generating {n} images with {method}")
-        res = models.generator.generate(n, seed, method, ddim_steps=steps, t_trunc=t_trunc).result
+        ctx = dataclasses.replace(models.generator.ctx, interrupt=check, progress=False)
+        gen = Generator(ctx, models.generator.shard, models.generator.name)
+        res = gen.generate(n, seed, method, ddim_steps=steps, t_trunc=t_trunc).result
     grid = make_grid(res.images, upscale=max(1, 96 // res.images.shape[-1]))  # small model images stay visible
     report(1.0, "done")
     return Generated(

@@ -117,7 +117,7 @@ def budget_text(max_side: int, max_seconds: float) -> str:
     )
 
 
-def _in_worker(work: Callable[[Callable[[], bool]], Any]) -> Iterator[Any]:
+def _in_worker(work: Callable[[Callable[[], bool]], Any], outputs: int = RESULT_OUTPUTS) -> Iterator[Any]:
     """A handler as a generator: `work(alive)` runs in a thread (with the request's context, for its progress
     bar) while this yields "no change" every POLL_SECONDS, then yields its result. Gradio closes a generator
     handler when its visitor's page disconnects or the request is cancelled (/cancel); the close lands here, and
@@ -139,7 +139,7 @@ def _in_worker(work: Callable[[Callable[[], bool]], Any]) -> Iterator[Any]:
         while thread.is_alive():
             thread.join(POLL_SECONDS)
             if thread.is_alive():
-                yield tuple(gr.skip() for _ in range(RESULT_OUTPUTS))
+                yield tuple(gr.skip() for _ in range(outputs))
     finally:
         stop.set()
     if "error" in box:
@@ -181,7 +181,7 @@ def build_ui(
         with gr.Tab("Inpaint"):
             _restore_tab(models, "inpaint", results, max_seconds)
         with gr.Tab("Generate"):
-            _generate_tab(models)
+            _generate_tab(models, max_seconds)
     return page
 
 
@@ -388,9 +388,9 @@ def _denoise_controls(examples_dir: str) -> tuple[list[Any], gr.Button]:
     return [noisy_file, clean_file, method, sigma, seed], button
 
 
-def _generate_tab(models: AppModels) -> None:
+def _generate_tab(models: AppModels, max_seconds: float) -> None:
     """A seeded grid from a registry generator: those the loaded DDPM can run (a truncated one: amortized TDPM
-    only)."""
+    only); within the request's budget, and stopped when its page closes, as the other tabs are."""
     gen = [m for m in generate_methods() if m.name in models.generator.methods]
     loaded = models.generator.ctx.generator
 
@@ -401,12 +401,23 @@ def _generate_tab(models: AppModels) -> None:
         steps: float | None,
         t_trunc: float | None,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to pass a progress bar)
-    ):
-        with _page_errors():
-            g = generate_handler(
-                models, method, int(n), seed if seed is not None else 0, steps, t_trunc, _gr_progress(progress)
-            )
-            return g.grid, generate_summary(g)
+    ) -> Iterator[Any]:
+        def work(alive: Callable[[], bool]) -> Any:
+            with _page_errors():
+                g = generate_handler(
+                    models,
+                    method,
+                    int(n),
+                    seed if seed is not None else 0,
+                    steps,
+                    t_trunc,
+                    _gr_progress(progress),
+                    max_seconds=max_seconds,
+                    alive=alive,
+                )
+                return g.grid, generate_summary(g)
+
+        yield from _in_worker(work, outputs=2)  # the grid and its summary
 
     with gr.Row():
         with gr.Column(scale=1):

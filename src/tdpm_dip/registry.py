@@ -211,7 +211,7 @@ METHODS: list[Method] = [
         rank=20,
         needs=("all-levels",),
         reads=("ddim_steps", "eta"),
-        help="DDIM from pure noise in --ddim-steps steps (eta 1: a strided ancestral DDPM sampler)",
+        help="deterministic DDIM (eta 0) from pure noise in --ddim-steps steps",
     ),
     Method(
         "ddpm",

@@ -49,13 +49,15 @@ TABLE_CHOICES = (*defaults.BENCH_TABLES, "all", "restore")
 @click.option(
     "--methods",
     default="",
-    help="table1/table2/table4: comma-separated methods whose rows run (default: all; blind: those whose extra is "
-    "installed: "
+    help="table1/table2/table4/restore: comma-separated methods whose rows run (default: all; blind: those whose "
+    "extra is installed: "
     + ", ".join(registry.names("denoise", "blind"))
     + "; paper: "
     + ", ".join(registry.names("denoise", "paper"))
     + "; table1: "
     + ", ".join(registry.names("generate"))
+    + "; restore: "
+    + ", ".join(registry.names("restore"))
     + "). Cheap rows first, the expensive ones in a second command.",
 )
 @click.option(
@@ -86,7 +88,8 @@ TABLE_CHOICES = (*defaults.BENCH_TABLES, "all", "restore")
     "--ddim-steps",
     type=int,
     default=None,
-    help="table1: DDIM steps. Default: DIP iterations + T_trunc (TDPM-DIP's network evaluations).",
+    help="table1: add a DDIM row at this many steps, beside DDIM-(1 + T_trunc) and DDIM-50 (default: no such "
+    "row; DIP iterations + T_trunc, e.g. 110, matches TDPM-DIP's network evaluations).",
 )
 @click.option(
     "--fid",
@@ -145,13 +148,14 @@ TABLE_CHOICES = (*defaults.BENCH_TABLES, "all", "restore")
 @click.option(
     "--dip-preset",
     default=defaults.BENCH_DIP_PRESET,
-    help="DIP network G_psi: paper-dip (report), paper-dip-noattn, dip-small (CPU), dip-tiny, auto.",
+    help="DIP network G_psi: paper-dip (the report's, 61.5M parameters), paper-dip-noattn (the same without "
+    "attention), dip-small (2.5M, for a CPU), dip-tiny (for tests), auto (paper-dip on GPU, dip-small on CPU).",
 )
 @click.option("--dip-iters", type=int, default=None, help=f"DIP iterations. Default: {dip_default_text('iters')}.")
 @click.option("--dip-lr", type=float, default=None, help=f"DIP learning rate. Default: {dip_default_text('lr')}.")
 @compute_options
 def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
-    """Regenerate the report's tables (Markdown + CSV + JSON + figures in --out).
+    """Regenerate the report's tables (Markdown + CSV + JSON + figures in --out), or the restoration table.
 
     \b
     table1  generation: DDPM-1000, DDIM at 1 + T_trunc and 50 NFE, amortized TDPM per --generator,
@@ -161,6 +165,10 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
             of the registry at --sigma, with its NFE and s/img)
     table3  T_trunc ablation of TDPM-DIP on denoising
     table4  linear vs cosine schedule (needs --model-cosine)
+    all     tables 1 to 4
+    restore super-resolution and inpainting (--tasks: sr4, sr2, rand80, box, half, sr4-noisy) of
+            the --data images, every restoration method beside the classical baseline, PSNR/SSIM
+            (KID with --fid); runs alone, writes RUN/restore/TASK.md and TASK.png
     \b
     Defaults are the report's settings; shrink --n, --dip-preset, --dip-iters, --ddpm-steps for CPU
     runs (every table says what was shrunk). Interrupted runs resume: finished images are cached, and a

@@ -24,7 +24,7 @@ DENOISE_MODEL_HELP = _MODEL + (
 )
 APP_MODEL_HELP = _MODEL + (
     "the shipped models: the 64 px denoiser for the Denoise tab, the 32 px sprite DDPM and "
-    "its generator for the Generate tab. Given, it serves both tabs."
+    "its generator for the Generate tab (Upscale and Inpaint use the denoiser). Given, it serves every tab."
 )
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 F = typing.TypeVar("F", bound=Callable)
@@ -136,8 +136,8 @@ def dip_options(f: F) -> F:
     return click.option(
         "--dip-preset",
         default="auto",
-        help="DIP network G_psi: paper-dip (the report's, 61.5M), paper-dip-noattn, dip-small, "
-        "dip-tiny; auto = paper-dip on GPU, dip-small on CPU.",
+        help="DIP network G_psi: paper-dip (the report's, 61.5M parameters), paper-dip-noattn (the same without "
+        "attention), dip-small (2.5M, for a CPU), dip-tiny (for tests); auto = paper-dip on GPU, dip-small on CPU.",
     )(f)
 
 
@@ -197,4 +197,11 @@ def cli() -> None:
              "denoising" never looks at the noisy image and its "generation" reconstructs
              the reference images it is given.
       blind  an honest denoiser: only the noisy observation (and its noise level) is used.
+    \b
+    Words the commands use:
+      t, level   a noise level of the DDPM, 1..T (T = 1000): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z
+      T_trunc    the level a truncated chain starts from (Algorithm 3 runs T_trunc steps down to 0)
+      G_psi      the generator of x_T_trunc: a DIP fitted per image, or TDPM's trained generator
+      t*         the level whose noise matches a noisy image's sigma (blind denoising starts there)
+      NFE        network function evaluations: calls of the DDPM (or DIP iterations) per image
     """

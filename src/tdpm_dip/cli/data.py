@@ -89,7 +89,8 @@ def prepare_data_cmd(source: str, test: int, size: int, out: str, overwrite: boo
     "--seed",
     type=int,
     default=1234,
-    help="Image i's noise is drawn from seed SEED+i alone, as denoise --clean draws it.",
+    help="Image i's noise is drawn from seed SEED+i alone, as denoise --clean draws it (whose --seed defaults to "
+    "0: give --seed 0 here for the same noise).",
 )
 @out_option("Output folder: clean/ and noisy/.")
 @overwrite_option()

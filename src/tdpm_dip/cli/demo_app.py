@@ -49,7 +49,8 @@ from .common import APP_MODEL_HELP, CONTEXT, cli, echo, local_options, overwrite
     "--ddpm-steps",
     type=int,
     default=defaults.DDPM_STEPS,
-    help="Generation DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1).",
+    help="Generation DDPM steps; fewer than 1000 uses a strided ancestral sampler (DDIM eta=1). Only with a "
+    "--model trained on every noise level: the embedded default is not, so it has no DDPM row.",
 )
 @click.option(
     "--t-noisy",
@@ -87,10 +88,13 @@ def demo_cmd(device: str, threads: int, size: int | None, **kwargs: object) -> N
 
     \b
     Makes procedural sprites, trains a small DDPM on them for a few hundred steps (Algorithm 1),
-    then, with the embedded default DDPM shipped in the package, generates with DDPM (1000 steps)
-    and TDPM-DIP and denoises under both protocols (paper: DDPM, DIP and TDPM-DIP, the report's
-    oracle, t=600; blind: every blind method of the registry, sigma 25 on 8-bit noise). Writes
-    RUN/report.md with the figures, the metric tables, which model made each, and the phase times.
+    then, with the embedded default DDPM shipped in the package (trained on noise levels 1..500
+    only), generates with TDPM-DIP (paper protocol), the shipped amortized TDPM and DDIM-50 of the
+    model trained here, and denoises under both protocols (paper: DDPM, DIP and TDPM-DIP, the
+    report's oracle, at t=500, the DDPM's highest level; blind: every blind method of the registry,
+    sigma 25 on 8-bit noise). With a --model trained on every level, generation adds the DDPM row
+    (--ddpm-steps) and the paper protocol runs at the report's t=600. Writes RUN/report.md with
+    the figures, the metric tables, which model made each, and the phase times.
     \b
     Examples:
       tdpm-dip demo --out runs/demo
@@ -137,7 +141,8 @@ def demo_cmd(device: str, threads: int, size: int | None, **kwargs: object) -> N
     "--max-seconds",
     type=float,
     default=defaults.APP_MAX_SECONDS,
-    help="A denoising request stops after this many seconds (checked between tiles), with a one-line message.",
+    help="A request (any tab) stops after this many seconds (checked between tiles, DIP iterations and chain "
+    "steps), with a one-line message.",
 )
 @click.option(
     "--dip-preset",

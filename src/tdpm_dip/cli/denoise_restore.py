@@ -200,7 +200,8 @@ def denoise(threads: int, **kwargs: object) -> None:
     "--samples",
     type=int,
     default=defaults.RESTORE_SAMPLES,
-    help="Diffusion methods: chains averaged per image (their mean is the posterior mean, which PSNR rewards).",
+    help="ccdf and tdpm-dip: chains averaged per image (their mean is the posterior mean, which PSNR rewards); "
+    "ddnm and diffpir run one chain.",
 )
 @click.option(
     "--steps",

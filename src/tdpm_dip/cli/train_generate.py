@@ -35,7 +35,7 @@ def train_generator_cmd(**kwargs: object) -> None:
     \b
     G_psi(z), z ~ N(0, I), learns q(x_T_trunc): the training images noised to T_trunc (gan), or
     the DDPM's own DDIM(z -> x_T_trunc) (distill). `generate --method tdpm --generator RUN/generator`
-    then makes new images in 1 + T_trunc network calls.
+    then makes new images in 1 + R network calls (R: --reverse-steps, default T_trunc).
     \b
     Examples:
       tdpm-dip train-generator --model M --data train/ --t-trunc 10 --out runs/gen-gan
@@ -72,7 +72,13 @@ def train_generator_cmd(**kwargs: object) -> None:
     help=f"Truncation level T_trunc. Default: {defaults.T_TRUNC} (tdpm-dip); the generator's own "
     "(tdpm: must match it).",
 )
-@click.option("--ddim-steps", type=int, default=defaults.GENERATE_DDIM_STEPS, help="DDIM network evaluations (ddim).")
+@click.option(
+    "--ddim-steps",
+    type=int,
+    default=defaults.GENERATE_DDIM_STEPS,
+    help="DDIM network evaluations (ddim); the default matches the report's TDPM-DIP (100 DIP iterations + "
+    "T_trunc 10).",
+)
 @click.option(
     "--reference-data", default=None, help="Images whose noised versions the DIP fits (tdpm-dip, paper protocol)."
 )
@@ -89,8 +95,9 @@ def generate(threads: int, **kwargs: object) -> None:
     """Generate images with DDPM, DDIM, amortized TDPM or TDPM-DIP (Table 1's methods).
 
     \b
-    tdpm (amortized TDPM): x_T = G_psi(z), z ~ N(0, I), then T_trunc posterior steps of the
-    DDPM: new images in 1 + T_trunc network calls, no reference data.
+    tdpm (amortized TDPM): x_T = G_psi(z), z ~ N(0, I), then the DDPM's posterior steps from
+    T_trunc to 0 (the generator's reverse steps, T_trunc unless it was trained with fewer): new
+    images in 1 + that many network calls, no reference data.
 
     \b
     TDPM-DIP generation follows the paper protocol: image i is the reverse chain from

@@ -11,7 +11,7 @@ from ..devices import timer
 from ..errors import UserError
 from ..noise import check_t_trunc, image_generators, num_levels, randn
 from ..sampling import ddim_chain
-from .common import chain, check_trained_level, chunks, image_shape, progress_bar
+from .common import after_each_step, chain, check_trained_level, chunks, image_shape, progress_bar
 from .paper import oracle_tdpm
 from .types import Context, Job, Result
 
@@ -43,11 +43,16 @@ def ddim(ctx: Context, job: Job) -> Result:
     steps = job.ddim_steps or defaults.GENERATE_DDIM_STEPS
     gens = image_generators(job.seeds, ctx.device)
     x_T = randn(image_shape(ctx), gens, ctx.device)
-    with timer(ctx.device) as tm:
+    n = len(job.seeds)
+    with (
+        progress_bar(ctx, steps * math.ceil(n / ctx.batch_size), f"DDIM {steps} steps") as bar,
+        timer(ctx.device) as tm,
+    ):
+        callback = after_each_step(ctx, bar)  # the bar, and ctx.interrupt (Ctrl-C, the app's budget) every step
         out = torch.cat(
             [
-                ddim_chain(ctx.model, x_T[sl], steps, gens[sl], eta=job.eta)
-                for sl in chunks(len(job.seeds), ctx.batch_size)
+                ddim_chain(ctx.model, x_T[sl], steps, gens[sl], eta=job.eta, callback=callback)
+                for sl in chunks(n, ctx.batch_size)
             ]
         )
     return Result("ddim", "unconditional", out.cpu(), tm[0], steps, steps, info={"ddim_steps": steps})
@@ -97,10 +102,7 @@ def tdpm(ctx: Context, job: Job) -> Result:
     n = len(job.seeds)
     with progress_bar(ctx, steps * math.ceil(n / ctx.batch_size), "TDPM reverse") as bar, timer(ctx.device) as tm:
         out = torch.cat(
-            [
-                gen.sample(ctx.model, gens[sl], (lambda _: bar.update()) if bar is not None else None)
-                for sl in chunks(n, ctx.batch_size)
-            ]
+            [gen.sample(ctx.model, gens[sl], after_each_step(ctx, bar)) for sl in chunks(n, ctx.batch_size)]
         )
     return Result(
         "tdpm",

@@ -192,7 +192,8 @@ def _setup(cfg: TrainConfig, progress: bool, folder: contextlib.ExitStack) -> Ru
         ema=EMA(unet, cfg.ema_decay),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        run_config={**asdict(cfg), "n_images": n},
+        # With --init the network is --init's, not a preset's: config.json must not name a preset it never used.
+        run_config={**asdict(cfg), "preset": None if cfg.init else cfg.preset, "n_images": n},
         algorithm="Algorithm 1 (DDPM training)",
         describe={"unet": dict(unet.config) if cfg.init else get_preset(cfg.preset).unet_kwargs(cfg.size)},
         must_match=RESUME_MUST_MATCH,

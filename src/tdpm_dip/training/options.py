@@ -47,7 +47,10 @@ class TrainConfig:
     out: str = field(metadata=option("run folder: config.json, metrics.jsonl, samples/, checkpoints/, model/"))
     preset: str = field(
         default="small",
-        metadata=option(f"UNet preset: {', '.join(PRESETS)} (not used with --init, whose network is trained on)"),
+        metadata=option(
+            "UNet preset (not used with --init, whose network is trained on): "
+            + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
+        ),
     )
     init: str | None = field(
         default=None,

@@ -76,7 +76,7 @@ class BenchSettings:
     blind_ddim_steps: int = defaults.BLIND_DDIM_STEPS  # blind ddim: steps from t*
     methods: tuple[str, ...] = ()  # table1/2/4: the rows' methods to run (empty: every method of the protocol)
     ddpm_steps: int = defaults.DDPM_STEPS
-    ddim_steps: int | None = None  # None: DIP iterations + T_trunc (TDPM-DIP's NFE)
+    ddim_steps: int | None = None  # table1: one more DDIM row at this many steps (None: none)
     fid: bool = False
     fid_weights: str | None = None
     generators: dict[int, str] = field(default_factory=dict)  # table1: T_trunc -> generator folder (tdpm rows)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from ..config import WHITE
-from ..data import MIN_SIDE, BadImage, file_names, is_hub_id, list_images, load_hub, square_resize, to_rgb
+from ..data import MIN_SIDE, BadImage, file_names, is_hub_id, list_images, load_hub, load_image
 from ..errors import UserError, check_positive, check_sigma
 from ..images import save_png, to_uint8
 from ..noise import add_noise
@@ -75,11 +73,11 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
 
 
 def _square(path: Path, size: int) -> np.ndarray:
+    """One file as the models and the bench see it (`data.load_image`: upright, square-padded, resized), 8-bit."""
     try:
-        with Image.open(path) as im:
-            return np.array(square_resize(to_rgb(ImageOps.exif_transpose(im)), size, WHITE))  # upright, as shown
-    except (OSError, BadImage, Image.DecompressionBombError) as e:  # a bomb is no OSError: one line too
-        raise UserError(f"{path}: not a readable image ({str(e).splitlines()[0] or type(e).__name__})") from None
+        return to_uint8(load_image(path, size))
+    except BadImage as e:
+        raise UserError(str(e)) from None
 
 
 def add_noise_files(

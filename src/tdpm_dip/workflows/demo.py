@@ -4,9 +4,10 @@ Phases (each timed, each with a progress bar where it takes a while):
   data        procedural sprites made in code (`data.make_sprites`), or the images of `--data`;
               the first n are the test images, the rest the training set (written to RUN/data/)
   train       a small DDPM (Algorithm 1, `training.ddpm.train`) on RUN/data/train; skipped with `--model`
-  generation  DDPM from pure noise vs TDPM-DIP (paper protocol: it reconstructs training images), and
-              amortized TDPM with the shipped generator
-  denoising   the registry's paper methods (t = 600) and every blind method on 8-bit noise (sigma 25)
+  generation  DDPM from pure noise (a DDPM of every level only) vs TDPM-DIP (paper protocol: it reconstructs
+              training images), amortized TDPM with the shipped generator, DDIM of the model trained here
+  denoising   the registry's paper methods (t = 600, or the DDPM's highest trained level) and every blind
+              method on 8-bit noise (sigma 25)
   report      RUN/report.md with the figures, one metric table per task and the phase times
 
 Everything the report shows is computed by the registry's methods (`methods.run`) and rendered by

@@ -13,6 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .. import defaults, registry
+from ..embedded import default_ddpm
 from ..images import save_grid
 from ..metrics import copy_rate
 from ..outputs import write_json, write_text
@@ -310,7 +311,8 @@ def _md_reproduce(d: DemoRun) -> list[str]:
     cfg = d.cfg
     paper_dip = d.ctx.dip  # type: ignore[union-attr]
     blind_dip = dip_config("blind", cfg.dip_preset, cfg.blind_dip_iters)
-    model = "" if cfg.uses_embedded else f" --model {d.model_label}"
+    # Always named: denoise's own default is another model (the 64 px Pokémon denoiser), not the demo's.
+    model = f" --model {default_ddpm('generate') if cfg.uses_embedded else d.model_label}"
     test = Path(cfg.out) / "data" / "test"
     return [
         "## Reproduce single steps with the CLI",
