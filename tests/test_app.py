@@ -140,7 +140,9 @@ def test_denoise_refuses_what_it_cannot_do(models: AppModels, tmp_path: Path) ->
         with pytest.raises(UserError, match=message):
             denoise_handler(models, **args)
     flat = np.full((24, 24, 3), 128, np.uint8)  # a clean-looking image: nothing to estimate
-    with pytest.raises(UserError, match="look clean"):
+    with pytest.raises(
+        UserError, match=r"^this image: the estimated noise level is ~0 \(looks clean\); enter its sigma$"
+    ):
         denoise_handler(models, flat, "tweedie")
 
 

@@ -370,3 +370,27 @@ def test_sigma_estimated_from_a_jpeg_comes_with_a_warning(
     assert code == 0 and "a.jpg: JPEG compression removes part of the noise" in err, err
     code, _, err = run([*args, "--sigma", "25", "--out", tmp_path / "o2"], capsys)
     assert code == 0 and "JPEG" not in err, err
+
+
+def test_blind_sigma_names_the_clean_looking_files_and_warns_on_binary_ones(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Without --sigma, a clean-looking file stops the run with one line that names it (not "these images"); a
+    1-bit image, whose estimate reaches the 255 cap, runs with a warning that names it."""
+    root = tmp_path / "in"
+    root.mkdir()
+    grey = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    grey[4:12, 4:12] = (200, 30, 30)
+    Image.fromarray(grey).save(root / "logo.png")
+    ramp = np.tile(np.linspace(0, 255, SIZE), (SIZE, 1)).astype(np.uint8)
+    Image.fromarray(ramp).convert("1").save(root / "scan.png")  # a grey ramp, dithered to black and white
+    args = ["denoise", "--model", model, "--input", root, "--method", "tweedie", "--threads", "1"]
+    code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and errors == [
+        f"error: {root / 'logo.png'}: the estimated noise level is ~0 (looks clean); give --sigma"
+    ]
+    (root / "logo.png").unlink()
+    code, out, err = run([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert f"warning: {root / 'scan.png'} (255): an estimated sigma this high" in out + err

@@ -320,7 +320,7 @@ def test_blind_sigmas_given_or_estimated_per_image() -> None:
     assert abs(est[0] - 10) < 1.5 and abs(est[1] - 40) < 4
     with pytest.raises(UserError) as e:
         blind_sigmas([noisy[0], grey[0]], None)
-    assert str(e.value) == "the estimated noise level is ~0: these images look clean; give --sigma"
+    assert str(e.value) == "image 1: the estimated noise level is ~0 (looks clean); give --sigma"
     with pytest.raises(UserError, match="--sigma must be in"):
         blind_sigmas(noisy, 0)
     assert blind_sigmas([], None) == []

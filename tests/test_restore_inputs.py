@@ -201,3 +201,21 @@ def test_an_interrupt_says_one_thing(
     code, _, err = _restore(tiny, [*sr, "--overwrite"], capsys)
     lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
     assert code == 130 and lines == [f"interrupted: the earlier outputs in {out} are as they were (--overwrite)"], err
+
+
+def test_resume_keeps_each_sub_folders_own_result(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--resume carries each finished image from its own sub-folder: `sub/a` is not `a`, and an image that lives
+    only in a sub-folder is found."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(_rgb(1, 8, 8)).save(root / "a.png")
+    Image.fromarray(_rgb(2, 8, 8)).save(root / "sub" / "a.png")
+    Image.fromarray(_rgb(3, 8, 8)).save(root / "sub" / "x.png")
+    args = ["--task", "sr", "--scale", "2", "--method", "bicubic", "--input", root, "--out", tmp_path / "o"]
+    assert _restore(tiny, args, capsys)[0] == 0
+    first = {p: np.asarray(Image.open(tmp_path / "o" / "bicubic" / p)) for p in ("a.png", "sub/a.png", "sub/x.png")}
+    code, _, err = _restore(tiny, [*args, "--resume"], capsys)
+    assert code == 0, err
+    for p, img in first.items():
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "bicubic" / p)), img), p
+    assert not np.array_equal(first["a.png"], first["sub/a.png"])

@@ -259,7 +259,7 @@ def denoise_handler(
     report(0.0, "reading the image")
     x, kind, ref, notice = _read_pair(noisy, clean, max_side, max_pixels)
     report(0.05, "estimating sigma" if sigma is None else "denoising")
-    sig = blind_sigmas([x], sigma, "enter its sigma")
+    sig = blind_sigmas([x], sigma, "enter its sigma", names=["this image"])
     with models.lock:
         check()  # the wait for the lock counts: a request nobody waits for any more does not start
         # A fresh DIP memo per request: the shared context must not keep every upload's fit alive.

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import click
 
 from .. import defaults
+from ..errors import UserError
 
 _MODEL = "DDPM: a diffusers folder (unet/ + scheduler/) or a hub id. Default: "
 GENERATE_MODEL_HELP = _MODEL + (
@@ -183,7 +184,24 @@ def set_threads(threads: int) -> int:
 # ------------------------------------------------------------------------------------------ the group
 
 
-@click.group(context_settings=CONTEXT)
+class _Command(click.Command):
+    """Every command: an option given an empty value on the command line (`--input ""`, an unset shell variable)
+    is one error line, not the current folder or a silent default."""
+
+    def invoke(self, ctx: click.Context) -> typing.Any:
+        for p in self.params:
+            given = ctx.get_parameter_source(p.name or "") == click.core.ParameterSource.COMMANDLINE
+            value = ctx.params.get(p.name or "")
+            if given and isinstance(p, click.Option) and isinstance(value, str) and not value.strip():
+                raise UserError(f"{p.opts[-1]} is empty: give a value or leave the option out")
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(package_name="tdpm-dip")
 def cli() -> None:
     """Truncated Diffusion with a Deep Image Prior (TDPM-DIP).

@@ -18,6 +18,7 @@ from ..noise import image_generators, randn
 
 SATURATED_WINDOW = 9  # px: the neighbourhood in which a saturated region is recognised
 MIN_SAMPLES = 200  # pixels (or wavelet coefficients) below which an estimate is not trusted
+IMPLAUSIBLE_SIGMA = 150.0  # 0..255: an estimate this high is warned about (`implausible_sigmas`)
 DRAW_STRIDE = 1_000_003  # seed offset between declip draws of one image (a prime, far from any image's seed)
 
 
@@ -103,13 +104,32 @@ def _wavelet_sigma(y: np.ndarray) -> float:
     return float(np.median(np.abs(d)) / 0.6745)
 
 
-def blind_sigmas(noisy: list[torch.Tensor], sigma: float | None, ask: str = "give --sigma") -> list[float]:
+def blind_sigmas(
+    noisy: list[torch.Tensor], sigma: float | None, ask: str = "give --sigma", names: list[str] | None = None
+) -> list[float]:
     """The given sigma for every image [3, H, W] (sizes may differ), or each image's own estimate
-    (`estimate_sigma`); an estimate of ~0 means a clean-looking image, which blind denoising refuses."""
+    (`estimate_sigma`); an estimate of ~0 means a clean-looking image, which blind denoising refuses, naming
+    the images (`names`, else their places in the list)."""
     check_sigma(sigma)
     if sigma is not None:
         return [float(sigma)] * len(noisy)
     est = [estimate_sigma(x[None])[0] for x in noisy]
-    if est and min(est) < 0.5:
-        raise UserError(f"the estimated noise level is ~0: these images look clean; {ask}")
+    clean = [names[i] if names is not None else f"image {i}" for i, s in enumerate(est) if s < 0.5]
+    if clean:
+        which = ", ".join(clean[:3]) + (f" and {len(clean) - 3} more" if len(clean) > 3 else "")
+        looks = "looks" if len(clean) == 1 else "look"
+        raise UserError(f"{which}: the estimated noise level is ~0 ({looks} clean); {ask}")
     return est
+
+
+def implausible_sigmas(sigmas: list[float], names: list[str]) -> str | None:
+    """A warning for estimates at or above IMPLAUSIBLE_SIGMA: what a binary (1-bit) or synthetic image reads as,
+    rather than noise."""
+    high = [f"{n} ({s:.0f})" for n, s in zip(names, sigmas) if s >= IMPLAUSIBLE_SIGMA]
+    if not high:
+        return None
+    which = ", ".join(high[:3]) + (f" and {len(high) - 3} more" if len(high) > 3 else "")
+    return (
+        f"warning: {which}: an estimated sigma this high is more often a binary (1-bit) or synthetic image than "
+        "noise; give --sigma if you know it"
+    )

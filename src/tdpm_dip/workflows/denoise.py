@@ -19,7 +19,7 @@ from ..images import as_written, save_like, save_png
 from ..methods import Job, Result
 from ..methods.common import check_trained_level
 from ..methods.dispatch import tile_side
-from ..methods.observe import blind_sigmas
+from ..methods.observe import blind_sigmas, implausible_sigmas
 from ..methods.shard import images_per_step, is_main_process
 from ..methods.types import concat_results
 from ..metrics import scores
@@ -156,8 +156,11 @@ def _denoise_files(den: Denoiser, opts: DenoiseOptions, echo: Echo) -> Path:
     if opts.sigma is not None:
         sig = [float(opts.sigma)] * len(files)
     else:  # one image in memory at a time
-        sig = [s for f in files for s in blind_sigmas([f.load()], None)]
+        sig = [s for f in files for s in blind_sigmas([f.load()], None, names=[str(f.path)])]
         echo("estimated sigma per image (0..255): " + ", ".join(f"{s:.1f}" for s in sig))
+        high = implausible_sigmas(sig, [str(f.path) for f in files])
+        if high:
+            echo(high)
         jpeg = [f.path.name for f in files if f.path.suffix.lower() in (".jpg", ".jpeg")]
         if jpeg:
             echo(

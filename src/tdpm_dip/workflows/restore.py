@@ -364,7 +364,7 @@ class _Run:
             for i in done:
                 dst = tmp / m / f"{obs.names[i]}.png"
                 if self.earlier is not None and self.entries[i]["run"] != "this":  # the earlier file, as it was
-                    link_or_copy(self.earlier / m / dst.name, dst)
+                    link_or_copy(self.earlier / m / f"{obs.names[i]}.png", dst)  # names keep sub-folders
                 else:
                     save_like(outs[i], dst, *self._output_kind(i))  # type: ignore[arg-type]
         fig: list[tuple[str, torch.Tensor]] = []
