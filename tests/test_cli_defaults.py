@@ -85,8 +85,8 @@ def test_an_empty_option_value_is_one_error_line(
     args: list[str], tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--input ""` (an unset shell variable) would otherwise read the current folder, and `--mask-kind ""` fall
-        back to a default: one line, exit 2, nothing written (options left at an empty default, such as bench's --methods,
-    are not checked: the bench tests run with them)."""
+        back to a default: one line, exit 2, nothing written (options left at an empty default, such as bench's
+    --methods, are not checked: the bench tests run with them)."""
     from cli_helpers import run
 
     monkeypatch.chdir(tmp_path)
