@@ -219,3 +219,34 @@ def test_resume_keeps_each_sub_folders_own_result(tiny: str, tmp_path: Path, cap
     for p, img in first.items():
         assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "bicubic" / p)), img), p
     assert not np.array_equal(first["a.png"], first["sub/a.png"])
+
+
+def test_masks_are_read_on_their_own_scale_upright_and_never_guessed(tmp_path: Path) -> None:
+    """A 16-bit mask splits at half of 65535 (a 30 % grey hole is a hole), a float array at 0.5, a mask with
+    transparent pixels is refused (which side they mean is a guess), and an EXIF-rotated mask is turned upright as
+    its image is; an all-known mask warns in the API too."""
+    from PIL import Image as PILImage
+
+    from tdpm_dip.api import read_mask, warn_mask_coverage
+    from tdpm_dip.errors import UserError
+
+    hole = np.ones((8, 8))
+    hole[2:6, 2:6] = 0.3
+    want = (hole >= 0.5).astype(np.float32)
+    m16 = PILImage.fromarray((hole * 65535).astype(np.uint16))
+    assert np.array_equal(read_mask(m16, (8, 8))[0].numpy(), want)
+    assert np.array_equal(read_mask(hole.astype(np.float32), (8, 8))[0].numpy(), want)
+    assert np.array_equal(read_mask((hole * 255).astype(np.uint8), (8, 8))[0].numpy(), want)
+    rgba = PILImage.new("RGBA", (8, 8), (255, 255, 255, 255))
+    rgba.paste((255, 255, 255, 0), (2, 2, 6, 6))
+    with pytest.raises(UserError, match="transparent pixels"):
+        read_mask(rgba, (8, 8))
+    wide = np.zeros((6, 10), np.uint8)
+    wide[:, :3] = 255  # known: the left 3 columns, as stored
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the known band becomes the top 3 rows
+    PILImage.fromarray(wide).save(tmp_path / "m.jpg", exif=exif, quality=100)
+    up = read_mask(tmp_path / "m.jpg", (10, 6))[0].numpy()
+    assert up[:3].all() and not up[4:].any()
+    with pytest.warns(UserWarning, match="every pixel known"):
+        warn_mask_coverage(read_mask(np.ones((4, 4), np.float32), (4, 4)), "image 0")

@@ -24,7 +24,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import defaults, embedded, registry
 from .data import ImageInput, ImageKind, read_user_image_kind
@@ -298,8 +298,9 @@ class RestoreOutput:
 
 
 def read_mask(mask: ImageInput | torch.Tensor, size: tuple[int, int], what: str = "mask") -> torch.Tensor:
-    """A mask (white = known) -> [1, H, W] of 0 / 1 at `size` (H, W): grey levels split at 50 %; a mask of another
-    size is resized with nearest-neighbour, with a warning."""
+    """A mask (white = known) -> [1, H, W] of 0 / 1 at `size` (H, W): levels split at 50 % of the file's range (8 or
+    16 bits; float arrays and tensors: 0..1), EXIF-upright as images are; a mask with transparent pixels is refused
+    (which side they mean is a guess); a mask of another size is resized with nearest-neighbour, with a warning."""
     if isinstance(mask, torch.Tensor):
         m = mask.float().reshape(-1, *mask.shape[-2:])[:1]
     else:
@@ -309,22 +310,59 @@ def read_mask(mask: ImageInput | torch.Tensor, size: tuple[int, int], what: str 
                 raise UserError(f"{what}: no such file: {path.name}")
             try:
                 with Image.open(path) as im:
-                    mask = im.convert("L")
-            except (OSError, ValueError):
+                    im.load()
+                    mask = ImageOps.exif_transpose(im)
+            except (OSError, ValueError, Image.DecompressionBombError):
                 raise UserError(f"{what} {path.name}: not a readable image") from None
-        if isinstance(mask, np.ndarray):
-            if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] > 4):
-                raise UserError(f"{what}: expected an array (H, W) or (H, W, C) with C <= 4, got shape {mask.shape}")
-            mask = Image.fromarray(mask if mask.dtype == np.uint8 else (np.asarray(mask) > 0).astype(np.uint8) * 255)
-        if not isinstance(mask, Image.Image):
-            raise UserError(f"{what}: not an image ({type(mask).__name__})")
-        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
+        elif isinstance(mask, Image.Image):
+            mask = ImageOps.exif_transpose(mask)
+        m = torch.from_numpy(_mask_levels(mask, what))[None]
     if tuple(m.shape[-2:]) != size:
         warnings.warn(
             f"{what} is {m.shape[-1]}x{m.shape[-2]} px, the image {size[1]}x{size[0]}: resized (nearest)", stacklevel=2
         )
         m = torch.nn.functional.interpolate(m[None], size=size, mode="nearest")[0]
     return (m >= 0.5).float()
+
+
+def _mask_levels(mask: object, what: str) -> np.ndarray:
+    """A mask image or array as [H, W] float32 levels in 0..1 (1 = known)."""
+    if isinstance(mask, Image.Image):
+        if mask.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in mask.info:
+            alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+            if (alpha < 255).any():
+                raise UserError(f"{what}: has transparent pixels; save it without transparency (white = known)")
+        if mask.mode in ("I;16", "I;16B", "I;16L", "I"):
+            a = np.asarray(mask, dtype=np.float64)
+            return (a / (65535.0 if mask.mode != "I" or a.max() > 255 else 255.0)).astype(np.float32)
+        if mask.mode == "F":
+            mask = np.asarray(mask)
+        else:
+            return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    if not isinstance(mask, np.ndarray):
+        raise UserError(f"{what}: not an image ({type(mask).__name__})")
+    if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] > 4):
+        raise UserError(f"{what}: expected an array (H, W) or (H, W, C) with C <= 4, got shape {mask.shape}")
+    a = np.asarray(mask)
+    top = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(a.dtype, 1.0)
+    a = a.astype(np.float64) / top
+    if a.ndim == 3:
+        if a.shape[2] in (2, 4) and (a[..., -1] < 1).any():
+            raise UserError(f"{what}: has transparent pixels; give it without an alpha channel (1 = known)")
+        a = a[..., : 3 if a.shape[2] >= 3 else 1].mean(-1)
+    return a.astype(np.float32)
+
+
+def warn_mask_coverage(mask: torch.Tensor, name: str) -> None:
+    """A warning for a mask that leaves nothing to fill (the output is the input) or constrains nothing."""
+    if bool(mask.all()):
+        warnings.warn(f"{name}: the mask marks every pixel known; the output is the input", stacklevel=2)
+    elif not bool(mask.any()):
+        warnings.warn(
+            f"{name}: the mask marks every pixel unknown: nothing constrains the output (the classical start is "
+            "flat grey)",
+            stacklevel=2,
+        )
 
 
 class Restorer:
@@ -396,7 +434,10 @@ class Restorer:
         mk = list(masks) if isinstance(masks, (list, tuple)) else [masks] * len(x)
         if len(mk) != len(x):
             raise UserError(f"{len(mk)} masks for {len(x)} images: give one, or one per image")
-        ops: list[Operator] = [Inpaint(read_mask(m, (im.shape[-2], im.shape[-1]))[None]) for m, im in zip(mk, x)]
+        read_masks = [read_mask(m, (im.shape[-2], im.shape[-1]), f"mask {i}") for i, (m, im) in enumerate(zip(mk, x))]
+        for i, m in enumerate(read_masks):
+            warn_mask_coverage(m, f"image {i}")
+        ops: list[Operator] = [Inpaint(m[None]) for m in read_masks]
         y = [op.A(im[None])[0] for op, im in zip(ops, x)]
         return self._output(given, [k for _, k in read], y, ops, "inpaint", method, sigma, seed, options)
 

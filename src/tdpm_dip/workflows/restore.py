@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import defaults, registry
-from ..api import Restorer, read_mask
+from ..api import Restorer, read_mask, warn_mask_coverage
 from ..data import ImageKind, list_images, load_image, load_images, read_native, scan_native
 from ..errors import UserError, check_positive
 from ..images import as_written, save_like, save_png, upscale_alpha
@@ -203,14 +202,7 @@ def _operators(
             m = read_mask(masks[i], size, f"mask of {name}")  # another size: resized, with a warning naming it
         else:
             m = make_mask(opts.mask_kind or defaults.MASK_KIND, *size, seeds[i])
-        if bool(m.all()):
-            warnings.warn(f"{name}: the mask marks every pixel known; the output is the input", stacklevel=2)
-        elif not bool(m.any()):
-            warnings.warn(
-                f"{name}: the mask marks every pixel unknown: nothing constrains the output (the classical start is "
-                "flat grey)",
-                stacklevel=2,
-            )
+        warn_mask_coverage(m, name)
         ops.append(Inpaint(m[None]))
     return ops
 
