@@ -12,6 +12,7 @@ import io
 import os
 import sys
 import typing
+import warnings
 
 import click
 
@@ -75,10 +76,29 @@ def progress_as_lines() -> typing.Iterator[None]:
             os.environ.pop("TQDM_MININTERVAL", None)
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> typing.Iterator[None]:
+    """The project's warnings (UserWarning: a resized mask, a skipped file) as "warning: ..." lines on stderr, not
+    Python's file:line header and source line; other categories (libraries') keep Python's format."""
+    old = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        if category is UserWarning:
+            click.echo(f"warning: {message}", err=True)
+        else:
+            old(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
 def main(argv: list[str] | None = None) -> None:
     """`tdpm-dip ARGV` (the console script; argv None: the process's arguments)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with progress_as_lines():
+    with progress_as_lines(), warnings_as_lines():
         _main(argv)
 
 
