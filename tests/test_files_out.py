@@ -397,3 +397,35 @@ def test_blind_sigma_names_the_clean_looking_files_and_warns_on_binary_ones(
     code, out, err = run([*args, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert f"warning: {root / 'scan.png'} (255): an estimated sigma this high" in out + err
+
+
+def test_inputs_leave_out_hidden_files_and_follow_linked_folders(tmp_path: Path) -> None:
+    """macOS's ._ twins and hidden folders are not images to denoise; a linked folder is walked (once, even when a
+    link points back up the tree)."""
+    from tdpm_dip.data import list_images
+
+    root, elsewhere = tmp_path / "in", tmp_path / "set1"
+    (root / ".thumbnails").mkdir(parents=True)
+    elsewhere.mkdir()
+    noisy_image(0).save(root / "photo.png")
+    (root / "._photo.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    noisy_image(1).save(root / ".thumbnails" / "photo.png")
+    noisy_image(2).save(elsewhere / "q.png")
+    (root / "set1").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(root, target_is_directory=True)  # a loop
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == ["photo.png", "set1/q.png"]
+
+
+def test_an_animation_says_that_only_its_first_frame_is_used(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "in").mkdir()
+    frames = [noisy_image(i) for i in range(3)]
+    frames[0].save(tmp_path / "in" / "anim.gif", save_all=True, append_images=frames[1:])
+    code, _, err = run(
+        ["denoise", "--model", model, "--input", tmp_path / "in", *FAST, "--out", tmp_path / "o"], capsys
+    )
+    assert code == 0, err
+    assert [ln for ln in err.splitlines() if "frames" in ln] == [
+        f"warning: {tmp_path / 'in' / 'anim.gif'}: 3 frames; only the first is used"
+    ]

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,11 @@ def read_native(
             if max_pixels is not None:
                 check_pixels(*im.size, max_pixels, what or str(path), advice)
             kind = ImageKind.of(im)
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:  # an animation or a multi-page TIFF: said, not silently cut to its first frame
+                warnings.warn(
+                    f"{path}: {frames} frames; only the first is used", stacklevel=1
+                )  # one location: shown once per file, though it is read twice
             im.load()
             upright: Image.Image = ImageOps.exif_transpose(im)
             if min(upright.size) < MIN_SIDE:
@@ -195,19 +201,33 @@ def load_image(path: str | os.PathLike, size: int | None, fill: tuple[int, int, 
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under `root` (recursive), in a deterministic (sorted relative path) order."""
+    """Image files under `root` (recursive, through linked folders, each real folder once), in a deterministic
+    (sorted relative path) order. Hidden files and folders (a leading dot: macOS's ._ twins, .thumbnails/) are
+    left out, as they are from a file browser's view."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"{root}: no such file or folder")
     if root.is_file():
         return [root]
-    files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    files = sorted(_image_files(root), key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise UserError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
     return files
+
+
+def _image_files(root: Path) -> Iterator[Path]:
+    seen: set[str] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree (or a second link to one folder): walked once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in names:
+            p = Path(folder) / n
+            if not n.startswith(".") and p.suffix.lower() in IMAGE_EXTS and p.is_file():
+                yield p
 
 
 def file_names(root: str | os.PathLike, files: list[Path]) -> list[str]:
