@@ -162,9 +162,8 @@ def read_native(
             kind = ImageKind.of(im)
             frames = getattr(im, "n_frames", 1)
             if frames > 1:  # an animation or a multi-page TIFF: said, not silently cut to its first frame
-                warnings.warn(
-                    f"{path}: {frames} frames; only the first is used", stacklevel=1
-                )  # one location: shown once per file, though it is read twice
+                # stacklevel 1, one location: Python shows it once per file, though the file is read twice
+                warnings.warn(f"{path}: {frames} frames; only the first is used", stacklevel=1)
             im.load()
             upright: Image.Image = ImageOps.exif_transpose(im)
             if min(upright.size) < MIN_SIDE:
