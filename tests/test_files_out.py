@@ -429,3 +429,18 @@ def test_an_animation_says_that_only_its_first_frame_is_used(
     assert [ln for ln in err.splitlines() if "frames" in ln] == [
         f"warning: {tmp_path / 'in' / 'anim.gif'}: 3 frames; only the first is used"
     ]
+
+
+def test_a_reference_folder_is_read_only_for_the_inputs_it_scores(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An unrelated broken file beside the clean originals is not read: it cannot stop the run."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "ref").mkdir()
+    noisy_image(0).save(tmp_path / "in" / "a.png")
+    noisy_image(1).save(tmp_path / "ref" / "a.png")
+    (tmp_path / "ref" / "unrelated.png").write_bytes(b"")
+    args = ["denoise", "--model", model, "--input", tmp_path / "in", "--reference", tmp_path / "ref", *FAST]
+    code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert "PSNR" in json.loads((tmp_path / "o" / "metrics.json").read_text())["images"][0]["tweedie"]

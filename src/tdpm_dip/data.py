@@ -360,12 +360,16 @@ def scan_native(
     progress: bool = False,
     skip_bad: bool = False,
     max_pixels: int | None = None,
+    wanted: set[str] | None = None,
 ) -> list[NativeFile]:
     """Every file of `source` checked (decoded once, then let go, so that memory holds one image at a time) before
     any work: its size against `max_pixels` from the header first, then its pixels. `skip_bad`: an unreadable file
-    is skipped with a warning instead of stopping; the first `limit` readable files are returned."""
+    is skipped with a warning instead of stopping; the first `limit` readable files are returned. `wanted`: only
+    the files of these output names are read (a folder of references, of which a run needs some)."""
     files = list_images(source)
     file_name = dict(zip(files, file_names(source, files)))
+    if wanted is not None:
+        files = [f for f in files if file_name[f] in wanted]
     it = tqdm(files, desc="reading images", unit="img", leave=False) if progress else files
     out: list[NativeFile] = []
     for f in it:
@@ -381,7 +385,7 @@ def scan_native(
         if kind.reduced:
             warnings.warn(f"{f}: 16 bits per sample, read and written with 8 (16-bit RGB)", stacklevel=2)
         out.append(NativeFile(file_name[f], f, (x.shape[-1], x.shape[-2]), kind))
-    if not out:
+    if not out and wanted is None:
         raise UserError(f"{source}: no readable images")
     return out
 

@@ -379,7 +379,7 @@ def _earlier(out_dir: Path, key: dict, files: list[NativeFile], methods: tuple[s
 def _references(folder: str, files: list[NativeFile], max_pixels: int) -> dict[str, NativeFile]:
     """The clean originals of the noisy files, matched by name (path under the folder) and size (one-line error
     otherwise)."""
-    refs = {f.name: f for f in scan_native(folder, max_pixels=max_pixels)}
+    refs = {f.name: f for f in scan_native(folder, max_pixels=max_pixels, wanted={f.name for f in files})}
     missing = [f.name for f in files if f.name not in refs or refs[f.name].size != f.size]
     if missing:
         raise UserError(
