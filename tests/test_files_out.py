@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cli_helpers import run
 from PIL import Image
 
@@ -444,3 +445,37 @@ def test_a_reference_folder_is_read_only_for_the_inputs_it_scores(
     code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert "PSNR" in json.loads((tmp_path / "o" / "metrics.json").read_text())["images"][0]["tweedie"]
+
+
+def test_32_bit_grey_files_are_read_on_their_range_or_refused(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A 32-bit integer file holding 0..255 comes back 8-bit (not x257 as 16-bit); a float file in 0..1 comes back
+    16-bit (not cut to 8 bits); a float file beyond 0..255 is refused with one line, not written all white."""
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 256, (SIZE, SIZE)).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(g.astype(np.int32), "I").save(tmp_path / "in" / "i8.tif")
+    Image.fromarray(g / 255, "F").save(tmp_path / "in" / "f1.tif")
+    args = ["denoise", "--model", model, *FAST]
+    code, _, err = run([*args, "--input", tmp_path / "in", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / "o" / "tweedie" / "i8.png")).dtype == np.uint8
+    assert np.asarray(Image.open(tmp_path / "o" / "tweedie" / "f1.png")).dtype == np.uint16
+    (tmp_path / "big").mkdir()
+    Image.fromarray(g * 257, "F").save(tmp_path / "big" / "f65535.tif")
+    code, _, err = run([*args, "--input", tmp_path / "big", "--out", tmp_path / "o2"], capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "f65535.tif" in errors[0] and "outside 0..1, 0..255" in errors[0], err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_the_api_takes_16_bit_grey_arrays() -> None:
+    from tdpm_dip.data import read_user_image_kind
+
+    a = np.random.default_rng(0).integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)
+    x, kind = read_user_image_kind(a)
+    assert kind.gray and kind.bits == 16
+    assert torch.allclose((x[0] + 1) / 2 * 65535, torch.from_numpy(a.astype(np.float32)), atol=0.05)
+    with pytest.raises(UserError, match="16-bit grey"):
+        read_user_image_kind(np.zeros((SIZE, SIZE, 3), np.uint16))

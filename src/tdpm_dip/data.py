@@ -118,18 +118,26 @@ def _gray_palette(img: Image.Image) -> bool:
     return bool(pal) and all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
-def _gray_tensor(img: Image.Image) -> torch.Tensor | None:
-    """A 16-bit (or 32-bit, float) grey image as [3, H, W] in [-1, 1] without passing through 8 bits; None for
-    other modes. 16-bit files span 0..65535, float ones 0..1 (or 0..255 when larger)."""
+def _gray_tensor(img: Image.Image) -> tuple[torch.Tensor, int] | None:
+    """A 16-bit (or 32-bit, float) grey image as ([3, H, W] in [-1, 1], the bits to write it back with) without
+    passing through 8 bits; None for other modes. 16-bit files span 0..65535; 32-bit integer ones hold a 16-bit
+    PNG, or 8-bit values (written back as 8-bit); float ones 0..1, or 0..255 when larger (written as 16-bit).
+    Values outside the range read are a ValueError: clipping them would lose the image without a word."""
     if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
         return None
     a = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
-        top = 1.0 if a.max() <= 1.0 else 255.0
-    else:  # I;16 always spans 0..65535; 32-bit I holds a 16-bit PNG, or 8-bit values
+        top, bits = (1.0 if a.max() <= 1.0 else 255.0), 16
+    else:
         top = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
-    x = torch.from_numpy(np.clip(a / top, 0.0, 1.0)).float() * 2 - 1
-    return x[None].expand(3, -1, -1).contiguous()
+        bits = 16 if top > 255 else 8
+    if a.size and (a.min() < 0 or a.max() > top or not np.isfinite(a).all()):
+        raise ValueError(
+            f"values from {a.min():g} to {a.max():g}, outside 0..1, 0..255 and 0..65535: save it as an 8- or 16-bit "
+            "image"
+        )
+    x = torch.from_numpy(a / top).float() * 2 - 1
+    return x[None].expand(3, -1, -1).contiguous(), bits
 
 
 # What PIL raises on a file it cannot read as an image (a decompression bomb is no OSError).
@@ -169,9 +177,11 @@ def read_native(
             if min(upright.size) < MIN_SIDE:
                 raise BadImage(f"{path}: image is {upright.size[0]}x{upright.size[1]} px, smaller than {MIN_SIDE} px")
             kind = kind.with_alpha(upright)
-            x = _gray_tensor(upright)
-            if x is None:
+            gray = _gray_tensor(upright)
+            if gray is None:
                 x = pil_to_tensor(to_rgb_own_colours(upright))
+            else:
+                x, kind = gray[0], dataclasses.replace(kind, bits=gray[1])
     except (BadImage, UserError):
         raise
     except _READ_ERRORS as e:
@@ -497,9 +507,13 @@ def read_user_image_kind(
                 reason = f"not a readable image ({reason})"
             raise UserError(f"{what} {path.name}: {reason}") from None
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] > 4):
+        grey16 = image.dtype == np.uint16 and image.ndim == 2  # 16-bit grey, as a 16-bit PNG reads
+        if not grey16 and (
+            image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] > 4)
+        ):
             raise UserError(
-                f"{what}: expected an 8-bit image array (H, W) or (H, W, C), got {image.dtype} {image.shape}"
+                f"{what}: expected an 8-bit image array (H, W) or (H, W, C), or 16-bit grey (H, W), got "
+                f"{image.dtype} {image.shape}"
             )
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if not isinstance(image, Image.Image):
@@ -509,5 +523,10 @@ def read_user_image_kind(
     if min(image.size) < MIN_SIDE:
         raise UserError(f"{what}: image is {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px")
     kind = ImageKind.of(image).with_alpha(image)
-    x = _gray_tensor(image)
-    return (pil_to_tensor(to_rgb_own_colours(image)) if x is None else x), kind
+    try:
+        gray = _gray_tensor(image)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
+    if gray is None:
+        return pil_to_tensor(to_rgb_own_colours(image)), kind
+    return gray[0], dataclasses.replace(kind, bits=gray[1])
