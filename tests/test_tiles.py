@@ -72,3 +72,26 @@ def test_tiled_ensemble_keeps_the_whole_images_symmetries(ctx: Context) -> None:
     y = torch.zeros(1, 3, 40, 40)
     res = run_native(ctx, "ensemble", Job((0,), noisy=y, sigma=(25.0,), symmetries=3), tile=32)
     assert res.nfe == 3
+
+
+def test_thin_tiles_share_a_call(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles are batched by their own area: the 8 px high tiles of a long thin image go many to a call (at most the
+    batch size), where square tiles of the same side go two."""
+    from tdpm_dip.methods import dispatch
+
+    calls: list[int] = []
+    real = dispatch._run_padded
+
+    def counting(c: Context, method: str, job: Job, shard: object = None):  # type: ignore[no-untyped-def]
+        calls.append(len(job.seeds))
+        return real(c, method, job, shard)
+
+    monkeypatch.setattr(dispatch, "_run_padded", counting)
+    monkeypatch.setattr(dispatch, "TILE_BATCH_PIXELS", 2 * 32 * 32)
+    y = torch.zeros(1, 3, 8, 200)
+    res = run_native(ctx, "tweedie", Job((0,), noisy=y, sigma=(25.0,)), tile=32)
+    n = res.info["tiles"]
+    assert n > 4 and calls == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    calls.clear()
+    run_native(ctx, "tweedie", Job((0,), noisy=torch.zeros(1, 3, 64, 64), sigma=(25.0,)), tile=32)
+    assert calls == [2, 2, 2, 2, 1]  # 9 square tiles, two a call

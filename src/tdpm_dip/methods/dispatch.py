@@ -90,7 +90,8 @@ def run_tiled(ctx: Context, method: str, job: Job, tiling: Tiling, shard: Shard 
         results.append(res)
         return res.images
 
-    per_batch = max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2))
+    # By the tiles' own area: a long thin image's tiles are thin too, and many of them fit in one call.
+    per_batch = max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // (min(tiling.tile, h) * min(tiling.tile, w))))
     batch = images_per_step(per_batch, shard)
     out = tiled(one_batch, noisy, tiling, batch, ctx.progress, ctx.interrupt)
     first = results[0]
