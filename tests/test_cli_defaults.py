@@ -96,3 +96,64 @@ def test_an_empty_option_value_is_one_error_line(
         code == 2 and err.strip().startswith("error: --") and "is empty" in err and len(err.strip().splitlines()) == 1
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["IN"]
+
+
+def test_register_checks_every_field_up_front() -> None:
+    """A bad entry is refused when it is registered (not on its first run), naming each bad field; the built-in
+    entries pass the same checks, and JOB_OPTIONS is Job's list of options."""
+    import dataclasses
+
+    from tdpm_dip.methods import Job
+
+    assert all(registry.problems(m) == [] for m in registry.METHODS)
+    images = {"seeds", "noisy", "clean", "reference", "observed", "operator"}
+    assert set(registry.JOB_OPTIONS) == {f.name for f in dataclasses.fields(Job)} - images
+    bad = registry.Method(
+        "x", "denoise", "blind", "no entry", "h", "1", reads=("no_such_option",), dip="no-such-dip", operators=("zz",)
+    )
+    with pytest.raises(ValueError) as e:
+        registry.register(bad)
+    for word in ("reads 'no_such_option'", "operators 'zz'", "dip 'no-such-dip'", "entry 'no entry'"):
+        assert word in str(e.value)
+    assert "x" not in registry.names("denoise")
+
+
+def test_an_installed_plugin_adds_its_method_to_every_command(tmp_path) -> None:
+    """A package that declares an entry point in the tdpm_dip.plugins group registers its method before the CLI
+    builds its choices: `denoise --help` lists it and `denoise --method` runs it; a broken plugin is one warning."""
+    site = tmp_path / "site"
+    (site / "halfplug-0.1.dist-info").mkdir(parents=True)
+    (site / "halfplug-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: halfplug\nVersion: 0.1\n")
+    (site / "halfplug-0.1.dist-info" / "entry_points.txt").write_text(
+        "[tdpm_dip.plugins]\nhalf = halfplug\nbroken = halfplug_missing\n"
+    )
+    (site / "halfplug.py").write_text(
+        "from tdpm_dip import registry\n"
+        "from tdpm_dip.methods.blind import tweedie\n"
+        "def half(ctx, job):\n"
+        "    return tweedie(ctx, job)\n"
+        "registry.register(registry.Method('tweedie-half', 'denoise', 'blind', 'halfplug:half', 'a plugin', '1'))\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": f"{site}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    env["HF_HUB_OFFLINE"] = "1"
+    help_run = subprocess.run(
+        [sys.executable, "-m", "tdpm_dip.cli", "denoise", "--help"], capture_output=True, text=True, env=env
+    )
+    assert help_run.returncode == 0 and "tweedie-half" in help_run.stdout, help_run.stderr
+    assert "plugin broken (halfplug_missing) not loaded" in help_run.stderr
+    from PIL import Image
+
+    from tdpm_dip.models import build_unet, save_ddpm
+    from tdpm_dip.noise import make_scheduler
+
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), tmp_path / "m")
+    noisy = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noisy.numpy()).save(tmp_path / "n.png")
+    args = ["denoise", "--model", tmp_path / "m", "--input", tmp_path / "n.png", "--sigma", "25", "--threads", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tdpm_dip.cli", *map(str, args), "--method", "tweedie-half", "--out", tmp_path / "o"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0 and (tmp_path / "o" / "tweedie-half" / "n.png").is_file(), run.stderr

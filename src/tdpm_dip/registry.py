@@ -13,7 +13,10 @@ change.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +32,12 @@ PROTOCOLS = ("paper", "blind", "unconditional")
 # Inputs a method needs beyond its images and seeds; "all-levels": a DDPM trained on every noise level (a chain
 # from pure noise), which a truncated diffusion model is not.
 NEEDS = ("generator", "reference", "all-levels")
+# The Job options an entry may read (`Method.reads`): methods.types.Job's fields beyond images and seeds (a test
+# keeps the two lists equal; this module imports no torch).
+JOB_OPTIONS = ("t_noisy", "t_trunc", "samples", "ddim_steps", "eta", "symmetries", "declip", "sigma")
+# Installed packages add methods through this entry-point group: each entry is a module (or function) whose import
+# (or call) registers them with `register`, before any command builds its choices (`load_plugins`).
+PLUGIN_GROUP = "tdpm_dip.plugins"
 
 
 @dataclass(frozen=True)
@@ -328,13 +337,35 @@ METHODS: list[Method] = [
 
 
 def register(method: Method) -> Method:
-    """Add a method from outside the package; the CLI, bench, the demo and the app list it like the others."""
-    if method.task not in TASKS or method.protocol not in PROTOCOLS or set(method.needs) - set(NEEDS):
-        raise ValueError(f"bad registry entry {method}")
+    """Add a method from outside the package; the CLI, bench, the demo and the app list it like the others. Every
+    field is checked here, not on the method's first run (its module is still imported only then)."""
+    bad = problems(method)
+    if bad:
+        raise ValueError(f"registry entry {method.name!r}: bad " + "; bad ".join(bad))
     if any((m.task, m.protocol, m.name) == (method.task, method.protocol, method.name) for m in METHODS):
         raise ValueError(f"method {method.task}/{method.protocol}/{method.name} is registered already")
     METHODS.append(method)
     return method
+
+
+def problems(method: Method) -> list[str]:
+    """What is wrong with an entry: each field against the values it may take, the entry's form."""
+    bad = [
+        f"{what} {value!r} (one of {', '.join(allowed)})"
+        for what, values, allowed in (
+            ("task", (method.task,), TASKS),
+            ("protocol", (method.protocol,), PROTOCOLS),
+            ("needs", method.needs, NEEDS),
+            ("reads", method.reads, JOB_OPTIONS),
+            ("operators", method.operators, OPERATORS),
+            ("dip", (method.dip,) if method.dip is not None else (), tuple(defaults.DIP)),
+        )
+        for value in values
+        if value not in allowed
+    ]
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", method.entry):
+        bad.append(f'entry {method.entry!r} ("package.module:function")')
+    return bad
 
 
 def methods(
@@ -392,3 +423,22 @@ def help_text(task: str, protocol: str | None = None) -> str:
         f"{m.name} ({m.protocol}; NFE {m.nfe}): {m.help}" + (f" [extra: {m.extra}]" if m.extra else "")
         for m in methods(task, protocol)
     )
+
+
+def load_plugins() -> list[str]:
+    """Import the installed plugins (entry points of PLUGIN_GROUP; a callable one is called), which register their
+    methods; returns their names. A plugin that fails is a warning naming it, not a command that fails."""
+    loaded = []
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+        except Exception as e:  # a third party's bug must not stop every command
+            warnings.warn(f"tdpm-dip plugin {ep.name} ({ep.value}) not loaded: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        loaded.append(ep.name)
+    return loaded
+
+
+load_plugins()  # here, so that every reader of the registry (the CLI's choices first) sees the plugins' methods
