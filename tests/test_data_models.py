@@ -180,6 +180,23 @@ def test_load_ddpm_rejects_folder_without_unet(tmp_path: Path) -> None:
         load_ddpm(tmp_path / "no-such-folder")
 
 
+def test_load_ddpm_refuses_weights_that_lack_the_unets_keys(tmp_path: Path) -> None:
+    """A weights file without one of the UNet's tensors, or another network's file, is one line that names what
+    is missing (diffusers would leave those weights without data, and the first move to a device would fail)."""
+    from safetensors.torch import load_file, save_file
+
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), tmp_path / "m")
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop("conv_out.bias")
+    save_file(tensors, weights)
+    with pytest.raises(UserError, match=r"m: cannot load the UNet weights \(the file lacks conv_out.bias\)"):
+        load_ddpm(tmp_path / "m")
+    save_file({"foo": torch.zeros(3)}, weights)
+    with pytest.raises(UserError, match=r"the file lacks .* and \d+ more"):
+        load_ddpm(tmp_path / "m")
+
+
 def test_hub_id_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants as hc
 

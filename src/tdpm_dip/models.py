@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils import logging as diffusers_logging
 
 from .config import STYLE_PRESETS, UNetPreset, get_preset
 from .errors import UserError
@@ -79,6 +81,16 @@ def _check_scheduler_config(cfg: dict, where: str) -> None:
         raise UserError(f"{where}: beta_schedule {cfg['beta_schedule']!r} is not DDPM-compatible")
 
 
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_ddpm(
     model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[UNet2DModel, DDPMScheduler]:
@@ -101,9 +113,18 @@ def load_ddpm(
             raise UserError(f"{path}: no scheduler/scheduler_config.json")
         _check_scheduler_config(_read_json(sched_dir / "scheduler_config.json"), str(path))
         try:
-            unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
+            with _quiet_diffusers():  # its list of missing weights: one line below says it
+                unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"{path}: cannot load the UNet weights ({str(e).splitlines()[0]})") from None
+        # Weights the file lacks are left on the meta device (no data): refuse here, not with a traceback later.
+        missing = [n for n, p in unet.named_parameters() if p.is_meta]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UserError(
+                f"{path}: cannot load the UNet weights (the file lacks {', '.join(missing[:3])}{more}): "
+                "not this UNet's weights"
+            )
         scheduler = DDPMScheduler.from_pretrained(sched_dir)
     else:
         if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
