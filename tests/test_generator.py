@@ -214,6 +214,11 @@ def test_generate_tdpm_cli_and_its_one_line_errors(
 
     other = tmp_path / "ddpm32"
     save_ddpm(build_unet("tiny", seed=0, sample_size=32), make_scheduler("linear"), other)
+    cosine = tmp_path / "cosine16"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=SIZE), make_scheduler("cosine"), cosine)
+    retrained = tmp_path / "retrained16"  # the same size and schedule, other weights
+    save_ddpm(build_unet("tiny", seed=1, sample_size=SIZE), make_scheduler("linear"), retrained)
+    distilled = train_generator(_cfg(ddpm16, None, tmp_path / "distill", "distill"), progress=False)
     bad_json = tmp_path / "badgen"
     bad_json.mkdir()
     (bad_json / "generator.json").write_text("{not json")
@@ -228,6 +233,14 @@ def test_generate_tdpm_cli_and_its_one_line_errors(
         ),
         (base + ["--generator", gan_run, "--t-trunc", "5", "--out", tmp_path / "e6"], "does not match"),
         (
+            ["generate", "--model", cosine, "--method", "tdpm", "--generator", gan_run, "--out", tmp_path / "e8"],
+            "trained for the linear noise schedule, but the DDPM's is squaredcos_cap_v2",
+        ),
+        (
+            ["generate", "--model", retrained, "--method", "tdpm", "--generator", distilled, "--out", tmp_path / "e9"],
+            "was distilled from another DDPM",
+        ),
+        (
             ["generate", "--model", ddpm16, "--method", "ddim", "--generator", gan_run, "--out", tmp_path / "e7"],
             "--generator is for --method tdpm",
         ),
@@ -237,6 +250,24 @@ def test_generate_tdpm_cli_and_its_one_line_errors(
         lines = [x for x in err.splitlines() if x.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (args, err)
         assert not Path(args[-1]).exists()  # nothing half-written
+    # a GAN generator may serve another DDPM of its size and schedule (its target does not involve the DDPM)
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            retrained,
+            "--method",
+            "tdpm",
+            "--generator",
+            gan_run,
+            "--n",
+            "1",
+            "--out",
+            tmp_path / "gan-other",
+        ],
+        capsys,
+    )
+    assert code == 0, err
 
 
 def test_config_errors(tmp_path: Path) -> None:
@@ -318,7 +349,7 @@ def test_export_pairs_a_gan_generator_with_another_ddpm(
     distilled = train_generator(
         _cfg(ddpm16, sprite_dir_factory(8, SIZE), tmp_path / "dist", "distill", steps=1), progress=False
     )
-    with pytest.raises(UserError, match="belongs to the DDPM it was distilled from"):
+    with pytest.raises(UserError, match="was distilled from another DDPM"):
         export_generator(distilled, tmp_path / "d2", ddpm=other)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "d2").exists()
 

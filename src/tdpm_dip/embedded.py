@@ -148,9 +148,7 @@ def export_generator(
     info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
     if ddpm is not None:
         assert unet is not None and scheduler is not None
-        fp = ddpm_fingerprint(unet, scheduler)
-        if fp != info.get("ddpm_fingerprint") and info.get("objective") != "gan":
-            raise UserError(f"{src}: a distilled generator belongs to the DDPM it was distilled from, not {ddpm}")
+        fp = ddpm_fingerprint(unet, scheduler)  # load_generator refused a distilled generator of another DDPM
         info.update(ddpm=Path(ddpm).name, ddpm_fingerprint=fp, trained_with_fingerprint=info.get("ddpm_fingerprint"))
     if reverse_steps is not None:
         check_reverse_steps(reverse_steps, gen.t_trunc)

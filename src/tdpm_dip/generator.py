@@ -25,7 +25,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .errors import UserError, check_reverse_steps
-from .models import StyleGenerator, unet_size
+from .models import StyleGenerator, ddpm_fingerprint, unet_size
 from .noise import num_levels, q_sample, randn
 from .sampling import EpsModel, reverse_chain
 
@@ -159,6 +159,25 @@ def _class_name(folder: Path) -> str | None:
         return None
 
 
+def _check_pairing(p: Path, info: dict, ddpm: UNet2DModel | None, scheduler: DDPMScheduler | None) -> None:
+    """A generator makes x_T_trunc of one noise schedule: another schedule's chain would start from the wrong noise
+    level. A distilled one imitates one DDPM's chain (its fingerprint); a GAN's target (training images noised to
+    T_trunc) involves the schedule only, so it may serve another DDPM of that schedule and size."""
+    made_for = info.get("schedule")
+    if scheduler is not None and made_for is not None and made_for != scheduler.config.beta_schedule:
+        raise UserError(
+            f"--generator {p} was trained for the {made_for} noise schedule, but the DDPM's is "
+            f"{scheduler.config.beta_schedule}: train a generator for this DDPM"
+        )
+    fp = info.get("ddpm_fingerprint")
+    if info.get("objective") == "distill" and ddpm is not None and scheduler is not None and fp is not None:
+        if ddpm_fingerprint(ddpm, scheduler) != fp:
+            raise UserError(
+                f"--generator {p} was distilled from another DDPM ({info.get('ddpm', 'unknown')}): it imitates that "
+                "DDPM's chain only; train one for this DDPM"
+            )
+
+
 def load_generator(
     path: str | os.PathLike,
     ddpm: UNet2DModel | None = None,
@@ -180,6 +199,7 @@ def load_generator(
         raise UserError(
             f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}"
         )
+    _check_pairing(p, info, ddpm, scheduler)
     try:
         cls = StyleGenerator if _class_name(p) == "StyleGenerator" else UNet2DModel
         unet = cls.from_pretrained(p, torch_dtype=torch.float32, use_safetensors=True)  # fp16 on disk: upcast
