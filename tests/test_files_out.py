@@ -479,3 +479,23 @@ def test_the_api_takes_16_bit_grey_arrays() -> None:
     assert torch.allclose((x[0] + 1) / 2 * 65535, torch.from_numpy(a.astype(np.float32)), atol=0.05)
     with pytest.raises(UserError, match="16-bit grey"):
         read_user_image_kind(np.zeros((SIZE, SIZE, 3), np.uint16))
+
+
+def test_prepare_data_refuses_an_out_inside_its_source_and_a_huge_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A split written inside its source would become part of it (the next split, a training run); --size is bounded
+    before any image is read (100000 px would take all the memory)."""
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(3):
+        noisy_image(i).save(root / f"img{i}.png")
+    for args, words in (
+        (["--out", root / "split"], "is inside --source"),
+        (["--out", root, "--overwrite"], "is inside --source"),
+        (["--size", "100000", "--out", tmp_path / "o"], "--size must be 0"),
+    ):
+        code, _, err = run(["prepare-data", "--source", root, "--test", "1", *args], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    assert not (tmp_path / "o").exists()

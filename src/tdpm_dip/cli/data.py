@@ -61,7 +61,7 @@ def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None
     "--size",
     type=int,
     default=0,
-    help="0: copy the files unchanged; else write size x size PNGs (padded to a square with white).",
+    help="0: copy the files unchanged; else write size x size PNGs (padded to a square with white), 8..4000.",
 )
 @out_option("Output folder: train/ and test/.")
 @overwrite_option()

@@ -14,10 +14,10 @@ from ..data import MIN_SIDE, BadImage, file_names, is_hub_id, list_images, load_
 from ..errors import UserError, check_positive, check_sigma
 from ..images import save_png, to_uint8
 from ..noise import add_noise
-from ..outputs import prepare_out_dir, refuse_inputs_inside, refuse_out_dir, staged_dir, write_text
+from ..outputs import is_within, prepare_out_dir, refuse_inputs_inside, refuse_out_dir, staged_dir, write_text
 
-# add-noise's largest --size: one image of this side is ~100 MB as floats, and denoise refuses larger ones
-# by default (its --max-megapixels, 16).
+# add-noise's and prepare-data's largest --size: one image of this side is ~100 MB as floats, and denoise refuses
+# larger ones by default (its --max-megapixels, 16).
 MAX_NOISE_SIDE = 4000
 
 
@@ -40,9 +40,13 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
     `hub`; its images are named by index). size 0 copies the files unchanged; else PNGs of size x size, padded to
     a square with white and resized with Lanczos (the preprocessing of the models)."""
     check_positive("--test", test)
-    if size < 0:
-        raise UserError(f"--size must be >= 0, got {size}")
+    if not (size == 0 or MIN_SIDE <= size <= MAX_NOISE_SIDE):
+        raise UserError(
+            f"--size must be 0 (files copied as they are) or in {MIN_SIDE}..{MAX_NOISE_SIDE} px, got {size}"
+        )
     if not is_hub_id(source):  # a local path (a missing one is a one-line error in list_images)
+        if Path(source).is_dir() and is_within(out, source):
+            raise UserError(f"--out {out} is inside --source {source}: its images would become part of the source")
         files: dict[str, Path] = {}
         for p in list_images(source):  # the split is by name: two files of one name are one image twice
             if p.stem in files:
