@@ -157,3 +157,30 @@ def test_an_installed_plugin_adds_its_method_to_every_command(tmp_path) -> None:
         env=env,
     )
     assert run.returncode == 0 and (tmp_path / "o" / "tweedie-half" / "n.png").is_file(), run.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--seed", "99999999999999999999"],
+        ["generate", "--seed", "-1"],
+        ["generate", "--n", "100000000"],
+        ["train", "--data", "IN", "--seed", "99999999999999999999"],
+        ["train-generator", "--data", "IN", "--t-trunc", "3", "--seed", str(2**63)],
+        ["denoise", "--input", "IN", "--seed", "-5"],
+        ["restore", "--task", "sr", "--input", "IN", "--seed", str(2**62)],
+    ],
+)
+def test_seeds_and_counts_out_of_range_are_one_line_before_any_folder(
+    args: list[str], tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command takes seeds 0..2^62 - n (a torch generator overflows above 2^63; file names carry the seed),
+    and `generate --n` is bounded (its images are held in memory): one line, exit 2, no --out made."""
+    from cli_helpers import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN").mkdir()
+    code, _, err = run([*args, "--out", "OUT"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --"), err
+    assert not (tmp_path / "OUT").exists()

@@ -19,10 +19,12 @@ def test_threads_follow_the_load(monkeypatch: pytest.MonkeyPatch, load: float, e
     (a waiting OpenMP thread on a busy core is many times slower than one thread)."""
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
     assert runtime.pick_threads(0) == (2 if expected == "all" else expected)
     assert runtime.pick_threads(3) == 3  # asked for: as given
-    with pytest.raises(UserError, match="--threads"):
-        runtime.pick_threads(-1)
+    for bad in (-1, 5, 100_000):  # more than the CPUs: refused, not an OpenMP allocation failure
+        with pytest.raises(UserError, match=r"--threads must be in 0\.\.4"):
+            runtime.pick_threads(bad)
 
 
 def test_threads_without_a_load_average(monkeypatch: pytest.MonkeyPatch) -> None:

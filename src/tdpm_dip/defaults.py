@@ -56,6 +56,9 @@ APP_PORT = 7860
 
 # ------------------------------------------------------------------ generation
 N_GENERATE = 16  # images per `generate`
+# The most images one `generate` makes: they are held in memory until the run is written (about 0.5 GB at 64 px).
+# More come from several runs: image i uses seed SEED + i, so --seed 10000 --n 10000 continues --seed 0 --n 10000.
+MAX_GENERATE = 10_000
 GENERATE_DDIM_STEPS = 110  # generate --method ddim: TDPM-DIP's network evaluations (100 DIP it + T_trunc)
 QUICK_DDIM_STEPS = 50  # a short DDIM chain from pure noise: the app's Generate tab, the demo's row of its own DDPM
 

@@ -18,6 +18,15 @@ def check_positive(name: str, value: float | None) -> None:
         raise UserError(f"{name} must be > 0, got {value}")
 
 
+SEED_MAX = 2**62  # image i uses seed SEED + i: well inside the 64-bit integers that torch's generators take
+
+
+def check_seed(value: int, name: str = "--seed", n: int = 1) -> None:
+    """A command's seed: 0 to SEED_MAX - n (image i uses SEED + i; file names carry it, so it is not negative)."""
+    if not 0 <= value <= SEED_MAX - n:
+        raise UserError(f"{name} must be in 0..2^62 - {n} (image i uses SEED+i), got {value}")
+
+
 def check_sigma(value: float | None, name: str = "--sigma") -> None:
     """A noise std on the 0..255 scale: in (0, 255]."""
     if value is not None and not 0 < value <= 255:

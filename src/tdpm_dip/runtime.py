@@ -68,8 +68,9 @@ def pick_threads(threads: int = 0) -> int:
     processes keep busy, OpenMP threads that wait for each other are catastrophically slow (tens of times
     slower), so a machine whose 1-minute load average reaches half its cores gets one thread.
     """
-    if threads < 0:
-        raise UserError(f"--threads must be >= 0, got {threads}")
+    cpus = os.cpu_count() or 1
+    if not 0 <= threads <= cpus:  # more threads than CPUs only wait for each other (and OpenMP may run out of memory)
+        raise UserError(f"--threads must be in 0..{cpus} (this machine's CPUs; 0: chosen by load), got {threads}")
     if threads > 0:
         return threads
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from .. import defaults
-from ..errors import UserError, check_positive
+from ..errors import UserError, check_positive, check_seed
 from ..outputs import prepare_out_dir, staged_dir
 from .common import CONTEXT, cli, first_n_option, out_option, overwrite_option
 
@@ -35,8 +35,7 @@ def sprites_cmd(n: int, size: int, seed: int, out: str, overwrite: bool) -> None
     check_positive("--n", n)
     if size < 8:
         raise UserError(f"--size must be >= 8, got {size}")
-    if seed < 0:
-        raise UserError(f"--seed must be >= 0, got {seed}")
+    check_seed(seed)
     out_dir = prepare_out_dir(out, overwrite)
     sprites = make_sprites(n, size, seed)
     with staged_dir(out_dir) as tmp:

@@ -64,7 +64,14 @@ def train_generator_cmd(**kwargs: object) -> None:
     help="tdpm: a generator folder made by `tdpm-dip train-generator` (RUN/generator) for this DDPM. "
     "Default with --model omitted: the embedded default generator, when this build ships one.",
 )
-@click.option("--n", "n", type=int, default=defaults.N_GENERATE, help="Number of images.")
+@click.option(
+    "--n",
+    "n",
+    type=int,
+    default=defaults.N_GENERATE,
+    help=f"Number of images, at most {defaults.MAX_GENERATE:,} a run (held in memory until written); for more, "
+    "run again with --seed raised by --n (image i uses seed SEED+i).",
+)
 @click.option(
     "--t-trunc",
     type=int,

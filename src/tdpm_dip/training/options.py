@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PRESETS, STYLE_PRESETS, get_preset, parse_fill
-from ..errors import UserError, check_reverse_steps
+from ..errors import UserError, check_reverse_steps, check_seed
 from ..outputs import is_within
 
 NUM_TRAIN_TIMESTEPS = 1000  # T of every scheduler this project trains (the report's, and diffusers' default)
@@ -152,8 +152,7 @@ class TrainConfig:
             raise UserError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         positive_int("--log-every", self.log_every)
         positive_int("--keep-checkpoints", self.keep_checkpoints)
         for name in ("checkpoint_every", "sample_every", "n_samples"):
@@ -317,8 +316,7 @@ class GeneratorConfig:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise UserError(f"--mixed-precision must be auto, no or bf16, got {self.mixed_precision!r}")
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         for name in ("checkpoint_every", "sample_every", "n_samples"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

@@ -17,7 +17,7 @@ from .. import defaults
 from ..config import get_preset
 from ..data import load_images, make_sprites
 from ..embedded import default_size
-from ..errors import UserError
+from ..errors import UserError, check_seed
 from ..images import save_set
 from ..methods import Context, Result
 
@@ -58,8 +58,7 @@ class DemoConfig:
         return self.embedded and self.model is None and self.data is None
 
     def validate(self) -> None:
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         for name in (
             "n",
             "steps",

@@ -14,7 +14,7 @@ from .. import defaults, registry
 from ..api import Denoiser
 from ..data import ImageKind, NativeFile, is_hub_id, load_images, read_native, scan_native
 from ..embedded import DENOISER_NAME
-from ..errors import UserError, check_positive, check_sigma, check_symmetries
+from ..errors import UserError, check_positive, check_seed, check_sigma, check_symmetries
 from ..images import as_written, save_like, save_png
 from ..methods import Job, Result
 from ..methods.common import check_trained_level
@@ -88,6 +88,7 @@ class DenoiseOptions(RunOptions):
         methods = tuple(dict.fromkeys(self.methods or default))  # a method named twice runs once
         for m in methods:
             registry.get("denoise", self.protocol, m)  # an unknown or other-protocol method fails here
+        check_seed(self.seed)
         check_positive("--samples", self.samples)
         check_positive("--ddim-steps", self.ddim_steps)
         check_symmetries(self.symmetries)

@@ -14,7 +14,7 @@ from .. import defaults, registry
 from ..api import Generator
 from ..data import load_image, load_images
 from ..embedded import resolve_generator, resolve_model
-from ..errors import UserError, check_positive
+from ..errors import UserError, check_positive, check_seed
 from ..generator import load_generator
 from ..images import save_grid, save_png
 from ..methods import Result
@@ -76,6 +76,12 @@ def generate(opts: GenerateOptions, echo: Echo) -> Path:
     """Run the command; returns the grid's path (under a launcher, every process runs; rank 0 writes). The images
     run a batch at a time; Ctrl-C keeps the finished ones, marked in result.json, and `--resume` makes the rest."""
     check_positive("--n", opts.n)
+    if opts.n > defaults.MAX_GENERATE:
+        raise UserError(
+            f"--n must be at most {defaults.MAX_GENERATE:,} a run (the images are held in memory until written); "
+            f"for more, run again with --seed {opts.seed + defaults.MAX_GENERATE} (image i uses seed SEED+i)"
+        )
+    check_seed(opts.seed, n=opts.n)
     check_positive("--ddim-steps", opts.ddim_steps)
     if opts.resume and opts.overwrite:
         raise UserError("give --resume (keep what an earlier run finished) or --overwrite (start afresh), not both")

@@ -15,7 +15,7 @@ import torch
 from .. import defaults, registry
 from ..api import Restorer, read_mask, warn_mask_coverage
 from ..data import ImageKind, list_images, load_image, load_images, read_native, scan_native
-from ..errors import UserError, check_positive
+from ..errors import UserError, check_positive, check_seed
 from ..images import as_written, save_like, save_png, upscale_alpha
 from ..metrics import score_uint8
 from ..noise import add_noise
@@ -58,6 +58,7 @@ class RestoreOptions(RunOptions):
         """Every check that needs no image and no model; returns the options with the methods resolved."""
         if self.task not in RESTORE_TASKS:
             raise UserError(f"--task must be one of {', '.join(RESTORE_TASKS)}, got {self.task!r}")
+        check_seed(self.seed)
         if (self.input is None) == (self.clean is None):
             raise UserError("give exactly one of --input (degraded images) or --clean (images to degrade first)")
         if self.reference is not None and self.input is None:
