@@ -208,9 +208,10 @@ def test_generate_tdpm_cli_and_its_one_line_errors(
     ddpm16: Path, gan_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = ["generate", "--model", ddpm16, "--method", "tdpm", "--n", "2", "--device", "cpu"]
-    code, _, _ = run_cli(base + ["--generator", gan_run, "--out", tmp_path / "ok"], capsys)
+    code, _, _ = run_cli(base + ["--generator", gan_run, "--dtype", "fp32", "--out", tmp_path / "ok"], capsys)
     res = json.loads((tmp_path / "ok" / "result.json").read_text())
     assert code == 0 and res["method"] == "tdpm" and res["nfe"] == 4 and (tmp_path / "ok" / "grid.png").is_file()
+    assert res["run"]["dtype"] == "torch.float32"  # no autocast, recorded as such (not "None")
 
     other = tmp_path / "ddpm32"
     save_ddpm(build_unet("tiny", seed=0, sample_size=32), make_scheduler("linear"), other)
@@ -300,8 +301,10 @@ def test_init_starts_from_another_generator(ddpm16: Path, sprite_dir_factory, tm
     fresh = train_generator(_cfg(ddpm16, data, tmp_path / "fresh", "gan", steps=1, lr=1e-12), progress=False)
     c = load_file(fresh / "diffusion_pytorch_model.safetensors")
     assert any(not torch.allclose(a[k], c[k], atol=1e-3) for k in a)  # without --init: another start
-    with pytest.raises(UserError, match="not a generator folder"):
+    with pytest.raises(UserError, match=r"^--init .*: not a generator folder"):  # the option the user gave
         train_generator(_cfg(ddpm16, data, tmp_path / "bad", "gan", init=str(ddpm16)), progress=False)
+    with pytest.raises(UserError, match=r"^--init .*: not a folder \(a generator is the folder of generator.json\)"):
+        train_generator(_cfg(ddpm16, data, tmp_path / "bad", "gan", init=str(gan_run / "generator.json")))
     assert not (tmp_path / "bad").exists()
     # A GAN generator may start another DDPM's GAN (its target does not involve the DDPM), not a distillation.
     other = tmp_path / "other-ddpm"

@@ -119,7 +119,8 @@ def read_generator_info(path: str | os.PathLike) -> dict:
     """generator.json of a generator folder (one-line UserError when it is not one)."""
     p = Path(path)
     if not p.is_dir():
-        raise UserError(f"--generator {p}: no such folder")
+        what = "no such folder" if not p.exists() else f"not a folder (a generator is the folder of {GENERATOR_JSON})"
+        raise UserError(f"--generator {p}: {what}")
     meta_path = p / GENERATOR_JSON
     if not meta_path.is_file():
         hint = " (it looks like a DDPM folder; pass it as --model)" if (p / "unet" / "config.json").is_file() else ""

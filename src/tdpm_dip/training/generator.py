@@ -347,7 +347,10 @@ def _network_kwargs(preset: str, size: int) -> dict:
 
 def _init_from(gen: UNet2DModel, cfg: GeneratorConfig, ddpm: UNet2DModel, scheduler: DDPMScheduler) -> None:
     """Copy the weights of the generator folder --init into the freshly built G_psi (one-line errors)."""
-    start = load_generator(cfg.init, ddpm, scheduler)  # type: ignore[arg-type]
+    try:
+        start = load_generator(cfg.init, ddpm, scheduler)  # type: ignore[arg-type]
+    except UserError as e:  # its messages name --generator, the option that usually gives the folder
+        raise UserError(str(e).replace("--generator", "--init", 1)) from None
     # A GAN's target, the training images noised to T_trunc, does not involve the DDPM, so a GAN generator may
     # start another DDPM's (same size, checked by load_generator); distillation's target is the DDPM's own DDIM.
     other_ddpm = start.info.get("ddpm_fingerprint") not in (None, ddpm_fingerprint(ddpm, scheduler))

@@ -97,7 +97,8 @@ class DemoConfig:
                 raise UserError(f"--size must be >= 8 and a multiple of {factor}, got {self.size}")
             if self.data is None and self.train_batch > self.train_images:
                 raise UserError(
-                    f"--train-batch {self.train_batch} is larger than the training set ({self.train_images} sprites)"
+                    f"--train-images {self.train_images} is fewer than the demo's training batch of {self.train_batch} "
+                    "sprites"
                 )
 
 
@@ -164,7 +165,7 @@ def make_data(cfg: DemoConfig, size: int, run: Path) -> DemoData:
         if rest.shape[0] < cfg.train_batch:
             raise UserError(
                 f"{cfg.data}: {rest.shape[0]} training images (after {cfg.n} test images), fewer "
-                f"than --train-batch {cfg.train_batch}"
+                f"than the demo's training batch of {cfg.train_batch}"
             )
         save_set(rest, allset.names[cfg.n :], run / "data" / "train")
     ref = rest[: cfg.n] if rest.shape[0] >= cfg.n else test

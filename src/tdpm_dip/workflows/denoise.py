@@ -367,7 +367,7 @@ def _run_key(opts: DenoiseOptions, den: Denoiser) -> dict:
         "methods": list(opts.methods),
         "sigma": opts.sigma,
         "seed": opts.seed,
-        "dtype": str(den.ctx.amp_dtype),
+        "dtype": str(den.ctx.amp_dtype or torch.float32),  # no autocast: fp32 (not "None")
         **opts.job_options(),
     }
 

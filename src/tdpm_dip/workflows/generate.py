@@ -174,7 +174,7 @@ class _Run:
             "ddim_steps": o.ddim_steps,
             "reference_data": None if o.reference_data is None else str(Path(o.reference_data).resolve()),
             "dip": dataclasses.asdict(ctx.dip) if self.m.uses_dip else None,
-            "dtype": str(ctx.amp_dtype),
+            "dtype": str(ctx.amp_dtype or torch.float32),  # no autocast: fp32 (not "None")
         }
 
     def carry(self, out_dir: Path) -> bool:
