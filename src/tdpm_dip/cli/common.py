@@ -117,7 +117,8 @@ def compute_options(f: F) -> F:
                 type=int,
                 default=0,
                 help="Image i uses seed SEED+i, whatever the batch size. The arithmetic still rounds differently for "
-                "another batch size: the same image comes out within a grey level in fp32, a few under bf16.",
+                "another batch size: the same image comes out within a grey level in fp32, a few under bf16; a chain "
+                "of hundreds of steps can amplify that.",
             ),
             overwrite_option(),
         ]
