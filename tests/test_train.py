@@ -299,6 +299,14 @@ def test_a_truncated_ddpm_records_its_levels_and_refuses_pure_noise(
     assert trained_levels(wider, sched) == (1, 80)
     # config.json names the preset a fresh network was built from, and none for a fine-tune (--init's network)
     assert json.loads((trunc.parent / "config.json").read_text())["config"]["preset"] == "tiny"
+    # weights and checkpoints get an ordinary new file's permissions (safetensors writes 0600): others can load them
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [*trunc.rglob("*.safetensors"), *(trunc.parent / "checkpoints").rglob("*.safetensors")]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
     assert json.loads((wider.parent / "config.json").read_text())["config"]["preset"] is None
     full = train(tiny_cfg(sprite_dir, tmp_path / "full", steps=1), progress=False)
     assert trained_levels(full, sched) == (1, 1000)

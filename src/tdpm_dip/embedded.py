@@ -27,6 +27,7 @@ from pathlib import Path
 from .errors import UserError, check_reverse_steps
 from .generator import GENERATOR_JSON, load_generator
 from .models import LEVELS_FILE, ddpm_fingerprint, load_ddpm, save_ddpm, trained_levels, unet_size
+from .outputs import ordinary_modes
 
 DDPM_NAME = "ddpm-sprites32"
 DENOISER_NAME = "ddpm-pokemon64"
@@ -158,6 +159,7 @@ def export_generator(
 
     def write(tmp: Path) -> None:
         gen.unet.half().save_pretrained(tmp, safe_serialization=True)
+        ordinary_modes(tmp)
         (tmp / GENERATOR_JSON).write_text(json.dumps(info, indent=1) + "\n")
 
     return _replace_folder(dest, write)

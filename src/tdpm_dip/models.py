@@ -19,6 +19,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from .config import STYLE_PRESETS, UNetPreset, get_preset
 from .errors import UserError
+from .outputs import ordinary_modes
 
 
 def build_unet(preset: UNetPreset | str, seed: int | None = None, sample_size: int | None = None) -> UNet2DModel:
@@ -155,6 +156,7 @@ def save_ddpm(
     """Write a `DDPMPipeline` folder (model_index.json, unet/, scheduler/) that diffusers loads; with `levels`,
     also trained_levels.json: the noise levels (lo, hi) the network was trained on."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    ordinary_modes(out)
     if levels is not None:
         (Path(out) / LEVELS_FILE).write_text(json.dumps({"levels": list(levels)}) + "\n")
 

@@ -30,6 +30,14 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def ordinary_modes(folder: str | os.PathLike) -> None:
+    """safetensors writes its files 0600; give the files under `folder` an ordinary new file's permissions (0666
+    less the umask), so that a model in a shared folder loads for everyone its folder admits."""
+    for p in Path(folder).rglob("*.safetensors"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""

@@ -43,7 +43,7 @@ from ..generator import FORMAT, GENERATOR_JSON, TDPMGenerator, draw_latents, g_f
 from ..images import save_grid
 from ..models import build_generator_network, ddpm_fingerprint, load_ddpm, unet_size
 from ..noise import image_generators, num_levels, q_sample
-from ..outputs import atomic_path, staged_dir, write_json
+from ..outputs import atomic_path, ordinary_modes, staged_dir, write_json
 from ..sampling import EpsModel, ddim_between
 from .loop import (
     EMA,
@@ -503,6 +503,7 @@ def _export(run: Run, state: _GenState) -> Path:
             model = run.ema.model
             assert isinstance(model, ModelMixin)  # G_psi: a UNet2DModel or a StyleGenerator
             model.save_pretrained(tmp, safe_serialization=True)
+            ordinary_modes(tmp)
             write_json(
                 tmp / GENERATOR_JSON,
                 {

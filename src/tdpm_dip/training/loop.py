@@ -40,7 +40,7 @@ from .. import __version__
 from ..data import ImageSet
 from ..errors import UserError
 from ..models import count_params
-from ..outputs import staged_dir, write_json
+from ..outputs import ordinary_modes, staged_dir, write_json
 from .run_folder import FolderOptions, TrainingDiverged, check_out_dir, open_run_folder
 
 # derive_seed and batch_indices are the trainers' too: they import the whole loop from here
@@ -165,6 +165,7 @@ def save_checkpoint(
         for name, module in (extra_modules or {}).items():
             save_file(_cpu_tensors(module.state_dict()), str(tmp / f"{name}.safetensors"))
         save_file(opt_tensors, str(tmp / "training_state.safetensors"))
+        ordinary_modes(tmp)
         lr_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         write_json(
             tmp / "training_state.json",
