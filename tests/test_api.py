@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tdpm_dip import Denoiser, Generator, Restorer
 from tdpm_dip.errors import UserError
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
+from tdpm_dip.operators import Operator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +104,13 @@ def test_restorer_limits_and_empty_calls(tiny: str) -> None:
     assert up.mode == "RGBA" and up.size == (24, 20)
     with pytest.raises(UserError, match="C <= 4"):
         r.inpaint(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 5), np.uint8), method="biharmonic")
+
+    class Grey(Operator):  # another operator: Restorer says where it runs instead of failing inside
+        def A(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(-3, keepdim=True).expand_as(x)
+
+    with pytest.raises(UserError, match="run another operator through methods.run_restore"):
+        r.restore_tensors([torch.zeros(3, 8, 8)], [Grey()], "ccdf", [0])
 
 
 def test_semi_transparent_pixels_keep_their_colours(tiny: str) -> None:

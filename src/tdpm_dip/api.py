@@ -484,6 +484,11 @@ class Restorer:
                 )
         if not 0 <= sigma <= 255:
             raise UserError(f"sigma must be in [0, 255] (noise std on the 0..255 scale), got {sigma}")
+        if not all(isinstance(o, (Downsample, Inpaint)) for o in operators):
+            raise UserError(
+                "Restorer restores super-resolution (Downsample) and inpainting (Inpaint) operators; run another "
+                "operator through methods.run_restore(ctx, method, Job(seeds, observed=y, operator=op))"
+            )
         kind = "sr" if isinstance(operators[0], Downsample) else "inpaint"
         entry = registry.get("restore", "blind", method)  # an unknown method fails before any work
         if kind not in entry.operators:
