@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,17 @@ def test_generate_grid_is_seeded(models: AppModels) -> None:
         generate_handler(models, "tdpm-dip", n=1)
 
 
+def visitor_leaving() -> tuple[list[int], Callable[[], bool]]:
+    """(the checks made, `alive`): alive for the check at the lock and one step, then the visitor has gone."""
+    checks: list[int] = []
+
+    def alive() -> bool:
+        checks.append(1)
+        return len(checks) < 3
+
+    return checks, alive
+
+
 def test_generate_requests_keep_to_their_budget(models: AppModels) -> None:
     """Generation keeps to the request's budget as denoising does: past it, one line; a visitor who leaves stops
     it after the network call under way (for ddim and ddpm, not after the whole chain)."""
@@ -179,12 +191,7 @@ def test_generate_requests_keep_to_their_budget(models: AppModels) -> None:
     with pytest.raises(UserError, match="more than the 0 s a request may take here"):
         generate_handler(models, "ddim", n=1, steps=3, max_seconds=0)
     for method in ("ddim", "ddpm"):
-        checks: list[int] = []
-
-        def alive(checks: list[int] = checks) -> bool:
-            checks.append(1)
-            return len(checks) < 3  # the check at the lock, one step, then the visitor has gone
-
+        checks, alive = visitor_leaving()
         with pytest.raises(app.Cancelled):
             generate_handler(models, method, n=1, steps=5, alive=alive)
         assert len(checks) == 3, method
@@ -336,12 +343,7 @@ def test_restore_requests_stop_inside_the_work(models: AppModels) -> None:
     with pytest.raises(UserError, match="more than the 0 s a request may take here"):
         restore_handler(models, "sr", low, scale=2, method="ccdf", max_seconds=0)
     for method in ("ccdf", "dip"):
-        checks: list[int] = []
-
-        def alive(checks: list[int] = checks) -> bool:
-            checks.append(1)
-            return len(checks) < 3  # the check at the lock, one step, then the visitor has gone
-
+        checks, alive = visitor_leaving()
         with pytest.raises(app.Cancelled):
             restore_handler(models, "sr", low, scale=2, method=method, alive=alive)
         assert len(checks) == 3, method

@@ -82,7 +82,14 @@ def warnings_as_lines() -> typing.Iterator[None]:
     Python's file:line header and source line; other categories (libraries') keep Python's format."""
     old = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: typing.TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if category is UserWarning:
             click.echo(f"warning: {message}", err=True)
         else:
