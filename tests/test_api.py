@@ -86,7 +86,15 @@ def test_arguments_a_caller_may_get_wrong_are_one_line_errors(tiny: str) -> None
     with pytest.raises(UserError, match="expected an 8-bit image array"):
         den.denoise(np.zeros((16, 16, 5), np.uint8), sigma=25)
     gen = Generator.from_pretrained(tiny, device="cpu", dtype="fp32")
-    for args, kw, msg in [((1.5,), {}, "n must be a whole number"), ((1,), {"seed": 1.5}, "seed must")]:
+    for args, kw, msg in [
+        ((1.5,), {}, "n must be a whole number"),
+        ((1,), {"seed": 1.5}, "seed must"),
+        ((1,), {"eta": float("nan")}, "eta must be a number in"),  # NaN images, silently, before
+        ((1,), {"eta": 5}, "eta must be a number in"),
+        ((1,), {"eta": "x"}, "eta must be a number in"),
+        ((1,), {"t_trunc": "5"}, "t_trunc must be a whole number"),
+        ((1,), {"method": "tdpm-dip", "reference": [Image.new("RGB", (16, 16))]}, "reference must be a tensor"),
+    ]:
         with pytest.raises(UserError, match=msg):
             gen.generate(*args, ddim_steps=2, **kw)  # type: ignore[arg-type]
 

@@ -279,6 +279,14 @@ class Generator:
             if not _is_number(steps, whole=True):
                 raise UserError(f"ddim_steps must be a whole number, got {steps!r}")
             check_steps(self.ctx.scheduler, int(cast(int, steps)), "ddim_steps")
+        eta = options.get("eta")
+        if eta is not None and not (_is_number(eta) and 0 <= float(cast(float, eta)) <= 1):
+            raise UserError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta!r}")
+        t_trunc = options.get("t_trunc")
+        if t_trunc is not None and not _is_number(t_trunc, whole=True):
+            raise UserError(f"t_trunc must be a whole number, got {t_trunc!r}")
+        if reference is not None and not isinstance(reference, torch.Tensor):
+            raise UserError(f"reference must be a tensor [N, 3, H, W] in [-1, 1], got {type(reference).__name__}")
         job = Job(tuple(range(seed, seed + n)), reference=reference, **options)  # type: ignore[arg-type]
         res = run(self.ctx, "generate", m.protocol, name, job, self.shard)
         return GenerateOutput(
