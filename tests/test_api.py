@@ -41,6 +41,9 @@ def test_denoise_keeps_each_inputs_size_and_type(tiny: str) -> None:
     assert out.method == "tweedie" and out.sigma == [25.0, 25.0] and not out.sigma_estimated and out.nfe == 1
     again = den.denoise(arr, sigma=25, method="tweedie", seed=3)  # image 0 alone: the same seed, the same result
     assert np.array_equal(again.images[0], out.images[0])
+    for shape in ((16, 16), (16, 16, 1)):  # a grey array comes back in its own shape
+        grey = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert den.denoise(grey, sigma=25, method="tweedie").images[0].shape == shape
 
 
 def test_denoise_estimates_sigma_and_checks_its_input(tiny: str) -> None:

@@ -116,7 +116,10 @@ def _like(x: torch.Tensor, given: object, kind: ImageKind) -> object:
     """The output in the type and kind of its input: PIL for PIL or a path, an array for an array; grey stays grey
     (one channel), an alpha channel comes back unchanged, 16-bit grey stays 16-bit (`images.like`)."""
     img = like(x, kind.gray, kind.bits, kind.alpha)
-    return np.asarray(img) if isinstance(given, np.ndarray) else img
+    if not isinstance(given, np.ndarray):
+        return img
+    a = np.asarray(img)
+    return a[..., None] if given.ndim == 3 and a.ndim == 2 else a  # (H, W, 1) in, (H, W, 1) out
 
 
 class Denoiser:
