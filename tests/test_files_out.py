@@ -499,3 +499,19 @@ def test_prepare_data_refuses_an_out_inside_its_source_and_a_huge_size(
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
     assert not (tmp_path / "o").exists()
+
+
+def test_add_noise_skips_unreadable_files_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Like denoise: a bad file stops the run with one line that offers --skip-bad; with it, the file is skipped
+    with a warning and --n counts readable images."""
+    root = tmp_path / "in"
+    root.mkdir()
+    noisy_image(0).save(root / "a.png")
+    (root / "b.png").write_bytes(b"")
+    noisy_image(1).save(root / "c.png")
+    args = ["add-noise", "--input", root, "--sigma", "10", "--size", "16", "--n", "2"]
+    code, _, err = run([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "b.png: empty file (use --skip-bad" in err and not (tmp_path / "o").exists(), err
+    code, _, err = run([*args, "--skip-bad", "--out", tmp_path / "o"], capsys)
+    assert code == 0 and "warning: skipping" in err and "b.png" in err, err
+    assert tree(tmp_path / "o" / "noisy") == ["a.png", "c.png"]

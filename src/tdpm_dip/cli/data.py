@@ -91,9 +91,12 @@ def prepare_data_cmd(source: str, test: int, size: int, out: str, overwrite: boo
     help="Image i's noise is drawn from seed SEED+i alone, as denoise --clean draws it (whose --seed defaults to "
     "0: give --seed 0 here for the same noise).",
 )
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable files with a warning instead of stopping.")
 @out_option("Output folder: clean/ and noisy/.")
 @overwrite_option()
-def add_noise_cmd(source: str, sigma: float, n: int | None, size: int, seed: int, out: str, overwrite: bool) -> None:
+def add_noise_cmd(
+    source: str, sigma: float, n: int | None, size: int, seed: int, skip_bad: bool, out: str, overwrite: bool
+) -> None:
     """Write noisy 8-bit test files and their clean twins, as a user's noisy files would be.
 
     \b
@@ -105,4 +108,4 @@ def add_noise_cmd(source: str, sigma: float, n: int | None, size: int, seed: int
     """
     from ..workflows.datasets import add_noise_files  # deferred: --help loads no network library
 
-    click.echo(str(add_noise_files(source, out, sigma, n, size, seed, overwrite)))
+    click.echo(str(add_noise_files(source, out, sigma, n, size, seed, overwrite, skip_bad)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,10 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
                     (tmp / side).mkdir(parents=True, exist_ok=True)
                     shutil.copy2(files[n], tmp / side / files[n].name)
                 else:
-                    save_png(_square(files[n], size), tmp / side / f"{n}.png")
+                    try:
+                        save_png(_square(files[n], size), tmp / side / f"{n}.png")
+                    except BadImage as e:
+                        raise UserError(str(e)) from None
         write_text(
             tmp / "split.txt",
             f"source: {source}\ntest: the {test} names of lowest SHA-1 "
@@ -77,29 +81,48 @@ def prepare_data(source: str, out: str, test: int = 200, size: int = 0, overwrit
 
 
 def _square(path: Path, size: int) -> np.ndarray:
-    """One file as the models and the bench see it (`data.load_image`: upright, square-padded, resized), 8-bit."""
-    try:
-        return to_uint8(load_image(path, size))
-    except BadImage as e:
-        raise UserError(str(e)) from None
+    """One file as the models and the bench see it (`data.load_image`: upright, square-padded, resized), 8-bit;
+    raises BadImage naming the file."""
+    return to_uint8(load_image(path, size))
 
 
 def add_noise_files(
-    source: str, out: str, sigma: float, n: int | None = None, size: int = 64, seed: int = 1234, overwrite: bool = False
+    source: str,
+    out: str,
+    sigma: float,
+    n: int | None = None,
+    size: int = 64,
+    seed: int = 1234,
+    overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> Path:
     """OUT/clean and OUT/noisy: the first n images of `source` (sorted by name) at size x size, and the same with
     Gaussian noise of std sigma on 0..255, rounded and clipped to 8 bits, as a saved noisy file holds.
 
-    Image i's noise comes from seed + i alone (`noise.add_noise`, the model the bench and the tests share)."""
+    Image i's noise comes from seed + i alone (`noise.add_noise`, the model the bench and the tests share).
+    `skip_bad`: an unreadable file is skipped with a warning (the first n readable ones are written)."""
     check_sigma(sigma)
     check_positive("--n", n)
     if not MIN_SIDE <= size <= MAX_NOISE_SIDE:
         raise UserError(f"--size must be in {MIN_SIDE}..{MAX_NOISE_SIDE} px (what denoise reads), got {size}")
-    files = list_images(source)[:n]
-    names = file_names(source, files)  # sub-folders kept; a.png and a.jpg both written
+    files = list_images(source)
+    all_names = dict(zip(files, file_names(source, files)))  # sub-folders kept; a.png and a.jpg both written
     refuse_out_dir(out, overwrite)  # before any image is read
     refuse_inputs_inside(out, {"--input": source})
-    clean = [_square(f, size) for f in files]  # every file read (size x size each) before the folder is made
+    clean, names = [], []  # every file read (size x size each) before the folder is made
+    for f in files:
+        if n is not None and len(clean) == n:
+            break
+        try:
+            clean.append(_square(f, size))
+        except BadImage as e:
+            if not skip_bad:
+                raise UserError(f"{e} (use --skip-bad to skip such files)") from None
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        names.append(all_names[f])
+    if not clean:
+        raise UserError(f"{source}: no readable images")
     out_dir = prepare_out_dir(out, overwrite)
     with staged_dir(out_dir) as tmp:
         for i, (a, name) in enumerate(zip(clean, names)):
