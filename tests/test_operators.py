@@ -103,3 +103,33 @@ def test_classical_baselines_and_8bit_observation() -> None:
     assert torch.equal(y, add_noise(x, 10.0, [0])) and not torch.equal(y, add_noise(x, 10.0, [1]))
     quantised = add_noise(x, 0.0, [0])  # sigma 0: a noise-free 8-bit file
     assert torch.equal(quantised, torch.round((x + 1) * 127.5).clamp(0, 255) / 127.5 - 1)
+
+
+def test_each_operator_brings_its_classical_estimate() -> None:
+    """The start of the chains and the classical baseline come from the operator (`Operator.classical`), so a new
+    operator sets its own; the base class falls back to the pseudo-inverse."""
+    from tdpm_dip.methods.restore import classical
+    from tdpm_dip.operators import Downsample, Inpaint, Operator, inpaint_biharmonic, upsample_bicubic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    mask = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).float()
+    down = Downsample(2, 16, 16)
+    y = down.A(x)
+    assert torch.equal(classical(y, down), upsample_bicubic(y, 2).clamp(-1, 1))
+    assert torch.equal(classical(x * mask, Inpaint(mask)), inpaint_biharmonic(x * mask, mask).clamp(-1, 1))
+
+    class Halve(Operator):
+        def A(self, v: torch.Tensor) -> torch.Tensor:
+            return v / 2
+
+        def pinv(self, v: torch.Tensor) -> torch.Tensor:
+            return v * 2
+
+    assert torch.equal(classical(x, Halve()), x * 2)
+
+    class Flat(Halve):
+        def classical(self, v: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(v)
+
+    assert torch.equal(classical(x, Flat()), torch.zeros_like(x))

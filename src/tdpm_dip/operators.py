@@ -40,6 +40,11 @@ class Operator:
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def classical(self, y: torch.Tensor) -> torch.Tensor:
+        """The estimate without a network, where the diffusion methods start (CCDF) and the classical baseline:
+        the pseudo-inverse unless the operator knows better (bicubic upscaling, biharmonic inpainting)."""
+        return self.pinv(y)
+
     def prox(self, x: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor = 0.0) -> torch.Tensor:
         raise NotImplementedError
 
@@ -98,6 +103,9 @@ class Inpaint(Operator):
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return self.mask * y
+
+    def classical(self, y: torch.Tensor) -> torch.Tensor:
+        return inpaint_biharmonic(y, self.mask).clamp(-1, 1)
 
     def to(self, device: torch.device | str) -> Inpaint:
         return Inpaint(self.mask.to(device))
@@ -184,6 +192,9 @@ class Downsample(Operator):
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         uh, vth, uw, vtw, s = self._bases(y)
         return vth.T @ ((uh.T @ y @ uw) / s) @ vtw
+
+    def classical(self, y: torch.Tensor) -> torch.Tensor:
+        return upsample_bicubic(y, self.factor).clamp(-1, 1)
 
     def prox(self, x: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor = 0.0) -> torch.Tensor:
         # In the bases V: x = V x~; the observed components (rank r) solve (s^2 + rho) v = s y~ + rho x~,

@@ -25,7 +25,7 @@ from .. import defaults
 from ..devices import timer
 from ..dip import DIPConfig, DIPResult
 from ..noise import abar, image_generators, num_levels, q_sample, randn
-from ..operators import Downsample, Inpaint, Operator, inpaint_biharmonic, upsample_bicubic
+from ..operators import Operator
 from ..sampling import X0Step, ddim_step, diffpir_step, sample, spaced_levels
 from .common import after_each_step, check_trained_level, chunks, fit, need, progress_bar
 from .types import Context, Job, Result
@@ -41,12 +41,9 @@ def _observation(job: Job) -> tuple[torch.Tensor, Operator, float]:
 
 
 def classical(y: torch.Tensor, op: Operator) -> torch.Tensor:
-    """The classical estimate: bicubic upscaling (super-resolution) or biharmonic inpainting."""
-    if isinstance(op, Downsample):
-        return upsample_bicubic(y, op.factor).clamp(-1, 1)
-    if isinstance(op, Inpaint):
-        return inpaint_biharmonic(y, op.mask).clamp(-1, 1)
-    return op.pinv(y)
+    """The classical estimate, the operator's own (`Operator.classical`): bicubic upscaling (super-resolution),
+    biharmonic inpainting, or the pseudo-inverse of another operator."""
+    return op.classical(y)
 
 
 def data_step(op: Operator, y: torch.Tensor, sigma_y: float, scheduler: DDPMScheduler, lam: float) -> X0Step:
