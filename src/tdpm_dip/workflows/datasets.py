@@ -109,7 +109,8 @@ def add_noise_files(
     all_names = dict(zip(files, file_names(source, files)))  # sub-folders kept; a.png and a.jpg both written
     refuse_out_dir(out, overwrite)  # before any image is read
     refuse_inputs_inside(out, {"--input": source})
-    clean, names = [], []  # every file read (size x size each) before the folder is made
+    clean: list[np.ndarray] = []  # every file read (size x size each) before the folder is made
+    names: list[str] = []
     for f in files:
         if n is not None and len(clean) == n:
             break
