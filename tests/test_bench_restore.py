@@ -100,3 +100,25 @@ def test_bench_restore_kid_leaves_the_restored_images_out_of_its_reference(
             restorer,
             lambda _: None,
         )
+
+
+def test_bench_restore_keys_its_cache_on_the_weights_and_refuses_progress(
+    tmp_path: Path, sprite_dir_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model retrained in the same folder is another model (the key holds its weights' fingerprint, not its
+    path); `--progress`, which computes nothing for table1..4, is refused for restore instead of running it all."""
+    from cli_helpers import run as run_cli
+
+    from tdpm_dip.models import build_unet, save_ddpm
+    from tdpm_dip.noise import make_scheduler
+
+    model, restorer = _tiny(tmp_path)
+    b = br.RestoreBench(str(model), "data", 2, ("sr2",), ("ccdf",), 1, 1, 0)
+    before = br._key(b, "sr2", "ccdf", 0, restorer)
+    save_ddpm(build_unet("tiny", seed=7, sample_size=16), make_scheduler("linear"), model)  # retrained in place
+    again = Restorer.from_pretrained(str(model), device="cpu", dtype="fp32", dip_preset="dip-tiny")
+    assert br._key(b, "sr2", "ccdf", 0, again) != before
+    data = sprite_dir_factory(2, 16)
+    args = ["bench", "restore", "--data", data, "--n", "2", "--tasks", "sr2", "--methods", "bicubic", "--progress"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "--progress reports table1..4" in err and not (tmp_path / "r").exists(), err

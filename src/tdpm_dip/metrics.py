@@ -119,8 +119,9 @@ def from_uint8(x: torch.Tensor | np.ndarray, channels_last: bool | None = None) 
 # ------------------------------------------------------------------------------------- timing
 
 
-def device_name(device: torch.device | str = "cpu") -> str:
-    """A readable name for timings: the GPU's name, or the CPU model with the threads torch uses."""
+def device_name(device: torch.device | str = "cpu", threads: bool = True) -> str:
+    """A readable name for timings: the GPU's name, or the CPU model with the threads torch uses (`threads`
+    False: without them, for a cache key: the thread count changes the time, not the result)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -134,7 +135,7 @@ def device_name(device: torch.device | str = "cpu") -> str:
     except OSError:
         pass
     name = name or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{name} (CPU, {torch.get_num_threads()} threads)"
+    return f"{name} (CPU, {torch.get_num_threads()} threads)" if threads else f"{name} (CPU)"
 
 
 # ------------------------------------------------------------------------------------- FID

@@ -184,6 +184,11 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
     if "restore" in tables:
         if len(tables) > 1:
             raise UserError("bench restore runs alone: give it without table1..4")
+        if kwargs["progress_only"]:
+            raise UserError(
+                "--progress reports table1..4; bench restore has no progress file (re-run it into the same --out: "
+                "it computes only the images not yet cached)"
+            )
         return _bench_restore(str(tasks), int(dip_seeds), kwargs)  # type: ignore[call-overload]
     if kwargs["model"] is None:
         raise UserError("bench table1..4 need --model (the report's DDPM)")

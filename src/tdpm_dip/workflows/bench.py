@@ -210,9 +210,7 @@ def _check_rows(names: list[str], s: BenchSettings) -> None:
     if not s.methods or any(table_specs(name, s) for name in names):
         return
     every = dataclasses.replace(s, methods=())
-    rows = dict.fromkeys(
-        m for name in names for sp in table_specs(name, every) for m in (sp.method, *sp.also_selected_by)
-    )
+    rows = dict.fromkeys(m for name in names for sp in table_specs(name, every) for m in sp.selectors)
     raise UserError(
         f"--methods {','.join(s.methods)}: no row of {', '.join(names)} runs them; choose from {', '.join(rows)}"
     )

@@ -87,6 +87,9 @@ class Bench:
             self.echo(f"{data}: only {self.images.shape[0]} images; using n = {self.images.shape[0]}")
             settings.n = int(self.images.shape[0])
         self.device_name = device_name(ctx.device)
+        # What keys the cache: the device, not the thread count, which --threads 0 picks by the load average (a
+        # resumed run under another load must find the images it finished).
+        self.device_key = device_name(ctx.device, threads=False)
         self._data_hashes: dict[int, str] = {}
         self._generators: dict[str, tuple[TDPMGenerator, str]] = {}  # folder -> (generator, fingerprint)
         self.computed: list[str] = []  # keys of rows run (not read from the cache) by this object
@@ -169,7 +172,7 @@ class Bench:
             "data": self.data_hash(n),
             "n": n,
             "seed": self.s.seed,
-            "device": self.device_name,
+            "device": self.device_key,
             "amp": str(ctx.amp_dtype),
         }
         d.update({k: options[k] for k in m.reads})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..data import load_image, load_images
 from ..errors import UserError
 from ..images import save_png
 from ..metrics import device_name, extract_features, inception_extractor, kid_from_features, score_uint8
+from ..models import ddpm_fingerprint
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, make_mask
 from ..outputs import write_json, write_text
@@ -68,10 +70,19 @@ def _degrade(task: str, clean: torch.Tensor, seeds: list[int]) -> tuple[list[tor
     return y, ops
 
 
+# a restorer's UNet -> its weights' fingerprint, hashed once per run (weak: a freed UNet's entry goes with it)
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _key(b: RestoreBench, task: str, method: str, dip_seed: int, restorer: Restorer) -> str:
+    """What decides a row's images: the model's weights (not its path: a model retrained in place is another
+    model), the data, the settings, the device and dtype (not the thread count)."""
+    unet = restorer.ctx.unet
+    if unet not in _FINGERPRINTS:
+        _FINGERPRINTS[unet] = ddpm_fingerprint(unet, restorer.ctx.scheduler)
     cfg = {"task": TASKS[task], "method": method, "samples": b.samples, "dip_seed": dip_seed, "seed": b.seed}
-    cfg |= {"model": b.model or "shipped", "dip": asdict(restorer.ctx.dip), "dtype": str(restorer.ctx.amp_dtype)}
-    cfg |= {"data": b.data}
+    cfg |= {"model": _FINGERPRINTS[unet], "dip": asdict(restorer.ctx.dip), "dtype": str(restorer.ctx.amp_dtype)}
+    cfg |= {"data": b.data, "device": device_name(restorer.ctx.device, threads=False)}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -56,7 +56,12 @@ class RowSpec:
     eta: float = 0.0  # generation with ddim: 0 deterministic, 1 strided DDPM
     n: int | None = None  # None: --n
     report: tuple = ()  # ((column, value), ...)
-    also_selected_by: tuple[str, ...] = ()  # --methods names that select this row besides its method
+    selected_by: tuple[str, ...] = ()  # the --methods names that select this row instead of its method
+
+    @property
+    def selectors(self) -> tuple[str, ...]:
+        """The --methods names that pick this row."""
+        return self.selected_by or (self.method,)
 
 
 @dataclass
@@ -144,7 +149,7 @@ def _table1_ddpm_row(s: BenchSettings) -> RowSpec:
             steps=s.ddpm_steps,
             eta=1.0,
             report=report,
-            also_selected_by=("ddpm",),  # DDPM's row, run by the DDIM sampler: --methods ddpm or ddim picks it
+            selected_by=("ddpm",),  # DDPM's row, run by the DDIM sampler: --methods ddpm picks it, not ddim
         )
     return RowSpec("DDPM-1000", "generate", "ddpm", "unconditional", steps=defaults.DDPM_STEPS, report=report)
 
@@ -172,7 +177,7 @@ def _table1(s: BenchSettings) -> list[RowSpec]:
             report=_report_generation(REPORT_GENERATION["tdpm-dip"]),
         )
     )
-    return [r for r in rows if {r.method, *r.also_selected_by} & set(s.methods)] if s.methods else rows
+    return [r for r in rows if set(r.selectors) & set(s.methods)] if s.methods else rows
 
 
 def _t_trunc_row(s: BenchSettings, t: int) -> RowSpec:
