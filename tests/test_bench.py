@@ -86,6 +86,11 @@ def test_table2_table3_paper_and_cache(tiny_model: Path, sprite_dir_factory, tmp
     for ext in ("md", "csv", "json"):
         assert (run / f"table2.{ext}").is_file()
     assert (run / "table2_fig4.png").is_file() and (run / "table2_dip_curves.png").is_file()
+    from PIL import Image
+
+    with Image.open(run / "table2_fig4.png") as im:  # 5 rows (clean, noisy, 3 methods) of 2 images, labelled
+        cell = 16 * 8  # 16 px images upscaled to about 128 px
+        assert im.height == 5 * cell + 6 * 2 and im.width > 2 * cell + 3 * 2 + 40  # a column of row names
     res = json.loads((run / "table2.json").read_text())
     rows = res["rows"]
     assert [r["method"] for r in rows] == ["ddpm", "dip", "tdpm-dip"]

@@ -28,7 +28,7 @@ from ..metrics import (
 )
 from ..models import count_params
 from ..outputs import markdown_table, staged_dir, write_json, write_text
-from ..reporting import comparison_figure, cost_figure, curves_figure
+from ..reporting import cost_figure, curves_figure, labelled_comparison
 from .bench_cache import Bench, schedule_name
 from .bench_tables import REPORT_DIP, BenchSettings, RowSpec, table_specs
 
@@ -331,16 +331,17 @@ def _figures(bench: Bench, name: str, specs: list[RowSpec], extra: dict[str, Row
 
 def _generation_figures(bench: Bench, loaded: Loaded, extra: dict[str, RowSpec], k: int) -> Figures:
     """Table 1's samples beside the --data images, and Fig. 3: TDPM-DIP's images beside its DIP outputs."""
-    rows = [bench.images[:k]] + [t["images"][:k] for _, _, t in loaded]
-    comparison_figure(bench.out / "table1_samples.png", rows, max_images=k)
+    rows = [("--data images", bench.images[:k])] + [(sp.label, t["images"][:k]) for sp, _, t in loaded]
+    labelled_comparison(bench.out / "table1_samples.png", rows, max_images=k)  # each row named in the image
     figs = [("table1_samples.png", "rows: --data images, " + ", ".join(sp.label for sp, _, _ in loaded))]
-    grid, caps = [], []
+    grid: list[tuple[str, torch.Tensor]] = []
+    caps = []
     for sp in extra.values():
         _, t = bench.load(bench.key(sp)[0])
-        grid += [t["images"][:k], t["dip_output"][:k]]
+        grid += [(f"TDPM-DIP T_trunc={sp.t_trunc}", t["images"][:k]), ("its DIP output", t["dip_output"][:k])]
         caps.append(f"TDPM-DIP T_trunc={sp.t_trunc}, its DIP output G_psi(z)")
     if grid:
-        comparison_figure(bench.out / "fig3.png", grid, max_images=k)
+        labelled_comparison(bench.out / "fig3.png", grid, max_images=k)
         figs.append(
             ("fig3.png", "Fig. 3 (paper protocol, reconstructs the first --data images); row pairs: " + "; ".join(caps))
         )
@@ -359,7 +360,7 @@ def _fig4(bench: Bench, name: str, loaded: Loaded, k: int) -> tuple[str, str]:
             caps.append(f"noisy ({sp.model})" if name == "table4" else "noisy")
         rows.append(t["images"][:k])
         caps.append(sp.label + (f" ({sp.model})" if name == "table4" else ""))
-    comparison_figure(bench.out / f"{name}_fig4.png", rows, max_images=k)
+    labelled_comparison(bench.out / f"{name}_fig4.png", list(zip(caps, rows)), max_images=k)
     return (f"{name}_fig4.png", "Fig. 4 layout; rows: " + ", ".join(caps))
 
 
