@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,11 @@ def test_bench_restore_writes_tables_and_resumes_per_image(
     assert [r["method"] for r in tables["box"]] == ["biharmonic", "ccdf"]
     assert all(r["n"] == 4 and r["PSNR"] > 0 for rows in tables.values() for r in rows)
     for task in ("sr2", "box"):
-        assert (tmp_path / "run" / "restore" / f"{task}.md").is_file()
+        md = (tmp_path / "run" / "restore" / f"{task}.md").read_text()
+        assert "Settings: model " in md and "dip-tiny, 2 iterations" in md  # what was shrunk
         assert (tmp_path / "run" / "restore" / f"{task}.png").is_file()
+        record = json.loads((tmp_path / "run" / "restore" / f"{task}.json").read_text())
+        assert record["rows"] == json.loads(json.dumps(tables[task]))  # the table's numbers, unrounded
     calls.clear()
     br.bench_restore(b, tmp_path / "run", restorer, lambda _: None)
     assert calls == []  # everything cached: nothing recomputed

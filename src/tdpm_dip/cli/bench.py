@@ -168,7 +168,7 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
     all     tables 1 to 4
     restore super-resolution and inpainting (--tasks: sr4, sr2, rand80, box, half, sr4-noisy) of
             the --data images, every restoration method beside the classical baseline, PSNR/SSIM
-            (KID with --fid); runs alone, writes RUN/restore/TASK.md and TASK.png
+            (KID with --fid); runs alone, writes RUN/restore/TASK.md, TASK.json and TASK.png
     \b
     Defaults are the report's settings; shrink --n, --dip-preset, --dip-iters, --ddpm-steps for CPU
     runs (every table says what was shrunk). Interrupted runs resume: finished images are cached, and a

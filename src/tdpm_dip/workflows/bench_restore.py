@@ -178,7 +178,7 @@ def bench_restore(b: RestoreBench, out: Path, restorer: Restorer, echo: Echo) ->
             rows.append({"method": "the clean images themselves", "n": len(images.names)})
             rows[-1]["KID"], rows[-1]["KID std"] = round(real[0], 4), round(real[1], 4)
         tables[task] = rows
-        _write_task(root, task, rows, images.names, clean, y, shown, b)
+        _write_task(root, task, rows, images.names, clean, y, shown, b, _settings(b, restorer))
     return tables
 
 
@@ -191,6 +191,7 @@ def _write_task(
     y: list[torch.Tensor],
     shown: dict[str, Path],
     b: RestoreBench,
+    settings: str,
 ) -> None:
     k = min(6, len(names))
     size = clean.shape[-1]
@@ -209,6 +210,7 @@ def _write_task(
         f"# Restoration: {task} ({what}{f', noise sigma {sigma:g}' if sigma else ''}; blind protocol)\n\n"
         f"{len(names)} images of {b.data}; PSNR / SSIM on 8-bit outputs (scikit-image); DIP methods over "
         f"{b.dip_seeds} seeds; {b.samples} chains averaged per diffusion method; {device_name(b.device)}.\n\n"
+        f"Settings: {settings}.\n\n"
         + (
             "KID: InceptionV3 features of the first seed's 8-bit outputs against the real images of "
             f"{b.reference_data or b.data} that were not restored (100 subsets; about 0 when the outputs look like "
@@ -221,7 +223,18 @@ def _write_task(
         + "\n\n"
     )
     write_text(root / f"{task}.md", head + table(rows))
+    record = {"task": task, "data": b.data, "n": len(names), "settings": settings, "rows": rows}
+    write_json(root / f"{task}.json", record)
     print(head + table(rows))
+
+
+def _settings(b: RestoreBench, restorer: Restorer) -> str:
+    """What the table's numbers depend on beyond the task, so that a shrunk run says so."""
+    dip, ctx = restorer.ctx.dip, restorer.ctx
+    return (
+        f"model {b.model or 'the shipped ddpm-pokemon64'}; DIP (dip, tdpm-dip) {dip.preset}, {dip.iters} iterations, "
+        f"lr {dip.lr:g}; seed {b.seed} (image i: seed + i); dtype {ctx.amp_dtype or torch.float32}"
+    )
 
 
 def check_tasks(text: str) -> tuple[str, ...]:
