@@ -126,3 +126,23 @@ def test_bench_restore_keys_its_cache_on_the_weights_and_refuses_progress(
     args = ["bench", "restore", "--data", data, "--n", "2", "--tasks", "sr2", "--methods", "bicubic", "--progress"]
     code, _, err = run_cli([*args, "--out", tmp_path / "r"], capsys)
     assert code == 2 and "--progress reports table1..4" in err and not (tmp_path / "r").exists(), err
+
+
+def test_bench_restore_keeps_to_the_tables_out_rule(
+    tmp_path: Path, sprite_dir_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench restore refuses a non-empty folder that is not a bench run, as the tables do, and a restore run
+    folder counts as a bench run for the tables."""
+    from cli_helpers import run as run_cli
+
+    from tdpm_dip.workflows.bench import check_out_dir
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    data = sprite_dir_factory(2, 16)
+    args = ["bench", "restore", "--data", data, "--n", "2", "--tasks", "sr2", "--methods", "bicubic", "--threads", "1"]
+    code, _, err = run_cli([*args, "--out", other], capsys)
+    assert code == 2 and "is not a bench run" in err and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    (tmp_path / "r" / "restore" / "cache").mkdir(parents=True)
+    assert check_out_dir(tmp_path / "r", overwrite=False) == tmp_path / "r"

@@ -200,9 +200,11 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
 def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
     """`bench restore`: the restoration table and figure of every task (workflows.bench_restore)."""
     from ..api import Restorer  # deferred: --help loads no network library
+    from ..workflows.bench import check_out_dir  # deferred: as above
     from ..workflows.bench_restore import RestoreBench, bench_restore, check_tasks  # deferred: as above
 
     check_positive("--dip-seeds", dip_seeds)
+    check_out_dir(kw["out"], kw["overwrite"])  # the tables' rule: a new or empty folder, or a bench run
     b = RestoreBench(
         kw["model"],
         kw["data"],

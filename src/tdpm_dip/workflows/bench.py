@@ -51,11 +51,12 @@ def run_bench(tables: list[str], bench: Bench, interleave: bool = False) -> dict
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """A new or empty folder, or an earlier bench run (it has cache/): bench resumes into it."""
+    """A new or empty folder, or an earlier bench run (it has cache/, or restore/cache/): bench resumes into it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (out / "cache").is_dir() and not overwrite:
+    run = (out / "cache").is_dir() or (out / "restore" / "cache").is_dir()
+    if out.exists() and any(out.iterdir()) and not run and not overwrite:
         raise UserError(f"{out}: exists, is not empty and is not a bench run (use --overwrite to write into it)")
     try:
         (out / "cache").mkdir(parents=True, exist_ok=True)
