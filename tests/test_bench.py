@@ -99,6 +99,7 @@ def test_table2_table3_paper_and_cache(tiny_model: Path, sprite_dir_factory, tmp
     assert [r["report PSNR"] for r in rows] == [13.40, 32.12, 32.63]
     assert [r["reverse steps"] for r in rows] == [8, 3, 13]  # t_noisy; DIP iterations; + T_trunc 10
     assert res["header"]["protocol"] == "paper" and "device" in res["header"]
+    assert len(res["header"]["load average when written"]) == 3  # beside the s/img it gives
     assert any("n = 2" in x for x in res["notes"]) and any("t_noisy = 8" in x for x in res["notes"])
     assert any("dip-tiny" in x for x in res["notes"])
     md = (run / "table2.md").read_text()

@@ -273,7 +273,7 @@ class Bench:
                 "info": _json_safe(info),
                 "metrics": self._image_metrics(spec, i, res.images[j], None if res.inputs is None else res.inputs[j]),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "load average": _loadavg(),
+                "load average": loadavg(),
             }
             with atomic_path(self.cache / "images" / f"{key}.safetensors") as tmp:
                 save_file(tensors, str(tmp))
@@ -493,7 +493,8 @@ class Bench:
         return rows
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system has none): beside every timing."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

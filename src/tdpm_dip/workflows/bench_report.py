@@ -29,7 +29,7 @@ from ..metrics import (
 from ..models import count_params
 from ..outputs import markdown_table, staged_dir, write_json, write_text
 from ..reporting import cost_figure, curves_figure, labelled_comparison
-from .bench_cache import Bench, schedule_name
+from .bench_cache import Bench, loadavg, schedule_name
 from .bench_tables import REPORT_DIP, BenchSettings, RowSpec, table_specs
 
 
@@ -235,6 +235,9 @@ def header(bench: Bench, name: str, specs: list[RowSpec]) -> tuple[dict, list[st
         "models": models,
         "device": bench.device_name,
         "dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "float32",
+        # s/img depends on what else the machine ran: the load when the table was written (each image's own is in
+        # progress_images.csv)
+        "load average when written": loadavg(),
     }
     for use in sorted({bench.dip_use(sp) for sp in specs if _entry(sp).uses_dip}):
         cfg = s.dip[use]

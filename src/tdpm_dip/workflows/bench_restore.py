@@ -120,7 +120,8 @@ def _row(method: str, runs: list[list[dict]], n: int) -> dict:
     row: dict = {"method": method, "n": n, "PSNR": round(statistics.mean(per_seed), 2)}
     if len(runs) > 1:
         row["PSNR spread (seeds)"] = f"{min(per_seed):.2f}..{max(per_seed):.2f} ({len(runs)} seeds)"
-    row["PSNR std (images)"] = round(statistics.pstdev(r["PSNR"] for r in runs[0]), 2)
+    psnrs = [r["PSNR"] for r in runs[0]]  # the sample standard deviation, as the tables give it
+    row["PSNR std (images)"] = round(statistics.stdev(psnrs), 2) if len(psnrs) > 1 else 0.0
     row |= {"SSIM": round(ssim, 4), "NFE": round(runs[0][0]["nfe"], 1)}
     row["s/img"] = round(statistics.mean(r["seconds"] for recs in runs for r in recs), 3)
     return row
