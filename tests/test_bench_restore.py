@@ -144,5 +144,8 @@ def test_bench_restore_keeps_to_the_tables_out_rule(
     args = ["bench", "restore", "--data", data, "--n", "2", "--tasks", "sr2", "--methods", "bicubic", "--threads", "1"]
     code, _, err = run_cli([*args, "--out", other], capsys)
     assert code == 2 and "is not a bench run" in err and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    both = [*args[:-6], "--tasks", "sr2,box", "--methods", "bicubic"]
+    code, _, err = run_cli([*both, "--out", tmp_path / "never"], capsys)
+    assert code == 2 and "none restores box (inpaint); add one of" in err and not (tmp_path / "never").exists(), err
     (tmp_path / "r" / "restore" / "cache").mkdir(parents=True)
     assert check_out_dir(tmp_path / "r", overwrite=False) == tmp_path / "r"

@@ -201,10 +201,14 @@ def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
     """`bench restore`: the restoration table and figure of every task (workflows.bench_restore)."""
     from ..api import Restorer  # deferred: --help loads no network library
     from ..workflows.bench import check_out_dir  # deferred: as above
-    from ..workflows.bench_restore import RestoreBench, bench_restore, check_tasks  # deferred: as above
+    from ..workflows.bench_restore import (  # deferred: as above
+        RestoreBench,
+        bench_restore,
+        check_methods_apply,
+        check_tasks,
+    )
 
     check_positive("--dip-seeds", dip_seeds)
-    check_out_dir(kw["out"], kw["overwrite"])  # the tables' rule: a new or empty folder, or a bench run
     b = RestoreBench(
         kw["model"],
         kw["data"],
@@ -220,6 +224,8 @@ def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
     )
     for m in b.methods:
         registry.get("restore", "blind", m)
+    check_methods_apply(b)  # a task none of --methods restores would be an empty table
+    check_out_dir(kw["out"], kw["overwrite"])  # the tables' rule: a new or empty folder, or a bench run
     # --dip-preset's default is table2's, the report's DIP: restoration picks its own for the device
     dip = "auto" if kw["dip_preset"] == defaults.BENCH_DIP_PRESET else kw["dip_preset"]
     restorer = Restorer.from_pretrained(

@@ -238,6 +238,16 @@ def _settings(b: RestoreBench, restorer: Restorer) -> str:
     )
 
 
+def check_methods_apply(b: RestoreBench) -> None:
+    """Every task gets a row from --methods (bicubic restores no inpainting task): one line, before any work."""
+    for task in b.tasks:
+        kind = TASKS[task][0]
+        if b.methods and not any(kind in registry.get("restore", "blind", m).operators for m in b.methods):
+            fits = [m.name for m in registry.methods("restore", "blind", operator=kind)]
+            chosen = ",".join(b.methods)
+            raise UserError(f"--methods {chosen}: none restores {task} ({kind}); add one of {', '.join(fits)}")
+
+
 def check_tasks(text: str) -> tuple[str, ...]:
     tasks = tuple(t for t in text.split(",") if t) or tuple(TASKS)
     bad = [t for t in tasks if t not in TASKS]
