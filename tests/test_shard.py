@@ -42,7 +42,16 @@ def _without_timings(obj: object) -> object:
         return {
             k: _without_timings(v)
             for k, v in obj.items()
-            if k not in ("seconds", "dip_seconds", "finished", "load average", "s/img", "s_per_img")
+            if k
+            not in (
+                "seconds",
+                "dip_seconds",
+                "finished",
+                "load average",
+                "load average when written",
+                "s/img",
+                "s_per_img",
+            )
             and "speed-up (time)" not in k
         }
     if isinstance(obj, list):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import MIN_SIDE, BadImage, file_names, is_hub_id, list_images, load_hub, load_image
+from ..data import MIN_SIDE, BadImage, is_hub_id, list_images, load_folder, load_hub, load_image
 from ..errors import UserError, check_positive, check_sigma
 from ..images import save_png, to_uint8
 from ..noise import add_noise
@@ -105,25 +104,12 @@ def add_noise_files(
     check_positive("--n", n)
     if not MIN_SIDE <= size <= MAX_NOISE_SIDE:
         raise UserError(f"--size must be in {MIN_SIDE}..{MAX_NOISE_SIDE} px (what denoise reads), got {size}")
-    files = list_images(source)
-    all_names = dict(zip(files, file_names(source, files)))  # sub-folders kept; a.png and a.jpg both written
+    list_images(source)  # a missing path: one line before the checks of --out
     refuse_out_dir(out, overwrite)  # before any image is read
     refuse_inputs_inside(out, {"--input": source})
-    clean: list[np.ndarray] = []  # every file read (size x size each) before the folder is made
-    names: list[str] = []
-    for f in files:
-        if n is not None and len(clean) == n:
-            break
-        try:
-            clean.append(_square(f, size))
-        except BadImage as e:
-            if not skip_bad:
-                raise UserError(f"{e} (use --skip-bad to skip such files)") from None
-            warnings.warn(f"skipping {e}", stacklevel=2)
-            continue
-        names.append(all_names[f])
-    if not clean:
-        raise UserError(f"{source}: no readable images")
+    # every file read (size x size each) before the folder is made, as training and the bench read it
+    images = load_folder(source, size, skip_bad=skip_bad, limit=n)
+    clean, names = list(to_uint8(images.images)), images.names
     out_dir = prepare_out_dir(out, overwrite)
     with staged_dir(out_dir) as tmp:
         for i, (a, name) in enumerate(zip(clean, names)):
