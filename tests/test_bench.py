@@ -443,3 +443,20 @@ def test_table1_reference_data(
     assert rows[-1]["SWD x1e3"] == pytest.approx(1e3 * swd(real, ref, seed=0)["swd_avg"], rel=1e-4)
     assert rows[-1].get("copy-rate") is None
     assert any("the 6 --reference-data images" in x for x in res["notes"])
+
+
+def test_options_a_table_ignores_are_said(
+    tiny_model: Path, sprite_dir_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tasks (bench restore's), --methods with table3 (its rows are T_trunc values) and --t-noisy under the blind
+    protocol change nothing: each is one warning line, not silence."""
+    from cli_helpers import run as run_cli
+
+    data = sprite_dir_factory(2, 16)
+    extra = ["--methods", "dip", "--tasks", "sr2", "--protocol", "blind", "--t-noisy", "30", "--progress"]
+    code, _, err = run_cli(_args(tiny_model, data, tmp_path / "run", "table3", *extra), capsys)
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert code == 0 and len(warned) == 3, err
+    assert "--tasks" in warned[0] and "table3's rows" in warned[1] and "--t-noisy" in warned[2]
+    code, _, err = run_cli(_args(tiny_model, data, tmp_path / "run", "table3", "--progress"), capsys)
+    assert code == 0 and "warning: " not in err, err

@@ -192,9 +192,25 @@ def bench_cmd(tables: tuple[str, ...], threads: int, **kwargs: object) -> None:
         return _bench_restore(str(tasks), int(dip_seeds), kwargs)  # type: ignore[call-overload]
     if kwargs["model"] is None:
         raise UserError("bench table1..4 need --model (the report's DDPM)")
+    for line in _ignored(tables, kwargs, str(tasks)):
+        echo(f"warning: {line}")
     from ..workflows.bench import BenchOptions, bench  # deferred: --help loads no network library
 
     bench(BenchOptions(tables=tables, **kwargs), echo)  # type: ignore[arg-type]
+
+
+def _ignored(tables: tuple[str, ...], kw: dict, tasks: str) -> list[str]:
+    """The options given on the command line that the chosen tables do not read (said, not silently dropped)."""
+    given = click.get_current_context().get_parameter_source
+    names = set(defaults.BENCH_TABLES) if "all" in tables else set(tables)
+    out = []
+    if tasks:
+        out.append("--tasks chooses the tasks of bench restore; table1..4 ignore it")
+    if kw["methods"] and names == {"table3"}:
+        out.append("--methods does not choose table3's rows (they are the --t-truncs values); it is ignored")
+    if kw["protocol"] == "blind" and given("t_noisy") == click.core.ParameterSource.COMMANDLINE:
+        out.append("--t-noisy is the paper protocol's noise level; the blind protocol noises to --sigma")
+    return out
 
 
 def _bench_restore(tasks: str, dip_seeds: int, kw: dict) -> None:
