@@ -236,6 +236,8 @@ def test_masks_are_read_on_their_own_scale_upright_and_never_guessed(tmp_path: P
     m16 = PILImage.fromarray((hole * 65535).astype(np.uint16))
     assert np.array_equal(read_mask(m16, (8, 8))[0].numpy(), want)
     assert np.array_equal(read_mask(hole.astype(np.float32), (8, 8))[0].numpy(), want)
+    # a float image is read as images of its mode are (0..1, or 0..255 when larger): a hole of 0.3 x 255 is a hole
+    assert np.array_equal(read_mask(PILImage.fromarray((hole * 255).astype(np.float32), "F"), (8, 8))[0].numpy(), want)
     assert np.array_equal(read_mask((hole * 255).astype(np.uint8), (8, 8))[0].numpy(), want)
     rgba = PILImage.new("RGBA", (8, 8), (255, 255, 255, 255))
     rgba.paste((255, 255, 255, 0), (2, 2, 6, 6))

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import defaults, embedded, registry
-from .data import ImageInput, ImageKind, read_user_image_kind
+from .data import ImageInput, ImageKind, gray_levels, read_user_image_kind
 from .embedded import resolve_generator
 from .errors import UserError, check_pixels, check_positive, check_sigma
 from .generator import load_generator
@@ -343,13 +343,13 @@ def _mask_levels(mask: object, what: str) -> np.ndarray:
             alpha = np.asarray(mask.convert("RGBA"))[..., 3]
             if (alpha < 255).any():
                 raise UserError(f"{what}: has transparent pixels; save it without transparency (white = known)")
-        if mask.mode in ("I;16", "I;16B", "I;16L", "I"):
-            a = np.asarray(mask, dtype=np.float64)
-            return (a / (65535.0 if mask.mode != "I" or a.max() > 255 else 255.0)).astype(np.float32)
-        if mask.mode == "F":
-            mask = np.asarray(mask)
-        else:
-            return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+        try:
+            gray = gray_levels(mask)  # 16-bit, 32-bit and float masks, on the range images of that mode are read on
+        except ValueError as e:
+            raise UserError(f"{what}: {e}") from None
+        if gray is not None:
+            return gray[0].astype(np.float32)
+        return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     if not isinstance(mask, np.ndarray):
         raise UserError(f"{what}: not an image ({type(mask).__name__})")
     if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] > 4):

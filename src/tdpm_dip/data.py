@@ -118,11 +118,12 @@ def _gray_palette(img: Image.Image) -> bool:
     return bool(pal) and all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
-def _gray_tensor(img: Image.Image) -> tuple[torch.Tensor, int] | None:
-    """A 16-bit (or 32-bit, float) grey image as ([3, H, W] in [-1, 1], the bits to write it back with) without
-    passing through 8 bits; None for other modes. 16-bit files span 0..65535; 32-bit integer ones hold a 16-bit
-    PNG, or 8-bit values (written back as 8-bit); float ones 0..1, or 0..255 when larger (written as 16-bit).
-    Values outside the range read are a ValueError: clipping them would lose the image without a word."""
+def gray_levels(img: Image.Image) -> tuple[np.ndarray, int] | None:
+    """A 16-bit (or 32-bit, float) grey image as (levels [H, W] in 0..1, float64; the bits to write it back with),
+    without passing through 8 bits; None for other modes. 16-bit files span 0..65535; 32-bit integer ones hold a
+    16-bit PNG, or 8-bit values (written back as 8-bit); float ones 0..1, or 0..255 when larger (written as
+    16-bit). Values outside the range read are a ValueError: clipping them would lose the image without a word.
+    Images and masks are read by it alike."""
     if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
         return None
     a = np.asarray(img, dtype=np.float64)
@@ -136,8 +137,18 @@ def _gray_tensor(img: Image.Image) -> tuple[torch.Tensor, int] | None:
             f"values from {a.min():g} to {a.max():g}, outside 0..1, 0..255 and 0..65535: save it as an 8- or 16-bit "
             "image"
         )
-    x = torch.from_numpy(a / top).float() * 2 - 1
-    return x[None].expand(3, -1, -1).contiguous(), bits
+    return a / top, bits
+
+
+def _pixels(img: Image.Image, kind: ImageKind) -> tuple[torch.Tensor, ImageKind]:
+    """An upright image as [3, H, W] in [-1, 1] and the kind its result is written back with: a 16-bit, 32-bit or
+    float grey image without passing through 8 bits (`gray_levels`, whose ValueError the callers report), any
+    other as 8-bit RGB with its own colours (`to_rgb_own_colours`)."""
+    gray = gray_levels(img)
+    if gray is None:
+        return pil_to_tensor(to_rgb_own_colours(img)), kind
+    x = torch.from_numpy(gray[0]).float() * 2 - 1
+    return x[None].expand(3, -1, -1).contiguous(), dataclasses.replace(kind, bits=gray[1])
 
 
 # What PIL raises on a file it cannot read as an image (a decompression bomb is no OSError).
@@ -176,12 +187,7 @@ def read_native(
             upright: Image.Image = ImageOps.exif_transpose(im)
             if min(upright.size) < MIN_SIDE:
                 raise BadImage(f"{path}: image is {upright.size[0]}x{upright.size[1]} px, smaller than {MIN_SIDE} px")
-            kind = kind.with_alpha(upright)
-            gray = _gray_tensor(upright)
-            if gray is None:
-                x = pil_to_tensor(to_rgb_own_colours(upright))
-            else:
-                x, kind = gray[0], dataclasses.replace(kind, bits=gray[1])
+            x, kind = _pixels(upright, kind.with_alpha(upright))
     except (BadImage, UserError):
         raise
     except _READ_ERRORS as e:
@@ -522,11 +528,7 @@ def read_user_image_kind(
         check_pixels(*image.size, max_pixels, what, advice)
     if min(image.size) < MIN_SIDE:
         raise UserError(f"{what}: image is {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px")
-    kind = ImageKind.of(image).with_alpha(image)
     try:
-        gray = _gray_tensor(image)
+        return _pixels(image, ImageKind.of(image).with_alpha(image))
     except ValueError as e:
         raise UserError(f"{what}: {e}") from None
-    if gray is None:
-        return pil_to_tensor(to_rgb_own_colours(image)), kind
-    return gray[0], dataclasses.replace(kind, bits=gray[1])

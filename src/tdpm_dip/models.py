@@ -18,6 +18,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils import logging as diffusers_logging
 
 from .config import STYLE_PRESETS, UNetPreset, get_preset
+from .data import is_hub_id
 from .errors import UserError
 from .outputs import ordinary_modes
 
@@ -128,7 +129,7 @@ def load_ddpm(
             )
         scheduler = DDPMScheduler.from_pretrained(sched_dir)
     else:
-        if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        if not is_hub_id(model):
             raise UserError(f"{model}: no such model folder (and not a hub id of the form owner/name)")
         try:
             with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
