@@ -1,6 +1,7 @@
 """The README's restoration figure from a `tdpm-dip bench restore` run: for 4x super-resolution and a centred box
-hole, the observation, the classical start, CCDF (the mean of its chains), one of those chains alone (a posterior
-sample, recomputed here from the same seed), TDPM-DIP and the clean image, each row labelled.
+hole, the observation, the classical start, CCDF from it, the default (CCDF from the restoration network's
+estimate: the mean of its chains), one of those chains alone (a posterior sample, recomputed here from the same
+seed), TDPM-DIP and the clean image, each row labelled.
 
     python benchmarks/restore_figure.py RUN --data TEST_IMAGES --out docs/restore_hero.png
 RUN is the bench's --out folder (its restore/cache holds every method's PNGs, DIP seed 0)."""
@@ -17,8 +18,13 @@ from tdpm_dip.data import load_image, load_images
 from tdpm_dip.reporting import labelled_comparison
 from tdpm_dip.workflows.bench_restore import TASKS, _degrade
 
-ROWS = [("classical", {"sr": "bicubic", "inpaint": "biharmonic"}), ("ccdf", None), ("tdpm-dip", None)]
-SAMPLE = "ccdf: one chain"  # the row after ccdf: its first chain alone (image i's seed draws it first)
+ROWS = [
+    ("classical", {"sr": "bicubic", "inpaint": "biharmonic"}),
+    ("ccdf", None),
+    ("ccdf-net", None),
+    ("tdpm-dip", None),
+]
+SAMPLED = "ccdf-net"  # the default, followed by its first chain alone (image i's seed draws it first)
 
 
 def _folder(cache: Path, task: str, method: str) -> Path:
@@ -50,9 +56,9 @@ def main() -> None:
             method = by_kind[kind] if by_kind else label
             folder = _folder(cache, task, method)
             rows.setdefault(label, []).extend(load_image(folder / f"{n}.png", None) for n in images.names)
-            if label == "ccdf":  # bench restore's seeds: image i uses seed i (DIP seed 0)
-                one, _, _ = restorer.restore_tensors(y, ops, "ccdf", list(range(a.k)), TASKS[task][2], samples=1)
-                rows.setdefault(SAMPLE, []).extend(one)
+            if label == SAMPLED:  # bench restore's seeds: image i uses seed i (DIP seed 0)
+                one, _, _ = restorer.restore_tensors(y, ops, SAMPLED, list(range(a.k)), TASKS[task][2], samples=1)
+                rows.setdefault(f"{SAMPLED}: one chain", []).extend(one)
         rows.setdefault("clean", []).extend(images.images)
     labelled_comparison(a.out, [(k, torch.stack(v)) for k, v in rows.items()], max_images=2 * a.k, upscale=2)
     print(a.out)

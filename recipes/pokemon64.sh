@@ -41,3 +41,11 @@ tdpm-dip train --init "$WORK/denoiser/model" --data "$WORK/data/train" --out "$W
 
 # 5. Ship it: fp16 safetensors into the package; prints the SHA-256 values for tdpm_dip/embedded.py.
 python -m tdpm_dip.embedded export-ddpm "$WORK/denoiser-2/model" --name ddpm-pokemon64
+
+# 6. [CPU, about 55 minutes on one core] The restoration network beside it (restore's ccdf-net and net): a UNet of
+#    2.5M parameters (32, 64, 128 channels, no attention) trained on the first 540 training images, degraded
+#    here (bicubic x2 / x4 and masks, a third with noise), 2,400 steps at batch 16; the other 60 chose the
+#    restoration defaults. Then into the package as the shipped DDPM's restorer/.
+tdpm-dip train-restorer --data "$WORK/data/train" --limit 540 --out "$WORK/restorer" --steps 2400 --repeats 6 \
+  --seed 0 --threads 1
+python -m tdpm_dip.embedded export-restorer "$WORK/restorer" --name ddpm-pokemon64

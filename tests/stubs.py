@@ -145,3 +145,16 @@ class FakeFit:
             }
         )
         return DIPResult(target + self.amplitude * PATTERN, torch.zeros(3, target.shape[0]), seconds=100.0)
+
+
+def tiny_restorer(seed: int = 0) -> UNet2DModel:
+    """The restoration network's UNet (training.restorer.build_restorer) at 8 / 16 channels, its output layer
+    drawn small but not zero (as built it returns the classical estimate itself), so a method that skips it or
+    feeds it the wrong channels gives other images."""
+    from tdpm_dip.training.restorer import build_restorer
+
+    net = build_restorer((8, 16), SIZE, seed)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed + 1)
+        net.conv_out.weight.normal_(0, 0.05)
+    return net.eval()

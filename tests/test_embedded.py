@@ -112,3 +112,29 @@ def test_sprites_command_writes_the_recipe_data(tmp_path: Path, capsys: pytest.C
     assert torch.equal(load_images(out, 16).images, make_sprites(3, 16, seed=2).images)
     code, _, err = run(["sprites", "--n", "3", "--size", "4", "--out", tmp_path / "bad"], capsys)
     assert code == 2 and "--size" in err and not (tmp_path / "bad").exists()
+
+
+def test_export_restorer_ships_fp16_weights_that_a_ddpm_export_keeps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from stubs import tiny_restorer
+
+    from tdpm_dip.models import build_unet, save_ddpm
+    from tdpm_dip.noise import make_scheduler
+    from tdpm_dip.restoration_net import load_restorer, save_restorer
+
+    monkeypatch.setattr(embedded, "weights_dir", lambda: tmp_path / "weights")
+    trained = tmp_path / "runs" / "restorer"
+    save_restorer(tiny_restorer(), trained, {"data": "/home/someone/data/train", "steps": 5})
+    ddpm = tmp_path / "runs" / "ddpm"
+    save_ddpm(build_unet("tiny", seed=0, sample_size=16), make_scheduler("linear"), ddpm)
+    shipped = embedded.export_ddpm(ddpm, name=embedded.DENOISER_NAME)
+    dest = embedded.export_restorer(trained)
+    assert dest == shipped / "restorer"
+    record = json.loads((dest / "restorer.json").read_text())
+    assert record["data"] == "train" and record["steps"] == 5  # no path of the machine that trained it
+    net = load_restorer(dest)
+    assert net.dtype == torch.float32  # stored as fp16, loaded as fp32
+    assert torch.allclose(net.conv_out.weight, tiny_restorer().conv_out.weight.half().float())
+    embedded.export_ddpm(ddpm, name=embedded.DENOISER_NAME)  # a new DDPM export keeps its restorer
+    assert load_restorer(shipped / "restorer").config.block_out_channels == [8, 16]

@@ -17,7 +17,7 @@ LAYERS = [
     ["errors", "defaults", "registry"],
     ["config", "noise", "devices", "outputs", "images", "operators"],
     ["data", "models", "metrics"],
-    ["dip", "sampling", "generator"],
+    ["dip", "sampling", "generator", "restoration_net"],
     ["methods", "training"],
     ["reporting", "embedded", "runtime"],
     ["api"],

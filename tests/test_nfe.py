@@ -1,5 +1,6 @@
 """The NFE every method reports is what it did: the network calls it made per image (counted at the denoiser,
-`EpsModel.eps`, the one place the UNet is called from), plus one per DIP iteration for the methods that fit a DIP.
+`EpsModel.eps`, the one place the UNet is called from, and at the restoration network), plus one per DIP iteration
+for the methods that fit a DIP.
 The tables' NFE columns and the registry's formulas rest on this, for every registered method."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from stubs import tiny_restorer
 
 from tdpm_dip import registry
 from tdpm_dip.dip import DIPConfig
@@ -66,7 +68,10 @@ def test_denoisers_report_the_calls_they_make(make_ctx: Callable[..., Context], 
 
 @pytest.mark.parametrize("task", ["sr", "inpaint"])
 def test_restorers_report_the_calls_they_make(make_ctx: Callable[..., Context], counted: list[int], task: str) -> None:
-    ctx = make_ctx(dip=DIP, batch_size=N)
+    net = tiny_restorer()
+    # the restoration network's calls count as the UNet's do: one per image it is called on
+    net.register_forward_hook(lambda module, args, out: counted.append(int(args[0].shape[0])))
+    ctx = make_ctx(dip=DIP, batch_size=N, restorer=net)
     x = _clean()
     mask = (torch.rand(N, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     op = Downsample(2, SIZE, SIZE) if task == "sr" else Inpaint(mask)

@@ -14,6 +14,7 @@ import torch
 from cli_helpers import run as run_cli
 from click.testing import CliRunner
 from PIL import Image
+from stubs import tiny_restorer
 
 from tdpm_dip import Restorer, registry
 from tdpm_dip.cli import cli
@@ -37,6 +38,7 @@ def ctx(make_ctx: Callable[..., Context]) -> Context:
         make_scheduler("linear"),
         DIPConfig(preset="dip-tiny", iters=3, lr=1e-3, input_noise=1.0, average=0.9),
         batch_size=2,
+        restorer=tiny_restorer(),
     )
 
 

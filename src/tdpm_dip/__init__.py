@@ -9,8 +9,9 @@ Layers, bottom to top; a module imports only from its own layer or below (tests/
      operators                                   restoration's y = A x: masks, bicubic downscaling
   2  data  models  metrics                       images in, UNets, quality metrics
   3  dip  sampling  generator                    Algorithm 2, EpsModel and Algorithm 3, G_psi
+     restoration_net                             the restoration network (CCDF's feed-forward start)
   4  methods/  training/                         the registry's methods (one dispatch), Algorithm 1 and G_psi
-                                                 training on one loop
+                                                 training on one loop, the restoration network's training
   5  reporting  embedded  runtime                tables and figures, the shipped models, devices / threads /
                                                  the one place that builds a Context
   6  api                                         Denoiser, Generator, Restorer: the Python API

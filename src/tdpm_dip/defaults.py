@@ -30,6 +30,7 @@ DENOISE_PROTOCOL = "blind"  # `denoise`: only the noisy image is used (paper: th
 
 # ------------------------------------------------------------------ restoration (super-resolution, inpainting)
 RESTORE_T_TRUNC = 200  # ccdf / tdpm-dip: the level the start estimate is diffused to
+RESTORE_NET_T_TRUNC = 100  # ccdf-net: its start is closer to x0, so a lower level suffices (CCDF's point)
 RESTORE_STEPS = 10  # ccdf / tdpm-dip: network calls per chain from there
 RESTORE_SAMPLES = 4  # chains averaged per image (the posterior mean, which PSNR rewards)
 RESTORE_ZETA = 1.0  # ccdf / tdpm-dip: DiffPIR's share of fresh noise per step (1: annealed denoising)

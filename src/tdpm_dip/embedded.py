@@ -28,18 +28,22 @@ from .errors import UserError, check_reverse_steps
 from .generator import GENERATOR_JSON, load_generator
 from .models import LEVELS_FILE, ddpm_fingerprint, load_ddpm, save_ddpm, trained_levels, unet_size
 from .outputs import ordinary_modes
+from .restoration_net import RESTORER_DIR, RESTORER_JSON, load_restorer, save_restorer
 
 DDPM_NAME = "ddpm-sprites32"
 DENOISER_NAME = "ddpm-pokemon64"
 GENERATOR_NAME = "tdpm-generator-sprites32"
 DEFAULT_DDPM = {"generate": DDPM_NAME, "denoise": DENOISER_NAME}  # the shipped DDPM of each job
-BUDGET_BYTES = 32 * 1024 * 1024  # everything under weights/ together: the package stays a small download
+BUDGET_BYTES = 40 * 1024 * 1024  # everything under weights/ together: the package stays a small download
 
 # The shipped files and their SHA-256, so that weights changed by accident fail a test
 # (tests/test_embedded.py). A deliberate rebuild re-runs the export, which prints the new values.
 EXPECTED_SHA256: dict[str, str] = {
-    "ddpm-pokemon64/README.md": "8b6026ce8709a2e39bc028eaed5b5c14c6b7a40d793b886d650d504fc77139c0",
+    "ddpm-pokemon64/README.md": "87f68f71cf74bccda688552147b53c92f3643d00697c6dbe1e9ff74334a1bcfe",
     "ddpm-pokemon64/model_index.json": "7e17ddab859d83b3fae2b4ee01b86cf154c2195d228c10b75a3b1eca0c6c0d47",
+    "ddpm-pokemon64/restorer/config.json": "2ba2102e4f4bda6dea545bfceb4acf21d277500de1f7f1d2fb3e18719516683a",
+    "ddpm-pokemon64/restorer/diffusion_pytorch_model.safetensors": "96b89e8d69b62a29e932c7498e1586d7e4d4a03878da6af8bdf1e6955532fa0f",
+    "ddpm-pokemon64/restorer/restorer.json": "8c9dd56e1728130fc24fc6c36e91ad76f53d29eca14933cbd506a558d65bf758",
     "ddpm-pokemon64/scheduler/scheduler_config.json": "63485cf37c9cd08f842d111273190054a6ef74620f4d480a417d1588f219f76c",
     "ddpm-pokemon64/unet/config.json": "713954850d8d1e0cace3c4ca236a4ac42afafcb54c91c3f2a0b025c939ae1896",
     "ddpm-pokemon64/unet/diffusion_pytorch_model.safetensors": "c30628a2745e38a6cedac4a6ffa9877f535643bdbe7e2b1c71845581a0aee63e",
@@ -120,11 +124,14 @@ def _name_as_shipped(model: object, name: str) -> None:
 
 
 def _replace_folder(dest: Path, write: Callable[[Path], object]) -> Path:
-    """Fill a temporary folder with `write`, then put it in place of `dest` (its model card, README.md, stays)."""
+    """Fill a temporary folder with `write`, then put it in place of `dest` (its model card, README.md, and a
+    DDPM's restoration network, restorer/, trained on images alone, stay unless `write` made new ones)."""
     with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
         write(Path(tmp))
-        if (dest / "README.md").is_file():
+        if (dest / "README.md").is_file() and not (Path(tmp) / "README.md").exists():
             shutil.copy2(dest / "README.md", Path(tmp) / "README.md")
+        if (dest / RESTORER_DIR).is_dir() and not (Path(tmp) / RESTORER_DIR).exists():
+            shutil.copytree(dest / RESTORER_DIR, Path(tmp) / RESTORER_DIR)
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(tmp, dest)
@@ -165,6 +172,20 @@ def export_generator(
     return _replace_folder(dest, write)
 
 
+def export_restorer(src: str | Path, name: str = DENOISER_NAME) -> Path:
+    """Copy a restoration network (`tdpm-dip train-restorer`'s folder) into the shipped DDPM `name` as its
+    restorer/, with fp16 weights; its record keeps every field but the paths of the machine that trained it."""
+    net = load_restorer(src)
+    record = json.loads((Path(src) / RESTORER_JSON).read_text())
+    record = {k: (Path(v).name if k in ("data", "out") and v else v) for k, v in record.items() if k != "format"}
+    dest = weights_dir() / name / RESTORER_DIR
+    _name_as_shipped(net, f"{name}/{RESTORER_DIR}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    save_restorer(net.half(), dest, record)
+    return dest
+
+
 def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m tdpm_dip.embedded",
@@ -180,12 +201,17 @@ def _main(argv: list[str] | None = None) -> None:
     eg.add_argument("src", help="a trained generator folder (tdpm-dip train-generator's RUN/generator)")
     eg.add_argument("--ddpm", help="pair it with this DDPM folder (a GAN generator only; default: its own)")
     eg.add_argument("--reverse-steps", type=int, help="posterior steps from T_trunc when sampling (default: its own)")
+    er = sub.add_parser("export-restorer", help="copy a restorer folder into a shipped DDPM as fp16 safetensors")
+    er.add_argument("src", help="a restoration network folder (tdpm-dip train-restorer's --out)")
+    er.add_argument("--name", default=DENOISER_NAME, choices=sorted(set(DEFAULT_DDPM.values())), help="into which DDPM")
     sub.add_parser("hashes", help="print the EXPECTED_SHA256 entries of the files under weights/")
     args = ap.parse_args(argv)
     if args.cmd == "export-ddpm":
         print(export_ddpm(args.src, name=args.name))
     elif args.cmd == "export-generator":
         print(export_generator(args.src, ddpm=args.ddpm, reverse_steps=args.reverse_steps))
+    elif args.cmd == "export-restorer":
+        print(export_restorer(args.src, name=args.name))
     files = shipped_files()
     for name, p in files.items():
         print(f'    "{name}": "{sha256(p)}",')

@@ -44,8 +44,13 @@ def unet_size(config: Mapping) -> int:
 def ddpm_fingerprint(unet: UNet2DModel, scheduler: DDPMScheduler) -> str:
     """Hash of a DDPM's weights (as fp32) and scheduler configuration: keys bench rows and distillation
     pairs, and ties a generator to the DDPM it was trained for."""
-    h = hashlib.sha1(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
-    for k, v in sorted(unet.state_dict().items()):
+    return weights_fingerprint(unet, json.dumps(dict(scheduler.config), sort_keys=True, default=str))
+
+
+def weights_fingerprint(net: torch.nn.Module, salt: str = "") -> str:
+    """Hash of a network's weights (as fp32), after `salt`: what keys cached results of the network."""
+    h = hashlib.sha1(salt.encode())
+    for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -56,6 +56,11 @@ class Operator:
         """(height, width) of the restored image for an observation of size h x w."""
         return h, w
 
+    def density(self, h: int, w: int) -> torch.Tensor:
+        """[B or 1, 1, h, w]: the share of each output pixel the observation measures (1 = all of it), what a
+        learned restorer is told besides its start estimate."""
+        return torch.ones(1, 1, h, w)
+
     def part(self, idx: slice) -> Operator:
         """The operator of images idx of a batch (the same one unless it holds something per image)."""
         return self
@@ -106,6 +111,9 @@ class Inpaint(Operator):
 
     def classical(self, y: torch.Tensor) -> torch.Tensor:
         return inpaint_biharmonic(y, self.mask).clamp(-1, 1)
+
+    def density(self, h: int, w: int) -> torch.Tensor:
+        return (self.mask > 0.5).float().expand(-1, 1, h, w)
 
     def to(self, device: torch.device | str) -> Inpaint:
         return Inpaint(self.mask.to(device))
@@ -208,6 +216,9 @@ class Downsample(Operator):
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return h * self.factor, w * self.factor
+
+    def density(self, h: int, w: int) -> torch.Tensor:
+        return torch.full((1, 1, h, w), 1.0 / self.factor**2)  # one measurement per factor x factor pixels
 
     def padded(self, ph: int, pw: int) -> Downsample:
         return Downsample(self.factor, self.height + ph * self.factor, self.width + pw * self.factor)

@@ -30,8 +30,15 @@ OPERATORS = ("sr", "inpaint")
 # paper: the report's oracle protocol; blind: only the noisy image; unconditional: generation from N(0, I).
 PROTOCOLS = ("paper", "blind", "unconditional")
 # Inputs a method needs beyond its images and seeds; "all-levels": a DDPM trained on every noise level (a chain
-# from pure noise), which a truncated diffusion model is not.
-NEEDS = ("generator", "reference", "all-levels")
+# from pure noise), which a truncated diffusion model is not; "restorer": a restoration network beside the DDPM
+# (its folder's restorer/, restoration_net.py).
+NEEDS = ("generator", "reference", "all-levels", "restorer")
+NEED_TEXT = {
+    "generator": "a TDPM generator (--generator, made by `tdpm-dip train-generator`)",
+    "reference": "reference images",
+    "all-levels": "a DDPM trained on every noise level",
+    "restorer": "a restoration network in the DDPM's folder (MODEL/restorer, made by `tdpm-dip train-restorer`)",
+}
 # The Job options an entry may read (`Method.reads`): methods.types.Job's fields beyond images and seeds (a test
 # keeps the two lists equal; this module imports no torch).
 JOB_OPTIONS = ("t_noisy", "t_trunc", "samples", "ddim_steps", "eta", "symmetries", "declip", "sigma")
@@ -258,6 +265,28 @@ METHODS: list[Method] = [
         reads=_RESTORE + ("t_trunc",),
         help="TDPM-DIP for restoration: a DIP fitted through the operator, diffused to T_trunc, then K truncated "
         "chains with a data-consistency step after every call, averaged",
+    ),
+    Method(
+        "ccdf-net",
+        "restore",
+        "blind",
+        f"{_M}.restore:ccdf_net",
+        nfe="1 + K steps",
+        rank=5,
+        needs=("restorer",),
+        reads=_RESTORE + ("t_trunc",),
+        help="CCDF from the restoration network's estimate (the start CCDF recommends), then the same chains",
+    ),
+    Method(
+        "net",
+        "restore",
+        "blind",
+        f"{_M}.restore:net",
+        nfe="1",
+        rank=15,
+        needs=("restorer",),
+        reads=("sigma",),
+        help="the restoration network alone: a UNet trained to map the classical estimate to the clean image",
     ),
     Method(
         "ccdf",

@@ -17,6 +17,7 @@ from .errors import UserError, check_positive
 from .methods import Context
 from .methods.shard import Shard, launched
 from .models import load_ddpm, trained_levels
+from .restoration_net import model_restorer
 
 
 def pick_device(name: str) -> torch.device:
@@ -126,6 +127,7 @@ def load_context(
         batch_size,
         progress=progress,
         levels=trained_levels(source, scheduler),
+        restorer=model_restorer(source, dev),
     )
     if dip_use == "blind":
         ctx.dip_plugin = dip_config("plugin", preset, dip_iters, dip_lr)

@@ -194,20 +194,21 @@ def denoise(threads: int, **kwargs: object) -> None:
     "--t-trunc",
     type=int,
     default=None,
-    help=f"ccdf and tdpm-dip: the level the start estimate is diffused to. Default: {defaults.RESTORE_T_TRUNC}.",
+    help="ccdf, ccdf-net and tdpm-dip: the level the start estimate is diffused to. Default: "
+    f"{defaults.RESTORE_T_TRUNC} (ccdf, tdpm-dip), {defaults.RESTORE_NET_T_TRUNC} (ccdf-net).",
 )
 @click.option(
     "--samples",
     type=int,
     default=defaults.RESTORE_SAMPLES,
-    help="ccdf and tdpm-dip: chains averaged per image (their mean is the posterior mean, which PSNR rewards); "
-    "ddnm and diffpir run one chain.",
+    help="ccdf, ccdf-net and tdpm-dip: chains averaged per image (their mean is the posterior mean, which PSNR "
+    "rewards); ddnm and diffpir run one chain.",
 )
 @click.option(
     "--steps",
     type=int,
     default=None,
-    help=f"Network calls per chain. Default: {defaults.RESTORE_STEPS} (ccdf, tdpm-dip), "
+    help=f"Network calls per chain. Default: {defaults.RESTORE_STEPS} (ccdf, ccdf-net, tdpm-dip), "
     f"{defaults.RESTORE_FULL_STEPS} (ddnm, diffpir).",
 )
 @first_n_option()

@@ -1,12 +1,12 @@
-"""`tdpm-dip train`, `train-generator` and `generate`: train a DDPM (Algorithm 1) or TDPM's amortized generator,
-and make images with them (Table 1's methods, read from the registry)."""
+"""`tdpm-dip train`, `train-generator`, `train-restorer` and `generate`: train a DDPM (Algorithm 1), TDPM's amortized
+generator or the restoration network, and make images with them (Table 1's methods, read from the registry)."""
 
 from __future__ import annotations
 
 import click
 
 from .. import defaults, registry
-from ..training.options import GeneratorConfig, TrainConfig
+from ..training.options import GeneratorConfig, RestorerConfig, TrainConfig
 from .common import CONTEXT, GENERATE_MODEL_HELP, cli, compute_options, config_options, dip_options, echo, set_threads
 
 
@@ -44,6 +44,28 @@ def train_generator_cmd(**kwargs: object) -> None:
     from ..training.generator import train_generator  # deferred: --help loads no network library
 
     click.echo(str(train_generator(GeneratorConfig(**kwargs))))  # type: ignore[arg-type]
+
+
+@cli.command("train-restorer", context_settings=CONTEXT)
+@config_options(RestorerConfig)
+def train_restorer_cmd(**kwargs: object) -> None:
+    """Train the restoration network that `restore --method ccdf-net` (and net) starts from.
+
+    \b
+    A small UNet learns the clean image from a classical estimate (bicubic upscaling or biharmonic
+    inpainting), the share of each pixel observed and the noise level, on observations made here from
+    clean images: downscaling by 2 or 4, and masks (random pixels, boxes, halves), some noisy, all 8-bit.
+    Copy the folder it writes to MODEL/restorer: then restore with --model MODEL uses it.
+    \b
+    Examples:
+      tdpm-dip train-restorer --data train/ --out runs/restorer
+      cp -r runs/restorer MY_DDPM/restorer
+    """
+    cfg = RestorerConfig(**kwargs).check()  # type: ignore[arg-type]
+    set_threads(cfg.threads)
+    from ..training.restorer import train_restorer  # deferred: --help loads no network library
+
+    click.echo(str(train_restorer(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ generate

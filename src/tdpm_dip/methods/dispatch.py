@@ -41,6 +41,8 @@ def size_multiple(ctx: Context) -> int:
     """Sides the networks accept: each UNet halves the image once per block but the last."""
     blocks = [len(ctx.unet.config.block_out_channels)]
     blocks += [len(get_preset(c.preset).block_out_channels) for c in (ctx.dip, ctx.dip_plugin) if c is not None]
+    if ctx.restorer is not None:
+        blocks.append(len(ctx.restorer.config.block_out_channels))
     return 2 ** (max(blocks) - 1)
 
 

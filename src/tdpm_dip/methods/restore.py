@@ -7,6 +7,8 @@ ddnm        the full chain from pure noise with each predicted x0 projected onto
 diffpir     the full chain with DiffPIR's proximal data step and fresh noise (Zhu et al. 2023);
 ccdf        the classical start forward-diffused to t0, then the truncated chain with a data step after every
             network call, K chains averaged (Chung, Sim and Ye 2022: come closer, diffuse faster);
+net         the restoration network's one-call estimate from the classical one (`restoration_net`);
+ccdf-net    CCDF from that estimate, the start CCDF recommends (a network trained for the task, its Sec. 3.3);
 tdpm-dip    the same chain from a DIP start: G_psi(z) fitted through A, forward-diffused to T_trunc (TDPM-DIP
             with the oracle replaced by the observation), K chains averaged; `tdpm-dip-nodc` drops the data step.
 Every Result names the blind protocol: only y, A and sigma_y are known.
@@ -21,11 +23,13 @@ from collections.abc import Callable
 import torch
 from diffusers import DDPMScheduler
 
-from .. import defaults
+from .. import defaults, registry
 from ..devices import timer
 from ..dip import DIPConfig, DIPResult
+from ..errors import UserError
 from ..noise import abar, image_generators, num_levels, q_sample, randn
 from ..operators import Operator
+from ..restoration_net import estimate
 from ..sampling import X0Step, ddim_step, diffpir_step, sample, spaced_levels
 from .common import after_each_step, check_trained_level, chunks, fit, need, progress_bar
 from .types import Context, Job, Result
@@ -184,9 +188,12 @@ def diffpir(ctx: Context, job: Job) -> Result:
 Start = Callable[[], tuple[torch.Tensor, dict, int, float]]  # () -> (estimate, info, its NFE, its seconds)
 
 
-def _truncated(ctx: Context, job: Job, name: str, start: Start, consistent: bool = True) -> Result:
-    """A start estimate forward-diffused to T_trunc, then the chain with a data step per call, K chains averaged."""
-    t0 = job.t_trunc if job.t_trunc is not None else defaults.RESTORE_T_TRUNC
+def _truncated(
+    ctx: Context, job: Job, name: str, start: Start, consistent: bool = True, t0: int = defaults.RESTORE_T_TRUNC
+) -> Result:
+    """A start estimate forward-diffused to T_trunc (job.t_trunc, else t0), then the chain with a data step per
+    call, K chains averaged."""
+    t0 = job.t_trunc if job.t_trunc is not None else t0
     check_trained_level(ctx, t0, f"{name} from T_trunc", "; lower --t-trunc")
     steps = job.ddim_steps or defaults.RESTORE_STEPS
     levels = spaced_levels(t0, min(steps, t0)) if t0 else [0]
@@ -208,6 +215,34 @@ def ccdf(ctx: Context, job: Job) -> Result:
         return x_hat, {"start": "classical"}, 0, tm[0]
 
     return _truncated(ctx, job, "ccdf", start)
+
+
+def _net_start(ctx: Context, job: Job) -> tuple[torch.Tensor, dict, int, float]:
+    """The restoration network's estimate from the classical one, in batches: one network call per image."""
+    y, op, sigma_y = _observation(job)
+    net = ctx.restorer
+    if net is None:
+        raise UserError(f"this method needs {registry.NEED_TEXT['restorer']}")
+    with timer(ctx.device) as tm:
+        start = classical(y, op)
+        out = torch.cat(
+            [estimate(net, start[sl], op.part(sl), sigma_y, ctx.amp_dtype) for sl in chunks(len(y), ctx.batch_size)]
+        )
+    return out, {"start": "net"}, 1, tm[0]
+
+
+def net(ctx: Context, job: Job) -> Result:
+    """The restoration network alone, projected onto {A x = y} when y is noise-free."""
+    out, info, nfe, seconds = _net_start(ctx, job)
+    y, op, sigma_y = _observation(job)
+    if sigma_y == 0:  # a noise-free observation is kept as it is: known pixels come back unchanged
+        out = op.project(out, y).clamp(-1, 1)
+    return _result("net", job, out, seconds, nfe, info)
+
+
+def ccdf_net(ctx: Context, job: Job) -> Result:
+    """CCDF from the restoration network's estimate: diffused to T_trunc, then the chains with their data step."""
+    return _truncated(ctx, job, "ccdf-net", lambda: _net_start(ctx, job), t0=defaults.RESTORE_NET_T_TRUNC)
 
 
 def _dip_start(ctx: Context, job: Job) -> tuple[torch.Tensor, dict, int, float]:

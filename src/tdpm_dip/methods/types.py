@@ -38,6 +38,8 @@ class Context:
     dip_plugin: DIPConfig | None = None
     # Amortized TDPM's generator G_psi (generator.load_generator), for the DDPM above; None: not loaded.
     generator: TDPMGenerator | None = None
+    # The restoration network shipped beside the DDPM (restoration_net: the feed-forward start of CCDF); None: none.
+    restorer: UNet2DModel | None = None
     # The noise levels (lo, hi) the DDPM was trained on (models.trained_levels); None: all of them.
     levels: tuple[int, int] | None = None
     # Called between the tiles of a large image (and the batches of a --input run): raises to stop the work, e.g.
@@ -55,6 +57,8 @@ class Context:
         met = set()
         if self.generator is not None:
             met.add("generator")
+        if self.restorer is not None:
+            met.add("restorer")
         if self.levels is None or self.levels[1] >= int(self.scheduler.config.num_train_timesteps):
             met.add("all-levels")
         return met

@@ -1,4 +1,4 @@
-"""The options of `tdpm-dip train` (Algorithm 1) and `tdpm-dip train-generator`, as typed, validated data.
+"""The options of `tdpm-dip train` (Algorithm 1), `train-generator` and `train-restorer`, as typed, validated data.
 
 No torch here: the CLI builds both commands' options (and their --help) from these fields without loading a
 network library. Every number and name is checked up front: a bad option is a one-line UserError.
@@ -322,3 +322,45 @@ class GeneratorConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+
+
+@dataclass
+class RestorerConfig:
+    """Every option of `tdpm-dip train-restorer` (its command-line options are built from these fields)."""
+
+    data: str = field(metadata=option("clean training images (folder, file or hub id), resized to --size"))
+    out: str = field(metadata=option("the restorer folder to write (copy it to MODEL/restorer to use it)"))
+    size: int = field(default=64, metadata=option("image side the network is trained at (it runs at any size)"))
+    fill: str = field(default="white", metadata=option("padding / transparency colour: white, black, #rrggbb"))
+    limit: int | None = field(default=None, metadata=option("use only the first N images"))
+    repeats: int = field(default=6, metadata=option("degraded observations made of each image"))
+    steps: int = field(default=2400, metadata=option("optimizer steps"))
+    batch_size: int = field(default=16, metadata=option("batch size"))
+    lr: float = field(default=1e-3, metadata=option("peak AdamW learning rate (one-cycle schedule)"))
+    channels: str = field(default="32,64,128", metadata=option("the UNet's block widths, comma-separated"))
+    seed: int = field(default=0, metadata=option("seed of the weights, the observations and the batches"))
+    threads: int = field(default=0, metadata=option("CPU threads; 0 = auto (all cores when the machine is idle)"))
+
+    def check(self) -> RestorerConfig:
+        for name in ("size", "repeats", "steps", "batch_size"):
+            positive_int("--" + name.replace("_", "-"), getattr(self, name))
+        if self.size % 8 or self.size > 512:
+            raise UserError(f"--size must be a multiple of 8 up to 512, got {self.size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        self.widths()
+        parse_fill(self.fill)
+        check_seed(self.seed)
+        check_out_outside_data(self.data, self.out)
+        if Path(self.out).exists():
+            raise UserError(f"--out {self.out} exists: give a new folder")
+        return self
+
+    def widths(self) -> tuple[int, ...]:
+        try:
+            w = tuple(int(c) for c in self.channels.split(","))
+        except ValueError:
+            w = ()
+        if not 2 <= len(w) <= 5 or any(c < 8 or c % 8 for c in w):
+            raise UserError(f"--channels must be 2 to 5 multiples of 8 (32,64,128), got {self.channels!r}")
+        return w

@@ -23,7 +23,7 @@ from ..data import load_image, load_images
 from ..errors import UserError
 from ..images import save_png
 from ..metrics import device_name, extract_features, inception_extractor, kid_from_features, score_uint8
-from ..models import ddpm_fingerprint
+from ..models import ddpm_fingerprint, weights_fingerprint
 from ..noise import add_noise
 from ..operators import Downsample, Inpaint, Operator, make_mask
 from ..outputs import write_json, write_text
@@ -77,11 +77,15 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _key(b: RestoreBench, task: str, method: str, dip_seed: int, restorer: Restorer) -> str:
     """What decides a row's images: the model's weights (not its path: a model retrained in place is another
     model), the data, the settings, the device and dtype (not the thread count)."""
-    unet = restorer.ctx.unet
+    unet, net = restorer.ctx.unet, restorer.ctx.restorer
     if unet not in _FINGERPRINTS:
         _FINGERPRINTS[unet] = ddpm_fingerprint(unet, restorer.ctx.scheduler)
     cfg = {"task": TASKS[task], "method": method, "samples": b.samples, "dip_seed": dip_seed, "seed": b.seed}
     cfg |= {"model": _FINGERPRINTS[unet], "dip": asdict(restorer.ctx.dip), "dtype": str(restorer.ctx.amp_dtype)}
+    if net is not None and "restorer" in registry.get("restore", "blind", method).needs:
+        if net not in _FINGERPRINTS:
+            _FINGERPRINTS[net] = weights_fingerprint(net)
+        cfg["restorer"] = _FINGERPRINTS[net]
     cfg |= {"data": b.data, "device": device_name(restorer.ctx.device, threads=False)}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -127,8 +127,9 @@ def restore(opts: RestoreOptions, echo: Echo) -> Path:
         obs = _observations(opts, int(res.ctx.unet.config.sample_size))
     methods = opts.methods or tuple(res.methods(opts.task)[:1])
     for m in methods:
-        if m not in res.methods(opts.task):
-            raise UserError(f"method {m} cannot run with this DDPM (it needs a DDPM trained on every noise level)")
+        unmet = [registry.NEED_TEXT[n] for n in registry.get("restore", "blind", m).needs if n not in res.ctx.provides]
+        if unmet:
+            raise UserError(f"method {m} cannot run with this DDPM (it needs {' and '.join(unmet)})")
     echo(f"{len(obs.names)} images: {_describe(opts)}; methods {', '.join(methods)}")
     out_dir = prepare_out_dir(opts.out, keep)  # after every input check
     run = _Run(res, opts, obs, methods)
