@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tdpm_dip import defaults
 from tdpm_dip.api import Restorer
 from tdpm_dip.models import build_unet, save_ddpm
 from tdpm_dip.noise import make_scheduler
@@ -107,7 +108,7 @@ def test_bench_restore_kid_leaves_the_restored_images_out_of_its_reference(
 
 
 def test_bench_restore_keys_its_cache_on_the_weights_and_refuses_progress(
-    tmp_path: Path, sprite_dir_factory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, sprite_dir_factory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model retrained in the same folder is another model (the key holds its weights' fingerprint, not its
     path); `--progress`, which computes nothing for table1..4, is refused for restore instead of running it all."""
@@ -122,6 +123,10 @@ def test_bench_restore_keys_its_cache_on_the_weights_and_refuses_progress(
     save_ddpm(build_unet("tiny", seed=7, sample_size=16), make_scheduler("linear"), model)  # retrained in place
     again = Restorer.from_pretrained(str(model), device="cpu", dtype="fp32", dip_preset="dip-tiny")
     assert br._key(b, "sr2", "ccdf", 0, again) != before
+    # a default of the chains changed in the code is another row too, not a stale one read back
+    same = br._key(b, "sr2", "ccdf", 0, again)
+    monkeypatch.setattr(defaults, "RESTORE_LAMBDA", defaults.RESTORE_LAMBDA * 2)
+    assert br._key(b, "sr2", "ccdf", 0, again) != same
     data = sprite_dir_factory(2, 16)
     args = ["bench", "restore", "--data", data, "--n", "2", "--tasks", "sr2", "--methods", "bicubic", "--progress"]
     code, _, err = run_cli([*args, "--out", tmp_path / "r"], capsys)

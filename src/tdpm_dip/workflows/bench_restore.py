@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import registry
+from .. import defaults, registry
 from ..api import Restorer
 from ..data import load_image, load_images
 from ..errors import UserError
@@ -70,6 +70,19 @@ def _degrade(task: str, clean: torch.Tensor, seeds: list[int]) -> tuple[list[tor
     return y, ops
 
 
+# The defaults of defaults.py that change a restorer's images without being an option of bench restore.
+KEY_DEFAULTS = (
+    "RESTORE_T_TRUNC",
+    "RESTORE_NET_T_TRUNC",
+    "RESTORE_STEPS",
+    "RESTORE_ZETA",
+    "RESTORE_LAMBDA",
+    "RESTORE_FULL_STEPS",
+    "DDNM_ETA",
+    "DIFFPIR_ZETA",
+    "RESTORE_DIP_SEED",
+)
+
 # a restorer's UNet -> its weights' fingerprint, hashed once per run (weak: a freed UNet's entry goes with it)
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -87,6 +100,7 @@ def _key(b: RestoreBench, task: str, method: str, dip_seed: int, restorer: Resto
             _FINGERPRINTS[net] = weights_fingerprint(net)
         cfg["restorer"] = _FINGERPRINTS[net]
     cfg |= {"data": b.data, "device": device_name(restorer.ctx.device, threads=False)}
+    cfg["settings"] = {k: getattr(defaults, k) for k in KEY_DEFAULTS}  # a changed default is another row
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
