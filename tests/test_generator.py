@@ -15,7 +15,7 @@ from by_hand import SCHED, abar, ddpm_chain_by_hand, draw, gens
 from cli_helpers import run as run_cli
 from diffusers import UNet2DModel
 from jobs import generate
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from stubs import StubG, StubUNet, eps_linear, tiny_unet
 
 from tdpm_dip.errors import UserError
@@ -329,6 +329,11 @@ def test_export_generator_writes_an_fp16_copy_without_local_paths(ddpm16: Path, 
     a, b = load_generator(gan_run, unet, sched), load_generator(dest, unet, sched)
     z, w = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, a.w_dim)
     assert (a(z, w) - b(z, w)).abs().max() < 1e-2  # fp16 weights, same network
+    tensors = load_file(dest / "diffusion_pytorch_model.safetensors")
+    tensors.pop("conv_out.bias")
+    save_file(tensors, dest / "diffusion_pytorch_model.safetensors")  # a file without one of G_psi's tensors
+    with pytest.raises(UserError, match=r"^--generator .*shipped: cannot load the generator weights \(the file lacks"):
+        load_generator(dest, unet, sched)
 
 
 def test_export_pairs_a_gan_generator_with_another_ddpm(

@@ -76,6 +76,14 @@ def test_train_save_load_and_bad_folders(sprite_dir: Path, tmp_path: Path) -> No
         RestorerConfig(data=str(sprite_dir), out=str(tmp_path / "x"), channels="8,abc").check()
     with pytest.raises(UserError, match="not a restorer folder"):
         load_restorer(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = out / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop("conv_out.bias")
+    save_file(tensors, weights)  # a file without one of the network's tensors: one line, as for a DDPM
+    with pytest.raises(UserError, match=r"r: cannot load the restorer weights \(the file lacks conv_out.bias\)"):
+        load_restorer(out)
     wrong = tmp_path / "wrong"
     save_restorer(build_unet("tiny", seed=0, sample_size=SIZE), wrong, {})  # a DDPM's 3-channel UNet
     with pytest.raises(UserError, match="takes 5 channels"):

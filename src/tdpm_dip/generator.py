@@ -25,7 +25,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .errors import UserError, check_reverse_steps
-from .models import StyleGenerator, ddpm_fingerprint, unet_size
+from .models import StyleGenerator, ddpm_fingerprint, load_weights, unet_size
 from .noise import num_levels, q_sample, randn
 from .sampling import EpsModel, reverse_chain
 
@@ -201,11 +201,8 @@ def load_generator(
             f"--generator {p}: its T_trunc {t_trunc} is outside the DDPM's levels 0..{num_levels(scheduler) - 1}"
         )
     _check_pairing(p, info, ddpm, scheduler)
-    try:
-        cls = StyleGenerator if _class_name(p) == "StyleGenerator" else UNet2DModel
-        unet = cls.from_pretrained(p, torch_dtype=torch.float32, use_safetensors=True)  # fp16 on disk: upcast
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"--generator {p}: cannot load the generator's network ({str(e).splitlines()[0]})") from None
+    cls = StyleGenerator if _class_name(p) == "StyleGenerator" else UNet2DModel
+    unet = load_weights(cls, p, f"--generator {p}", "generator")  # fp16 on disk: upcast to fp32
     if info.get("w_dim", style_dim(unet.config)) != style_dim(unet.config):
         raise UserError(
             f"--generator {p}: {GENERATOR_JSON} says w_dim {info['w_dim']}, but its UNet takes {style_dim(unet.config)}"

@@ -9,6 +9,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,30 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
+_Net = TypeVar("_Net", bound=ModelMixin)
+
+
+def load_weights(
+    cls: type[_Net], folder: str | os.PathLike, where: str, network: str, dtype: torch.dtype = torch.float32
+) -> _Net:
+    """`cls.from_pretrained(folder)` from safetensors only, every failure one UserError line that starts with
+    `where`: an unreadable file, or one that lacks some of the network's tensors (diffusers leaves those on the
+    meta device, without data, after a screen of warnings: refused here, not with a traceback later)."""
+    try:
+        with _quiet_diffusers():  # its list of missing weights: one line below says it
+            net = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: cannot load the {network} weights ({str(e).splitlines()[0]})") from None
+    missing = [n for n, p in net.named_parameters() if p.is_meta]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(
+            f"{where}: cannot load the {network} weights (the file lacks {', '.join(missing[:3])}{more}): "
+            f"not this {network}'s weights"
+        )
+    return net
+
+
 def load_ddpm(
     model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[UNet2DModel, DDPMScheduler]:
@@ -119,19 +144,7 @@ def load_ddpm(
         if not (sched_dir / "scheduler_config.json").is_file():
             raise UserError(f"{path}: no scheduler/scheduler_config.json")
         _check_scheduler_config(_read_json(sched_dir / "scheduler_config.json"), str(path))
-        try:
-            with _quiet_diffusers():  # its list of missing weights: one line below says it
-                unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"{path}: cannot load the UNet weights ({str(e).splitlines()[0]})") from None
-        # Weights the file lacks are left on the meta device (no data): refuse here, not with a traceback later.
-        missing = [n for n, p in unet.named_parameters() if p.is_meta]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise UserError(
-                f"{path}: cannot load the UNet weights (the file lacks {', '.join(missing[:3])}{more}): "
-                "not this UNet's weights"
-            )
+        unet = load_weights(UNet2DModel, unet_dir, str(path), "UNet", dtype)
         scheduler = DDPMScheduler.from_pretrained(sched_dir)
     else:
         if not is_hub_id(model):

@@ -26,6 +26,7 @@ from diffusers import UNet2DModel
 
 from .devices import autocast
 from .errors import UserError
+from .models import load_weights
 from .operators import Operator
 from .outputs import ordinary_modes
 
@@ -69,12 +70,7 @@ def load_restorer(folder: str | os.PathLike, device: torch.device | str = "cpu")
         raise UserError(f"{path}: not a restorer folder (no readable {RESTORER_JSON}: {type(e).__name__})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{path}: {RESTORER_JSON} is not a {FORMAT!r} record")
-    try:
-        net = UNet2DModel.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot load the restorer's weights ({str(e).splitlines()[0]})") from None
-    if any(p.is_meta for p in net.parameters()):
-        raise UserError(f"{path}: the restorer's weights file lacks some of its tensors")
+    net = load_weights(UNet2DModel, path, str(path), "restorer")  # fp16 on disk: upcast
     if net.config.in_channels != IN_CHANNELS or net.config.out_channels != 3:
         raise UserError(f"{path}: the restorer takes {IN_CHANNELS} channels and returns 3")
     return net.to(device).eval()
