@@ -135,6 +135,9 @@ def add_noise(clean: torch.Tensor, sigma255: float, seeds: list[int], model: str
         raise UserError(f"sigma must be in [0, 255] (noise std on the 0..255 scale), got {sigma255}")
     gens = image_generators([s + 104729 for s in seeds], clean.device)
     y = clean + (2.0 * sigma255 / 255.0) * randn(tuple(clean.shape[1:]), gens, clean.device, clean.dtype)
-    if model == "clipped":
-        y = torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0
-    return y
+    return to_8bit(y) if model == "clipped" else y
+
+
+def to_8bit(y: torch.Tensor) -> torch.Tensor:
+    """What an 8-bit file stores of y in [-1, 1]: round(clip(255 x)) / 255 on the image scale."""
+    return torch.round((y + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_images
 from ..errors import UserError
+from ..noise import to_8bit
 from ..operators import Downsample, Inpaint, Operator, make_mask
 from ..restoration_net import IN_CHANNELS, inputs, save_restorer
 from .options import RestorerConfig
@@ -80,27 +81,25 @@ def observe(x: torch.Tensor, kind: str, g: torch.Generator) -> tuple[torch.Tenso
     if float(torch.rand((), generator=g)) < NOISY_SHARE:
         sigma = 2.0 * MAX_SIGMA / 255.0 * float(torch.rand((), generator=g))
         y = y + sigma * torch.randn(y.shape, generator=g)
-    y = (torch.round((y.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1).float()  # stored in 8 bits
+    y = to_8bit(y)  # stored in 8 bits (noise.add_noise's file model; the noise drawn from g, with the mask)
     if isinstance(op, Inpaint):
         y = op.A(y)  # a missing pixel holds no noise: it is not there
     return y, op, sigma
 
 
 def make_pool(images: torch.Tensor, repeats: int, seed: int, progress: bool = True) -> tuple[torch.Tensor, ...]:
-    """(network inputs [N, 5, H, W], classical estimates [N, 3, H, W], targets [N, 3, H, W]) of `repeats`
-    observations of each image; observation r of image i draws from seed + r * len(images) + i."""
-    xs, starts, targets = [], [], []
+    """(network inputs [N, 5, H, W], whose first 3 channels are the classical estimates; targets [N, 3, H, W]) of
+    `repeats` observations of each image; observation r of image i draws from seed + r * len(images) + i."""
+    xs, targets = [], []
     n = images.shape[0]
     for r in tqdm(range(repeats), desc="observations", disable=not progress):
         for i in range(n):
             g = torch.Generator().manual_seed(seed + r * n + i)
             kind = KINDS[int(torch.randint(0, len(KINDS), (), generator=g))]
             y, op, sigma = observe(images[i : i + 1], kind, g)
-            start = op.classical(y)
-            xs.append(inputs(start, op, sigma))
-            starts.append(start)
+            xs.append(inputs(op.classical(y), op, sigma))
             targets.append(images[i : i + 1])
-    return torch.cat(xs), torch.cat(starts), torch.cat(targets)
+    return torch.cat(xs), torch.cat(targets)
 
 
 def train_restorer(cfg: RestorerConfig, progress: bool = True) -> Path:
@@ -110,7 +109,7 @@ def train_restorer(cfg: RestorerConfig, progress: bool = True) -> Path:
     images = load_images(cfg.data, cfg.size, cfg.fill, limit=cfg.limit, progress=progress).images.float()
     if images.shape[0] == 0:
         raise UserError(f"{cfg.data}: no images")
-    xs, starts, targets = make_pool(images, cfg.repeats, cfg.seed, progress)
+    xs, targets = make_pool(images, cfg.repeats, cfg.seed, progress)
     net = build_restorer(cfg.widths(), cfg.size, cfg.seed).train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps + 1, pct_start=0.05)
@@ -119,10 +118,10 @@ def train_restorer(cfg: RestorerConfig, progress: bool = True) -> Path:
     bar = tqdm(range(cfg.steps), desc="train-restorer", disable=not progress)
     for _ in bar:
         idx = torch.randint(0, xs.shape[0], (cfg.batch_size,), generator=g)
-        x, start, target = xs[idx], starts[idx], targets[idx]
+        x, target = xs[idx], targets[idx]
         if float(torch.rand((), generator=g)) < 0.5:  # a horizontal flip: of the image, its mask and its start
-            x, start, target = x.flip(-1), start.flip(-1), target.flip(-1)
-        loss = torch.nn.functional.mse_loss(start + net(x, 0).sample, target)
+            x, target = x.flip(-1), target.flip(-1)
+        loss = torch.nn.functional.mse_loss(x[:, :3] + net(x, 0).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
