@@ -123,6 +123,12 @@ def _name_as_shipped(model: object, name: str) -> None:
     model.register_to_config(_name_or_path=name)  # type: ignore[attr-defined]
 
 
+def _names_only(record: dict, folders: tuple[str, ...]) -> dict:
+    """A training record to ship: its `folders` fields reduced to their last names, since the paths of the machine
+    that trained it mean nothing on a user's."""
+    return {k: (Path(v).name if k in folders and v else v) for k, v in record.items()}
+
+
 def _replace_folder(dest: Path, write: Callable[[Path], object]) -> Path:
     """Fill a temporary folder with `write`, then put it in place of `dest` (its model card, README.md, and a
     DDPM's restoration network, restorer/, trained on images alone, stay unless `write` made new ones)."""
@@ -153,7 +159,7 @@ def export_generator(
     sets the posterior steps from T_trunc that sampling takes."""
     unet, scheduler = load_ddpm(ddpm) if ddpm is not None else (None, None)
     gen = load_generator(src, unet, scheduler)
-    info = {k: (Path(v).name if k in ("data", "init") and v else v) for k, v in gen.info.items()}
+    info = _names_only(gen.info, ("data", "init"))
     if ddpm is not None:
         assert unet is not None and scheduler is not None
         fp = ddpm_fingerprint(unet, scheduler)  # load_generator refused a distilled generator of another DDPM
@@ -177,7 +183,7 @@ def export_restorer(src: str | Path, name: str = DENOISER_NAME) -> Path:
     restorer/, with fp16 weights; its record keeps every field but the paths of the machine that trained it."""
     net = load_restorer(src)
     record = json.loads((Path(src) / RESTORER_JSON).read_text())
-    record = {k: (Path(v).name if k in ("data", "out") and v else v) for k, v in record.items() if k != "format"}
+    record = _names_only({k: v for k, v in record.items() if k != "format"}, ("data", "out"))
     dest = weights_dir() / name / RESTORER_DIR
     _name_as_shipped(net, f"{name}/{RESTORER_DIR}")
     if dest.exists():

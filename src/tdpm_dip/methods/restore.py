@@ -101,6 +101,13 @@ def _chains(
     return (out / job.samples).clamp(-1, 1)
 
 
+def _kept(job: Job, out: torch.Tensor) -> torch.Tensor:
+    """A one-shot estimate projected onto {A x = y} when y is noise-free: a noise-free observation is kept as it
+    is, so known pixels come back unchanged (a noisy one is not: its noise would come back with it)."""
+    y, op, sigma_y = _observation(job)
+    return op.project(out, y).clamp(-1, 1) if sigma_y == 0 else out
+
+
 def _result(
     name: str, job: Job, images: torch.Tensor, seconds: float, nfe: int, info: dict, dip: DIPResult | None = None
 ) -> Result:
@@ -152,10 +159,7 @@ def dip(ctx: Context, job: Job) -> Result:
     projected onto {A x = y} when y is noise-free."""
     cfg = ctx.dip
     out, res = fit_through(ctx, job, cfg)
-    y, op, sigma_y = _observation(job)
-    if sigma_y == 0:  # a noise-free observation is kept as it is: known pixels come back unchanged
-        out = op.project(out, y).clamp(-1, 1)
-    return _result("dip", job, out, res.seconds, cfg.iters, {"dip_iters": cfg.iters}, res)
+    return _result("dip", job, _kept(job, out), res.seconds, cfg.iters, {"dip_iters": cfg.iters}, res)
 
 
 def _full_chain(ctx: Context, job: Job, name: str, steps: int, chain: dict) -> Result:
@@ -234,10 +238,7 @@ def _net_start(ctx: Context, job: Job) -> tuple[torch.Tensor, dict, int, float]:
 def net(ctx: Context, job: Job) -> Result:
     """The restoration network alone, projected onto {A x = y} when y is noise-free."""
     out, info, nfe, seconds = _net_start(ctx, job)
-    y, op, sigma_y = _observation(job)
-    if sigma_y == 0:  # a noise-free observation is kept as it is: known pixels come back unchanged
-        out = op.project(out, y).clamp(-1, 1)
-    return _result("net", job, out, seconds, nfe, info)
+    return _result("net", job, _kept(job, out), seconds, nfe, info)
 
 
 def ccdf_net(ctx: Context, job: Job) -> Result:
