@@ -274,7 +274,7 @@ class Generator:
         name = method or self.methods[0]
         m = registry.find("generate", name)
         if "generator" in m.needs and self.ctx.generator is None:
-            raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
+            raise UserError(f"method {name} needs {registry.NEED_TEXT['generator']}")
         if options.get("t_trunc") is not None:  # options are Job fields: t_trunc is an int or None
             check_t_trunc(self.ctx.scheduler, int(cast(int, options["t_trunc"])))
         steps = options.get("ddim_steps")

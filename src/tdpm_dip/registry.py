@@ -33,8 +33,8 @@ PROTOCOLS = ("paper", "blind", "unconditional")
 # from pure noise), which a truncated diffusion model is not; "restorer": a restoration network beside the DDPM
 # (its folder's restorer/, restoration_net.py).
 NEEDS = ("generator", "reference", "all-levels", "restorer")
-NEED_TEXT = {
-    "generator": "a TDPM generator (--generator, made by `tdpm-dip train-generator`)",
+NEED_TEXT = {  # what the one-line errors say is missing
+    "generator": "a generator (--generator, made by `tdpm-dip train-generator`)",
     "reference": "reference images",
     "all-levels": "a DDPM trained on every noise level",
     "restorer": "a restoration network in the DDPM's folder (MODEL/restorer, made by `tdpm-dip train-restorer`)",

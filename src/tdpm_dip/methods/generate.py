@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import defaults
+from .. import defaults, registry
 from ..devices import timer
 from ..errors import UserError
 from ..noise import check_t_trunc, image_generators, num_levels, randn
@@ -93,7 +93,7 @@ def tdpm(ctx: Context, job: Job) -> Result:
     """
     gen = ctx.generator
     if gen is None:
-        raise UserError("method tdpm needs a generator (--generator, made by `tdpm-dip train-generator`)")
+        raise UserError(f"method tdpm needs {registry.NEED_TEXT['generator']}")
     t, steps = gen.t_trunc, gen.reverse_steps
     if job.t_trunc is not None and job.t_trunc != t:
         raise UserError(f"T_trunc {job.t_trunc} does not match the generator's {t} ({gen.path})")
